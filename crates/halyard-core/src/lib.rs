@@ -1,0 +1,21 @@
+//! Halyard's broker as a deterministic state machine.
+//!
+//! Nothing here touches a socket or a clock: the server hands in decoded packets with the
+//! current time (`now`) and drains what the broker wants done with [`Broker::poll_output`],
+//! in the manner of quinn-proto. Every rule of the MQTT specs is therefore testable with a
+//! fake clock and no I/O.
+
+mod broker;
+mod config;
+mod message;
+mod registry;
+mod retained;
+mod router;
+mod session;
+
+pub use broker::{Broker, BrokerStats, ConnectionId, Output};
+pub use config::BrokerConfig;
+pub use message::{Message, SessionKey};
+pub use registry::{LocalSessionRegistry, SessionRegistry};
+pub use retained::{MemoryRetained, RetainedStore};
+pub use router::{FilterRef, LocalRouter, RouteMatch, Router, SubscriptionEntry};

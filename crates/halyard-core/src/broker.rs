@@ -1,0 +1,1062 @@
+//! The broker state machine: connections, sessions, routing, retained messages, wills and
+//! timers, driven by packets and `now` from the server.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use halyard_codec::{
+    ConnAck, Connect, DecodeError, Packet, Properties, ProtocolVersion, PubResponse, Publish, QoS,
+    ReasonCode, SubAck, Subscribe, UnsubAck, Unsubscribe, Will,
+};
+
+use crate::config::BrokerConfig;
+use crate::message::{Message, SessionKey};
+use crate::registry::{LocalSessionRegistry, SessionRegistry};
+use crate::retained::{MemoryRetained, RetainedStore};
+use crate::router::{FilterRef, LocalRouter, RouteMatch, Router, SubscriptionEntry};
+use crate::session::{Delivery, Link, Outbox, QueueLimits, Session};
+
+/// Opaque id the server gives each accepted network connection; never reused in a process.
+pub type ConnectionId = u64;
+
+/// What the broker wants the server to do.
+// `Send` is far larger than `Close`, but outputs are moved straight into the server's
+// per-connection batches; boxing every packet would cost an allocation per message.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// Encode `packet` with the protocol version of the connection's CONNECT (3.1.1 if the
+    /// connection never completed a CONNECT) and write it.
+    Send {
+        /// Target connection.
+        conn: ConnectionId,
+        /// Packet to write.
+        packet: Packet,
+    },
+    /// Flush everything sent so far to this connection, then close it. The broker has
+    /// already forgotten the connection; anything more from it is ignored.
+    Close {
+        /// Connection to close.
+        conn: ConnectionId,
+    },
+}
+
+/// Counters for metrics and the admin API.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BrokerStats {
+    /// Connections that completed CONNECT and are open.
+    pub connected_clients: usize,
+    /// Sessions held, connected or not.
+    pub sessions: usize,
+    /// Subscriptions across all sessions.
+    pub subscriptions: usize,
+    /// Retained messages stored.
+    pub retained_messages: usize,
+    /// PUBLISH packets received from clients.
+    pub messages_received: u64,
+    /// PUBLISH packets sent to clients.
+    pub messages_sent: u64,
+    /// QoS 0 messages not delivered because the session's queue was full.
+    pub dropped_qos0: u64,
+    /// Messages not sent because they exceed the client's Maximum Packet Size.
+    pub dropped_too_large: u64,
+    /// Will and retained-on-subscribe deliveries lost to a full queue (no publisher to tell).
+    pub dropped_queue_full: u64,
+    /// QoS 1/2 publishes refused (MQTT 5 reason 0x97, or 3.x connection closed unacknowledged)
+    /// because a subscriber's queue was full.
+    pub refused_quota: u64,
+}
+
+/// Deadlines the broker must act on. Each carries enough to tell whether it is still
+/// current when it fires; stale entries are skipped rather than removed from the heap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    KeepAlive(ConnectionId),
+    Will(SessionKey, u64),
+    SessionExpiry(SessionKey, u64),
+}
+
+/// How a publish fared when routed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RouteOutcome {
+    Delivered,
+    NoSubscribers,
+    QuotaExceeded,
+}
+
+/// Why a connection is being closed by the broker or the network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CloseKind {
+    /// DISCONNECT from the client without a will request: the will is discarded.
+    Normal,
+    /// DISCONNECT 0x04 from an MQTT 5 client: close normally but publish the will.
+    NormalWithWill,
+    /// Network failure, keep-alive, protocol error or takeover: the will is published,
+    /// and an MQTT 5 client is first told `reason` where one is given.
+    Abnormal(Option<ReasonCode>),
+}
+
+/// The whole broker. One instance per node; the server drives it from a single task.
+pub struct Broker {
+    config: BrokerConfig,
+    sessions: HashMap<SessionKey, Session>,
+    client_ids: HashMap<String, SessionKey>,
+    conns: HashMap<ConnectionId, SessionKey>,
+    router: Box<dyn Router>,
+    retained: Box<dyn RetainedStore>,
+    registry: Box<dyn SessionRegistry>,
+    timers: BinaryHeap<Reverse<(Instant, Timer)>>,
+    out: Outbox,
+    next_session_key: SessionKey,
+    next_assigned_id: u64,
+    subscription_count: usize,
+    route_scratch: Vec<RouteMatch>,
+}
+
+impl Broker {
+    /// A single-node broker with in-memory state.
+    pub fn new(config: BrokerConfig) -> Broker {
+        Broker::with_parts(
+            config,
+            Box::new(LocalRouter::new()),
+            Box::new(MemoryRetained::new()),
+            Box::new(LocalSessionRegistry::default()),
+        )
+    }
+
+    /// A broker with its routing, retained storage and session ownership supplied by the
+    /// caller: the seams the durable store and the cluster plug into.
+    pub fn with_parts(
+        config: BrokerConfig,
+        router: Box<dyn Router>,
+        retained: Box<dyn RetainedStore>,
+        registry: Box<dyn SessionRegistry>,
+    ) -> Broker {
+        Broker {
+            config,
+            sessions: HashMap::new(),
+            client_ids: HashMap::new(),
+            conns: HashMap::new(),
+            router,
+            retained,
+            registry,
+            timers: BinaryHeap::new(),
+            out: Outbox::default(),
+            next_session_key: 1,
+            next_assigned_id: 1,
+            subscription_count: 0,
+            route_scratch: Vec::new(),
+        }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &BrokerConfig {
+        &self.config
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> BrokerStats {
+        BrokerStats {
+            connected_clients: self.conns.len(),
+            sessions: self.sessions.len(),
+            subscriptions: self.subscription_count,
+            retained_messages: self.retained.len(),
+            ..self.out.stats
+        }
+    }
+
+    /// Next thing for the server to do, in order; `None` when there is nothing.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.outputs.pop_front()
+    }
+
+    /// The earliest instant at which [`Broker::handle_timeout`] may have work to do.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.peek().map(|Reverse((at, _))| *at)
+    }
+
+    /// A packet decoded from `conn`. The first must be CONNECT.
+    pub fn handle_packet(&mut self, now: Instant, conn: ConnectionId, packet: Packet) {
+        let Some(&key) = self.conns.get(&conn) else {
+            match packet {
+                Packet::Connect(connect) => self.on_connect(now, conn, *connect),
+                // [MQTT-3.1.0-1]: the first packet must be CONNECT.
+                _ => self.out.outputs.push_back(Output::Close { conn }),
+            }
+            return;
+        };
+        if let Some(link) = self.link_mut(key) {
+            link.touch(now);
+        }
+        match packet {
+            Packet::Publish(publish) => self.on_publish(now, key, publish),
+            Packet::PubAck(ack) => {
+                if let Some(session) = self.sessions.get_mut(&key) {
+                    session.on_puback(ack.packet_id);
+                    session.pump(now, &mut self.out);
+                }
+            }
+            Packet::PubRec(rec) => self.on_pubrec(now, key, rec),
+            Packet::PubRel(rel) => self.on_pubrel(key, rel),
+            Packet::PubComp(comp) => {
+                if let Some(session) = self.sessions.get_mut(&key) {
+                    session.on_pubcomp(comp.packet_id);
+                    session.pump(now, &mut self.out);
+                }
+            }
+            Packet::Subscribe(subscribe) => self.on_subscribe(now, key, subscribe),
+            Packet::Unsubscribe(unsubscribe) => self.on_unsubscribe(key, unsubscribe),
+            Packet::PingReq => self.out.send(conn, Packet::PingResp),
+            Packet::Disconnect(disconnect) => self.on_disconnect(now, key, disconnect),
+            // [MQTT-3.1.0-2]: a second CONNECT is a protocol error.
+            Packet::Connect(_) => self.protocol_error(now, key, "second CONNECT"),
+            Packet::Auth(_) => {
+                self.protocol_error(now, key, "AUTH without an authentication method in CONNECT")
+            }
+            Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
+                self.protocol_error(now, key, "packet type only a server sends")
+            }
+        }
+    }
+
+    /// The decoder rejected bytes from `conn`: the broker answers (CONNACK or DISCONNECT with
+    /// the error's reason code, where the protocol allows), publishes the will, and closes.
+    pub fn handle_decode_error(&mut self, now: Instant, conn: ConnectionId, error: &DecodeError) {
+        let code = error.reason_code();
+        match self.conns.get(&conn) {
+            Some(&key) => self.close_link(now, key, CloseKind::Abnormal(Some(code))),
+            None => {
+                if code == ReasonCode::UNSUPPORTED_PROTOCOL_VERSION {
+                    // The level is unknown, so answer in the 3.1.1 form every client parses
+                    // [MQTT-3.1.2-2].
+                    self.out.send(
+                        conn,
+                        Packet::ConnAck(ConnAck {
+                            code: ReasonCode::V3_UNACCEPTABLE_PROTOCOL_VERSION,
+                            ..Default::default()
+                        }),
+                    );
+                }
+                self.out.outputs.push_back(Output::Close { conn });
+            }
+        }
+    }
+
+    /// The socket of `conn` closed or failed without a DISCONNECT: the will is published.
+    pub fn connection_lost(&mut self, now: Instant, conn: ConnectionId) {
+        if let Some(&key) = self.conns.get(&conn) {
+            self.close_link(now, key, CloseKind::Abnormal(None));
+        }
+    }
+
+    /// Time has passed: keep-alive deadlines, will delays and session expiry.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(&Reverse((at, timer))) = self.timers.peek() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            match timer {
+                Timer::KeepAlive(conn) => self.check_keep_alive(now, conn),
+                Timer::Will(key, epoch) => {
+                    let Some(session) = self.sessions.get_mut(&key) else {
+                        continue;
+                    };
+                    if session.epoch != epoch {
+                        continue;
+                    }
+                    if let Some((due, will)) = session.delayed_will.take() {
+                        if due <= now {
+                            self.publish_will(now, key, will);
+                        } else {
+                            session.delayed_will = Some((due, will));
+                        }
+                    }
+                }
+                Timer::SessionExpiry(key, epoch) => {
+                    let expired = self.sessions.get(&key).is_some_and(|session| {
+                        session.epoch == epoch
+                            && session.link.is_none()
+                            && session.expires_at.is_some_and(|at| at <= now)
+                    });
+                    if expired {
+                        self.end_session(now, key);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Graceful shutdown: MQTT 5 clients get DISCONNECT 0x8B, every connection is closed.
+    /// Wills are not published: the clients did nothing wrong.
+    pub fn shutdown(&mut self, _now: Instant) {
+        let conns: Vec<(ConnectionId, SessionKey)> = self.conns.drain().collect();
+        for (conn, key) in conns {
+            if let Some(session) = self.sessions.get_mut(&key) {
+                session.send_disconnect(ReasonCode::SERVER_SHUTTING_DOWN, None, &mut self.out);
+                session.link = None;
+            }
+            self.out.outputs.push_back(Output::Close { conn });
+        }
+    }
+
+    fn link_mut(&mut self, key: SessionKey) -> Option<&mut Link> {
+        self.sessions.get_mut(&key).and_then(|s| s.link.as_mut())
+    }
+
+    fn limits(&self) -> QueueLimits {
+        QueueLimits {
+            max_queued: self.config.max_queued_messages,
+        }
+    }
+
+    fn check_keep_alive(&mut self, now: Instant, conn: ConnectionId) {
+        let Some(&key) = self.conns.get(&conn) else {
+            return;
+        };
+        let Some(deadline) = self.link_mut(key).and_then(|link| link.deadline) else {
+            return;
+        };
+        if deadline <= now {
+            // [MQTT-3.1.2-22]: silent for 1.5 x keep-alive.
+            self.close_link(
+                now,
+                key,
+                CloseKind::Abnormal(Some(ReasonCode::KEEP_ALIVE_TIMEOUT)),
+            );
+        } else {
+            self.timers
+                .push(Reverse((deadline, Timer::KeepAlive(conn))));
+        }
+    }
+
+    fn reject_connect(
+        &mut self,
+        conn: ConnectionId,
+        version: ProtocolVersion,
+        v5: ReasonCode,
+        v3: ReasonCode,
+    ) {
+        let code = if version.is_v5() { v5 } else { v3 };
+        self.out.send(
+            conn,
+            Packet::ConnAck(ConnAck {
+                session_present: false,
+                code,
+                properties: Properties::default(),
+            }),
+        );
+        self.out.outputs.push_back(Output::Close { conn });
+    }
+
+    fn topic_within_limits(&self, topic: &str) -> bool {
+        topic.len() <= self.config.max_topic_length
+            && topic.split('/').count() <= self.config.max_topic_levels
+    }
+
+    fn on_connect(&mut self, now: Instant, conn: ConnectionId, connect: Connect) {
+        let version = connect.protocol;
+        let v5 = version.is_v5();
+        if v5 && connect.properties.authentication_method.is_some() {
+            // No enhanced authentication method is configured [MQTT-4.12.0-1].
+            return self.reject_connect(
+                conn,
+                version,
+                ReasonCode::BAD_AUTHENTICATION_METHOD,
+                ReasonCode::V3_NOT_AUTHORIZED,
+            );
+        }
+
+        let mut keep_alive = connect.keep_alive;
+        let mut server_keep_alive = None;
+        let max_keepalive = self.config.max_keepalive;
+        if max_keepalive > 0 && (keep_alive == 0 || keep_alive > max_keepalive) {
+            if v5 {
+                keep_alive = max_keepalive;
+                server_keep_alive = Some(max_keepalive);
+            } else if keep_alive > max_keepalive {
+                return self.reject_connect(
+                    conn,
+                    version,
+                    ReasonCode::CLIENT_IDENTIFIER_NOT_VALID,
+                    ReasonCode::V3_IDENTIFIER_REJECTED,
+                );
+            }
+        }
+
+        let mut client_id = connect.client_id;
+        let mut assigned_client_id = None;
+        if client_id.is_empty() {
+            let allowed = self.config.allow_zero_length_client_id
+                && match version {
+                    ProtocolVersion::V3_1 => false,
+                    // [MQTT-3.1.3-8]
+                    ProtocolVersion::V3_1_1 => connect.clean_start,
+                    ProtocolVersion::V5 => true,
+                };
+            if !allowed {
+                return self.reject_connect(
+                    conn,
+                    version,
+                    ReasonCode::CLIENT_IDENTIFIER_NOT_VALID,
+                    ReasonCode::V3_IDENTIFIER_REJECTED,
+                );
+            }
+            client_id = format!("halyard-{}-{}", self.next_assigned_id, conn);
+            self.next_assigned_id += 1;
+            if v5 {
+                // [MQTT-3.2.2-16]
+                assigned_client_id = Some(client_id.clone());
+            }
+        }
+
+        if let Some(will) = &connect.will {
+            if !self.topic_within_limits(&will.topic) {
+                return self.reject_connect(
+                    conn,
+                    version,
+                    ReasonCode::TOPIC_NAME_INVALID,
+                    ReasonCode::V3_SERVER_UNAVAILABLE,
+                );
+            }
+            if will.retain && !self.config.retain_available {
+                // [MQTT-3.2.2-13]
+                return self.reject_connect(
+                    conn,
+                    version,
+                    ReasonCode::RETAIN_NOT_SUPPORTED,
+                    ReasonCode::V3_SERVER_UNAVAILABLE,
+                );
+            }
+        }
+
+        let requested_expiry = if v5 {
+            connect.properties.session_expiry_interval.unwrap_or(0)
+        } else if connect.clean_start {
+            0
+        } else {
+            u32::MAX
+        };
+        let expiry_interval = requested_expiry.min(self.config.max_session_expiry);
+
+        // Takeover: end the existing connection first [MQTT-3.1.4-3].
+        if let Some(&old_key) = self.client_ids.get(&client_id) {
+            if self
+                .sessions
+                .get(&old_key)
+                .is_some_and(|s| s.link.is_some())
+            {
+                self.close_link(
+                    now,
+                    old_key,
+                    CloseKind::Abnormal(Some(ReasonCode::SESSION_TAKEN_OVER)),
+                );
+            }
+        }
+
+        let epoch = self.registry.claim(&client_id);
+        let existing = self.client_ids.get(&client_id).copied();
+        let (key, session_present) = match existing {
+            Some(old_key) if !connect.clean_start => (old_key, true),
+            _ => {
+                if let Some(old_key) = existing {
+                    self.end_session(now, old_key);
+                }
+                let key = self.next_session_key;
+                self.next_session_key += 1;
+                self.sessions
+                    .insert(key, Session::new(client_id.clone(), epoch, expiry_interval));
+                self.client_ids.insert(client_id.clone(), key);
+                (key, false)
+            }
+        };
+
+        let window = usize::from(
+            connect
+                .properties
+                .receive_maximum
+                .unwrap_or(u16::MAX)
+                .min(self.config.max_inflight)
+                .max(1),
+        );
+        let keep_alive_grace =
+            (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
+        let link = Link {
+            conn,
+            version,
+            keep_alive_grace,
+            deadline: keep_alive_grace.map(|grace| now + grace),
+            inbound_aliases: HashMap::new(),
+            outbound_aliases: HashMap::new(),
+            outbound_alias_max: connect.properties.topic_alias_maximum.unwrap_or(0),
+            max_packet_size: connect.properties.maximum_packet_size.unwrap_or(u32::MAX),
+            window,
+            will: connect.will,
+        };
+        if let Some(deadline) = link.deadline {
+            self.timers
+                .push(Reverse((deadline, Timer::KeepAlive(conn))));
+        }
+        let Some(session) = self.sessions.get_mut(&key) else {
+            return;
+        };
+        session.epoch = epoch;
+        session.expiry_interval = expiry_interval;
+        session.expires_at = None;
+        // A new connection before the will delay passed cancels the will [MQTT-3.1.3-9].
+        session.delayed_will = None;
+        session.link = Some(link);
+        self.conns.insert(conn, key);
+
+        let mut properties = Properties::default();
+        if v5 {
+            properties.assigned_client_identifier = assigned_client_id;
+            properties.server_keep_alive = server_keep_alive;
+            if expiry_interval != requested_expiry {
+                properties.session_expiry_interval = Some(expiry_interval);
+            }
+            if self.config.receive_maximum != u16::MAX {
+                properties.receive_maximum = Some(self.config.receive_maximum);
+            }
+            properties.maximum_packet_size = Some(self.config.max_packet_size);
+            if self.config.topic_alias_maximum > 0 {
+                properties.topic_alias_maximum = Some(self.config.topic_alias_maximum);
+            }
+            if !self.config.retain_available {
+                properties.retain_available = Some(0);
+            }
+        }
+        self.out.send(
+            conn,
+            Packet::ConnAck(ConnAck {
+                session_present,
+                code: ReasonCode::SUCCESS,
+                properties,
+            }),
+        );
+        if session_present {
+            session.resend_inflight(now, &mut self.out);
+            session.pump(now, &mut self.out);
+        }
+    }
+
+    fn protocol_error(&mut self, now: Instant, key: SessionKey, why: &str) {
+        self.close_with(now, key, ReasonCode::PROTOCOL_ERROR, why);
+    }
+
+    /// Closes an MQTT 5 connection with a DISCONNECT carrying `reason` and a reason string.
+    fn close_with(&mut self, now: Instant, key: SessionKey, reason: ReasonCode, why: &str) {
+        if let Some(session) = self.sessions.get(&key) {
+            session.send_disconnect(reason, Some(why), &mut self.out);
+        }
+        self.close_link(now, key, CloseKind::Abnormal(None));
+    }
+
+    fn close_link(&mut self, now: Instant, key: SessionKey, kind: CloseKind) {
+        let Some(session) = self.sessions.get_mut(&key) else {
+            return;
+        };
+        if let CloseKind::Abnormal(Some(reason)) = kind {
+            session.send_disconnect(reason, None, &mut self.out);
+        }
+        let Some(mut link) = session.link.take() else {
+            return;
+        };
+        self.conns.remove(&link.conn);
+        self.out
+            .outputs
+            .push_back(Output::Close { conn: link.conn });
+        let will = match kind {
+            CloseKind::Normal => None,
+            CloseKind::NormalWithWill | CloseKind::Abnormal(_) => link.will.take(),
+        };
+        let ends_now = session.expiry_interval == 0;
+        if let Some(will) = will {
+            let delay = will.properties.will_delay_interval.unwrap_or(0);
+            if delay == 0 || ends_now {
+                self.publish_will(now, key, will);
+            } else {
+                let due = now + Duration::from_secs(u64::from(delay));
+                let epoch = session.epoch;
+                session.delayed_will = Some((due, will));
+                self.timers.push(Reverse((due, Timer::Will(key, epoch))));
+            }
+        }
+        let Some(session) = self.sessions.get_mut(&key) else {
+            return;
+        };
+        if ends_now {
+            self.end_session(now, key);
+        } else if session.expiry_interval != u32::MAX {
+            let at = now + Duration::from_secs(u64::from(session.expiry_interval));
+            session.expires_at = Some(at);
+            self.timers
+                .push(Reverse((at, Timer::SessionExpiry(key, session.epoch))));
+        }
+    }
+
+    /// Discards a session: its subscriptions leave the router and a will still waiting out
+    /// its delay is published now, since the session ended first [MQTT-3.1.3-9].
+    fn end_session(&mut self, now: Instant, key: SessionKey) {
+        let Some(session) = self.sessions.remove(&key) else {
+            return;
+        };
+        if self.client_ids.get(&session.client_id) == Some(&key) {
+            self.client_ids.remove(&session.client_id);
+        }
+        if let Some(link) = &session.link {
+            self.conns.remove(&link.conn);
+        }
+        for filter in session.subscriptions.keys() {
+            if self.router.unsubscribe(key, FilterRef::parse(filter)) {
+                self.subscription_count -= 1;
+            }
+        }
+        self.registry.release(&session.client_id, session.epoch);
+        if let Some((_, will)) = session.delayed_will {
+            self.publish_will(now, key, will);
+        }
+    }
+
+    fn publish_will(&mut self, now: Instant, key: SessionKey, will: Will) {
+        let mut properties = will.properties;
+        let expiry = properties.message_expiry_interval.take();
+        properties.will_delay_interval = None;
+        let message = Message {
+            topic: will.topic,
+            payload: will.payload,
+            qos: will.qos,
+            retain: will.retain,
+            properties,
+            expires_at: expiry.map(|secs| now + Duration::from_secs(u64::from(secs))),
+            publisher: Some(key),
+        };
+        self.route(now, Arc::new(message), false);
+    }
+
+    fn on_publish(&mut self, now: Instant, key: SessionKey, mut publish: Publish) {
+        self.out.stats.messages_received += 1;
+        let Some(session) = self.sessions.get_mut(&key) else {
+            return;
+        };
+        let Some(link) = session.link.as_mut() else {
+            return;
+        };
+        let conn = link.conn;
+        let v5 = link.version.is_v5();
+
+        if let Some(alias) = publish.properties.topic_alias.take() {
+            if alias == 0 || alias > self.config.topic_alias_maximum {
+                // [MQTT-3.3.2-9], [MQTT-3.3.2-10]
+                return self.close_with(
+                    now,
+                    key,
+                    ReasonCode::TOPIC_ALIAS_INVALID,
+                    "topic alias out of range",
+                );
+            }
+            if publish.topic.is_empty() {
+                match link.inbound_aliases.get(&alias) {
+                    Some(topic) => publish.topic = topic.clone(),
+                    None => return self.protocol_error(now, key, "topic alias not yet defined"),
+                }
+            } else {
+                link.inbound_aliases.insert(alias, publish.topic.clone());
+            }
+        } else if publish.topic.is_empty() {
+            return self.protocol_error(now, key, "empty topic without a topic alias");
+        }
+
+        if !self.topic_within_limits(&publish.topic) {
+            return self.close_with(
+                now,
+                key,
+                ReasonCode::TOPIC_NAME_INVALID,
+                "topic exceeds the configured length or level limit",
+            );
+        }
+        if publish.retain && !self.config.retain_available {
+            // [MQTT-3.3.1-19]
+            return self.close_with(
+                now,
+                key,
+                ReasonCode::RETAIN_NOT_SUPPORTED,
+                "retain is not available",
+            );
+        }
+
+        let packet_id = publish.packet_id.unwrap_or(0);
+        if publish.qos == QoS::ExactlyOnce {
+            let Some(session) = self.sessions.get_mut(&key) else {
+                return;
+            };
+            if session.inbound_qos2.contains(&packet_id) {
+                // Re-sent before PUBREL: acknowledged again, not delivered again [MQTT-4.3.3-9].
+                self.out
+                    .send(conn, pub_response(packet_id, ReasonCode::SUCCESS));
+                return;
+            }
+            if session.inbound_qos2.len() >= usize::from(self.config.receive_maximum) {
+                // [MQTT-3.3.4-9]
+                return self.close_with(
+                    now,
+                    key,
+                    ReasonCode::RECEIVE_MAXIMUM_EXCEEDED,
+                    "more unacknowledged QoS 2 messages than Receive Maximum",
+                );
+            }
+        }
+
+        let mut properties = publish.properties;
+        let expiry = properties.message_expiry_interval.take();
+        properties.subscription_identifiers.clear();
+        let message = Message {
+            topic: publish.topic,
+            payload: publish.payload,
+            qos: publish.qos,
+            retain: publish.retain,
+            properties,
+            expires_at: expiry.map(|secs| now + Duration::from_secs(u64::from(secs))),
+            publisher: Some(key),
+        };
+        let outcome = self.route(now, Arc::new(message), true);
+
+        let reason = match outcome {
+            RouteOutcome::Delivered => ReasonCode::SUCCESS,
+            RouteOutcome::NoSubscribers if v5 => ReasonCode::NO_MATCHING_SUBSCRIBERS,
+            RouteOutcome::NoSubscribers => ReasonCode::SUCCESS,
+            RouteOutcome::QuotaExceeded => ReasonCode::QUOTA_EXCEEDED,
+        };
+        if outcome == RouteOutcome::QuotaExceeded && publish.qos != QoS::AtMostOnce && !v5 {
+            // MQTT 3.x cannot refuse a publish: withhold the acknowledgement and close, so
+            // the client sends it again on reconnect instead of believing it delivered.
+            return self.close_link(now, key, CloseKind::Abnormal(None));
+        }
+        match publish.qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => self.out.send(
+                conn,
+                Packet::PubAck(PubResponse {
+                    packet_id,
+                    reason,
+                    properties: Properties::default(),
+                }),
+            ),
+            QoS::ExactlyOnce => {
+                if outcome != RouteOutcome::QuotaExceeded {
+                    if let Some(session) = self.sessions.get_mut(&key) {
+                        session.inbound_qos2.insert(packet_id);
+                    }
+                }
+                self.out.send(conn, pub_response(packet_id, reason));
+            }
+        }
+    }
+
+    fn on_pubrec(&mut self, now: Instant, key: SessionKey, rec: PubResponse) {
+        let Some(session) = self.sessions.get_mut(&key) else {
+            return;
+        };
+        let Some(conn) = session.link.as_ref().map(|link| link.conn) else {
+            return;
+        };
+        match session.on_pubrec(rec.packet_id, rec.reason) {
+            Some(reason) => {
+                let reason = if session.is_v5() {
+                    reason
+                } else {
+                    ReasonCode::SUCCESS
+                };
+                self.out.send(
+                    conn,
+                    Packet::PubRel(PubResponse {
+                        packet_id: rec.packet_id,
+                        reason,
+                        properties: Properties::default(),
+                    }),
+                );
+            }
+            None => session.pump(now, &mut self.out),
+        }
+    }
+
+    fn on_pubrel(&mut self, key: SessionKey, rel: PubResponse) {
+        let Some(session) = self.sessions.get_mut(&key) else {
+            return;
+        };
+        let Some(conn) = session.link.as_ref().map(|link| link.conn) else {
+            return;
+        };
+        let known = session.inbound_qos2.remove(&rel.packet_id);
+        let reason = if known || !session.is_v5() {
+            ReasonCode::SUCCESS
+        } else {
+            ReasonCode::PACKET_IDENTIFIER_NOT_FOUND
+        };
+        self.out.send(
+            conn,
+            Packet::PubComp(PubResponse {
+                packet_id: rel.packet_id,
+                reason,
+                properties: Properties::default(),
+            }),
+        );
+    }
+
+    fn on_subscribe(&mut self, now: Instant, key: SessionKey, subscribe: Subscribe) {
+        let identifier = subscribe
+            .properties
+            .subscription_identifiers
+            .first()
+            .copied();
+        let Some(v5) = self.sessions.get(&key).map(Session::is_v5) else {
+            return;
+        };
+        if subscribe
+            .subscriptions
+            .iter()
+            .any(|sub| sub.options.no_local && FilterRef::parse(&sub.filter).group.is_some())
+        {
+            // [MQTT-3.8.3-4]
+            return self.protocol_error(now, key, "No Local on a shared subscription");
+        }
+        let mut reasons = Vec::with_capacity(subscribe.subscriptions.len());
+        let mut retained_requests = Vec::new();
+        for subscription in subscribe.subscriptions {
+            if !self.topic_within_limits(&subscription.filter) {
+                reasons.push(if v5 {
+                    ReasonCode::TOPIC_FILTER_INVALID
+                } else {
+                    ReasonCode::V3_SUBACK_FAILURE
+                });
+                continue;
+            }
+            let entry = SubscriptionEntry {
+                options: subscription.options,
+                identifier,
+            };
+            let filter = FilterRef::parse(&subscription.filter);
+            let is_new = self.router.subscribe(key, filter, entry);
+            if is_new {
+                self.subscription_count += 1;
+            }
+            let send_retained = filter.group.is_none()
+                && match subscription.options.retain_handling {
+                    0 => true,
+                    1 => is_new,
+                    _ => false,
+                };
+            if send_retained {
+                retained_requests.push((filter.filter.to_owned(), entry));
+            }
+            if let Some(session) = self.sessions.get_mut(&key) {
+                session.subscriptions.insert(subscription.filter, entry);
+            }
+            reasons.push(ReasonCode(subscription.options.qos as u8));
+        }
+        let Some(conn) = self
+            .sessions
+            .get(&key)
+            .and_then(|s| s.link.as_ref())
+            .map(|link| link.conn)
+        else {
+            return;
+        };
+        self.out.send(
+            conn,
+            Packet::SubAck(SubAck {
+                packet_id: subscribe.packet_id,
+                reasons,
+                properties: Properties::default(),
+            }),
+        );
+        self.send_retained(now, key, retained_requests);
+    }
+
+    /// Retained messages for new subscriptions, with RETAIN=1 [MQTT-3.3.1-8].
+    fn send_retained(
+        &mut self,
+        now: Instant,
+        key: SessionKey,
+        requests: Vec<(String, SubscriptionEntry)>,
+    ) {
+        let limits = self.limits();
+        let mut found = Vec::new();
+        for (filter, entry) in requests {
+            found.clear();
+            self.retained.matching(&filter, &mut found);
+            for message in found.drain(..) {
+                if message.is_expired(now) {
+                    self.retained.remove(&message.topic);
+                    continue;
+                }
+                let Some(session) = self.sessions.get_mut(&key) else {
+                    return;
+                };
+                let delivery = Delivery {
+                    qos: message.qos.min(entry.options.qos),
+                    retain: true,
+                    subscription_ids: entry.identifier.into_iter().collect(),
+                    message,
+                };
+                if !session.push(delivery, now, limits, &mut self.out) {
+                    self.out.stats.dropped_queue_full += 1;
+                }
+            }
+        }
+    }
+
+    fn on_unsubscribe(&mut self, key: SessionKey, unsubscribe: Unsubscribe) {
+        let Some(session) = self.sessions.get_mut(&key) else {
+            return;
+        };
+        let Some(link) = session.link.as_ref() else {
+            return;
+        };
+        let conn = link.conn;
+        let v5 = link.version.is_v5();
+        let mut reasons = Vec::new();
+        for filter in &unsubscribe.filters {
+            let existed = session.subscriptions.remove(filter).is_some();
+            if existed && self.router.unsubscribe(key, FilterRef::parse(filter)) {
+                self.subscription_count -= 1;
+            }
+            if v5 {
+                reasons.push(if existed {
+                    ReasonCode::SUCCESS
+                } else {
+                    ReasonCode::NO_SUBSCRIPTION_EXISTED
+                });
+            }
+        }
+        self.out.send(
+            conn,
+            Packet::UnsubAck(UnsubAck {
+                packet_id: unsubscribe.packet_id,
+                reasons,
+                properties: Properties::default(),
+            }),
+        );
+    }
+
+    fn on_disconnect(
+        &mut self,
+        now: Instant,
+        key: SessionKey,
+        disconnect: halyard_codec::Disconnect,
+    ) {
+        let Some(session) = self.sessions.get_mut(&key) else {
+            return;
+        };
+        if let Some(expiry) = disconnect.properties.session_expiry_interval {
+            if session.expiry_interval == 0 && expiry != 0 {
+                // [MQTT-3.14.2-2]
+                return self.protocol_error(
+                    now,
+                    key,
+                    "session expiry set on DISCONNECT after 0 in CONNECT",
+                );
+            }
+            session.expiry_interval = expiry.min(self.config.max_session_expiry);
+        }
+        let kind = if disconnect.reason == ReasonCode::DISCONNECT_WITH_WILL_MESSAGE {
+            CloseKind::NormalWithWill
+        } else {
+            // [MQTT-3.1.2-10]: the will is discarded on a normal DISCONNECT.
+            CloseKind::Normal
+        };
+        self.close_link(now, key, kind);
+    }
+
+    /// Routes one message to every matching session. With `atomic`, a QoS 1/2 message
+    /// that some subscriber has no room for is delivered to nobody, so the publisher can be
+    /// told (0x97) and retry without creating duplicates elsewhere.
+    fn route(&mut self, now: Instant, message: Arc<Message>, atomic: bool) -> RouteOutcome {
+        let mut matches = std::mem::take(&mut self.route_scratch);
+        matches.clear();
+        let sessions = &self.sessions;
+        self.router.route(
+            &message.topic,
+            &|key| sessions.get(&key).is_some_and(|s| s.link.is_some()),
+            &mut matches,
+        );
+        matches.retain(|m| !(m.entry.options.no_local && message.publisher == Some(m.session)));
+        // Overlapping subscriptions of one session give one copy, at the highest QoS, with
+        // every subscription identifier [MQTT-3.3.4-3] .. [MQTT-3.3.4-5].
+        matches.sort_by_key(|m| (m.session, m.shared));
+        let mut deliveries: Vec<(SessionKey, Delivery)> = Vec::with_capacity(matches.len());
+        for m in &matches {
+            let retain = m.entry.options.retain_as_published && message.retain;
+            let qos = message.qos.min(m.entry.options.qos);
+            match deliveries.last_mut() {
+                Some((session, delivery)) if *session == m.session && !m.shared => {
+                    delivery.qos = delivery.qos.max(qos);
+                    delivery.retain |= retain;
+                    delivery.subscription_ids.extend(m.entry.identifier);
+                }
+                _ => deliveries.push((
+                    m.session,
+                    Delivery {
+                        message: Arc::clone(&message),
+                        qos,
+                        retain,
+                        subscription_ids: m.entry.identifier.into_iter().collect(),
+                    },
+                )),
+            }
+        }
+        self.route_scratch = matches;
+
+        let limits = self.limits();
+        if atomic {
+            let blocked = deliveries.iter().any(|(key, delivery)| {
+                delivery.qos != QoS::AtMostOnce
+                    && self.sessions.get(key).is_some_and(|s| !s.has_room(limits))
+            });
+            if blocked {
+                if message.qos == QoS::AtMostOnce {
+                    self.out.stats.dropped_qos0 += 1;
+                } else {
+                    self.out.stats.refused_quota += 1;
+                }
+                return RouteOutcome::QuotaExceeded;
+            }
+        }
+        if message.retain {
+            if message.payload.is_empty() {
+                // [MQTT-3.3.1-10], [MQTT-3.3.1-11]
+                self.retained.remove(&message.topic);
+            } else {
+                // [MQTT-3.3.1-5]
+                self.retained.set(Arc::clone(&message));
+            }
+        }
+        if deliveries.is_empty() {
+            return RouteOutcome::NoSubscribers;
+        }
+        for (key, delivery) in deliveries {
+            let Some(session) = self.sessions.get_mut(&key) else {
+                continue;
+            };
+            let qos = delivery.qos;
+            if !session.push(delivery, now, limits, &mut self.out) {
+                if qos == QoS::AtMostOnce {
+                    self.out.stats.dropped_qos0 += 1;
+                } else {
+                    self.out.stats.dropped_queue_full += 1;
+                }
+            }
+        }
+        RouteOutcome::Delivered
+    }
+}
+
+fn pub_response(packet_id: u16, reason: ReasonCode) -> Packet {
+    Packet::PubRec(PubResponse {
+        packet_id,
+        reason,
+        properties: Properties::default(),
+    })
+}

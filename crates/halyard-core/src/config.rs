@@ -1,0 +1,55 @@
+//! Broker limits and behaviour switches; every field has a documented default.
+
+use serde::{Deserialize, Serialize};
+
+/// Limits and switches of the broker core. The binary maps its TOML `[mqtt]`-level keys onto
+/// this struct; every field has a default so an empty config is a working broker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// Largest keep-alive (seconds) a client may ask for. MQTT 5 clients asking for more (or
+    /// for 0) are told this value as Server Keep Alive; MQTT 3.x clients asking for more are
+    /// refused with "identifier rejected", as Mosquitto does, because 3.x has no way to tell
+    /// them. 0 = no maximum.
+    pub max_keepalive: u16,
+    /// Outbound in-flight window (unacknowledged QoS 1/2 messages) per session; for MQTT 5
+    /// clients the smaller of this and their Receive Maximum.
+    pub max_inflight: u16,
+    /// Inbound QoS 1/2 messages a client may have unacknowledged at once (MQTT 5 Receive
+    /// Maximum advertised in CONNACK).
+    pub receive_maximum: u16,
+    /// Messages queued per session beyond the in-flight window (also while offline).
+    pub max_queued_messages: usize,
+    /// Largest packet accepted from a client, in bytes (advertised as Maximum Packet Size).
+    pub max_packet_size: u32,
+    /// Longest topic name or filter, in bytes.
+    pub max_topic_length: usize,
+    /// Most levels (`/`-separated parts) in a topic name or filter.
+    pub max_topic_levels: usize,
+    /// Topic aliases an MQTT 5 client may use towards the broker.
+    pub topic_alias_maximum: u16,
+    /// Whether retained messages are stored.
+    pub retain_available: bool,
+    /// Upper bound on MQTT 5 session expiry (seconds) a client may ask for.
+    pub max_session_expiry: u32,
+    /// Whether a client may connect with an empty client id (the broker assigns one).
+    pub allow_zero_length_client_id: bool,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            max_keepalive: 0,
+            max_inflight: 32,
+            receive_maximum: 1024,
+            max_queued_messages: 1000,
+            max_packet_size: 1024 * 1024,
+            max_topic_length: 65_535,
+            max_topic_levels: 128,
+            topic_alias_maximum: 32,
+            retain_available: true,
+            max_session_expiry: u32::MAX,
+            allow_zero_length_client_id: true,
+        }
+    }
+}

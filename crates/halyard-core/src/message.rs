@@ -1,0 +1,49 @@
+//! The broker's internal form of an application message.
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use halyard_codec::{Properties, QoS};
+
+/// Key of a session inside one broker; cheaper to store in indexes than the client id.
+pub type SessionKey = u64;
+
+/// A message as accepted from a publisher (or a will), shared by every subscriber that gets it.
+///
+/// Per-hop properties (topic alias, subscription identifiers, message expiry) are stripped on
+/// the way in and computed again for each delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// Topic name the message was published to.
+    pub topic: String,
+    /// Opaque application data.
+    pub payload: Bytes,
+    /// QoS the publisher used; deliveries get at most this.
+    pub qos: QoS,
+    /// RETAIN flag as published.
+    pub retain: bool,
+    /// Properties forwarded unchanged (payload format, content type, response topic,
+    /// correlation data, user properties).
+    pub properties: Properties,
+    /// When the MQTT 5 Message Expiry Interval runs out; `None` means never.
+    pub expires_at: Option<Instant>,
+    /// Session that published it, so No Local subscriptions can skip it.
+    pub publisher: Option<SessionKey>,
+}
+
+impl Message {
+    /// True once the message may no longer be delivered [MQTT-3.3.2-5].
+    pub fn is_expired(&self, now: Instant) -> bool {
+        self.expires_at.is_some_and(|at| at <= now)
+    }
+
+    /// Seconds of expiry left to forward to a subscriber (rounded up so a live message never
+    /// goes out with 0), or `None` when the message does not expire.
+    pub fn remaining_expiry(&self, now: Instant) -> Option<u32> {
+        self.expires_at.map(|at| {
+            let left = at.saturating_duration_since(now);
+            let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+            u32::try_from(secs).unwrap_or(u32::MAX)
+        })
+    }
+}

@@ -1,0 +1,377 @@
+//! Per-client session state: what survives a disconnect (subscriptions, queued and in-flight
+//! messages, QoS 2 ids) and, while connected, the [`Link`] to the live network connection.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use halyard_codec::{
+    Disconnect, Packet, ProtocolVersion, PubResponse, Publish, QoS, ReasonCode, Will,
+};
+
+use crate::broker::{ConnectionId, Output};
+use crate::message::Message;
+use crate::router::SubscriptionEntry;
+use crate::BrokerStats;
+
+/// Where the broker's answers go: the output queue and the counters, kept apart from the
+/// session table so a session can be borrowed mutably while it writes to them.
+#[derive(Debug, Default)]
+pub(crate) struct Outbox {
+    pub outputs: VecDeque<Output>,
+    pub stats: BrokerStats,
+}
+
+impl Outbox {
+    pub fn send(&mut self, conn: ConnectionId, packet: Packet) {
+        self.outputs.push_back(Output::Send { conn, packet });
+    }
+}
+
+/// One message on its way to one session, with the per-subscriber form already decided.
+#[derive(Debug, Clone)]
+pub(crate) struct Delivery {
+    pub message: Arc<Message>,
+    /// min(message QoS, subscription QoS).
+    pub qos: QoS,
+    /// RETAIN flag to send: 1 for retained-on-subscribe, else per retain-as-published.
+    pub retain: bool,
+    /// Identifiers of every subscription of this session that matched [MQTT-3.3.4-3].
+    pub subscription_ids: Vec<u32>,
+}
+
+/// Where an outbound QoS 1/2 message is in its handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Awaiting {
+    /// QoS 1: PUBACK.
+    Ack,
+    /// QoS 2 step 1: PUBREC.
+    Receipt,
+    /// QoS 2 step 3: PUBCOMP, after our PUBREL.
+    Completion,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Inflight {
+    pub packet_id: u16,
+    pub delivery: Delivery,
+    pub state: Awaiting,
+}
+
+/// State of the live connection bound to a session; gone when the connection ends.
+#[derive(Debug)]
+pub(crate) struct Link {
+    pub conn: ConnectionId,
+    pub version: ProtocolVersion,
+    /// 1.5 x the keep-alive in force; `None` when keep-alive is off [MQTT-3.1.2-22].
+    pub keep_alive_grace: Option<Duration>,
+    /// The instant after which a silent client is disconnected.
+    pub deadline: Option<Instant>,
+    /// MQTT 5 topic aliases the client set up towards us.
+    pub inbound_aliases: HashMap<u16, String>,
+    /// Aliases we set up towards the client, at most `outbound_alias_max`.
+    pub outbound_aliases: HashMap<String, u16>,
+    pub outbound_alias_max: u16,
+    /// The client's Maximum Packet Size; larger messages are not sent to it [MQTT-3.1.2-25].
+    pub max_packet_size: u32,
+    /// Outbound in-flight window for this connection.
+    pub window: usize,
+    /// Will of this connection, published if it ends abnormally.
+    pub will: Option<Will>,
+}
+
+impl Link {
+    /// Restarts the keep-alive clock after any packet from the client.
+    pub fn touch(&mut self, now: Instant) {
+        if let Some(grace) = self.keep_alive_grace {
+            self.deadline = Some(now + grace);
+        }
+    }
+}
+
+/// A client's session.
+#[derive(Debug)]
+pub(crate) struct Session {
+    pub client_id: String,
+    /// Fencing epoch from the session registry, renewed on every connection; timers carry it
+    /// so that a timer armed for an earlier connection does nothing.
+    pub epoch: u64,
+    /// Seconds the session outlives its connection; 0 ends it on disconnect, u32::MAX never.
+    pub expiry_interval: u32,
+    pub link: Option<Link>,
+    /// Filters as the client wrote them (shared ones with their `$share/` prefix).
+    pub subscriptions: HashMap<String, SubscriptionEntry>,
+    /// Unacknowledged outbound QoS 1/2 messages, in send order.
+    pub inflight: VecDeque<Inflight>,
+    /// Messages waiting for room in the in-flight window (or for the client to return).
+    pub pending: VecDeque<Delivery>,
+    /// Inbound QoS 2 packet ids PUBRECed and awaiting PUBREL: a re-sent PUBLISH with one of
+    /// these ids is not delivered again [MQTT-4.3.3-9].
+    pub inbound_qos2: HashSet<u16>,
+    pub next_packet_id: u16,
+    /// A will waiting out its Will Delay Interval after the connection ended.
+    pub delayed_will: Option<(Instant, Will)>,
+    /// When an offline session expires.
+    pub expires_at: Option<Instant>,
+}
+
+/// Limits a session needs when taking a message.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct QueueLimits {
+    pub max_queued: usize,
+}
+
+impl Session {
+    pub fn new(client_id: String, epoch: u64, expiry_interval: u32) -> Session {
+        Session {
+            client_id,
+            epoch,
+            expiry_interval,
+            link: None,
+            subscriptions: HashMap::new(),
+            inflight: VecDeque::new(),
+            pending: VecDeque::new(),
+            inbound_qos2: HashSet::new(),
+            next_packet_id: 1,
+            delayed_will: None,
+            expires_at: None,
+        }
+    }
+
+    pub fn version(&self) -> Option<ProtocolVersion> {
+        self.link.as_ref().map(|link| link.version)
+    }
+
+    pub fn is_v5(&self) -> bool {
+        self.version().is_some_and(ProtocolVersion::is_v5)
+    }
+
+    /// Whether a QoS 1/2 delivery can be taken now without going over the queue limit.
+    pub fn has_room(&self, limits: QueueLimits) -> bool {
+        self.can_send_now() || self.pending.len() < limits.max_queued
+    }
+
+    fn can_send_now(&self) -> bool {
+        self.link
+            .as_ref()
+            .is_some_and(|link| self.pending.is_empty() && self.inflight.len() < link.window)
+    }
+
+    /// Takes a delivery: sends it now if the window allows, queues it otherwise. Returns
+    /// false when it could not be taken (queue full); QoS 0 to an offline session is not
+    /// queued, as MQTT allows, and counts as taken.
+    pub fn push(
+        &mut self,
+        delivery: Delivery,
+        now: Instant,
+        limits: QueueLimits,
+        out: &mut Outbox,
+    ) -> bool {
+        if delivery.qos == QoS::AtMostOnce {
+            if self.link.is_some() {
+                self.transmit(&delivery, None, false, now, out);
+            }
+            return true;
+        }
+        if self.can_send_now() {
+            self.start_inflight(delivery, now, out);
+            true
+        } else if self.pending.len() < limits.max_queued {
+            self.pending.push_back(delivery);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Moves queued messages into the in-flight window as far as it allows, skipping those
+    /// that expired while they waited [MQTT-3.3.2-5].
+    pub fn pump(&mut self, now: Instant, out: &mut Outbox) {
+        while let Some(link) = &self.link {
+            if self.inflight.len() >= link.window {
+                break;
+            }
+            let Some(delivery) = self.pending.pop_front() else {
+                break;
+            };
+            if delivery.message.is_expired(now) {
+                continue;
+            }
+            self.start_inflight(delivery, now, out);
+        }
+    }
+
+    fn start_inflight(&mut self, delivery: Delivery, now: Instant, out: &mut Outbox) {
+        let packet_id = self.allocate_packet_id();
+        if !self.transmit(&delivery, Some(packet_id), false, now, out) {
+            // Too large for the client: handled as if sent and acknowledged [MQTT-3.1.2-25].
+            return;
+        }
+        let state = if delivery.qos == QoS::ExactlyOnce {
+            Awaiting::Receipt
+        } else {
+            Awaiting::Ack
+        };
+        self.inflight.push_back(Inflight {
+            packet_id,
+            delivery,
+            state,
+        });
+    }
+
+    fn allocate_packet_id(&mut self) -> u16 {
+        loop {
+            let candidate = self.next_packet_id;
+            self.next_packet_id = self.next_packet_id.checked_add(1).unwrap_or(1);
+            if !self
+                .inflight
+                .iter()
+                .any(|entry| entry.packet_id == candidate)
+            {
+                return candidate;
+            }
+        }
+    }
+
+    /// Re-sends the in-flight window on a new connection, in the original order, PUBLISH
+    /// with DUP=1 or PUBREL where PUBREC was already received [MQTT-4.4.0-1].
+    pub fn resend_inflight(&mut self, now: Instant, out: &mut Outbox) {
+        let Some(conn) = self.link.as_ref().map(|link| link.conn) else {
+            return;
+        };
+        let entries: Vec<Inflight> = self.inflight.iter().cloned().collect();
+        for entry in entries {
+            match entry.state {
+                Awaiting::Completion => out.send(
+                    conn,
+                    Packet::PubRel(PubResponse {
+                        packet_id: entry.packet_id,
+                        ..Default::default()
+                    }),
+                ),
+                Awaiting::Ack | Awaiting::Receipt => {
+                    self.transmit(&entry.delivery, Some(entry.packet_id), true, now, out);
+                }
+            }
+        }
+    }
+
+    /// Writes one PUBLISH to the live connection. Returns false when the client's Maximum
+    /// Packet Size forbids it.
+    fn transmit(
+        &mut self,
+        delivery: &Delivery,
+        packet_id: Option<u16>,
+        dup: bool,
+        now: Instant,
+        out: &mut Outbox,
+    ) -> bool {
+        let Some(link) = self.link.as_mut() else {
+            return false;
+        };
+        let message = &delivery.message;
+        let mut publish = Publish {
+            dup,
+            qos: delivery.qos,
+            retain: delivery.retain,
+            topic: message.topic.clone(),
+            packet_id,
+            payload: message.payload.clone(),
+            properties: Default::default(),
+        };
+        if link.version.is_v5() {
+            publish.properties = message.properties.clone();
+            publish.properties.message_expiry_interval = message.remaining_expiry(now);
+            publish.properties.subscription_identifiers = delivery.subscription_ids.clone();
+        }
+        let packet = Packet::Publish(publish);
+        let size = halyard_codec::encoded_len(&packet, link.version);
+        if size > link.max_packet_size as usize {
+            out.stats.dropped_too_large += 1;
+            return false;
+        }
+        let Packet::Publish(mut publish) = packet else {
+            unreachable!("constructed as a PUBLISH above")
+        };
+        if link.version.is_v5() && link.outbound_alias_max > 0 {
+            match link.outbound_aliases.get(&publish.topic) {
+                Some(&alias) => {
+                    publish.properties.topic_alias = Some(alias);
+                    publish.topic.clear();
+                }
+                None => {
+                    let used = link.outbound_aliases.len();
+                    if let Ok(alias) = u16::try_from(used + 1) {
+                        if alias <= link.outbound_alias_max {
+                            link.outbound_aliases.insert(publish.topic.clone(), alias);
+                            publish.properties.topic_alias = Some(alias);
+                        }
+                    }
+                }
+            }
+        }
+        out.stats.messages_sent += 1;
+        out.send(link.conn, Packet::Publish(publish));
+        true
+    }
+
+    /// PUBACK from the client: the QoS 1 message is done.
+    pub fn on_puback(&mut self, packet_id: u16) -> bool {
+        self.remove_inflight(packet_id, Awaiting::Ack)
+    }
+
+    /// PUBCOMP from the client: the QoS 2 message is done.
+    pub fn on_pubcomp(&mut self, packet_id: u16) -> bool {
+        self.remove_inflight(packet_id, Awaiting::Completion)
+    }
+
+    fn remove_inflight(&mut self, packet_id: u16, state: Awaiting) -> bool {
+        match self
+            .inflight
+            .iter()
+            .position(|entry| entry.packet_id == packet_id && entry.state == state)
+        {
+            Some(index) => {
+                self.inflight.remove(index);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// PUBREC from the client: answer PUBREL (or drop the message if the client refused it).
+    pub fn on_pubrec(&mut self, packet_id: u16, reason: ReasonCode) -> Option<ReasonCode> {
+        let index = self
+            .inflight
+            .iter()
+            .position(|entry| entry.packet_id == packet_id && entry.state != Awaiting::Ack);
+        match index {
+            Some(index) if reason.is_error() => {
+                self.inflight.remove(index);
+                None
+            }
+            Some(index) => {
+                self.inflight[index].state = Awaiting::Completion;
+                Some(ReasonCode::SUCCESS)
+            }
+            None => Some(ReasonCode::PACKET_IDENTIFIER_NOT_FOUND),
+        }
+    }
+
+    /// Sends an MQTT 5 DISCONNECT with `reason` if the link speaks MQTT 5.
+    pub fn send_disconnect(
+        &self,
+        reason: ReasonCode,
+        reason_string: Option<&str>,
+        out: &mut Outbox,
+    ) {
+        if let Some(link) = self.link.as_ref().filter(|link| link.version.is_v5()) {
+            let mut disconnect = Disconnect {
+                reason,
+                ..Default::default()
+            };
+            disconnect.properties.reason_string = reason_string.map(str::to_owned);
+            out.send(link.conn, Packet::Disconnect(disconnect));
+        }
+    }
+}
