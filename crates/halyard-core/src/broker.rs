@@ -93,9 +93,12 @@ enum CloseKind {
     Normal,
     /// DISCONNECT 0x04 from an MQTT 5 client: close normally but publish the will.
     NormalWithWill,
-    /// Network failure, keep-alive, protocol error or takeover: the will is published,
-    /// and an MQTT 5 client is first told `reason` where one is given.
+    /// Network failure, keep-alive or protocol error: the will is published, and an MQTT 5
+    /// client is first told `reason` where one is given.
     Abnormal(Option<ReasonCode>),
+    /// Another connection claimed the client id [MQTT-3.1.4-3]: like `Abnormal`, but the
+    /// session is left for the new connection's CONNECT to resume or discard.
+    TakenOver,
 }
 
 /// The whole broker. One instance per node; the server drives it from a single task.
@@ -448,11 +451,7 @@ impl Broker {
                 .get(&old_key)
                 .is_some_and(|s| s.link.is_some())
             {
-                self.close_link(
-                    now,
-                    old_key,
-                    CloseKind::Abnormal(Some(ReasonCode::SESSION_TAKEN_OVER)),
-                );
+                self.close_link(now, old_key, CloseKind::TakenOver);
             }
         }
 
@@ -558,8 +557,14 @@ impl Broker {
         let Some(session) = self.sessions.get_mut(&key) else {
             return;
         };
-        if let CloseKind::Abnormal(Some(reason)) = kind {
-            session.send_disconnect(reason, None, &mut self.out);
+        match kind {
+            CloseKind::Abnormal(Some(reason)) => {
+                session.send_disconnect(reason, None, &mut self.out)
+            }
+            CloseKind::TakenOver => {
+                session.send_disconnect(ReasonCode::SESSION_TAKEN_OVER, None, &mut self.out)
+            }
+            _ => {}
         }
         let Some(mut link) = session.link.take() else {
             return;
@@ -570,18 +575,22 @@ impl Broker {
             .push_back(Output::Close { conn: link.conn });
         let will = match kind {
             CloseKind::Normal => None,
-            CloseKind::NormalWithWill | CloseKind::Abnormal(_) => link.will.take(),
+            CloseKind::NormalWithWill | CloseKind::Abnormal(_) | CloseKind::TakenOver => {
+                link.will.take()
+            }
         };
+        if kind == CloseKind::TakenOver {
+            if let Some(will) = will {
+                self.schedule_will(now, key, will);
+            }
+            return;
+        }
         let ends_now = session.expiry_interval == 0;
         if let Some(will) = will {
-            let delay = will.properties.will_delay_interval.unwrap_or(0);
-            if delay == 0 || ends_now {
+            if ends_now {
                 self.publish_will(now, key, will);
             } else {
-                let due = now + Duration::from_secs(u64::from(delay));
-                let epoch = session.epoch;
-                session.delayed_will = Some((due, will));
-                self.timers.push(Reverse((due, Timer::Will(key, epoch))));
+                self.schedule_will(now, key, will);
             }
         }
         let Some(session) = self.sessions.get_mut(&key) else {
@@ -594,6 +603,21 @@ impl Broker {
             session.expires_at = Some(at);
             self.timers
                 .push(Reverse((at, Timer::SessionExpiry(key, session.epoch))));
+        }
+    }
+
+    /// Publishes `will` now, or after its Will Delay Interval unless a new connection to
+    /// the session comes first [MQTT-3.1.3-9].
+    fn schedule_will(&mut self, now: Instant, key: SessionKey, will: Will) {
+        let delay = will.properties.will_delay_interval.unwrap_or(0);
+        match self.sessions.get_mut(&key) {
+            Some(session) if delay > 0 => {
+                let due = now + Duration::from_secs(u64::from(delay));
+                session.delayed_will = Some((due, will));
+                self.timers
+                    .push(Reverse((due, Timer::Will(key, session.epoch))));
+            }
+            _ => self.publish_will(now, key, will),
         }
     }
 

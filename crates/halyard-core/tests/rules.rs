@@ -1,0 +1,787 @@
+//! Rule tests of the broker state machine, driven with a fake clock and no sockets.
+//! Each test names the normative statement it checks.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use halyard_codec::{
+    Connect, Disconnect, Packet, Properties, ProtocolVersion, PubResponse, Publish, QoS,
+    ReasonCode, Subscribe, Subscription, SubscriptionOptions, Unsubscribe, Will,
+};
+use halyard_core::{Broker, BrokerConfig, ConnectionId, Output};
+
+const V3: ProtocolVersion = ProtocolVersion::V3_1_1;
+const V5: ProtocolVersion = ProtocolVersion::V5;
+
+/// A broker plus a fake clock and per-connection inboxes of what it sent.
+struct Harness {
+    broker: Broker,
+    now: Instant,
+    inbox: HashMap<ConnectionId, Vec<Packet>>,
+    closed: Vec<ConnectionId>,
+}
+
+impl Harness {
+    fn new() -> Harness {
+        Harness::with_config(BrokerConfig::default())
+    }
+
+    fn with_config(config: BrokerConfig) -> Harness {
+        Harness {
+            broker: Broker::new(config),
+            now: Instant::now(),
+            inbox: HashMap::new(),
+            closed: Vec::new(),
+        }
+    }
+
+    fn drain(&mut self) {
+        while let Some(output) = self.broker.poll_output() {
+            match output {
+                Output::Send { conn, packet } => self.inbox.entry(conn).or_default().push(packet),
+                Output::Close { conn } => self.closed.push(conn),
+            }
+        }
+    }
+
+    fn send(&mut self, conn: ConnectionId, packet: Packet) {
+        self.broker.handle_packet(self.now, conn, packet);
+        self.drain();
+    }
+
+    fn take(&mut self, conn: ConnectionId) -> Vec<Packet> {
+        self.inbox.remove(&conn).unwrap_or_default()
+    }
+
+    fn publishes(&mut self, conn: ConnectionId) -> Vec<Publish> {
+        self.take(conn)
+            .into_iter()
+            .filter_map(|packet| match packet {
+                Packet::Publish(publish) => Some(publish),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn is_closed(&self, conn: ConnectionId) -> bool {
+        self.closed.contains(&conn)
+    }
+
+    fn advance(&mut self, by: Duration) {
+        self.now += by;
+        self.broker.handle_timeout(self.now);
+        self.drain();
+    }
+
+    fn connect_with(&mut self, conn: ConnectionId, connect: Connect) -> halyard_codec::ConnAck {
+        self.send(conn, Packet::Connect(Box::new(connect)));
+        let inbox = self.inbox.entry(conn).or_default();
+        match (!inbox.is_empty()).then(|| inbox.remove(0)) {
+            Some(Packet::ConnAck(ack)) => ack,
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    fn connect(
+        &mut self,
+        conn: ConnectionId,
+        version: ProtocolVersion,
+        id: &str,
+        clean: bool,
+    ) -> halyard_codec::ConnAck {
+        self.connect_with(conn, connect(version, id, clean))
+    }
+
+    fn subscribe(&mut self, conn: ConnectionId, filter: &str, qos: QoS) {
+        self.subscribe_with(conn, filter, options(qos), None);
+    }
+
+    fn subscribe_with(
+        &mut self,
+        conn: ConnectionId,
+        filter: &str,
+        options: SubscriptionOptions,
+        identifier: Option<u32>,
+    ) -> Vec<Packet> {
+        let mut properties = Properties::default();
+        properties.subscription_identifiers.extend(identifier);
+        self.send(
+            conn,
+            Packet::Subscribe(Subscribe {
+                packet_id: 1,
+                subscriptions: vec![Subscription {
+                    filter: filter.to_string(),
+                    options,
+                }],
+                properties,
+            }),
+        );
+        let mut packets = self.take(conn);
+        assert!(
+            matches!(packets.first(), Some(Packet::SubAck(_))),
+            "expected SUBACK first, got {packets:?}"
+        );
+        packets.remove(0);
+        packets
+    }
+
+    fn publish(
+        &mut self,
+        conn: ConnectionId,
+        topic: &str,
+        payload: &'static [u8],
+        qos: QoS,
+        retain: bool,
+        id: u16,
+    ) {
+        self.send(
+            conn,
+            Packet::Publish(publish(topic, payload, qos, retain, id)),
+        );
+    }
+}
+
+fn connect(version: ProtocolVersion, id: &str, clean: bool) -> Connect {
+    Connect {
+        protocol: version,
+        clean_start: clean,
+        keep_alive: 0,
+        client_id: id.to_string(),
+        will: None,
+        username: None,
+        password: None,
+        properties: Properties::default(),
+    }
+}
+
+fn options(qos: QoS) -> SubscriptionOptions {
+    SubscriptionOptions {
+        qos,
+        ..Default::default()
+    }
+}
+
+fn publish(topic: &str, payload: &'static [u8], qos: QoS, retain: bool, id: u16) -> Publish {
+    Publish {
+        dup: false,
+        qos,
+        retain,
+        topic: topic.to_string(),
+        packet_id: (qos != QoS::AtMostOnce).then_some(id),
+        payload: Bytes::from_static(payload),
+        properties: Properties::default(),
+    }
+}
+
+fn will(topic: &str, delay: Option<u32>) -> Will {
+    let mut properties = Properties::default();
+    properties.will_delay_interval = delay;
+    Will {
+        topic: topic.to_string(),
+        payload: Bytes::from_static(b"gone"),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        properties,
+    }
+}
+
+fn ack(id: u16) -> PubResponse {
+    PubResponse {
+        packet_id: id,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn first_packet_must_be_connect() {
+    // [MQTT-3.1.0-1]
+    let mut h = Harness::new();
+    h.send(1, Packet::PingReq);
+    assert!(h.is_closed(1));
+    assert!(h.take(1).is_empty());
+}
+
+#[test]
+fn second_connect_is_a_protocol_error() {
+    // [MQTT-3.1.0-2]
+    let mut h = Harness::new();
+    h.connect(1, V5, "a", true);
+    h.send(1, Packet::Connect(Box::new(connect(V5, "a", true))));
+    assert!(
+        matches!(h.take(1).as_slice(), [Packet::Disconnect(d)] if d.reason == ReasonCode::PROTOCOL_ERROR)
+    );
+    assert!(h.is_closed(1));
+}
+
+#[test]
+fn zero_length_client_id_rules() {
+    let mut h = Harness::new();
+    // [MQTT-3.1.3-8]: 3.1.1 with clean session 0 is rejected with 0x02.
+    let ack = h.connect(1, V3, "", false);
+    assert_eq!(ack.code, ReasonCode::V3_IDENTIFIER_REJECTED);
+    assert!(h.is_closed(1));
+    // [MQTT-3.1.3-6]: with clean session 1 the server assigns one.
+    assert_eq!(h.connect(2, V3, "", true).code, ReasonCode::SUCCESS);
+    // [MQTT-3.2.2-16]: MQTT 5 gets the Assigned Client Identifier.
+    let ack = h.connect(3, V5, "", true);
+    assert!(ack
+        .properties
+        .assigned_client_identifier
+        .is_some_and(|id| !id.is_empty()));
+}
+
+#[test]
+fn delivery_qos_is_the_minimum_of_publish_and_subscription() {
+    // [MQTT-3.8.4-8]
+    for sub_qos in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce] {
+        for pub_qos in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce] {
+            let mut h = Harness::new();
+            h.connect(1, V3, "sub", true);
+            h.subscribe(1, "t", sub_qos);
+            h.connect(2, V3, "pub", true);
+            h.publish(2, "t", b"x", pub_qos, false, 7);
+            let got = h.publishes(1);
+            assert_eq!(got.len(), 1);
+            assert_eq!(got[0].qos, sub_qos.min(pub_qos));
+        }
+    }
+}
+
+#[test]
+fn inbound_qos2_is_delivered_exactly_once() {
+    // [MQTT-4.3.3-9]: a re-sent PUBLISH before PUBREL is not delivered again.
+    let mut h = Harness::new();
+    h.connect(1, V3, "sub", true);
+    h.subscribe(1, "t", QoS::ExactlyOnce);
+    h.connect(2, V3, "pub", true);
+    h.publish(2, "t", b"once", QoS::ExactlyOnce, false, 9);
+    assert!(matches!(h.take(2).as_slice(), [Packet::PubRec(r)] if r.packet_id == 9));
+    let mut again = publish("t", b"once", QoS::ExactlyOnce, false, 9);
+    again.dup = true;
+    h.send(2, Packet::Publish(again));
+    assert!(matches!(h.take(2).as_slice(), [Packet::PubRec(r)] if r.packet_id == 9));
+    h.send(2, Packet::PubRel(ack(9)));
+    assert!(matches!(h.take(2).as_slice(), [Packet::PubComp(c)] if c.packet_id == 9));
+    assert_eq!(h.publishes(1).len(), 1);
+    // After PUBCOMP the id is free again and a new message with it is delivered.
+    h.publish(2, "t", b"next", QoS::ExactlyOnce, false, 9);
+    assert_eq!(h.publishes(1).len(), 1);
+}
+
+#[test]
+fn outbound_qos2_handshake() {
+    let mut h = Harness::new();
+    h.connect(1, V5, "sub", true);
+    h.subscribe(1, "t", QoS::ExactlyOnce);
+    h.connect(2, V5, "pub", true);
+    h.publish(2, "t", b"x", QoS::ExactlyOnce, false, 1);
+    let got = h.publishes(1);
+    let id = got[0].packet_id.expect("QoS 2 has an id");
+    h.send(1, Packet::PubRec(ack(id)));
+    assert!(matches!(h.take(1).as_slice(), [Packet::PubRel(r)] if r.packet_id == id));
+    h.send(1, Packet::PubComp(ack(id)));
+    assert!(h.take(1).is_empty());
+}
+
+#[test]
+fn retained_messages_on_subscribe_and_live() {
+    let mut h = Harness::new();
+    h.connect(1, V3, "pub", true);
+    h.publish(1, "a/b", b"r", QoS::AtLeastOnce, true, 1);
+    h.connect(2, V3, "sub", true);
+    // [MQTT-3.3.1-6], [MQTT-3.3.1-8]: sent on subscribe, through wildcards, with RETAIN=1.
+    let retained = h.subscribe_with(2, "a/+", options(QoS::AtLeastOnce), None);
+    assert!(matches!(retained.as_slice(), [Packet::Publish(p)] if p.retain && p.payload == "r"));
+    // [MQTT-3.3.1-9] (3.1.1): live copies go out with RETAIN=0.
+    h.publish(1, "a/b", b"live", QoS::AtMostOnce, true, 0);
+    let live = h.publishes(2);
+    assert_eq!(live.len(), 1);
+    assert!(!live[0].retain);
+    // [MQTT-3.3.1-12]: RETAIN=0 never replaces the retained message.
+    h.publish(1, "a/b", b"plain", QoS::AtMostOnce, false, 0);
+    h.connect(3, V3, "late", true);
+    let retained = h.subscribe_with(3, "a/b", options(QoS::AtMostOnce), None);
+    assert!(matches!(retained.as_slice(), [Packet::Publish(p)] if p.payload == "live"));
+    // [MQTT-3.3.1-10], [MQTT-3.3.1-11]: an empty retained payload clears it.
+    h.publish(1, "a/b", b"", QoS::AtMostOnce, true, 0);
+    h.connect(4, V3, "later", true);
+    assert!(h
+        .subscribe_with(4, "a/b", options(QoS::AtMostOnce), None)
+        .is_empty());
+    assert_eq!(h.broker.stats().retained_messages, 0);
+}
+
+#[test]
+fn retain_handling_and_retain_as_published() {
+    let mut h = Harness::new();
+    h.connect(1, V5, "pub", true);
+    h.publish(1, "t", b"r", QoS::AtMostOnce, true, 0);
+    h.connect(2, V5, "sub", true);
+    let never = SubscriptionOptions {
+        retain_handling: 2,
+        ..options(QoS::AtMostOnce)
+    };
+    // [MQTT-3.3.1-11] (5.0): retain handling 2 sends no retained messages.
+    assert!(h.subscribe_with(2, "t", never, None).is_empty());
+    let if_new = SubscriptionOptions {
+        retain_handling: 1,
+        retain_as_published: true,
+        ..options(QoS::AtMostOnce)
+    };
+    // [MQTT-3.3.1-10] (5.0): retain handling 1 sends them only for a new subscription.
+    assert!(h.subscribe_with(2, "u", if_new, None).is_empty());
+    assert!(h.subscribe_with(2, "t", if_new, None).is_empty());
+    h.connect(3, V5, "sub2", true);
+    assert_eq!(h.subscribe_with(3, "t", if_new, None).len(), 1);
+    // [MQTT-3.3.1-13]: retain as published keeps RETAIN=1 on live messages.
+    h.connect(4, V5, "plain", true);
+    assert_eq!(
+        h.subscribe_with(4, "t", options(QoS::AtMostOnce), None)
+            .len(),
+        1
+    );
+    h.publish(1, "t", b"again", QoS::AtMostOnce, true, 0);
+    assert!(h.publishes(3)[0].retain);
+    assert!(!h.publishes(4)[0].retain);
+}
+
+#[test]
+fn keep_alive_closes_silent_client_at_one_and_a_half_times() {
+    // [MQTT-3.1.2-22]
+    let mut h = Harness::new();
+    h.connect(9, V3, "watch", true);
+    h.subscribe(9, "will/#", QoS::AtLeastOnce);
+    let mut c = connect(V5, "silent", true);
+    c.keep_alive = 2;
+    c.will = Some(will("will/silent", None));
+    h.connect_with(1, c);
+    h.advance(Duration::from_millis(2900));
+    assert!(!h.is_closed(1));
+    h.send(1, Packet::PingReq);
+    assert!(matches!(h.take(1).as_slice(), [Packet::PingResp]));
+    h.advance(Duration::from_millis(2900));
+    assert!(!h.is_closed(1));
+    h.advance(Duration::from_millis(200));
+    assert!(h.is_closed(1));
+    assert!(
+        matches!(h.take(1).as_slice(), [Packet::Disconnect(d)] if d.reason == ReasonCode::KEEP_ALIVE_TIMEOUT)
+    );
+    // The will goes out on a keep-alive timeout [MQTT-3.1.2-8].
+    assert_eq!(h.publishes(9).len(), 1);
+}
+
+#[test]
+fn server_keep_alive_and_v3_limit() {
+    let mut h = Harness::with_config(BrokerConfig {
+        max_keepalive: 60,
+        ..Default::default()
+    });
+    let mut c = connect(V5, "a", true);
+    c.keep_alive = 600;
+    // [MQTT-3.2.2-21]
+    assert_eq!(h.connect_with(1, c).properties.server_keep_alive, Some(60));
+    let mut c = connect(V3, "b", true);
+    c.keep_alive = 600;
+    assert_eq!(
+        h.connect_with(2, c).code,
+        ReasonCode::V3_IDENTIFIER_REJECTED
+    );
+}
+
+#[test]
+fn will_not_sent_after_normal_disconnect_but_sent_with_0x04() {
+    let mut h = Harness::new();
+    h.connect(9, V3, "watch", true);
+    h.subscribe(9, "will/#", QoS::AtLeastOnce);
+    let mut c = connect(V5, "polite", true);
+    c.will = Some(will("will/polite", None));
+    h.connect_with(1, c.clone());
+    // [MQTT-3.1.2-10]
+    h.send(1, Packet::Disconnect(Disconnect::default()));
+    assert!(h.is_closed(1));
+    assert!(h.publishes(9).is_empty());
+    h.connect_with(2, c);
+    h.send(
+        2,
+        Packet::Disconnect(Disconnect {
+            reason: ReasonCode::DISCONNECT_WITH_WILL_MESSAGE,
+            ..Default::default()
+        }),
+    );
+    assert_eq!(h.publishes(9).len(), 1);
+}
+
+#[test]
+fn will_delay_waits_and_reconnect_cancels() {
+    // [MQTT-3.1.3-9]
+    let mut h = Harness::new();
+    h.connect(9, V3, "watch", true);
+    h.subscribe(9, "will/#", QoS::AtLeastOnce);
+    let mut c = connect(V5, "delayed", false);
+    c.properties.session_expiry_interval = Some(100);
+    c.will = Some(will("will/delayed", Some(2)));
+    h.connect_with(1, c.clone());
+    h.broker.connection_lost(h.now, 1);
+    h.drain();
+    h.advance(Duration::from_millis(1900));
+    assert!(h.publishes(9).is_empty());
+    h.advance(Duration::from_millis(200));
+    assert_eq!(h.publishes(9).len(), 1);
+
+    h.connect_with(2, c.clone());
+    h.broker.connection_lost(h.now, 2);
+    h.drain();
+    h.advance(Duration::from_secs(1));
+    h.connect_with(3, c);
+    h.advance(Duration::from_secs(5));
+    assert!(h.publishes(9).is_empty());
+}
+
+#[test]
+fn will_published_when_session_ends_before_delay() {
+    // [MQTT-3.1.2-8]: the will is sent when the session ends, even before the delay.
+    let mut h = Harness::new();
+    h.connect(9, V3, "watch", true);
+    h.subscribe(9, "will/#", QoS::AtLeastOnce);
+    let mut c = connect(V5, "short", true);
+    c.will = Some(will("will/short", Some(60)));
+    h.connect_with(1, c);
+    h.broker.connection_lost(h.now, 1);
+    h.drain();
+    assert_eq!(h.publishes(9).len(), 1);
+}
+
+#[test]
+fn takeover_disconnects_old_connection_and_keeps_session() {
+    // [MQTT-3.1.4-3]
+    let mut h = Harness::new();
+    h.connect(1, V5, "dup", false);
+    h.subscribe(1, "t", QoS::AtLeastOnce);
+    let ack = h.connect(2, V5, "dup", false);
+    assert!(ack.session_present);
+    assert!(
+        matches!(h.take(1).as_slice(), [Packet::Disconnect(d)] if d.reason == ReasonCode::SESSION_TAKEN_OVER)
+    );
+    assert!(h.is_closed(1));
+    h.connect(3, V5, "pub", true);
+    h.publish(3, "t", b"x", QoS::AtLeastOnce, false, 1);
+    assert_eq!(h.publishes(2).len(), 1);
+    // Packets from the old connection are no longer the session's.
+    h.send(1, Packet::PingReq);
+    assert!(h.take(1).is_empty());
+}
+
+#[test]
+fn persistent_session_queues_offline_and_resends_inflight_with_dup() {
+    // [MQTT-3.2.2-3], [MQTT-4.4.0-1]
+    let mut h = Harness::new();
+    assert!(!h.connect(1, V3, "p", false).session_present);
+    h.subscribe(1, "t", QoS::AtLeastOnce);
+    h.connect(2, V3, "pub", true);
+    h.publish(2, "t", b"1", QoS::AtLeastOnce, false, 1);
+    let first = h.publishes(1);
+    assert_eq!(first.len(), 1);
+    h.broker.connection_lost(h.now, 1);
+    h.drain();
+    h.publish(2, "t", b"2", QoS::AtLeastOnce, false, 2);
+    h.publish(2, "t", b"3", QoS::AtMostOnce, false, 0);
+    let ack = h.connect(3, V3, "p", false);
+    assert!(ack.session_present);
+    let got = h.publishes(3);
+    let payloads: Vec<&[u8]> = got.iter().map(|p| p.payload.as_ref()).collect();
+    assert_eq!(payloads, vec![&b"1"[..], &b"2"[..]]);
+    assert!(got[0].dup);
+    assert_eq!(got[0].packet_id, first[0].packet_id);
+    assert!(!got[1].dup);
+    // Clean session discards it [MQTT-3.1.2-6].
+    h.broker.connection_lost(h.now, 3);
+    h.drain();
+    assert!(!h.connect(4, V3, "p", true).session_present);
+}
+
+#[test]
+fn inflight_window_limits_unacknowledged_messages() {
+    let mut h = Harness::with_config(BrokerConfig {
+        max_inflight: 2,
+        ..Default::default()
+    });
+    h.connect(1, V3, "sub", true);
+    h.subscribe(1, "t", QoS::AtLeastOnce);
+    h.connect(2, V3, "pub", true);
+    for id in 1..=4 {
+        h.publish(2, "t", b"x", QoS::AtLeastOnce, false, id);
+    }
+    let sent = h.publishes(1);
+    assert_eq!(sent.len(), 2);
+    h.send(
+        1,
+        Packet::PubAck(ack(sent[0].packet_id.unwrap_or_default())),
+    );
+    assert_eq!(h.publishes(1).len(), 1);
+}
+
+#[test]
+fn full_queue_refuses_v5_publisher_with_quota_exceeded() {
+    let mut h = Harness::with_config(BrokerConfig {
+        max_queued_messages: 2,
+        ..Default::default()
+    });
+    let mut c = connect(V5, "offline", false);
+    c.properties.session_expiry_interval = Some(600);
+    h.connect_with(1, c);
+    h.subscribe(1, "t", QoS::AtLeastOnce);
+    h.broker.connection_lost(h.now, 1);
+    h.drain();
+    h.connect(2, V5, "pub", true);
+    for id in 1..=3 {
+        h.publish(2, "t", b"x", QoS::AtLeastOnce, false, id);
+    }
+    let acks: Vec<ReasonCode> = h
+        .take(2)
+        .into_iter()
+        .filter_map(|p| match p {
+            Packet::PubAck(a) => Some(a.reason),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        acks,
+        vec![
+            ReasonCode::SUCCESS,
+            ReasonCode::SUCCESS,
+            ReasonCode::QUOTA_EXCEEDED
+        ]
+    );
+    assert_eq!(h.broker.stats().refused_quota, 1);
+    // A 3.1.1 publisher is never acknowledged for a message that was not taken.
+    h.connect(3, V3, "pub3", true);
+    h.publish(3, "t", b"x", QoS::AtLeastOnce, false, 1);
+    assert!(h.take(3).is_empty());
+    assert!(h.is_closed(3));
+}
+
+#[test]
+fn no_matching_subscribers_reason() {
+    let mut h = Harness::new();
+    h.connect(1, V5, "pub", true);
+    h.publish(1, "nobody", b"x", QoS::AtLeastOnce, false, 1);
+    assert!(
+        matches!(h.take(1).as_slice(), [Packet::PubAck(a)] if a.reason == ReasonCode::NO_MATCHING_SUBSCRIBERS)
+    );
+}
+
+#[test]
+fn session_expiry_discards_offline_session() {
+    // [MQTT-3.1.2-23]
+    let mut h = Harness::new();
+    let mut c = connect(V5, "brief", false);
+    c.properties.session_expiry_interval = Some(2);
+    h.connect_with(1, c.clone());
+    h.broker.connection_lost(h.now, 1);
+    h.drain();
+    h.advance(Duration::from_secs(1));
+    assert!(h.connect_with(2, c.clone()).session_present);
+    h.broker.connection_lost(h.now, 2);
+    h.drain();
+    h.advance(Duration::from_secs(3));
+    assert!(!h.connect_with(3, c).session_present);
+}
+
+#[test]
+fn expired_messages_are_not_delivered_and_expiry_counts_down() {
+    // [MQTT-3.3.2-5], [MQTT-3.3.2-6]
+    let mut h = Harness::new();
+    let mut c = connect(V5, "later", false);
+    c.properties.session_expiry_interval = Some(600);
+    h.connect_with(1, c.clone());
+    h.subscribe(1, "t", QoS::AtLeastOnce);
+    h.broker.connection_lost(h.now, 1);
+    h.drain();
+    h.connect(2, V5, "pub", true);
+    let mut short = publish("t", b"short", QoS::AtLeastOnce, false, 1);
+    short.properties.message_expiry_interval = Some(1);
+    let mut long = publish("t", b"long", QoS::AtLeastOnce, false, 2);
+    long.properties.message_expiry_interval = Some(10);
+    h.send(2, Packet::Publish(short));
+    h.send(2, Packet::Publish(long));
+    h.advance(Duration::from_secs(3));
+    h.connect_with(3, c);
+    let got = h.publishes(3);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].payload, "long");
+    assert_eq!(got[0].properties.message_expiry_interval, Some(7));
+}
+
+#[test]
+fn overlapping_subscriptions_give_one_copy_with_all_identifiers() {
+    // [MQTT-3.3.4-3] .. [MQTT-3.3.4-5]
+    let mut h = Harness::new();
+    h.connect(1, V5, "sub", true);
+    h.subscribe_with(1, "a/+", options(QoS::AtMostOnce), Some(1));
+    h.subscribe_with(1, "a/#", options(QoS::AtLeastOnce), Some(2));
+    h.connect(2, V5, "pub", true);
+    h.publish(2, "a/b", b"x", QoS::ExactlyOnce, false, 1);
+    let got = h.publishes(1);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].qos, QoS::AtLeastOnce);
+    let mut ids = got[0].properties.subscription_identifiers.clone();
+    ids.sort_unstable();
+    assert_eq!(ids, vec![1, 2]);
+}
+
+#[test]
+fn no_local_skips_own_messages() {
+    // [MQTT-3.8.3-3]
+    let mut h = Harness::new();
+    h.connect(1, V5, "me", true);
+    let no_local = SubscriptionOptions {
+        no_local: true,
+        ..options(QoS::AtMostOnce)
+    };
+    h.subscribe_with(1, "t", no_local, None);
+    h.publish(1, "t", b"x", QoS::AtMostOnce, false, 0);
+    assert!(h.publishes(1).is_empty());
+}
+
+#[test]
+fn shared_subscription_delivers_each_message_to_one_member() {
+    // [MQTT-4.8.2-2]
+    let mut h = Harness::new();
+    h.connect(1, V3, "m1", true);
+    h.connect(2, V5, "m2", true);
+    h.subscribe(1, "$share/g/t", QoS::AtLeastOnce);
+    h.subscribe(2, "$share/g/t", QoS::AtLeastOnce);
+    h.connect(3, V5, "pub", true);
+    for id in 1..=10 {
+        h.publish(3, "t", b"x", QoS::AtMostOnce, false, id);
+    }
+    let (a, b) = (h.publishes(1).len(), h.publishes(2).len());
+    assert_eq!(a + b, 10);
+    assert_eq!((a, b), (5, 5));
+}
+
+#[test]
+fn shared_subscription_with_no_local_is_a_protocol_error() {
+    // [MQTT-3.8.3-4]
+    let mut h = Harness::new();
+    h.connect(1, V5, "m1", true);
+    h.send(
+        1,
+        Packet::Subscribe(Subscribe {
+            packet_id: 1,
+            subscriptions: vec![Subscription {
+                filter: "$share/g/t".into(),
+                options: SubscriptionOptions {
+                    no_local: true,
+                    ..Default::default()
+                },
+            }],
+            properties: Properties::default(),
+        }),
+    );
+    assert!(h.is_closed(1));
+}
+
+#[test]
+fn topic_aliases_inbound_and_outbound() {
+    // [MQTT-3.3.2-12]
+    let mut h = Harness::new();
+    let mut c = connect(V5, "sub", true);
+    c.properties.topic_alias_maximum = Some(5);
+    h.connect_with(1, c);
+    h.subscribe(1, "long/topic", QoS::AtMostOnce);
+    h.connect(2, V5, "pub", true);
+    let mut first = publish("long/topic", b"1", QoS::AtMostOnce, false, 0);
+    first.properties.topic_alias = Some(3);
+    h.send(2, Packet::Publish(first));
+    let mut second = publish("", b"2", QoS::AtMostOnce, false, 0);
+    second.properties.topic_alias = Some(3);
+    h.send(2, Packet::Publish(second));
+    let got = h.publishes(1);
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[0].topic, "long/topic");
+    assert_eq!(got[0].properties.topic_alias, Some(1));
+    assert_eq!(got[1].topic, "");
+    assert_eq!(got[1].properties.topic_alias, Some(1));
+    // [MQTT-3.3.2-9]: an alias above Topic Alias Maximum ends the connection with 0x94.
+    let mut bad = publish("x", b"3", QoS::AtMostOnce, false, 0);
+    bad.properties.topic_alias = Some(1000);
+    h.send(2, Packet::Publish(bad));
+    assert!(
+        matches!(h.take(2).as_slice(), [Packet::Disconnect(d)] if d.reason == ReasonCode::TOPIC_ALIAS_INVALID)
+    );
+    assert!(h.is_closed(2));
+}
+
+#[test]
+fn message_larger_than_client_maximum_is_not_sent() {
+    // [MQTT-3.1.2-25]
+    let mut h = Harness::new();
+    let mut c = connect(V5, "small", true);
+    c.properties.maximum_packet_size = Some(64);
+    h.connect_with(1, c);
+    h.subscribe(1, "t", QoS::AtLeastOnce);
+    h.connect(2, V5, "pub", true);
+    h.send(
+        2,
+        Packet::Publish(publish("t", &[b'x'; 100], QoS::AtLeastOnce, false, 1)),
+    );
+    h.publish(2, "t", b"fits", QoS::AtLeastOnce, false, 2);
+    let got = h.publishes(1);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].payload, "fits");
+}
+
+#[test]
+fn authentication_method_without_configured_auth_is_refused() {
+    // [MQTT-4.12.0-1]
+    let mut h = Harness::new();
+    let mut c = connect(V5, "auth", true);
+    c.properties.authentication_method = Some("SCRAM-SHA-256".into());
+    assert_eq!(
+        h.connect_with(1, c).code,
+        ReasonCode::BAD_AUTHENTICATION_METHOD
+    );
+    assert!(h.is_closed(1));
+}
+
+#[test]
+fn unsubscribe_reports_per_filter() {
+    let mut h = Harness::new();
+    h.connect(1, V5, "u", true);
+    h.subscribe(1, "a", QoS::AtMostOnce);
+    h.send(
+        1,
+        Packet::Unsubscribe(Unsubscribe {
+            packet_id: 4,
+            filters: vec!["a".into(), "b".into()],
+            properties: Properties::default(),
+        }),
+    );
+    match h.take(1).as_slice() {
+        [Packet::UnsubAck(ack)] => {
+            assert_eq!(ack.packet_id, 4);
+            assert_eq!(
+                ack.reasons,
+                vec![ReasonCode::SUCCESS, ReasonCode::NO_SUBSCRIPTION_EXISTED]
+            );
+        }
+        other => panic!("expected UNSUBACK, got {other:?}"),
+    }
+    assert_eq!(h.broker.stats().subscriptions, 0);
+}
+
+#[test]
+fn shutdown_tells_v5_clients_server_shutting_down() {
+    let mut h = Harness::new();
+    h.connect(1, V5, "five", true);
+    h.connect(2, V3, "three", true);
+    h.broker.shutdown(h.now);
+    h.drain();
+    assert!(
+        matches!(h.take(1).as_slice(), [Packet::Disconnect(d)] if d.reason == ReasonCode::SERVER_SHUTTING_DOWN)
+    );
+    assert!(h.take(2).is_empty());
+    assert!(h.is_closed(1) && h.is_closed(2));
+}
