@@ -175,8 +175,10 @@ fn publish(topic: &str, payload: &'static [u8], qos: QoS, retain: bool, id: u16)
 }
 
 fn will(topic: &str, delay: Option<u32>) -> Will {
-    let mut properties = Properties::default();
-    properties.will_delay_interval = delay;
+    let properties = Properties {
+        will_delay_interval: delay,
+        ..Default::default()
+    };
     Will {
         topic: topic.to_string(),
         payload: Bytes::from_static(b"gone"),
