@@ -3,7 +3,21 @@
 //! Decoding works on a caller-owned buffer and answers "need more bytes" with `Ok(None)`
 //! instead of blocking, in the manner of mini-redis' `Frame::check`; it never panics on peer
 //! input and never allocates more than the declared (and bounded) packet size.
+//!
+//! - [`decode`] / [`DecodeContext`]: bytes to [`Packet`], with strict validation.
+//! - [`encode`] / [`encoded_len`]: [`Packet`] to bytes for one [`ProtocolVersion`].
+//! - [`topic`]: topic name / filter validity and matching, shared with the broker core.
+//! - [`DecodeError::reason_code`]: the one place protocol errors become reason codes.
 
+mod decode;
+mod encode;
+mod error;
 mod packet;
+mod properties;
+pub mod topic;
+mod wire;
 
+pub use decode::{decode, DecodeContext};
+pub use encode::{encode, encoded_len};
+pub use error::{DecodeError, EncodeError};
 pub use packet::*;

@@ -231,7 +231,7 @@ impl Broker {
         match self.conns.get(&conn) {
             Some(&key) => self.close_link(now, key, CloseKind::Abnormal(Some(code))),
             None => {
-                if code == ReasonCode::UNSUPPORTED_PROTOCOL_VERSION {
+                if matches!(error, DecodeError::UnsupportedProtocolVersion { .. }) {
                     // The level is unknown, so answer in the 3.1.1 form every client parses
                     // [MQTT-3.1.2-2].
                     self.out.send(

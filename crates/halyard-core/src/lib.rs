@@ -12,6 +12,7 @@ mod registry;
 mod retained;
 mod router;
 mod session;
+pub mod store;
 
 pub use broker::{Broker, BrokerStats, ConnectionId, Output};
 pub use config::BrokerConfig;

@@ -1,0 +1,154 @@
+//! The durability seam: what the broker writes down so sessions, queues, in-flight state and
+//! retained messages survive a restart or `kill -9`.
+//!
+//! The broker calls the write methods synchronously as its state changes; a backend gathers
+//! them into one transaction and makes them durable in [`Store::commit`]. The server calls
+//! `commit` after each batch of events and only then releases the packets the batch produced,
+//! so a PUBACK or PUBREC never reaches a publisher before the message it acknowledges is on
+//! disk, and many messages share one fsync (group commit). Reads see the writes of the open
+//! transaction. Only persistent sessions (Session Expiry Interval > 0) are written.
+//!
+//! Times are wall-clock (`SystemTime`) here because they must mean the same after a restart;
+//! the broker converts from its `Instant`s with an anchor taken when it was built.
+
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use halyard_codec::{Properties, QoS, Will};
+
+use crate::router::SubscriptionEntry;
+
+/// A message as written to disk (retained, queued or in flight).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMessage {
+    /// Topic name.
+    pub topic: String,
+    /// Application data.
+    pub payload: Bytes,
+    /// QoS as published.
+    pub qos: QoS,
+    /// RETAIN as published.
+    pub retain: bool,
+    /// Forwarded properties.
+    pub properties: Properties,
+    /// Wall-clock expiry, if the message has a Message Expiry Interval.
+    pub expires_at: Option<SystemTime>,
+}
+
+/// One message on its way to one session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredDelivery {
+    /// The message.
+    pub message: StoredMessage,
+    /// QoS of this delivery.
+    pub qos: QoS,
+    /// RETAIN flag of this delivery.
+    pub retain: bool,
+    /// Subscription identifiers to send with it.
+    pub subscription_ids: Vec<u32>,
+}
+
+/// Where a stored delivery is in its handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryState {
+    /// Queued, not yet sent.
+    Pending,
+    /// Sent as QoS 1 with this packet id, awaiting PUBACK.
+    AwaitingAck(u16),
+    /// Sent as QoS 2 with this packet id, awaiting PUBREC.
+    AwaitingReceipt(u16),
+    /// PUBREC received and PUBREL sent for this packet id, awaiting PUBCOMP.
+    AwaitingCompletion(u16),
+}
+
+/// Session-level facts that change rarely.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRecord {
+    /// Client identifier (the key).
+    pub client_id: String,
+    /// Session Expiry Interval in seconds (u32::MAX: never).
+    pub expiry_interval: u32,
+    /// When the session expires if it is offline.
+    pub expires_at: Option<SystemTime>,
+    /// A will waiting out its delay, and when it is due.
+    pub delayed_will: Option<(SystemTime, Will)>,
+}
+
+/// A session as loaded at start-up. Queued (pending) deliveries are not loaded: the broker
+/// reads them in pages with [`Store::read_pending`] as the client drains them, so a queue of
+/// millions costs no memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadedSession {
+    /// Session-level facts.
+    pub record: SessionRecord,
+    /// Subscriptions by filter as the client wrote it.
+    pub subscriptions: Vec<(String, SubscriptionEntry)>,
+    /// Inbound QoS 2 packet ids PUBRECed and awaiting PUBREL.
+    pub inbound_qos2: Vec<u16>,
+    /// Deliveries in flight, by sequence number.
+    pub inflight: Vec<(u64, StoredDelivery, DeliveryState)>,
+    /// Lowest sequence number of a pending delivery, if any.
+    pub first_pending: Option<u64>,
+    /// Number of pending deliveries.
+    pub pending_count: u64,
+    /// Next sequence number to use (larger than any stored).
+    pub next_seq: u64,
+}
+
+/// Everything loaded at start-up.
+#[derive(Debug, Default)]
+pub struct LoadedState {
+    /// Persistent sessions.
+    pub sessions: Vec<LoadedSession>,
+    /// Retained messages.
+    pub retained: Vec<StoredMessage>,
+}
+
+/// A storage failure. The server treats a failed commit as fatal: it stops without releasing
+/// the acknowledgements of the failed batch, so nothing is acknowledged that is not durable.
+#[derive(Debug, thiserror::Error)]
+#[error("storage error: {0}")]
+pub struct StoreError(pub String);
+
+/// A durable backend.
+pub trait Store: Send {
+    /// Reads everything back at start-up.
+    fn load(&mut self) -> Result<LoadedState, StoreError>;
+    /// Creates or updates a session record.
+    fn put_session(&mut self, record: &SessionRecord);
+    /// Deletes a session with its subscriptions, queue and QoS 2 state.
+    fn delete_session(&mut self, client_id: &str);
+    /// Adds or replaces a subscription.
+    fn put_subscription(&mut self, client_id: &str, filter: &str, entry: &SubscriptionEntry);
+    /// Removes a subscription.
+    fn delete_subscription(&mut self, client_id: &str, filter: &str);
+    /// Records an inbound QoS 2 packet id PUBRECed.
+    fn put_inbound_qos2(&mut self, client_id: &str, packet_id: u16);
+    /// Forgets an inbound QoS 2 packet id (PUBREL received).
+    fn delete_inbound_qos2(&mut self, client_id: &str, packet_id: u16);
+    /// Adds a delivery at `seq`, or updates its state.
+    fn put_delivery(
+        &mut self,
+        client_id: &str,
+        seq: u64,
+        delivery: &StoredDelivery,
+        state: DeliveryState,
+    );
+    /// Updates only the state of the delivery at `seq` (cheaper than rewriting it).
+    fn set_delivery_state(&mut self, client_id: &str, seq: u64, state: DeliveryState);
+    /// Removes the delivery at `seq` (acknowledged, expired or dropped).
+    fn delete_delivery(&mut self, client_id: &str, seq: u64);
+    /// Up to `limit` pending deliveries with sequence numbers >= `from`, in order.
+    fn read_pending(
+        &mut self,
+        client_id: &str,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, StoredDelivery)>, StoreError>;
+    /// Stores a retained message (replacing the topic's previous one).
+    fn put_retained(&mut self, message: &StoredMessage);
+    /// Removes the retained message of `topic`.
+    fn delete_retained(&mut self, topic: &str);
+    /// Makes every write so far durable (per the backend's fsync policy).
+    fn commit(&mut self) -> Result<(), StoreError>;
+}
