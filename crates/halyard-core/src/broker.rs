@@ -4,7 +4,7 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use halyard_codec::{
     ConnAck, Connect, DecodeError, Packet, Properties, ProtocolVersion, PubResponse, Publish, QoS,
@@ -16,7 +16,9 @@ use crate::message::{Message, SessionKey};
 use crate::registry::{LocalSessionRegistry, SessionRegistry};
 use crate::retained::{MemoryRetained, RetainedStore};
 use crate::router::{FilterRef, LocalRouter, RouteMatch, Router, SubscriptionEntry};
-use crate::session::{Delivery, Link, Outbox, QueueLimits, Session};
+use crate::session::{Awaiting, Delivery, Inflight, Journal, Link, Outbox, QueueLimits, Session};
+use crate::store::{DeliveryState, LoadedSession, SessionRecord, Store, StoreError};
+use crate::time::ClockAnchor;
 
 /// Opaque id the server gives each accepted network connection; never reused in a process.
 pub type ConnectionId = u64;
@@ -154,6 +156,183 @@ impl Broker {
         }
     }
 
+    /// A single-node broker whose persistent sessions and retained messages live in
+    /// `store`: everything the store holds is loaded now. `now` and `wall` are the same
+    /// moment on the monotonic and the wall clock, to convert stored expiry times.
+    pub fn with_store(
+        config: BrokerConfig,
+        mut store: Box<dyn Store>,
+        now: Instant,
+        wall: SystemTime,
+    ) -> Result<Broker, StoreError> {
+        let loaded = store.load()?;
+        let clock = ClockAnchor { instant: now, wall };
+        let mut broker = Broker::new(config);
+        for stored in loaded.retained {
+            let message = clock.message(stored);
+            if !message.is_expired(now) {
+                broker.retained.set(Arc::new(message));
+            }
+        }
+        broker.out.journal = Some(Journal { store, clock });
+        for session in loaded.sessions {
+            broker.restore_session(now, session);
+        }
+        Ok(broker)
+    }
+
+    fn restore_session(&mut self, now: Instant, loaded: LoadedSession) {
+        let Some(clock) = self.out.journal.as_ref().map(|journal| journal.clock) else {
+            return;
+        };
+        let key = self.next_session_key;
+        self.next_session_key += 1;
+        let record = loaded.record;
+        let epoch = self.registry.claim(&record.client_id);
+        let mut session = Session::new(record.client_id.clone(), epoch, record.expiry_interval);
+        session.persistent = true;
+        session.next_seq = loaded.next_seq;
+        session.spilled = loaded.pending_count;
+        session.spill_from = loaded.first_pending.unwrap_or(loaded.next_seq);
+        session.inbound_qos2 = loaded.inbound_qos2.into_iter().collect();
+        for (seq, stored, state) in loaded.inflight {
+            let (packet_id, awaiting) = match state {
+                DeliveryState::Pending => continue,
+                DeliveryState::AwaitingAck(id) => (id, Awaiting::Ack),
+                DeliveryState::AwaitingReceipt(id) => (id, Awaiting::Receipt),
+                DeliveryState::AwaitingCompletion(id) => (id, Awaiting::Completion),
+            };
+            session.inflight.push_back(Inflight {
+                packet_id,
+                delivery: clock.delivery(seq, stored),
+                state: awaiting,
+            });
+        }
+        if let Some(last) = session.inflight.iter().map(|entry| entry.packet_id).max() {
+            session.next_packet_id = last.checked_add(1).unwrap_or(1);
+        }
+        for (filter, entry) in loaded.subscriptions {
+            if self.router.subscribe(key, FilterRef::parse(&filter), entry) {
+                self.subscription_count += 1;
+            }
+            session.subscriptions.insert(filter, entry);
+        }
+        // A session that was connected when the broker stopped starts its expiry now.
+        let expires_at = match record.expires_at {
+            Some(at) => Some(clock.to_instant(at)),
+            None if record.expiry_interval == u32::MAX => None,
+            None => Some(now + Duration::from_secs(u64::from(record.expiry_interval))),
+        };
+        session.expires_at = expires_at;
+        if let Some(at) = expires_at {
+            self.timers
+                .push(Reverse((at, Timer::SessionExpiry(key, epoch))));
+        }
+        if let Some((due, will)) = record.delayed_will {
+            let due = clock.to_instant(due);
+            session.delayed_will = Some((due, will));
+            self.timers.push(Reverse((due, Timer::Will(key, epoch))));
+        }
+        self.client_ids.insert(record.client_id, key);
+        self.sessions.insert(key, session);
+    }
+
+    /// Makes the state changes of the events handled so far durable. The server calls this
+    /// before it writes the packets those events produced, so no acknowledgement goes out
+    /// for a message that is not yet stored. Without a store it does nothing.
+    pub fn commit(&mut self) -> Result<(), StoreError> {
+        match self.out.journal.as_mut() {
+            Some(journal) => journal.store.commit(),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes the session-level record of a persistent session.
+    fn save_session_record(&mut self, key: SessionKey) {
+        let Some(session) = self.sessions.get(&key) else {
+            return;
+        };
+        let Some(journal) = self.out.journal(session.persistent) else {
+            return;
+        };
+        let record = SessionRecord {
+            client_id: session.client_id.clone(),
+            expiry_interval: session.expiry_interval,
+            expires_at: session.expires_at.map(|at| journal.clock.to_wall(at)),
+            delayed_will: session
+                .delayed_will
+                .as_ref()
+                .map(|(due, will)| (journal.clock.to_wall(*due), will.clone())),
+        };
+        journal.store.put_session(&record);
+    }
+
+    /// Decides whether a session is written to the store, after its expiry interval was
+    /// (re)set. A session that becomes persistent is written in full; one that stops being
+    /// persistent takes its on-disk queue back into memory and is deleted from the store.
+    fn update_persistence(&mut self, key: SessionKey) {
+        let has_store = self.out.journal.is_some();
+        let Some(session) = self.sessions.get_mut(&key) else {
+            return;
+        };
+        let persistent = has_store && session.expiry_interval > 0;
+        if persistent == session.persistent {
+            self.save_session_record(key);
+            return;
+        }
+        let Some(journal) = self.out.journal.as_mut() else {
+            return;
+        };
+        if persistent {
+            session.persistent = true;
+            for (filter, entry) in &session.subscriptions {
+                journal
+                    .store
+                    .put_subscription(&session.client_id, filter, entry);
+            }
+            for packet_id in &session.inbound_qos2 {
+                journal
+                    .store
+                    .put_inbound_qos2(&session.client_id, *packet_id);
+            }
+            for entry in &session.inflight {
+                journal.store.put_delivery(
+                    &session.client_id,
+                    entry.delivery.seq,
+                    &journal.clock.stored_delivery(&entry.delivery),
+                    entry.stored_state(),
+                );
+            }
+            for delivery in &session.pending {
+                journal.store.put_delivery(
+                    &session.client_id,
+                    delivery.seq,
+                    &journal.clock.stored_delivery(delivery),
+                    DeliveryState::Pending,
+                );
+            }
+            self.save_session_record(key);
+        } else {
+            if session.spilled > 0 {
+                let spilled = usize::try_from(session.spilled).unwrap_or(usize::MAX);
+                if let Ok(page) =
+                    journal
+                        .store
+                        .read_pending(&session.client_id, session.spill_from, spilled)
+                {
+                    for (seq, stored) in page {
+                        session
+                            .pending
+                            .push_back(journal.clock.delivery(seq, stored));
+                    }
+                }
+                session.spilled = 0;
+            }
+            journal.store.delete_session(&session.client_id);
+            session.persistent = false;
+        }
+    }
+
     /// The configuration in force.
     pub fn config(&self) -> &BrokerConfig {
         &self.config
@@ -197,7 +376,7 @@ impl Broker {
             Packet::Publish(publish) => self.on_publish(now, key, publish),
             Packet::PubAck(ack) => {
                 if let Some(session) = self.sessions.get_mut(&key) {
-                    session.on_puback(ack.packet_id);
+                    session.on_puback(ack.packet_id, &mut self.out);
                     session.pump(now, &mut self.out);
                 }
             }
@@ -205,7 +384,7 @@ impl Broker {
             Packet::PubRel(rel) => self.on_pubrel(key, rel),
             Packet::PubComp(comp) => {
                 if let Some(session) = self.sessions.get_mut(&key) {
-                    session.on_pubcomp(comp.packet_id);
+                    session.on_pubcomp(comp.packet_id, &mut self.out);
                     session.pump(now, &mut self.out);
                 }
             }
@@ -272,6 +451,7 @@ impl Broker {
                     }
                     if let Some((due, will)) = session.delayed_will.take() {
                         if due <= now {
+                            self.save_session_record(key);
                             self.publish_will(now, key, will);
                         } else {
                             session.delayed_will = Some((due, will));
@@ -508,6 +688,10 @@ impl Broker {
         session.delayed_will = None;
         session.link = Some(link);
         self.conns.insert(conn, key);
+        self.update_persistence(key);
+        let Some(session) = self.sessions.get_mut(&key) else {
+            return;
+        };
 
         let mut properties = Properties::default();
         if v5 {
@@ -598,12 +782,15 @@ impl Broker {
         };
         if ends_now {
             self.end_session(now, key);
-        } else if session.expiry_interval != u32::MAX {
+            return;
+        }
+        if session.expiry_interval != u32::MAX {
             let at = now + Duration::from_secs(u64::from(session.expiry_interval));
             session.expires_at = Some(at);
             self.timers
                 .push(Reverse((at, Timer::SessionExpiry(key, session.epoch))));
         }
+        self.save_session_record(key);
     }
 
     /// Publishes `will` now, or after its Will Delay Interval unless a new connection to
@@ -616,6 +803,7 @@ impl Broker {
                 session.delayed_will = Some((due, will));
                 self.timers
                     .push(Reverse((due, Timer::Will(key, session.epoch))));
+                self.save_session_record(key);
             }
             _ => self.publish_will(now, key, will),
         }
@@ -639,6 +827,9 @@ impl Broker {
             }
         }
         self.registry.release(&session.client_id, session.epoch);
+        if let Some(journal) = self.out.journal(session.persistent) {
+            journal.store.delete_session(&session.client_id);
+        }
         if let Some((_, will)) = session.delayed_will {
             self.publish_will(now, key, will);
         }
@@ -772,6 +963,11 @@ impl Broker {
                 if outcome != RouteOutcome::QuotaExceeded {
                     if let Some(session) = self.sessions.get_mut(&key) {
                         session.inbound_qos2.insert(packet_id);
+                        if let Some(journal) = self.out.journal(session.persistent) {
+                            journal
+                                .store
+                                .put_inbound_qos2(&session.client_id, packet_id);
+                        }
                     }
                 }
                 self.out.send(conn, pub_response(packet_id, reason));
@@ -786,7 +982,7 @@ impl Broker {
         let Some(conn) = session.link.as_ref().map(|link| link.conn) else {
             return;
         };
-        match session.on_pubrec(rec.packet_id, rec.reason) {
+        match session.on_pubrec(rec.packet_id, rec.reason, &mut self.out) {
             Some(reason) => {
                 let reason = if session.is_v5() {
                     reason
@@ -814,6 +1010,13 @@ impl Broker {
             return;
         };
         let known = session.inbound_qos2.remove(&rel.packet_id);
+        if known {
+            if let Some(journal) = self.out.journal(session.persistent) {
+                journal
+                    .store
+                    .delete_inbound_qos2(&session.client_id, rel.packet_id);
+            }
+        }
         let reason = if known || !session.is_v5() {
             ReasonCode::SUCCESS
         } else {
@@ -876,6 +1079,13 @@ impl Broker {
                 retained_requests.push((filter.filter.to_owned(), entry));
             }
             if let Some(session) = self.sessions.get_mut(&key) {
+                if let Some(journal) = self.out.journal(session.persistent) {
+                    journal.store.put_subscription(
+                        &session.client_id,
+                        &subscription.filter,
+                        &entry,
+                    );
+                }
                 session.subscriptions.insert(subscription.filter, entry);
             }
             reasons.push(ReasonCode(subscription.options.qos as u8));
@@ -914,12 +1124,16 @@ impl Broker {
             for message in found.drain(..) {
                 if message.is_expired(now) {
                     self.retained.remove(&message.topic);
+                    if let Some(journal) = self.out.journal.as_mut() {
+                        journal.store.delete_retained(&message.topic);
+                    }
                     continue;
                 }
                 let Some(session) = self.sessions.get_mut(&key) else {
                     return;
                 };
                 let delivery = Delivery {
+                    seq: 0,
                     qos: message.qos.min(entry.options.qos),
                     retain: true,
                     subscription_ids: entry.identifier.into_iter().collect(),
@@ -944,6 +1158,13 @@ impl Broker {
         let mut reasons = Vec::new();
         for filter in &unsubscribe.filters {
             let existed = session.subscriptions.remove(filter).is_some();
+            if existed {
+                if let Some(journal) = self.out.journal(session.persistent) {
+                    journal
+                        .store
+                        .delete_subscription(&session.client_id, filter);
+                }
+            }
             if existed && self.router.unsubscribe(key, FilterRef::parse(filter)) {
                 self.subscription_count -= 1;
             }
@@ -1023,6 +1244,7 @@ impl Broker {
                 _ => deliveries.push((
                     m.session,
                     Delivery {
+                        seq: 0,
                         message: Arc::clone(&message),
                         qos,
                         retain,
@@ -1051,10 +1273,19 @@ impl Broker {
         if message.retain {
             if message.payload.is_empty() {
                 // [MQTT-3.3.1-10], [MQTT-3.3.1-11]
-                self.retained.remove(&message.topic);
+                if self.retained.remove(&message.topic) {
+                    if let Some(journal) = self.out.journal.as_mut() {
+                        journal.store.delete_retained(&message.topic);
+                    }
+                }
             } else {
                 // [MQTT-3.3.1-5]
                 self.retained.set(Arc::clone(&message));
+                if let Some(journal) = self.out.journal.as_mut() {
+                    journal
+                        .store
+                        .put_retained(&journal.clock.stored_message(&message));
+                }
             }
         }
         if deliveries.is_empty() {

@@ -13,6 +13,7 @@ mod retained;
 mod router;
 mod session;
 pub mod store;
+mod time;
 
 pub use broker::{Broker, BrokerStats, ConnectionId, Output};
 pub use config::BrokerConfig;

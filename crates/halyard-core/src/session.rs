@@ -12,25 +12,46 @@ use halyard_codec::{
 use crate::broker::{ConnectionId, Output};
 use crate::message::Message;
 use crate::router::SubscriptionEntry;
+use crate::store::{DeliveryState, Store};
+use crate::time::ClockAnchor;
+
+/// The store with the clock anchor that converts the broker's `Instant`s for it.
+pub(crate) struct Journal {
+    pub store: Box<dyn Store>,
+    pub clock: ClockAnchor,
+}
 use crate::BrokerStats;
 
-/// Where the broker's answers go: the output queue and the counters, kept apart from the
-/// session table so a session can be borrowed mutably while it writes to them.
-#[derive(Debug, Default)]
+/// How many queued messages of a persistent session are kept in memory ahead of the
+/// in-flight window; the rest stay on disk until the client drains the queue.
+const PENDING_IN_MEMORY: usize = 64;
+
+/// Where the broker's side effects go: packets for the server, counters, and the durable
+/// journal. Kept apart from the session table so a session can be borrowed mutably while
+/// it writes to them.
+#[derive(Default)]
 pub(crate) struct Outbox {
     pub outputs: VecDeque<Output>,
     pub stats: BrokerStats,
+    pub journal: Option<Journal>,
 }
 
 impl Outbox {
     pub fn send(&mut self, conn: ConnectionId, packet: Packet) {
         self.outputs.push_back(Output::Send { conn, packet });
     }
+
+    /// The journal, when the session is one whose state must be written down.
+    pub fn journal(&mut self, persistent: bool) -> Option<&mut Journal> {
+        self.journal.as_mut().filter(|_| persistent)
+    }
 }
 
 /// One message on its way to one session, with the per-subscriber form already decided.
 #[derive(Debug, Clone)]
 pub(crate) struct Delivery {
+    /// Position in the session's queue; the key of its stored copy.
+    pub seq: u64,
     pub message: Arc<Message>,
     /// min(message QoS, subscription QoS).
     pub qos: QoS,
@@ -56,6 +77,16 @@ pub(crate) struct Inflight {
     pub packet_id: u16,
     pub delivery: Delivery,
     pub state: Awaiting,
+}
+
+impl Inflight {
+    pub fn stored_state(&self) -> DeliveryState {
+        match self.state {
+            Awaiting::Ack => DeliveryState::AwaitingAck(self.packet_id),
+            Awaiting::Receipt => DeliveryState::AwaitingReceipt(self.packet_id),
+            Awaiting::Completion => DeliveryState::AwaitingCompletion(self.packet_id),
+        }
+    }
 }
 
 /// State of the live connection bound to a session; gone when the connection ends.
@@ -103,8 +134,18 @@ pub(crate) struct Session {
     pub subscriptions: HashMap<String, SubscriptionEntry>,
     /// Unacknowledged outbound QoS 1/2 messages, in send order.
     pub inflight: VecDeque<Inflight>,
-    /// Messages waiting for room in the in-flight window (or for the client to return).
+    /// Messages waiting for room in the in-flight window (or for the client to return). For
+    /// a persistent session only the head of the queue is here; see `spilled`.
     pub pending: VecDeque<Delivery>,
+    /// Pending messages of a persistent session that are only on disk, following those in
+    /// `pending`, starting at sequence number `spill_from`.
+    pub spilled: u64,
+    pub spill_from: u64,
+    /// Next queue sequence number.
+    pub next_seq: u64,
+    /// Whether this session's state is written to the store (Session Expiry Interval > 0
+    /// and a store configured).
+    pub persistent: bool,
     /// Inbound QoS 2 packet ids PUBRECed and awaiting PUBREL: a re-sent PUBLISH with one of
     /// these ids is not delivered again [MQTT-4.3.3-9].
     pub inbound_qos2: HashSet<u16>,
@@ -131,6 +172,10 @@ impl Session {
             subscriptions: HashMap::new(),
             inflight: VecDeque::new(),
             pending: VecDeque::new(),
+            spilled: 0,
+            spill_from: 0,
+            next_seq: 0,
+            persistent: false,
             inbound_qos2: HashSet::new(),
             next_packet_id: 1,
             delayed_will: None,
@@ -146,15 +191,20 @@ impl Session {
         self.version().is_some_and(ProtocolVersion::is_v5)
     }
 
+    /// Messages waiting beyond the in-flight window, in memory and on disk.
+    pub fn queued(&self) -> u64 {
+        self.pending.len() as u64 + self.spilled
+    }
+
     /// Whether a QoS 1/2 delivery can be taken now without going over the queue limit.
     pub fn has_room(&self, limits: QueueLimits) -> bool {
-        self.can_send_now() || self.pending.len() < limits.max_queued
+        self.can_send_now() || self.queued() < limits.max_queued as u64
     }
 
     fn can_send_now(&self) -> bool {
-        self.link
-            .as_ref()
-            .is_some_and(|link| self.pending.is_empty() && self.inflight.len() < link.window)
+        self.link.as_ref().is_some_and(|link| {
+            self.pending.is_empty() && self.spilled == 0 && self.inflight.len() < link.window
+        })
     }
 
     /// Takes a delivery: sends it now if the window allows, queues it otherwise. Returns
@@ -162,7 +212,7 @@ impl Session {
     /// queued, as MQTT allows, and counts as taken.
     pub fn push(
         &mut self,
-        delivery: Delivery,
+        mut delivery: Delivery,
         now: Instant,
         limits: QueueLimits,
         out: &mut Outbox,
@@ -173,14 +223,55 @@ impl Session {
             }
             return true;
         }
+        if !self.has_room(limits) {
+            return false;
+        }
+        delivery.seq = self.next_seq;
+        self.next_seq += 1;
         if self.can_send_now() {
             self.start_inflight(delivery, now, out);
-            true
-        } else if self.pending.len() < limits.max_queued {
-            self.pending.push_back(delivery);
-            true
-        } else {
-            false
+            return true;
+        }
+        if let Some(journal) = out.journal(self.persistent) {
+            journal.store.put_delivery(
+                &self.client_id,
+                delivery.seq,
+                &journal.clock.stored_delivery(&delivery),
+                DeliveryState::Pending,
+            );
+            if self.spilled > 0 || self.pending.len() >= PENDING_IN_MEMORY {
+                if self.spilled == 0 {
+                    self.spill_from = delivery.seq;
+                }
+                self.spilled += 1;
+                return true;
+            }
+        }
+        self.pending.push_back(delivery);
+        true
+    }
+
+    /// Brings the next page of on-disk pending messages into memory.
+    fn refill(&mut self, out: &mut Outbox) {
+        if self.spilled == 0 || !self.pending.is_empty() {
+            return;
+        }
+        let Some(journal) = out.journal.as_mut() else {
+            return;
+        };
+        match journal
+            .store
+            .read_pending(&self.client_id, self.spill_from, PENDING_IN_MEMORY)
+        {
+            Ok(page) if !page.is_empty() => {
+                for (seq, stored) in page {
+                    self.spill_from = seq + 1;
+                    self.spilled = self.spilled.saturating_sub(1);
+                    self.pending.push_back(journal.clock.delivery(seq, stored));
+                }
+            }
+            // Nothing left on disk (or unreadable): the count was stale.
+            Ok(_) | Err(_) => self.spilled = 0,
         }
     }
 
@@ -191,10 +282,14 @@ impl Session {
             if self.inflight.len() >= link.window {
                 break;
             }
+            self.refill(out);
             let Some(delivery) = self.pending.pop_front() else {
                 break;
             };
             if delivery.message.is_expired(now) {
+                if let Some(journal) = out.journal(self.persistent) {
+                    journal.store.delete_delivery(&self.client_id, delivery.seq);
+                }
                 continue;
             }
             self.start_inflight(delivery, now, out);
@@ -205,6 +300,9 @@ impl Session {
         let packet_id = self.allocate_packet_id();
         if !self.transmit(&delivery, Some(packet_id), false, now, out) {
             // Too large for the client: handled as if sent and acknowledged [MQTT-3.1.2-25].
+            if let Some(journal) = out.journal(self.persistent) {
+                journal.store.delete_delivery(&self.client_id, delivery.seq);
+            }
             return;
         }
         let state = if delivery.qos == QoS::ExactlyOnce {
@@ -212,11 +310,20 @@ impl Session {
         } else {
             Awaiting::Ack
         };
-        self.inflight.push_back(Inflight {
+        let inflight = Inflight {
             packet_id,
             delivery,
             state,
-        });
+        };
+        if let Some(journal) = out.journal(self.persistent) {
+            journal.store.put_delivery(
+                &self.client_id,
+                inflight.delivery.seq,
+                &journal.clock.stored_delivery(&inflight.delivery),
+                inflight.stored_state(),
+            );
+        }
+        self.inflight.push_back(inflight);
     }
 
     fn allocate_packet_id(&mut self) -> u16 {
@@ -316,42 +423,61 @@ impl Session {
     }
 
     /// PUBACK from the client: the QoS 1 message is done.
-    pub fn on_puback(&mut self, packet_id: u16) -> bool {
-        self.remove_inflight(packet_id, Awaiting::Ack)
+    pub fn on_puback(&mut self, packet_id: u16, out: &mut Outbox) -> bool {
+        self.remove_inflight(packet_id, Awaiting::Ack, out)
     }
 
     /// PUBCOMP from the client: the QoS 2 message is done.
-    pub fn on_pubcomp(&mut self, packet_id: u16) -> bool {
-        self.remove_inflight(packet_id, Awaiting::Completion)
+    pub fn on_pubcomp(&mut self, packet_id: u16, out: &mut Outbox) -> bool {
+        self.remove_inflight(packet_id, Awaiting::Completion, out)
     }
 
-    fn remove_inflight(&mut self, packet_id: u16, state: Awaiting) -> bool {
-        match self
+    fn remove_inflight(&mut self, packet_id: u16, state: Awaiting, out: &mut Outbox) -> bool {
+        let index = self
             .inflight
             .iter()
-            .position(|entry| entry.packet_id == packet_id && entry.state == state)
-        {
-            Some(index) => {
-                self.inflight.remove(index);
-                true
-            }
-            None => false,
+            .position(|entry| entry.packet_id == packet_id && entry.state == state);
+        let Some(entry) = index.and_then(|index| self.inflight.remove(index)) else {
+            return false;
+        };
+        if let Some(journal) = out.journal(self.persistent) {
+            journal
+                .store
+                .delete_delivery(&self.client_id, entry.delivery.seq);
         }
+        true
     }
 
     /// PUBREC from the client: answer PUBREL (or drop the message if the client refused it).
-    pub fn on_pubrec(&mut self, packet_id: u16, reason: ReasonCode) -> Option<ReasonCode> {
+    pub fn on_pubrec(
+        &mut self,
+        packet_id: u16,
+        reason: ReasonCode,
+        out: &mut Outbox,
+    ) -> Option<ReasonCode> {
         let index = self
             .inflight
             .iter()
             .position(|entry| entry.packet_id == packet_id && entry.state != Awaiting::Ack);
         match index {
             Some(index) if reason.is_error() => {
-                self.inflight.remove(index);
+                let entry = self.inflight.remove(index)?;
+                if let Some(journal) = out.journal(self.persistent) {
+                    journal
+                        .store
+                        .delete_delivery(&self.client_id, entry.delivery.seq);
+                }
                 None
             }
             Some(index) => {
-                self.inflight[index].state = Awaiting::Completion;
+                let entry = &mut self.inflight[index];
+                entry.state = Awaiting::Completion;
+                let (seq, state) = (entry.delivery.seq, entry.stored_state());
+                if let Some(journal) = out.journal(self.persistent) {
+                    journal
+                        .store
+                        .set_delivery_state(&self.client_id, seq, state);
+                }
                 Some(ReasonCode::SUCCESS)
             }
             None => Some(ReasonCode::PACKET_IDENTIFIER_NOT_FOUND),

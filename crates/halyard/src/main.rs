@@ -1,1 +1,217 @@
-fn main() {}
+//! `halyard`: the MQTT broker binary (command line, configuration file, logging, signals).
+
+mod config;
+
+use std::future::Future;
+use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use halyard_server::{Server, ServerConfig};
+use tracing::info;
+use tracing_subscriber::filter::{EnvFilter, LevelFilter};
+
+use crate::config::FileConfig;
+
+/// Halyard, an MQTT 3.1 / 3.1.1 / 5.0 broker.
+///
+/// Without a command, `halyard` runs `halyard serve` with the built-in defaults, listening on
+/// 0.0.0.0:1883.
+#[derive(Debug, Parser)]
+#[command(name = "halyard", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the broker until SIGINT or SIGTERM, then shut down gracefully.
+    ///
+    /// Configuration comes from built-in defaults, then the --config file, then HALYARD_<KEY>
+    /// environment variables (for example HALYARD_MAX_KEEPALIVE=60), then --listen. After
+    /// binding, one line `halyard listening on <ip:port>` per listener is printed on stdout;
+    /// logs go to stderr (filter with RUST_LOG, default `info`).
+    Serve(ServeArgs),
+    /// Parse and validate a configuration file (with HALYARD_<KEY> overrides applied).
+    ///
+    /// Prints `ok` and exits 0, or prints the error (naming the key and line) and exits 1.
+    CheckConfig {
+        /// The TOML configuration file to check.
+        file: PathBuf,
+    },
+}
+
+#[derive(Debug, Default, clap::Args)]
+struct ServeArgs {
+    /// Address to accept MQTT over TCP on, as IP:PORT; repeat for several. Replaces the
+    /// configuration file's `listen` list. Port 0 picks a free port (the line printed on
+    /// stdout shows which).
+    #[arg(long = "listen", value_name = "ADDR")]
+    listen: Vec<SocketAddr>,
+    /// TOML configuration file; every key is optional (see README.md for the reference).
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Log line format on stderr: `text` for people, `json` (one object per line) for log
+    /// collectors.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        None => serve(ServeArgs::default()),
+        Some(Command::Serve(args)) => serve(args),
+        Some(Command::CheckConfig { file }) => check_config(&file),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `halyard check-config FILE`.
+fn check_config(file: &Path) -> Result<()> {
+    load_config(Some(file))?;
+    println!("ok");
+    Ok(())
+}
+
+/// Reads the file (if any) and applies the environment.
+fn load_config(file: Option<&Path>) -> Result<FileConfig> {
+    let text = match file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read config file {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let name = file.map(|path| path.display().to_string());
+    let source = name.as_deref().zip(text.as_deref());
+    FileConfig::load(source, std::env::vars_os())
+}
+
+/// `halyard serve`.
+fn serve(args: ServeArgs) -> Result<()> {
+    init_logging(args.log_format)?;
+    let mut config = ServerConfig::from(load_config(args.config.as_deref())?);
+    if !args.listen.is_empty() {
+        config.listeners = args.listen;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    runtime.block_on(async {
+        let shutdown = shutdown_signal()?;
+        let server = Server::bind(config).await?;
+        let mut stdout = std::io::stdout().lock();
+        for addr in server.local_addrs() {
+            writeln!(stdout, "halyard listening on {addr}")?;
+        }
+        stdout.flush()?;
+        drop(stdout);
+        server.run(shutdown).await?;
+        Ok::<_, anyhow::Error>(())
+    })
+}
+
+/// Logs to stderr, so that stdout carries only the machine-readable `listening` lines.
+fn init_logging(format: LogFormat) -> Result<()> {
+    let filter = EnvFilter::builder()
+        .with_default_directive(LevelFilter::INFO.into())
+        .from_env_lossy();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    let installed = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+    installed.map_err(|error| anyhow::anyhow!("cannot set up logging: {error}"))
+}
+
+/// Completes on the first SIGINT or SIGTERM. The handlers are installed before the server
+/// binds, so a signal that arrives during start-up is not lost.
+#[cfg(unix)]
+fn shutdown_signal() -> Result<impl Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => info!("SIGINT received"),
+            _ = terminate.recv() => info!("SIGTERM received"),
+        }
+    })
+}
+
+/// Completes on Ctrl-C (the only portable signal).
+#[cfg(not(unix))]
+fn shutdown_signal() -> Result<impl Future<Output = ()>> {
+    Ok(async {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            info!("Ctrl-C received");
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn no_command_means_serve() {
+        let cli = Cli::try_parse_from(["halyard"]).expect("parses");
+        assert!(cli.command.is_none());
+    }
+
+    #[test]
+    fn listen_is_repeatable() {
+        let cli = Cli::try_parse_from([
+            "halyard",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--listen",
+            "[::1]:1884",
+            "--log-format",
+            "json",
+        ])
+        .expect("parses");
+        let Some(Command::Serve(args)) = cli.command else {
+            panic!("expected serve");
+        };
+        assert_eq!(args.listen.len(), 2);
+        assert_eq!(args.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn bad_listen_address_is_rejected() {
+        assert!(Cli::try_parse_from(["halyard", "serve", "--listen", "nowhere"]).is_err());
+    }
+}

@@ -1,0 +1,401 @@
+//! The task that owns the [`Broker`]: the only place the core runs, so the core needs no lock.
+
+use std::collections::HashMap;
+use std::future::pending;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use halyard_codec::{encoded_len, DecodeError, Packet, ProtocolVersion, QoS};
+use halyard_core::{Broker, ConnectionId, Output};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+/// Events handled after one wake-up before outputs are dispatched: batching events lets one
+/// drain coalesce more packets per connection, bounding it keeps the first event's latency low.
+const MAX_EVENTS_PER_DRAIN: usize = 64;
+
+/// What connection tasks tell the broker task.
+#[derive(Debug)]
+pub(crate) enum Event {
+    /// A socket was accepted; always the first event of a connection.
+    Open {
+        /// The new connection.
+        conn: ConnectionId,
+        /// Where its outbound packets go.
+        link: Link,
+    },
+    /// Every packet decoded from one read, in order.
+    Packets {
+        /// Sender.
+        conn: ConnectionId,
+        /// The packets.
+        packets: Vec<Packet>,
+    },
+    /// The decoder rejected the connection's bytes; the connection reads no more.
+    DecodeError {
+        /// Sender.
+        conn: ConnectionId,
+        /// What was wrong.
+        error: DecodeError,
+    },
+    /// The socket closed, failed or timed out before CONNECT.
+    Lost {
+        /// The connection that is gone.
+        conn: ConnectionId,
+    },
+}
+
+/// State shared between a connection task and the dispatcher.
+#[derive(Debug, Default)]
+pub(crate) struct Shared {
+    /// Protocol of the connection's CONNECT; set once by the reader before it forwards the
+    /// CONNECT, so it is known before any reply is encoded.
+    pub(crate) version: OnceLock<ProtocolVersion>,
+    /// Encoded bytes handed to the writer but not yet written: the slow-consumer measure.
+    pub(crate) queued_bytes: AtomicUsize,
+}
+
+impl Shared {
+    /// The version to encode with: 3.1.1 until a CONNECT said otherwise.
+    pub(crate) fn version(&self) -> ProtocolVersion {
+        self.version
+            .get()
+            .copied()
+            .unwrap_or(ProtocolVersion::V3_1_1)
+    }
+}
+
+/// The broker task's handle to one connection's writer.
+#[derive(Debug)]
+pub(crate) struct Link {
+    /// Unbounded on purpose: the broker task must never wait on one slow client. What it
+    /// holds is bounded by the QoS 0 drop rule and the core's in-flight window.
+    pub(crate) tx: mpsc::UnboundedSender<Batch>,
+    /// Shared with the connection task.
+    pub(crate) shared: Arc<Shared>,
+}
+
+/// Everything one drain of the core produced for one connection.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Batch {
+    /// Packets to write, in order.
+    pub(crate) packets: Vec<Packet>,
+    /// Their encoded size, added to [`Shared::queued_bytes`]; the writer subtracts exactly
+    /// this once they are written.
+    pub(crate) bytes: usize,
+    /// Close the connection after writing the packets.
+    pub(crate) close: bool,
+}
+
+/// Runs the broker until `stop` fires (or the server is dropped), then shuts it down and
+/// dispatches its goodbyes.
+pub(crate) async fn run(
+    mut broker: Broker,
+    mut events: mpsc::Receiver<Event>,
+    mut stop: oneshot::Receiver<()>,
+    max_outbound_buffer: usize,
+) {
+    let mut dispatcher = Dispatcher::new(max_outbound_buffer);
+    loop {
+        let deadline = broker.poll_timeout();
+        let timer = async {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            _ = &mut stop => break,
+            event = events.recv() => {
+                let Some(event) = event else { break };
+                let now = Instant::now();
+                dispatcher.handle(&mut broker, now, event);
+                for _ in 1..MAX_EVENTS_PER_DRAIN {
+                    match events.try_recv() {
+                        Ok(event) => dispatcher.handle(&mut broker, now, event),
+                        Err(_) => break,
+                    }
+                }
+            }
+            () = timer => broker.handle_timeout(Instant::now()),
+        }
+        dispatcher.dispatch(std::iter::from_fn(|| broker.poll_output()));
+    }
+    broker.shutdown(Instant::now());
+    dispatcher.dispatch(std::iter::from_fn(|| broker.poll_output()));
+    info!(dropped_qos0 = dispatcher.dropped_qos0, "broker stopped");
+}
+
+/// Routes core outputs to connection writers and applies the slow-consumer rule.
+#[derive(Debug)]
+struct Dispatcher {
+    /// Open connections, as the broker task knows them.
+    links: HashMap<ConnectionId, LinkState>,
+    /// Batches being assembled in the current drain (kept to reuse its allocation).
+    pending: HashMap<ConnectionId, Batch>,
+    /// See `ServerConfig::max_outbound_buffer`.
+    max_outbound_buffer: usize,
+    /// QoS 0 PUBLISH packets dropped because their receiver was too slow.
+    dropped_qos0: u64,
+}
+
+/// One connection's link and its slow-consumer bookkeeping.
+#[derive(Debug)]
+struct LinkState {
+    link: Link,
+    /// Drops on this connection so far; the first one is logged as a warning, the rest at
+    /// debug level, so a stuck client cannot flood the log.
+    dropped_qos0: u64,
+}
+
+impl Dispatcher {
+    fn new(max_outbound_buffer: usize) -> Dispatcher {
+        Dispatcher {
+            links: HashMap::new(),
+            pending: HashMap::new(),
+            max_outbound_buffer,
+            dropped_qos0: 0,
+        }
+    }
+
+    /// Feeds one connection event to the core. Events from a connection the broker already
+    /// closed are ignored, as the core would ignore them.
+    fn handle(&mut self, broker: &mut Broker, now: Instant, event: Event) {
+        match event {
+            Event::Open { conn, link } => {
+                self.links.insert(
+                    conn,
+                    LinkState {
+                        link,
+                        dropped_qos0: 0,
+                    },
+                );
+            }
+            Event::Packets { conn, packets } => {
+                if self.links.contains_key(&conn) {
+                    for packet in packets {
+                        broker.handle_packet(now, conn, packet);
+                    }
+                }
+            }
+            Event::DecodeError { conn, error } => {
+                if self.links.contains_key(&conn) {
+                    broker.handle_decode_error(now, conn, &error);
+                }
+            }
+            Event::Lost { conn } => {
+                if self.links.remove(&conn).is_some() {
+                    broker.connection_lost(now, conn);
+                }
+            }
+        }
+    }
+
+    /// Sends each connection one batch holding everything `outputs` has for it.
+    fn dispatch(&mut self, outputs: impl Iterator<Item = Output>) {
+        for output in outputs {
+            match output {
+                Output::Send { conn, packet } => self.queue(conn, packet),
+                Output::Close { conn } => {
+                    if self.links.contains_key(&conn) {
+                        self.pending.entry(conn).or_default().close = true;
+                    }
+                }
+            }
+        }
+        for (conn, batch) in self.pending.drain() {
+            let close = batch.close;
+            let Some(state) = self.links.get(&conn) else {
+                continue;
+            };
+            state
+                .link
+                .shared
+                .queued_bytes
+                .fetch_add(batch.bytes, Ordering::Relaxed);
+            // A send error means the connection task has ended; it reports `Lost` itself.
+            let _ = state.link.tx.send(batch);
+            if close {
+                self.links.remove(&conn);
+            }
+        }
+    }
+
+    /// Adds one packet to its connection's batch, unless it is a QoS 0 PUBLISH to a
+    /// connection whose unwritten bytes already exceed the limit.
+    fn queue(&mut self, conn: ConnectionId, packet: Packet) {
+        let Some(state) = self.links.get_mut(&conn) else {
+            return;
+        };
+        let batch = self.pending.entry(conn).or_default();
+        let queued = state.link.shared.queued_bytes.load(Ordering::Relaxed) + batch.bytes;
+        if queued > self.max_outbound_buffer && is_qos0_publish(&packet) {
+            self.dropped_qos0 += 1;
+            state.dropped_qos0 += 1;
+            if state.dropped_qos0 == 1 {
+                warn!(conn, queued, "slow consumer: dropping QoS 0 messages");
+            } else {
+                debug!(conn, queued, "slow consumer: dropped a QoS 0 message");
+            }
+            return;
+        }
+        batch.bytes += encoded_len(&packet, state.link.shared.version());
+        batch.packets.push(packet);
+    }
+}
+
+fn is_qos0_publish(packet: &Packet) -> bool {
+    matches!(packet, Packet::Publish(publish) if publish.qos == QoS::AtMostOnce)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use halyard_codec::{Publish, QoS};
+
+    fn link() -> (Link, mpsc::UnboundedReceiver<Batch>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared::default());
+        (Link { tx, shared }, rx)
+    }
+
+    fn publish(qos: QoS) -> Packet {
+        Packet::Publish(Publish {
+            qos,
+            topic: "a/b".to_owned(),
+            packet_id: (qos != QoS::AtMostOnce).then_some(1),
+            payload: vec![0; 100].into(),
+            ..Publish::default()
+        })
+    }
+
+    fn open(dispatcher: &mut Dispatcher, conn: ConnectionId, link: Link) {
+        dispatcher.links.insert(
+            conn,
+            LinkState {
+                link,
+                dropped_qos0: 0,
+            },
+        );
+    }
+
+    #[test]
+    fn one_drain_becomes_one_batch_per_connection() {
+        let mut dispatcher = Dispatcher::new(1 << 20);
+        let (link1, mut rx1) = link();
+        let (link2, mut rx2) = link();
+        open(&mut dispatcher, 1, link1);
+        open(&mut dispatcher, 2, link2);
+        dispatcher.dispatch(
+            [
+                Output::Send {
+                    conn: 1,
+                    packet: Packet::PingResp,
+                },
+                Output::Send {
+                    conn: 2,
+                    packet: Packet::PingResp,
+                },
+                Output::Send {
+                    conn: 1,
+                    packet: publish(QoS::AtMostOnce),
+                },
+                Output::Close { conn: 1 },
+            ]
+            .into_iter(),
+        );
+        let batch = rx1.try_recv().expect("a batch for conn 1");
+        assert_eq!(
+            batch.packets,
+            vec![Packet::PingResp, publish(QoS::AtMostOnce)]
+        );
+        assert!(batch.close);
+        let expected = encoded_len(&Packet::PingResp, ProtocolVersion::V3_1_1)
+            + encoded_len(&publish(QoS::AtMostOnce), ProtocolVersion::V3_1_1);
+        assert_eq!(batch.bytes, expected);
+        assert!(rx1.try_recv().is_err(), "exactly one message per drain");
+        assert_eq!(
+            rx2.try_recv().expect("conn 2").packets,
+            vec![Packet::PingResp]
+        );
+        assert!(
+            !dispatcher.links.contains_key(&1),
+            "closed connections are forgotten"
+        );
+        assert!(dispatcher.links.contains_key(&2));
+    }
+
+    #[test]
+    fn slow_consumer_loses_qos0_but_never_qos1_or_qos2() {
+        let mut dispatcher = Dispatcher::new(150);
+        let (link, mut rx) = link();
+        let shared = Arc::clone(&link.shared);
+        open(&mut dispatcher, 1, link);
+        let outputs = [
+            publish(QoS::AtMostOnce),
+            publish(QoS::AtMostOnce),
+            publish(QoS::AtLeastOnce),
+            publish(QoS::ExactlyOnce),
+            publish(QoS::AtMostOnce),
+        ]
+        .map(|packet| Output::Send { conn: 1, packet });
+        dispatcher.dispatch(outputs.into_iter());
+        let batch = rx.try_recv().expect("a batch");
+        let qos: Vec<QoS> = batch
+            .packets
+            .iter()
+            .map(|packet| match packet {
+                Packet::Publish(publish) => publish.qos,
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            qos,
+            [
+                QoS::AtMostOnce,
+                QoS::AtMostOnce,
+                QoS::AtLeastOnce,
+                QoS::ExactlyOnce
+            ]
+        );
+        assert_eq!(dispatcher.dropped_qos0, 1);
+        assert_eq!(shared.queued_bytes.load(Ordering::Relaxed), batch.bytes);
+
+        // Once the writer has caught up, QoS 0 flows again.
+        shared.queued_bytes.store(0, Ordering::Relaxed);
+        dispatcher.dispatch(
+            [Output::Send {
+                conn: 1,
+                packet: publish(QoS::AtMostOnce),
+            }]
+            .into_iter(),
+        );
+        assert_eq!(rx.try_recv().expect("a batch").packets.len(), 1);
+    }
+
+    #[test]
+    fn outputs_for_unknown_connections_are_ignored() {
+        let mut dispatcher = Dispatcher::new(1 << 20);
+        dispatcher.dispatch(
+            [
+                Output::Send {
+                    conn: 9,
+                    packet: Packet::PingResp,
+                },
+                Output::Close { conn: 9 },
+            ]
+            .into_iter(),
+        );
+        assert!(dispatcher.pending.is_empty());
+    }
+
+    #[test]
+    fn encoding_version_follows_connect() {
+        let shared = Shared::default();
+        assert_eq!(shared.version(), ProtocolVersion::V3_1_1);
+        shared.version.set(ProtocolVersion::V5).expect("first set");
+        assert_eq!(shared.version(), ProtocolVersion::V5);
+    }
+}

@@ -1,0 +1,444 @@
+//! One task per socket: decode what the peer sends, write what the broker sends.
+//!
+//! Reading and writing are two futures polled by the same task, so a client that is slow to
+//! read never stops us from reading its publishes (and the other way round), without the
+//! memory of a second task per connection.
+
+use std::future::pending;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use halyard_codec::{decode, encode, DecodeContext, Packet};
+use halyard_core::ConnectionId;
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::{timeout, timeout_at, Instant};
+use tracing::{debug, info, warn, Span};
+
+use crate::broker_task::{Batch, Event, Link, Shared};
+
+/// Bytes reserved in the read buffer before each read. Small, because memory per idle
+/// connection is a budget; the buffer grows only while a large packet is arriving.
+const READ_CHUNK: usize = 4096;
+
+/// A buffer that grew beyond this (for one large packet or a burst) is released once empty,
+/// instead of being kept for the life of the connection.
+const MAX_RETAINED_BUFFER: usize = 64 * 1024;
+
+/// After the broker closes a connection we read and discard what the peer still sends, for at
+/// most this long: closing a socket with unread input makes the kernel send RST, which can
+/// destroy our last packets (CONNACK with an error code, DISCONNECT) before the peer reads them.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// Per-listener settings every connection task needs.
+#[derive(Debug)]
+pub(crate) struct ConnectionSettings {
+    /// Time allowed between accept and a complete CONNECT.
+    pub(crate) connect_timeout: Duration,
+    /// Largest packet the decoder accepts.
+    pub(crate) max_packet_size: u32,
+}
+
+/// Why the read side stopped.
+#[derive(Debug)]
+enum ReadEnd {
+    /// Orderly close by the peer.
+    Eof,
+    /// No complete CONNECT within the connect timeout.
+    ConnectTimeout,
+    /// The socket failed.
+    Failed(io::Error),
+}
+
+/// Serves one connection until it is closed by either side.
+pub(crate) async fn run(
+    stream: TcpStream,
+    conn: ConnectionId,
+    settings: Arc<ConnectionSettings>,
+    events: mpsc::Sender<Event>,
+) {
+    let shared = Arc::new(Shared::default());
+    let (tx, rx) = mpsc::unbounded_channel();
+    let link = Link {
+        tx,
+        shared: Arc::clone(&shared),
+    };
+    if events.send(Event::Open { conn, link }).await.is_err() {
+        // The server is shutting down; dropping the stream closes it.
+        return;
+    }
+    let (mut reader, writer) = stream.into_split();
+    let lost = tokio::select! {
+        end = read_side(&mut reader, conn, &settings, &events, &shared) => {
+            match &end {
+                ReadEnd::Eof => info!("connection closed by peer"),
+                ReadEnd::ConnectTimeout => info!(
+                    timeout_ms = settings.connect_timeout.as_millis() as u64,
+                    "no CONNECT in time; closing"
+                ),
+                ReadEnd::Failed(error) => info!(%error, "connection failed"),
+            }
+            true
+        }
+        written = write_side(writer, rx, &shared) => match written {
+            Ok(()) => {
+                info!("connection closed by broker");
+                linger(&reader).await;
+                false
+            }
+            Err(error) => {
+                info!(%error, "connection failed while writing");
+                true
+            }
+        },
+    };
+    if lost {
+        // Harmless if the broker already forgot the connection; an error means the broker
+        // task is gone, and then there is nobody left to tell.
+        let _ = events.send(Event::Lost { conn }).await;
+    }
+}
+
+/// Reads and decodes until the peer goes away. Returns only when the connection is lost; after
+/// a decode error (or when the broker task is gone) it stops reading and waits for the write
+/// side to close the connection.
+async fn read_side(
+    reader: &mut OwnedReadHalf,
+    conn: ConnectionId,
+    settings: &ConnectionSettings,
+    events: &mpsc::Sender<Event>,
+    shared: &Shared,
+) -> ReadEnd {
+    let connect_deadline = Instant::now() + settings.connect_timeout;
+    let mut ctx = DecodeContext {
+        version: None,
+        max_packet_size: settings.max_packet_size,
+    };
+    // Allocated on the first readable event, not at accept.
+    let mut buf = BytesMut::new();
+    loop {
+        let ready = if ctx.version.is_none() {
+            match timeout_at(connect_deadline, reader.readable()).await {
+                Ok(ready) => ready,
+                Err(_elapsed) => return ReadEnd::ConnectTimeout,
+            }
+        } else {
+            reader.readable().await
+        };
+        if let Err(error) = ready {
+            return ReadEnd::Failed(error);
+        }
+        buf.reserve(READ_CHUNK);
+        match reader.try_read_buf(&mut buf) {
+            Ok(0) => return ReadEnd::Eof,
+            Ok(_) => {}
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(error) => return ReadEnd::Failed(error),
+        }
+
+        let mut packets = Vec::new();
+        let failure = loop {
+            match decode(&mut buf, &ctx) {
+                Ok(Some(packet)) => {
+                    if let Packet::Connect(connect) = &packet {
+                        // Only the first CONNECT fixes the version; a second one is a protocol
+                        // error for the broker to handle, not a reason to reframe.
+                        if ctx.version.is_none() {
+                            ctx.version = Some(connect.protocol);
+                            // Cannot fail: this is the only place that sets it, once.
+                            let _ = shared.version.set(connect.protocol);
+                            Span::current().record("client_id", connect.client_id.as_str());
+                        }
+                    }
+                    debug!(packet = packet_name(&packet), "received");
+                    packets.push(packet);
+                }
+                Ok(None) => break None,
+                Err(error) => break Some(error),
+            }
+        };
+        if !packets.is_empty() && events.send(Event::Packets { conn, packets }).await.is_err() {
+            return pending().await;
+        }
+        if let Some(error) = failure {
+            info!(%error, "malformed input; the broker will close the connection");
+            // Ignored error: without a broker task the write side closes the connection.
+            let _ = events.send(Event::DecodeError { conn, error }).await;
+            return pending().await;
+        }
+        if buf.is_empty() && buf.capacity() > MAX_RETAINED_BUFFER {
+            buf = BytesMut::new();
+        }
+    }
+}
+
+/// Writes batches from the broker, all ready batches with one `write_all`, until the broker
+/// closes the connection (or the broker task is gone). Returns an error if the socket fails.
+async fn write_side(
+    mut writer: OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<Batch>,
+    shared: &Shared,
+) -> io::Result<()> {
+    let mut buf = BytesMut::new();
+    // `None` means the broker task dropped our link without a Close: it has stopped.
+    while let Some(first) = rx.recv().await {
+        let version = shared.version();
+        let mut accounted = 0;
+        let mut close = false;
+        let mut next = Some(first);
+        while let Some(batch) = next {
+            accounted += batch.bytes;
+            for packet in &batch.packets {
+                let start = buf.len();
+                match encode(packet, version, &mut buf) {
+                    Ok(()) => debug!(packet = packet_name(packet), "sent"),
+                    Err(error) => {
+                        buf.truncate(start);
+                        warn!(%error, packet = packet_name(packet), "cannot encode; skipped");
+                    }
+                }
+            }
+            if batch.close {
+                close = true;
+                break;
+            }
+            next = rx.try_recv().ok();
+        }
+        if !buf.is_empty() {
+            writer.write_all(&buf).await?;
+            buf.clear();
+        }
+        shared
+            .queued_bytes
+            .fetch_sub(accounted, std::sync::atomic::Ordering::Relaxed);
+        if close {
+            break;
+        }
+        if buf.capacity() > MAX_RETAINED_BUFFER {
+            buf = BytesMut::new();
+        }
+    }
+    writer.shutdown().await
+}
+
+/// Reads and discards input until EOF, an error, or [`LINGER`] has passed (see there).
+async fn linger(reader: &OwnedReadHalf) {
+    let mut scratch = [0u8; 1024];
+    let drain = async {
+        loop {
+            if reader.readable().await.is_err() {
+                return;
+            }
+            match reader.try_read(&mut scratch) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
+            }
+        }
+    };
+    // Elapsing is the normal end for a peer that keeps its socket open.
+    let _ = timeout(LINGER, drain).await;
+}
+
+/// Short packet name for logs; the full `Debug` form could dump whole payloads.
+fn packet_name(packet: &Packet) -> &'static str {
+    match packet {
+        Packet::Connect(_) => "CONNECT",
+        Packet::ConnAck(_) => "CONNACK",
+        Packet::Publish(_) => "PUBLISH",
+        Packet::PubAck(_) => "PUBACK",
+        Packet::PubRec(_) => "PUBREC",
+        Packet::PubRel(_) => "PUBREL",
+        Packet::PubComp(_) => "PUBCOMP",
+        Packet::Subscribe(_) => "SUBSCRIBE",
+        Packet::SubAck(_) => "SUBACK",
+        Packet::Unsubscribe(_) => "UNSUBSCRIBE",
+        Packet::UnsubAck(_) => "UNSUBACK",
+        Packet::PingReq => "PINGREQ",
+        Packet::PingResp => "PINGRESP",
+        Packet::Disconnect(_) => "DISCONNECT",
+        Packet::Auth(_) => "AUTH",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use halyard_codec::{Connect, ProtocolVersion};
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    /// A connection task on a real loopback socket, with the test playing the broker task.
+    struct Harness {
+        client: TcpStream,
+        events: mpsc::Receiver<Event>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    async fn harness(connect_timeout: Duration) -> Harness {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let client = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        let (events_tx, events) = mpsc::channel(16);
+        let settings = Arc::new(ConnectionSettings {
+            connect_timeout,
+            max_packet_size: 1024,
+        });
+        let task = tokio::spawn(run(server, 7, settings, events_tx));
+        Harness {
+            client,
+            events,
+            task,
+        }
+    }
+
+    async fn next_event(events: &mut mpsc::Receiver<Event>) -> Event {
+        timeout(Duration::from_secs(5), events.recv())
+            .await
+            .expect("an event in time")
+            .expect("channel open")
+    }
+
+    fn connect(protocol: ProtocolVersion) -> Packet {
+        Packet::Connect(Box::new(Connect {
+            protocol,
+            clean_start: true,
+            keep_alive: 30,
+            client_id: "c1".to_owned(),
+            will: None,
+            username: None,
+            password: None,
+            properties: Default::default(),
+        }))
+    }
+
+    fn bytes_of(packets: &[Packet], version: ProtocolVersion) -> Vec<u8> {
+        let mut buf = BytesMut::new();
+        for packet in packets {
+            encode(packet, version, &mut buf).expect("encodable");
+        }
+        buf.to_vec()
+    }
+
+    #[tokio::test]
+    async fn one_read_is_one_batch_and_connect_sets_the_version() {
+        let mut h = harness(Duration::from_secs(10)).await;
+        let Event::Open { conn, link } = next_event(&mut h.events).await else {
+            panic!("Open must come first");
+        };
+        assert_eq!(conn, 7);
+        // CONNECT (v5) and PINGREQ in one write: the PINGREQ must be framed as v5 too.
+        let sent = [connect(ProtocolVersion::V5), Packet::PingReq];
+        h.client
+            .write_all(&bytes_of(&sent, ProtocolVersion::V5))
+            .await
+            .expect("write");
+        let Event::Packets { packets, .. } = next_event(&mut h.events).await else {
+            panic!("expected packets");
+        };
+        assert_eq!(packets, sent);
+        assert_eq!(link.shared.version.get(), Some(&ProtocolVersion::V5));
+
+        // The broker answers and closes: the client reads the reply, then EOF.
+        let batch = Batch {
+            packets: vec![Packet::PingResp],
+            bytes: encoded_len_of(&Packet::PingResp),
+            close: true,
+        };
+        link.shared
+            .queued_bytes
+            .fetch_add(batch.bytes, std::sync::atomic::Ordering::Relaxed);
+        link.tx.send(batch).expect("writer alive");
+        let mut reply = Vec::new();
+        timeout(Duration::from_secs(5), h.client.read_to_end(&mut reply))
+            .await
+            .expect("closed in time")
+            .expect("read");
+        assert_eq!(reply, bytes_of(&[Packet::PingResp], ProtocolVersion::V5));
+        assert_eq!(
+            link.shared
+                .queued_bytes
+                .load(std::sync::atomic::Ordering::Relaxed),
+            0
+        );
+        drop(h.client);
+        timeout(Duration::from_secs(5), h.task)
+            .await
+            .expect("task ends")
+            .expect("no panic");
+        assert!(
+            h.events.try_recv().is_err(),
+            "a connection the broker closed is not reported lost"
+        );
+    }
+
+    fn encoded_len_of(packet: &Packet) -> usize {
+        halyard_codec::encoded_len(packet, ProtocolVersion::V5)
+    }
+
+    #[tokio::test]
+    async fn silence_until_connect_timeout_is_lost() {
+        let mut h = harness(Duration::from_millis(100)).await;
+        // Held, like the broker task holds it: dropping the link means "broker gone".
+        let Event::Open { link: _link, .. } = next_event(&mut h.events).await else {
+            panic!("Open must come first");
+        };
+        assert!(matches!(
+            next_event(&mut h.events).await,
+            Event::Lost { conn: 7 }
+        ));
+        let mut rest = Vec::new();
+        let read = timeout(Duration::from_secs(5), h.client.read_to_end(&mut rest))
+            .await
+            .expect("closed in time");
+        assert!(read.is_err() || rest.is_empty());
+    }
+
+    #[tokio::test]
+    async fn peer_close_is_lost() {
+        let mut h = harness(Duration::from_secs(10)).await;
+        // Held, like the broker task holds it: dropping the link means "broker gone".
+        let Event::Open { link: _link, .. } = next_event(&mut h.events).await else {
+            panic!("Open must come first");
+        };
+        h.client.shutdown().await.expect("shutdown");
+        assert!(matches!(
+            next_event(&mut h.events).await,
+            Event::Lost { conn: 7 }
+        ));
+    }
+
+    #[tokio::test]
+    async fn malformed_input_is_reported_and_reading_stops() {
+        let mut h = harness(Duration::from_secs(10)).await;
+        let Event::Open { link, .. } = next_event(&mut h.events).await else {
+            panic!("Open must come first");
+        };
+        // Reserved packet type 0 can never be valid.
+        h.client.write_all(&[0x00, 0x00]).await.expect("write");
+        assert!(matches!(
+            next_event(&mut h.events).await,
+            Event::DecodeError { conn: 7, .. }
+        ));
+        // The connection stays open until the broker closes it.
+        link.tx
+            .send(Batch {
+                close: true,
+                ..Batch::default()
+            })
+            .expect("writer alive");
+        let mut rest = Vec::new();
+        timeout(Duration::from_secs(5), h.client.read_to_end(&mut rest))
+            .await
+            .expect("closed in time")
+            .expect("read");
+        assert!(rest.is_empty());
+    }
+}

@@ -1,0 +1,482 @@
+//! The configuration file: one TOML document, every key optional.
+//!
+//! Precedence, lowest first: built-in defaults, the file, `HALYARD_<KEY>` environment
+//! variables, command-line flags. Mistakes are errors, never silently ignored: an unknown key
+//! or a bad value names the key and the line (or the environment variable).
+
+use std::ffi::OsString;
+use std::fmt::Display;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Result};
+use halyard_core::BrokerConfig;
+use halyard_server::ServerConfig;
+use serde::{Deserialize, Serialize};
+
+/// Prefix of environment variables that override top-level scalar keys.
+pub const ENV_PREFIX: &str = "HALYARD_";
+
+/// Largest packet MQTT can frame: 1 byte of header, 4 of remaining length, 268,435,455 of body.
+const MAX_MQTT_PACKET: u32 = 268_435_460;
+
+/// The file's shape. Written out field by field (rather than flattening [`BrokerConfig`]) so
+/// that `deny_unknown_fields` works and the file format is stated in one place; the
+/// conversion to [`ServerConfig`] is exhaustive, so a new core field cannot be forgotten.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FileConfig {
+    /// Addresses to accept MQTT over TCP on.
+    pub listen: Vec<SocketAddr>,
+    /// Milliseconds a new socket has to send a complete CONNECT.
+    pub connect_timeout_ms: u64,
+    /// Unwritten bytes per connection above which QoS 0 messages to it are dropped.
+    pub max_outbound_buffer: usize,
+    /// See [`BrokerConfig::max_keepalive`].
+    pub max_keepalive: u16,
+    /// See [`BrokerConfig::max_inflight`].
+    pub max_inflight: u16,
+    /// See [`BrokerConfig::receive_maximum`].
+    pub receive_maximum: u16,
+    /// See [`BrokerConfig::max_queued_messages`].
+    pub max_queued_messages: usize,
+    /// See [`BrokerConfig::max_packet_size`].
+    pub max_packet_size: u32,
+    /// See [`BrokerConfig::max_topic_length`].
+    pub max_topic_length: usize,
+    /// See [`BrokerConfig::max_topic_levels`].
+    pub max_topic_levels: usize,
+    /// See [`BrokerConfig::topic_alias_maximum`].
+    pub topic_alias_maximum: u16,
+    /// See [`BrokerConfig::retain_available`].
+    pub retain_available: bool,
+    /// See [`BrokerConfig::max_session_expiry`].
+    pub max_session_expiry: u32,
+    /// See [`BrokerConfig::allow_zero_length_client_id`].
+    pub allow_zero_length_client_id: bool,
+}
+
+impl Default for FileConfig {
+    /// The defaults are those of the server and the core, so they are defined once.
+    fn default() -> Self {
+        let server = ServerConfig::default();
+        let broker = server.broker;
+        FileConfig {
+            listen: server.listeners,
+            connect_timeout_ms: u64::try_from(server.connect_timeout.as_millis())
+                .unwrap_or(u64::MAX),
+            max_outbound_buffer: server.max_outbound_buffer,
+            max_keepalive: broker.max_keepalive,
+            max_inflight: broker.max_inflight,
+            receive_maximum: broker.receive_maximum,
+            max_queued_messages: broker.max_queued_messages,
+            max_packet_size: broker.max_packet_size,
+            max_topic_length: broker.max_topic_length,
+            max_topic_levels: broker.max_topic_levels,
+            topic_alias_maximum: broker.topic_alias_maximum,
+            retain_available: broker.retain_available,
+            max_session_expiry: broker.max_session_expiry,
+            allow_zero_length_client_id: broker.allow_zero_length_client_id,
+        }
+    }
+}
+
+impl From<FileConfig> for ServerConfig {
+    fn from(file: FileConfig) -> Self {
+        // Destructured so that adding a key without mapping it does not compile.
+        let FileConfig {
+            listen,
+            connect_timeout_ms,
+            max_outbound_buffer,
+            max_keepalive,
+            max_inflight,
+            receive_maximum,
+            max_queued_messages,
+            max_packet_size,
+            max_topic_length,
+            max_topic_levels,
+            topic_alias_maximum,
+            retain_available,
+            max_session_expiry,
+            allow_zero_length_client_id,
+        } = file;
+        ServerConfig {
+            listeners: listen,
+            connect_timeout: Duration::from_millis(connect_timeout_ms),
+            max_outbound_buffer,
+            broker: BrokerConfig {
+                max_keepalive,
+                max_inflight,
+                receive_maximum,
+                max_queued_messages,
+                max_packet_size,
+                max_topic_length,
+                max_topic_levels,
+                topic_alias_maximum,
+                retain_available,
+                max_session_expiry,
+                allow_zero_length_client_id,
+            },
+        }
+    }
+}
+
+impl FileConfig {
+    /// Loads the effective configuration: defaults, then `file` (its name, for messages, and
+    /// its text) if given, then `HALYARD_*` variables from `env`; then validates it.
+    pub fn load(
+        file: Option<(&str, &str)>,
+        env: impl IntoIterator<Item = (OsString, OsString)>,
+    ) -> Result<FileConfig> {
+        let mut config = match file {
+            Some((name, text)) => {
+                toml::from_str(text).map_err(|error| located_error(name, text, &error))?
+            }
+            None => FileConfig::default(),
+        };
+        let mut from_env = Vec::new();
+        for (var, value) in env {
+            let Some(key) = var
+                .to_str()
+                .and_then(|var| var.strip_prefix(ENV_PREFIX))
+                .map(str::to_ascii_lowercase)
+            else {
+                continue;
+            };
+            let var = var.to_string_lossy();
+            let value = value
+                .to_str()
+                .ok_or_else(|| anyhow!("environment variable {var}: value is not valid UTF-8"))?;
+            match config.set_scalar(&key, value) {
+                Ok(true) => from_env.push((key, var.into_owned())),
+                Ok(false) => bail!(
+                    "environment variable {var}: `{key}` is not a configuration key that can \
+                     be set from the environment (scalar keys: {})",
+                    scalar_keys().join(", ")
+                ),
+                Err(message) => {
+                    bail!("environment variable {var}: bad value `{value}` for `{key}`: {message}")
+                }
+            }
+        }
+        if let Err((key, message)) = config.validate() {
+            if let Some((_, var)) = from_env.iter().rev().find(|(k, _)| k == key) {
+                bail!("environment variable {var}: bad value for `{key}`: {message}");
+            }
+            if let Some((name, text)) = file {
+                if let Some((line, column)) = key_position(text, key) {
+                    bail!(
+                        "config error in {name} at line {line}, column {column}: bad value for \
+                         key `{key}`: {message}"
+                    );
+                }
+            }
+            bail!("config error: bad value for key `{key}`: {message}");
+        }
+        Ok(config)
+    }
+
+    /// Sets a top-level scalar key from its text form (as given in an environment variable).
+    /// `Ok(false)` if `key` is not such a key.
+    fn set_scalar(&mut self, key: &str, value: &str) -> std::result::Result<bool, String> {
+        match key {
+            "connect_timeout_ms" => self.connect_timeout_ms = parse(value)?,
+            "max_outbound_buffer" => self.max_outbound_buffer = parse(value)?,
+            "max_keepalive" => self.max_keepalive = parse(value)?,
+            "max_inflight" => self.max_inflight = parse(value)?,
+            "receive_maximum" => self.receive_maximum = parse(value)?,
+            "max_queued_messages" => self.max_queued_messages = parse(value)?,
+            "max_packet_size" => self.max_packet_size = parse(value)?,
+            "max_topic_length" => self.max_topic_length = parse(value)?,
+            "max_topic_levels" => self.max_topic_levels = parse(value)?,
+            "topic_alias_maximum" => self.topic_alias_maximum = parse(value)?,
+            "retain_available" => self.retain_available = parse(value)?,
+            "max_session_expiry" => self.max_session_expiry = parse(value)?,
+            "allow_zero_length_client_id" => self.allow_zero_length_client_id = parse(value)?,
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// Range checks the types alone do not express; the error names the key.
+    fn validate(&self) -> std::result::Result<(), (&'static str, String)> {
+        let at_least_one = |key, value: u64| {
+            if value == 0 {
+                Err((key, "must be at least 1".to_owned()))
+            } else {
+                Ok(())
+            }
+        };
+        if self.listen.is_empty() {
+            return Err(("listen", "must list at least one address".to_owned()));
+        }
+        at_least_one("connect_timeout_ms", self.connect_timeout_ms)?;
+        at_least_one("max_outbound_buffer", self.max_outbound_buffer as u64)?;
+        at_least_one("max_inflight", self.max_inflight.into())?;
+        at_least_one("receive_maximum", self.receive_maximum.into())?;
+        at_least_one("max_topic_levels", self.max_topic_levels as u64)?;
+        if !(2..=MAX_MQTT_PACKET).contains(&self.max_packet_size) {
+            return Err((
+                "max_packet_size",
+                format!("must be between 2 and {MAX_MQTT_PACKET}"),
+            ));
+        }
+        if !(1..=65_535).contains(&self.max_topic_length) {
+            return Err(("max_topic_length", "must be between 1 and 65535".to_owned()));
+        }
+        Ok(())
+    }
+}
+
+/// The keys `HALYARD_<KEY>` can set: every top-level key whose value is not a list or table.
+pub fn scalar_keys() -> Vec<String> {
+    let defaults = match toml::Value::try_from(FileConfig::default()) {
+        Ok(toml::Value::Table(table)) => table,
+        _ => toml::Table::new(),
+    };
+    defaults
+        .into_iter()
+        .filter(|(_, value)| !value.is_array() && !value.is_table())
+        .map(|(key, _)| key)
+        .collect()
+}
+
+fn parse<T>(value: &str) -> std::result::Result<T, String>
+where
+    T: FromStr,
+    T::Err: Display,
+{
+    value
+        .trim()
+        .parse()
+        .map_err(|error: T::Err| error.to_string())
+}
+
+/// Turns a TOML error into "config error in FILE at line L, column C: ..." naming the key.
+fn located_error(name: &str, text: &str, error: &toml::de::Error) -> anyhow::Error {
+    let message = error.message().trim_end();
+    let Some(span) = error.span() else {
+        return anyhow!("config error in {name}: {message}");
+    };
+    let (line, column) = line_column(text, span.start);
+    let key = text
+        .lines()
+        .nth(line - 1)
+        .and_then(|source| source.split_once('='))
+        .map(|(key, _)| key.trim().trim_matches('"'))
+        .filter(|key| !key.is_empty() && !message.contains(&format!("`{key}`")));
+    match key {
+        Some(key) => anyhow!(
+            "config error in {name} at line {line}, column {column}: bad value for key `{key}`: \
+             {message}"
+        ),
+        None => anyhow!("config error in {name} at line {line}, column {column}: {message}"),
+    }
+}
+
+/// 1-based line and column (in characters) of byte `offset` in `text`.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |newline| newline + 1);
+    (line, before[line_start..].chars().count() + 1)
+}
+
+/// Where top-level `key` is assigned in `text`, for validation errors found after parsing.
+fn key_position(text: &str, key: &str) -> Option<(usize, usize)> {
+    text.lines().enumerate().find_map(|(index, line)| {
+        let (name, _) = line.split_once('=')?;
+        let indent = line.len() - line.trim_start().len();
+        (name.trim().trim_matches('"') == key).then_some((index + 1, indent + 1))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(OsString, OsString)> {
+        pairs
+            .iter()
+            .map(|(key, value)| (OsString::from(key), OsString::from(value)))
+            .collect()
+    }
+
+    fn load(text: &str) -> Result<FileConfig> {
+        FileConfig::load(Some(("halyard.toml", text)), Vec::new())
+    }
+
+    fn error_of(result: Result<FileConfig>) -> String {
+        format!("{:#}", result.expect_err("an error"))
+    }
+
+    #[test]
+    fn empty_file_and_no_file_give_the_defaults() {
+        assert_eq!(load("").expect("valid"), FileConfig::default());
+        let none = FileConfig::load(None, Vec::new()).expect("valid");
+        assert_eq!(ServerConfig::from(none), ServerConfig::default());
+    }
+
+    #[test]
+    fn every_key_reaches_the_server_config() {
+        let text = r#"
+            listen = ["127.0.0.1:1884", "[::1]:1885"]
+            connect_timeout_ms = 2500
+            max_outbound_buffer = 4096
+            max_keepalive = 60
+            max_inflight = 7
+            receive_maximum = 9
+            max_queued_messages = 11
+            max_packet_size = 2048
+            max_topic_length = 100
+            max_topic_levels = 5
+            topic_alias_maximum = 0
+            retain_available = false
+            max_session_expiry = 3600
+            allow_zero_length_client_id = false
+        "#;
+        let config = ServerConfig::from(load(text).expect("valid"));
+        let expected = ServerConfig {
+            listeners: vec![
+                "127.0.0.1:1884".parse().expect("addr"),
+                "[::1]:1885".parse().expect("addr"),
+            ],
+            connect_timeout: Duration::from_millis(2500),
+            max_outbound_buffer: 4096,
+            broker: BrokerConfig {
+                max_keepalive: 60,
+                max_inflight: 7,
+                receive_maximum: 9,
+                max_queued_messages: 11,
+                max_packet_size: 2048,
+                max_topic_length: 100,
+                max_topic_levels: 5,
+                topic_alias_maximum: 0,
+                retain_available: false,
+                max_session_expiry: 3600,
+                allow_zero_length_client_id: false,
+            },
+        };
+        assert_eq!(config, expected);
+        // Every value differs from its default, so no key can be silently ignored.
+        let defaults = ServerConfig::default();
+        assert_ne!(config.listeners, defaults.listeners);
+        assert_ne!(config.connect_timeout, defaults.connect_timeout);
+        assert_ne!(config.max_outbound_buffer, defaults.max_outbound_buffer);
+        let (b, d) = (&config.broker, &defaults.broker);
+        assert_ne!(b.max_keepalive, d.max_keepalive);
+        assert_ne!(b.max_inflight, d.max_inflight);
+        assert_ne!(b.receive_maximum, d.receive_maximum);
+        assert_ne!(b.max_queued_messages, d.max_queued_messages);
+        assert_ne!(b.max_packet_size, d.max_packet_size);
+        assert_ne!(b.max_topic_length, d.max_topic_length);
+        assert_ne!(b.max_topic_levels, d.max_topic_levels);
+        assert_ne!(b.topic_alias_maximum, d.topic_alias_maximum);
+        assert_ne!(b.retain_available, d.retain_available);
+        assert_ne!(b.max_session_expiry, d.max_session_expiry);
+        assert_ne!(b.allow_zero_length_client_id, d.allow_zero_length_client_id);
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let message = error_of(load("max_inflight = 4\n\nmax_keepalve = 60\n"));
+        assert!(message.contains("halyard.toml"), "{message}");
+        assert!(message.contains("line 3, column 1"), "{message}");
+        assert!(message.contains("max_keepalve"), "{message}");
+        assert!(message.contains("unknown field"), "{message}");
+    }
+
+    #[test]
+    fn unknown_table_is_an_error() {
+        let message = error_of(load("[storage]\npath = \"x\"\n"));
+        assert!(message.contains("storage"), "{message}");
+        assert!(message.contains("line 1"), "{message}");
+    }
+
+    #[test]
+    fn bad_type_names_key_and_line() {
+        let message = error_of(load("max_inflight = 4\nmax_keepalive = \"soon\"\n"));
+        assert!(message.contains("line 2"), "{message}");
+        assert!(message.contains("`max_keepalive`"), "{message}");
+    }
+
+    #[test]
+    fn out_of_range_integer_names_key_and_line() {
+        let message = error_of(load("\n\nmax_inflight = 70000\n"));
+        assert!(message.contains("line 3"), "{message}");
+        assert!(message.contains("`max_inflight`"), "{message}");
+    }
+
+    #[test]
+    fn bad_address_names_key_and_line() {
+        let message = error_of(load("listen = [\"localhost\"]\n"));
+        assert!(message.contains("line 1"), "{message}");
+        assert!(message.contains("`listen`"), "{message}");
+    }
+
+    #[test]
+    fn invalid_value_names_key_and_line() {
+        let message = error_of(load("retain_available = true\n  receive_maximum = 0\n"));
+        assert!(message.contains("line 2, column 3"), "{message}");
+        assert!(message.contains("`receive_maximum`"), "{message}");
+        assert!(message.contains("at least 1"), "{message}");
+        let message = error_of(load("listen = []\n"));
+        assert!(
+            message.contains("line 1") && message.contains("`listen`"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn syntax_error_gives_the_line() {
+        let message = error_of(load("max_inflight = 4\nmax_keepalive = = 3\n"));
+        assert!(message.contains("line 2"), "{message}");
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let vars = env(&[
+            ("HALYARD_MAX_KEEPALIVE", "60"),
+            ("HALYARD_RETAIN_AVAILABLE", "false"),
+            ("PATH", "/bin"),
+        ]);
+        let config =
+            FileConfig::load(Some(("halyard.toml", "max_keepalive = 30\n")), vars).expect("ok");
+        assert_eq!(config.max_keepalive, 60);
+        assert!(!config.retain_available);
+    }
+
+    #[test]
+    fn bad_environment_value_names_the_variable() {
+        let message = error_of(FileConfig::load(
+            None,
+            env(&[("HALYARD_MAX_KEEPALIVE", "soon")]),
+        ));
+        assert!(message.contains("HALYARD_MAX_KEEPALIVE"), "{message}");
+        let message = error_of(FileConfig::load(
+            None,
+            env(&[("HALYARD_MAX_INFLIGHT", "0")]),
+        ));
+        assert!(message.contains("HALYARD_MAX_INFLIGHT"), "{message}");
+        assert!(message.contains("at least 1"), "{message}");
+        let message = error_of(FileConfig::load(None, env(&[("HALYARD_MAX_INFLGHT", "3")])));
+        assert!(message.contains("HALYARD_MAX_INFLGHT"), "{message}");
+    }
+
+    #[test]
+    fn every_scalar_key_can_be_set_from_the_environment() {
+        let keys = scalar_keys();
+        assert_eq!(keys.len(), 13, "{keys:?}");
+        for key in keys {
+            let mut config = FileConfig::default();
+            let value = if key.contains("available") || key.starts_with("allow") {
+                "false"
+            } else {
+                "3"
+            };
+            assert_eq!(config.set_scalar(&key, value), Ok(true), "{key}");
+            assert_ne!(config, FileConfig::default(), "{key} had no effect");
+        }
+    }
+}
