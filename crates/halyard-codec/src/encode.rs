@@ -211,8 +211,10 @@ fn publish<S: Sink>(s: &mut S, p: &Publish, version: ProtocolVersion) -> Result<
     Ok(())
 }
 
-/// Reason and properties for PUBACK & co, DISCONNECT and AUTH, in the shortest MQTT 5 form:
-/// nothing for success without properties, the reason alone without properties.
+/// Reason and properties for PUBACK & co, DISCONNECT and AUTH: nothing for success without
+/// properties (the short form every client expects), otherwise the reason followed by the
+/// property length even when it is 0. Omitting a zero property length is also legal, but
+/// some clients (rumqttc 0.25 for DISCONNECT) then wait for a byte that never comes.
 fn reason_and_props<S: Sink>(
     s: &mut S,
     reason: ReasonCode,
@@ -224,10 +226,7 @@ fn reason_and_props<S: Sink>(
         return Ok(());
     }
     s.u8(reason.0);
-    if !no_props {
-        properties::encode(s, p, rules)?;
-    }
-    Ok(())
+    properties::encode(s, p, rules)
 }
 
 fn pub_response<S: Sink>(
@@ -414,14 +413,14 @@ mod tests {
     }
 
     #[test]
-    fn puback_short_forms() {
+    fn puback_forms() {
         assert_eq!(
             enc(&Packet::PubAck(ack(1, 0)), V5),
             [0x40, 0x02, 0x00, 0x01]
         );
         assert_eq!(
             enc(&Packet::PubAck(ack(1, 0x10)), V5),
-            [0x40, 0x03, 0x00, 0x01, 0x10]
+            [0x40, 0x04, 0x00, 0x01, 0x10, 0x00]
         );
         let with_reason_string = PubResponse {
             properties: Properties {
@@ -452,7 +451,7 @@ mod tests {
         );
         assert_eq!(
             enc(&Packet::PubComp(ack(7, 0x92)), V5),
-            [0x70, 0x03, 0x00, 0x07, 0x92]
+            [0x70, 0x04, 0x00, 0x07, 0x92, 0x00]
         );
     }
 
@@ -514,7 +513,7 @@ mod tests {
             reason: ReasonCode::SESSION_TAKEN_OVER,
             ..Disconnect::default()
         });
-        assert_eq!(enc(&taken_over, V5), [0xE0, 0x01, 0x8E]);
+        assert_eq!(enc(&taken_over, V5), [0xE0, 0x02, 0x8E, 0x00]);
         assert_eq!(enc(&Packet::Auth(Auth::default()), V5), [0xF0, 0x00]);
         let mut buf = BytesMut::new();
         assert_eq!(
