@@ -862,6 +862,10 @@ impl Broker {
         let conn = link.conn;
         let v5 = link.version.is_v5();
 
+        if !publish.properties.subscription_identifiers.is_empty() {
+            // [MQTT-3.3.4-6]
+            return self.protocol_error(now, key, "Subscription Identifier in a client PUBLISH");
+        }
         if let Some(alias) = publish.properties.topic_alias.take() {
             if alias == 0 || alias > self.config.topic_alias_maximum {
                 // [MQTT-3.3.2-9], [MQTT-3.3.2-10]
@@ -926,7 +930,6 @@ impl Broker {
 
         let mut properties = publish.properties;
         let expiry = properties.message_expiry_interval.take();
-        properties.subscription_identifiers.clear();
         let message = Message {
             topic: publish.topic,
             payload: publish.payload,

@@ -7,13 +7,15 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use halyard_codec::{encoded_len, DecodeError, Packet, ProtocolVersion, QoS};
+use halyard_core::store::StoreError;
 use halyard_core::{Broker, ConnectionId, Output};
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// Events handled after one wake-up before outputs are dispatched: batching events lets one
-/// drain coalesce more packets per connection, bounding it keeps the first event's latency low.
-const MAX_EVENTS_PER_DRAIN: usize = 64;
+/// drain coalesce more packets per connection and lets more messages share one store commit
+/// (fsync); bounding it keeps the first event's latency low.
+const MAX_EVENTS_PER_DRAIN: usize = 256;
 
 /// What connection tasks tell the broker task.
 #[derive(Debug)]
@@ -89,13 +91,16 @@ pub(crate) struct Batch {
 }
 
 /// Runs the broker until `stop` fires (or the server is dropped), then shuts it down and
-/// dispatches its goodbyes.
+/// dispatches its goodbyes. Each batch of events is committed to the store before its
+/// packets are dispatched, so no acknowledgement leaves before the state it confirms is
+/// durable; a failed commit ends the task with the error, and the batch's packets are
+/// never sent.
 pub(crate) async fn run(
     mut broker: Broker,
     mut events: mpsc::Receiver<Event>,
     mut stop: oneshot::Receiver<()>,
     max_outbound_buffer: usize,
-) {
+) -> Result<(), StoreError> {
     let mut dispatcher = Dispatcher::new(max_outbound_buffer);
     loop {
         let deadline = broker.poll_timeout();
@@ -121,11 +126,30 @@ pub(crate) async fn run(
             }
             () = timer => broker.handle_timeout(Instant::now()),
         }
+        commit(&mut broker)?;
         dispatcher.dispatch(std::iter::from_fn(|| broker.poll_output()));
     }
     broker.shutdown(Instant::now());
+    commit(&mut broker)?;
     dispatcher.dispatch(std::iter::from_fn(|| broker.poll_output()));
     info!(dropped_qos0 = dispatcher.dropped_qos0, "broker stopped");
+    Ok(())
+}
+
+/// Commits the broker's journal. The commit may wait for an fsync; on a multi-threaded
+/// runtime the worker is handed over meanwhile so connection tasks keep running. Events
+/// arriving during the fsync form the next batch: that is the group commit.
+fn commit(broker: &mut Broker) -> Result<(), StoreError> {
+    let flavor = tokio::runtime::Handle::current().runtime_flavor();
+    let result = if flavor == tokio::runtime::RuntimeFlavor::MultiThread {
+        tokio::task::block_in_place(|| broker.commit())
+    } else {
+        broker.commit()
+    };
+    if let Err(error) = &result {
+        error!(%error, "commit failed; stopping without sending the uncommitted acknowledgements");
+    }
+    result
 }
 
 /// Routes core outputs to connection writers and applies the slow-consumer rule.

@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use halyard_core::store::StoreError;
 use halyard_core::{Broker, BrokerConfig, ConnectionId};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
@@ -95,15 +96,32 @@ pub enum ServerError {
 
 /// A bound, not yet running MQTT server. Binding and running are separate steps so that the
 /// caller can learn the real addresses (port 0) before serving.
-#[derive(Debug)]
 pub struct Server {
     listeners: Vec<(TcpListener, SocketAddr)>,
     config: ServerConfig,
+    broker: Broker,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("listeners", &self.listeners)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Server {
-    /// Binds every configured listener; fails, naming the address, if any of them fails.
+    /// Binds every configured listener, with an in-memory broker built from
+    /// `config.broker`; fails, naming the address, if any listener fails.
     pub async fn bind(config: ServerConfig) -> Result<Server, ServerError> {
+        let broker = Broker::new(config.broker.clone());
+        Server::bind_with(config, broker).await
+    }
+
+    /// Like [`Server::bind`], serving `broker` (for example one restored from a durable
+    /// store); `config.broker` should be the configuration `broker` was built with.
+    pub async fn bind_with(config: ServerConfig, broker: Broker) -> Result<Server, ServerError> {
         if config.listeners.is_empty() {
             return Err(ServerError::NoListeners);
         }
@@ -115,7 +133,11 @@ impl Server {
             info!(%local, "listening");
             listeners.push((listener, local));
         }
-        Ok(Server { listeners, config })
+        Ok(Server {
+            listeners,
+            config,
+            broker,
+        })
     }
 
     /// The addresses actually bound, in configuration order (useful with port 0).
@@ -127,10 +149,13 @@ impl Server {
     /// MQTT 5 clients it is going away (DISCONNECT 0x8B), every connection is flushed and
     /// closed, waiting at most about two seconds, and the future returns.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
-        let Server { listeners, config } = self;
+        let Server {
+            listeners,
+            config,
+            broker,
+        } = self;
         let (event_tx, event_rx) = mpsc::channel(EVENT_CHANNEL_CAPACITY);
         let (stop_tx, stop_rx) = oneshot::channel();
-        let broker = Broker::new(config.broker.clone());
         let mut broker_task = tokio::spawn(
             broker_task::run(broker, event_rx, stop_rx, config.max_outbound_buffer)
                 .instrument(info_span!("broker")),
@@ -190,20 +215,21 @@ impl Server {
             connections.shutdown().await;
         }
         match broker_task.await {
-            Ok(()) => {
+            Ok(Ok(())) => {
                 info!("shutdown complete");
                 Ok(())
             }
-            Err(joined) => Err(broker_error(Err(joined))),
+            joined => Err(broker_error(joined)),
         }
     }
 }
 
 /// Turns the end of the broker task into the error [`Server::run`] reports: the task only ends
 /// on its own if it panicked or its channel closed, both fatal.
-fn broker_error(joined: Result<(), tokio::task::JoinError>) -> ServerError {
+fn broker_error(joined: Result<Result<(), StoreError>, tokio::task::JoinError>) -> ServerError {
     match joined {
-        Ok(()) => ServerError::BrokerFailed("stopped unexpectedly".to_owned()),
+        Ok(Ok(())) => ServerError::BrokerFailed("stopped unexpectedly".to_owned()),
+        Ok(Err(error)) => ServerError::BrokerFailed(error.to_string()),
         Err(error) => ServerError::BrokerFailed(error.to_string()),
     }
 }
