@@ -7,6 +7,7 @@
 use std::ffi::OsString;
 use std::fmt::Display;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -55,6 +56,56 @@ pub struct FileConfig {
     pub max_session_expiry: u32,
     /// See [`BrokerConfig::allow_zero_length_client_id`].
     pub allow_zero_length_client_id: bool,
+    /// The `[storage]` table: where persistent sessions and retained messages live.
+    pub storage: StorageConfig,
+}
+
+/// The `[storage]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// `redb` (durable, the default) or `memory` (nothing survives a restart).
+    pub backend: StorageBackend,
+    /// Directory of the redb data file. Default `./data`.
+    pub data_dir: PathBuf,
+    /// When commits reach the disk: `always` (before any acknowledgement), `interval`
+    /// (at most `fsync_interval_ms` of acknowledged messages can be lost), `never`.
+    pub fsync: FsyncMode,
+    /// Period of durable commits with `fsync = "interval"`.
+    pub fsync_interval_ms: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            backend: StorageBackend::Redb,
+            data_dir: PathBuf::from("data"),
+            fsync: FsyncMode::Always,
+            fsync_interval_ms: 1000,
+        }
+    }
+}
+
+/// Which storage backend serves the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageBackend {
+    /// Embedded redb database in `data_dir`.
+    Redb,
+    /// Everything in RAM.
+    Memory,
+}
+
+/// `storage.fsync`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsyncMode {
+    /// Every commit is durable before its acknowledgements are sent.
+    Always,
+    /// A durable commit at most every `fsync_interval_ms`.
+    Interval,
+    /// Durability is left to the operating system (and a clean shutdown).
+    Never,
 }
 
 impl Default for FileConfig {
@@ -78,6 +129,7 @@ impl Default for FileConfig {
             retain_available: broker.retain_available,
             max_session_expiry: broker.max_session_expiry,
             allow_zero_length_client_id: broker.allow_zero_length_client_id,
+            storage: StorageConfig::default(),
         }
     }
 }
@@ -100,6 +152,7 @@ impl From<FileConfig> for ServerConfig {
             retain_available,
             max_session_expiry,
             allow_zero_length_client_id,
+            storage: _,
         } = file;
         ServerConfig {
             listeners: listen,
@@ -225,6 +278,7 @@ impl FileConfig {
         if !(1..=65_535).contains(&self.max_topic_length) {
             return Err(("max_topic_length", "must be between 1 and 65535".to_owned()));
         }
+        at_least_one("fsync_interval_ms", self.storage.fsync_interval_ms)?;
         Ok(())
     }
 }
@@ -389,9 +443,35 @@ mod tests {
 
     #[test]
     fn unknown_table_is_an_error() {
-        let message = error_of(load("[storage]\npath = \"x\"\n"));
-        assert!(message.contains("storage"), "{message}");
+        let message = error_of(load("[stroage]\ndata_dir = \"x\"\n"));
+        assert!(message.contains("stroage"), "{message}");
         assert!(message.contains("line 1"), "{message}");
+    }
+
+    #[test]
+    fn unknown_key_in_storage_table_names_key_and_line() {
+        let message = error_of(load("[storage]\npath = \"x\"\n"));
+        assert!(message.contains("path"), "{message}");
+        assert!(message.contains("line 2"), "{message}");
+    }
+
+    #[test]
+    fn storage_table_is_read() {
+        let config = load(
+            "[storage]\nbackend = \"memory\"\ndata_dir = \"/var/lib/halyard\"\nfsync = \"interval\"\nfsync_interval_ms = 50\n",
+        )
+        .expect("valid");
+        assert_eq!(
+            config.storage,
+            StorageConfig {
+                backend: StorageBackend::Memory,
+                data_dir: PathBuf::from("/var/lib/halyard"),
+                fsync: FsyncMode::Interval,
+                fsync_interval_ms: 50,
+            }
+        );
+        let message = error_of(load("[storage]\nfsync = \"sometimes\"\n"));
+        assert!(message.contains("line 2"), "{message}");
     }
 
     #[test]

@@ -7,14 +7,18 @@ use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use halyard_core::store::Store;
+use halyard_core::Broker;
 use halyard_server::{Server, ServerConfig};
+use halyard_store::{FsyncPolicy, MemoryStore, RedbStore};
 use tracing::info;
 use tracing_subscriber::filter::{EnvFilter, LevelFilter};
 
-use crate::config::FileConfig;
+use crate::config::{FileConfig, FsyncMode, StorageBackend, StorageConfig};
 
 /// Halyard, an MQTT 3.1 / 3.1.1 / 5.0 broker.
 ///
@@ -55,6 +59,9 @@ struct ServeArgs {
     /// TOML configuration file; every key is optional (see README.md for the reference).
     #[arg(long, short = 'c', value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Directory of the data file; overrides `storage.data_dir` (default `./data`).
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
     /// Log line format on stderr: `text` for people, `json` (one object per line) for log
     /// collectors.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
@@ -111,17 +118,23 @@ fn load_config(file: Option<&Path>) -> Result<FileConfig> {
 /// `halyard serve`.
 fn serve(args: ServeArgs) -> Result<()> {
     init_logging(args.log_format)?;
-    let mut config = ServerConfig::from(load_config(args.config.as_deref())?);
+    let file = load_config(args.config.as_deref())?;
+    let mut storage = file.storage.clone();
+    if let Some(dir) = args.data_dir {
+        storage.data_dir = dir;
+    }
+    let mut config = ServerConfig::from(file);
     if !args.listen.is_empty() {
         config.listeners = args.listen;
     }
+    let broker = open_broker(&config, &storage)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the tokio runtime")?;
     runtime.block_on(async {
         let shutdown = shutdown_signal()?;
-        let server = Server::bind(config).await?;
+        let server = Server::bind_with(config, broker).await?;
         let mut stdout = std::io::stdout().lock();
         for addr in server.local_addrs() {
             writeln!(stdout, "halyard listening on {addr}")?;
@@ -131,6 +144,38 @@ fn serve(args: ServeArgs) -> Result<()> {
         server.run(shutdown).await?;
         Ok::<_, anyhow::Error>(())
     })
+}
+
+/// Builds the broker on the configured storage, loading what the store holds.
+fn open_broker(config: &ServerConfig, storage: &StorageConfig) -> Result<Broker> {
+    let store: Box<dyn Store> = match storage.backend {
+        StorageBackend::Memory => Box::new(MemoryStore::new()),
+        StorageBackend::Redb => {
+            let policy = match storage.fsync {
+                FsyncMode::Always => FsyncPolicy::Always,
+                FsyncMode::Interval => {
+                    FsyncPolicy::Interval(Duration::from_millis(storage.fsync_interval_ms))
+                }
+                FsyncMode::Never => FsyncPolicy::Never,
+            };
+            let store = RedbStore::open(&storage.data_dir, policy).with_context(|| {
+                format!("cannot open the data directory {}", storage.data_dir.display())
+            })?;
+            info!(dir = %storage.data_dir.display(), fsync = ?storage.fsync, "storage opened");
+            Box::new(store)
+        }
+    };
+    let started = Instant::now();
+    let broker = Broker::with_store(config.broker.clone(), store, Instant::now(), SystemTime::now())
+        .context("cannot load the stored state")?;
+    let stats = broker.stats();
+    info!(
+        sessions = stats.sessions,
+        retained = stats.retained_messages,
+        elapsed_ms = started.elapsed().as_millis(),
+        "stored state loaded"
+    );
+    Ok(broker)
 }
 
 /// Logs to stderr, so that stdout carries only the machine-readable `listening` lines.

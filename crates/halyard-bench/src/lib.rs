@@ -1,0 +1,15 @@
+//! Halyard's load generator: drives any MQTT broker with many cheap clients built directly on
+//! `halyard_codec`, and reports throughput, exact lost/duplicate counts, end-to-end latency and
+//! connection figures as one JSON line.
+//!
+//! - [`payload`]: the (publisher, sequence, timestamp) header each message carries.
+//! - [`accounting`]: per-publisher sequence tracking on the subscriber side.
+//! - [`mqtt`]: connect / subscribe helpers and the pre-encoded PUBLISH template.
+//! - [`run`]: the scenarios (`fanin`, `fanout`, `pairs`, `latency`, `conns`) and the report.
+//! - [`sys`]: the tool's own CPU use and the open-file limit.
+
+pub mod accounting;
+pub mod mqtt;
+pub mod payload;
+pub mod run;
+pub mod sys;

@@ -1,0 +1,17 @@
+//! Halyard's storage backends: implementations of [`halyard_core::store::Store`].
+//!
+//! - [`MemoryStore`] (`storage.backend = "memory"`): everything in RAM; survives a restart of
+//!   the broker object, not of the process.
+//! - [`RedbStore`] (`storage.backend = "redb"`): one redb file, group-committed per batch,
+//!   with an [`FsyncPolicy`] deciding when a commit waits for the disk. Queued messages stay on
+//!   disk and are read in pages; a damaged file or record never stops start-up (it is set aside
+//!   or skipped, and logged).
+//!
+//! The value format is described in the `format` module's source.
+
+mod format;
+mod memory;
+mod redb_store;
+
+pub use memory::MemoryStore;
+pub use redb_store::{FsyncPolicy, LoadReport, RedbStore, FILE_NAME};

@@ -1,0 +1,853 @@
+//! [`RedbStore`]: the durable backend on redb, an embedded, pure-Rust, ACID key-value store.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use halyard_core::store::{
+    DeliveryState, LoadedSession, LoadedState, SessionRecord, Store, StoreError, StoredDelivery,
+    StoredMessage,
+};
+use halyard_core::SubscriptionEntry;
+use redb::{
+    Builder, Database, Durability, ReadableTable, RepairSession, TableDefinition, WriteTransaction,
+};
+use tracing::{error, info, warn};
+
+use crate::format::{
+    decode_delivery, decode_retained, decode_session, decode_subscription, delivery_state,
+    encode_delivery, encode_retained, encode_session, encode_subscription, patch_delivery_state,
+};
+
+/// Name of the data file inside the configured directory.
+pub const FILE_NAME: &str = "halyard.redb";
+
+/// client id -> session record.
+const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
+/// (client id, filter) -> subscription entry; one client's filters are adjacent.
+const SUBSCRIPTIONS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("subscriptions");
+/// (client id, packet id) -> (): inbound QoS 2 ids awaiting PUBREL.
+const INBOUND_QOS2: TableDefinition<(&str, u16), ()> = TableDefinition::new("inbound_qos2");
+/// (client id, seq) -> state + delivery; a session's queue is one ordered key range.
+const DELIVERIES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("deliveries");
+/// topic -> retained message.
+const RETAINED: TableDefinition<&str, &[u8]> = TableDefinition::new("retained");
+
+/// How often [`FsyncPolicy::Never`] still makes a durable commit. redb reclaims the pages that
+/// a transaction freed only at a durable commit, so without one the file grows with every
+/// commit, without bound.
+const NEVER_HOUSEKEEPING: Duration = Duration::from_secs(60);
+
+/// When [`Store::commit`] waits for the disk (`storage.fsync` in the configuration).
+///
+/// redb commits made without fsync (`Durability::None`) are atomic and visible at once, but
+/// are not crash-safe until a later durable commit: a crash before it rolls the file back to
+/// the last durable commit. Every policy below is built on that.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsyncPolicy {
+    /// Every commit is durable before it returns, so nothing the broker acknowledged is lost
+    /// to `kill -9` or power loss. One fsync per commit (per batch, not per message).
+    Always,
+    /// A commit is durable only when at least this long has passed since the last durable
+    /// one; the others are not. A crash loses at most the commits of the last interval,
+    /// provided the server calls [`Store::commit`] at least once per interval even when idle
+    /// (a commit with nothing new still makes earlier non-durable commits durable when due).
+    Interval(Duration),
+    /// Commits never wait for the disk: a crash may lose everything since the last durable
+    /// commit, which is made when the store is closed or dropped, and once a minute as
+    /// housekeeping (redb reuses freed pages only after a durable commit).
+    Never,
+}
+
+/// What [`Store::load`] found, also logged as one line at start-up.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoadReport {
+    /// Sessions loaded.
+    pub sessions: usize,
+    /// Subscriptions loaded.
+    pub subscriptions: usize,
+    /// Inbound QoS 2 packet ids loaded.
+    pub inbound_qos2: usize,
+    /// In-flight deliveries loaded.
+    pub inflight: usize,
+    /// Pending (queued) deliveries counted; they stay on disk.
+    pub pending: u64,
+    /// Retained messages loaded.
+    pub retained: usize,
+    /// Records that did not decode: each was logged with its key and removed.
+    pub corrupt: usize,
+    /// Records whose session record is missing: counted, logged per session and removed.
+    pub orphaned: u64,
+}
+
+impl fmt::Display for LoadReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} sessions, {} subscriptions, {} inbound QoS 2 ids, {} in-flight and {} queued \
+             deliveries, {} retained messages; {} corrupt and {} orphaned records removed",
+            self.sessions,
+            self.subscriptions,
+            self.inbound_qos2,
+            self.inflight,
+            self.pending,
+            self.retained,
+            self.corrupt,
+            self.orphaned
+        )
+    }
+}
+
+/// A [`Store`] in one redb file, `<dir>/halyard.redb`.
+///
+/// Writes between two commits go into one open redb write transaction, begun at the first
+/// write, so a batch costs one commit (group commit); reads see that transaction's writes.
+/// Because the trait's write methods cannot fail, a write error is remembered and returned by
+/// the next [`Store::commit`], which the server treats as fatal.
+///
+/// Dropping the store discards uncommitted writes, as a crash would, then makes earlier
+/// non-durable commits durable.
+pub struct RedbStore {
+    db: Database,
+    policy: FsyncPolicy,
+    /// The batch being written; `Some` only when it holds writes.
+    txn: Option<WriteTransaction>,
+    /// A non-durable commit was made since the last durable one.
+    unsynced: bool,
+    last_durable: Instant,
+    /// The first write error of the current batch.
+    failure: Option<StoreError>,
+    set_aside: Option<PathBuf>,
+    last_load: Option<LoadReport>,
+}
+
+impl fmt::Debug for RedbStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedbStore")
+            .field("policy", &self.policy)
+            .field("open_batch", &self.txn.is_some())
+            .field("unsynced", &self.unsynced)
+            .field("set_aside", &self.set_aside)
+            .finish_non_exhaustive()
+    }
+}
+
+fn failed(context: &'static str) -> impl FnOnce(redb::Error) -> StoreError {
+    move |e| StoreError(format!("{context}: {e}"))
+}
+
+/// Converts any redb error to [`redb::Error`], the type [`failed`] and [`is_corruption`] read.
+trait RedbResult<T> {
+    fn or_store(self, context: &'static str) -> Result<T, StoreError>;
+}
+
+impl<T, E: Into<redb::Error>> RedbResult<T> for Result<T, E> {
+    fn or_store(self, context: &'static str) -> Result<T, StoreError> {
+        self.map_err(|e| failed(context)(e.into()))
+    }
+}
+
+/// Why the data file could not be opened.
+enum OpenError {
+    /// The file is damaged beyond what redb repairs; it should be set aside.
+    Corrupt(String),
+    /// Anything else (permissions, the file is in use, ...): start-up must fail.
+    Other(StoreError),
+}
+
+fn is_corruption(error: &redb::Error) -> bool {
+    match error {
+        redb::Error::Corrupted(_) => true,
+        redb::Error::Io(io) => matches!(
+            io.kind(),
+            std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
+        ),
+        _ => false,
+    }
+}
+
+fn classify(context: &'static str) -> impl Fn(redb::Error) -> OpenError {
+    move |error| {
+        if is_corruption(&error) {
+            OpenError::Corrupt(format!("{context}: {error}"))
+        } else {
+            OpenError::Other(failed(context)(error))
+        }
+    }
+}
+
+/// Opens (or creates) the database and makes sure every table exists.
+fn open_database(path: &Path) -> Result<Database, OpenError> {
+    let repairing = Arc::new(AtomicBool::new(false));
+    let mut builder = Builder::new();
+    builder.create_with_file_format_v3(true);
+    let flag = Arc::clone(&repairing);
+    let file = path.display().to_string();
+    builder.set_repair_callback(move |session: &mut RepairSession| {
+        if !flag.swap(true, Ordering::Relaxed) {
+            warn!(
+                %file,
+                progress = session.progress(),
+                "data file was not closed cleanly; redb is repairing it (this can take a while)"
+            );
+        }
+    });
+    // A damaged file must not be able to stop start-up, not even by a panic inside redb.
+    let opened = catch_unwind(AssertUnwindSafe(|| builder.create(path)));
+    let db = match opened {
+        Ok(result) => result
+            .map_err(redb::Error::from)
+            .map_err(classify("opening the data file"))?,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            return Err(OpenError::Corrupt(format!(
+                "redb panicked opening the data file: {what}"
+            )));
+        }
+    };
+    if repairing.load(Ordering::Relaxed) {
+        info!(file = %path.display(), "data file repaired");
+    }
+    let create = || -> Result<(), redb::Error> {
+        let mut txn = db.begin_write()?;
+        txn.set_durability(Durability::Immediate);
+        txn.open_table(SESSIONS)?;
+        txn.open_table(SUBSCRIPTIONS)?;
+        txn.open_table(INBOUND_QOS2)?;
+        txn.open_table(DELIVERIES)?;
+        txn.open_table(RETAINED)?;
+        txn.commit()?;
+        Ok(())
+    };
+    create().map_err(classify("creating the tables"))?;
+    Ok(db)
+}
+
+/// A name beside the data file that no earlier set-aside file uses.
+fn set_aside_path(dir: &Path) -> PathBuf {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let base = format!("{FILE_NAME}.corrupt-{secs}");
+    let mut candidate = dir.join(&base);
+    let mut n = 1;
+    while candidate.exists() {
+        candidate = dir.join(format!("{base}-{n}"));
+        n += 1;
+    }
+    candidate
+}
+
+/// A record that start-up removes.
+enum Doomed {
+    Session(String),
+    Subscription(String, String),
+    InboundQos2(String, u16),
+    Delivery(String, u64),
+    Retained(String),
+}
+
+/// One session's deliveries, gathered during the ordered scan of [`DELIVERIES`].
+struct Queue {
+    client: String,
+    /// The session record exists; otherwise the entries are orphans.
+    known: bool,
+    inflight: Vec<(u64, StoredDelivery, DeliveryState)>,
+    first_pending: Option<u64>,
+    pending: u64,
+    last_seq: Option<u64>,
+    orphans: u64,
+}
+
+impl Queue {
+    fn new(client: &str, known: bool) -> Queue {
+        Queue {
+            client: client.to_owned(),
+            known,
+            inflight: Vec::new(),
+            first_pending: None,
+            pending: 0,
+            last_seq: None,
+            orphans: 0,
+        }
+    }
+
+    fn finish(self, sessions: &mut BTreeMap<String, LoadedSession>, report: &mut LoadReport) {
+        if self.orphans > 0 {
+            warn!(
+                client = %self.client,
+                count = self.orphans,
+                "removing deliveries of a session that has no session record"
+            );
+            report.orphaned += self.orphans;
+        }
+        if let Some(session) = sessions.get_mut(&self.client) {
+            report.inflight += self.inflight.len();
+            report.pending += self.pending;
+            session.inflight = self.inflight;
+            session.first_pending = self.first_pending;
+            session.pending_count = self.pending;
+            session.next_seq = self.last_seq.map_or(0, |seq| seq.saturating_add(1));
+        }
+    }
+}
+
+/// Reads everything through `txn`, collecting records to remove in `doomed`.
+fn scan(
+    txn: &WriteTransaction,
+    report: &mut LoadReport,
+    doomed: &mut Vec<Doomed>,
+) -> Result<LoadedState, redb::Error> {
+    let mut sessions = BTreeMap::new();
+    for entry in txn.open_table(SESSIONS)?.iter()? {
+        let (key, value) = entry?;
+        let client = key.value();
+        match decode_session(client, value.value()) {
+            Ok(record) => {
+                let session = LoadedSession {
+                    record,
+                    subscriptions: Vec::new(),
+                    inbound_qos2: Vec::new(),
+                    inflight: Vec::new(),
+                    first_pending: None,
+                    pending_count: 0,
+                    next_seq: 0,
+                };
+                sessions.insert(client.to_owned(), session);
+            }
+            Err(e) => {
+                error!(%client, error = %e, "removing undecodable session record: the session is lost");
+                report.corrupt += 1;
+                doomed.push(Doomed::Session(client.to_owned()));
+            }
+        }
+    }
+
+    for entry in txn.open_table(SUBSCRIPTIONS)?.iter()? {
+        let (key, value) = entry?;
+        let (client, filter) = key.value();
+        let doom = || Doomed::Subscription(client.to_owned(), filter.to_owned());
+        let Some(session) = sessions.get_mut(client) else {
+            warn!(%client, %filter, "removing subscription of a session that has no session record");
+            report.orphaned += 1;
+            doomed.push(doom());
+            continue;
+        };
+        match decode_subscription(value.value()) {
+            Ok(entry) => session.subscriptions.push((filter.to_owned(), entry)),
+            Err(e) => {
+                error!(%client, %filter, error = %e, "removing undecodable subscription: it is lost");
+                report.corrupt += 1;
+                doomed.push(doom());
+            }
+        }
+    }
+
+    for entry in txn.open_table(INBOUND_QOS2)?.iter()? {
+        let (key, _) = entry?;
+        let (client, packet_id) = key.value();
+        match sessions.get_mut(client) {
+            Some(session) => session.inbound_qos2.push(packet_id),
+            None => {
+                warn!(%client, packet_id, "removing inbound QoS 2 id of a session that has no session record");
+                report.orphaned += 1;
+                doomed.push(Doomed::InboundQos2(client.to_owned(), packet_id));
+            }
+        }
+    }
+
+    let mut queue: Option<Queue> = None;
+    for entry in txn.open_table(DELIVERIES)?.iter()? {
+        let (key, value) = entry?;
+        let (client, seq) = key.value();
+        if queue.as_ref().is_some_and(|q| q.client != client) {
+            if let Some(done) = queue.take() {
+                done.finish(&mut sessions, report);
+            }
+        }
+        let queue = queue.get_or_insert_with(|| Queue::new(client, sessions.contains_key(client)));
+        if !queue.known {
+            queue.orphans += 1;
+            doomed.push(Doomed::Delivery(client.to_owned(), seq));
+            continue;
+        }
+        queue.last_seq = Some(seq);
+        let value = value.value();
+        // Pending deliveries stay on disk: only their state byte is read here.
+        let decoded = delivery_state(value).and_then(|state| match state {
+            DeliveryState::Pending => Ok(None),
+            _ => decode_delivery(value).map(Some),
+        });
+        match decoded {
+            Ok(None) => {
+                queue.first_pending.get_or_insert(seq);
+                queue.pending += 1;
+            }
+            Ok(Some((delivery, state))) => queue.inflight.push((seq, delivery, state)),
+            Err(e) => {
+                error!(%client, seq, error = %e, "removing undecodable delivery: the message is lost");
+                report.corrupt += 1;
+                doomed.push(Doomed::Delivery(client.to_owned(), seq));
+            }
+        }
+    }
+    if let Some(done) = queue {
+        done.finish(&mut sessions, report);
+    }
+
+    let mut retained = Vec::new();
+    for entry in txn.open_table(RETAINED)?.iter()? {
+        let (key, value) = entry?;
+        let topic = key.value();
+        match decode_retained(value.value()) {
+            Ok(message) if message.topic == topic => retained.push(message),
+            Ok(_) => {
+                error!(%topic, "removing retained message stored under another topic's key");
+                report.corrupt += 1;
+                doomed.push(Doomed::Retained(topic.to_owned()));
+            }
+            Err(e) => {
+                error!(%topic, error = %e, "removing undecodable retained message: it is lost");
+                report.corrupt += 1;
+                doomed.push(Doomed::Retained(topic.to_owned()));
+            }
+        }
+    }
+
+    report.sessions = sessions.len();
+    for session in sessions.values() {
+        report.subscriptions += session.subscriptions.len();
+        report.inbound_qos2 += session.inbound_qos2.len();
+    }
+    report.retained = retained.len();
+    Ok(LoadedState {
+        sessions: sessions.into_values().collect(),
+        retained,
+    })
+}
+
+fn remove_doomed(txn: &WriteTransaction, doomed: &[Doomed]) -> Result<(), redb::Error> {
+    let mut sessions = txn.open_table(SESSIONS)?;
+    let mut subscriptions = txn.open_table(SUBSCRIPTIONS)?;
+    let mut qos2 = txn.open_table(INBOUND_QOS2)?;
+    let mut deliveries = txn.open_table(DELIVERIES)?;
+    let mut retained = txn.open_table(RETAINED)?;
+    for record in doomed {
+        match record {
+            Doomed::Session(client) => {
+                sessions.remove(client.as_str())?;
+            }
+            Doomed::Subscription(client, filter) => {
+                subscriptions.remove((client.as_str(), filter.as_str()))?;
+            }
+            Doomed::InboundQos2(client, id) => {
+                qos2.remove((client.as_str(), *id))?;
+            }
+            Doomed::Delivery(client, seq) => {
+                deliveries.remove((client.as_str(), *seq))?;
+            }
+            Doomed::Retained(topic) => {
+                retained.remove(topic.as_str())?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Up to `limit` decodable pending deliveries of `client_id` from `from` on; the sequence
+/// numbers of undecodable ones go to `bad`.
+fn scan_pending<T>(
+    table: &T,
+    client_id: &str,
+    from: u64,
+    limit: usize,
+    bad: &mut Vec<u64>,
+) -> Result<Vec<(u64, StoredDelivery)>, redb::Error>
+where
+    T: ReadableTable<(&'static str, u64), &'static [u8]>,
+{
+    let mut out = Vec::new();
+    for entry in table.range((client_id, from)..=(client_id, u64::MAX))? {
+        if out.len() >= limit {
+            break;
+        }
+        let (key, value) = entry?;
+        let seq = key.value().1;
+        let value = value.value();
+        match delivery_state(value) {
+            Ok(DeliveryState::Pending) => {}
+            Ok(_) => continue,
+            Err(e) => {
+                error!(client = %client_id, seq, error = %e, "removing undecodable queued delivery: the message is lost");
+                bad.push(seq);
+                continue;
+            }
+        }
+        match decode_delivery(value) {
+            Ok((delivery, _)) => out.push((seq, delivery)),
+            Err(e) => {
+                error!(client = %client_id, seq, error = %e, "removing undecodable queued delivery: the message is lost");
+                bad.push(seq);
+            }
+        }
+    }
+    Ok(out)
+}
+
+impl RedbStore {
+    /// Opens or creates `dir/halyard.redb`, creating `dir` if needed.
+    ///
+    /// After an unclean shutdown redb repairs the file on open (logged). A file that is
+    /// damaged beyond that is never fatal: it is renamed to `halyard.redb.corrupt-<unix secs>`
+    /// (logged as an error naming it, see [`RedbStore::set_aside_file`]) and the store starts
+    /// empty, so the broker keeps serving. Other failures (permissions, the file locked by
+    /// another broker, an unwritable disk) are returned.
+    pub fn open(dir: &Path, policy: FsyncPolicy) -> Result<RedbStore, StoreError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StoreError(format!("creating {}: {e}", dir.display())))?;
+        let path = dir.join(FILE_NAME);
+        let (db, set_aside) = match open_database(&path) {
+            Ok(db) => (db, None),
+            Err(OpenError::Other(e)) => return Err(e),
+            Err(OpenError::Corrupt(reason)) => {
+                let aside = set_aside_path(dir);
+                std::fs::rename(&path, &aside).map_err(|e| {
+                    StoreError(format!(
+                        "{} is corrupt ({reason}) and could not be moved aside: {e}",
+                        path.display()
+                    ))
+                })?;
+                error!(
+                    file = %path.display(),
+                    moved_to = %aside.display(),
+                    %reason,
+                    "data file is corrupt and could not be repaired; it was moved aside and the \
+                     store starts empty: its sessions, queued messages and retained messages are \
+                     not loaded"
+                );
+                let db = open_database(&path).map_err(|e| match e {
+                    OpenError::Corrupt(reason) | OpenError::Other(StoreError(reason)) => {
+                        StoreError(format!("creating a new {}: {reason}", path.display()))
+                    }
+                })?;
+                (db, Some(aside))
+            }
+        };
+        Ok(RedbStore {
+            db,
+            policy,
+            txn: None,
+            unsynced: false,
+            last_durable: Instant::now(),
+            failure: None,
+            set_aside,
+            last_load: None,
+        })
+    }
+
+    /// Where a corrupt data file was moved when this store was opened, if it was.
+    pub fn set_aside_file(&self) -> Option<&Path> {
+        self.set_aside.as_deref()
+    }
+
+    /// What the last [`Store::load`] found and removed.
+    pub fn last_load_report(&self) -> Option<&LoadReport> {
+        self.last_load.as_ref()
+    }
+
+    /// Discards uncommitted writes (as a crash would) and makes earlier commits durable.
+    /// Dropping the store does the same but can only log a failure.
+    pub fn close(mut self) -> Result<(), StoreError> {
+        self.shut_down()
+    }
+
+    fn shut_down(&mut self) -> Result<(), StoreError> {
+        self.txn = None;
+        self.failure = None;
+        if self.unsynced {
+            let mut txn = self.db.begin_write().or_store("closing")?;
+            txn.set_durability(Durability::Immediate);
+            txn.commit().or_store("closing")?;
+            self.unsynced = false;
+        }
+        Ok(())
+    }
+
+    /// The open batch, begun if there is none.
+    fn batch(&mut self) -> Result<&WriteTransaction, StoreError> {
+        let txn = match self.txn.take() {
+            Some(txn) => txn,
+            None => self.db.begin_write().or_store("beginning a transaction")?,
+        };
+        Ok(self.txn.insert(txn))
+    }
+
+    /// Runs one write in the open batch; a failure fails the next commit.
+    fn write(
+        &mut self,
+        context: &'static str,
+        op: impl FnOnce(&WriteTransaction) -> Result<(), redb::Error>,
+    ) {
+        if self.failure.is_some() {
+            return; // The batch is lost already; the next commit reports why.
+        }
+        if let Err(e) = self.batch().and_then(|txn| op(txn).or_store(context)) {
+            self.fail(context, e);
+        }
+    }
+
+    /// Remembers the first failure of the batch for the next commit.
+    fn fail(&mut self, context: &'static str, error: impl fmt::Display) {
+        error!(%error, "{context} failed; the next commit fails");
+        if self.failure.is_none() {
+            self.failure = Some(StoreError(format!("{context}: {error}")));
+        }
+    }
+
+    fn durable_due(&self, now: Instant) -> bool {
+        let since = now.saturating_duration_since(self.last_durable);
+        match self.policy {
+            FsyncPolicy::Always => true,
+            FsyncPolicy::Interval(interval) => since >= interval,
+            FsyncPolicy::Never => since >= NEVER_HOUSEKEEPING,
+        }
+    }
+}
+
+impl Drop for RedbStore {
+    fn drop(&mut self) {
+        if let Err(e) = self.shut_down() {
+            error!(error = %e, "closing the store failed: recent commits may not be durable");
+        }
+    }
+}
+
+impl Store for RedbStore {
+    /// Reads everything back. Records that do not decode, and records of a session whose
+    /// session record is missing, are logged with their keys, skipped and removed (committed
+    /// at once unless the caller has an open batch, which then carries the removal).
+    fn load(&mut self) -> Result<LoadedState, StoreError> {
+        let mut report = LoadReport::default();
+        let mut doomed = Vec::new();
+        let own_batch = self.txn.is_none();
+        let txn = self.batch()?;
+        let state = scan(txn, &mut report, &mut doomed).or_store("loading")?;
+        if !doomed.is_empty() {
+            remove_doomed(txn, &doomed).or_store("removing damaged records")?;
+        }
+        if own_batch {
+            if doomed.is_empty() {
+                self.txn = None; // Nothing written: abort the read-only batch.
+            } else {
+                self.commit()?;
+            }
+        }
+        if report.corrupt > 0 || report.orphaned > 0 {
+            warn!("store loaded with losses: {report}");
+        } else {
+            info!("store loaded: {report}");
+        }
+        self.last_load = Some(report);
+        Ok(state)
+    }
+
+    fn put_session(&mut self, record: &SessionRecord) {
+        const CONTEXT: &str = "writing a session";
+        match encode_session(record) {
+            Ok(value) => self.write(CONTEXT, |txn| {
+                let mut table = txn.open_table(SESSIONS)?;
+                table.insert(record.client_id.as_str(), value.as_slice())?;
+                Ok(())
+            }),
+            Err(e) => self.fail(CONTEXT, e),
+        }
+    }
+
+    fn delete_session(&mut self, client_id: &str) {
+        self.write("deleting a session", |txn| {
+            txn.open_table(SESSIONS)?.remove(client_id)?;
+            let mut subscriptions = txn.open_table(SUBSCRIPTIONS)?;
+            let mut filters = Vec::new();
+            for entry in subscriptions.range((client_id, "")..)? {
+                let (key, _) = entry?;
+                let (client, filter) = key.value();
+                if client != client_id {
+                    break;
+                }
+                filters.push(filter.to_owned());
+            }
+            for filter in &filters {
+                subscriptions.remove((client_id, filter.as_str()))?;
+            }
+            txn.open_table(INBOUND_QOS2)?
+                .retain_in((client_id, 0)..=(client_id, u16::MAX), |_, _| false)?;
+            txn.open_table(DELIVERIES)?
+                .retain_in((client_id, 0)..=(client_id, u64::MAX), |_, _| false)?;
+            Ok(())
+        });
+    }
+
+    fn put_subscription(&mut self, client_id: &str, filter: &str, entry: &SubscriptionEntry) {
+        let value = encode_subscription(entry);
+        self.write("writing a subscription", |txn| {
+            let mut table = txn.open_table(SUBSCRIPTIONS)?;
+            table.insert((client_id, filter), value.as_slice())?;
+            Ok(())
+        });
+    }
+
+    fn delete_subscription(&mut self, client_id: &str, filter: &str) {
+        self.write("deleting a subscription", |txn| {
+            txn.open_table(SUBSCRIPTIONS)?.remove((client_id, filter))?;
+            Ok(())
+        });
+    }
+
+    fn put_inbound_qos2(&mut self, client_id: &str, packet_id: u16) {
+        self.write("writing an inbound QoS 2 id", |txn| {
+            txn.open_table(INBOUND_QOS2)?
+                .insert((client_id, packet_id), ())?;
+            Ok(())
+        });
+    }
+
+    fn delete_inbound_qos2(&mut self, client_id: &str, packet_id: u16) {
+        self.write("deleting an inbound QoS 2 id", |txn| {
+            txn.open_table(INBOUND_QOS2)?.remove((client_id, packet_id))?;
+            Ok(())
+        });
+    }
+
+    fn put_delivery(
+        &mut self,
+        client_id: &str,
+        seq: u64,
+        delivery: &StoredDelivery,
+        state: DeliveryState,
+    ) {
+        const CONTEXT: &str = "writing a delivery";
+        match encode_delivery(delivery, state) {
+            Ok(value) => self.write(CONTEXT, |txn| {
+                let mut table = txn.open_table(DELIVERIES)?;
+                table.insert((client_id, seq), value.as_slice())?;
+                Ok(())
+            }),
+            Err(e) => self.fail(CONTEXT, e),
+        }
+    }
+
+    fn set_delivery_state(&mut self, client_id: &str, seq: u64, state: DeliveryState) {
+        self.write("updating a delivery", |txn| {
+            let mut table = txn.open_table(DELIVERIES)?;
+            let patched = match table.get((client_id, seq))? {
+                None => return Ok(()),
+                Some(value) => patch_delivery_state(value.value(), state),
+            };
+            match patched {
+                Ok(value) => {
+                    table.insert((client_id, seq), value.as_slice())?;
+                }
+                Err(e) => {
+                    error!(client = %client_id, seq, error = %e, "removing undecodable delivery: the message is lost");
+                    table.remove((client_id, seq))?;
+                }
+            }
+            Ok(())
+        });
+    }
+
+    fn delete_delivery(&mut self, client_id: &str, seq: u64) {
+        self.write("deleting a delivery", |txn| {
+            txn.open_table(DELIVERIES)?.remove((client_id, seq))?;
+            Ok(())
+        });
+    }
+
+    fn read_pending(
+        &mut self,
+        client_id: &str,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, StoredDelivery)>, StoreError> {
+        let mut bad = Vec::new();
+        let out = match &self.txn {
+            Some(txn) => {
+                let table = txn.open_table(DELIVERIES).or_store("reading a queue")?;
+                scan_pending(&table, client_id, from, limit, &mut bad)
+            }
+            None => {
+                let txn = self.db.begin_read().or_store("reading a queue")?;
+                let table = txn.open_table(DELIVERIES).or_store("reading a queue")?;
+                scan_pending(&table, client_id, from, limit, &mut bad)
+            }
+        }
+        .or_store("reading a queue")?;
+        if !bad.is_empty() {
+            self.write("removing undecodable deliveries", |txn| {
+                let mut table = txn.open_table(DELIVERIES)?;
+                for seq in &bad {
+                    table.remove((client_id, *seq))?;
+                }
+                Ok(())
+            });
+        }
+        Ok(out)
+    }
+
+    fn put_retained(&mut self, message: &StoredMessage) {
+        const CONTEXT: &str = "writing a retained message";
+        match encode_retained(message) {
+            Ok(value) => self.write(CONTEXT, |txn| {
+                let mut table = txn.open_table(RETAINED)?;
+                table.insert(message.topic.as_str(), value.as_slice())?;
+                Ok(())
+            }),
+            Err(e) => self.fail(CONTEXT, e),
+        }
+    }
+
+    fn delete_retained(&mut self, topic: &str) {
+        self.write("deleting a retained message", |txn| {
+            txn.open_table(RETAINED)?.remove(topic)?;
+            Ok(())
+        });
+    }
+
+    /// Commits the open batch: durably, or not, per the [`FsyncPolicy`]. With nothing written
+    /// it still makes earlier non-durable commits durable when the policy says it is time.
+    /// After an error the batch is discarded.
+    fn commit(&mut self) -> Result<(), StoreError> {
+        if let Some(e) = self.failure.take() {
+            self.txn = None;
+            return Err(e);
+        }
+        let now = Instant::now();
+        let durable = self.durable_due(now);
+        let mut txn = match self.txn.take() {
+            Some(txn) => txn,
+            None if self.unsynced && durable => self.db.begin_write().or_store("committing")?,
+            None => return Ok(()),
+        };
+        txn.set_durability(if durable {
+            Durability::Immediate
+        } else {
+            Durability::None
+        });
+        txn.commit().or_store("committing")?;
+        if durable {
+            self.last_durable = now;
+            self.unsynced = false;
+        } else {
+            self.unsynced = true;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,268 @@
+//! A damaged data file or record never stops start-up: the file is set aside (or the record
+//! skipped and removed), the loss is logged, and the store keeps working.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+
+use common::{delivery, message, session, subscription, temp_dir};
+use halyard_codec::QoS;
+use halyard_core::store::{DeliveryState, Store};
+use halyard_store::{FsyncPolicy, LoadReport, RedbStore, FILE_NAME};
+use redb::TableDefinition;
+
+const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
+const SUBSCRIPTIONS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("subscriptions");
+const DELIVERIES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("deliveries");
+const RETAINED: TableDefinition<&str, &[u8]> = TableDefinition::new("retained");
+
+/// Deterministic bytes that look nothing like a redb file.
+fn garbage(len: usize) -> Vec<u8> {
+    let mut x: u32 = 0x9E37_79B9;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+/// Writes a store with `n` pending deliveries for "c" and closes it.
+fn populated(dir: &Path, n: u64) {
+    let mut store = RedbStore::open(dir, FsyncPolicy::Always).expect("open");
+    store.put_session(&session("c"));
+    store.put_subscription("c", "f", &subscription(QoS::AtLeastOnce, None));
+    for seq in 0..n {
+        let d = delivery(message("t", &[7u8; 64]), QoS::AtLeastOnce);
+        store.put_delivery("c", seq, &d, DeliveryState::Pending);
+    }
+    store.put_retained(&message("r", b"kept"));
+    store.commit().expect("commit");
+    store.close().expect("close");
+}
+
+/// The store works: a write survives a reopen.
+fn assert_usable(dir: &Path) {
+    let mut store = RedbStore::open(dir, FsyncPolicy::Always).expect("reopen");
+    store.load().expect("load");
+    store.put_session(&session("after"));
+    store.commit().expect("commit");
+    drop(store);
+    let mut store = RedbStore::open(dir, FsyncPolicy::Always).expect("reopen");
+    let state = store.load().expect("load");
+    assert!(state
+        .sessions
+        .iter()
+        .any(|s| s.record.client_id == "after"));
+}
+
+fn set_aside_files(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .expect("read dir")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with(&format!("{FILE_NAME}.corrupt-")))
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn garbage_file_is_set_aside_and_the_store_starts_empty() {
+    let dir = temp_dir();
+    let bytes = garbage(100_000);
+    fs::write(dir.path().join(FILE_NAME), &bytes).expect("write");
+
+    let mut store = RedbStore::open(dir.path(), FsyncPolicy::Always).expect("starts");
+    let aside = store.set_aside_file().expect("file set aside").to_owned();
+    assert_eq!(fs::read(&aside).expect("set-aside file kept"), bytes);
+    let state = store.load().expect("load");
+    assert!(state.sessions.is_empty() && state.retained.is_empty());
+    drop(store);
+    assert_usable(dir.path());
+
+    // A second damaged file in the same second gets its own name.
+    fs::write(dir.path().join(FILE_NAME), garbage(5000)).expect("write");
+    let store = RedbStore::open(dir.path(), FsyncPolicy::Always).expect("starts");
+    assert!(store.set_aside_file().is_some());
+    drop(store);
+    assert_eq!(set_aside_files(dir.path()).len(), 2);
+}
+
+#[test]
+fn damaged_header_is_set_aside() {
+    let dir = temp_dir();
+    populated(dir.path(), 10);
+    let path = dir.path().join(FILE_NAME);
+    let mut bytes = fs::read(&path).expect("read");
+    bytes[..512].fill(0xAB);
+    fs::write(&path, &bytes).expect("write");
+
+    let store = RedbStore::open(dir.path(), FsyncPolicy::Always).expect("starts");
+    assert!(store.set_aside_file().is_some_and(Path::exists));
+    drop(store);
+    assert_usable(dir.path());
+}
+
+#[test]
+fn truncated_file_never_stops_start_up() {
+    let dir = temp_dir();
+    populated(dir.path(), 2000);
+    let path = dir.path().join(FILE_NAME);
+    let len = fs::metadata(&path).expect("stat").len();
+    for keep in [len / 2, 4096, 1000, 10] {
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .expect("open file");
+        file.set_len(keep).expect("truncate");
+        drop(file);
+        let mut store = RedbStore::open(dir.path(), FsyncPolicy::Always).expect("starts");
+        // Whether redb repaired what was left or the file was set aside, load works.
+        store.load().expect("load");
+        drop(store);
+        assert_usable(dir.path());
+        populated(dir.path(), 2000);
+    }
+}
+
+#[test]
+fn zero_length_file_is_a_new_database() {
+    let dir = temp_dir();
+    fs::write(dir.path().join(FILE_NAME), b"").expect("write");
+    let store = RedbStore::open(dir.path(), FsyncPolicy::Always).expect("starts");
+    assert!(store.set_aside_file().is_none());
+    drop(store);
+    assert!(set_aside_files(dir.path()).is_empty());
+}
+
+#[test]
+fn a_file_in_use_is_an_error_not_corruption() {
+    let dir = temp_dir();
+    let _first = RedbStore::open(dir.path(), FsyncPolicy::Always).expect("open");
+    let second = RedbStore::open(dir.path(), FsyncPolicy::Always);
+    assert!(second.is_err());
+    assert!(set_aside_files(dir.path()).is_empty());
+}
+
+#[test]
+fn undecodable_records_are_skipped_logged_and_removed() {
+    let dir = temp_dir();
+    populated(dir.path(), 5);
+    {
+        let mut store = RedbStore::open(dir.path(), FsyncPolicy::Always).expect("open");
+        store.put_session(&session("other"));
+        store.put_delivery(
+            "c",
+            10,
+            &delivery(message("t", b"in flight"), QoS::AtLeastOnce),
+            DeliveryState::AwaitingAck(4),
+        );
+        store.commit().expect("commit");
+    }
+    // Damage records behind the store's back, as a bit flip or a buggy release would.
+    {
+        let db = redb::Database::create(dir.path().join(FILE_NAME)).expect("raw open");
+        let txn = db.begin_write().expect("txn");
+        {
+            let mut sessions = txn.open_table(SESSIONS).expect("table");
+            sessions.insert("other", &b"\x01\x00"[..]).expect("insert");
+            let mut subs = txn.open_table(SUBSCRIPTIONS).expect("table");
+            subs.insert(("c", "bad"), &b"\x09garbage"[..]).expect("insert");
+            let mut deliveries = txn.open_table(DELIVERIES).expect("table");
+            // An in-flight delivery whose message is cut short: found by load.
+            deliveries
+                .insert(("c", 11), &b"\x01\x01\x00\x05\x01\x00\x00\x00\x00\x00"[..])
+                .expect("insert");
+            // A pending one with a garbage body: load only counts it; read_pending finds it.
+            deliveries
+                .insert(("c", 2), &b"\x01\x00\x00\x00garbage"[..])
+                .expect("insert");
+            let mut retained = txn.open_table(RETAINED).expect("table");
+            retained.insert("r2", &b"\x01"[..]).expect("insert");
+        }
+        txn.commit().expect("commit");
+    }
+
+    let mut store = RedbStore::open(dir.path(), FsyncPolicy::Always).expect("open");
+    let state = store.load().expect("load");
+    let report = store.last_load_report().expect("report").clone();
+    assert_eq!(
+        report,
+        LoadReport {
+            sessions: 1,
+            subscriptions: 1,
+            inbound_qos2: 0,
+            inflight: 1,
+            pending: 5,
+            retained: 1,
+            corrupt: 4,
+            orphaned: 0,
+        }
+    );
+    let c = &state.sessions[0];
+    assert_eq!(c.record.client_id, "c");
+    assert_eq!(c.subscriptions.len(), 1);
+    assert_eq!(c.inflight.len(), 1);
+    assert_eq!((c.first_pending, c.pending_count, c.next_seq), (Some(0), 5, 12));
+    assert_eq!(state.retained.len(), 1);
+
+    // The damaged pending delivery is skipped when its page is read.
+    let pending = store.read_pending("c", 0, 10).expect("read");
+    assert_eq!(
+        pending.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(),
+        vec![0, 1, 3, 4]
+    );
+    store.commit().expect("commit");
+    drop(store);
+
+    // Everything damaged was removed, so the next start-up is clean.
+    let mut store = RedbStore::open(dir.path(), FsyncPolicy::Always).expect("open");
+    store.load().expect("load");
+    let report = store.last_load_report().expect("report");
+    assert_eq!((report.corrupt, report.pending), (0, 4));
+}
+
+#[test]
+fn orphaned_records_are_removed_at_load() {
+    let dir = temp_dir();
+    let mut store = RedbStore::open(dir.path(), FsyncPolicy::Always).expect("open");
+    store.put_subscription("ghost", "f", &subscription(QoS::AtLeastOnce, None));
+    store.put_inbound_qos2("ghost", 3);
+    for seq in 0..3 {
+        let d = delivery(message("t", b"x"), QoS::AtLeastOnce);
+        store.put_delivery("ghost", seq, &d, DeliveryState::Pending);
+    }
+    store.commit().expect("commit");
+    store.load().expect("load");
+    assert_eq!(store.last_load_report().expect("report").orphaned, 5);
+    drop(store);
+    let mut store = RedbStore::open(dir.path(), FsyncPolicy::Always).expect("open");
+    store.load().expect("load");
+    assert_eq!(store.last_load_report().expect("report").orphaned, 0);
+}
+
+#[test]
+fn a_write_that_cannot_be_encoded_fails_the_commit_and_its_batch() {
+    let dir = temp_dir();
+    let mut store = RedbStore::open(dir.path(), FsyncPolicy::Always).expect("open");
+    store.put_session(&session("lost"));
+    // Longer than an MQTT string can be.
+    store.put_retained(&message(&"t".repeat(70_000), b"x"));
+    assert!(store.commit().is_err());
+    // The failed batch is gone; the store goes on.
+    store.put_session(&session("kept"));
+    store.commit().expect("commit");
+    drop(store);
+    let mut store = RedbStore::open(dir.path(), FsyncPolicy::Always).expect("open");
+    let state = store.load().expect("load");
+    let clients: Vec<_> = state
+        .sessions
+        .iter()
+        .map(|s| s.record.client_id.as_str())
+        .collect();
+    assert_eq!(clients, vec!["kept"]);
+}

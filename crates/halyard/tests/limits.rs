@@ -1,0 +1,212 @@
+//! Configured limits: queue size, packet size, topic length / levels, in-flight window.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use halyard_codec::{Packet, ProtocolVersion, QoS, ReasonCode};
+
+/// DESIGN 3 ("never PUBACK then drop silently") / 3.4.2.1 0x97: with max_queued_messages = 5
+/// and a persistent offline MQTT 5 subscriber, the publisher eventually gets PUBACK 0x97
+/// (Quota exceeded); every message acknowledged with success is delivered on reconnect.
+#[tokio::test]
+async fn full_queue_refuses_with_puback_0x97() {
+    let broker = Broker::start_with_config("max_queued_messages = 5\n");
+    let mut conn = connect_packet(ProtocolVersion::V5, "offline", false);
+    conn.properties.session_expiry_interval = Some(60);
+    let (mut c, _) = RawClient::handshake(broker.addr(), conn.clone()).await;
+    c.subscribe(1, &[("q/t", QoS::AtLeastOnce)]).await;
+    c.disconnect().await;
+    let mut publ = RawClient::connect_v5(broker.addr(), "pub", true).await;
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    for i in 0..60u16 {
+        let r = publ
+            .publish(publish_packet(
+                "q/t",
+                &i.to_be_bytes(),
+                QoS::AtLeastOnce,
+                false,
+                Some(i + 1),
+            ))
+            .await;
+        if r == ReasonCode::QUOTA_EXCEEDED {
+            refused += 1;
+        } else {
+            assert_eq!(r, ReasonCode::SUCCESS, "message {i}");
+            assert_eq!(refused, 0, "accepted {i} after a refusal");
+            accepted.push(i);
+        }
+    }
+    assert!(
+        refused > 0,
+        "queue of 5 never reported full (accepted {})",
+        accepted.len()
+    );
+    assert!(accepted.len() >= 5, "accepted only {}", accepted.len());
+    let (mut c, ack) = RawClient::handshake(broker.addr(), conn).await;
+    assert!(ack.session_present);
+    for i in &accepted {
+        let p = c.recv_publish_ack().await;
+        assert_eq!(
+            p.payload.as_ref(),
+            &i.to_be_bytes(),
+            "accepted messages delivered in order"
+        );
+    }
+    c.expect_nothing(300).await;
+}
+
+/// [MQTT-3.2.2-15] server side / 4.13: a packet larger than max_packet_size -> MQTT 5
+/// DISCONNECT 0x95 (Packet too large) then close.
+#[tokio::test]
+async fn v5_packet_larger_than_max_packet_size_disconnect_0x95() {
+    let broker = Broker::start_with_config("max_packet_size = 1000\n");
+    let mut c = RawClient::connect_v5(broker.addr(), "big", true).await;
+    c.send(&Packet::Publish(publish_packet(
+        "big/t",
+        &[0u8; 2000],
+        QoS::AtMostOnce,
+        false,
+        None,
+    )))
+    .await;
+    c.expect_disconnect(ReasonCode::PACKET_TOO_LARGE).await;
+}
+
+/// 3.1.1: an oversized packet closes the connection; other clients are unaffected.
+#[tokio::test]
+async fn v311_packet_larger_than_max_packet_size_closes() {
+    let broker = Broker::start_with_config("max_packet_size = 1000\n");
+    let mut other = RawClient::connect_v311(broker.addr(), "other", true).await;
+    let mut c = RawClient::connect_v311(broker.addr(), "big", true).await;
+    c.send(&Packet::Publish(publish_packet(
+        "big/t",
+        &[0u8; 2000],
+        QoS::AtMostOnce,
+        false,
+        None,
+    )))
+    .await;
+    c.expect_closed().await;
+    other.ping().await;
+}
+
+/// A packet just under the limit is accepted and delivered.
+#[tokio::test]
+async fn packet_within_max_packet_size_accepted() {
+    let broker = Broker::start_with_config("max_packet_size = 1000\n");
+    let mut c = RawClient::connect_v5(broker.addr(), "fits", true).await;
+    c.subscribe(1, &[("fit/t", QoS::AtMostOnce)]).await;
+    c.send(&Packet::Publish(publish_packet(
+        "fit/t",
+        &[7u8; 900],
+        QoS::AtMostOnce,
+        false,
+        None,
+    )))
+    .await;
+    assert_eq!(c.recv_publish().await.payload.len(), 900);
+}
+
+/// max_topic_length = 16: a PUBLISH to a longer topic is rejected (PUBACK or DISCONNECT with
+/// 0x90 Topic Name invalid) and not delivered.
+#[tokio::test]
+async fn topic_longer_than_max_topic_length_rejected() {
+    let broker = Broker::start_with_config("max_topic_length = 16\n");
+    let mut sub = RawClient::connect_v5(broker.addr(), "sub", true).await;
+    sub.subscribe(1, &[("#", QoS::AtMostOnce)]).await;
+    let mut c = RawClient::connect_v5(broker.addr(), "long", true).await;
+    let topic = "a/very/long/topic/name"; // 22 bytes
+    c.send(&Packet::Publish(publish_packet(
+        topic,
+        b"x",
+        QoS::AtLeastOnce,
+        false,
+        Some(1),
+    )))
+    .await;
+    match c.recv().await {
+        Packet::PubAck(a) => assert_eq!(a.reason, ReasonCode::TOPIC_NAME_INVALID),
+        Packet::Disconnect(d) => assert_eq!(d.reason, ReasonCode::TOPIC_NAME_INVALID),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    sub.expect_nothing(300).await;
+}
+
+/// max_topic_length = 16: a longer filter is refused in SUBACK (0x8F) or closes.
+#[tokio::test]
+async fn filter_longer_than_max_topic_length_refused() {
+    let broker = Broker::start_with_config("max_topic_length = 16\n");
+    let mut c = RawClient::connect_v5(broker.addr(), "longf", true).await;
+    c.send(&Packet::Subscribe(subscribe_packet(
+        1,
+        &[
+            ("ok/#", QoS::AtMostOnce),
+            ("a/very/long/filter/#", QoS::AtMostOnce),
+        ],
+    )))
+    .await;
+    match c.try_recv(TIMEOUT).await {
+        Ok(Packet::SubAck(a)) => assert_eq!(
+            a.reasons,
+            vec![ReasonCode::GRANTED_QOS_0, ReasonCode::TOPIC_FILTER_INVALID]
+        ),
+        Ok(Packet::Disconnect(d)) => assert!(d.reason.is_error()),
+        Err(RecvError::Closed) => {}
+        other => panic!("expected refusal, got {other:?}"),
+    }
+}
+
+/// max_topic_levels = 3: a 4-level topic is rejected and not delivered.
+#[tokio::test]
+async fn topic_with_too_many_levels_rejected() {
+    let broker = Broker::start_with_config("max_topic_levels = 3\n");
+    let mut sub = RawClient::connect_v5(broker.addr(), "sub", true).await;
+    sub.subscribe(1, &[("#", QoS::AtMostOnce)]).await;
+    let mut c = RawClient::connect_v5(broker.addr(), "deep", true).await;
+    c.send(&Packet::Publish(publish_packet(
+        "a/b/c/d",
+        b"x",
+        QoS::AtLeastOnce,
+        false,
+        Some(1),
+    )))
+    .await;
+    match c.recv().await {
+        Packet::PubAck(a) => assert!(a.reason.is_error(), "{a:?}"),
+        Packet::Disconnect(d) => assert!(d.reason.is_error(), "{d:?}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    sub.expect_nothing(300).await;
+}
+
+/// max_inflight = 2: a 3.1.1 subscriber that does not acknowledge has at most 2 QoS 1
+/// messages in flight; acknowledging releases the next one.
+#[tokio::test]
+async fn outbound_inflight_window_limited_by_max_inflight() {
+    let broker = Broker::start_with_config("max_inflight = 2\n");
+    let mut sub = RawClient::connect_v311(broker.addr(), "slow", true).await;
+    sub.subscribe(1, &[("if/t", QoS::AtLeastOnce)]).await;
+    let mut publ = RawClient::connect_v311(broker.addr(), "pub", true).await;
+    for i in 0..5u8 {
+        publ.publish(publish_packet(
+            "if/t",
+            &[i],
+            QoS::AtLeastOnce,
+            false,
+            Some(1 + i as u16),
+        ))
+        .await;
+    }
+    let a = sub.recv_publish().await;
+    let _b = sub.recv_publish().await;
+    sub.expect_nothing(400).await;
+    sub.ack(&a).await;
+    let c = sub.try_recv(Duration::from_secs(2)).await;
+    assert!(
+        matches!(c, Ok(Packet::Publish(ref p)) if p.payload.as_ref() == [2]),
+        "{c:?}"
+    );
+}
