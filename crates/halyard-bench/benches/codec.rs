@@ -97,8 +97,18 @@ fn codec(c: &mut Criterion) {
         ("v311", ProtocolVersion::V3_1_1),
         ("v5", ProtocolVersion::V5),
     ] {
-        bench_packet(c, &format!("publish_qos0_64B_{label}"), &publish(QoS::AtMostOnce), version);
-        bench_packet(c, &format!("publish_qos1_64B_{label}"), &publish(QoS::AtLeastOnce), version);
+        bench_packet(
+            c,
+            &format!("publish_qos0_64B_{label}"),
+            &publish(QoS::AtMostOnce),
+            version,
+        );
+        bench_packet(
+            c,
+            &format!("publish_qos1_64B_{label}"),
+            &publish(QoS::AtLeastOnce),
+            version,
+        );
         bench_packet(c, &format!("connect_{label}"), &connect(version), version);
         bench_packet(c, &format!("subscribe_{label}"), &subscribe(), version);
     }

@@ -84,7 +84,8 @@ impl Deliveries {
         self.received += 1;
         let index = publisher as usize;
         if index >= self.per_publisher.len() {
-            self.per_publisher.resize_with(index + 1, SeqTracker::default);
+            self.per_publisher
+                .resize_with(index + 1, SeqTracker::default);
         }
         self.per_publisher[index].record(seq)
     }

@@ -8,6 +8,8 @@
 //! - [`run`]: the scenarios (`fanin`, `fanout`, `pairs`, `latency`, `conns`) and the report.
 //! - [`sys`]: the tool's own CPU use and the open-file limit.
 
+#![warn(missing_docs)]
+
 pub mod accounting;
 pub mod mqtt;
 pub mod payload;

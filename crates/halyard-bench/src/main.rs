@@ -102,7 +102,9 @@ fn params(scenario: Scenario, o: Opts) -> Result<(Params, SocketAddr)> {
         ));
     }
     if !(o.duration > 0.0 && o.warmup >= 0.0 && o.drain >= 0.0 && o.hold >= 0.0) {
-        return Err(anyhow!("--duration must be > 0; --warmup, --drain, --hold >= 0"));
+        return Err(anyhow!(
+            "--duration must be > 0; --warmup, --drain, --hold >= 0"
+        ));
     }
     if o.rate.is_some_and(|r| r <= 0.0 || !r.is_finite()) {
         return Err(anyhow!("--rate must be a positive number"));

@@ -8,7 +8,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use bytes::{Bytes, BytesMut};
 use halyard_codec::{
     decode, encode, Connect, DecodeContext, Disconnect, Packet, Properties, ProtocolVersion,
-    Publish, PubResponse, QoS, Subscribe, Subscription, SubscriptionOptions,
+    PubResponse, Publish, QoS, Subscribe, Subscription, SubscriptionOptions,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -73,9 +73,12 @@ impl Conn {
         keep_alive: u16,
         timeout: Duration,
     ) -> Result<Conn> {
-        tokio::time::timeout(timeout, Conn::connect_inner(addr, version, client_id, keep_alive))
-            .await
-            .map_err(|_| anyhow!("no CONNACK within {timeout:?}"))?
+        tokio::time::timeout(
+            timeout,
+            Conn::connect_inner(addr, version, client_id, keep_alive),
+        )
+        .await
+        .map_err(|_| anyhow!("no CONNACK within {timeout:?}"))?
     }
 
     async fn connect_inner(
@@ -246,6 +249,22 @@ impl PublishTemplate {
 
     /// Appends one message with `packet_id` (ignored at QoS 0) and `header` to `out`.
     pub fn append(&self, out: &mut BytesMut, packet_id: u16, header: &PayloadHeader) {
+        self.append_flagged(out, packet_id, header, false);
+    }
+
+    /// Like [`append`](Self::append) but with the DUP flag set, for a retransmission. Only
+    /// meaningful at QoS 1 and 2 (DUP is forbidden at QoS 0, so it is not set there).
+    pub fn append_dup(&self, out: &mut BytesMut, packet_id: u16, header: &PayloadHeader) {
+        self.append_flagged(out, packet_id, header, self.packet_id_offset.is_some());
+    }
+
+    fn append_flagged(
+        &self,
+        out: &mut BytesMut,
+        packet_id: u16,
+        header: &PayloadHeader,
+        dup: bool,
+    ) {
         let start = out.len();
         out.extend_from_slice(&self.bytes);
         let msg = &mut out[start..];
@@ -253,6 +272,9 @@ impl PublishTemplate {
             msg[offset..offset + 2].copy_from_slice(&packet_id.to_be_bytes());
         }
         header.write(&mut msg[self.payload_offset..]);
+        if dup {
+            msg[0] |= 0x08;
+        }
     }
 }
 
@@ -269,7 +291,7 @@ mod tests {
             sent_ns: 12345,
         };
         template.append(&mut out, 0xBEEF, &header);
-        template.append(&mut out, 7, &PayloadHeader { seq: 100, ..header });
+        template.append_dup(&mut out, 7, &PayloadHeader { seq: 100, ..header });
         let ctx = client_context(version);
         for (expected_id, expected_seq) in [(0xBEEF, 99), (7, 100)] {
             let Some(Packet::Publish(p)) = decode(&mut out, &ctx).expect("decodes") else {
@@ -280,6 +302,8 @@ mod tests {
             assert_eq!(p.payload.len(), payload_len);
             let expected_id = (qos != QoS::AtMostOnce).then_some(expected_id);
             assert_eq!(p.packet_id, expected_id);
+            // The second one is a retransmission: DUP only where QoS allows it.
+            assert_eq!(p.dup, expected_seq == 100 && qos != QoS::AtMostOnce);
             let h = PayloadHeader::parse(&p.payload).expect("header");
             assert_eq!(h.seq, expected_seq);
             assert_eq!(h.publisher, 3);

@@ -193,6 +193,13 @@ pub struct Report {
     /// QoS 1/2 publications still unacknowledged when the drain ended.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unacked: Option<u64>,
+    /// Times a publisher reconnected after the broker closed its connection (unacknowledged
+    /// QoS 1/2 messages are then retransmitted with DUP set, same sequence number).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub publisher_reconnects: Option<u64>,
+    /// QoS 1/2 messages retransmitted after a reconnect.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retransmitted: Option<u64>,
     /// Seconds from the window's end until every delivery arrived (or the drain limit).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub drain_s: Option<f64>,
@@ -244,6 +251,8 @@ impl Report {
             acked: None,
             rejected: None,
             unacked: None,
+            publisher_reconnects: None,
+            retransmitted: None,
             drain_s: None,
             latency_us: None,
             connections: None,
@@ -493,12 +502,22 @@ async fn run_traffic(params: Params, addr: SocketAddr) -> Result<Report> {
             window,
             rate: params.rate,
             sched,
+            reconnect: Reconnect {
+                addr,
+                client_id: format!("hb-{run_id}-pub-{}", plan.id),
+                keep_alive,
+            },
+            pid_state: Vec::new(),
+            unacked: std::collections::HashMap::with_capacity(window.min(4096)),
+            inflight: 0,
+            next_pid: 0,
         };
         pub_set.spawn(task.run());
     }
 
     let mut sent_per_pub = vec![0u64; pub_plans.len()];
     let (mut sent_in_window, mut acked, mut rejected, mut unacked) = (0, 0, 0, 0);
+    let (mut reconnects, mut retransmitted) = (0, 0);
     while let Some(joined) = pub_set.join_next().await {
         match joined {
             Ok(r) => {
@@ -509,6 +528,8 @@ async fn run_traffic(params: Params, addr: SocketAddr) -> Result<Report> {
                 acked += r.acked;
                 rejected += r.rejected;
                 unacked += r.inflight_at_end;
+                reconnects += r.reconnects;
+                retransmitted += r.retransmitted;
                 if let Some(e) = r.error {
                     errors.push(format!("publisher {}: {e}", r.id));
                 }
@@ -586,7 +607,9 @@ async fn run_traffic(params: Params, addr: SocketAddr) -> Result<Report> {
         report.acked = Some(acked);
         report.rejected = Some(rejected);
         report.unacked = Some(unacked);
+        report.retransmitted = Some(retransmitted);
     }
+    report.publisher_reconnects = Some(reconnects);
     report.drain_s = Some((drain_s * 1000.0).round() / 1000.0);
     report.latency_us = LatencyReport::from_ns(&latency);
     report.error_count = errors.count;
@@ -616,8 +639,37 @@ struct PubResult {
     acked: u64,
     rejected: u64,
     inflight_at_end: u64,
+    reconnects: u64,
+    retransmitted: u64,
     error: Option<String>,
 }
+
+/// The broker closed the connection, or the socket failed: the publisher may reconnect.
+#[derive(Debug)]
+struct ConnectionLost(String);
+
+impl std::fmt::Display for ConnectionLost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConnectionLost {}
+
+fn lost(what: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::Error::new(ConnectionLost(what.to_string()))
+}
+
+/// How a publisher reconnects after the broker closes its connection.
+#[derive(Debug, Clone)]
+struct Reconnect {
+    addr: SocketAddr,
+    client_id: String,
+    keep_alive: u16,
+}
+
+/// Pause before reconnecting, so a broker that closes publishers under load is not stormed.
+const RECONNECT_DELAY: Duration = Duration::from_millis(10);
 
 struct PubTask {
     id: u32,
@@ -627,6 +679,13 @@ struct PubTask {
     window: usize,
     rate: Option<f64>,
     sched: Schedule,
+    reconnect: Reconnect,
+    /// QoS 1/2 state per packet id, kept across reconnects.
+    pid_state: Vec<u8>,
+    /// (seq, send timestamp) of each unacknowledged message, to retransmit it unchanged.
+    unacked: std::collections::HashMap<u16, (u64, u64)>,
+    inflight: usize,
+    next_pid: u16,
 }
 
 /// Per packet id: not in use, awaiting PUBACK/PUBREC, awaiting PUBCOMP.
@@ -643,40 +702,114 @@ impl PubTask {
             acked: 0,
             rejected: 0,
             inflight_at_end: 0,
+            reconnects: 0,
+            retransmitted: 0,
             error: None,
         };
-        let mut inflight = 0usize;
-        if let Err(e) = self.publish(&mut result, &mut inflight).await {
-            result.error = Some(format!("{e:#}"));
+        if self.qos != QoS::AtMostOnce {
+            self.pid_state = vec![PID_FREE; 65_536];
         }
-        result.inflight_at_end = inflight as u64;
-        if result.error.is_none() {
-            self.conn.disconnect().await;
+        let mut resend = false;
+        loop {
+            match self.publish(&mut result, resend).await {
+                Ok(()) => {
+                    self.conn_disconnect().await;
+                    break;
+                }
+                Err(e) if e.is::<ConnectionLost>() && Instant::now() < self.sched.hard_deadline => {
+                    // A real client reconnects and retransmits what was not acknowledged
+                    // (MQTT 3.x brokers may close a publisher instead of refusing a message).
+                    tokio::time::sleep(RECONNECT_DELAY).await;
+                    let r = &self.reconnect;
+                    match Conn::connect(
+                        r.addr,
+                        self.conn.version,
+                        &r.client_id,
+                        r.keep_alive,
+                        Duration::from_secs(5),
+                    )
+                    .await
+                    {
+                        Ok(conn) => {
+                            self.conn = conn;
+                            result.reconnects += 1;
+                            resend = true;
+                        }
+                        Err(e2) => {
+                            result.error = Some(format!("{e:#}; reconnect failed: {e2:#}"));
+                            break;
+                        }
+                    }
+                }
+                Err(e) => {
+                    result.error = Some(format!("{e:#}"));
+                    break;
+                }
+            }
         }
+        result.inflight_at_end = self.inflight as u64;
         result
     }
 
-    async fn publish(&mut self, r: &mut PubResult, inflight: &mut usize) -> Result<()> {
+    async fn conn_disconnect(&mut self) {
+        let mut out = BytesMut::with_capacity(8);
+        if encode_into(
+            &Packet::Disconnect(halyard_codec::Disconnect::default()),
+            self.conn.version,
+            &mut out,
+        )
+        .is_ok()
+        {
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                let _ = self.conn.stream.write_all(&out).await;
+                let _ = self.conn.stream.shutdown().await;
+            })
+            .await;
+        }
+    }
+
+    /// Publishes on the current connection until done; with `resend`, first retransmits
+    /// every unacknowledged message (DUP set) and PUBREL.
+    async fn publish(&mut self, r: &mut PubResult, resend: bool) -> Result<()> {
         let sched = self.sched;
         let qos = self.qos;
         let version = self.conn.version;
         let ctx = client_context(version);
         let template = &self.template;
+        let pid_state = &mut self.pid_state;
+        let unacked = &mut self.unacked;
+        let inflight = &mut self.inflight;
+        let next_pid = &mut self.next_pid;
         let Conn { stream, inbuf, .. } = &mut self.conn;
         let (mut rd, mut wr) = stream.split();
         let mut out = BytesMut::with_capacity(HIGH_WATER + template.len());
-        let mut pid_state = if qos == QoS::AtMostOnce {
-            Vec::new()
-        } else {
-            vec![PID_FREE; 65_536]
-        };
-        let mut next_pid: u16 = 0;
         let window = if qos == QoS::AtMostOnce {
             usize::MAX
         } else {
             self.window
         };
-
+        if resend {
+            let mut pids: Vec<u16> = unacked.keys().copied().collect();
+            pids.extend((1..=u16::MAX).filter(|&p| pid_state[usize::from(p)] == PID_RELEASED));
+            pids.sort_unstable();
+            for pid in pids {
+                match pid_state[usize::from(pid)] {
+                    PID_SENT => {
+                        if let Some(&(seq, sent_ns)) = unacked.get(&pid) {
+                            let header = PayloadHeader {
+                                publisher: self.id,
+                                seq,
+                                sent_ns,
+                            };
+                            template.append_dup(&mut out, pid, &header);
+                            r.retransmitted += 1;
+                        }
+                    }
+                    PID_RELEASED => encode_ack(Packet::PubRel, pid, version, &mut out)?,
+                    _ => {}
+                }
+            }
+        }
         // Without a rate, refill the QoS 1/2 window only once a quarter of it is free, so that
         // acks arriving one by one do not each cost a write system call.
         let refill_at = if self.rate.is_none() && qos != QoS::AtMostOnce {
@@ -720,14 +853,15 @@ impl PubTask {
                             0
                         } else {
                             loop {
-                                next_pid = next_pid.checked_add(1).unwrap_or(1);
-                                if pid_state[usize::from(next_pid)] == PID_FREE {
+                                *next_pid = next_pid.checked_add(1).unwrap_or(1);
+                                if pid_state[usize::from(*next_pid)] == PID_FREE {
                                     break;
                                 }
                             }
-                            pid_state[usize::from(next_pid)] = PID_SENT;
+                            pid_state[usize::from(*next_pid)] = PID_SENT;
+                            unacked.insert(*next_pid, (r.sent, sent_ns));
                             *inflight += 1;
-                            next_pid
+                            *next_pid
                         };
                         let header = PayloadHeader {
                             publisher: self.id,
@@ -760,8 +894,10 @@ impl PubTask {
             }
             tokio::select! {
                 res = rd.read_buf(inbuf) => {
-                    if res? == 0 {
-                        bail!("connection closed by the broker");
+                    match res {
+                        Ok(0) => return Err(lost("connection closed by the broker")),
+                        Ok(_) => {}
+                        Err(e) => return Err(lost(format!("read: {e}"))),
                     }
                     while let Some(packet) = decode(inbuf, &ctx)? {
                         match packet {
@@ -771,6 +907,7 @@ impl PubTask {
                                     bail!("PUBACK for unknown packet id {}", ack.packet_id);
                                 }
                                 *state = PID_FREE;
+                                unacked.remove(&ack.packet_id);
                                 *inflight -= 1;
                                 if ack.reason.is_error() {
                                     r.rejected += 1;
@@ -783,11 +920,13 @@ impl PubTask {
                                 match *state {
                                     PID_SENT if ack.reason.is_error() => {
                                         *state = PID_FREE;
+                                        unacked.remove(&ack.packet_id);
                                         *inflight -= 1;
                                         r.rejected += 1;
                                     }
                                     PID_SENT | PID_RELEASED => {
                                         *state = PID_RELEASED;
+                                        unacked.remove(&ack.packet_id);
                                         encode_ack(Packet::PubRel, ack.packet_id, version, &mut out)?;
                                     }
                                     _ => bail!("PUBREC for unknown packet id {}", ack.packet_id),
@@ -803,7 +942,7 @@ impl PubTask {
                                 r.acked += 1;
                             }
                             Packet::Disconnect(d) => {
-                                bail!("broker sent DISCONNECT {:#04x}", d.reason.0)
+                                return Err(lost(format!("broker sent DISCONNECT {:#04x}", d.reason.0)));
                             }
                             Packet::PingResp => {}
                             other => bail!("unexpected packet for a publisher: {other:?}"),
@@ -811,7 +950,7 @@ impl PubTask {
                     }
                 }
                 res = wr.write(&out), if !out.is_empty() => {
-                    let n = res?;
+                    let n = res.map_err(|e| lost(format!("write: {e}")))?;
                     out.advance(n);
                 }
                 () = &mut timer => {}

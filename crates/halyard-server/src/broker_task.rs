@@ -17,6 +17,9 @@ use tracing::{debug, error, info, warn};
 /// (fsync); bounding it keeps the first event's latency low.
 const MAX_EVENTS_PER_DRAIN: usize = 256;
 
+/// Longest time without a store commit, so interval durability holds on an idle broker.
+const IDLE_COMMIT_PERIOD: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// What connection tasks tell the broker task.
 #[derive(Debug)]
 pub(crate) enum Event {
@@ -102,6 +105,10 @@ pub(crate) async fn run(
     max_outbound_buffer: usize,
 ) -> Result<(), StoreError> {
     let mut dispatcher = Dispatcher::new(max_outbound_buffer);
+    // Commits also run on an idle tick: with `fsync = "interval"` the store makes earlier
+    // non-durable commits durable on a later commit, which must come even without traffic.
+    let mut idle_commit = tokio::time::interval(IDLE_COMMIT_PERIOD);
+    idle_commit.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let deadline = broker.poll_timeout();
         let timer = async {
@@ -125,6 +132,7 @@ pub(crate) async fn run(
                 }
             }
             () = timer => broker.handle_timeout(Instant::now()),
+            _ = idle_commit.tick() => {}
         }
         commit(&mut broker)?;
         dispatcher.dispatch(std::iter::from_fn(|| broker.poll_output()));

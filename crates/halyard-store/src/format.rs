@@ -23,8 +23,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
 use halyard_codec::{
-    decode, encode, DecodeContext, DecodeError, EncodeError, Packet, ProtocolVersion, Publish,
-    QoS, SubscriptionOptions, Will,
+    decode, encode, DecodeContext, DecodeError, EncodeError, Packet, ProtocolVersion, Publish, QoS,
+    SubscriptionOptions, Will,
 };
 use halyard_core::store::{DeliveryState, SessionRecord, StoredDelivery, StoredMessage};
 use halyard_core::SubscriptionEntry;
@@ -469,8 +469,7 @@ mod tests {
             let (back, back_state) = decode_delivery(&value).expect("decodes");
             assert_eq!(back, delivery);
             assert_eq!(back_state, state);
-            let patched =
-                patch_delivery_state(&value, DeliveryState::Pending).expect("patches");
+            let patched = patch_delivery_state(&value, DeliveryState::Pending).expect("patches");
             assert_eq!(
                 decode_delivery(&patched).expect("decodes").1,
                 DeliveryState::Pending

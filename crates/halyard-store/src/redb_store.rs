@@ -1,5 +1,9 @@
 //! [`RedbStore`]: the durable backend on redb, an embedded, pure-Rust, ACID key-value store.
 
+// redb's own error type is 160 bytes; it travels only on cold failure paths, where boxing it
+// would add noise and no speed.
+#![allow(clippy::result_large_err)]
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -14,7 +18,8 @@ use halyard_core::store::{
 };
 use halyard_core::SubscriptionEntry;
 use redb::{
-    Builder, Database, Durability, ReadableTable, RepairSession, TableDefinition, WriteTransaction,
+    Builder, Database, Durability, Key, ReadTransaction, ReadableTable, RepairSession,
+    TableDefinition, TableHandle, Value, WriteTransaction,
 };
 use tracing::{error, info, warn};
 
@@ -37,10 +42,12 @@ const DELIVERIES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("de
 /// topic -> retained message.
 const RETAINED: TableDefinition<&str, &[u8]> = TableDefinition::new("retained");
 
-/// How often [`FsyncPolicy::Never`] still makes a durable commit. redb reclaims the pages that
-/// a transaction freed only at a durable commit, so without one the file grows with every
-/// commit, without bound.
-const NEVER_HOUSEKEEPING: Duration = Duration::from_secs(60);
+/// At most this many non-durable commits in a row, whatever the policy. redb reuses the pages
+/// a transaction freed only after a durable commit, so every non-durable commit grows the
+/// file: measured with one small write per commit, 258 MiB after 5,000 commits without this
+/// bound; with it the file levels off at ~9 MiB (~33 MiB with a bound of 256), at the cost
+/// of one fsync per 64 commits.
+const MAX_NON_DURABLE_COMMITS: u32 = 64;
 
 /// When [`Store::commit`] waits for the disk (`storage.fsync` in the configuration).
 ///
@@ -53,13 +60,15 @@ pub enum FsyncPolicy {
     /// to `kill -9` or power loss. One fsync per commit (per batch, not per message).
     Always,
     /// A commit is durable only when at least this long has passed since the last durable
-    /// one; the others are not. A crash loses at most the commits of the last interval,
-    /// provided the server calls [`Store::commit`] at least once per interval even when idle
-    /// (a commit with nothing new still makes earlier non-durable commits durable when due).
+    /// one (or after 64 non-durable commits in a row, to bound file growth); the others are
+    /// not. A crash loses at most the commits of the last interval, provided the server calls
+    /// [`Store::commit`] at least once per interval even when idle (a commit with nothing new
+    /// still makes earlier non-durable commits durable when due).
     Interval(Duration),
-    /// Commits never wait for the disk: a crash may lose everything since the last durable
-    /// commit, which is made when the store is closed or dropped, and once a minute as
-    /// housekeeping (redb reuses freed pages only after a durable commit).
+    /// Commits do not wait for the disk: a crash may lose everything since the last durable
+    /// commit. Durable commits are made only when the store is closed or dropped, and after
+    /// 64 non-durable commits in a row, because redb reuses freed pages only after a durable
+    /// commit and the file would otherwise grow with every commit.
     Never,
 }
 
@@ -113,11 +122,13 @@ impl fmt::Display for LoadReport {
 /// non-durable commits durable.
 pub struct RedbStore {
     db: Database,
+    /// The data file.
+    path: PathBuf,
     policy: FsyncPolicy,
     /// The batch being written; `Some` only when it holds writes.
     txn: Option<WriteTransaction>,
-    /// A non-durable commit was made since the last durable one.
-    unsynced: bool,
+    /// Non-durable commits made since the last durable one.
+    unsynced: u32,
     last_durable: Instant,
     /// The first write error of the current batch.
     failure: Option<StoreError>,
@@ -203,13 +214,9 @@ fn open_database(path: &Path) -> Result<Database, OpenError> {
             .map_err(redb::Error::from)
             .map_err(classify("opening the data file"))?,
         Err(panic) => {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
             return Err(OpenError::Corrupt(format!(
-                "redb panicked opening the data file: {what}"
+                "redb panicked opening the data file: {}",
+                panic_message(&*panic)
             )));
         }
     };
@@ -301,13 +308,21 @@ impl Queue {
 }
 
 /// Reads everything through `txn`, collecting records to remove in `doomed`.
-fn scan(
-    txn: &WriteTransaction,
+fn scan<S, B, Q, D, R>(
+    tables: (&S, &B, &Q, &D, &R),
     report: &mut LoadReport,
     doomed: &mut Vec<Doomed>,
-) -> Result<LoadedState, redb::Error> {
+) -> Result<LoadedState, redb::Error>
+where
+    S: ReadableTable<&'static str, &'static [u8]>,
+    B: ReadableTable<(&'static str, &'static str), &'static [u8]>,
+    Q: ReadableTable<(&'static str, u16), ()>,
+    D: ReadableTable<(&'static str, u64), &'static [u8]>,
+    R: ReadableTable<&'static str, &'static [u8]>,
+{
+    let (session_table, subscription_table, qos2_table, delivery_table, retained_table) = tables;
     let mut sessions = BTreeMap::new();
-    for entry in txn.open_table(SESSIONS)?.iter()? {
+    for entry in session_table.iter()? {
         let (key, value) = entry?;
         let client = key.value();
         match decode_session(client, value.value()) {
@@ -331,7 +346,7 @@ fn scan(
         }
     }
 
-    for entry in txn.open_table(SUBSCRIPTIONS)?.iter()? {
+    for entry in subscription_table.iter()? {
         let (key, value) = entry?;
         let (client, filter) = key.value();
         let doom = || Doomed::Subscription(client.to_owned(), filter.to_owned());
@@ -351,7 +366,7 @@ fn scan(
         }
     }
 
-    for entry in txn.open_table(INBOUND_QOS2)?.iter()? {
+    for entry in qos2_table.iter()? {
         let (key, _) = entry?;
         let (client, packet_id) = key.value();
         match sessions.get_mut(client) {
@@ -365,7 +380,7 @@ fn scan(
     }
 
     let mut queue: Option<Queue> = None;
-    for entry in txn.open_table(DELIVERIES)?.iter()? {
+    for entry in delivery_table.iter()? {
         let (key, value) = entry?;
         let (client, seq) = key.value();
         if queue.as_ref().is_some_and(|q| q.client != client) {
@@ -404,7 +419,7 @@ fn scan(
     }
 
     let mut retained = Vec::new();
-    for entry in txn.open_table(RETAINED)?.iter()? {
+    for entry in retained_table.iter()? {
         let (key, value) = entry?;
         let topic = key.value();
         match decode_retained(value.value()) {
@@ -502,6 +517,88 @@ where
     Ok(out)
 }
 
+/// The message of a caught panic.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_default()
+}
+
+/// How reading the committed data failed.
+enum ScanFailure {
+    /// The file's structure is damaged: a redb corruption error, or a panic inside redb.
+    Damaged(String),
+    /// Anything else (I/O): returned to the caller.
+    Failed(StoreError),
+}
+
+/// Copies every readable record of `table` from a damaged database into `to`: forward from
+/// the first key until a damaged page stops the scan, then backward from the last key until
+/// it meets a damaged page or what was already copied. Logs what was lost, between which keys.
+fn copy_table<K, V>(
+    from: &ReadTransaction,
+    to: &WriteTransaction,
+    table: TableDefinition<K, V>,
+) -> Result<(), redb::Error>
+where
+    K: Key + 'static,
+    V: Value + 'static,
+    for<'a> K::SelfType<'a>: fmt::Debug,
+{
+    let name = table.name();
+    let mut target = to.open_table(table)?;
+    let mut copied = 0u64;
+    let mut last_forward = None;
+    let forward = catch_unwind(AssertUnwindSafe(|| -> Result<(), redb::Error> {
+        for entry in from.open_table(table)?.iter()? {
+            let (key, value) = entry?;
+            target.insert(key.value(), value.value())?;
+            copied += 1;
+            last_forward = Some(format!("{:?}", key.value()));
+        }
+        Ok(())
+    }));
+    let damage = match forward {
+        Ok(Ok(())) => {
+            info!(table = name, copied, "table salvaged intact");
+            return Ok(());
+        }
+        // An I/O error (say, writing the new file) is not damage of the old one.
+        Ok(Err(e)) if !is_corruption(&e) => return Err(e),
+        Ok(Err(e)) => e.to_string(),
+        Err(panic) => panic_message(&*panic),
+    };
+    let mut first_backward = None;
+    let backward = catch_unwind(AssertUnwindSafe(|| -> Result<(), redb::Error> {
+        for entry in from.open_table(table)?.iter()?.rev() {
+            let (key, value) = entry?;
+            if target.get(key.value())?.is_some() {
+                break;
+            }
+            target.insert(key.value(), value.value())?;
+            copied += 1;
+            first_backward = Some(format!("{:?}", key.value()));
+        }
+        Ok(())
+    }));
+    if let Ok(Err(e)) = backward {
+        if !is_corruption(&e) {
+            return Err(e);
+        }
+    }
+    error!(
+        table = name,
+        copied,
+        after_key = last_forward.as_deref().unwrap_or("(start of table)"),
+        before_key = first_backward.as_deref().unwrap_or("(end of table)"),
+        %damage,
+        "records of this table between these keys were unreadable and are lost"
+    );
+    Ok(())
+}
+
 impl RedbStore {
     /// Opens or creates `dir/halyard.redb`, creating `dir` if needed.
     ///
@@ -543,9 +640,10 @@ impl RedbStore {
         };
         Ok(RedbStore {
             db,
+            path,
             policy,
             txn: None,
-            unsynced: false,
+            unsynced: 0,
             last_durable: Instant::now(),
             failure: None,
             set_aside,
@@ -553,7 +651,8 @@ impl RedbStore {
         })
     }
 
-    /// Where a corrupt data file was moved when this store was opened, if it was.
+    /// Where a damaged data file was moved, if one was: at open (the store then started
+    /// empty) or by a salvage during [`Store::load`] (readable records were kept).
     pub fn set_aside_file(&self) -> Option<&Path> {
         self.set_aside.as_deref()
     }
@@ -572,11 +671,11 @@ impl RedbStore {
     fn shut_down(&mut self) -> Result<(), StoreError> {
         self.txn = None;
         self.failure = None;
-        if self.unsynced {
+        if self.unsynced > 0 {
             let mut txn = self.db.begin_write().or_store("closing")?;
             txn.set_durability(Durability::Immediate);
             txn.commit().or_store("closing")?;
-            self.unsynced = false;
+            self.unsynced = 0;
         }
         Ok(())
     }
@@ -612,12 +711,90 @@ impl RedbStore {
         }
     }
 
+    /// Scans the committed data through a read transaction, catching the panics redb raises
+    /// on some damaged pages.
+    fn scan_committed(
+        &self,
+        report: &mut LoadReport,
+        doomed: &mut Vec<Doomed>,
+    ) -> Result<LoadedState, ScanFailure> {
+        let attempt = catch_unwind(AssertUnwindSafe(|| -> Result<LoadedState, redb::Error> {
+            let txn = self.db.begin_read()?;
+            let sessions = txn.open_table(SESSIONS)?;
+            let subscriptions = txn.open_table(SUBSCRIPTIONS)?;
+            let qos2 = txn.open_table(INBOUND_QOS2)?;
+            let deliveries = txn.open_table(DELIVERIES)?;
+            let retained = txn.open_table(RETAINED)?;
+            let tables = (&sessions, &subscriptions, &qos2, &deliveries, &retained);
+            scan(tables, report, doomed)
+        }));
+        match attempt {
+            Ok(Ok(state)) => Ok(state),
+            Ok(Err(e)) if is_corruption(&e) => Err(ScanFailure::Damaged(e.to_string())),
+            Ok(Err(e)) => Err(ScanFailure::Failed(failed("loading")(e))),
+            Err(panic) => Err(ScanFailure::Damaged(format!(
+                "redb panicked reading the data file: {}",
+                panic_message(&*panic)
+            ))),
+        }
+    }
+
+    /// Moves a file whose pages are damaged aside and continues on a new file holding every
+    /// record that could still be read from it.
+    fn salvage(&mut self, reason: &str) -> Result<(), StoreError> {
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        let aside = set_aside_path(dir);
+        std::fs::rename(&self.path, &aside).map_err(|e| {
+            StoreError(format!(
+                "{} is damaged ({reason}) and could not be moved aside: {e}",
+                self.path.display()
+            ))
+        })?;
+        error!(
+            file = %self.path.display(),
+            moved_to = %aside.display(),
+            %reason,
+            "data file is damaged; it was moved aside and every readable record is copied to a \
+             new file"
+        );
+        let fresh = open_database(&self.path).map_err(|e| match e {
+            OpenError::Corrupt(reason) | OpenError::Other(StoreError(reason)) => {
+                StoreError(format!("creating a new {}: {reason}", self.path.display()))
+            }
+        })?;
+        let damaged = std::mem::replace(&mut self.db, fresh);
+        self.txn = None;
+        self.unsynced = 0;
+        let copied = self.copy_from(&damaged);
+        // Dropping the damaged database writes to it and may panic as well.
+        if catch_unwind(AssertUnwindSafe(move || drop(damaged))).is_err() {
+            warn!(file = %aside.display(), "closing the damaged data file failed");
+        }
+        copied?;
+        self.set_aside = Some(aside);
+        Ok(())
+    }
+
+    fn copy_from(&self, damaged: &Database) -> Result<(), StoreError> {
+        let from = damaged.begin_read().or_store("salvaging")?;
+        let mut to = self.db.begin_write().or_store("salvaging")?;
+        to.set_durability(Durability::Immediate);
+        copy_table(&from, &to, SESSIONS).or_store("salvaging")?;
+        copy_table(&from, &to, SUBSCRIPTIONS).or_store("salvaging")?;
+        copy_table(&from, &to, INBOUND_QOS2).or_store("salvaging")?;
+        copy_table(&from, &to, DELIVERIES).or_store("salvaging")?;
+        copy_table(&from, &to, RETAINED).or_store("salvaging")?;
+        to.commit().or_store("salvaging")
+    }
+
     fn durable_due(&self, now: Instant) -> bool {
-        let since = now.saturating_duration_since(self.last_durable);
+        let too_many = self.unsynced >= MAX_NON_DURABLE_COMMITS;
         match self.policy {
             FsyncPolicy::Always => true,
-            FsyncPolicy::Interval(interval) => since >= interval,
-            FsyncPolicy::Never => since >= NEVER_HOUSEKEEPING,
+            FsyncPolicy::Interval(interval) => {
+                too_many || now.saturating_duration_since(self.last_durable) >= interval
+            }
+            FsyncPolicy::Never => too_many,
         }
     }
 }
@@ -632,25 +809,54 @@ impl Drop for RedbStore {
 
 impl Store for RedbStore {
     /// Reads everything back. Records that do not decode, and records of a session whose
-    /// session record is missing, are logged with their keys, skipped and removed (committed
-    /// at once unless the caller has an open batch, which then carries the removal).
+    /// session record is missing, are logged with their keys, skipped and removed (committed at
+    /// once unless the caller has a batch open, which then carries the removal). If the file's
+    /// structure turns out to be damaged, it is moved aside and every readable record is
+    /// copied to a new file, logging the key ranges lost; then loading proceeds from that.
     fn load(&mut self) -> Result<LoadedState, StoreError> {
         let mut report = LoadReport::default();
         let mut doomed = Vec::new();
-        let own_batch = self.txn.is_none();
-        let txn = self.batch()?;
-        let state = scan(txn, &mut report, &mut doomed).or_store("loading")?;
+        let state = match &self.txn {
+            // The open batch must be seen, so read through it (no salvage: it holds writes).
+            Some(txn) => {
+                let mut scanned = || -> Result<LoadedState, redb::Error> {
+                    let sessions = txn.open_table(SESSIONS)?;
+                    let subscriptions = txn.open_table(SUBSCRIPTIONS)?;
+                    let qos2 = txn.open_table(INBOUND_QOS2)?;
+                    let deliveries = txn.open_table(DELIVERIES)?;
+                    let retained = txn.open_table(RETAINED)?;
+                    let tables = (&sessions, &subscriptions, &qos2, &deliveries, &retained);
+                    scan(tables, &mut report, &mut doomed)
+                };
+                scanned().or_store("loading")?
+            }
+            None => match self.scan_committed(&mut report, &mut doomed) {
+                Ok(state) => state,
+                Err(ScanFailure::Failed(e)) => return Err(e),
+                Err(ScanFailure::Damaged(reason)) => {
+                    self.salvage(&reason)?;
+                    report = LoadReport::default();
+                    doomed.clear();
+                    match self.scan_committed(&mut report, &mut doomed) {
+                        Ok(state) => state,
+                        Err(ScanFailure::Failed(e)) => return Err(e),
+                        Err(ScanFailure::Damaged(reason)) => {
+                            return Err(StoreError(format!("loading salvaged data: {reason}")))
+                        }
+                    }
+                }
+            },
+        };
         if !doomed.is_empty() {
-            remove_doomed(txn, &doomed).or_store("removing damaged records")?;
-        }
-        if own_batch {
-            if doomed.is_empty() {
-                self.txn = None; // Nothing written: abort the read-only batch.
-            } else {
+            let own_batch = self.txn.is_none();
+            self.write("removing damaged records", |txn| {
+                remove_doomed(txn, &doomed)
+            });
+            if own_batch {
                 self.commit()?;
             }
         }
-        if report.corrupt > 0 || report.orphaned > 0 {
+        if report.corrupt > 0 || report.orphaned > 0 || self.set_aside.is_some() {
             warn!("store loaded with losses: {report}");
         } else {
             info!("store loaded: {report}");
@@ -721,7 +927,8 @@ impl Store for RedbStore {
 
     fn delete_inbound_qos2(&mut self, client_id: &str, packet_id: u16) {
         self.write("deleting an inbound QoS 2 id", |txn| {
-            txn.open_table(INBOUND_QOS2)?.remove((client_id, packet_id))?;
+            txn.open_table(INBOUND_QOS2)?
+                .remove((client_id, packet_id))?;
             Ok(())
         });
     }
@@ -833,7 +1040,7 @@ impl Store for RedbStore {
         let durable = self.durable_due(now);
         let mut txn = match self.txn.take() {
             Some(txn) => txn,
-            None if self.unsynced && durable => self.db.begin_write().or_store("committing")?,
+            None if self.unsynced > 0 && durable => self.db.begin_write().or_store("committing")?,
             None => return Ok(()),
         };
         txn.set_durability(if durable {
@@ -844,10 +1051,82 @@ impl Store for RedbStore {
         txn.commit().or_store("committing")?;
         if durable {
             self.last_durable = now;
-            self.unsynced = false;
+            self.unsynced = 0;
         } else {
-            self.unsynced = true;
+            self.unsynced += 1;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store(policy: FsyncPolicy) -> (tempfile::TempDir, RedbStore) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = RedbStore::open(dir.path(), policy).expect("open");
+        (dir, store)
+    }
+
+    fn record(client_id: &str) -> SessionRecord {
+        SessionRecord {
+            client_id: client_id.to_owned(),
+            expiry_interval: 10,
+            expires_at: None,
+            delayed_will: None,
+        }
+    }
+
+    #[test]
+    fn always_leaves_nothing_unsynced() {
+        let (_dir, mut store) = store(FsyncPolicy::Always);
+        store.put_session(&record("a"));
+        store.commit().expect("commit");
+        assert_eq!(store.unsynced, 0);
+    }
+
+    #[test]
+    fn interval_syncs_when_due_even_without_new_writes() {
+        let (_dir, mut store) = store(FsyncPolicy::Interval(Duration::from_secs(3600)));
+        store.put_session(&record("a"));
+        store.commit().expect("commit");
+        assert_eq!(store.unsynced, 1, "not due yet: a non-durable commit");
+        store.commit().expect("idle commit");
+        assert_eq!(store.unsynced, 1);
+        store.last_durable -= Duration::from_secs(3600);
+        store.commit().expect("idle commit, now due");
+        assert_eq!(store.unsynced, 0);
+        assert!(store.txn.is_none());
+    }
+
+    #[test]
+    fn never_syncs_only_to_bound_growth_and_on_close() {
+        let (dir, mut store) = store(FsyncPolicy::Never);
+        for seq in 0..2 * u64::from(MAX_NON_DURABLE_COMMITS) {
+            store.put_session(&record("a"));
+            store.delete_delivery("a", seq);
+            store.commit().expect("commit");
+            assert!(store.unsynced <= MAX_NON_DURABLE_COMMITS);
+        }
+        assert!(store.unsynced > 0);
+        // Without the bound this file would be ~27 MiB.
+        let len = std::fs::metadata(dir.path().join(FILE_NAME))
+            .expect("stat")
+            .len();
+        assert!(len < 20 << 20, "file grew to {len} bytes");
+        store.close().expect("close makes it durable");
+    }
+
+    #[test]
+    fn set_aside_names_never_collide() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let first = set_aside_path(dir.path());
+        std::fs::write(&first, b"x").expect("write");
+        let second = set_aside_path(dir.path());
+        assert_ne!(first, second);
+        assert!(second
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("halyard.redb.corrupt-")));
     }
 }

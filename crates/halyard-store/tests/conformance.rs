@@ -115,7 +115,10 @@ fn round_trips_everything(h: &mut dyn Harness) {
     subs.sort_by(|x, y| x.0.cmp(&y.0));
     assert_eq!(
         subs,
-        vec![("$share/g/b/+".to_owned(), sub_b), ("a/#".to_owned(), sub_a)]
+        vec![
+            ("$share/g/b/+".to_owned(), sub_b),
+            ("a/#".to_owned(), sub_a)
+        ]
     );
     assert_eq!(a.inbound_qos2, vec![9, 65535]);
     assert_eq!(
@@ -194,7 +197,10 @@ fn read_pending_pages_in_order(h: &mut dyn Harness) {
     check(h.store());
     let state = h.store().load().expect("load");
     let c = find(&state, "c");
-    assert_eq!((c.first_pending, c.pending_count, c.next_seq), (Some(1), 16, 20));
+    assert_eq!(
+        (c.first_pending, c.pending_count, c.next_seq),
+        (Some(1), 16, 20)
+    );
     assert_eq!(c.inflight.len(), 4);
 }
 
@@ -245,7 +251,10 @@ fn updates_and_deletes_are_kept(h: &mut dyn Harness) {
             (1, d.clone(), DeliveryState::AwaitingAck(11)),
         ]
     );
-    assert_eq!((c.first_pending, c.pending_count, c.next_seq), (Some(3), 1, 4));
+    assert_eq!(
+        (c.first_pending, c.pending_count, c.next_seq),
+        (Some(3), 1, 4)
+    );
     assert_eq!(state.retained, vec![replacement]);
 
     // Back to pending: an in-flight delivery re-queued.
@@ -322,17 +331,26 @@ fn uncommitted_writes_are_visible_then_lost(h: &mut dyn Harness) {
     s.put_retained(&message("r", b"not committed"));
     s.delete_delivery("c", 0);
     let pending = s.read_pending("c", 0, 10).expect("read");
-    assert_eq!(pending.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), vec![1]);
+    assert_eq!(
+        pending.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(),
+        vec![1]
+    );
 
     let state = reload(h);
     let c = find(&state, "c");
     if h.drops_uncommitted() {
-        assert_eq!((c.first_pending, c.pending_count, c.next_seq), (Some(0), 1, 1));
+        assert_eq!(
+            (c.first_pending, c.pending_count, c.next_seq),
+            (Some(0), 1, 1)
+        );
         assert!(state.retained.is_empty());
         let pending = h.store().read_pending("c", 0, 10).expect("read");
         assert_eq!(pending[0].1.message.payload.as_ref(), b"kept");
     } else {
-        assert_eq!((c.first_pending, c.pending_count, c.next_seq), (Some(1), 1, 2));
+        assert_eq!(
+            (c.first_pending, c.pending_count, c.next_seq),
+            (Some(1), 1, 2)
+        );
         assert_eq!(state.retained.len(), 1);
     }
 }

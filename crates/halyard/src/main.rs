@@ -159,15 +159,23 @@ fn open_broker(config: &ServerConfig, storage: &StorageConfig) -> Result<Broker>
                 FsyncMode::Never => FsyncPolicy::Never,
             };
             let store = RedbStore::open(&storage.data_dir, policy).with_context(|| {
-                format!("cannot open the data directory {}", storage.data_dir.display())
+                format!(
+                    "cannot open the data directory {}",
+                    storage.data_dir.display()
+                )
             })?;
             info!(dir = %storage.data_dir.display(), fsync = ?storage.fsync, "storage opened");
             Box::new(store)
         }
     };
     let started = Instant::now();
-    let broker = Broker::with_store(config.broker.clone(), store, Instant::now(), SystemTime::now())
-        .context("cannot load the stored state")?;
+    let broker = Broker::with_store(
+        config.broker.clone(),
+        store,
+        Instant::now(),
+        SystemTime::now(),
+    )
+    .context("cannot load the stored state")?;
     let stats = broker.stats();
     info!(
         sessions = stats.sessions,

@@ -306,3 +306,48 @@ async fn connect_with_will_username_password_accepted() {
     assert_eq!(ack.code, ReasonCode::SUCCESS);
     c.ping().await;
 }
+
+/// [MQTT-3.1.2-1] (3.1.1): a protocol name other than `MQTT` / `MQIsdp`: the server may
+/// disconnect; it must not accept the connection.
+#[tokio::test]
+async fn wrong_protocol_name_not_accepted() {
+    let broker = Broker::start();
+    let mut c = RawClient::connect(broker.addr()).await;
+    let mut bytes = raw_connect_v311("badname");
+    bytes[5] = b'X'; // "MQTX"
+    c.send_bytes(&bytes).await;
+    match c.try_recv(TIMEOUT).await {
+        Err(RecvError::Closed) => {}
+        Ok(Packet::ConnAck(ack)) => {
+            assert_ne!(ack.code, ReasonCode::SUCCESS);
+            c.expect_closed().await;
+        }
+        other => panic!("expected close, got {other:?}"),
+    }
+}
+
+/// [MQTT-3.1.2-11] / [MQTT-3.1.2-13]: Will Flag 0 with Will QoS or Will Retain set is
+/// malformed: the connection is closed without a successful CONNACK.
+#[tokio::test]
+async fn will_qos_without_will_flag_closes() {
+    let broker = Broker::start();
+    let mut c = RawClient::connect(broker.addr()).await;
+    let mut bytes = raw_connect_v311("willbits");
+    bytes[9] = 0x02 | 0x08; // clean session + will QoS 1, will flag 0
+    c.send_bytes(&bytes).await;
+    c.expect_closed().await;
+}
+
+/// [MQTT-3.1.2-22] (3.1.1): Password Flag 1 with User Name Flag 0 is invalid in 3.1.1: the
+/// connection is closed.
+#[tokio::test]
+async fn password_without_username_closes_v311() {
+    let broker = Broker::start();
+    let mut c = RawClient::connect(broker.addr()).await;
+    let mut body = raw_str(b"MQTT");
+    body.extend_from_slice(&[0x04, 0x02 | 0x40, 0x00, 0x3c]);
+    body.extend_from_slice(&raw_str(b"pwonly"));
+    body.extend_from_slice(&raw_str(b"secret"));
+    c.send_bytes(&raw_packet(0x10, &body)).await;
+    c.expect_closed().await;
+}

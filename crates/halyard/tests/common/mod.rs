@@ -73,32 +73,55 @@ pub struct Broker {
     addr: SocketAddr,
     config_path: Option<PathBuf>,
     stderr_path: PathBuf,
-    /// The broker's own data directory, so parallel tests never share a store.
+    /// The broker's data directory: its own by default, so parallel tests never share a
+    /// store; removed on drop unless the test supplied it (see `start_durable`).
     data_dir: PathBuf,
+    owns_data_dir: bool,
 }
 
 impl Broker {
     /// A broker with the default configuration.
     pub fn start() -> Broker {
-        Self::spawn(None, &[])
+        Self::spawn(None, &[], None)
     }
 
     /// A broker with `toml` as its config file.
     pub fn start_with_config(toml: &str) -> Broker {
-        Self::spawn(Some(write_temp_config(toml)), &[])
+        Self::spawn(Some(write_temp_config(toml)), &[], None)
     }
 
     /// A broker with extra environment variables (e.g. `HALYARD_MAX_KEEPALIVE`).
     pub fn start_with_env(env: &[(&str, &str)]) -> Broker {
-        Self::spawn(None, env)
+        Self::spawn(None, env, None)
     }
 
-    fn spawn(config_path: Option<PathBuf>, env: &[(&str, &str)]) -> Broker {
+    /// A broker on the caller's data directory, which outlives it: for restart and crash
+    /// tests.
+    pub fn start_durable(data_dir: &std::path::Path, toml: &str) -> Broker {
+        Self::spawn(
+            Some(write_temp_config(toml)),
+            &[],
+            Some(data_dir.to_path_buf()),
+        )
+    }
+
+    /// SIGKILL, like a power cut or `kill -9`, and reap; the data directory stays.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn spawn(
+        config_path: Option<PathBuf>,
+        env: &[(&str, &str)],
+        data_dir: Option<PathBuf>,
+    ) -> Broker {
         let stderr_path = unique_temp_path("stderr", "log");
         let stderr = File::create(&stderr_path).expect("create stderr log");
         let mut cmd = halyard_cmd();
         cmd.envs(env.iter().copied());
-        let data_dir = unique_temp_path("data", "d");
+        let owns_data_dir = data_dir.is_none();
+        let data_dir = data_dir.unwrap_or_else(|| unique_temp_path("data", "d"));
         cmd.arg("serve").arg("--listen").arg("127.0.0.1:0");
         cmd.arg("--data-dir").arg(&data_dir);
         if let Some(path) = &config_path {
@@ -155,6 +178,7 @@ impl Broker {
             config_path,
             stderr_path,
             data_dir,
+            owns_data_dir,
         }
     }
 
@@ -208,7 +232,9 @@ impl Drop for Broker {
             eprintln!("---- halyard stderr ----\n{}", self.logs());
         }
         let _ = std::fs::remove_file(&self.stderr_path);
-        let _ = std::fs::remove_dir_all(&self.data_dir);
+        if self.owns_data_dir {
+            let _ = std::fs::remove_dir_all(&self.data_dir);
+        }
         if let Some(path) = &self.config_path {
             let _ = std::fs::remove_file(path);
         }

@@ -1,0 +1,219 @@
+//! Durability: what the broker acknowledged survives `kill -9`, and QoS 2 stays exactly
+//! once across crashes (issue: durable state). Real binary, real redb store, real SIGKILL.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use halyard_codec::{Packet, ProtocolVersion, Publish, QoS};
+
+const CONFIG: &str =
+    "max_queued_messages = 1000000\nmax_inflight = 64\n[storage]\nfsync = \"always\"\n";
+const WINDOW: usize = 16;
+
+/// A publisher with a persistent session that keeps its unacknowledged messages and resends
+/// them on every reconnect, as a 3.1.1 client must [MQTT-4.4.0-1].
+#[derive(Default)]
+struct Publisher {
+    next_seq: u32,
+    next_id: u16,
+    /// Packet id -> (sequence number, QoS) of messages not yet fully acknowledged.
+    unacked: BTreeMap<u16, (u32, QoS)>,
+    /// QoS 2 packet ids PUBRECed (so PUBREL sent), awaiting PUBCOMP.
+    released: BTreeSet<u16>,
+    /// Sequence numbers the broker acknowledged (PUBACK, or PUBREC for QoS 2).
+    acked_q1: BTreeSet<u32>,
+    acked_q2: BTreeSet<u32>,
+}
+
+fn message(seq: u32, qos: QoS, id: u16, dup: bool) -> Packet {
+    Packet::Publish(Publish {
+        dup,
+        qos,
+        retain: false,
+        topic: if qos == QoS::ExactlyOnce {
+            "crash/q2"
+        } else {
+            "crash/q1"
+        }
+        .into(),
+        packet_id: Some(id),
+        payload: Bytes::copy_from_slice(&seq.to_be_bytes()),
+        properties: Default::default(),
+    })
+}
+
+impl Publisher {
+    fn allocate_id(&mut self) -> u16 {
+        loop {
+            self.next_id = self.next_id.checked_add(1).unwrap_or(1);
+            if !self.unacked.contains_key(&self.next_id) {
+                return self.next_id;
+            }
+        }
+    }
+
+    /// Publishes until the connection dies (the broker is killed under it).
+    async fn run(&mut self, client: &mut RawClient) {
+        for (&id, &(seq, qos)) in &self.unacked {
+            if self.released.contains(&id) {
+                client.send(&Packet::PubRel(pub_response(id))).await;
+            } else {
+                client.send(&message(seq, qos, id, true)).await;
+            }
+        }
+        loop {
+            if self.unacked.len() < WINDOW {
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                let qos = if seq % 2 == 0 {
+                    QoS::AtLeastOnce
+                } else {
+                    QoS::ExactlyOnce
+                };
+                let id = self.allocate_id();
+                self.unacked.insert(id, (seq, qos));
+                client.send(&message(seq, qos, id, false)).await;
+                continue;
+            }
+            let packet = match client.try_recv(Duration::from_secs(2)).await {
+                Ok(packet) => packet,
+                Err(_) => return,
+            };
+            match packet {
+                Packet::PubAck(ack) => {
+                    if let Some((seq, _)) = self.unacked.remove(&ack.packet_id) {
+                        self.acked_q1.insert(seq);
+                    }
+                }
+                Packet::PubRec(rec) => {
+                    if let Some(&(seq, _)) = self.unacked.get(&rec.packet_id) {
+                        self.acked_q2.insert(seq);
+                        self.released.insert(rec.packet_id);
+                        client
+                            .send(&Packet::PubRel(pub_response(rec.packet_id)))
+                            .await;
+                    }
+                }
+                Packet::PubComp(comp) => {
+                    self.released.remove(&comp.packet_id);
+                    self.unacked.remove(&comp.packet_id);
+                }
+                other => panic!("unexpected packet for the publisher: {other:?}"),
+            }
+        }
+    }
+}
+
+/// Tiny deterministic generator for kill moments (no extra dependency).
+fn next_delay(state: &mut u64) -> Duration {
+    *state = state
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    Duration::from_millis(150 + (*state >> 33) % 350)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_messages_survive_kill_9_and_qos2_is_never_duplicated() {
+    let data_dir = unique_temp_path("crash", "d");
+    let mut broker = Broker::start_durable(&data_dir, CONFIG);
+    let mut subscriber = RawClient::connect_v311(broker.addr(), "crash-sub", false).await;
+    subscriber
+        .send(&Packet::Subscribe(subscribe_packet(
+            1,
+            &[
+                ("crash/q1", QoS::AtLeastOnce),
+                ("crash/q2", QoS::ExactlyOnce),
+            ],
+        )))
+        .await;
+    assert!(matches!(subscriber.recv().await, Packet::SubAck(_)));
+    drop(subscriber);
+
+    let mut publisher = Publisher::default();
+    let mut rng = 0x5eed_u64;
+    for _cycle in 0..6 {
+        let (mut client, ack) = RawClient::handshake(
+            broker.addr(),
+            connect_packet(ProtocolVersion::V3_1_1, "crash-pub", false),
+        )
+        .await;
+        assert_eq!(ack.code.0, 0);
+        let kill_after = next_delay(&mut rng);
+        {
+            let run = publisher.run(&mut client);
+            tokio::pin!(run);
+            tokio::select! {
+                () = &mut run => panic!("the publisher stopped before the broker was killed"),
+                () = tokio::time::sleep(kill_after) => {}
+            }
+            broker.kill9();
+            // Let the publisher see the connection die and keep its bookkeeping.
+            run.await;
+        }
+        drop(client);
+        broker = Broker::start_durable(&data_dir, CONFIG);
+    }
+    assert!(
+        publisher.acked_q1.len() > 50 && publisher.acked_q2.len() > 50,
+        "too few messages acknowledged to test anything: {} / {}",
+        publisher.acked_q1.len(),
+        publisher.acked_q2.len()
+    );
+
+    // [MQTT-3.2.2-3]: the persistent session is still there.
+    let (mut subscriber, ack) = RawClient::handshake(
+        broker.addr(),
+        connect_packet(ProtocolVersion::V3_1_1, "crash-sub", false),
+    )
+    .await;
+    assert!(ack.session_present, "session lost in the crashes");
+    let mut got_q1 = BTreeSet::new();
+    let mut got_q2 = Vec::new();
+    while let Ok(packet) = subscriber.try_recv(Duration::from_secs(3)).await {
+        match packet {
+            Packet::Publish(publish) => {
+                let seq = u32::from_be_bytes(publish.payload[..4].try_into().expect("4 bytes"));
+                let id = publish.packet_id.expect("QoS > 0");
+                if publish.qos == QoS::ExactlyOnce {
+                    got_q2.push(seq);
+                    subscriber.send(&Packet::PubRec(pub_response(id))).await;
+                } else {
+                    got_q1.insert(seq);
+                    subscriber.send(&Packet::PubAck(pub_response(id))).await;
+                }
+            }
+            Packet::PubRel(rel) => {
+                subscriber
+                    .send(&Packet::PubComp(pub_response(rel.packet_id)))
+                    .await;
+            }
+            other => panic!("unexpected packet for the subscriber: {other:?}"),
+        }
+    }
+    let lost_q1: Vec<_> = publisher.acked_q1.difference(&got_q1).collect();
+    assert!(
+        lost_q1.is_empty(),
+        "{} acknowledged QoS 1 messages lost, first: {:?}",
+        lost_q1.len(),
+        &lost_q1[..lost_q1.len().min(10)]
+    );
+    let unique_q2: BTreeSet<u32> = got_q2.iter().copied().collect();
+    assert_eq!(
+        unique_q2.len(),
+        got_q2.len(),
+        "a QoS 2 message arrived twice"
+    );
+    let lost_q2: Vec<_> = publisher.acked_q2.difference(&unique_q2).collect();
+    assert!(
+        lost_q2.is_empty(),
+        "{} acknowledged QoS 2 messages lost, first: {:?}",
+        lost_q2.len(),
+        &lost_q2[..lost_q2.len().min(10)]
+    );
+    drop(broker);
+    let _ = std::fs::remove_dir_all(&data_dir);
+}
