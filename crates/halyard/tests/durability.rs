@@ -69,7 +69,7 @@ impl Publisher {
             if self.unacked.len() < WINDOW {
                 let seq = self.next_seq;
                 self.next_seq += 1;
-                let qos = if seq % 2 == 0 {
+                let qos = if seq.is_multiple_of(2) {
                     QoS::AtLeastOnce
                 } else {
                     QoS::ExactlyOnce
