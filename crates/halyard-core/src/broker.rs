@@ -74,7 +74,7 @@ pub struct BrokerStats {
 /// Deadlines the broker must act on. Each carries enough to tell whether it is still
 /// current when it fires; stale entries are skipped rather than removed from the heap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Timer {
+pub(crate) enum Timer {
     KeepAlive(ConnectionId),
     Will(SessionKey, u64),
     SessionExpiry(SessionKey, u64),
@@ -82,7 +82,7 @@ enum Timer {
 
 /// How a publish fared when routed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum RouteOutcome {
+pub(crate) enum RouteOutcome {
     Delivered,
     NoSubscribers,
     QuotaExceeded,
@@ -90,7 +90,7 @@ enum RouteOutcome {
 
 /// Why a connection is being closed by the broker or the network.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum CloseKind {
+pub(crate) enum CloseKind {
     /// DISCONNECT from the client without a will request: the will is discarded.
     Normal,
     /// DISCONNECT 0x04 from an MQTT 5 client: close normally but publish the will.
@@ -104,20 +104,22 @@ enum CloseKind {
 }
 
 /// The whole broker. One instance per node; the server drives it from a single task.
+/// Fields are crate-visible so that concerns living in their own modules (admin queries,
+/// authorization) can extend `Broker` with `impl` blocks of their own.
 pub struct Broker {
-    config: BrokerConfig,
-    sessions: HashMap<SessionKey, Session>,
-    client_ids: HashMap<String, SessionKey>,
-    conns: HashMap<ConnectionId, SessionKey>,
-    router: Box<dyn Router>,
-    retained: Box<dyn RetainedStore>,
-    registry: Box<dyn SessionRegistry>,
-    timers: BinaryHeap<Reverse<(Instant, Timer)>>,
-    out: Outbox,
-    next_session_key: SessionKey,
-    next_assigned_id: u64,
-    subscription_count: usize,
-    route_scratch: Vec<RouteMatch>,
+    pub(crate) config: BrokerConfig,
+    pub(crate) sessions: HashMap<SessionKey, Session>,
+    pub(crate) client_ids: HashMap<String, SessionKey>,
+    pub(crate) conns: HashMap<ConnectionId, SessionKey>,
+    pub(crate) router: Box<dyn Router>,
+    pub(crate) retained: Box<dyn RetainedStore>,
+    pub(crate) registry: Box<dyn SessionRegistry>,
+    pub(crate) timers: BinaryHeap<Reverse<(Instant, Timer)>>,
+    pub(crate) out: Outbox,
+    pub(crate) next_session_key: SessionKey,
+    pub(crate) next_assigned_id: u64,
+    pub(crate) subscription_count: usize,
+    pub(crate) route_scratch: Vec<RouteMatch>,
 }
 
 impl Broker {
