@@ -183,7 +183,7 @@ impl Broker {
         Ok(broker)
     }
 
-    fn restore_session(&mut self, now: Instant, loaded: LoadedSession) {
+    pub(crate) fn restore_session(&mut self, now: Instant, loaded: LoadedSession) {
         let Some(clock) = self.out.journal.as_ref().map(|journal| journal.clock) else {
             return;
         };
@@ -250,7 +250,7 @@ impl Broker {
     }
 
     /// Writes the session-level record of a persistent session.
-    fn save_session_record(&mut self, key: SessionKey) {
+    pub(crate) fn save_session_record(&mut self, key: SessionKey) {
         let Some(session) = self.sessions.get(&key) else {
             return;
         };
@@ -272,7 +272,7 @@ impl Broker {
     /// Decides whether a session is written to the store, after its expiry interval was
     /// (re)set. A session that becomes persistent is written in full; one that stops being
     /// persistent takes its on-disk queue back into memory and is deleted from the store.
-    fn update_persistence(&mut self, key: SessionKey) {
+    pub(crate) fn update_persistence(&mut self, key: SessionKey) {
         let has_store = self.out.journal.is_some();
         let Some(session) = self.sessions.get_mut(&key) else {
             return;
@@ -487,17 +487,17 @@ impl Broker {
         }
     }
 
-    fn link_mut(&mut self, key: SessionKey) -> Option<&mut Link> {
+    pub(crate) fn link_mut(&mut self, key: SessionKey) -> Option<&mut Link> {
         self.sessions.get_mut(&key).and_then(|s| s.link.as_mut())
     }
 
-    fn limits(&self) -> QueueLimits {
+    pub(crate) fn limits(&self) -> QueueLimits {
         QueueLimits {
             max_queued: self.config.max_queued_messages,
         }
     }
 
-    fn check_keep_alive(&mut self, now: Instant, conn: ConnectionId) {
+    pub(crate) fn check_keep_alive(&mut self, now: Instant, conn: ConnectionId) {
         let Some(&key) = self.conns.get(&conn) else {
             return;
         };
@@ -536,12 +536,12 @@ impl Broker {
         self.out.outputs.push_back(Output::Close { conn });
     }
 
-    fn topic_within_limits(&self, topic: &str) -> bool {
+    pub(crate) fn topic_within_limits(&self, topic: &str) -> bool {
         topic.len() <= self.config.max_topic_length
             && topic.split('/').count() <= self.config.max_topic_levels
     }
 
-    fn on_connect(&mut self, now: Instant, conn: ConnectionId, connect: Connect) {
+    pub(crate) fn on_connect(&mut self, now: Instant, conn: ConnectionId, connect: Connect) {
         let version = connect.protocol;
         let v5 = version.is_v5();
         if v5 && connect.properties.authentication_method.is_some() {
@@ -727,19 +727,19 @@ impl Broker {
         }
     }
 
-    fn protocol_error(&mut self, now: Instant, key: SessionKey, why: &str) {
+    pub(crate) fn protocol_error(&mut self, now: Instant, key: SessionKey, why: &str) {
         self.close_with(now, key, ReasonCode::PROTOCOL_ERROR, why);
     }
 
     /// Closes an MQTT 5 connection with a DISCONNECT carrying `reason` and a reason string.
-    fn close_with(&mut self, now: Instant, key: SessionKey, reason: ReasonCode, why: &str) {
+    pub(crate) fn close_with(&mut self, now: Instant, key: SessionKey, reason: ReasonCode, why: &str) {
         if let Some(session) = self.sessions.get(&key) {
             session.send_disconnect(reason, Some(why), &mut self.out);
         }
         self.close_link(now, key, CloseKind::Abnormal(None));
     }
 
-    fn close_link(&mut self, now: Instant, key: SessionKey, kind: CloseKind) {
+    pub(crate) fn close_link(&mut self, now: Instant, key: SessionKey, kind: CloseKind) {
         let Some(session) = self.sessions.get_mut(&key) else {
             return;
         };
@@ -797,7 +797,7 @@ impl Broker {
 
     /// Publishes `will` now, or after its Will Delay Interval unless a new connection to
     /// the session comes first [MQTT-3.1.3-9].
-    fn schedule_will(&mut self, now: Instant, key: SessionKey, will: Will) {
+    pub(crate) fn schedule_will(&mut self, now: Instant, key: SessionKey, will: Will) {
         let delay = will.properties.will_delay_interval.unwrap_or(0);
         match self.sessions.get_mut(&key) {
             Some(session) if delay > 0 => {
@@ -813,7 +813,7 @@ impl Broker {
 
     /// Discards a session: its subscriptions leave the router and a will still waiting out
     /// its delay is published now, since the session ended first [MQTT-3.1.3-9].
-    fn end_session(&mut self, now: Instant, key: SessionKey) {
+    pub(crate) fn end_session(&mut self, now: Instant, key: SessionKey) {
         let Some(session) = self.sessions.remove(&key) else {
             return;
         };
@@ -837,7 +837,7 @@ impl Broker {
         }
     }
 
-    fn publish_will(&mut self, now: Instant, key: SessionKey, will: Will) {
+    pub(crate) fn publish_will(&mut self, now: Instant, key: SessionKey, will: Will) {
         let mut properties = will.properties;
         let expiry = properties.message_expiry_interval.take();
         properties.will_delay_interval = None;
@@ -853,7 +853,7 @@ impl Broker {
         self.route(now, Arc::new(message), false);
     }
 
-    fn on_publish(&mut self, now: Instant, key: SessionKey, mut publish: Publish) {
+    pub(crate) fn on_publish(&mut self, now: Instant, key: SessionKey, mut publish: Publish) {
         self.out.stats.messages_received += 1;
         let Some(session) = self.sessions.get_mut(&key) else {
             return;
@@ -980,7 +980,7 @@ impl Broker {
         }
     }
 
-    fn on_pubrec(&mut self, now: Instant, key: SessionKey, rec: PubResponse) {
+    pub(crate) fn on_pubrec(&mut self, now: Instant, key: SessionKey, rec: PubResponse) {
         let Some(session) = self.sessions.get_mut(&key) else {
             return;
         };
@@ -1007,7 +1007,7 @@ impl Broker {
         }
     }
 
-    fn on_pubrel(&mut self, key: SessionKey, rel: PubResponse) {
+    pub(crate) fn on_pubrel(&mut self, key: SessionKey, rel: PubResponse) {
         let Some(session) = self.sessions.get_mut(&key) else {
             return;
         };
@@ -1037,7 +1037,7 @@ impl Broker {
         );
     }
 
-    fn on_subscribe(&mut self, now: Instant, key: SessionKey, subscribe: Subscribe) {
+    pub(crate) fn on_subscribe(&mut self, now: Instant, key: SessionKey, subscribe: Subscribe) {
         let identifier = subscribe
             .properties
             .subscription_identifiers
@@ -1151,7 +1151,7 @@ impl Broker {
         }
     }
 
-    fn on_unsubscribe(&mut self, key: SessionKey, unsubscribe: Unsubscribe) {
+    pub(crate) fn on_unsubscribe(&mut self, key: SessionKey, unsubscribe: Unsubscribe) {
         let Some(session) = self.sessions.get_mut(&key) else {
             return;
         };
@@ -1223,7 +1223,7 @@ impl Broker {
     /// Routes one message to every matching session. With `atomic`, a QoS 1/2 message
     /// that some subscriber has no room for is delivered to nobody, so the publisher can be
     /// told (0x97) and retry without creating duplicates elsewhere.
-    fn route(&mut self, now: Instant, message: Arc<Message>, atomic: bool) -> RouteOutcome {
+    pub(crate) fn route(&mut self, now: Instant, message: Arc<Message>, atomic: bool) -> RouteOutcome {
         let mut matches = std::mem::take(&mut self.route_scratch);
         matches.clear();
         let sessions = &self.sessions;
