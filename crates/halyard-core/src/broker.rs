@@ -517,7 +517,7 @@ impl Broker {
         }
     }
 
-    fn reject_connect(
+    pub(crate) fn reject_connect(
         &mut self,
         conn: ConnectionId,
         version: ProtocolVersion,
@@ -732,7 +732,13 @@ impl Broker {
     }
 
     /// Closes an MQTT 5 connection with a DISCONNECT carrying `reason` and a reason string.
-    pub(crate) fn close_with(&mut self, now: Instant, key: SessionKey, reason: ReasonCode, why: &str) {
+    pub(crate) fn close_with(
+        &mut self,
+        now: Instant,
+        key: SessionKey,
+        reason: ReasonCode,
+        why: &str,
+    ) {
         if let Some(session) = self.sessions.get(&key) {
             session.send_disconnect(reason, Some(why), &mut self.out);
         }
@@ -1115,13 +1121,17 @@ impl Broker {
     }
 
     /// Retained messages for new subscriptions, with RETAIN=1 [MQTT-3.3.1-8].
-    fn send_retained(
+    pub(crate) fn send_retained(
         &mut self,
         now: Instant,
         key: SessionKey,
         requests: Vec<(String, SubscriptionEntry)>,
     ) {
-        let limits = self.limits();
+        // Bounded by the retained store, not by the session's queue limit: a wildcard
+        // subscriber gets every retained message, not only the first `max_queued_messages`.
+        let limits = QueueLimits {
+            max_queued: usize::MAX,
+        };
         let mut found = Vec::new();
         for (filter, entry) in requests {
             found.clear();
@@ -1191,7 +1201,7 @@ impl Broker {
         );
     }
 
-    fn on_disconnect(
+    pub(crate) fn on_disconnect(
         &mut self,
         now: Instant,
         key: SessionKey,
@@ -1223,7 +1233,12 @@ impl Broker {
     /// Routes one message to every matching session. With `atomic`, a QoS 1/2 message
     /// that some subscriber has no room for is delivered to nobody, so the publisher can be
     /// told (0x97) and retry without creating duplicates elsewhere.
-    pub(crate) fn route(&mut self, now: Instant, message: Arc<Message>, atomic: bool) -> RouteOutcome {
+    pub(crate) fn route(
+        &mut self,
+        now: Instant,
+        message: Arc<Message>,
+        atomic: bool,
+    ) -> RouteOutcome {
         let mut matches = std::mem::take(&mut self.route_scratch);
         matches.clear();
         let sessions = &self.sessions;

@@ -787,3 +787,48 @@ fn shutdown_tells_v5_clients_server_shutting_down() {
     assert!(h.take(2).is_empty());
     assert!(h.is_closed(1) && h.is_closed(2));
 }
+
+#[test]
+fn every_retained_message_reaches_a_wildcard_subscriber_beyond_the_queue_limit() {
+    // [MQTT-3.3.1-6]: all matching retained messages are sent on subscribe.
+    let mut h = Harness::with_config(BrokerConfig {
+        max_queued_messages: 3,
+        max_inflight: 2,
+        ..Default::default()
+    });
+    h.connect(1, V3, "pub", true);
+    let topics: Vec<String> = (0..10).map(|i| format!("r/{i}")).collect();
+    for topic in &topics {
+        h.send(
+            1,
+            Packet::Publish(publish(topic, b"x", QoS::AtLeastOnce, true, 1)),
+        );
+    }
+    h.connect(2, V3, "sub", true);
+    let mut batch: Vec<Publish> = h
+        .subscribe_with(2, "r/#", options(QoS::AtLeastOnce), None)
+        .into_iter()
+        .filter_map(|packet| match packet {
+            Packet::Publish(publish) => Some(publish),
+            _ => None,
+        })
+        .collect();
+    let mut received = Vec::new();
+    while !batch.is_empty() {
+        assert!(batch.len() <= 2, "in-flight window exceeded");
+        for publish in &batch {
+            assert!(publish.retain);
+            received.push(publish.topic.clone());
+            h.send(
+                2,
+                Packet::PubAck(ack(publish.packet_id.unwrap_or_default())),
+            );
+        }
+        batch = h.publishes(2);
+    }
+    received.sort();
+    let mut expected = topics.clone();
+    expected.sort();
+    assert_eq!(received, expected);
+    assert_eq!(h.broker.stats().dropped_queue_full, 0);
+}
