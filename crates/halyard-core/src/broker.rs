@@ -11,8 +11,10 @@ use halyard_codec::{
     ReasonCode, SubAck, Subscribe, UnsubAck, Unsubscribe, Will,
 };
 
+use crate::authz::{Access, AllowAll, Authorizer, ClientInfo};
 use crate::config::BrokerConfig;
-use crate::message::{Message, SessionKey};
+use crate::message::{boxed_properties, Message, SessionKey};
+use crate::pushback::{PendingPublish, Pushback, QueueFullPolicy};
 use crate::registry::{LocalSessionRegistry, SessionRegistry};
 use crate::retained::{MemoryRetained, RetainedStore};
 use crate::router::{FilterRef, LocalRouter, RouteMatch, Router, SubscriptionEntry};
@@ -43,6 +45,18 @@ pub enum Output {
         /// Connection to close.
         conn: ConnectionId,
     },
+    /// Stop reading from this connection: a QoS 1/2 publish from it is waiting for room in
+    /// a subscriber's queue (backpressure; see `QueueFullPolicy`). Packets from it that
+    /// were already read may still be handed in; the broker holds them in order.
+    Pause {
+        /// Connection to stop reading from.
+        conn: ConnectionId,
+    },
+    /// Read from this connection again after an [`Output::Pause`].
+    Resume {
+        /// Connection to read from again.
+        conn: ConnectionId,
+    },
 }
 
 /// Counters for metrics and the admin API.
@@ -69,6 +83,19 @@ pub struct BrokerStats {
     /// QoS 1/2 publishes refused (MQTT 5 reason 0x97, or 3.x connection closed unacknowledged)
     /// because a subscriber's queue was full.
     pub refused_quota: u64,
+    /// Times a publisher was paused because a subscriber's queue had no room for its
+    /// QoS 1/2 publish (backpressure instead of refusing it).
+    pub pushback_pauses: u64,
+    /// Paused publishers closed unacknowledged because the pause outlasted
+    /// `PUSHBACK_TIMEOUT`.
+    pub pushback_timeouts: u64,
+    /// PUBLISH packets the authorizer refused (MQTT 5: answered 0x87; MQTT 3.x:
+    /// acknowledged and dropped, as the 3.1.1 spec allows).
+    pub denied_publish: u64,
+    /// SUBSCRIBE filters the authorizer refused (SUBACK 0x80 / 0x87).
+    pub denied_subscribe: u64,
+    /// Deliveries withheld because the subscriber may not read the topic.
+    pub denied_delivery: u64,
 }
 
 /// Deadlines the broker must act on. Each carries enough to tell whether it is still
@@ -76,6 +103,8 @@ pub struct BrokerStats {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Timer {
     KeepAlive(ConnectionId),
+    /// Bound on how long a connection stays paused by backpressure.
+    Pushback(ConnectionId),
     Will(SessionKey, u64),
     SessionExpiry(SessionKey, u64),
 }
@@ -120,6 +149,10 @@ pub struct Broker {
     pub(crate) next_assigned_id: u64,
     pub(crate) subscription_count: usize,
     pub(crate) route_scratch: Vec<RouteMatch>,
+    /// Publishers paused because a subscriber's queue is full (see `pushback`).
+    pub(crate) pushback: Pushback,
+    /// Topic access rules; [`AllowAll`] unless the server installs others (see `authz`).
+    pub(crate) authorizer: Arc<dyn Authorizer>,
 }
 
 impl Broker {
@@ -155,6 +188,8 @@ impl Broker {
             next_assigned_id: 1,
             subscription_count: 0,
             route_scratch: Vec::new(),
+            pushback: Pushback::default(),
+            authorizer: Arc::new(AllowAll),
         }
     }
 
@@ -363,6 +398,26 @@ impl Broker {
 
     /// A packet decoded from `conn`. The first must be CONNECT.
     pub fn handle_packet(&mut self, now: Instant, conn: ConnectionId, packet: Packet) {
+        if self.pushback.is_empty() {
+            return self.handle_unheld(now, conn, packet);
+        }
+        if let Some(packet) = self.hold_if_paused(conn, packet) {
+            self.handle_unheld(now, conn, packet);
+        }
+        self.retry_paused(now);
+    }
+
+    /// [`Broker::handle_packet`] for a packet that does not (or no longer) wait behind a
+    /// paused publish.
+    pub(crate) fn handle_unheld(&mut self, now: Instant, conn: ConnectionId, packet: Packet) {
+        if !matches!(
+            packet,
+            Packet::Publish(_) | Packet::PingReq | Packet::PubRel(_)
+        ) {
+            // Acknowledgements, a returning subscriber, an UNSUBSCRIBE, a DISCONNECT: any
+            // of these may make room a paused publisher waits for.
+            self.pushback.note_maybe_room();
+        }
         let Some(&key) = self.conns.get(&conn) else {
             match packet {
                 Packet::Connect(connect) => self.on_connect(now, conn, *connect),
@@ -433,6 +488,7 @@ impl Broker {
         if let Some(&key) = self.conns.get(&conn) {
             self.close_link(now, key, CloseKind::Abnormal(None));
         }
+        self.retry_paused(now);
     }
 
     /// Time has passed: keep-alive deadlines, will delays and session expiry.
@@ -444,6 +500,7 @@ impl Broker {
             self.timers.pop();
             match timer {
                 Timer::KeepAlive(conn) => self.check_keep_alive(now, conn),
+                Timer::Pushback(conn) => self.check_pushback(now, conn),
                 Timer::Will(key, epoch) => {
                     let Some(session) = self.sessions.get_mut(&key) else {
                         continue;
@@ -472,12 +529,14 @@ impl Broker {
                 }
             }
         }
+        self.retry_paused(now);
     }
 
     /// Graceful shutdown: MQTT 5 clients get DISCONNECT 0x8B, every connection is closed.
     /// Wills are not published: the clients did nothing wrong.
     pub fn shutdown(&mut self, _now: Instant) {
         let conns: Vec<(ConnectionId, SessionKey)> = self.conns.drain().collect();
+        self.pushback = Pushback::default();
         for (conn, key) in conns {
             if let Some(session) = self.sessions.get_mut(&key) {
                 session.send_disconnect(ReasonCode::SERVER_SHUTTING_DOWN, None, &mut self.out);
@@ -504,6 +563,17 @@ impl Broker {
         let Some(deadline) = self.link_mut(key).and_then(|link| link.deadline) else {
             return;
         };
+        if deadline <= now && self.pushback.is_paused(conn) {
+            // Silent because the server stopped reading it, not because it is gone.
+            if let Some(link) = self.link_mut(key) {
+                link.touch(now);
+                if let Some(deadline) = link.deadline {
+                    self.timers
+                        .push(Reverse((deadline, Timer::KeepAlive(conn))));
+                }
+            }
+            return;
+        }
         if deadline <= now {
             // [MQTT-3.1.2-22]: silent for 1.5 x keep-alive.
             self.close_link(
@@ -617,6 +687,26 @@ impl Broker {
             }
         }
 
+        if let Some(will) = &connect.will {
+            let client = ClientInfo {
+                client_id: &client_id,
+                username: connect.username.as_deref(),
+            };
+            if !self
+                .authorizer
+                .authorize(&client, Access::Publish, &will.topic)
+            {
+                // A will the client could not publish itself is refused up front, as
+                // Mosquitto does.
+                return self.reject_connect(
+                    conn,
+                    version,
+                    ReasonCode::NOT_AUTHORIZED,
+                    ReasonCode::V3_NOT_AUTHORIZED,
+                );
+            }
+        }
+
         let requested_expiry = if v5 {
             connect.properties.session_expiry_interval.unwrap_or(0)
         } else if connect.clean_start {
@@ -675,6 +765,7 @@ impl Broker {
             max_packet_size: connect.properties.maximum_packet_size.unwrap_or(u32::MAX),
             window,
             will: connect.will,
+            username: connect.username,
         };
         if let Some(deadline) = link.deadline {
             self.timers
@@ -688,6 +779,7 @@ impl Broker {
         session.expires_at = None;
         // A new connection before the will delay passed cancels the will [MQTT-3.1.3-9].
         session.delayed_will = None;
+        session.username = Some(link.username.clone());
         session.link = Some(link);
         self.conns.insert(conn, key);
         self.update_persistence(key);
@@ -762,6 +854,8 @@ impl Broker {
             return;
         };
         self.conns.remove(&link.conn);
+        self.pushback.forget(link.conn);
+        self.pushback.note_maybe_room();
         self.out
             .outputs
             .push_back(Output::Close { conn: link.conn });
@@ -828,7 +922,9 @@ impl Broker {
         }
         if let Some(link) = &session.link {
             self.conns.remove(&link.conn);
+            self.pushback.forget(link.conn);
         }
+        self.pushback.note_maybe_room();
         for filter in session.subscriptions.keys() {
             if self.router.unsubscribe(key, FilterRef::parse(filter)) {
                 self.subscription_count -= 1;
@@ -852,7 +948,7 @@ impl Broker {
             payload: will.payload,
             qos: will.qos,
             retain: will.retain,
-            properties,
+            properties: boxed_properties(properties),
             expires_at: expiry.map(|secs| now + Duration::from_secs(u64::from(secs))),
             publisher: Some(key),
         };
@@ -915,6 +1011,9 @@ impl Broker {
         }
 
         let packet_id = publish.packet_id.unwrap_or(0);
+        if !self.authorized(key, Access::Publish, &publish.topic) {
+            return self.deny_publish(conn, v5, publish.qos, packet_id);
+        }
         if publish.qos == QoS::ExactlyOnce {
             let Some(session) = self.sessions.get_mut(&key) else {
                 return;
@@ -938,29 +1037,67 @@ impl Broker {
 
         let mut properties = publish.properties;
         let expiry = properties.message_expiry_interval.take();
+        // A retained message can outlive the read buffer its payload was cut from by hours;
+        // copying it lets that buffer be freed instead of pinned.
+        let payload = if publish.retain {
+            bytes::Bytes::copy_from_slice(&publish.payload)
+        } else {
+            publish.payload
+        };
         let message = Message {
             topic: publish.topic,
-            payload: publish.payload,
+            payload,
             qos: publish.qos,
             retain: publish.retain,
-            properties,
+            properties: boxed_properties(properties),
             expires_at: expiry.map(|secs| now + Duration::from_secs(u64::from(secs))),
             publisher: Some(key),
         };
-        let outcome = self.route(now, Arc::new(message), true);
+        let publish = PendingPublish {
+            message: Arc::new(message),
+            qos: publish.qos,
+            packet_id,
+            v5,
+        };
+        self.finish_publish(now, key, conn, publish);
+    }
 
+    /// Routes a validated publish and acknowledges it, or, when a subscriber's queue has no
+    /// room for it, pushes the publisher back (MQTT 3.x, or MQTT 5 with
+    /// `queue_full_policy = "pushback"`) or refuses it with 0x97 (MQTT 5 by default).
+    pub(crate) fn finish_publish(
+        &mut self,
+        now: Instant,
+        key: SessionKey,
+        conn: ConnectionId,
+        publish: PendingPublish,
+    ) {
+        let (qos, packet_id, v5) = (publish.qos, publish.packet_id, publish.v5);
+        let outcome = self.route(now, Arc::clone(&publish.message), true);
+        let blocked_by = self.pushback.blocked_by.take();
+        if outcome == RouteOutcome::QuotaExceeded && qos != QoS::AtMostOnce {
+            let push_back = !v5 || self.config.queue_full_policy == QueueFullPolicy::Pushback;
+            match blocked_by {
+                Some(waiting_on) if push_back && waiting_on != key => {
+                    // Not refused after all: it waits (see `pushback`).
+                    self.out.stats.refused_quota = self.out.stats.refused_quota.saturating_sub(1);
+                    return self.push_back_publish(now, conn, publish, waiting_on);
+                }
+                // The publisher's own queue is full: pausing it would stop us reading the
+                // PUBACKs that empty that queue. MQTT 3.x cannot refuse a publish: withhold
+                // the acknowledgement and close, so the client sends it again on reconnect
+                // instead of believing it delivered.
+                _ if !v5 => return self.close_link(now, key, CloseKind::Abnormal(None)),
+                _ => {}
+            }
+        }
         let reason = match outcome {
             RouteOutcome::Delivered => ReasonCode::SUCCESS,
             RouteOutcome::NoSubscribers if v5 => ReasonCode::NO_MATCHING_SUBSCRIBERS,
             RouteOutcome::NoSubscribers => ReasonCode::SUCCESS,
             RouteOutcome::QuotaExceeded => ReasonCode::QUOTA_EXCEEDED,
         };
-        if outcome == RouteOutcome::QuotaExceeded && publish.qos != QoS::AtMostOnce && !v5 {
-            // MQTT 3.x cannot refuse a publish: withhold the acknowledgement and close, so
-            // the client sends it again on reconnect instead of believing it delivered.
-            return self.close_link(now, key, CloseKind::Abnormal(None));
-        }
-        match publish.qos {
+        match qos {
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => self.out.send(
                 conn,
@@ -1071,6 +1208,16 @@ impl Broker {
                 });
                 continue;
             }
+            let inner = FilterRef::parse(&subscription.filter).filter;
+            if !self.authorized(key, Access::Subscribe, inner) {
+                self.out.stats.denied_subscribe += 1;
+                reasons.push(if v5 {
+                    ReasonCode::NOT_AUTHORIZED
+                } else {
+                    ReasonCode::V3_SUBACK_FAILURE
+                });
+                continue;
+            }
             let entry = SubscriptionEntry {
                 options: subscription.options,
                 identifier,
@@ -1137,6 +1284,10 @@ impl Broker {
             found.clear();
             self.retained.matching(&filter, &mut found);
             for message in found.drain(..) {
+                if !self.authorized(key, Access::Receive, &message.topic) {
+                    self.out.stats.denied_delivery += 1;
+                    continue;
+                }
                 if message.is_expired(now) {
                     self.retained.remove(&message.topic);
                     if let Some(journal) = self.out.journal.as_mut() {
@@ -1248,6 +1399,11 @@ impl Broker {
             &mut matches,
         );
         matches.retain(|m| !(m.entry.options.no_local && message.publisher == Some(m.session)));
+        if !self.authorizer.allows_everything() {
+            let before = matches.len();
+            matches.retain(|m| self.authorized(m.session, Access::Receive, &message.topic));
+            self.out.stats.denied_delivery += (before - matches.len()) as u64;
+        }
         // Overlapping subscriptions of one session give one copy, at the highest QoS, with
         // every subscription identifier [MQTT-3.3.4-3] .. [MQTT-3.3.4-5].
         matches.sort_by_key(|m| (m.session, m.shared));
@@ -1277,11 +1433,12 @@ impl Broker {
 
         let limits = self.limits();
         if atomic {
-            let blocked = deliveries.iter().any(|(key, delivery)| {
+            let blocked = deliveries.iter().find(|(key, delivery)| {
                 delivery.qos != QoS::AtMostOnce
                     && self.sessions.get(key).is_some_and(|s| !s.has_room(limits))
             });
-            if blocked {
+            if let Some(&(blocked_by, _)) = blocked {
+                self.pushback.blocked_by = Some(blocked_by);
                 if message.qos == QoS::AtMostOnce {
                     self.out.stats.dropped_qos0 += 1;
                 } else {
@@ -1325,6 +1482,31 @@ impl Broker {
             }
         }
         RouteOutcome::Delivered
+    }
+}
+
+impl Broker {
+    /// Answers a PUBLISH the authorizer refused: MQTT 5 gets PUBACK/PUBREC 0x87 Not
+    /// authorized; MQTT 3.x cannot be told, so the message is acknowledged as usual and
+    /// dropped ([MQTT-3.3.5-2] allows this). Either way nothing is routed or retained.
+    pub(crate) fn deny_publish(&mut self, conn: ConnectionId, v5: bool, qos: QoS, packet_id: u16) {
+        self.out.stats.denied_publish += 1;
+        let reason = if v5 {
+            ReasonCode::NOT_AUTHORIZED
+        } else {
+            ReasonCode::SUCCESS
+        };
+        let response = PubResponse {
+            packet_id,
+            reason,
+            properties: Properties::default(),
+        };
+        match qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => self.out.send(conn, Packet::PubAck(response)),
+            // 3.x: the client's PUBREL for this id is answered with PUBCOMP like any other.
+            QoS::ExactlyOnce => self.out.send(conn, Packet::PubRec(response)),
+        }
     }
 }
 

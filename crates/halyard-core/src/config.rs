@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::pushback::QueueFullPolicy;
+
 /// Limits and switches of the broker core. The binary maps its TOML `[mqtt]`-level keys onto
 /// this struct; every field has a default so an empty config is a working broker.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,6 +36,11 @@ pub struct BrokerConfig {
     pub max_session_expiry: u32,
     /// Whether a client may connect with an empty client id (the broker assigns one).
     pub allow_zero_length_client_id: bool,
+    /// What an MQTT 5 publisher is told when a subscriber's queue has no room for its
+    /// QoS 1/2 publish: `"reject"` (PUBACK/PUBREC 0x97, the default) or `"pushback"` (the
+    /// publish waits unacknowledged and the broker stops reading from the publisher until
+    /// there is room). MQTT 3.x publishers are always pushed back: 3.x cannot refuse.
+    pub queue_full_policy: QueueFullPolicy,
 }
 
 impl Default for BrokerConfig {
@@ -50,6 +57,7 @@ impl Default for BrokerConfig {
             retain_available: true,
             max_session_expiry: u32::MAX,
             allow_zero_length_client_id: true,
+            queue_full_policy: QueueFullPolicy::default(),
         }
     }
 }

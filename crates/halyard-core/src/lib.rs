@@ -5,19 +5,27 @@
 //! in the manner of quinn-proto. Every rule of the MQTT specs is therefore testable with a
 //! fake clock and no I/O.
 
+pub mod acl;
+pub mod admin;
+pub mod authz;
 mod broker;
 mod config;
 mod message;
+mod pushback;
 mod registry;
 mod retained;
 mod router;
 mod session;
 pub mod store;
+pub mod sys;
 mod time;
 
+pub use acl::{Acl, AclError};
+pub use authz::{Access, AllowAll, Authorizer, ClientInfo};
 pub use broker::{Broker, BrokerStats, ConnectionId, Output};
 pub use config::BrokerConfig;
-pub use message::{Message, SessionKey};
+pub use message::{boxed_properties, Message, SessionKey};
+pub use pushback::{QueueFullPolicy, PUSHBACK_TIMEOUT};
 pub use registry::{LocalSessionRegistry, SessionRegistry};
 pub use retained::{MemoryRetained, RetainedStore};
 pub use router::{FilterRef, LocalRouter, RouteMatch, Router, SubscriptionEntry};

@@ -23,12 +23,19 @@ pub struct Message {
     /// RETAIN flag as published.
     pub retain: bool,
     /// Properties forwarded unchanged (payload format, content type, response topic,
-    /// correlation data, user properties).
-    pub properties: Properties,
+    /// correlation data, user properties). Boxed and absent when empty, which is most
+    /// messages: the full property set is several hundred bytes, and retained and queued
+    /// messages can number in the millions.
+    pub properties: Option<Box<Properties>>,
     /// When the MQTT 5 Message Expiry Interval runs out; `None` means never.
     pub expires_at: Option<Instant>,
     /// Session that published it, so No Local subscriptions can skip it.
     pub publisher: Option<SessionKey>,
+}
+
+/// Boxes `properties` unless they are all unset.
+pub fn boxed_properties(properties: Properties) -> Option<Box<Properties>> {
+    (properties != Properties::default()).then(|| Box::new(properties))
 }
 
 impl Message {

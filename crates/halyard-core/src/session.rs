@@ -109,6 +109,8 @@ pub(crate) struct Link {
     pub window: usize,
     /// Will of this connection, published if it ends abnormally.
     pub will: Option<Will>,
+    /// The authenticated user name from CONNECT (`None`: anonymous), for authorization.
+    pub username: Option<String>,
 }
 
 impl Link {
@@ -154,6 +156,10 @@ pub(crate) struct Session {
     pub delayed_will: Option<(Instant, Will)>,
     /// When an offline session expires.
     pub expires_at: Option<Instant>,
+    /// User name of the last connection (`Some(None)`: anonymous), so messages queued
+    /// while the client is offline are still authorized for it; `None` while unknown
+    /// (restored from the store, not connected since the broker started).
+    pub username: Option<Option<String>>,
 }
 
 /// Limits a session needs when taking a message.
@@ -180,6 +186,7 @@ impl Session {
             next_packet_id: 1,
             delayed_will: None,
             expires_at: None,
+            username: None,
         }
     }
 
@@ -387,7 +394,7 @@ impl Session {
             properties: Default::default(),
         };
         if link.version.is_v5() {
-            publish.properties = message.properties.clone();
+            publish.properties = message.properties.as_deref().cloned().unwrap_or_default();
             publish.properties.message_expiry_interval = message.remaining_expiry(now);
             publish.properties.subscription_identifiers = delivery.subscription_ids.clone();
         }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use crate::message::Message;
+use crate::message::{boxed_properties, Message};
 use crate::session::Delivery;
 use crate::store::{StoredDelivery, StoredMessage};
 
@@ -38,7 +38,7 @@ impl ClockAnchor {
             payload: message.payload.clone(),
             qos: message.qos,
             retain: message.retain,
-            properties: message.properties.clone(),
+            properties: message.properties.as_deref().cloned().unwrap_or_default(),
             expires_at: message.expires_at.map(|at| self.to_wall(at)),
         }
     }
@@ -49,7 +49,7 @@ impl ClockAnchor {
             payload: stored.payload,
             qos: stored.qos,
             retain: stored.retain,
-            properties: stored.properties,
+            properties: boxed_properties(stored.properties),
             expires_at: stored.expires_at.map(|at| self.to_instant(at)),
             publisher: None,
         }

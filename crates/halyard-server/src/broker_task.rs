@@ -12,6 +12,9 @@ use halyard_core::{Broker, ConnectionId, Output};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
+use crate::metrics::Metrics;
+use halyard_core::sys::{SysTopics, SysTraffic};
+
 /// Events handled after one wake-up before outputs are dispatched: batching events lets one
 /// drain coalesce more packets per connection and lets more messages share one store commit
 /// (fsync); bounding it keeps the first event's latency low.
@@ -49,6 +52,27 @@ pub(crate) enum Event {
         /// The connection that is gone.
         conn: ConnectionId,
     },
+    /// An operator request from the HTTP admin API, run on the broker between packets.
+    Admin(AdminCall),
+}
+
+/// A query or action on the broker from the admin API; the closure sends its own reply
+/// (over a oneshot channel it captured), so each endpoint defines its answer's type.
+pub(crate) struct AdminCall(pub(crate) Box<dyn FnOnce(&mut Broker, Instant) + Send>);
+
+impl std::fmt::Debug for AdminCall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminCall")
+    }
+}
+
+/// Operations settings of the broker task (issue 5).
+#[derive(Debug, Default)]
+pub(crate) struct TaskOps {
+    /// Where traffic is counted.
+    pub(crate) metrics: Arc<Metrics>,
+    /// Period of `$SYS/broker/...` publication; `None` = off.
+    pub(crate) sys_interval: Option<std::time::Duration>,
 }
 
 /// State shared between a connection task and the dispatcher.
@@ -103,8 +127,13 @@ pub(crate) async fn run(
     mut events: mpsc::Receiver<Event>,
     mut stop: oneshot::Receiver<()>,
     max_outbound_buffer: usize,
+    ops: TaskOps,
 ) -> Result<(), StoreError> {
     let mut dispatcher = Dispatcher::new(max_outbound_buffer);
+    dispatcher.metrics = Arc::clone(&ops.metrics);
+    let mut sys = ops
+        .sys_interval
+        .map(|interval| SysTopics::new(interval, Instant::now()));
     // Commits also run on an idle tick: with `fsync = "interval"` the store makes earlier
     // non-durable commits durable on a later commit, which must come even without traffic.
     let mut idle_commit = tokio::time::interval(IDLE_COMMIT_PERIOD);
@@ -117,25 +146,49 @@ pub(crate) async fn run(
                 None => pending().await,
             }
         };
+        let sys_due = sys.as_ref().map(SysTopics::poll_timeout);
+        let sys_timer = async {
+            match sys_due {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => pending().await,
+            }
+        };
+        // Set when this wake-up took events with PUBLISH packets: their latency is measured.
+        let mut publishes_since = None;
         tokio::select! {
             biased;
             _ = &mut stop => break,
             event = events.recv() => {
                 let Some(event) = event else { break };
                 let now = Instant::now();
-                dispatcher.handle(&mut broker, now, event);
+                let mut publishes = dispatcher.handle(&mut broker, now, event);
                 for _ in 1..MAX_EVENTS_PER_DRAIN {
                     match events.try_recv() {
-                        Ok(event) => dispatcher.handle(&mut broker, now, event),
+                        Ok(event) => publishes |= dispatcher.handle(&mut broker, now, event),
                         Err(_) => break,
                     }
                 }
+                publishes_since = publishes.then_some(now);
             }
             () = timer => broker.handle_timeout(Instant::now()),
+            () = sys_timer => {
+                if let Some(sys) = sys.as_mut() {
+                    let metrics = &dispatcher.metrics;
+                    let traffic = SysTraffic {
+                        bytes_received: metrics.bytes_received.get(),
+                        bytes_sent: metrics.bytes_sent.get(),
+                        connections: metrics.connections_accepted.get(),
+                    };
+                    sys.handle_timeout(&mut broker, Instant::now(), traffic);
+                }
+            }
             _ = idle_commit.tick() => {}
         }
         commit(&mut broker)?;
         dispatcher.dispatch(std::iter::from_fn(|| broker.poll_output()));
+        if let Some(since) = publishes_since {
+            dispatcher.metrics.observe_publish_latency(since.elapsed());
+        }
     }
     broker.shutdown(Instant::now());
     commit(&mut broker)?;
@@ -171,6 +224,8 @@ struct Dispatcher {
     max_outbound_buffer: usize,
     /// QoS 0 PUBLISH packets dropped because their receiver was too slow.
     dropped_qos0: u64,
+    /// Traffic counters of this server.
+    metrics: Arc<Metrics>,
 }
 
 /// One connection's link and its slow-consumer bookkeeping.
@@ -189,14 +244,16 @@ impl Dispatcher {
             pending: HashMap::new(),
             max_outbound_buffer,
             dropped_qos0: 0,
+            metrics: Arc::default(),
         }
     }
 
     /// Feeds one connection event to the core. Events from a connection the broker already
-    /// closed are ignored, as the core would ignore them.
-    fn handle(&mut self, broker: &mut Broker, now: Instant, event: Event) {
+    /// closed are ignored, as the core would ignore them. Returns whether it carried a PUBLISH.
+    fn handle(&mut self, broker: &mut Broker, now: Instant, event: Event) -> bool {
         match event {
             Event::Open { conn, link } => {
+                self.metrics.connections_accepted.inc();
                 self.links.insert(
                     conn,
                     LinkState {
@@ -206,10 +263,13 @@ impl Dispatcher {
                 );
             }
             Event::Packets { conn, packets } => {
-                if self.links.contains_key(&conn) {
+                if let Some(state) = self.links.get(&conn) {
+                    let version = state.link.shared.version();
+                    let publishes = self.metrics.count_inbound(&packets, version);
                     for packet in packets {
                         broker.handle_packet(now, conn, packet);
                     }
+                    return publishes;
                 }
             }
             Event::DecodeError { conn, error } => {
@@ -222,7 +282,9 @@ impl Dispatcher {
                     broker.connection_lost(now, conn);
                 }
             }
+            Event::Admin(AdminCall(call)) => call(broker, now),
         }
+        false
     }
 
     /// Sends each connection one batch holding everything `outputs` has for it.
@@ -265,6 +327,7 @@ impl Dispatcher {
         let queued = state.link.shared.queued_bytes.load(Ordering::Relaxed) + batch.bytes;
         if queued > self.max_outbound_buffer && is_qos0_publish(&packet) {
             self.dropped_qos0 += 1;
+            self.metrics.dropped_slow_consumer.inc();
             state.dropped_qos0 += 1;
             if state.dropped_qos0 == 1 {
                 warn!(conn, queued, "slow consumer: dropping QoS 0 messages");
@@ -273,7 +336,9 @@ impl Dispatcher {
             }
             return;
         }
-        batch.bytes += encoded_len(&packet, state.link.shared.version());
+        let len = encoded_len(&packet, state.link.shared.version());
+        self.metrics.count_outbound(&packet, len);
+        batch.bytes += len;
         batch.packets.push(packet);
     }
 }

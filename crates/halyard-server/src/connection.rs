@@ -10,15 +10,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use halyard_codec::{decode, encode, DecodeContext, Packet};
+use halyard_codec::{decode, encode, ConnAck, DecodeContext, Packet};
 use halyard_core::ConnectionId;
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::{timeout, timeout_at, Instant};
 use tracing::{debug, info, warn, Span};
 
+use crate::auth::Security;
 use crate::broker_task::{Batch, Event, Link, Shared};
 
 /// Bytes reserved in the read buffer before each read. Small, because memory per idle
@@ -41,6 +41,9 @@ pub(crate) struct ConnectionSettings {
     pub(crate) connect_timeout: Duration,
     /// Largest packet the decoder accepts.
     pub(crate) max_packet_size: u32,
+    /// Password database and ACL; CONNECTs are authenticated against it before they are
+    /// forwarded to the broker task.
+    pub(crate) security: Arc<Security>,
 }
 
 /// Why the read side stopped.
@@ -54,15 +57,35 @@ enum ReadEnd {
     Failed(io::Error),
 }
 
-/// Serves one connection until it is closed by either side.
+/// Serves one plain TCP connection until it is closed by either side.
 pub(crate) async fn run(
     stream: TcpStream,
     conn: ConnectionId,
     settings: Arc<ConnectionSettings>,
     events: mpsc::Sender<Event>,
 ) {
+    let (reader, writer) = stream.into_split();
+    serve(reader, writer, conn, settings, events, None).await;
+}
+
+/// Serves one connection over any byte stream (TCP, TLS, WebSocket) until it is closed by
+/// either side. `identity` is the user name from a verified client certificate, when the
+/// listener uses it as the user name.
+pub(crate) async fn serve<R, W>(
+    mut reader: R,
+    writer: W,
+    conn: ConnectionId,
+    settings: Arc<ConnectionSettings>,
+    events: mpsc::Sender<Event>,
+    identity: Option<String>,
+) where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send,
+{
     let shared = Arc::new(Shared::default());
     let (tx, rx) = mpsc::unbounded_channel();
+    // Kept by the reader until the CONNECT is authenticated, to answer a refusal itself.
+    let own_tx = tx.clone();
     let link = Link {
         tx,
         shared: Arc::clone(&shared),
@@ -71,9 +94,12 @@ pub(crate) async fn run(
         // The server is shutting down; dropping the stream closes it.
         return;
     }
-    let (mut reader, writer) = stream.into_split();
+    let auth = Auth {
+        reply: Some(own_tx),
+        identity,
+    };
     let lost = tokio::select! {
-        end = read_side(&mut reader, conn, &settings, &events, &shared) => {
+        end = read_side(&mut reader, conn, &settings, &events, &shared, auth) => {
             match &end {
                 ReadEnd::Eof => info!("connection closed by peer"),
                 ReadEnd::ConnectTimeout => info!(
@@ -87,7 +113,7 @@ pub(crate) async fn run(
         written = write_side(writer, rx, &shared) => match written {
             Ok(()) => {
                 info!("connection closed by broker");
-                linger(&reader).await;
+                linger(&mut reader).await;
                 false
             }
             Err(error) => {
@@ -103,37 +129,109 @@ pub(crate) async fn run(
     }
 }
 
+/// What the reader needs to authenticate the CONNECT.
+struct Auth {
+    /// The connection's own writer channel, to send a refusing CONNACK without the broker;
+    /// dropped once the CONNECT is accepted, so that the writer still notices when the
+    /// broker task is gone.
+    reply: Option<mpsc::UnboundedSender<Batch>>,
+    /// User name from the client certificate, if the listener uses it.
+    identity: Option<String>,
+}
+
+/// Authenticates a CONNECT (on a blocking thread when a password must be hashed). On
+/// refusal the CONNACK is queued to the writer with a close, and `None` is returned.
+async fn authenticate(
+    mut connect: Box<halyard_codec::Connect>,
+    settings: &ConnectionSettings,
+    auth: &mut Auth,
+) -> Option<Box<halyard_codec::Connect>> {
+    let security = Arc::clone(&settings.security);
+    let identity = auth.identity.take();
+    let version = connect.protocol;
+    let verdict = if identity.is_none() && !security.checks_connect() {
+        Ok(())
+    } else if identity.is_some() || connect.username.is_none() {
+        // Nothing to hash: decide here.
+        security.authenticate(&mut connect, identity.as_deref())
+    } else {
+        let mut moved = connect;
+        let joined = tokio::task::spawn_blocking(move || {
+            let verdict = security.authenticate(&mut moved, None);
+            (moved, verdict)
+        })
+        .await;
+        match joined {
+            Ok((back, verdict)) => {
+                connect = back;
+                verdict
+            }
+            Err(error) => {
+                // The CONNECT is gone with the failed task; refuse with what we know.
+                warn!(%error, "password check failed to run");
+                return refuse(version, crate::auth::Refusal::NotAuthorized, auth);
+            }
+        }
+    };
+    match verdict {
+        Ok(()) => {
+            auth.reply = None;
+            Some(connect)
+        }
+        Err(refusal) => refuse(version, refusal, auth),
+    }
+}
+
+/// Queues the refusing CONNACK and a close to this connection's writer.
+fn refuse(
+    version: halyard_codec::ProtocolVersion,
+    refusal: crate::auth::Refusal,
+    auth: &mut Auth,
+) -> Option<Box<halyard_codec::Connect>> {
+    info!(?refusal, "CONNECT refused");
+    let ack = Packet::ConnAck(ConnAck {
+        code: refusal.code(version.is_v5()),
+        ..ConnAck::default()
+    });
+    if let Some(reply) = auth.reply.take() {
+        // The writer subtracts `bytes` from the slow-consumer count: none were added.
+        let _ = reply.send(Batch {
+            packets: vec![ack],
+            bytes: 0,
+            close: true,
+        });
+    }
+    None
+}
+
 /// Reads and decodes until the peer goes away. Returns only when the connection is lost; after
 /// a decode error (or when the broker task is gone) it stops reading and waits for the write
 /// side to close the connection.
-async fn read_side(
-    reader: &mut OwnedReadHalf,
+async fn read_side<R: AsyncRead + Unpin>(
+    reader: &mut R,
     conn: ConnectionId,
     settings: &ConnectionSettings,
     events: &mpsc::Sender<Event>,
     shared: &Shared,
+    mut auth: Auth,
 ) -> ReadEnd {
     let connect_deadline = Instant::now() + settings.connect_timeout;
     let mut ctx = DecodeContext {
         version: None,
         max_packet_size: settings.max_packet_size,
     };
-    // Allocated on the first readable event, not at accept.
     let mut buf = BytesMut::new();
     loop {
-        let ready = if ctx.version.is_none() {
-            match timeout_at(connect_deadline, reader.readable()).await {
-                Ok(ready) => ready,
+        buf.reserve(READ_CHUNK);
+        let read = if ctx.version.is_none() {
+            match timeout_at(connect_deadline, reader.read_buf(&mut buf)).await {
+                Ok(read) => read,
                 Err(_elapsed) => return ReadEnd::ConnectTimeout,
             }
         } else {
-            reader.readable().await
+            reader.read_buf(&mut buf).await
         };
-        if let Err(error) = ready {
-            return ReadEnd::Failed(error);
-        }
-        buf.reserve(READ_CHUNK);
-        match reader.try_read_buf(&mut buf) {
+        match read {
             Ok(0) => return ReadEnd::Eof,
             Ok(_) => {}
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
@@ -143,16 +241,30 @@ async fn read_side(
         let mut packets = Vec::new();
         let failure = loop {
             match decode(&mut buf, &ctx) {
-                Ok(Some(packet)) => {
-                    if let Packet::Connect(connect) = &packet {
+                Ok(Some(mut packet)) => {
+                    if let Packet::Connect(connect) = packet {
                         // Only the first CONNECT fixes the version; a second one is a protocol
                         // error for the broker to handle, not a reason to reframe.
-                        if ctx.version.is_none() {
+                        let first = ctx.version.is_none();
+                        if first {
                             ctx.version = Some(connect.protocol);
                             // Cannot fail: this is the only place that sets it, once.
                             let _ = shared.version.set(connect.protocol);
                             Span::current().record("client_id", connect.client_id.as_str());
                         }
+                        packet = if first {
+                            match authenticate(connect, settings, &mut auth).await {
+                                Some(connect) => Packet::Connect(connect),
+                                None => {
+                                    // The broker never saw this connection's CONNECT; it
+                                    // only has to forget the link.
+                                    let _ = events.send(Event::Lost { conn }).await;
+                                    return pending().await;
+                                }
+                            }
+                        } else {
+                            Packet::Connect(connect)
+                        };
                     }
                     debug!(packet = packet_name(&packet), "received");
                     packets.push(packet);
@@ -178,8 +290,8 @@ async fn read_side(
 
 /// Writes batches from the broker, all ready batches with one `write_all`, until the broker
 /// closes the connection (or the broker task is gone). Returns an error if the socket fails.
-async fn write_side(
-    mut writer: OwnedWriteHalf,
+async fn write_side<W: AsyncWrite + Unpin>(
+    mut writer: W,
     mut rx: mpsc::UnboundedReceiver<Batch>,
     shared: &Shared,
 ) -> io::Result<()> {
@@ -210,6 +322,8 @@ async fn write_side(
         }
         if !buf.is_empty() {
             writer.write_all(&buf).await?;
+            // A no-op for TCP; TLS and WebSocket streams buffer until flushed.
+            writer.flush().await?;
             buf.clear();
         }
         shared
@@ -226,14 +340,11 @@ async fn write_side(
 }
 
 /// Reads and discards input until EOF, an error, or [`LINGER`] has passed (see there).
-async fn linger(reader: &OwnedReadHalf) {
+async fn linger<R: AsyncRead + Unpin>(reader: &mut R) {
     let mut scratch = [0u8; 1024];
     let drain = async {
         loop {
-            if reader.readable().await.is_err() {
-                return;
-            }
-            match reader.try_read(&mut scratch) {
+            match reader.read(&mut scratch).await {
                 Ok(0) => return,
                 Ok(_) => {}
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
@@ -290,6 +401,7 @@ mod tests {
         let settings = Arc::new(ConnectionSettings {
             connect_timeout,
             max_packet_size: 1024,
+            security: Arc::default(),
         });
         let task = tokio::spawn(run(server, 7, settings, events_tx));
         Harness {

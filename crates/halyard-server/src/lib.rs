@@ -15,8 +15,20 @@
 //! dropped (and counted). QoS 1/2 traffic is already bounded by the core's in-flight window and
 //! is never dropped here.
 
+mod auth;
 mod broker_task;
 mod connection;
+mod http;
+mod metrics;
+mod tls;
+mod transport;
+mod ws;
+
+pub use auth::{hash_password, AuthConfig, PasswordFile, Security, SecurityError};
+pub use http::HttpConfig;
+pub use transport::{
+    AdmissionCounters, AdmissionStats, ConnectionLimits, ListenerConfig, ListenerKind, ReloadHandle,
+};
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -92,6 +104,12 @@ pub enum ServerError {
     /// without it.
     #[error("the broker task failed: {0}")]
     BrokerFailed(String),
+    /// A TLS, password or ACL file is unusable.
+    #[error(transparent)]
+    Security(#[from] SecurityError),
+    /// The HTTP admin listener would be reachable from the network without a token.
+    #[error("http listener {0} is not loopback: set http.token (or listen on 127.0.0.1)")]
+    HttpTokenRequired(SocketAddr),
 }
 
 /// A bound, not yet running MQTT server. Binding and running are separate steps so that the
@@ -100,6 +118,10 @@ pub struct Server {
     listeners: Vec<(TcpListener, SocketAddr)>,
     config: ServerConfig,
     broker: Broker,
+    /// HTTP listener, metrics and `$SYS` settings (see `http.rs`).
+    ops: http::Ops,
+    /// Authentication, ACL, TLS and WebSocket listeners, limits (see `transport.rs`).
+    transports: transport::Transports,
 }
 
 impl std::fmt::Debug for Server {
@@ -137,6 +159,8 @@ impl Server {
             listeners,
             config,
             broker,
+            ops: http::Ops::default(),
+            transports: transport::Transports::default(),
         })
     }
 
@@ -153,26 +177,45 @@ impl Server {
             listeners,
             config,
             broker,
+            mut ops,
+            mut transports,
         } = self;
+        let mqtt_addrs: Vec<SocketAddr> = listeners.iter().map(|(_, addr)| *addr).collect();
+        let task_ops = broker_task::TaskOps {
+            metrics: Arc::clone(&ops.metrics),
+            sys_interval: ops.sys_interval,
+        };
         let (event_tx, event_rx) = mpsc::channel(EVENT_CHANNEL_CAPACITY);
         let (stop_tx, stop_rx) = oneshot::channel();
         let mut broker_task = tokio::spawn(
-            broker_task::run(broker, event_rx, stop_rx, config.max_outbound_buffer)
-                .instrument(info_span!("broker")),
+            broker_task::run(
+                broker,
+                event_rx,
+                stop_rx,
+                config.max_outbound_buffer,
+                task_ops,
+            )
+            .instrument(info_span!("broker")),
         );
 
         let (accepted_tx, mut accepted_rx) = mpsc::channel(64);
+        let extra_listeners = transports.take_bound();
         let acceptors: Vec<_> = listeners
             .into_iter()
-            .map(|(listener, local)| {
-                tokio::spawn(accept_loop(listener, local, accepted_tx.clone()))
-            })
+            .map(|(listener, local)| (listener, transports.plain(local)))
+            .chain(extra_listeners)
+            .map(|(listener, ctx)| tokio::spawn(accept_loop(listener, ctx, accepted_tx.clone())))
             .collect();
         drop(accepted_tx);
+        let ready = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let http_task =
+            http::HttpTask::new(&mut ops, event_tx.clone(), mqtt_addrs, Arc::clone(&ready))
+                .map(|task| tokio::spawn(task.run().instrument(info_span!("http"))));
 
         let settings = Arc::new(ConnectionSettings {
             connect_timeout: config.connect_timeout,
             max_packet_size: config.broker.max_packet_size,
+            security: Arc::clone(&transports.security),
         });
         let mut connections = JoinSet::new();
         tokio::pin!(shutdown);
@@ -180,8 +223,8 @@ impl Server {
             tokio::select! {
                 () = &mut shutdown => break None,
                 joined = &mut broker_task => break Some(broker_error(joined)),
-                Some((stream, peer)) = accepted_rx.recv() => {
-                    spawn_connection(&mut connections, stream, peer, &settings, &event_tx);
+                Some((stream, peer, ctx)) = accepted_rx.recv() => {
+                    spawn_connection(&mut connections, stream, peer, ctx, &settings, &event_tx);
                 }
                 Some(joined) = connections.join_next(), if !connections.is_empty() => {
                     if let Err(error) = joined {
@@ -190,6 +233,10 @@ impl Server {
                 }
             }
         };
+        ready.store(false, Ordering::Release);
+        if let Some(task) = &http_task {
+            task.abort();
+        }
         for acceptor in &acceptors {
             acceptor.abort();
         }
@@ -238,13 +285,18 @@ fn broker_error(joined: Result<Result<(), StoreError>, tokio::task::JoinError>) 
 /// connection tasks (so that shutdown can wait for all of them).
 async fn accept_loop(
     listener: TcpListener,
-    local: SocketAddr,
-    accepted: mpsc::Sender<(TcpStream, SocketAddr)>,
+    ctx: Arc<transport::ListenerCtx>,
+    accepted: mpsc::Sender<(TcpStream, SocketAddr, Arc<transport::ListenerCtx>)>,
 ) {
+    let local = ctx.local();
     loop {
         match listener.accept().await {
-            Ok(pair) => {
-                if accepted.send(pair).await.is_err() {
+            Ok((stream, peer)) => {
+                if accepted
+                    .send((stream, peer, Arc::clone(&ctx)))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -265,6 +317,7 @@ fn spawn_connection(
     connections: &mut JoinSet<()>,
     stream: TcpStream,
     peer: SocketAddr,
+    ctx: Arc<transport::ListenerCtx>,
     settings: &Arc<ConnectionSettings>,
     events: &mpsc::Sender<broker_task::Event>,
 ) {
@@ -275,6 +328,13 @@ fn spawn_connection(
     if let Err(error) = stream.set_nodelay(true) {
         warn!(%error, "cannot set TCP_NODELAY");
     }
-    let task = connection::run(stream, conn, Arc::clone(settings), events.clone());
+    let task = transport::serve_accepted(
+        stream,
+        peer,
+        ctx,
+        conn,
+        Arc::clone(settings),
+        events.clone(),
+    );
     connections.spawn(task.instrument(span.clone()));
 }

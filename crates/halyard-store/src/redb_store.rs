@@ -191,11 +191,17 @@ fn classify(context: &'static str) -> impl Fn(redb::Error) -> OpenError {
     }
 }
 
+/// Page cache of the database.
+const CACHE_BYTES: usize = 16 * 1024 * 1024;
+
 /// Opens (or creates) the database and makes sure every table exists.
 fn open_database(path: &Path) -> Result<Database, OpenError> {
     let repairing = Arc::new(AtomicBool::new(false));
     let mut builder = Builder::new();
     builder.create_with_file_format_v3(true);
+    // redb's default page cache is 1 GiB; the broker reads the store sequentially (start-up,
+    // queue pages), so a small cache keeps RSS flat while queues grow to millions.
+    builder.set_cache_size(CACHE_BYTES);
     let flag = Arc::clone(&repairing);
     let file = path.display().to_string();
     builder.set_repair_callback(move |session: &mut RepairSession| {

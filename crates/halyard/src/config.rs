@@ -58,6 +58,30 @@ pub struct FileConfig {
     pub allow_zero_length_client_id: bool,
     /// The `[storage]` table: where persistent sessions and retained messages live.
     pub storage: StorageConfig,
+    /// Seconds between `$SYS/broker/...` publications; 0 turns `$SYS` off.
+    pub sys_interval: u64,
+    /// The `[http]` table: metrics, probes, admin API and status page.
+    pub http: HttpSection,
+}
+
+/// Where the operations HTTP listener binds when `http.listen` is not set.
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:8080";
+
+/// The `[http]` table (issue 5).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpSection {
+    /// Whether to serve HTTP at all (default true; `enabled = false` turns it off).
+    pub enabled: Option<bool>,
+    /// Address to serve on. Unset means [`DEFAULT_HTTP_LISTEN`], and then a port already in
+    /// use only logs a warning (so that a second broker on one host still starts); an
+    /// explicit address that cannot be bound is an error.
+    pub listen: Option<SocketAddr>,
+    /// Bearer token for `/api/v1`; required when `listen` is not a loopback address.
+    pub token: Option<String>,
+    /// File holding the token (for example a mounted Kubernetes Secret); trailing
+    /// whitespace is ignored. Exclusive with `token`.
+    pub token_file: Option<PathBuf>,
 }
 
 /// The `[storage]` table.
@@ -130,6 +154,8 @@ impl Default for FileConfig {
             max_session_expiry: broker.max_session_expiry,
             allow_zero_length_client_id: broker.allow_zero_length_client_id,
             storage: StorageConfig::default(),
+            sys_interval: 10,
+            http: HttpSection::default(),
         }
     }
 }
@@ -153,6 +179,8 @@ impl From<FileConfig> for ServerConfig {
             max_session_expiry,
             allow_zero_length_client_id,
             storage: _,
+            sys_interval: _,
+            http: _,
         } = file;
         ServerConfig {
             listeners: listen,
@@ -247,6 +275,10 @@ impl FileConfig {
             "retain_available" => self.retain_available = parse(value)?,
             "max_session_expiry" => self.max_session_expiry = parse(value)?,
             "allow_zero_length_client_id" => self.allow_zero_length_client_id = parse(value)?,
+            "sys_interval" => self.sys_interval = parse(value)?,
+            // `[http]` keys that deployments set from the environment (a Secret, a port).
+            "http_token" => self.http.token = Some(value.to_owned()),
+            "http_listen" => self.http.listen = Some(parse(value)?),
             _ => return Ok(false),
         }
         Ok(true)
@@ -279,6 +311,24 @@ impl FileConfig {
             return Err(("max_topic_length", "must be between 1 and 65535".to_owned()));
         }
         at_least_one("fsync_interval_ms", self.storage.fsync_interval_ms)?;
+        if self.http.token.is_some() && self.http.token_file.is_some() {
+            return Err((
+                "http.token_file",
+                "set http.token or http.token_file, not both".to_owned(),
+            ));
+        }
+        if let Some(listen) = self.http.listen {
+            let has_token = self.http.token.is_some() || self.http.token_file.is_some();
+            if self.http.enabled != Some(false) && !listen.ip().is_loopback() && !has_token {
+                return Err((
+                    "http.listen",
+                    format!(
+                        "http.listen {listen} is not a loopback address: set http.token or \
+                         http.token_file so the admin API is not open to the network"
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -337,9 +387,23 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
     (line, before[line_start..].chars().count() + 1)
 }
 
-/// Where top-level `key` is assigned in `text`, for validation errors found after parsing.
+/// Where `key` is assigned in `text`, for validation errors found after parsing. A dotted
+/// key (`http.listen`) is looked for inside its table only.
 fn key_position(text: &str, key: &str) -> Option<(usize, usize)> {
+    let (table, key) = match key.split_once('.') {
+        Some((table, key)) => (Some(table), key),
+        None => (None, key),
+    };
+    let mut current: Option<String> = None;
     text.lines().enumerate().find_map(|(index, line)| {
+        let trimmed = line.trim();
+        if trimmed.starts_with('[') {
+            current = Some(trimmed.trim_matches(['[', ']']).trim().to_owned());
+            return None;
+        }
+        if table.is_some() && current.as_deref() != table {
+            return None;
+        }
         let (name, _) = line.split_once('=')?;
         let indent = line.len() - line.trim_start().len();
         (name.trim().trim_matches('"') == key).then_some((index + 1, indent + 1))
@@ -545,9 +609,41 @@ mod tests {
     }
 
     #[test]
+    fn http_table_and_sys_interval_are_read() {
+        let config = load(
+            "sys_interval = 3\n[http]\nenabled = true\nlisten = \"127.0.0.1:9090\"\ntoken = \"x\"\n",
+        )
+        .expect("valid");
+        assert_eq!(config.sys_interval, 3);
+        assert_eq!(
+            config.http.listen,
+            Some("127.0.0.1:9090".parse().expect("addr"))
+        );
+        assert_eq!(config.http.token.as_deref(), Some("x"));
+        let message = error_of(load("[http]\nlistn = 1\n"));
+        assert!(
+            message.contains("listn") && message.contains("line 2"),
+            "{message}"
+        );
+        // Non-loopback without a token is refused, naming the key and its line ...
+        let message = error_of(load(
+            "listen = [\"0.0.0.0:1883\"]\n[http]\nlisten = \"0.0.0.0:80\"\n",
+        ));
+        assert!(message.contains("http.listen"), "{message}");
+        assert!(message.contains("line 3"), "{message}");
+        // ... unless the token comes from the environment (a Kubernetes Secret).
+        let config = FileConfig::load(
+            Some(("halyard.toml", "[http]\nlisten = \"0.0.0.0:80\"\n")),
+            env(&[("HALYARD_HTTP_TOKEN", "s")]),
+        )
+        .expect("token from the environment");
+        assert_eq!(config.http.token.as_deref(), Some("s"));
+    }
+
+    #[test]
     fn every_scalar_key_can_be_set_from_the_environment() {
         let keys = scalar_keys();
-        assert_eq!(keys.len(), 13, "{keys:?}");
+        assert_eq!(keys.len(), 14, "{keys:?}");
         for key in keys {
             let mut config = FileConfig::default();
             let value = if key.contains("available") || key.starts_with("allow") {

@@ -1,6 +1,8 @@
 //! `halyard`: the MQTT broker binary (command line, configuration file, logging, signals).
 
+mod client;
 mod config;
+mod ops;
 
 use std::future::Future;
 use std::io::{IsTerminal, Write};
@@ -47,6 +49,10 @@ enum Command {
         /// The TOML configuration file to check.
         file: PathBuf,
     },
+    /// Publish MQTT messages (flags like mosquitto_pub: -h -p -t -m -q -r -V 5 ...).
+    Pub(client::PubArgs),
+    /// Subscribe and print messages (flags like mosquitto_sub: -h -p -t -q -v -C -W ...).
+    Sub(client::SubArgs),
 }
 
 #[derive(Debug, Default, clap::Args)]
@@ -66,6 +72,14 @@ struct ServeArgs {
     /// collectors.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Address of the operations HTTP listener (metrics, probes, admin API, status page);
+    /// overrides `http.listen`. Port 0 picks a free port; `halyard http listening on
+    /// <ip:port>` is printed on stdout after the MQTT lines.
+    #[arg(long, value_name = "ADDR", conflicts_with = "no_http")]
+    http_listen: Option<SocketAddr>,
+    /// Do not serve HTTP (overrides `http.enabled`).
+    #[arg(long)]
+    no_http: bool,
 }
 
 /// How log lines are written.
@@ -81,9 +95,16 @@ enum LogFormat {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        None => serve(ServeArgs::default()),
-        Some(Command::Serve(args)) => serve(args),
-        Some(Command::CheckConfig { file }) => check_config(&file),
+        None => serve(ServeArgs::default()).map(|()| 0),
+        Some(Command::Serve(args)) => serve(args).map(|()| 0),
+        Some(Command::CheckConfig { file }) => check_config(&file).map(|()| 0),
+        Some(Command::Pub(args)) => run_client(client::publish(args)).map(|()| 0),
+        Some(Command::Sub(args)) => run_client(client::subscribe(args)),
+    };
+    let result = match result {
+        Ok(0) => Ok(()),
+        Ok(status) => return ExitCode::from(status),
+        Err(error) => Err(error),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -92,6 +113,15 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Runs a client command on a single-threaded runtime (a client needs no more).
+fn run_client<T>(future: impl Future<Output = Result<T>>) -> Result<T> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?
+        .block_on(future)
 }
 
 /// `halyard check-config FILE`.
@@ -123,6 +153,9 @@ fn serve(args: ServeArgs) -> Result<()> {
     if let Some(dir) = args.data_dir {
         storage.data_dir = dir;
     }
+    let http = ops::http_settings(&file.http, args.http_listen, args.no_http)?;
+    let sys_interval = Duration::from_secs(file.sys_interval);
+    let effective_config = ops::redacted_config(&file);
     let mut config = ServerConfig::from(file);
     if !args.listen.is_empty() {
         config.listeners = args.listen;
@@ -134,10 +167,16 @@ fn serve(args: ServeArgs) -> Result<()> {
         .context("cannot start the tokio runtime")?;
     runtime.block_on(async {
         let shutdown = shutdown_signal()?;
-        let server = Server::bind_with(config, broker).await?;
+        let mut server = Server::bind_with(config, broker).await?;
+        server.set_sys_interval(Some(sys_interval));
+        server.set_effective_config(effective_config);
+        let http_addr = ops::bind_http(&mut server, http).await?;
         let mut stdout = std::io::stdout().lock();
         for addr in server.local_addrs() {
             writeln!(stdout, "halyard listening on {addr}")?;
+        }
+        if let Some(addr) = http_addr {
+            writeln!(stdout, "halyard http listening on {addr}")?;
         }
         stdout.flush()?;
         drop(stdout);

@@ -84,6 +84,7 @@ async fn one_listening_line_per_listener() {
             "127.0.0.1:0",
             "--listen",
             "127.0.0.1:0",
+            "--no-http",
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

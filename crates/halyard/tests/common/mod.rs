@@ -71,6 +71,8 @@ pub fn halyard_cmd() -> Command {
 pub struct Broker {
     child: Child,
     addr: SocketAddr,
+    /// The operations HTTP listener (always on an ephemeral loopback port in tests).
+    http_addr: SocketAddr,
     config_path: Option<PathBuf>,
     stderr_path: PathBuf,
     /// The broker's data directory: its own by default, so parallel tests never share a
@@ -123,6 +125,8 @@ impl Broker {
         let owns_data_dir = data_dir.is_none();
         let data_dir = data_dir.unwrap_or_else(|| unique_temp_path("data", "d"));
         cmd.arg("serve").arg("--listen").arg("127.0.0.1:0");
+        // Never the default 127.0.0.1:8080: parallel tests must not collide.
+        cmd.arg("--http-listen").arg("127.0.0.1:0");
         cmd.arg("--data-dir").arg(&data_dir);
         if let Some(path) = &config_path {
             cmd.arg("--config").arg(path);
@@ -162,6 +166,25 @@ impl Broker {
                 }
             }
         };
+        // The HTTP line follows the MQTT lines.
+        let http_addr = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(rest) = line.trim().strip_prefix("halyard http listening on ") {
+                        break rest.trim().parse::<SocketAddr>().unwrap_or_else(|e| {
+                            panic!("bad address in http listening line {line:?}: {e}")
+                        });
+                    }
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    let logs = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+                    panic!("halyard did not print its http listening line; stderr:\n{logs}");
+                }
+            }
+        };
         assert_eq!(
             addr.ip().to_string(),
             "127.0.0.1",
@@ -175,6 +198,7 @@ impl Broker {
         Broker {
             child,
             addr,
+            http_addr,
             config_path,
             stderr_path,
             data_dir,
@@ -188,6 +212,11 @@ impl Broker {
 
     pub fn port(&self) -> u16 {
         self.addr.port()
+    }
+
+    /// Address of the operations HTTP listener (metrics, admin API, status page).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
     }
 
     pub fn pid(&self) -> u32 {

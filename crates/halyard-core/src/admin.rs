@@ -1,0 +1,389 @@
+//! Operator queries and actions on the broker (issue 5: the admin API): list and inspect
+//! clients, kick one, list retained messages, publish on the operator's behalf.
+//!
+//! Kept in its own module, as an `impl Broker` block, so the protocol code in `broker.rs`
+//! stays about MQTT; everything here runs on the broker task like any packet, so it needs no
+//! lock and sees a consistent state.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use halyard_codec::{topic, ProtocolVersion, QoS, ReasonCode};
+use serde::Serialize;
+
+use crate::broker::{Broker, CloseKind, RouteOutcome};
+use crate::message::Message;
+use crate::session::Session;
+
+/// One line of the client list: enough to spot a stuck or misbehaving client at a glance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ClientSummary {
+    /// The MQTT client identifier.
+    pub client_id: String,
+    /// Whether a network connection is bound to the session now.
+    pub connected: bool,
+    /// `"3.1"`, `"3.1.1"` or `"5.0"` while connected; `None` for an offline session.
+    pub protocol: Option<&'static str>,
+    /// Number of subscriptions the session holds.
+    pub subscriptions: usize,
+    /// Messages waiting beyond the in-flight window (in memory and on disk).
+    pub queued: u64,
+    /// Outbound QoS 1/2 messages sent and not yet acknowledged.
+    pub inflight: usize,
+    /// Session Expiry Interval in seconds (`4294967295` = never).
+    pub expiry_interval: u32,
+    /// Whether the session is written to the durable store.
+    pub persistent: bool,
+}
+
+/// One subscription of a client, as the admin API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SubscriptionInfo {
+    /// The filter as the client wrote it (shared ones with their `$share/` prefix).
+    pub filter: String,
+    /// Granted maximum QoS.
+    pub qos: u8,
+    /// MQTT 5 No Local.
+    pub no_local: bool,
+    /// MQTT 5 Retain As Published.
+    pub retain_as_published: bool,
+    /// MQTT 5 Retain Handling (0, 1 or 2).
+    pub retain_handling: u8,
+    /// MQTT 5 Subscription Identifier, if any.
+    pub identifier: Option<u32>,
+}
+
+/// Everything the admin API tells about one client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ClientDetail {
+    /// The list fields.
+    #[serde(flatten)]
+    pub summary: ClientSummary,
+    /// Subscriptions, sorted by filter.
+    pub subscription_list: Vec<SubscriptionInfo>,
+    /// Whether a will is waiting out its delay.
+    pub delayed_will: bool,
+}
+
+/// One retained message, as the admin API shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetainedInfo {
+    /// Topic name.
+    pub topic: String,
+    /// QoS it was published with.
+    pub qos: u8,
+    /// The payload bytes.
+    pub payload: Bytes,
+}
+
+/// A page of a sorted listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page<T> {
+    /// Items in the whole listing (for the pager).
+    pub total: usize,
+    /// The requested slice.
+    pub items: Vec<T>,
+}
+
+/// Why an admin publish was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AdminPublishError {
+    /// The topic is empty, has wildcards or a NUL, or exceeds the configured limits.
+    #[error("invalid topic name")]
+    InvalidTopic,
+    /// QoS must be 0, 1 or 2.
+    #[error("qos must be 0, 1 or 2")]
+    InvalidQos,
+    /// A QoS 1/2 subscriber had no room; nobody got the message.
+    #[error("a subscriber's queue is full (quota exceeded)")]
+    QuotaExceeded,
+}
+
+/// Protocol version as operators write it.
+fn protocol_name(version: ProtocolVersion) -> &'static str {
+    match version {
+        ProtocolVersion::V3_1 => "3.1",
+        ProtocolVersion::V3_1_1 => "3.1.1",
+        ProtocolVersion::V5 => "5.0",
+    }
+}
+
+fn summary(session: &Session) -> ClientSummary {
+    ClientSummary {
+        client_id: session.client_id.clone(),
+        connected: session.link.is_some(),
+        protocol: session.version().map(protocol_name),
+        subscriptions: session.subscriptions.len(),
+        queued: session.queued(),
+        inflight: session.inflight.len(),
+        expiry_interval: session.expiry_interval,
+        persistent: session.persistent,
+    }
+}
+
+fn page<T>(mut all: Vec<T>, offset: usize, limit: usize) -> Page<T> {
+    let total = all.len();
+    let items = if offset >= total {
+        Vec::new()
+    } else {
+        all.drain(offset..).take(limit).collect()
+    };
+    Page { total, items }
+}
+
+impl Broker {
+    /// Sessions (connected or not) sorted by client id, `limit` of them from `offset`:
+    /// sorted so that paging is stable while clients come and go.
+    pub fn admin_clients(&self, offset: usize, limit: usize) -> Page<ClientSummary> {
+        let mut ids: Vec<&String> = self.client_ids.keys().collect();
+        ids.sort_unstable();
+        let total = ids.len();
+        let items = ids
+            .into_iter()
+            .skip(offset)
+            .take(limit)
+            .filter_map(|id| self.client_ids.get(id))
+            .filter_map(|key| self.sessions.get(key))
+            .map(summary)
+            .collect();
+        Page { total, items }
+    }
+
+    /// One client's session, or `None` if the broker holds no session for `client_id`.
+    pub fn admin_client(&self, client_id: &str) -> Option<ClientDetail> {
+        let session = self.sessions.get(self.client_ids.get(client_id)?)?;
+        let mut subscription_list: Vec<SubscriptionInfo> = session
+            .subscriptions
+            .iter()
+            .map(|(filter, entry)| SubscriptionInfo {
+                filter: filter.clone(),
+                qos: entry.options.qos as u8,
+                no_local: entry.options.no_local,
+                retain_as_published: entry.options.retain_as_published,
+                retain_handling: entry.options.retain_handling,
+                identifier: entry.identifier,
+            })
+            .collect();
+        subscription_list.sort_by(|a, b| a.filter.cmp(&b.filter));
+        Some(ClientDetail {
+            summary: summary(session),
+            subscription_list,
+            delayed_will: session.delayed_will.is_some(),
+        })
+    }
+
+    /// Disconnects `client_id` as an administrative action: an MQTT 5 client is told
+    /// DISCONNECT 0x98, the will is published (the client did not send DISCONNECT), and the
+    /// session lives on per its expiry interval. False if the client is not connected.
+    pub fn admin_kick(&mut self, now: Instant, client_id: &str) -> bool {
+        let Some(&key) = self.client_ids.get(client_id) else {
+            return false;
+        };
+        if !self.sessions.get(&key).is_some_and(|s| s.link.is_some()) {
+            return false;
+        }
+        self.close_link(
+            now,
+            key,
+            CloseKind::Abnormal(Some(ReasonCode::ADMINISTRATIVE_ACTION)),
+        );
+        true
+    }
+
+    /// Retained messages matching `filter`, sorted by topic, `limit` of them from `offset`.
+    /// Expired ones are left out. (The whole match is collected before paging; fine for the
+    /// in-memory store's sizes, to be streamed when retained messages move to disk.)
+    pub fn admin_retained(
+        &self,
+        now: Instant,
+        filter: &str,
+        offset: usize,
+        limit: usize,
+    ) -> Page<RetainedInfo> {
+        let mut found = Vec::new();
+        if topic::is_valid_topic_filter(filter) {
+            self.retained.matching(filter, &mut found);
+        }
+        found.retain(|message| !message.is_expired(now));
+        found.sort_by(|a, b| a.topic.cmp(&b.topic));
+        let all = found
+            .into_iter()
+            .map(|message| RetainedInfo {
+                topic: message.topic.clone(),
+                qos: message.qos as u8,
+                payload: message.payload.clone(),
+            })
+            .collect();
+        page(all, offset, limit)
+    }
+
+    /// Publishes a message as the operator, to every matching subscriber (and the retained
+    /// store when `retain`). Ok(true) if some subscriber got it, Ok(false) if none matched.
+    pub fn admin_publish(
+        &mut self,
+        now: Instant,
+        topic_name: &str,
+        payload: Bytes,
+        qos: u8,
+        retain: bool,
+    ) -> Result<bool, AdminPublishError> {
+        if !topic::is_valid_topic_name(topic_name) || !self.topic_within_limits(topic_name) {
+            return Err(AdminPublishError::InvalidTopic);
+        }
+        let qos = match qos {
+            0 => QoS::AtMostOnce,
+            1 => QoS::AtLeastOnce,
+            2 => QoS::ExactlyOnce,
+            _ => return Err(AdminPublishError::InvalidQos),
+        };
+        let message = Message {
+            topic: topic_name.to_owned(),
+            payload,
+            qos,
+            retain: retain && self.config.retain_available,
+            properties: Default::default(),
+            expires_at: None,
+            publisher: None,
+        };
+        match self.route(now, Arc::new(message), true) {
+            RouteOutcome::Delivered => Ok(true),
+            RouteOutcome::NoSubscribers => Ok(false),
+            RouteOutcome::QuotaExceeded => Err(AdminPublishError::QuotaExceeded),
+        }
+    }
+
+    /// Total outbound messages queued and in flight over all sessions: for the queue-depth
+    /// gauges (one pass over the sessions, done per scrape, not per message).
+    pub fn admin_queue_depths(&self) -> (u64, u64) {
+        self.sessions
+            .values()
+            .fold((0, 0), |(queued, inflight), s| {
+                (queued + s.queued(), inflight + s.inflight.len() as u64)
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{BrokerConfig, Output};
+    use halyard_codec::{Connect, Packet, Subscribe, Subscription, SubscriptionOptions};
+
+    fn connect(broker: &mut Broker, now: Instant, conn: u64, id: &str, v: ProtocolVersion) {
+        broker.handle_packet(
+            now,
+            conn,
+            Packet::Connect(Box::new(Connect {
+                protocol: v,
+                clean_start: true,
+                keep_alive: 0,
+                client_id: id.to_owned(),
+                will: None,
+                username: None,
+                password: None,
+                properties: Default::default(),
+            })),
+        );
+    }
+
+    fn subscribe(broker: &mut Broker, now: Instant, conn: u64, filter: &str) {
+        broker.handle_packet(
+            now,
+            conn,
+            Packet::Subscribe(Subscribe {
+                packet_id: 1,
+                subscriptions: vec![Subscription {
+                    filter: filter.to_owned(),
+                    options: SubscriptionOptions {
+                        qos: QoS::AtLeastOnce,
+                        ..Default::default()
+                    },
+                }],
+                properties: Default::default(),
+            }),
+        );
+    }
+
+    fn drain(broker: &mut Broker) -> Vec<Output> {
+        std::iter::from_fn(|| broker.poll_output()).collect()
+    }
+
+    #[test]
+    fn clients_are_listed_sorted_and_paged() {
+        let now = Instant::now();
+        let mut broker = Broker::new(BrokerConfig::default());
+        for (conn, id) in [(1, "c"), (2, "a"), (3, "b")] {
+            connect(&mut broker, now, conn, id, ProtocolVersion::V3_1_1);
+        }
+        let page = broker.admin_clients(1, 5);
+        assert_eq!(page.total, 3);
+        let ids: Vec<_> = page.items.iter().map(|c| c.client_id.as_str()).collect();
+        assert_eq!(ids, ["b", "c"]);
+        assert!(page.items[0].connected);
+        assert_eq!(page.items[0].protocol, Some("3.1.1"));
+        assert!(broker.admin_clients(3, 5).items.is_empty());
+    }
+
+    #[test]
+    fn client_detail_shows_subscriptions() {
+        let now = Instant::now();
+        let mut broker = Broker::new(BrokerConfig::default());
+        connect(&mut broker, now, 1, "s", ProtocolVersion::V5);
+        subscribe(&mut broker, now, 1, "a/+");
+        let detail = broker.admin_client("s").expect("known client");
+        assert_eq!(detail.summary.protocol, Some("5.0"));
+        assert_eq!(detail.summary.subscriptions, 1);
+        assert_eq!(detail.subscription_list[0].filter, "a/+");
+        assert_eq!(detail.subscription_list[0].qos, 1);
+        assert!(broker.admin_client("nobody").is_none());
+    }
+
+    #[test]
+    fn kick_sends_administrative_action_to_v5_and_closes() {
+        let now = Instant::now();
+        let mut broker = Broker::new(BrokerConfig::default());
+        connect(&mut broker, now, 7, "k", ProtocolVersion::V5);
+        drain(&mut broker);
+        assert!(broker.admin_kick(now, "k"));
+        let outputs = drain(&mut broker);
+        assert!(outputs.iter().any(|o| matches!(o,
+            Output::Send { conn: 7, packet: Packet::Disconnect(d) }
+                if d.reason == ReasonCode::ADMINISTRATIVE_ACTION)));
+        assert!(outputs.contains(&Output::Close { conn: 7 }));
+        assert!(!broker.admin_kick(now, "k"), "no longer connected");
+        assert!(!broker.admin_kick(now, "unknown"));
+    }
+
+    #[test]
+    fn admin_publish_reaches_subscribers_and_retained_listing() {
+        let now = Instant::now();
+        let mut broker = Broker::new(BrokerConfig::default());
+        connect(&mut broker, now, 1, "s", ProtocolVersion::V3_1_1);
+        subscribe(&mut broker, now, 1, "x/#");
+        drain(&mut broker);
+        assert_eq!(
+            broker.admin_publish(now, "x/1", Bytes::from_static(b"hi"), 1, true),
+            Ok(true)
+        );
+        assert!(drain(&mut broker).iter().any(|o| matches!(o,
+            Output::Send { conn: 1, packet: Packet::Publish(p) } if p.topic == "x/1")));
+        assert_eq!(
+            broker.admin_publish(now, "y", Bytes::from_static(b"b"), 0, true),
+            Ok(false)
+        );
+        assert_eq!(
+            broker.admin_publish(now, "x/+", Bytes::new(), 0, false),
+            Err(AdminPublishError::InvalidTopic)
+        );
+        assert_eq!(
+            broker.admin_publish(now, "x", Bytes::new(), 3, false),
+            Err(AdminPublishError::InvalidQos)
+        );
+        let page = broker.admin_retained(now, "#", 0, 10);
+        let topics: Vec<_> = page.items.iter().map(|r| r.topic.as_str()).collect();
+        assert_eq!(topics, ["x/1", "y"]);
+        assert_eq!(broker.admin_retained(now, "#", 1, 10).items.len(), 1);
+        assert_eq!(broker.admin_retained(now, "bad/#/x", 0, 10).total, 0);
+    }
+}

@@ -1,0 +1,258 @@
+//! Backpressure for publishers whose QoS 1/2 message a subscriber has no room for.
+//!
+//! MQTT 3.x cannot refuse a PUBLISH, and acknowledging one and then dropping it would break
+//! the at-least-once promise. So instead of closing such a publisher (which made it reconnect
+//! and resend everything in flight), the broker keeps the publish *pending*: unacknowledged
+//! and not routed. It tells the server to stop reading from the connection
+//! ([`Output::Pause`]), so TCP flow control slows the client down, and holds every later
+//! packet that was already decoded, in order, behind the pending one. Acknowledgements and
+//! PINGREQ are not held: they never reorder publishes, and the publisher's own PUBACKs may be
+//! what frees the room it waits for. When room appears (a subscriber acknowledges, leaves
+//! or expires) the held packets are handled in order and, once none is left, reading
+//! resumes ([`Output::Resume`]).
+//!
+//! MQTT 5 publishers get the same treatment with `queue_full_policy = "pushback"`; with the
+//! default `"reject"` they are told 0x97 Quota exceeded instead, as before.
+//!
+//! A pause is bounded by [`PUSHBACK_TIMEOUT`]: two clients that each subscribe to what the
+//! other publishes could otherwise wait on each other forever (neither one's PUBACKs are read
+//! while it is paused). After the timeout the publisher is closed without acknowledgement,
+//! the old behaviour, so it resends on reconnect.
+
+use std::cmp::Reverse;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use halyard_codec::{Packet, QoS};
+
+use crate::broker::{Broker, CloseKind, ConnectionId, Output, Timer};
+use crate::message::{Message, SessionKey};
+
+/// Longest time a publisher stays paused before it is closed unacknowledged (see the module
+/// documentation for why a bound is needed). Long enough for a slow but working subscriber
+/// to drain a full queue of `max_queued_messages`.
+pub const PUSHBACK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What to do with a QoS 1/2 publish from an MQTT 5 client that a subscriber's full queue
+/// cannot take. MQTT 3.x publishers are always pushed back: 3.x has no way to refuse.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueFullPolicy {
+    /// Answer PUBACK/PUBREC 0x97 Quota exceeded; the client decides whether to retry. The
+    /// default, because an MQTT 5 client can be told and may prefer to shed load itself.
+    #[default]
+    Reject,
+    /// Keep the publish pending and stop reading from the publisher until there is room.
+    Pushback,
+}
+
+/// A publish that was validated and found no room; routed as soon as there is.
+#[derive(Debug)]
+pub(crate) struct PendingPublish {
+    pub(crate) message: Arc<Message>,
+    pub(crate) qos: QoS,
+    pub(crate) packet_id: u16,
+    pub(crate) v5: bool,
+}
+
+/// One item a paused connection has waiting, in arrival order.
+#[derive(Debug)]
+pub(crate) enum Held {
+    /// The publish that found no room (always at the front).
+    Publish(PendingPublish),
+    /// A packet that arrived after it, not looked at yet.
+    Packet(Packet),
+}
+
+/// One paused connection.
+#[derive(Debug)]
+struct Paused {
+    held: VecDeque<Held>,
+    /// The session whose full queue the front publish waits for; a retry is only worth
+    /// routing once it has room (or is gone).
+    waiting_on: SessionKey,
+    since: Instant,
+}
+
+/// Paused publishers; empty (and never allocating) while nobody is pushed back.
+#[derive(Debug, Default)]
+pub(crate) struct Pushback {
+    paused: HashMap<ConnectionId, Paused>,
+    /// Paused connections in the order they get the next chance (round robin); entries of
+    /// connections no longer paused are skipped.
+    order: VecDeque<ConnectionId>,
+    /// Set when something happened that may have made room; cleared by a retry.
+    maybe_room: bool,
+    /// Set by an atomic route that found no room: the first session that had none.
+    pub(crate) blocked_by: Option<SessionKey>,
+}
+
+impl Pushback {
+    /// Whether any publisher is paused (the only check on the hot path when none is).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.paused.is_empty()
+    }
+
+    pub(crate) fn is_paused(&self, conn: ConnectionId) -> bool {
+        !self.paused.is_empty() && self.paused.contains_key(&conn)
+    }
+
+    /// Forgets what a closing connection had held: none of it was acknowledged, so the
+    /// client sends it again if its session survives.
+    pub(crate) fn forget(&mut self, conn: ConnectionId) {
+        if !self.paused.is_empty() && self.paused.remove(&conn).is_some() {
+            self.maybe_room = true;
+        }
+    }
+
+    /// Notes that room may have appeared (an acknowledgement, a session ended, ...).
+    pub(crate) fn note_maybe_room(&mut self) {
+        if !self.paused.is_empty() {
+            self.maybe_room = true;
+        }
+    }
+}
+
+/// Whether a packet from a paused connection waits behind its pending publish: everything
+/// but acknowledgements and PINGREQ, which cannot reorder publishes and may be needed to
+/// make room.
+fn must_wait(packet: &Packet) -> bool {
+    !matches!(
+        packet,
+        Packet::PubAck(_)
+            | Packet::PubRec(_)
+            | Packet::PubRel(_)
+            | Packet::PubComp(_)
+            | Packet::PingReq
+    )
+}
+
+impl Broker {
+    /// Holds `packet` if `conn` is paused and the packet must wait; returns it otherwise.
+    pub(crate) fn hold_if_paused(&mut self, conn: ConnectionId, packet: Packet) -> Option<Packet> {
+        if self.pushback.paused.is_empty() || !must_wait(&packet) {
+            return Some(packet);
+        }
+        match self.pushback.paused.get_mut(&conn) {
+            Some(paused) => {
+                paused.held.push_back(Held::Packet(packet));
+                None
+            }
+            None => Some(packet),
+        }
+    }
+
+    /// Makes `publish` the front of `conn`'s held packets, pausing the connection if it was
+    /// not paused yet. `waiting_on` is the session that had no room.
+    pub(crate) fn push_back_publish(
+        &mut self,
+        now: Instant,
+        conn: ConnectionId,
+        publish: PendingPublish,
+        waiting_on: SessionKey,
+    ) {
+        if let Some(paused) = self.pushback.paused.get_mut(&conn) {
+            // Re-blocked while its held packets were being replayed.
+            paused.held.push_front(Held::Publish(publish));
+            paused.waiting_on = waiting_on;
+            return;
+        }
+        let mut held = VecDeque::with_capacity(4);
+        held.push_back(Held::Publish(publish));
+        self.pushback.paused.insert(
+            conn,
+            Paused {
+                held,
+                waiting_on,
+                since: now,
+            },
+        );
+        self.pushback.order.push_back(conn);
+        self.out.stats.pushback_pauses += 1;
+        self.out.outputs.push_back(Output::Pause { conn });
+        self.timers
+            .push(Reverse((now + PUSHBACK_TIMEOUT, Timer::Pushback(conn))));
+    }
+
+    /// A pushback timer fired: a connection paused for [`PUSHBACK_TIMEOUT`] is closed
+    /// without acknowledging what it holds.
+    pub(crate) fn check_pushback(&mut self, now: Instant, conn: ConnectionId) {
+        let Some(paused) = self.pushback.paused.get(&conn) else {
+            return;
+        };
+        if paused.since + PUSHBACK_TIMEOUT > now {
+            // Paused again since this timer was armed; that pause armed its own.
+            return;
+        }
+        self.out.stats.pushback_timeouts += 1;
+        if let Some(&key) = self.conns.get(&conn) {
+            self.close_link(now, key, CloseKind::Abnormal(None));
+        }
+        self.pushback.forget(conn);
+    }
+
+    /// Gives paused publishers whose blocking session has room the chance to go on, round
+    /// robin, each until it blocks again or has nothing held (then it is resumed).
+    pub(crate) fn retry_paused(&mut self, now: Instant) {
+        if !std::mem::take(&mut self.pushback.maybe_room) || self.pushback.paused.is_empty() {
+            return;
+        }
+        let limits = self.limits();
+        for _ in 0..self.pushback.order.len() {
+            let Some(conn) = self.pushback.order.pop_front() else {
+                break;
+            };
+            let Some(paused) = self.pushback.paused.get(&conn) else {
+                continue; // closed meanwhile
+            };
+            let waiting_on = paused.waiting_on;
+            if self
+                .sessions
+                .get(&waiting_on)
+                .is_some_and(|session| !session.has_room(limits))
+            {
+                self.pushback.order.push_back(conn);
+                continue;
+            }
+            self.replay_held(now, conn);
+            if self.pushback.paused.contains_key(&conn) {
+                self.pushback.order.push_back(conn);
+            }
+        }
+    }
+
+    /// Handles `conn`'s held packets in order until one blocks again or none is left.
+    fn replay_held(&mut self, now: Instant, conn: ConnectionId) {
+        loop {
+            let Some(paused) = self.pushback.paused.get_mut(&conn) else {
+                return; // closed by one of its own packets
+            };
+            let Some(item) = paused.held.pop_front() else {
+                self.pushback.paused.remove(&conn);
+                if self.conns.contains_key(&conn) {
+                    self.out.outputs.push_back(Output::Resume { conn });
+                }
+                return;
+            };
+            match item {
+                Held::Publish(publish) => {
+                    let Some(&key) = self.conns.get(&conn) else {
+                        self.pushback.paused.remove(&conn);
+                        return;
+                    };
+                    self.finish_publish(now, key, conn, publish);
+                }
+                Held::Packet(packet) => self.handle_unheld(now, conn, packet),
+            }
+            if self
+                .pushback
+                .paused
+                .get(&conn)
+                .is_some_and(|paused| matches!(paused.held.front(), Some(Held::Publish(_))))
+            {
+                return; // blocked again
+            }
+        }
+    }
+}

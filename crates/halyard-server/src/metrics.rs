@@ -1,0 +1,330 @@
+//! Prometheus metrics of one server instance (issue 5).
+//!
+//! One [`Registry`] per [`crate::Server`], never a global one, so that several brokers in one
+//! process (tests, a future cluster test) keep their numbers apart. Traffic counters are
+//! atomics bumped by the broker task as it handles packets; gauges and the core's own
+//! counters ([`halyard_core::BrokerStats`]) are copied in when `/metrics` is scraped, from a
+//! snapshot the broker task takes, so the hot path never touches them.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use halyard_codec::{Packet, QoS};
+use halyard_core::BrokerStats;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Label of the per-QoS message counters.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct QosLabel {
+    qos: u8,
+}
+
+/// Label of the drop and refusal counters.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ReasonLabel {
+    reason: &'static str,
+}
+
+/// What the broker task reports at scrape time (see [`Metrics::update`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Snapshot {
+    /// The core's counters and sizes.
+    pub(crate) stats: BrokerStats,
+    /// Messages queued beyond the in-flight windows, over all sessions.
+    pub(crate) queued: u64,
+    /// Outbound QoS 1/2 messages in flight, over all sessions.
+    pub(crate) inflight: u64,
+}
+
+/// Every metric of one server, with the registry that exposes them.
+#[derive(Debug)]
+pub(crate) struct Metrics {
+    registry: Registry,
+    /// PUBLISH packets received, `[qos]` (pre-resolved family members: no lookup per packet).
+    received: [Counter; 3],
+    /// PUBLISH packets written to clients, `[qos]`.
+    sent: [Counter; 3],
+    /// Bytes of MQTT packets read from clients.
+    pub(crate) bytes_received: Counter,
+    /// Bytes of MQTT packets handed to connection writers.
+    pub(crate) bytes_sent: Counter,
+    /// Bytes received per QoS of PUBLISH packets.
+    bytes_received_qos: [Counter; 3],
+    /// Bytes sent per QoS of PUBLISH packets.
+    bytes_sent_qos: [Counter; 3],
+    /// Network connections accepted.
+    pub(crate) connections_accepted: Counter,
+    /// QoS 0 messages the dispatcher dropped for a slow consumer.
+    pub(crate) dropped_slow_consumer: Counter,
+    dropped: Family<ReasonLabel, Counter>,
+    refused: Family<ReasonLabel, Counter>,
+    connections: Gauge,
+    sessions: Gauge,
+    subscriptions: Gauge,
+    retained: Gauge,
+    queued: Gauge,
+    inflight: Gauge,
+    /// Time from the broker task taking a batch of events with publishes to the end of its
+    /// dispatch to connection writers: the broker's own share of publish latency.
+    pub(crate) publish_latency: Histogram,
+    /// Serializes scrapes, which turn the core's running totals into counter increments.
+    scrape: Mutex<()>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// Index of a QoS in the per-QoS arrays.
+fn qi(qos: QoS) -> usize {
+    qos as usize
+}
+
+impl Metrics {
+    /// A fresh registry with every Halyard metric registered under the `halyard_` prefix.
+    pub(crate) fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("halyard");
+        let messages_received = Family::<QosLabel, Counter>::default();
+        let messages_sent = Family::<QosLabel, Counter>::default();
+        let bytes_received_family = Family::<QosLabel, Counter>::default();
+        let bytes_sent_family = Family::<QosLabel, Counter>::default();
+        let per_qos = |family: &Family<QosLabel, Counter>| {
+            [0u8, 1, 2].map(|qos| family.get_or_create(&QosLabel { qos }).clone())
+        };
+        let metrics = Metrics {
+            received: per_qos(&messages_received),
+            sent: per_qos(&messages_sent),
+            bytes_received_qos: per_qos(&bytes_received_family),
+            bytes_sent_qos: per_qos(&bytes_sent_family),
+            bytes_received: Counter::default(),
+            bytes_sent: Counter::default(),
+            connections_accepted: Counter::default(),
+            dropped_slow_consumer: Counter::default(),
+            dropped: Family::default(),
+            refused: Family::default(),
+            connections: Gauge::default(),
+            sessions: Gauge::default(),
+            subscriptions: Gauge::default(),
+            retained: Gauge::default(),
+            queued: Gauge::default(),
+            inflight: Gauge::default(),
+            publish_latency: Histogram::new(exponential_buckets(0.000_01, 2.0, 18)),
+            scrape: Mutex::new(()),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "messages_received",
+            "PUBLISH packets received from clients, by QoS",
+            messages_received,
+        );
+        registry.register(
+            "messages_sent",
+            "PUBLISH packets sent to clients, by QoS",
+            messages_sent,
+        );
+        registry.register(
+            "publish_bytes_received",
+            "Bytes of PUBLISH packets received, by QoS",
+            bytes_received_family,
+        );
+        registry.register(
+            "publish_bytes_sent",
+            "Bytes of PUBLISH packets sent, by QoS",
+            bytes_sent_family,
+        );
+        registry.register(
+            "bytes_received",
+            "Bytes of MQTT packets received from clients",
+            metrics.bytes_received.clone(),
+        );
+        registry.register(
+            "bytes_sent",
+            "Bytes of MQTT packets sent to clients",
+            metrics.bytes_sent.clone(),
+        );
+        registry.register(
+            "connections_accepted",
+            "Network connections accepted",
+            metrics.connections_accepted.clone(),
+        );
+        registry.register(
+            "messages_dropped",
+            "Messages not delivered, by reason (qos0_queue_full, too_large, queue_full, slow_consumer)",
+            metrics.dropped.clone(),
+        );
+        registry.register(
+            "publishes_refused",
+            "QoS 1/2 publishes refused, by reason (quota_exceeded: a subscriber queue was full)",
+            metrics.refused.clone(),
+        );
+        registry.register(
+            "connections",
+            "Clients connected now (CONNECT completed)",
+            metrics.connections.clone(),
+        );
+        registry.register(
+            "sessions",
+            "Sessions held, connected or not",
+            metrics.sessions.clone(),
+        );
+        registry.register(
+            "subscriptions",
+            "Subscriptions over all sessions",
+            metrics.subscriptions.clone(),
+        );
+        registry.register(
+            "retained_messages",
+            "Retained messages stored",
+            metrics.retained.clone(),
+        );
+        registry.register(
+            "queued_messages",
+            "Messages queued beyond the in-flight windows, over all sessions",
+            metrics.queued.clone(),
+        );
+        registry.register(
+            "inflight_messages",
+            "Outbound QoS 1/2 messages awaiting acknowledgement, over all sessions",
+            metrics.inflight.clone(),
+        );
+        registry.register_with_unit(
+            "publish_latency",
+            "Broker task time from taking a batch of events with PUBLISH packets to dispatching its output",
+            prometheus_client::registry::Unit::Seconds,
+            metrics.publish_latency.clone(),
+        );
+        Metrics {
+            registry,
+            ..metrics
+        }
+    }
+
+    /// Counts what one read of a connection brought; `version` frames the byte count. Returns
+    /// whether it held a PUBLISH (so the batch's latency is worth recording).
+    pub(crate) fn count_inbound(
+        &self,
+        packets: &[Packet],
+        version: halyard_codec::ProtocolVersion,
+    ) -> bool {
+        let mut any_publish = false;
+        for packet in packets {
+            let len = halyard_codec::encoded_len(packet, version) as u64;
+            self.bytes_received.inc_by(len);
+            if let Packet::Publish(publish) = packet {
+                any_publish = true;
+                self.received[qi(publish.qos)].inc();
+                self.bytes_received_qos[qi(publish.qos)].inc_by(len);
+            }
+        }
+        any_publish
+    }
+
+    /// Counts one packet of `len` encoded bytes handed to a connection writer.
+    pub(crate) fn count_outbound(&self, packet: &Packet, len: usize) {
+        self.bytes_sent.inc_by(len as u64);
+        if let Packet::Publish(publish) = packet {
+            self.sent[qi(publish.qos)].inc();
+            self.bytes_sent_qos[qi(publish.qos)].inc_by(len as u64);
+        }
+    }
+
+    /// Records the latency of one batch.
+    pub(crate) fn observe_publish_latency(&self, elapsed: Duration) {
+        self.publish_latency.observe(elapsed.as_secs_f64());
+    }
+
+    /// Copies a broker snapshot into the gauges and core-fed counters.
+    pub(crate) fn update(&self, snapshot: &Snapshot) {
+        let _guard = self
+            .scrape
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let stats = &snapshot.stats;
+        let gauge = |g: &Gauge, v: u64| {
+            g.set(i64::try_from(v).unwrap_or(i64::MAX));
+        };
+        gauge(&self.connections, stats.connected_clients as u64);
+        gauge(&self.sessions, stats.sessions as u64);
+        gauge(&self.subscriptions, stats.subscriptions as u64);
+        gauge(&self.retained, stats.retained_messages as u64);
+        gauge(&self.queued, snapshot.queued);
+        gauge(&self.inflight, snapshot.inflight);
+        // The core keeps running totals; a counter only goes up, by the difference.
+        let catch_up = |family: &Family<ReasonLabel, Counter>, reason, total: u64| {
+            let counter = family.get_or_create(&ReasonLabel { reason });
+            let seen = counter.get();
+            if total > seen {
+                counter.inc_by(total - seen);
+            }
+        };
+        catch_up(&self.dropped, "qos0_queue_full", stats.dropped_qos0);
+        catch_up(&self.dropped, "too_large", stats.dropped_too_large);
+        catch_up(&self.dropped, "queue_full", stats.dropped_queue_full);
+        catch_up(
+            &self.dropped,
+            "slow_consumer",
+            self.dropped_slow_consumer.get(),
+        );
+        catch_up(&self.refused, "quota_exceeded", stats.refused_quota);
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub(crate) fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)?;
+        Ok(text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use halyard_codec::{ProtocolVersion, Publish};
+
+    #[test]
+    fn traffic_and_snapshot_show_in_the_text() {
+        let metrics = Metrics::new();
+        let publish = Packet::Publish(Publish {
+            qos: QoS::AtLeastOnce,
+            topic: "a".into(),
+            packet_id: Some(1),
+            payload: vec![0; 10].into(),
+            ..Publish::default()
+        });
+        assert!(metrics.count_inbound(&[publish.clone()], ProtocolVersion::V3_1_1));
+        assert!(!metrics.count_inbound(&[Packet::PingReq], ProtocolVersion::V3_1_1));
+        metrics.count_outbound(&publish, 17);
+        metrics.observe_publish_latency(Duration::from_micros(50));
+        let mut snapshot = Snapshot::default();
+        snapshot.stats.connected_clients = 3;
+        snapshot.stats.refused_quota = 2;
+        metrics.update(&snapshot);
+        metrics.update(&snapshot);
+        let text = metrics.encode().expect("encodes");
+        assert!(
+            text.contains("halyard_messages_received_total{qos=\"1\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("halyard_messages_sent_total{qos=\"1\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("halyard_bytes_sent_total 17"), "{text}");
+        assert!(text.contains("halyard_connections 3"), "{text}");
+        assert!(
+            text.contains("halyard_publishes_refused_total{reason=\"quota_exceeded\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("halyard_publish_latency_seconds_count 1"),
+            "{text}"
+        );
+    }
+}
