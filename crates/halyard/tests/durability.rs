@@ -217,3 +217,111 @@ async fn acknowledged_messages_survive_kill_9_and_qos2_is_never_duplicated() {
     drop(broker);
     let _ = std::fs::remove_dir_all(&data_dir);
 }
+
+/// Publishes `count` QoS 1 messages on `topic` and waits for every PUBACK.
+async fn publish_acked(client: &mut RawClient, topic: &str, count: u16) {
+    for id in 1..=count {
+        client
+            .send(&Packet::Publish(Publish {
+                dup: false,
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                topic: topic.into(),
+                packet_id: Some(id),
+                payload: Bytes::copy_from_slice(&id.to_be_bytes()),
+                properties: Default::default(),
+            }))
+            .await;
+        assert!(matches!(client.recv().await, Packet::PubAck(ack) if ack.packet_id == id));
+    }
+}
+
+/// Creates the persistent session `id` subscribed to `topic` at QoS 1, then goes offline.
+async fn offline_subscriber(broker: &Broker, connect: halyard_codec::Connect, topic: &str) {
+    let (mut client, _) = RawClient::handshake(broker.addr(), connect).await;
+    client
+        .send(&Packet::Subscribe(subscribe_packet(
+            1,
+            &[(topic, QoS::AtLeastOnce)],
+        )))
+        .await;
+    assert!(matches!(client.recv().await, Packet::SubAck(_)));
+    client.send(&Packet::Disconnect(Default::default())).await;
+}
+
+#[tokio::test]
+async fn sigterm_keeps_everything_even_without_fsync() {
+    // A clean shutdown makes every commit durable, whatever the fsync policy.
+    let data_dir = unique_temp_path("sigterm", "d");
+    let config = "[storage]\nfsync = \"never\"\n";
+    let mut broker = Broker::start_durable(&data_dir, config);
+    let sub = connect_packet(ProtocolVersion::V3_1_1, "term-sub", false);
+    offline_subscriber(&broker, sub.clone(), "term/t").await;
+    let mut publisher = RawClient::connect_v311(broker.addr(), "term-pub", true).await;
+    publish_acked(&mut publisher, "term/t", 20).await;
+    broker.sigterm();
+    assert!(broker
+        .wait_exit(Duration::from_secs(10))
+        .is_some_and(|s| s.success()));
+    let broker = Broker::start_durable(&data_dir, config);
+    let (mut client, ack) = RawClient::handshake(broker.addr(), sub).await;
+    assert!(ack.session_present);
+    for _ in 0..20 {
+        let Packet::Publish(publish) = client.recv().await else {
+            panic!("expected the queued messages");
+        };
+        client
+            .send(&Packet::PubAck(pub_response(
+                publish.packet_id.expect("QoS 1"),
+            )))
+            .await;
+    }
+    drop(broker);
+    let _ = std::fs::remove_dir_all(&data_dir);
+}
+
+#[tokio::test]
+async fn session_expiry_holds_across_a_restart() {
+    // [MQTT-3.1.2-23]: the session is discarded once its expiry interval has passed, even
+    // if the broker was down meanwhile.
+    let data_dir = unique_temp_path("expiry", "d");
+    let mut broker = Broker::start_durable(&data_dir, "");
+    let mut short = connect_packet(ProtocolVersion::V5, "short-lived", false);
+    short.properties.session_expiry_interval = Some(1);
+    let mut long = connect_packet(ProtocolVersion::V5, "long-lived", false);
+    long.properties.session_expiry_interval = Some(600);
+    offline_subscriber(&broker, short.clone(), "x").await;
+    offline_subscriber(&broker, long.clone(), "x").await;
+    broker.kill9();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let broker = Broker::start_durable(&data_dir, "");
+    let (_client, ack) = RawClient::handshake(broker.addr(), long).await;
+    assert!(ack.session_present, "an unexpired session was lost");
+    let (_client, ack) = RawClient::handshake(broker.addr(), short).await;
+    assert!(!ack.session_present, "an expired session came back");
+    drop(broker);
+    let _ = std::fs::remove_dir_all(&data_dir);
+}
+
+#[tokio::test]
+async fn corrupt_data_file_is_set_aside_and_the_broker_serves() {
+    let data_dir = unique_temp_path("corrupt", "d");
+    std::fs::create_dir_all(&data_dir).expect("data dir");
+    std::fs::write(data_dir.join("halyard.redb"), vec![0xA5; 64 * 1024]).expect("garbage");
+    let broker = Broker::start_durable(&data_dir, "");
+    let mut client = RawClient::connect_v311(broker.addr(), "after-corruption", true).await;
+    client.ping().await;
+    let aside: Vec<_> = std::fs::read_dir(&data_dir)
+        .expect("list data dir")
+        .filter_map(Result::ok)
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("halyard.redb.corrupt-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "the damaged file was not kept aside");
+    assert!(
+        broker.logs().contains("corrupt"),
+        "nothing logged about the damage"
+    );
+    drop(broker);
+    let _ = std::fs::remove_dir_all(&data_dir);
+}
