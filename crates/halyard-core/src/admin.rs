@@ -145,7 +145,7 @@ impl Broker {
             .take(limit)
             .filter_map(|id| self.client_ids.get(id))
             .filter_map(|key| self.sessions.get(key))
-            .map(summary)
+            .map(|session| summary(session))
             .collect();
         Page { total, items }
     }
@@ -180,7 +180,7 @@ impl Broker {
         let Some(&key) = self.client_ids.get(client_id) else {
             return false;
         };
-        if !self.sessions.get(&key).is_some_and(|s| s.link.is_some()) {
+        if self.sessions.get(&key).is_none_or(|s| s.link.is_none()) {
             return false;
         }
         self.close_link(

@@ -96,6 +96,10 @@ pub struct BrokerStats {
     pub denied_subscribe: u64,
     /// Deliveries withheld because the subscriber may not read the topic.
     pub denied_delivery: u64,
+    /// Connections closed for publishing faster than `max_publish_rate` (MQTT 5: 0x96).
+    pub refused_publish_rate: u64,
+    /// SUBSCRIBE filters refused by `max_subscriptions_per_client` (0x97 / 0x80).
+    pub refused_subscription_quota: u64,
 }
 
 /// Deadlines the broker must act on. Each carries enough to tell whether it is still
@@ -137,7 +141,9 @@ pub(crate) enum CloseKind {
 /// authorization) can extend `Broker` with `impl` blocks of their own.
 pub struct Broker {
     pub(crate) config: BrokerConfig,
-    pub(crate) sessions: HashMap<SessionKey, Session>,
+    /// Boxed: a map of inline sessions would hold up to twice the live sessions' size in
+    /// empty slots (hash table growth), which counts in memory per idle connection.
+    pub(crate) sessions: HashMap<SessionKey, Box<Session>>,
     pub(crate) client_ids: HashMap<String, SessionKey>,
     pub(crate) conns: HashMap<ConnectionId, SessionKey>,
     pub(crate) router: Box<dyn Router>,
@@ -267,11 +273,11 @@ impl Broker {
         }
         if let Some((due, will)) = record.delayed_will {
             let due = clock.to_instant(due);
-            session.delayed_will = Some((due, will));
+            session.delayed_will = Some(Box::new((due, will)));
             self.timers.push(Reverse((due, Timer::Will(key, epoch))));
         }
         self.client_ids.insert(record.client_id, key);
-        self.sessions.insert(key, session);
+        self.sessions.insert(key, Box::new(session));
     }
 
     /// Makes the state changes of the events handled so far durable. The server calls this
@@ -298,7 +304,7 @@ impl Broker {
             expires_at: session.expires_at.map(|at| journal.clock.to_wall(at)),
             delayed_will: session
                 .delayed_will
-                .as_ref()
+                .as_deref()
                 .map(|(due, will)| (journal.clock.to_wall(*due), will.clone())),
         };
         journal.store.put_session(&record);
@@ -508,12 +514,12 @@ impl Broker {
                     if session.epoch != epoch {
                         continue;
                     }
-                    if let Some((due, will)) = session.delayed_will.take() {
+                    if let Some((due, will)) = session.delayed_will.take().map(|b| *b) {
                         if due <= now {
                             self.save_session_record(key);
                             self.publish_will(now, key, will);
                         } else {
-                            session.delayed_will = Some((due, will));
+                            session.delayed_will = Some(Box::new((due, will)));
                         }
                     }
                 }
@@ -737,8 +743,10 @@ impl Broker {
                 }
                 let key = self.next_session_key;
                 self.next_session_key += 1;
-                self.sessions
-                    .insert(key, Session::new(client_id.clone(), epoch, expiry_interval));
+                self.sessions.insert(
+                    key,
+                    Box::new(Session::new(client_id.clone(), epoch, expiry_interval)),
+                );
                 self.client_ids.insert(client_id.clone(), key);
                 (key, false)
             }
@@ -764,8 +772,9 @@ impl Broker {
             outbound_alias_max: connect.properties.topic_alias_maximum.unwrap_or(0),
             max_packet_size: connect.properties.maximum_packet_size.unwrap_or(u32::MAX),
             window,
-            will: connect.will,
+            will: connect.will.map(Box::new),
             username: connect.username,
+            publish_rate: crate::limits::RateBucket::new(self.config.max_publish_rate, now),
         };
         if let Some(deadline) = link.deadline {
             self.timers
@@ -862,7 +871,7 @@ impl Broker {
         let will = match kind {
             CloseKind::Normal => None,
             CloseKind::NormalWithWill | CloseKind::Abnormal(_) | CloseKind::TakenOver => {
-                link.will.take()
+                link.will.take().map(|will| *will)
             }
         };
         if kind == CloseKind::TakenOver {
@@ -902,7 +911,7 @@ impl Broker {
         match self.sessions.get_mut(&key) {
             Some(session) if delay > 0 => {
                 let due = now + Duration::from_secs(u64::from(delay));
-                session.delayed_will = Some((due, will));
+                session.delayed_will = Some(Box::new((due, will)));
                 self.timers
                     .push(Reverse((due, Timer::Will(key, session.epoch))));
                 self.save_session_record(key);
@@ -934,7 +943,7 @@ impl Broker {
         if let Some(journal) = self.out.journal(session.persistent) {
             journal.store.delete_session(&session.client_id);
         }
-        if let Some((_, will)) = session.delayed_will {
+        if let Some((_, will)) = session.delayed_will.map(|b| *b) {
             self.publish_will(now, key, will);
         }
     }
@@ -966,6 +975,15 @@ impl Broker {
         let conn = link.conn;
         let v5 = link.version.is_v5();
 
+        if !link.publish_rate.take(now) {
+            self.out.stats.refused_publish_rate += 1;
+            return self.close_with(
+                now,
+                key,
+                ReasonCode::MESSAGE_RATE_TOO_HIGH,
+                "publish rate above max_publish_rate",
+            );
+        }
         if !publish.properties.subscription_identifiers.is_empty() {
             // [MQTT-3.3.4-6]
             return self.protocol_error(now, key, "Subscription Identifier in a client PUBLISH");
@@ -1186,7 +1204,7 @@ impl Broker {
             .subscription_identifiers
             .first()
             .copied();
-        let Some(v5) = self.sessions.get(&key).map(Session::is_v5) else {
+        let Some(v5) = self.sessions.get(&key).map(|s| s.is_v5()) else {
             return;
         };
         if subscribe
@@ -1213,6 +1231,14 @@ impl Broker {
                 self.out.stats.denied_subscribe += 1;
                 reasons.push(if v5 {
                     ReasonCode::NOT_AUTHORIZED
+                } else {
+                    ReasonCode::V3_SUBACK_FAILURE
+                });
+                continue;
+            }
+            if !self.subscription_quota_allows(key, &subscription.filter) {
+                reasons.push(if v5 {
+                    ReasonCode::QUOTA_EXCEEDED
                 } else {
                     ReasonCode::V3_SUBACK_FAILURE
                 });

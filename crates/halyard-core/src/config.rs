@@ -41,6 +41,12 @@ pub struct BrokerConfig {
     /// publish waits unacknowledged and the broker stops reading from the publisher until
     /// there is room). MQTT 3.x publishers are always pushed back: 3.x cannot refuse.
     pub queue_full_policy: QueueFullPolicy,
+    /// PUBLISH packets per second one connection may send (a one-second burst is allowed);
+    /// beyond it the client is disconnected (MQTT 5: DISCONNECT 0x96). 0 = no limit.
+    pub max_publish_rate: u32,
+    /// Subscriptions one session may hold; more are refused (SUBACK 0x97 in MQTT 5, 0x80 in
+    /// 3.x). 0 = no limit.
+    pub max_subscriptions_per_client: usize,
 }
 
 impl Default for BrokerConfig {
@@ -58,6 +64,8 @@ impl Default for BrokerConfig {
             max_session_expiry: u32::MAX,
             allow_zero_length_client_id: true,
             queue_full_policy: QueueFullPolicy::default(),
+            max_publish_rate: 0,
+            max_subscriptions_per_client: 0,
         }
     }
 }

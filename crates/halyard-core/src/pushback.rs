@@ -47,6 +47,21 @@ pub enum QueueFullPolicy {
     Pushback,
 }
 
+impl std::str::FromStr for QueueFullPolicy {
+    type Err = String;
+
+    /// Parses the configuration spelling (`reject` or `pushback`), for environment overrides.
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "reject" => Ok(QueueFullPolicy::Reject),
+            "pushback" => Ok(QueueFullPolicy::Pushback),
+            other => Err(format!(
+                "expected \"reject\" or \"pushback\", got {other:?}"
+            )),
+        }
+    }
+}
+
 /// A publish that was validated and found no room; routed as soon as there is.
 #[derive(Debug)]
 pub(crate) struct PendingPublish {
@@ -57,6 +72,9 @@ pub(crate) struct PendingPublish {
 }
 
 /// One item a paused connection has waiting, in arrival order.
+// Held packets exist only while a publisher is paused; boxing each would cost an allocation
+// per held packet for no saving.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub(crate) enum Held {
     /// The publish that found no room (always at the front).

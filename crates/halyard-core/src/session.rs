@@ -107,10 +107,13 @@ pub(crate) struct Link {
     pub max_packet_size: u32,
     /// Outbound in-flight window for this connection.
     pub window: usize,
-    /// Will of this connection, published if it ends abnormally.
-    pub will: Option<Will>,
+    /// Will of this connection, published if it ends abnormally. Boxed: a `Will` is 400
+    /// bytes, and every session of every idle connection would carry it inline.
+    pub will: Option<Box<Will>>,
     /// The authenticated user name from CONNECT (`None`: anonymous), for authorization.
     pub username: Option<String>,
+    /// Publishes this connection may still send now (`max_publish_rate`).
+    pub publish_rate: crate::limits::RateBucket,
 }
 
 impl Link {
@@ -153,7 +156,8 @@ pub(crate) struct Session {
     pub inbound_qos2: HashSet<u16>,
     pub next_packet_id: u16,
     /// A will waiting out its Will Delay Interval after the connection ended.
-    pub delayed_will: Option<(Instant, Will)>,
+    /// Boxed for the same reason as `Link::will`.
+    pub delayed_will: Option<Box<(Instant, Will)>>,
     /// When an offline session expires.
     pub expires_at: Option<Instant>,
     /// User name of the last connection (`Some(None)`: anonymous), so messages queued

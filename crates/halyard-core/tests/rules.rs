@@ -9,7 +9,7 @@ use halyard_codec::{
     Connect, Disconnect, Packet, Properties, ProtocolVersion, PubResponse, Publish, QoS,
     ReasonCode, Subscribe, Subscription, SubscriptionOptions, Unsubscribe, Will,
 };
-use halyard_core::{Broker, BrokerConfig, ConnectionId, Output};
+use halyard_core::{Broker, BrokerConfig, ConnectionId, Output, QueueFullPolicy, PUSHBACK_TIMEOUT};
 
 const V3: ProtocolVersion = ProtocolVersion::V3_1_1;
 const V5: ProtocolVersion = ProtocolVersion::V5;
@@ -20,6 +20,8 @@ struct Harness {
     now: Instant,
     inbox: HashMap<ConnectionId, Vec<Packet>>,
     closed: Vec<ConnectionId>,
+    /// Connections the broker told to stop reading (backpressure), until resumed.
+    paused: Vec<ConnectionId>,
 }
 
 impl Harness {
@@ -33,6 +35,7 @@ impl Harness {
             now: Instant::now(),
             inbox: HashMap::new(),
             closed: Vec::new(),
+            paused: Vec::new(),
         }
     }
 
@@ -41,6 +44,8 @@ impl Harness {
             match output {
                 Output::Send { conn, packet } => self.inbox.entry(conn).or_default().push(packet),
                 Output::Close { conn } => self.closed.push(conn),
+                Output::Pause { conn } => self.paused.push(conn),
+                Output::Resume { conn } => self.paused.retain(|&c| c != conn),
             }
         }
     }
@@ -556,11 +561,202 @@ fn full_queue_refuses_v5_publisher_with_quota_exceeded() {
         ]
     );
     assert_eq!(h.broker.stats().refused_quota, 1);
-    // A 3.1.1 publisher is never acknowledged for a message that was not taken.
+    // A 3.1.1 publisher is never acknowledged for a message that was not taken: it is
+    // pushed back instead (see the pushback tests below).
     h.connect(3, V3, "pub3", true);
     h.publish(3, "t", b"x", QoS::AtLeastOnce, false, 1);
     assert!(h.take(3).is_empty());
-    assert!(h.is_closed(3));
+    assert!(!h.is_closed(3));
+    assert_eq!(h.paused, vec![3]);
+    assert_eq!(h.broker.stats().refused_quota, 1);
+}
+
+/// Backpressure (DESIGN 3, "stop reading from the publisher"): a persistent subscriber
+/// with a full queue of 2 and a 3.1.1 QoS 1 publisher.
+fn pushback_setup(policy: QueueFullPolicy) -> Harness {
+    let mut h = Harness::with_config(BrokerConfig {
+        max_queued_messages: 2,
+        max_inflight: 1,
+        queue_full_policy: policy,
+        ..Default::default()
+    });
+    h.connect(1, V3, "slow", false);
+    h.subscribe(1, "t/#", QoS::AtLeastOnce);
+    h.broker.connection_lost(h.now, 1);
+    h.drain();
+    h
+}
+
+fn acks(packets: &[Packet]) -> Vec<(u16, ReasonCode)> {
+    packets
+        .iter()
+        .filter_map(|p| match p {
+            Packet::PubAck(a) | Packet::PubRec(a) => Some((a.packet_id, a.reason)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn full_queue_pushes_back_v3_publisher_and_resumes_in_order() {
+    let mut h = pushback_setup(QueueFullPolicy::Reject);
+    h.connect(2, V3, "pub", true);
+    for (id, payload) in [(1, b"1"), (2, b"2"), (3, b"3"), (4, b"4")] {
+        h.publish(2, "t/a", payload, QoS::AtLeastOnce, false, id);
+    }
+    // Two fit the queue; the third waits unacknowledged, the fourth (and a QoS 0 and a
+    // SUBSCRIBE) wait behind it; the connection is paused, not closed.
+    h.publish(2, "t/b", b"5", QoS::AtMostOnce, false, 0);
+    assert_eq!(
+        acks(&h.take(2)),
+        vec![(1, ReasonCode::SUCCESS), (2, ReasonCode::SUCCESS)]
+    );
+    assert_eq!(h.paused, vec![2]);
+    assert!(!h.is_closed(2));
+    assert_eq!(h.broker.stats().pushback_pauses, 1);
+    assert_eq!(h.broker.stats().refused_quota, 0);
+    // Acknowledgement-free packets that cannot reorder publishes are answered at once.
+    h.send(2, Packet::PingReq);
+    assert_eq!(h.take(2), vec![Packet::PingResp]);
+
+    // The subscriber returns: its queue moves into the window, room appears, the held
+    // packets are handled in order, and the publisher is resumed once none is left.
+    assert!(h.connect(1, V3, "slow", false).session_present);
+    let mut got = Vec::new();
+    for _ in 0..10 {
+        let publishes = h.publishes(1);
+        if publishes.is_empty() {
+            break;
+        }
+        for p in publishes {
+            got.push(p.payload.clone());
+            if let Some(id) = p.packet_id {
+                h.send(1, Packet::PubAck(ack(id)));
+            }
+        }
+    }
+    // QoS 1 in publish order; the QoS 0 one (routed after 3 and 4, once they were queued)
+    // is sent at once rather than queued, as QoS 0 always is.
+    let qos1: Vec<&[u8]> = got
+        .iter()
+        .map(|b| b.as_ref())
+        .filter(|b| *b != b"5")
+        .collect();
+    assert_eq!(qos1, vec![&b"1"[..], b"2", b"3", b"4"]);
+    assert_eq!(got.len(), 5);
+    assert_eq!(
+        acks(&h.take(2)),
+        vec![(3, ReasonCode::SUCCESS), (4, ReasonCode::SUCCESS)]
+    );
+    assert!(h.paused.is_empty(), "resumed");
+    assert!(!h.is_closed(2));
+}
+
+#[test]
+fn pushed_back_qos2_publish_is_received_exactly_once() {
+    let mut h = pushback_setup(QueueFullPolicy::Reject);
+    h.connect(2, V3, "pub", true);
+    for id in 1..=3 {
+        h.publish(2, "t/a", b"x", QoS::ExactlyOnce, false, id);
+    }
+    assert_eq!(acks(&h.take(2)).len(), 2, "PUBREC only for the two taken");
+    assert_eq!(h.paused, vec![2]);
+    h.connect(1, V3, "slow", false);
+    let mut delivered = 0;
+    for _ in 0..10 {
+        let publishes = h.publishes(1);
+        if publishes.is_empty() {
+            break;
+        }
+        for p in publishes {
+            delivered += 1;
+            h.send(1, Packet::PubAck(ack(p.packet_id.expect("QoS 1"))));
+        }
+    }
+    assert_eq!(delivered, 3);
+    assert_eq!(acks(&h.take(2)), vec![(3, ReasonCode::SUCCESS)]);
+    // The held one is now a normal inbound QoS 2 message: a resend is not delivered again.
+    h.publish(2, "t/a", b"x", QoS::ExactlyOnce, false, 3);
+    assert_eq!(acks(&h.take(2)), vec![(3, ReasonCode::SUCCESS)]);
+    assert!(h.publishes(1).is_empty());
+}
+
+#[test]
+fn v5_publisher_is_pushed_back_with_the_pushback_policy() {
+    let mut h = pushback_setup(QueueFullPolicy::Pushback);
+    h.connect(2, V5, "pub", true);
+    for id in 1..=3 {
+        h.publish(2, "t/a", b"x", QoS::AtLeastOnce, false, id);
+    }
+    assert_eq!(
+        acks(&h.take(2)),
+        vec![(1, ReasonCode::SUCCESS), (2, ReasonCode::SUCCESS)],
+        "no 0x97"
+    );
+    assert_eq!(h.paused, vec![2]);
+}
+
+#[test]
+fn paused_publisher_outlives_keep_alive_but_not_the_pushback_timeout() {
+    let mut h = pushback_setup(QueueFullPolicy::Reject);
+    let mut c = connect(V3, "pub", true);
+    c.keep_alive = 2;
+    h.connect_with(2, c);
+    for id in 1..=3 {
+        h.publish(2, "t/a", b"x", QoS::AtLeastOnce, false, id);
+    }
+    h.take(2);
+    assert_eq!(h.paused, vec![2]);
+    // Silent for longer than 1.5 x keep-alive: the server stopped reading it, so it stays.
+    h.advance(Duration::from_secs(4));
+    assert!(!h.is_closed(2));
+    // A pause is bounded: afterwards it is closed without the acknowledgement.
+    h.advance(PUSHBACK_TIMEOUT);
+    assert!(h.is_closed(2));
+    assert!(acks(&h.take(2)).is_empty());
+    assert_eq!(h.broker.stats().pushback_timeouts, 1);
+}
+
+#[test]
+fn publisher_blocked_by_its_own_queue_is_closed_not_paused() {
+    // Pausing it would stop the broker reading the PUBACKs that empty its own queue.
+    let mut h = Harness::with_config(BrokerConfig {
+        max_queued_messages: 1,
+        max_inflight: 1,
+        ..Default::default()
+    });
+    h.connect(1, V3, "self", true);
+    h.subscribe(1, "t", QoS::AtLeastOnce);
+    for id in 1..=3 {
+        h.publish(1, "t", b"x", QoS::AtLeastOnce, false, id);
+    }
+    assert!(h.paused.is_empty());
+    assert!(h.is_closed(1));
+}
+
+#[test]
+fn lost_paused_publisher_drops_its_held_packets() {
+    let mut h = pushback_setup(QueueFullPolicy::Reject);
+    h.connect(2, V3, "pub", true);
+    for id in 1..=4 {
+        h.publish(2, "t/a", b"x", QoS::AtLeastOnce, false, id);
+    }
+    h.take(2);
+    h.broker.connection_lost(h.now, 2);
+    h.drain();
+    h.connect(1, V3, "slow", false);
+    let publishes = h.publishes(1);
+    assert_eq!(
+        publishes.len(),
+        1,
+        "window of 1; 2 queued, nothing of the held"
+    );
+    h.send(
+        1,
+        Packet::PubAck(ack(publishes[0].packet_id.expect("QoS 1"))),
+    );
+    assert_eq!(h.publishes(1).len(), 1);
+    assert!(h.take(2).is_empty());
 }
 
 #[test]

@@ -314,6 +314,9 @@ impl Refusal {
     }
 }
 
+/// A freshly read password database and ACL (each optional).
+type LoadedFiles = (Option<Arc<PasswordFile>>, Option<Arc<Acl>>);
+
 /// The security state of a running server: configuration plus the current password
 /// database and ACL, swappable by [`Security::reload`].
 #[derive(Debug, Default)]
@@ -341,7 +344,7 @@ impl Security {
         &self.config
     }
 
-    fn read_files(&self) -> Result<(Option<Arc<PasswordFile>>, Option<Arc<Acl>>), SecurityError> {
+    fn read_files(&self) -> Result<LoadedFiles, SecurityError> {
         let passwords = match &self.config.password_file {
             Some(path) => {
                 let file = PasswordFile::load(path)?;

@@ -2,14 +2,14 @@
 
 use std::collections::HashMap;
 use std::future::pending;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use halyard_codec::{encoded_len, DecodeError, Packet, ProtocolVersion, QoS};
 use halyard_core::store::StoreError;
 use halyard_core::{Broker, ConnectionId, Output};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::{debug, error, info, warn};
 
 use crate::metrics::Metrics;
@@ -58,7 +58,10 @@ pub(crate) enum Event {
 
 /// A query or action on the broker from the admin API; the closure sends its own reply
 /// (over a oneshot channel it captured), so each endpoint defines its answer's type.
-pub(crate) struct AdminCall(pub(crate) Box<dyn FnOnce(&mut Broker, Instant) + Send>);
+pub(crate) struct AdminCall(pub(crate) AdminFn);
+
+/// The work of an [`AdminCall`]: runs once on the broker task with the current time.
+pub(crate) type AdminFn = Box<dyn FnOnce(&mut Broker, Instant) + Send>;
 
 impl std::fmt::Debug for AdminCall {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -83,6 +86,122 @@ pub(crate) struct Shared {
     pub(crate) version: OnceLock<ProtocolVersion>,
     /// Encoded bytes handed to the writer but not yet written: the slow-consumer measure.
     pub(crate) queued_bytes: AtomicUsize,
+    /// Set while the core pushes back on this connection as a publisher
+    /// ([`Output::Pause`]): the reader stops reading until it is cleared.
+    pub(crate) paused: AtomicBool,
+    /// Wakes the reader when `paused` is cleared.
+    pub(crate) resume: Notify,
+    /// Packets handed to the writer and not yet taken, merged into one batch: a per-connection
+    /// queue that costs nothing while empty (a tokio mpsc channel allocates a 32-slot block,
+    /// 1.8 KB, per connection up front). See [`batch_channel`].
+    outq: Mutex<Batch>,
+    /// Live [`BatchSender`]s; when it drops to 0 the writer's `recv` returns `None`.
+    senders: AtomicUsize,
+    /// Wakes the writer when `outq` gets something or the last sender goes.
+    ready: Notify,
+}
+
+impl Shared {
+    /// Pauses or resumes the reader (see [`Shared::paused`]).
+    pub(crate) fn set_paused(&self, paused: bool) {
+        self.paused.store(paused, Ordering::Release);
+        if !paused {
+            self.resume.notify_one();
+        }
+    }
+
+    /// Waits while the reader is paused.
+    pub(crate) async fn wait_unpaused(&self) {
+        while self.paused.load(Ordering::Acquire) {
+            self.resume.notified().await;
+        }
+    }
+}
+
+/// The writer queue of one connection, as a channel: `BatchSender`s (the broker task's
+/// [`Link`], the reader refusing a CONNECT) append, the connection's writer takes everything
+/// queued at once. Same contract as an unbounded mpsc channel of [`Batch`]es, except that
+/// consecutive batches come out merged.
+pub(crate) fn batch_channel(shared: &Arc<Shared>) -> (BatchSender, BatchReceiver) {
+    shared.senders.fetch_add(1, Ordering::AcqRel);
+    (
+        BatchSender(Arc::clone(shared)),
+        BatchReceiver(Arc::clone(shared)),
+    )
+}
+
+/// Sending half of [`batch_channel`].
+#[derive(Debug)]
+pub(crate) struct BatchSender(Arc<Shared>);
+
+impl BatchSender {
+    /// Queues `batch` for the writer. Never waits: what a connection can have queued is
+    /// bounded by the QoS 0 drop rule and the core's in-flight window.
+    pub(crate) fn send(&self, batch: Batch) -> Result<(), Batch> {
+        {
+            let mut queued = self.0.outq.lock().unwrap_or_else(|e| e.into_inner());
+            if queued.packets.is_empty() && !queued.close && queued.bytes == 0 {
+                *queued = batch;
+            } else if !queued.close {
+                queued.packets.extend(batch.packets);
+                queued.bytes += batch.bytes;
+                queued.close = batch.close;
+            }
+        }
+        self.0.ready.notify_one();
+        Ok(())
+    }
+}
+
+impl Clone for BatchSender {
+    fn clone(&self) -> Self {
+        self.0.senders.fetch_add(1, Ordering::AcqRel);
+        BatchSender(Arc::clone(&self.0))
+    }
+}
+
+impl Drop for BatchSender {
+    fn drop(&mut self) {
+        if self.0.senders.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.ready.notify_one();
+        }
+    }
+}
+
+/// Receiving half of [`batch_channel`].
+#[derive(Debug)]
+pub(crate) struct BatchReceiver(Arc<Shared>);
+
+impl BatchReceiver {
+    /// Everything queued so far, waiting for something if nothing is; `None` once every
+    /// sender is gone and nothing is left.
+    pub(crate) async fn recv(&mut self) -> Option<Batch> {
+        loop {
+            if let Some(batch) = self.try_recv() {
+                return Some(batch);
+            }
+            if self.0.senders.load(Ordering::Acquire) == 0 {
+                // A batch sent just before the last sender went is still taken.
+                return self.try_recv();
+            }
+            self.0.ready.notified().await;
+        }
+    }
+
+    /// Whether nothing is queued right now.
+    pub(crate) fn is_empty(&self) -> bool {
+        let queued = self.0.outq.lock().unwrap_or_else(|e| e.into_inner());
+        queued.packets.is_empty() && !queued.close && queued.bytes == 0
+    }
+
+    /// Everything queued so far, if anything is.
+    pub(crate) fn try_recv(&mut self) -> Option<Batch> {
+        let mut queued = self.0.outq.lock().unwrap_or_else(|e| e.into_inner());
+        if queued.packets.is_empty() && !queued.close && queued.bytes == 0 {
+            return None;
+        }
+        Some(std::mem::take(&mut *queued))
+    }
 }
 
 impl Shared {
@@ -100,7 +219,7 @@ impl Shared {
 pub(crate) struct Link {
     /// Unbounded on purpose: the broker task must never wait on one slow client. What it
     /// holds is bounded by the QoS 0 drop rule and the core's in-flight window.
-    pub(crate) tx: mpsc::UnboundedSender<Batch>,
+    pub(crate) tx: BatchSender,
     /// Shared with the connection task.
     pub(crate) shared: Arc<Shared>,
 }
@@ -297,6 +416,18 @@ impl Dispatcher {
                         self.pending.entry(conn).or_default().close = true;
                     }
                 }
+                // Immediate rather than batched: the reader should stop as soon as possible,
+                // and a resume has nothing to wait for.
+                Output::Pause { conn } => {
+                    if let Some(state) = self.links.get(&conn) {
+                        state.link.shared.set_paused(true);
+                    }
+                }
+                Output::Resume { conn } => {
+                    if let Some(state) = self.links.get(&conn) {
+                        state.link.shared.set_paused(false);
+                    }
+                }
             }
         }
         for (conn, batch) in self.pending.drain() {
@@ -352,9 +483,9 @@ mod tests {
     use super::*;
     use halyard_codec::{Publish, QoS};
 
-    fn link() -> (Link, mpsc::UnboundedReceiver<Batch>) {
-        let (tx, rx) = mpsc::unbounded_channel();
+    fn link() -> (Link, BatchReceiver) {
         let shared = Arc::new(Shared::default());
+        let (tx, rx) = batch_channel(&shared);
         (Link { tx, shared }, rx)
     }
 
@@ -412,7 +543,7 @@ mod tests {
         let expected = encoded_len(&Packet::PingResp, ProtocolVersion::V3_1_1)
             + encoded_len(&publish(QoS::AtMostOnce), ProtocolVersion::V3_1_1);
         assert_eq!(batch.bytes, expected);
-        assert!(rx1.try_recv().is_err(), "exactly one message per drain");
+        assert!(rx1.try_recv().is_none(), "exactly one message per drain");
         assert_eq!(
             rx2.try_recv().expect("conn 2").packets,
             vec![Packet::PingResp]

@@ -19,11 +19,16 @@ use tokio::time::{timeout, timeout_at, Instant};
 use tracing::{debug, info, warn, Span};
 
 use crate::auth::Security;
-use crate::broker_task::{Batch, Event, Link, Shared};
+use crate::broker_task::{batch_channel, Batch, BatchReceiver, BatchSender, Event, Link, Shared};
 
-/// Bytes reserved in the read buffer before each read. Small, because memory per idle
-/// connection is a budget; the buffer grows only while a large packet is arriving.
+/// Bytes reserved in the read buffer before a read while traffic flows (the previous read
+/// filled its room); the buffer grows beyond it only while a large packet is arriving.
 const READ_CHUNK: usize = 4096;
+
+/// Bytes reserved before a read on a quiet connection: an idle connection waits in `read`
+/// with a buffer this small (memory per idle connection is a budget: ~1 KB), and a read that
+/// fills it is followed by reads of [`READ_CHUNK`].
+const IDLE_READ: usize = 64;
 
 /// A buffer that grew beyond this (for one large packet or a burst) is released once empty,
 /// instead of being kept for the life of the connection.
@@ -83,7 +88,7 @@ pub(crate) async fn serve<R, W>(
     W: AsyncWrite + Unpin + Send,
 {
     let shared = Arc::new(Shared::default());
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (tx, rx) = batch_channel(&shared);
     // Kept by the reader until the CONNECT is authenticated, to answer a refusal itself.
     let own_tx = tx.clone();
     let link = Link {
@@ -101,23 +106,25 @@ pub(crate) async fn serve<R, W>(
     let lost = tokio::select! {
         end = read_side(&mut reader, conn, &settings, &events, &shared, auth) => {
             match &end {
-                ReadEnd::Eof => info!("connection closed by peer"),
-                ReadEnd::ConnectTimeout => info!(
+                // Per-connection events log at debug level: at info, thousands of connects
+                // per second would be thousands of log lines.
+                ReadEnd::Eof => debug!("connection closed by peer"),
+                ReadEnd::ConnectTimeout => debug!(
                     timeout_ms = settings.connect_timeout.as_millis() as u64,
                     "no CONNECT in time; closing"
                 ),
-                ReadEnd::Failed(error) => info!(%error, "connection failed"),
+                ReadEnd::Failed(error) => debug!(%error, "connection failed"),
             }
             true
         }
         written = write_side(writer, rx, &shared) => match written {
             Ok(()) => {
-                info!("connection closed by broker");
+                debug!("connection closed by broker");
                 linger(&mut reader).await;
                 false
             }
             Err(error) => {
-                info!(%error, "connection failed while writing");
+                debug!(%error, "connection failed while writing");
                 true
             }
         },
@@ -134,7 +141,7 @@ struct Auth {
     /// The connection's own writer channel, to send a refusing CONNACK without the broker;
     /// dropped once the CONNECT is accepted, so that the writer still notices when the
     /// broker task is gone.
-    reply: Option<mpsc::UnboundedSender<Batch>>,
+    reply: Option<BatchSender>,
     /// User name from the client certificate, if the listener uses it.
     identity: Option<String>,
 }
@@ -221,8 +228,12 @@ async fn read_side<R: AsyncRead + Unpin>(
         max_packet_size: settings.max_packet_size,
     };
     let mut buf = BytesMut::new();
+    let mut room = IDLE_READ;
     loop {
-        buf.reserve(READ_CHUNK);
+        // Backpressure: the core holds a publish of ours until a subscriber has room.
+        shared.wait_unpaused().await;
+        buf.reserve(room);
+        let spare = buf.capacity() - buf.len();
         let read = if ctx.version.is_none() {
             match timeout_at(connect_deadline, reader.read_buf(&mut buf)).await {
                 Ok(read) => read,
@@ -233,7 +244,7 @@ async fn read_side<R: AsyncRead + Unpin>(
         };
         match read {
             Ok(0) => return ReadEnd::Eof,
-            Ok(_) => {}
+            Ok(n) => room = if n >= spare { READ_CHUNK } else { IDLE_READ },
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
             Err(error) => return ReadEnd::Failed(error),
         }
@@ -282,7 +293,9 @@ async fn read_side<R: AsyncRead + Unpin>(
             let _ = events.send(Event::DecodeError { conn, error }).await;
             return pending().await;
         }
-        if buf.is_empty() && buf.capacity() > MAX_RETAINED_BUFFER {
+        // A quiet connection keeps no buffer between reads (decoded payloads that still
+        // point into it keep it alive only as long as they live).
+        if buf.is_empty() && (room == IDLE_READ || buf.capacity() > MAX_RETAINED_BUFFER) {
             buf = BytesMut::new();
         }
     }
@@ -292,7 +305,7 @@ async fn read_side<R: AsyncRead + Unpin>(
 /// closes the connection (or the broker task is gone). Returns an error if the socket fails.
 async fn write_side<W: AsyncWrite + Unpin>(
     mut writer: W,
-    mut rx: mpsc::UnboundedReceiver<Batch>,
+    mut rx: BatchReceiver,
     shared: &Shared,
 ) -> io::Result<()> {
     let mut buf = BytesMut::new();
@@ -318,7 +331,7 @@ async fn write_side<W: AsyncWrite + Unpin>(
                 close = true;
                 break;
             }
-            next = rx.try_recv().ok();
+            next = rx.try_recv();
         }
         if !buf.is_empty() {
             writer.write_all(&buf).await?;
@@ -332,7 +345,8 @@ async fn write_side<W: AsyncWrite + Unpin>(
         if close {
             break;
         }
-        if buf.capacity() > MAX_RETAINED_BUFFER {
+        // Nothing waiting: an idle connection keeps no write buffer.
+        if buf.capacity() > MAX_RETAINED_BUFFER || rx.is_empty() {
             buf = BytesMut::new();
         }
     }
@@ -341,7 +355,8 @@ async fn write_side<W: AsyncWrite + Unpin>(
 
 /// Reads and discards input until EOF, an error, or [`LINGER`] has passed (see there).
 async fn linger<R: AsyncRead + Unpin>(reader: &mut R) {
-    let mut scratch = [0u8; 1024];
+    // On the heap: an array here would make every connection's task 1 KB larger.
+    let mut scratch = vec![0u8; 1024];
     let drain = async {
         loop {
             match reader.read(&mut scratch).await {

@@ -41,7 +41,7 @@ use halyard_core::{Broker, BrokerConfig, ConnectionId};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
-use tracing::{error, info, info_span, warn, Instrument};
+use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::connection::ConnectionSettings;
 
@@ -324,7 +324,8 @@ fn spawn_connection(
     let conn: ConnectionId = NEXT_CONNECTION_ID.fetch_add(1, Ordering::Relaxed);
     let span = info_span!("conn", id = conn, remote = %peer, client_id = tracing::field::Empty);
     let _entered = span.enter();
-    info!("accepted");
+    // Debug, not info: one line per accept is thousands of lines a second under a connect burst.
+    debug!("accepted");
     if let Err(error) = stream.set_nodelay(true) {
         warn!(%error, "cannot set TCP_NODELAY");
     }

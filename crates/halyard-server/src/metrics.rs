@@ -298,7 +298,7 @@ mod tests {
             payload: vec![0; 10].into(),
             ..Publish::default()
         });
-        assert!(metrics.count_inbound(&[publish.clone()], ProtocolVersion::V3_1_1));
+        assert!(metrics.count_inbound(std::slice::from_ref(&publish), ProtocolVersion::V3_1_1));
         assert!(!metrics.count_inbound(&[Packet::PingReq], ProtocolVersion::V3_1_1));
         metrics.count_outbound(&publish, 17);
         metrics.observe_publish_latency(Duration::from_micros(50));

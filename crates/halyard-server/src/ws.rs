@@ -25,6 +25,8 @@ const SUBPROTOCOL: &str = "mqtt";
 
 /// Completes the HTTP upgrade on `stream` for `path`, selecting the `mqtt` subprotocol.
 /// `max_message` bounds one WebSocket message (and frame), like the MQTT packet limit.
+// The callback's error type (an HTTP response) is tungstenite's, not ours to shrink.
+#[allow(clippy::result_large_err)]
 pub(crate) async fn accept<S>(stream: S, path: &str, max_message: usize) -> Result<WsIo<S>, WsError>
 where
     S: AsyncRead + AsyncWrite + Unpin,

@@ -322,8 +322,10 @@ pub async fn publish(args: PubArgs) -> Result<()> {
     for _ in 0..args.count {
         for payload in &payloads {
             let packet_id = (qos != QoS::AtMostOnce).then(|| client.packet_id());
-            let mut properties = Properties::default();
-            properties.user_properties = user_properties.clone();
+            let properties = Properties {
+                user_properties: user_properties.clone(),
+                ..Properties::default()
+            };
             client
                 .send(&Packet::Publish(Publish {
                     dup: false,
@@ -371,8 +373,10 @@ pub async fn subscribe(args: SubArgs) -> Result<u8> {
     let deadline = common.deadline();
     let default_id = format!("halyard-sub-{}", std::process::id());
     let mut client = Client::connect(common, &default_id, args.persistent).await?;
-    let mut properties = Properties::default();
-    properties.user_properties = user_properties;
+    let properties = Properties {
+        user_properties,
+        ..Properties::default()
+    };
     let subscribe = Subscribe {
         packet_id: client.packet_id(),
         subscriptions: args

@@ -12,8 +12,10 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Result};
-use halyard_core::BrokerConfig;
+use halyard_core::{BrokerConfig, QueueFullPolicy};
 use halyard_server::ServerConfig;
+
+use crate::security_config::{AuthSection, ListenerSection};
 use serde::{Deserialize, Serialize};
 
 /// Prefix of environment variables that override top-level scalar keys.
@@ -56,12 +58,26 @@ pub struct FileConfig {
     pub max_session_expiry: u32,
     /// See [`BrokerConfig::allow_zero_length_client_id`].
     pub allow_zero_length_client_id: bool,
+    /// See [`BrokerConfig::queue_full_policy`]: `"reject"` (default) or `"pushback"`.
+    pub queue_full_policy: QueueFullPolicy,
+    /// See [`BrokerConfig::max_publish_rate`].
+    pub max_publish_rate: u32,
+    /// See [`BrokerConfig::max_subscriptions_per_client`].
+    pub max_subscriptions_per_client: usize,
+    /// Most connections open at once over all listeners; 0 = no limit.
+    pub max_connections: usize,
+    /// Most new connections per second from one IP address; 0 = no limit.
+    pub max_connection_rate_per_ip: u32,
     /// The `[storage]` table: where persistent sessions and retained messages live.
     pub storage: StorageConfig,
     /// Seconds between `$SYS/broker/...` publications; 0 turns `$SYS` off.
     pub sys_interval: u64,
     /// The `[http]` table: metrics, probes, admin API and status page.
     pub http: HttpSection,
+    /// The `[auth]` table: password file, ACL file, anonymous access.
+    pub auth: AuthSection,
+    /// The `[[listener]]` tables: TLS, WebSocket and extra TCP listeners.
+    pub listener: Vec<ListenerSection>,
 }
 
 /// Where the operations HTTP listener binds when `http.listen` is not set.
@@ -153,9 +169,16 @@ impl Default for FileConfig {
             retain_available: broker.retain_available,
             max_session_expiry: broker.max_session_expiry,
             allow_zero_length_client_id: broker.allow_zero_length_client_id,
+            queue_full_policy: broker.queue_full_policy,
+            max_publish_rate: broker.max_publish_rate,
+            max_subscriptions_per_client: broker.max_subscriptions_per_client,
+            max_connections: 0,
+            max_connection_rate_per_ip: 0,
             storage: StorageConfig::default(),
             sys_interval: 10,
             http: HttpSection::default(),
+            auth: AuthSection::default(),
+            listener: Vec::new(),
         }
     }
 }
@@ -178,9 +201,17 @@ impl From<FileConfig> for ServerConfig {
             retain_available,
             max_session_expiry,
             allow_zero_length_client_id,
+            queue_full_policy,
+            max_publish_rate,
+            max_subscriptions_per_client,
+            // Read by `security_config::Prepared` (connection admission is per listener).
+            max_connections: _,
+            max_connection_rate_per_ip: _,
             storage: _,
             sys_interval: _,
             http: _,
+            auth: _,
+            listener: _,
         } = file;
         ServerConfig {
             listeners: listen,
@@ -198,6 +229,9 @@ impl From<FileConfig> for ServerConfig {
                 retain_available,
                 max_session_expiry,
                 allow_zero_length_client_id,
+                queue_full_policy,
+                max_publish_rate,
+                max_subscriptions_per_client,
             },
         }
     }
@@ -275,7 +309,12 @@ impl FileConfig {
             "retain_available" => self.retain_available = parse(value)?,
             "max_session_expiry" => self.max_session_expiry = parse(value)?,
             "allow_zero_length_client_id" => self.allow_zero_length_client_id = parse(value)?,
+            "queue_full_policy" => self.queue_full_policy = parse(value)?,
             "sys_interval" => self.sys_interval = parse(value)?,
+            "max_publish_rate" => self.max_publish_rate = parse(value)?,
+            "max_subscriptions_per_client" => self.max_subscriptions_per_client = parse(value)?,
+            "max_connections" => self.max_connections = parse(value)?,
+            "max_connection_rate_per_ip" => self.max_connection_rate_per_ip = parse(value)?,
             // `[http]` keys that deployments set from the environment (a Secret, a port).
             "http_token" => self.http.token = Some(value.to_owned()),
             "http_listen" => self.http.listen = Some(parse(value)?),
@@ -311,6 +350,7 @@ impl FileConfig {
             return Err(("max_topic_length", "must be between 1 and 65535".to_owned()));
         }
         at_least_one("fsync_interval_ms", self.storage.fsync_interval_ms)?;
+        crate::security_config::validate(&self.listener)?;
         if self.http.token.is_some() && self.http.token_file.is_some() {
             return Err((
                 "http.token_file",
@@ -453,6 +493,9 @@ mod tests {
             retain_available = false
             max_session_expiry = 3600
             allow_zero_length_client_id = false
+            queue_full_policy = "pushback"
+            max_publish_rate = 100
+            max_subscriptions_per_client = 8
         "#;
         let config = ServerConfig::from(load(text).expect("valid"));
         let expected = ServerConfig {
@@ -474,6 +517,9 @@ mod tests {
                 retain_available: false,
                 max_session_expiry: 3600,
                 allow_zero_length_client_id: false,
+                queue_full_policy: halyard_core::QueueFullPolicy::Pushback,
+                max_publish_rate: 100,
+                max_subscriptions_per_client: 8,
             },
         };
         assert_eq!(config, expected);
@@ -494,6 +540,12 @@ mod tests {
         assert_ne!(b.retain_available, d.retain_available);
         assert_ne!(b.max_session_expiry, d.max_session_expiry);
         assert_ne!(b.allow_zero_length_client_id, d.allow_zero_length_client_id);
+        assert_ne!(b.queue_full_policy, d.queue_full_policy);
+        assert_ne!(b.max_publish_rate, d.max_publish_rate);
+        assert_ne!(
+            b.max_subscriptions_per_client,
+            d.max_subscriptions_per_client
+        );
     }
 
     #[test]
@@ -643,11 +695,13 @@ mod tests {
     #[test]
     fn every_scalar_key_can_be_set_from_the_environment() {
         let keys = scalar_keys();
-        assert_eq!(keys.len(), 14, "{keys:?}");
+        assert_eq!(keys.len(), 19, "{keys:?}");
         for key in keys {
             let mut config = FileConfig::default();
             let value = if key.contains("available") || key.starts_with("allow") {
                 "false"
+            } else if key == "queue_full_policy" {
+                "pushback"
             } else {
                 "3"
             };

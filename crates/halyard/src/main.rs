@@ -3,6 +3,7 @@
 mod client;
 mod config;
 mod ops;
+mod security_config;
 
 use std::future::Future;
 use std::io::{IsTerminal, Write};
@@ -53,6 +54,11 @@ enum Command {
     Pub(client::PubArgs),
     /// Subscribe and print messages (flags like mosquitto_sub: -h -p -t -q -v -C -W ...).
     Sub(client::SubArgs),
+    /// Add or update a user in a password file (Mosquitto format, Argon2id hash).
+    ///
+    /// The password comes from --password, a prompt on a terminal, or the first line of
+    /// standard input. Other lines of the file are kept; the file is created if missing.
+    Passwd(security_config::PasswdArgs),
 }
 
 #[derive(Debug, Default, clap::Args)]
@@ -100,6 +106,7 @@ fn main() -> ExitCode {
         Some(Command::CheckConfig { file }) => check_config(&file).map(|()| 0),
         Some(Command::Pub(args)) => run_client(client::publish(args)).map(|()| 0),
         Some(Command::Sub(args)) => run_client(client::subscribe(args)),
+        Some(Command::Passwd(args)) => security_config::passwd(args).map(|()| 0),
     };
     let result = match result {
         Ok(0) => Ok(()),
@@ -156,6 +163,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     let http = ops::http_settings(&file.http, args.http_listen, args.no_http)?;
     let sys_interval = Duration::from_secs(file.sys_interval);
     let effective_config = ops::redacted_config(&file);
+    let security = security_config::Prepared::load(&file)?;
     let mut config = ServerConfig::from(file);
     if !args.listen.is_empty() {
         config.listeners = args.listen;
@@ -171,9 +179,14 @@ fn serve(args: ServeArgs) -> Result<()> {
         server.set_sys_interval(Some(sys_interval));
         server.set_effective_config(effective_config);
         let http_addr = ops::bind_http(&mut server, http).await?;
+        let extra_listeners = security.install(&mut server).await?;
+        security_config::reload_on_sighup(server.reload_handle())?;
         let mut stdout = std::io::stdout().lock();
         for addr in server.local_addrs() {
             writeln!(stdout, "halyard listening on {addr}")?;
+        }
+        for (kind, addr) in extra_listeners {
+            writeln!(stdout, "{}", security_config::listening_line(kind, addr))?;
         }
         if let Some(addr) = http_addr {
             writeln!(stdout, "halyard http listening on {addr}")?;

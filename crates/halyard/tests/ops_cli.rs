@@ -23,7 +23,7 @@ async fn sys_topics_arrive_and_refresh() {
     let mut refreshed = false;
     while Instant::now() < deadline && !(refreshed && seen.len() >= 20) {
         let p = c.recv_publish().await;
-        if !p.retain && p.topic == "$SYS/broker/uptime" {
+        if !p.retain && p.topic == "$SYS/broker/clients/connected" {
             refreshed = true;
         }
         seen.insert(

@@ -73,6 +73,8 @@ pub struct Broker {
     addr: SocketAddr,
     /// The operations HTTP listener (always on an ephemeral loopback port in tests).
     http_addr: SocketAddr,
+    /// Stdout lines up to the HTTP listening line (other listener kinds, see `listener_addr`).
+    stdout_lines: Vec<String>,
     config_path: Option<PathBuf>,
     stderr_path: PathBuf,
     /// The broker's data directory: its own by default, so parallel tests never share a
@@ -146,10 +148,13 @@ impl Broker {
             }
         });
         let deadline = Instant::now() + Duration::from_secs(20);
+        // Every stdout line up to the HTTP line (`halyard tls listening on ...` and the like).
+        let mut stdout_lines = Vec::new();
         let addr = loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(line) => {
+                    stdout_lines.push(line.clone());
                     if let Some(rest) = line.trim().strip_prefix("halyard listening on ") {
                         break rest.trim().parse::<SocketAddr>().unwrap_or_else(|e| {
                             panic!("bad address in listening line {line:?}: {e}")
@@ -171,6 +176,7 @@ impl Broker {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(line) => {
+                    stdout_lines.push(line.clone());
                     if let Some(rest) = line.trim().strip_prefix("halyard http listening on ") {
                         break rest.trim().parse::<SocketAddr>().unwrap_or_else(|e| {
                             panic!("bad address in http listening line {line:?}: {e}")
@@ -199,6 +205,7 @@ impl Broker {
             child,
             addr,
             http_addr,
+            stdout_lines,
             config_path,
             stderr_path,
             data_dir,
@@ -212,6 +219,16 @@ impl Broker {
 
     pub fn port(&self) -> u16 {
         self.addr.port()
+    }
+
+    /// Address from the `halyard <kind> listening on ADDR` line (`tls`, `ws`, `wss`).
+    pub fn listener_addr(&self, kind: &str) -> SocketAddr {
+        let prefix = format!("halyard {kind} listening on ");
+        self.stdout_lines
+            .iter()
+            .find_map(|line| line.trim().strip_prefix(&prefix))
+            .and_then(|rest| rest.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {kind} listener in {:?}", self.stdout_lines))
     }
 
     /// Address of the operations HTTP listener (metrics, admin API, status page).
