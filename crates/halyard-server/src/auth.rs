@@ -319,11 +319,26 @@ type LoadedFiles = (Option<Arc<PasswordFile>>, Option<Arc<Acl>>);
 
 /// The security state of a running server: configuration plus the current password
 /// database and ACL, swappable by [`Security::reload`].
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Security {
     config: AuthConfig,
     passwords: RwLock<Option<Arc<PasswordFile>>>,
     acl: RwLock<Option<Arc<Acl>>>,
+    /// Password checks running at once: one per core, so that a flood of CONNECTs with
+    /// passwords queues up instead of occupying every blocking thread and core.
+    hashing: tokio::sync::Semaphore,
+}
+
+impl Default for Security {
+    fn default() -> Self {
+        let cores = std::thread::available_parallelism().map_or(2, usize::from);
+        Security {
+            config: AuthConfig::default(),
+            passwords: RwLock::default(),
+            acl: RwLock::default(),
+            hashing: tokio::sync::Semaphore::new(cores),
+        }
+    }
 }
 
 impl Security {
@@ -430,6 +445,11 @@ impl Security {
             (Some(_), None) if self.config.anonymous_allowed() => Ok(()),
             (Some(_), None) => Err(Refusal::BadCredentials),
         }
+    }
+
+    /// Waits for a turn to hash a password (see the `hashing` field).
+    pub(crate) async fn hashing_permit(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        self.hashing.acquire().await.ok()
     }
 
     /// Whether CONNECTs need [`Security::authenticate`] at all (an open broker skips the

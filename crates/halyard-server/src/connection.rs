@@ -162,6 +162,8 @@ async fn authenticate(
         // Nothing to hash: decide here.
         security.authenticate(&mut connect, identity.as_deref())
     } else {
+        let permit_holder = Arc::clone(&security);
+        let _permit = permit_holder.hashing_permit().await;
         let mut moved = connect;
         let joined = tokio::task::spawn_blocking(move || {
             let verdict = security.authenticate(&mut moved, None);
@@ -317,6 +319,9 @@ async fn write_side<W: AsyncWrite + Unpin>(
         let mut next = Some(first);
         while let Some(batch) = next {
             accounted += batch.bytes;
+            // `bytes` is the batch's encoded size: one allocation instead of doubling a
+            // buffer that starts empty (idle connections keep none, see below).
+            buf.reserve(batch.bytes);
             for packet in &batch.packets {
                 let start = buf.len();
                 match encode(packet, version, &mut buf) {

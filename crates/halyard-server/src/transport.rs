@@ -603,8 +603,8 @@ mod tests {
         );
         let (a, b) = (IpAddr::from([10, 0, 0, 1]), IpAddr::from([10, 0, 0, 2]));
         let now = Instant::now();
-        let _1 = ctx.admit(a, now).expect("1");
-        let _2 = ctx.admit(a, now).expect("2");
+        let _first = ctx.admit(a, now).expect("1");
+        let _second = ctx.admit(a, now).expect("2");
         assert_eq!(ctx.admit(a, now).err(), Some(Refused::ConnectionRate));
         assert!(
             ctx.admit(b, now).is_ok(),
