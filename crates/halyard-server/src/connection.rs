@@ -574,3 +574,50 @@ mod tests {
         assert!(rest.is_empty());
     }
 }
+
+#[cfg(test)]
+mod size_probe {
+    use super::*;
+    #[tokio::test]
+    async fn probe_sizes() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _c = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let (events_tx, _rx) = mpsc::channel(16);
+        let settings = Arc::new(ConnectionSettings {
+            connect_timeout: Duration::from_secs(1),
+            max_packet_size: 1024,
+            security: Arc::default(),
+        });
+        let (mut r, w) = server.into_split();
+        let shared = Arc::new(Shared::default());
+        let (tx, rx) = batch_channel(&shared);
+        let auth = Auth { reply: Some(tx), identity: None };
+        {
+            let f = read_side(&mut r, 1, &settings, &events_tx, &shared, auth);
+            eprintln!("read_side {}", std::mem::size_of_val(&f));
+        }
+        let f = write_side(w, rx, &shared);
+        eprintln!("write_side {}", std::mem::size_of_val(&f));
+        let f = linger(&mut r);
+        eprintln!("linger {}", std::mem::size_of_val(&f));
+        drop(f);
+        let f = events_tx.send(Event::Lost { conn: 1 });
+        eprintln!("send {} event {}", std::mem::size_of_val(&f), std::mem::size_of::<Event>());
+        drop(f);
+        let f = shared.wait_unpaused();
+        eprintln!("wait_unpaused {}", std::mem::size_of_val(&f));
+        drop(f);
+        let f = tokio::time::sleep(Duration::from_secs(1));
+        eprintln!("sleep {}", std::mem::size_of_val(&f));
+        drop(f);
+        let server2 = r.reunite(TcpStream::connect(listener.local_addr().unwrap()).await.unwrap().into_split().1);
+        drop(server2);
+        let listener2 = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _c2 = TcpStream::connect(listener2.local_addr().unwrap()).await.unwrap();
+        let (s2, _) = listener2.accept().await.unwrap();
+        let f = run(s2, 2, settings, events_tx);
+        eprintln!("run {}", std::mem::size_of_val(&f));
+        eprintln!("Shared {}", std::mem::size_of::<Shared>());
+    }
+}
