@@ -290,6 +290,16 @@ impl Broker {
         }
     }
 
+    /// Whether [`Broker::commit`] could block on I/O now (see [`Store::commit_may_block`]);
+    /// the server runs only such commits where blocking is allowed, since handing the
+    /// async worker over costs a thread wake-up per batch of events.
+    pub fn commit_may_block(&self) -> bool {
+        self.out
+            .journal
+            .as_ref()
+            .is_some_and(|journal| journal.store.commit_may_block())
+    }
+
     /// Writes the session-level record of a persistent session.
     pub(crate) fn save_session_record(&mut self, key: SessionKey) {
         let Some(session) = self.sessions.get(&key) else {
@@ -767,8 +777,8 @@ impl Broker {
             version,
             keep_alive_grace,
             deadline: keep_alive_grace.map(|grace| now + grace),
-            inbound_aliases: HashMap::new(),
-            outbound_aliases: HashMap::new(),
+            inbound_aliases: Default::default(),
+            outbound_aliases: Default::default(),
             outbound_alias_max: connect.properties.topic_alias_maximum.unwrap_or(0),
             max_packet_size: connect.properties.maximum_packet_size.unwrap_or(u32::MAX),
             window,

@@ -10,6 +10,7 @@ pub mod admin;
 pub mod authz;
 mod broker;
 mod config;
+mod lazy;
 mod limits;
 mod message;
 mod pushback;

@@ -1,7 +1,7 @@
 //! Per-client session state: what survives a disconnect (subscriptions, queued and in-flight
 //! messages, QoS 2 ids) and, while connected, the [`Link`] to the live network connection.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,6 +10,7 @@ use halyard_codec::{
 };
 
 use crate::broker::{ConnectionId, Output};
+use crate::lazy::{LazyMap, LazySet};
 use crate::message::Message;
 use crate::router::SubscriptionEntry;
 use crate::store::{DeliveryState, Store};
@@ -98,10 +99,10 @@ pub(crate) struct Link {
     pub keep_alive_grace: Option<Duration>,
     /// The instant after which a silent client is disconnected.
     pub deadline: Option<Instant>,
-    /// MQTT 5 topic aliases the client set up towards us.
-    pub inbound_aliases: HashMap<u16, String>,
+    /// MQTT 5 topic aliases the client set up towards us (lazy: most clients use none).
+    pub inbound_aliases: LazyMap<u16, String>,
     /// Aliases we set up towards the client, at most `outbound_alias_max`.
-    pub outbound_aliases: HashMap<String, u16>,
+    pub outbound_aliases: LazyMap<String, u16>,
     pub outbound_alias_max: u16,
     /// The client's Maximum Packet Size; larger messages are not sent to it [MQTT-3.1.2-25].
     pub max_packet_size: u32,
@@ -136,7 +137,8 @@ pub(crate) struct Session {
     pub expiry_interval: u32,
     pub link: Option<Link>,
     /// Filters as the client wrote them (shared ones with their `$share/` prefix).
-    pub subscriptions: HashMap<String, SubscriptionEntry>,
+    /// Lazy, like the other per-session collections: an idle session is small.
+    pub subscriptions: LazyMap<String, SubscriptionEntry>,
     /// Unacknowledged outbound QoS 1/2 messages, in send order.
     pub inflight: VecDeque<Inflight>,
     /// Messages waiting for room in the in-flight window (or for the client to return). For
@@ -153,7 +155,7 @@ pub(crate) struct Session {
     pub persistent: bool,
     /// Inbound QoS 2 packet ids PUBRECed and awaiting PUBREL: a re-sent PUBLISH with one of
     /// these ids is not delivered again [MQTT-4.3.3-9].
-    pub inbound_qos2: HashSet<u16>,
+    pub inbound_qos2: LazySet<u16>,
     pub next_packet_id: u16,
     /// A will waiting out its Will Delay Interval after the connection ended.
     /// Boxed for the same reason as `Link::will`.
@@ -179,14 +181,14 @@ impl Session {
             epoch,
             expiry_interval,
             link: None,
-            subscriptions: HashMap::new(),
+            subscriptions: LazyMap::default(),
             inflight: VecDeque::new(),
             pending: VecDeque::new(),
             spilled: 0,
             spill_from: 0,
             next_seq: 0,
             persistent: false,
-            inbound_qos2: HashSet::new(),
+            inbound_qos2: LazySet::default(),
             next_packet_id: 1,
             delayed_will: None,
             expires_at: None,

@@ -151,4 +151,10 @@ pub trait Store: Send {
     fn delete_retained(&mut self, topic: &str);
     /// Makes every write so far durable (per the backend's fsync policy).
     fn commit(&mut self) -> Result<(), StoreError>;
+    /// Whether [`Store::commit`] could do I/O now (write or fsync), so that an async caller
+    /// should run it where blocking is allowed. `false` promises a commit that returns at
+    /// once; the default is the safe answer.
+    fn commit_may_block(&self) -> bool {
+        true
+    }
 }

@@ -321,11 +321,12 @@ pub(crate) async fn run(
 /// arriving during the fsync form the next batch: that is the group commit.
 fn commit(broker: &mut Broker) -> Result<(), StoreError> {
     let flavor = tokio::runtime::Handle::current().runtime_flavor();
-    let result = if flavor == tokio::runtime::RuntimeFlavor::MultiThread {
-        tokio::task::block_in_place(|| broker.commit())
-    } else {
-        broker.commit()
-    };
+    let result =
+        if flavor == tokio::runtime::RuntimeFlavor::MultiThread && broker.commit_may_block() {
+            tokio::task::block_in_place(|| broker.commit())
+        } else {
+            broker.commit()
+        };
     if let Err(error) = &result {
         error!(%error, "commit failed; stopping without sending the uncommitted acknowledgements");
     }

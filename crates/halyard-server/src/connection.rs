@@ -4,9 +4,11 @@
 //! read never stops us from reading its publishes (and the other way round), without the
 //! memory of a second task per connection.
 
-use std::future::pending;
+use std::future::{pending, Future};
 use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -63,14 +65,17 @@ enum ReadEnd {
 }
 
 /// Serves one plain TCP connection until it is closed by either side.
-pub(crate) async fn run(
+///
+/// Not an `async fn`: the stream would stay in the future (its arguments are never
+/// overlapped with later state) after being split, 32 bytes per connection for nothing.
+pub(crate) fn run(
     stream: TcpStream,
     conn: ConnectionId,
     settings: Arc<ConnectionSettings>,
     events: mpsc::Sender<Event>,
-) {
+) -> impl Future<Output = ()> + Send {
     let (reader, writer) = stream.into_split();
-    serve(reader, writer, conn, settings, events, None).await;
+    serve(reader, writer, conn, settings, events, None)
 }
 
 /// Serves one connection over any byte stream (TCP, TLS, WebSocket) until it is closed by
@@ -95,14 +100,16 @@ pub(crate) async fn serve<R, W>(
         tx,
         shared: Arc::clone(&shared),
     };
-    if events.send(Event::Open { conn, link }).await.is_err() {
+    if forward(&events, Event::Open { conn, link }).await.is_err() {
         // The server is shutting down; dropping the stream closes it.
         return;
     }
-    let auth = Auth {
+    // Boxed: only the pre-CONNECT phase uses it, and a future's arguments stay in it for
+    // its whole life.
+    let auth = Box::new(Auth {
         reply: Some(own_tx),
         identity,
-    };
+    });
     let lost = tokio::select! {
         end = read_side(&mut reader, conn, &settings, &events, &shared, auth) => {
             match &end {
@@ -120,7 +127,8 @@ pub(crate) async fn serve<R, W>(
         written = write_side(writer, rx, &shared) => match written {
             Ok(()) => {
                 debug!("connection closed by broker");
-                linger(&mut reader).await;
+                // Boxed: needed once, at the end; inline it would size every idle task.
+                Box::pin(linger(&mut reader)).await;
                 false
             }
             Err(error) => {
@@ -132,7 +140,7 @@ pub(crate) async fn serve<R, W>(
     if lost {
         // Harmless if the broker already forgot the connection; an error means the broker
         // task is gone, and then there is nobody left to tell.
-        let _ = events.send(Event::Lost { conn }).await;
+        let _ = forward(&events, Event::Lost { conn }).await;
     }
 }
 
@@ -216,14 +224,154 @@ fn refuse(
 /// Reads and decodes until the peer goes away. Returns only when the connection is lost; after
 /// a decode error (or when the broker task is gone) it stops reading and waits for the write
 /// side to close the connection.
+///
+/// The phase up to the first CONNECT (connect timeout, authentication, possibly a blocking
+/// password check) runs in its own boxed future, freed once the CONNECT is forwarded: the
+/// state an idle connection's task keeps for its whole life is only that of the loop below
+/// (memory per idle connection is a budget, see `tests::idle_futures_stay_small`).
 async fn read_side<R: AsyncRead + Unpin>(
     reader: &mut R,
     conn: ConnectionId,
     settings: &ConnectionSettings,
     events: &mpsc::Sender<Event>,
     shared: &Shared,
-    mut auth: Auth,
+    auth: Box<Auth>,
 ) -> ReadEnd {
+    let Connected {
+        mut buf,
+        ctx,
+        mut room,
+    } = match Box::pin(read_connect(reader, conn, settings, events, shared, auth)).await {
+        Ok(connected) => connected,
+        Err(end) => return end,
+    };
+    loop {
+        // Backpressure: the core holds a publish of ours until a subscriber has room.
+        if shared.paused.load(std::sync::atomic::Ordering::Acquire) {
+            Box::pin(shared.wait_unpaused()).await;
+        }
+        if let Err(end) = read_some(reader, &mut buf, &mut room).await {
+            return end;
+        }
+        let mut packets = Vec::new();
+        let failure = loop {
+            match decode(&mut buf, &ctx) {
+                Ok(Some(packet)) => {
+                    debug!(packet = packet_name(&packet), "received");
+                    packets.push(packet);
+                }
+                Ok(None) => break None,
+                Err(error) => break Some(error),
+            }
+        };
+        if !packets.is_empty()
+            && forward(events, Event::Packets { conn, packets })
+                .await
+                .is_err()
+        {
+            return pending().await;
+        }
+        if let Some(error) = failure {
+            return Box::pin(malformed(conn, events, error)).await;
+        }
+        // A quiet connection keeps no buffer between reads (decoded payloads that still
+        // point into it keep it alive only as long as they live).
+        if buf.is_empty() && (room == IDLE_READ || buf.capacity() > MAX_RETAINED_BUFFER) {
+            buf = BytesMut::new();
+        }
+    }
+}
+
+/// What the reader keeps from the pre-CONNECT phase.
+struct Connected {
+    /// Bytes read after the CONNECT that do not make a whole packet yet.
+    buf: BytesMut,
+    /// Framing fixed by the CONNECT.
+    ctx: DecodeContext,
+    /// Room to reserve before the next read.
+    room: usize,
+}
+
+/// Reads into `buf`, reserving `room` first, then sets `room` for the next read.
+async fn read_some<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+    room: &mut usize,
+) -> Result<(), ReadEnd> {
+    loop {
+        buf.reserve(*room);
+        let spare = buf.capacity() - buf.len();
+        return match reader.read_buf(buf).await {
+            Ok(0) => Err(ReadEnd::Eof),
+            Ok(n) => {
+                *room = if n >= spare { READ_CHUNK } else { IDLE_READ };
+                Ok(())
+            }
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(error) => Err(ReadEnd::Failed(error)),
+        };
+    }
+}
+
+/// Sends `event` to the broker task; the future fails if the broker task is gone. The
+/// channel almost always has room, so the send future (over 200 bytes) is only built, on the
+/// heap, when it is full: inline, it would be part of every connection task for the
+/// connection's whole life.
+fn forward(events: &mpsc::Sender<Event>, event: Event) -> Forward<'_> {
+    match events.try_send(event) {
+        Ok(()) => Forward::Sent,
+        Err(mpsc::error::TrySendError::Full(event)) => {
+            Forward::Waiting(Box::pin(events.send(event)))
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => Forward::Closed,
+    }
+}
+
+/// The future of [`forward`].
+enum Forward<'a> {
+    /// Sent at once.
+    Sent,
+    /// The broker task is gone.
+    Closed,
+    /// Waiting for room in the channel.
+    Waiting(Pin<Box<dyn Future<Output = Result<(), mpsc::error::SendError<Event>>> + Send + 'a>>),
+}
+
+impl Future for Forward<'_> {
+    type Output = Result<(), ()>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Forward::Sent => Poll::Ready(Ok(())),
+            Forward::Closed => Poll::Ready(Err(())),
+            Forward::Waiting(send) => send.as_mut().poll(cx).map(|sent| sent.map_err(drop)),
+        }
+    }
+}
+
+/// Reports malformed input to the broker task, which closes the connection; never returns
+/// (the write side ends the task).
+async fn malformed(
+    conn: ConnectionId,
+    events: &mpsc::Sender<Event>,
+    error: halyard_codec::DecodeError,
+) -> ReadEnd {
+    info!(%error, "malformed input; the broker will close the connection");
+    // Ignored error: without a broker task the write side closes the connection.
+    let _ = forward(events, Event::DecodeError { conn, error }).await;
+    pending().await
+}
+
+/// The reader until the first CONNECT has been authenticated and forwarded (with whatever
+/// followed it in the same read). Until then, reads are bounded by the connect timeout.
+async fn read_connect<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    conn: ConnectionId,
+    settings: &ConnectionSettings,
+    events: &mpsc::Sender<Event>,
+    shared: &Shared,
+    mut auth: Box<Auth>,
+) -> Result<Connected, ReadEnd> {
     let connect_deadline = Instant::now() + settings.connect_timeout;
     let mut ctx = DecodeContext {
         version: None,
@@ -232,24 +380,10 @@ async fn read_side<R: AsyncRead + Unpin>(
     let mut buf = BytesMut::new();
     let mut room = IDLE_READ;
     loop {
-        // Backpressure: the core holds a publish of ours until a subscriber has room.
         shared.wait_unpaused().await;
-        buf.reserve(room);
-        let spare = buf.capacity() - buf.len();
-        let read = if ctx.version.is_none() {
-            match timeout_at(connect_deadline, reader.read_buf(&mut buf)).await {
-                Ok(read) => read,
-                Err(_elapsed) => return ReadEnd::ConnectTimeout,
-            }
-        } else {
-            reader.read_buf(&mut buf).await
-        };
-        match read {
-            Ok(0) => return ReadEnd::Eof,
-            Ok(n) => room = if n >= spare { READ_CHUNK } else { IDLE_READ },
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(error) => return ReadEnd::Failed(error),
-        }
+        timeout_at(connect_deadline, read_some(reader, &mut buf, &mut room))
+            .await
+            .map_err(|_elapsed| ReadEnd::ConnectTimeout)??;
 
         let mut packets = Vec::new();
         let failure = loop {
@@ -290,15 +424,13 @@ async fn read_side<R: AsyncRead + Unpin>(
             return pending().await;
         }
         if let Some(error) = failure {
-            info!(%error, "malformed input; the broker will close the connection");
-            // Ignored error: without a broker task the write side closes the connection.
-            let _ = events.send(Event::DecodeError { conn, error }).await;
-            return pending().await;
+            return Err(malformed(conn, events, error).await);
         }
-        // A quiet connection keeps no buffer between reads (decoded payloads that still
-        // point into it keep it alive only as long as they live).
         if buf.is_empty() && (room == IDLE_READ || buf.capacity() > MAX_RETAINED_BUFFER) {
             buf = BytesMut::new();
+        }
+        if ctx.version.is_some() {
+            return Ok(Connected { buf, ctx, room });
         }
     }
 }
@@ -581,7 +713,9 @@ mod size_probe {
     #[tokio::test]
     async fn probe_sizes() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let _c = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let _c = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
         let (server, _) = listener.accept().await.unwrap();
         let (events_tx, _rx) = mpsc::channel(16);
         let settings = Arc::new(ConnectionSettings {
@@ -592,10 +726,35 @@ mod size_probe {
         let (mut r, w) = server.into_split();
         let shared = Arc::new(Shared::default());
         let (tx, rx) = batch_channel(&shared);
-        let auth = Auth { reply: Some(tx), identity: None };
+        let auth = Box::new(Auth {
+            reply: Some(tx),
+            identity: None,
+        });
         {
             let f = read_side(&mut r, 1, &settings, &events_tx, &shared, auth);
             eprintln!("read_side {}", std::mem::size_of_val(&f));
+        }
+        {
+            let mut b = BytesMut::new();
+            let mut room = 0;
+            let f = read_some(&mut r, &mut b, &mut room);
+            eprintln!("read_some {}", std::mem::size_of_val(&f));
+        }
+        {
+            let f = forward(&events_tx, Event::Lost { conn: 1 });
+            eprintln!("forward {}", std::mem::size_of_val(&f));
+        }
+        {
+            let f = malformed(
+                1,
+                &events_tx,
+                halyard_codec::DecodeError::InvalidProtocolName,
+            );
+            eprintln!(
+                "malformed {} decodeerror {}",
+                std::mem::size_of_val(&f),
+                std::mem::size_of::<halyard_codec::DecodeError>()
+            );
         }
         let f = write_side(w, rx, &shared);
         eprintln!("write_side {}", std::mem::size_of_val(&f));
@@ -603,7 +762,11 @@ mod size_probe {
         eprintln!("linger {}", std::mem::size_of_val(&f));
         drop(f);
         let f = events_tx.send(Event::Lost { conn: 1 });
-        eprintln!("send {} event {}", std::mem::size_of_val(&f), std::mem::size_of::<Event>());
+        eprintln!(
+            "send {} event {}",
+            std::mem::size_of_val(&f),
+            std::mem::size_of::<Event>()
+        );
         drop(f);
         let f = shared.wait_unpaused();
         eprintln!("wait_unpaused {}", std::mem::size_of_val(&f));
@@ -611,13 +774,38 @@ mod size_probe {
         let f = tokio::time::sleep(Duration::from_secs(1));
         eprintln!("sleep {}", std::mem::size_of_val(&f));
         drop(f);
-        let server2 = r.reunite(TcpStream::connect(listener.local_addr().unwrap()).await.unwrap().into_split().1);
+        let server2 = r.reunite(
+            TcpStream::connect(listener.local_addr().unwrap())
+                .await
+                .unwrap()
+                .into_split()
+                .1,
+        );
         drop(server2);
         let listener2 = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let _c2 = TcpStream::connect(listener2.local_addr().unwrap()).await.unwrap();
+        let _c2 = TcpStream::connect(listener2.local_addr().unwrap())
+            .await
+            .unwrap();
         let (s2, _) = listener2.accept().await.unwrap();
         let f = run(s2, 2, settings, events_tx);
         eprintln!("run {}", std::mem::size_of_val(&f));
         eprintln!("Shared {}", std::mem::size_of::<Shared>());
+        let listener3 = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _c3 = TcpStream::connect(listener3.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (s3, peer) = listener3.accept().await.unwrap();
+        let ctx = crate::transport::Transports::default().plain(peer);
+        let (events_tx, _rx) = mpsc::channel(16);
+        let settings = Arc::new(ConnectionSettings {
+            connect_timeout: Duration::from_secs(1),
+            max_packet_size: 1024,
+            security: Arc::default(),
+        });
+        let f = crate::transport::serve_accepted(s3, peer, ctx, 3, settings, events_tx);
+        eprintln!("serve_accepted {}", std::mem::size_of_val(&f));
+        use tracing::Instrument;
+        let f = f.instrument(tracing::info_span!("x"));
+        eprintln!("instrumented {}", std::mem::size_of_val(&f));
     }
 }

@@ -61,6 +61,8 @@ pub(crate) struct Metrics {
     pub(crate) connections_accepted: Counter,
     /// QoS 0 messages the dispatcher dropped for a slow consumer.
     pub(crate) dropped_slow_consumer: Counter,
+    /// Times a publisher was paused because a subscriber queue was full (pushback).
+    publisher_pauses: Counter,
     dropped: Family<ReasonLabel, Counter>,
     refused: Family<ReasonLabel, Counter>,
     connections: Gauge,
@@ -107,6 +109,7 @@ impl Metrics {
             bytes_sent: Counter::default(),
             connections_accepted: Counter::default(),
             dropped_slow_consumer: Counter::default(),
+            publisher_pauses: Counter::default(),
             dropped: Family::default(),
             refused: Family::default(),
             connections: Gauge::default(),
@@ -155,13 +158,18 @@ impl Metrics {
             metrics.connections_accepted.clone(),
         );
         registry.register(
+            "publisher_pauses",
+            "Times a publisher stopped being read because a subscriber queue was full",
+            metrics.publisher_pauses.clone(),
+        );
+        registry.register(
             "messages_dropped",
-            "Messages not delivered, by reason (qos0_queue_full, too_large, queue_full, slow_consumer)",
+            "Messages not delivered, by reason (qos0_queue_full, too_large, queue_full, slow_consumer, delivery_not_authorized)",
             metrics.dropped.clone(),
         );
         registry.register(
-            "publishes_refused",
-            "QoS 1/2 publishes refused, by reason (quota_exceeded: a subscriber queue was full)",
+            "requests_refused",
+            "Publishes and subscriptions refused, by reason (quota_exceeded, publish_not_authorized, subscribe_not_authorized, publish_rate, subscription_quota, pushback_timeout)",
             metrics.refused.clone(),
         );
         registry.register(
@@ -273,6 +281,32 @@ impl Metrics {
             self.dropped_slow_consumer.get(),
         );
         catch_up(&self.refused, "quota_exceeded", stats.refused_quota);
+        catch_up(
+            &self.refused,
+            "publish_not_authorized",
+            stats.denied_publish,
+        );
+        catch_up(
+            &self.refused,
+            "subscribe_not_authorized",
+            stats.denied_subscribe,
+        );
+        catch_up(&self.refused, "publish_rate", stats.refused_publish_rate);
+        catch_up(
+            &self.refused,
+            "subscription_quota",
+            stats.refused_subscription_quota,
+        );
+        catch_up(&self.refused, "pushback_timeout", stats.pushback_timeouts);
+        catch_up(
+            &self.dropped,
+            "delivery_not_authorized",
+            stats.denied_delivery,
+        );
+        let pauses = self.publisher_pauses.get();
+        if stats.pushback_pauses > pauses {
+            self.publisher_pauses.inc_by(stats.pushback_pauses - pauses);
+        }
     }
 
     /// The Prometheus text exposition of every metric.
@@ -319,7 +353,7 @@ mod tests {
         assert!(text.contains("halyard_bytes_sent_total 17"), "{text}");
         assert!(text.contains("halyard_connections 3"), "{text}");
         assert!(
-            text.contains("halyard_publishes_refused_total{reason=\"quota_exceeded\"} 2"),
+            text.contains("halyard_requests_refused_total{reason=\"quota_exceeded\"} 2"),
             "{text}"
         );
         assert!(

@@ -392,14 +392,21 @@ impl AdmissionCounters {
 }
 
 /// Serves one accepted socket: admission, transport handshake, then the connection task.
-pub(crate) async fn serve_accepted(
+///
+/// Not an `async fn`: admission runs here, synchronously, and the future returned for a
+/// plain TCP connection is the connection's own plus its slot. An `async fn` would keep its
+/// arguments (stream, peer address, ...) and the refusal path's state inside every
+/// connection's task for the connection's whole life (memory per idle connection is a
+/// budget; see `connection::tests::idle_futures_stay_small`).
+pub(crate) fn serve_accepted(
     stream: TcpStream,
     peer: SocketAddr,
     ctx: Arc<ListenerCtx>,
     conn: ConnectionId,
     settings: Arc<ConnectionSettings>,
     events: mpsc::Sender<Event>,
-) {
+) -> impl std::future::Future<Output = ()> + Send {
+    use futures_util::future::{Either, FutureExt};
     let slot = match ctx.admit(peer.ip(), Instant::now()) {
         Ok(slot) => slot,
         Err(why) => {
@@ -410,22 +417,27 @@ pub(crate) async fn serve_accepted(
             }
             .fetch_add(1, Ordering::Relaxed);
             info!(?why, "connection refused");
-            if ctx.kind == ListenerKind::Tcp {
-                refuse(stream, why, &ctx.admission, settings.max_packet_size).await;
-            }
-            return;
+            return Either::Left(Box::pin(async move {
+                if ctx.kind == ListenerKind::Tcp {
+                    refuse(stream, why, &ctx.admission, settings.max_packet_size).await;
+                }
+            }));
         }
     };
-    match ctx.kind {
-        ListenerKind::Tcp => connection::run(stream, conn, settings, events).await,
+    Either::Right(match ctx.kind {
+        ListenerKind::Tcp => {
+            Either::Left(connection::run(stream, conn, settings, events).map(move |()| drop(slot)))
+        }
         // Boxed, so that TLS and WebSocket state (several KB) is allocated only for those
         // connections: inline, it would size every plain TCP connection's task too (the
         // task of an idle TCP connection went from ~1.7 KB to 13 KB).
         ListenerKind::Ws | ListenerKind::Tls | ListenerKind::Wss => {
-            Box::pin(serve_wrapped(stream, ctx, conn, settings, events)).await
+            Either::Right(Box::pin(async move {
+                serve_wrapped(stream, ctx, conn, settings, events).await;
+                drop(slot);
+            }))
         }
-    }
-    drop(slot);
+    })
 }
 
 /// The TLS, WebSocket and WebSocket-over-TLS part of [`serve_accepted`].

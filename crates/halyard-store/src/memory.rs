@@ -176,4 +176,8 @@ impl Store for MemoryStore {
     fn commit(&mut self) -> Result<(), StoreError> {
         Ok(())
     }
+
+    fn commit_may_block(&self) -> bool {
+        false
+    }
 }

@@ -1063,6 +1063,11 @@ impl Store for RedbStore {
         }
         Ok(())
     }
+
+    fn commit_may_block(&self) -> bool {
+        // Nothing written and nothing left to make durable: `commit` returns at once.
+        self.txn.is_some() || self.unsynced > 0 || self.failure.is_some()
+    }
 }
 
 #[cfg(test)]

@@ -132,7 +132,7 @@ async fn metrics_move_with_traffic() {
     assert_eq!(
         sample(
             &after,
-            "halyard_publishes_refused_total{reason=\"quota_exceeded\"}"
+            "halyard_requests_refused_total{reason=\"quota_exceeded\"}"
         ),
         0.0
     );
