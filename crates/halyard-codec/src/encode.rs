@@ -63,6 +63,27 @@ pub fn encoded_len(packet: &Packet, version: ProtocolVersion) -> usize {
     }
 }
 
+/// Where the packet identifier sits in an encoded QoS 1/2 PUBLISH (`None` for any other
+/// packet, a QoS 0 PUBLISH, or bytes too short to hold one). Fan-out encodes a message once
+/// and gives every subscriber a copy with only these two bytes changed; the offset is the
+/// same for MQTT 3.x and 5 because the identifier directly follows the topic.
+pub fn publish_packet_id_offset(encoded: &[u8]) -> Option<usize> {
+    let first = *encoded.first()?;
+    if first >> 4 != PUBLISH || (first >> 1) & 0b11 == 0 {
+        return None;
+    }
+    let length_bytes = encoded
+        .iter()
+        .skip(1)
+        .take(4)
+        .position(|byte| byte & 0x80 == 0)?
+        + 1;
+    let topic_at = 1 + length_bytes;
+    let topic_len = u16::from_be_bytes([*encoded.get(topic_at)?, *encoded.get(topic_at + 1)?]);
+    let offset = topic_at + 2 + usize::from(topic_len);
+    (encoded.len() >= offset + 2).then_some(offset)
+}
+
 fn first_byte(packet: &Packet) -> u8 {
     let (packet_type, flags) = match packet {
         Packet::Connect(_) => (CONNECT, 0),
@@ -410,6 +431,34 @@ mod tests {
             enc(&packet, V5),
             [0x20, 0x06, 0x01, 0x00, 0x03, 0x21, 0x00, 0x14]
         );
+    }
+
+    #[test]
+    fn packet_id_offset_points_at_the_identifier() {
+        for version in [V3_1_1, V5] {
+            for topic in ["t", "a/much/longer/topic/name"] {
+                let publish = Packet::Publish(Publish {
+                    qos: QoS::AtLeastOnce,
+                    topic: topic.into(),
+                    packet_id: Some(0x1234),
+                    payload: bytes::Bytes::from_static(b"payload"),
+                    ..Publish::default()
+                });
+                let bytes = enc(&publish, version);
+                let at = publish_packet_id_offset(&bytes).expect("QoS 1 has an id");
+                assert_eq!(&bytes[at..at + 2], &[0x12, 0x34]);
+            }
+        }
+        let qos0 = Packet::Publish(Publish {
+            topic: "t".into(),
+            ..Publish::default()
+        });
+        assert_eq!(publish_packet_id_offset(&enc(&qos0, V3_1_1)), None);
+        assert_eq!(
+            publish_packet_id_offset(&enc(&Packet::PingReq, V3_1_1)),
+            None
+        );
+        assert_eq!(publish_packet_id_offset(&[0x32, 0x05, 0x00]), None);
     }
 
     #[test]
