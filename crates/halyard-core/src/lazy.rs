@@ -12,6 +12,8 @@ use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
 
 /// A `HashMap` that is a null pointer while empty.
+// The box is the point: an empty `HashMap` is 48 bytes inline, `Option<Box<_>>` is 8.
+#[allow(clippy::box_collection)]
 #[derive(Debug, Clone)]
 pub(crate) struct LazyMap<K, V>(Option<Box<HashMap<K, V>>>);
 
@@ -85,6 +87,8 @@ impl<'a, K: Hash + Eq, V> IntoIterator for &'a LazyMap<K, V> {
 }
 
 /// A `HashSet` that is a null pointer while empty.
+// The box is the point: an empty `HashSet` is 48 bytes inline, `Option<Box<_>>` is 8.
+#[allow(clippy::box_collection)]
 #[derive(Debug, Clone)]
 pub(crate) struct LazySet<T>(Option<Box<HashSet<T>>>);
 

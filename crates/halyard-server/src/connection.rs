@@ -81,66 +81,73 @@ pub(crate) fn run(
 /// Serves one connection over any byte stream (TCP, TLS, WebSocket) until it is closed by
 /// either side. `identity` is the user name from a verified client certificate, when the
 /// listener uses it as the user name.
-pub(crate) async fn serve<R, W>(
+// Not an `async fn`: an `async fn` keeps each argument twice in its future (as received and
+// as the local it is moved into), an `async move` block once; per idle connection that was
+// about 100 bytes over the three functions.
+#[allow(clippy::manual_async_fn)]
+pub(crate) fn serve<R, W>(
     mut reader: R,
     writer: W,
     conn: ConnectionId,
     settings: Arc<ConnectionSettings>,
     events: mpsc::Sender<Event>,
     identity: Option<String>,
-) where
+) -> impl Future<Output = ()> + Send
+where
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send,
 {
-    let shared = Arc::new(Shared::default());
-    let (tx, rx) = batch_channel(&shared);
-    // Kept by the reader until the CONNECT is authenticated, to answer a refusal itself.
-    let own_tx = tx.clone();
-    let link = Link {
-        tx,
-        shared: Arc::clone(&shared),
-    };
-    if forward(&events, Event::Open { conn, link }).await.is_err() {
-        // The server is shutting down; dropping the stream closes it.
-        return;
-    }
-    // Boxed: only the pre-CONNECT phase uses it, and a future's arguments stay in it for
-    // its whole life.
-    let auth = Box::new(Auth {
-        reply: Some(own_tx),
-        identity,
-    });
-    let lost = tokio::select! {
-        end = read_side(&mut reader, conn, &settings, &events, &shared, auth) => {
-            match &end {
-                // Per-connection events log at debug level: at info, thousands of connects
-                // per second would be thousands of log lines.
-                ReadEnd::Eof => debug!("connection closed by peer"),
-                ReadEnd::ConnectTimeout => debug!(
-                    timeout_ms = settings.connect_timeout.as_millis() as u64,
-                    "no CONNECT in time; closing"
-                ),
-                ReadEnd::Failed(error) => debug!(%error, "connection failed"),
-            }
-            true
+    async move {
+        let shared = Arc::new(Shared::default());
+        let (tx, rx) = batch_channel(&shared);
+        // Kept by the reader until the CONNECT is authenticated, to answer a refusal itself.
+        let own_tx = tx.clone();
+        let link = Link {
+            tx,
+            shared: Arc::clone(&shared),
+        };
+        if forward(&events, Event::Open { conn, link }).await.is_err() {
+            // The server is shutting down; dropping the stream closes it.
+            return;
         }
-        written = write_side(writer, rx, &shared) => match written {
-            Ok(()) => {
-                debug!("connection closed by broker");
-                // Boxed: needed once, at the end; inline it would size every idle task.
-                Box::pin(linger(&mut reader)).await;
-                false
-            }
-            Err(error) => {
-                debug!(%error, "connection failed while writing");
+        // Boxed: only the pre-CONNECT phase uses it, and a future's arguments stay in it for
+        // its whole life.
+        let auth = Box::new(Auth {
+            reply: Some(own_tx),
+            identity,
+        });
+        let lost = tokio::select! {
+            end = read_side(&mut reader, conn, &settings, &events, &shared, auth) => {
+                match &end {
+                    // Per-connection events log at debug level: at info, thousands of connects
+                    // per second would be thousands of log lines.
+                    ReadEnd::Eof => debug!("connection closed by peer"),
+                    ReadEnd::ConnectTimeout => debug!(
+                        timeout_ms = settings.connect_timeout.as_millis() as u64,
+                        "no CONNECT in time; closing"
+                    ),
+                    ReadEnd::Failed(error) => debug!(%error, "connection failed"),
+                }
                 true
             }
-        },
-    };
-    if lost {
-        // Harmless if the broker already forgot the connection; an error means the broker
-        // task is gone, and then there is nobody left to tell.
-        let _ = forward(&events, Event::Lost { conn }).await;
+            written = write_side(writer, rx, &shared) => match written {
+                Ok(()) => {
+                    debug!("connection closed by broker");
+                    // Boxed: needed once, at the end; inline it would size every idle task.
+                    Box::pin(linger(&mut reader)).await;
+                    false
+                }
+                Err(error) => {
+                    debug!(%error, "connection failed while writing");
+                    true
+                }
+            },
+        };
+        if lost {
+            // Harmless if the broker already forgot the connection; an error means the broker
+            // task is gone, and then there is nobody left to tell.
+            let _ = forward(&events, Event::Lost { conn }).await;
+        }
     }
 }
 
@@ -229,55 +236,61 @@ fn refuse(
 /// password check) runs in its own boxed future, freed once the CONNECT is forwarded: the
 /// state an idle connection's task keeps for its whole life is only that of the loop below
 /// (memory per idle connection is a budget, see `tests::idle_futures_stay_small`).
-async fn read_side<R: AsyncRead + Unpin>(
-    reader: &mut R,
+// Not an `async fn`: an `async fn` keeps each argument twice in its future (as received and
+// as the local it is moved into), an `async move` block once; per idle connection that was
+// about 100 bytes over the three functions.
+#[allow(clippy::manual_async_fn)]
+fn read_side<'a, R: AsyncRead + Unpin>(
+    reader: &'a mut R,
     conn: ConnectionId,
-    settings: &ConnectionSettings,
-    events: &mpsc::Sender<Event>,
-    shared: &Shared,
+    settings: &'a ConnectionSettings,
+    events: &'a mpsc::Sender<Event>,
+    shared: &'a Shared,
     auth: Box<Auth>,
-) -> ReadEnd {
-    let Connected {
-        mut buf,
-        ctx,
-        mut room,
-    } = match Box::pin(read_connect(reader, conn, settings, events, shared, auth)).await {
-        Ok(connected) => connected,
-        Err(end) => return end,
-    };
-    loop {
-        // Backpressure: the core holds a publish of ours until a subscriber has room.
-        if shared.paused.load(std::sync::atomic::Ordering::Acquire) {
-            Box::pin(shared.wait_unpaused()).await;
-        }
-        if let Err(end) = read_some(reader, &mut buf, &mut room).await {
-            return end;
-        }
-        let mut packets = Vec::new();
-        let failure = loop {
-            match decode(&mut buf, &ctx) {
-                Ok(Some(packet)) => {
-                    debug!(packet = packet_name(&packet), "received");
-                    packets.push(packet);
-                }
-                Ok(None) => break None,
-                Err(error) => break Some(error),
-            }
+) -> impl Future<Output = ReadEnd> + 'a {
+    async move {
+        let Connected {
+            mut buf,
+            ctx,
+            mut room,
+        } = match Box::pin(read_connect(reader, conn, settings, events, shared, auth)).await {
+            Ok(connected) => connected,
+            Err(end) => return end,
         };
-        if !packets.is_empty()
-            && forward(events, Event::Packets { conn, packets })
-                .await
-                .is_err()
-        {
-            return pending().await;
-        }
-        if let Some(error) = failure {
-            return Box::pin(malformed(conn, events, error)).await;
-        }
-        // A quiet connection keeps no buffer between reads (decoded payloads that still
-        // point into it keep it alive only as long as they live).
-        if buf.is_empty() && (room == IDLE_READ || buf.capacity() > MAX_RETAINED_BUFFER) {
-            buf = BytesMut::new();
+        loop {
+            // Backpressure: the core holds a publish of ours until a subscriber has room.
+            if shared.paused.load(std::sync::atomic::Ordering::Acquire) {
+                Box::pin(shared.wait_unpaused()).await;
+            }
+            if let Err(end) = read_some(reader, &mut buf, &mut room).await {
+                return end;
+            }
+            let mut packets = Vec::new();
+            let failure = loop {
+                match decode(&mut buf, &ctx) {
+                    Ok(Some(packet)) => {
+                        debug!(packet = packet_name(&packet), "received");
+                        packets.push(packet);
+                    }
+                    Ok(None) => break None,
+                    Err(error) => break Some(error),
+                }
+            };
+            if !packets.is_empty()
+                && forward(events, Event::Packets { conn, packets })
+                    .await
+                    .is_err()
+            {
+                return pending().await;
+            }
+            if let Some(error) = failure {
+                return Box::pin(malformed(conn, events, error)).await;
+            }
+            // A quiet connection keeps no buffer between reads (decoded payloads that still
+            // point into it keep it alive only as long as they live).
+            if buf.is_empty() && (room == IDLE_READ || buf.capacity() > MAX_RETAINED_BUFFER) {
+                buf = BytesMut::new();
+            }
         }
     }
 }
@@ -437,57 +450,63 @@ async fn read_connect<R: AsyncRead + Unpin>(
 
 /// Writes batches from the broker, all ready batches with one `write_all`, until the broker
 /// closes the connection (or the broker task is gone). Returns an error if the socket fails.
-async fn write_side<W: AsyncWrite + Unpin>(
+// Not an `async fn`: an `async fn` keeps each argument twice in its future (as received and
+// as the local it is moved into), an `async move` block once; per idle connection that was
+// about 100 bytes over the three functions.
+#[allow(clippy::manual_async_fn)]
+fn write_side<'a, W: AsyncWrite + Unpin + 'a>(
     mut writer: W,
     mut rx: BatchReceiver,
-    shared: &Shared,
-) -> io::Result<()> {
-    let mut buf = BytesMut::new();
-    // `None` means the broker task dropped our link without a Close: it has stopped.
-    while let Some(first) = rx.recv().await {
-        let version = shared.version();
-        let mut accounted = 0;
-        let mut close = false;
-        let mut next = Some(first);
-        while let Some(batch) = next {
-            accounted += batch.bytes;
-            // `bytes` is the batch's encoded size: one allocation instead of doubling a
-            // buffer that starts empty (idle connections keep none, see below).
-            buf.reserve(batch.bytes);
-            for packet in &batch.packets {
-                let start = buf.len();
-                match encode(packet, version, &mut buf) {
-                    Ok(()) => debug!(packet = packet_name(packet), "sent"),
-                    Err(error) => {
-                        buf.truncate(start);
-                        warn!(%error, packet = packet_name(packet), "cannot encode; skipped");
+    shared: &'a Shared,
+) -> impl Future<Output = io::Result<()>> + 'a {
+    async move {
+        let mut buf = BytesMut::new();
+        // `None` means the broker task dropped our link without a Close: it has stopped.
+        while let Some(first) = rx.recv().await {
+            let version = shared.version();
+            let mut accounted = 0;
+            let mut close = false;
+            let mut next = Some(first);
+            while let Some(batch) = next {
+                accounted += batch.bytes;
+                // `bytes` is the batch's encoded size: one allocation instead of doubling a
+                // buffer that starts empty (idle connections keep none, see below).
+                buf.reserve(batch.bytes);
+                for packet in &batch.packets {
+                    let start = buf.len();
+                    match encode(packet, version, &mut buf) {
+                        Ok(()) => debug!(packet = packet_name(packet), "sent"),
+                        Err(error) => {
+                            buf.truncate(start);
+                            warn!(%error, packet = packet_name(packet), "cannot encode; skipped");
+                        }
                     }
                 }
+                if batch.close {
+                    close = true;
+                    break;
+                }
+                next = rx.try_recv();
             }
-            if batch.close {
-                close = true;
+            if !buf.is_empty() {
+                writer.write_all(&buf).await?;
+                // A no-op for TCP; TLS and WebSocket streams buffer until flushed.
+                writer.flush().await?;
+                buf.clear();
+            }
+            shared
+                .queued_bytes
+                .fetch_sub(accounted, std::sync::atomic::Ordering::Relaxed);
+            if close {
                 break;
             }
-            next = rx.try_recv();
+            // Nothing waiting: an idle connection keeps no write buffer.
+            if buf.capacity() > MAX_RETAINED_BUFFER || rx.is_empty() {
+                buf = BytesMut::new();
+            }
         }
-        if !buf.is_empty() {
-            writer.write_all(&buf).await?;
-            // A no-op for TCP; TLS and WebSocket streams buffer until flushed.
-            writer.flush().await?;
-            buf.clear();
-        }
-        shared
-            .queued_bytes
-            .fetch_sub(accounted, std::sync::atomic::Ordering::Relaxed);
-        if close {
-            break;
-        }
-        // Nothing waiting: an idle connection keeps no write buffer.
-        if buf.capacity() > MAX_RETAINED_BUFFER || rx.is_empty() {
-            buf = BytesMut::new();
-        }
+        writer.shutdown().await
     }
-    writer.shutdown().await
 }
 
 /// Reads and discards input until EOF, an error, or [`LINGER`] has passed (see there).
@@ -708,104 +727,71 @@ mod tests {
 }
 
 #[cfg(test)]
-mod size_probe {
+mod size_tests {
     use super::*;
+    use tracing::Instrument;
+
+    /// Memory per idle connection is a budget (DESIGN.md section 3): the connection task's
+    /// future is most of it. This catches a state that grows it (an inline timer, a send
+    /// future, a handshake) before a benchmark would.
     #[tokio::test]
-    async fn probe_sizes() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let _c = TcpStream::connect(listener.local_addr().unwrap())
+    async fn idle_futures_stay_small() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
-            .unwrap();
-        let (server, _) = listener.accept().await.unwrap();
-        let (events_tx, _rx) = mpsc::channel(16);
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let _client = TcpStream::connect(addr).await.expect("connect");
+        let (server, peer) = listener.accept().await.expect("accept");
+        let (events, _rx) = mpsc::channel(16);
         let settings = Arc::new(ConnectionSettings {
             connect_timeout: Duration::from_secs(1),
             max_packet_size: 1024,
             security: Arc::default(),
         });
-        let (mut r, w) = server.into_split();
         let shared = Arc::new(Shared::default());
         let (tx, rx) = batch_channel(&shared);
+        let (mut reader, writer) = server.into_split();
         let auth = Box::new(Auth {
             reply: Some(tx),
             identity: None,
         });
-        {
-            let f = read_side(&mut r, 1, &settings, &events_tx, &shared, auth);
-            eprintln!("read_side {}", std::mem::size_of_val(&f));
-        }
-        {
-            let mut b = BytesMut::new();
-            let mut room = 0;
-            let f = read_some(&mut r, &mut b, &mut room);
-            eprintln!("read_some {}", std::mem::size_of_val(&f));
-        }
-        {
-            let f = forward(&events_tx, Event::Lost { conn: 1 });
-            eprintln!("forward {}", std::mem::size_of_val(&f));
-        }
-        {
-            let f = malformed(
-                1,
-                &events_tx,
-                halyard_codec::DecodeError::InvalidProtocolName,
-            );
-            eprintln!(
-                "malformed {} decodeerror {}",
-                std::mem::size_of_val(&f),
-                std::mem::size_of::<halyard_codec::DecodeError>()
-            );
-        }
-        let f = write_side(w, rx, &shared);
-        eprintln!("write_side {}", std::mem::size_of_val(&f));
-        let f = linger(&mut r);
-        eprintln!("linger {}", std::mem::size_of_val(&f));
-        drop(f);
-        let f = events_tx.send(Event::Lost { conn: 1 });
-        eprintln!(
-            "send {} event {}",
-            std::mem::size_of_val(&f),
-            std::mem::size_of::<Event>()
+        let read = read_side(&mut reader, 1, &settings, &events, &shared, auth);
+        assert!(
+            size_of_val(&read) <= 256,
+            "read side: {} B",
+            size_of_val(&read)
         );
-        drop(f);
-        let f = shared.wait_unpaused();
-        eprintln!("wait_unpaused {}", std::mem::size_of_val(&f));
-        drop(f);
-        let f = tokio::time::sleep(Duration::from_secs(1));
-        eprintln!("sleep {}", std::mem::size_of_val(&f));
-        drop(f);
-        let server2 = r.reunite(
-            TcpStream::connect(listener.local_addr().unwrap())
+        drop(read);
+        let write = write_side(writer, rx, &shared);
+        assert!(
+            size_of_val(&write) <= 256,
+            "write side: {} B",
+            size_of_val(&write)
+        );
+        drop(write);
+        let stream = reader.reunite(
+            TcpStream::connect(addr)
                 .await
-                .unwrap()
+                .expect("connect")
                 .into_split()
                 .1,
         );
-        drop(server2);
-        let listener2 = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let _c2 = TcpStream::connect(listener2.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (s2, _) = listener2.accept().await.unwrap();
-        let f = run(s2, 2, settings, events_tx);
-        eprintln!("run {}", std::mem::size_of_val(&f));
-        eprintln!("Shared {}", std::mem::size_of::<Shared>());
-        let listener3 = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let _c3 = TcpStream::connect(listener3.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (s3, peer) = listener3.accept().await.unwrap();
+        drop(stream);
+
+        // The whole task as `spawn_connection` builds it, with a span (without one it is 40 B
+        // less). tokio adds about 100 B and rounds the task's allocation up to a multiple of
+        // 128 B: with tokio 1.54, this 664 B future makes a 768 B task (checked with
+        // `-Zprint-type-sizes`); a few bytes more make it 896 B. The future was 2,064 B before
+        // the pre-CONNECT phase, the send futures and the linger were boxed and the
+        // `async fn`s (which store their arguments twice) became `async` blocks.
+        let (server, _) = listener.accept().await.expect("accept");
         let ctx = crate::transport::Transports::default().plain(peer);
-        let (events_tx, _rx) = mpsc::channel(16);
-        let settings = Arc::new(ConnectionSettings {
-            connect_timeout: Duration::from_secs(1),
-            max_packet_size: 1024,
-            security: Arc::default(),
-        });
-        let f = crate::transport::serve_accepted(s3, peer, ctx, 3, settings, events_tx);
-        eprintln!("serve_accepted {}", std::mem::size_of_val(&f));
-        use tracing::Instrument;
-        let f = f.instrument(tracing::info_span!("x"));
-        eprintln!("instrumented {}", std::mem::size_of_val(&f));
+        let task = crate::transport::serve_accepted(server, peer, ctx, 3, settings, events)
+            .instrument(tracing::info_span!("conn"));
+        assert!(
+            size_of_val(&task) <= 664,
+            "connection task: {} B",
+            size_of_val(&task)
+        );
     }
 }
