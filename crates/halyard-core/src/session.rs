@@ -404,34 +404,36 @@ impl Session {
             publish.properties.message_expiry_interval = message.remaining_expiry(now);
             publish.properties.subscription_identifiers = delivery.subscription_ids.clone();
         }
-        let packet = Packet::Publish(publish);
-        let size = halyard_codec::encoded_len(&packet, link.version);
-        if size > link.max_packet_size as usize {
+        let mut packet = Packet::Publish(publish);
+        // Measuring costs a walk over the packet; a client that set no maximum cannot be
+        // sent anything too large for it.
+        if link.max_packet_size != u32::MAX
+            && halyard_codec::encoded_len(&packet, link.version) > link.max_packet_size as usize
+        {
             out.stats.dropped_too_large += 1;
             return false;
         }
-        let Packet::Publish(mut publish) = packet else {
-            unreachable!("constructed as a PUBLISH above")
-        };
-        if link.version.is_v5() && link.outbound_alias_max > 0 {
-            match link.outbound_aliases.get(&publish.topic) {
-                Some(&alias) => {
-                    publish.properties.topic_alias = Some(alias);
-                    publish.topic.clear();
-                }
-                None => {
-                    let used = link.outbound_aliases.len();
-                    if let Ok(alias) = u16::try_from(used + 1) {
-                        if alias <= link.outbound_alias_max {
-                            link.outbound_aliases.insert(publish.topic.clone(), alias);
-                            publish.properties.topic_alias = Some(alias);
+        if let Packet::Publish(publish) = &mut packet {
+            if link.version.is_v5() && link.outbound_alias_max > 0 {
+                match link.outbound_aliases.get(&publish.topic) {
+                    Some(&alias) => {
+                        publish.properties.topic_alias = Some(alias);
+                        publish.topic.clear();
+                    }
+                    None => {
+                        let used = link.outbound_aliases.len();
+                        if let Ok(alias) = u16::try_from(used + 1) {
+                            if alias <= link.outbound_alias_max {
+                                link.outbound_aliases.insert(publish.topic.clone(), alias);
+                                publish.properties.topic_alias = Some(alias);
+                            }
                         }
                     }
                 }
             }
         }
         out.stats.messages_sent += 1;
-        out.send(link.conn, Packet::Publish(publish));
+        out.send(link.conn, packet);
         true
     }
 
