@@ -6,7 +6,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
-use halyard_codec::{encoded_len, DecodeError, Packet, ProtocolVersion, QoS};
+use bytes::{Bytes, BytesMut};
+use halyard_codec::{
+    encode, encoded_len, publish_packet_id_offset, DecodeError, Packet, Properties,
+    ProtocolVersion, Publish, QoS,
+};
 use halyard_core::store::StoreError;
 use halyard_core::{Broker, ConnectionId, Output};
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -224,11 +228,35 @@ pub(crate) struct Link {
     pub(crate) shared: Arc<Shared>,
 }
 
+/// One packet on its way to a connection's writer.
+// `Packet` is far larger than `Shared`, but it was the batch element before `Shared`
+// existed: boxing it would add an allocation per packet to save nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Outgoing {
+    /// Encoded by the connection's writer.
+    Packet(Packet),
+    /// A PUBLISH encoded once for every subscriber that gets the same form (DESIGN.md
+    /// section 3). For QoS 1/2 the writer writes this connection's packet id at the offset.
+    Shared {
+        /// The encoding, shared by all those subscribers.
+        bytes: Bytes,
+        /// (offset, packet id) to patch, for QoS 1/2.
+        packet_id: Option<(usize, u16)>,
+    },
+}
+
+impl From<Packet> for Outgoing {
+    fn from(packet: Packet) -> Outgoing {
+        Outgoing::Packet(packet)
+    }
+}
+
 /// Everything one drain of the core produced for one connection.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct Batch {
     /// Packets to write, in order.
-    pub(crate) packets: Vec<Packet>,
+    pub(crate) packets: Vec<Outgoing>,
     /// Their encoded size, added to [`Shared::queued_bytes`]; the writer subtracts exactly
     /// this once they are written.
     pub(crate) bytes: usize,
@@ -358,6 +386,8 @@ struct Dispatcher {
     dropped_qos0: u64,
     /// Traffic counters of this server.
     metrics: Arc<Metrics>,
+    /// The PUBLISH encoding being shared in the current drain, per MQTT 3.x / 5.
+    shared_publish: [Option<SharedPublish>; 2],
 }
 
 /// One connection's link and its slow-consumer bookkeeping.
@@ -384,6 +414,7 @@ impl Dispatcher {
             max_outbound_buffer,
             dropped_qos0: 0,
             metrics: Arc::default(),
+            shared_publish: [None, None],
         }
     }
 
@@ -429,9 +460,25 @@ impl Dispatcher {
 
     /// Sends each connection one batch holding everything `outputs` has for it.
     fn dispatch(&mut self, outputs: impl Iterator<Item = Output>) {
-        for output in outputs {
+        let mut outputs = outputs.peekable();
+        self.shared_publish = [None, None];
+        while let Some(output) = outputs.next() {
             match output {
-                Output::Send { conn, packet } => self.queue(conn, packet),
+                Output::Send { conn, packet } => {
+                    // The core emits one message's deliveries back to back: when the next
+                    // one carries the same payload, this encoding is worth sharing.
+                    let fan_out = match (&packet, outputs.peek()) {
+                        (
+                            Packet::Publish(this),
+                            Some(Output::Send {
+                                packet: Packet::Publish(next),
+                                ..
+                            }),
+                        ) => same_payload(&this.payload, &next.payload),
+                        _ => false,
+                    };
+                    self.queue(conn, packet, fan_out);
+                }
                 Output::Close { conn } => {
                     if self.links.contains_key(&conn) {
                         self.pending.entry(conn).or_default().close = true;
@@ -471,8 +518,10 @@ impl Dispatcher {
     }
 
     /// Adds one packet to its connection's batch, unless it is a QoS 0 PUBLISH to a
-    /// connection whose unwritten bytes already exceed the limit.
-    fn queue(&mut self, conn: ConnectionId, packet: Packet) {
+    /// connection whose unwritten bytes already exceed the limit. A PUBLISH that is part of
+    /// a fan-out (`fan_out`, or the same form as the one encoded last) goes out as a shared
+    /// encoding.
+    fn queue(&mut self, conn: ConnectionId, packet: Packet, fan_out: bool) {
         let Some(state) = self.links.get_mut(&conn) else {
             return;
         };
@@ -492,11 +541,93 @@ impl Dispatcher {
             }
             return;
         }
-        let len = encoded_len(&packet, state.link.shared.version());
+        let version = state.link.shared.version();
+        if let Some(outgoing) = share(&mut self.shared_publish, &packet, version, fan_out) {
+            let Outgoing::Shared { bytes, .. } = &outgoing else {
+                unreachable!("share returns shared encodings only")
+            };
+            self.metrics.count_outbound(&packet, bytes.len());
+            batch.bytes += bytes.len();
+            batch.packets.push(outgoing);
+            return;
+        }
+        let len = encoded_len(&packet, version);
         self.metrics.count_outbound(&packet, len);
         batch.bytes += len;
-        batch.packets.push(packet);
+        batch.packets.push(Outgoing::Packet(packet));
     }
+}
+
+/// The last PUBLISH encoded for sharing, per encoding (MQTT 3.x, MQTT 5).
+#[derive(Debug)]
+struct SharedPublish {
+    /// Keeps the payload alive, so its address identifies it for the whole drain.
+    payload: Bytes,
+    /// The encoding, with the first subscriber's packet id.
+    bytes: Bytes,
+    /// Offset of the packet id in `bytes` (QoS 1/2).
+    packet_id_at: Option<usize>,
+}
+
+/// Whether two PUBLISH packets carry the very same payload bytes (not merely equal ones):
+/// the deliveries of one message share its `Bytes`.
+fn same_payload(a: &Bytes, b: &Bytes) -> bool {
+    a.as_ptr() == b.as_ptr() && a.len() == b.len()
+}
+
+/// The shared encoding for `packet`, encoding it now if it is part of a fan-out; `None`
+/// when it is not a PUBLISH that can be shared (MQTT 5 with per-subscriber properties:
+/// subscription identifiers, expiry, topic alias).
+fn share(
+    cache: &mut [Option<SharedPublish>; 2],
+    packet: &Packet,
+    version: ProtocolVersion,
+    fan_out: bool,
+) -> Option<Outgoing> {
+    let Packet::Publish(publish) = packet else {
+        return None;
+    };
+    if version.is_v5() && publish.properties != Properties::default() {
+        return None;
+    }
+    let slot = &mut cache[usize::from(version.is_v5())];
+    let matches = slot.as_ref().is_some_and(|cached| {
+        same_payload(&cached.payload, &publish.payload) && same_form(&cached.bytes, publish)
+    });
+    if !matches {
+        if !fan_out {
+            return None;
+        }
+        let mut buf = BytesMut::new();
+        encode(packet, version, &mut buf).ok()?;
+        let bytes = buf.freeze();
+        *slot = Some(SharedPublish {
+            payload: publish.payload.clone(),
+            packet_id_at: publish_packet_id_offset(&bytes),
+            bytes,
+        });
+    }
+    let cached = slot.as_ref()?;
+    Some(Outgoing::Shared {
+        bytes: cached.bytes.clone(),
+        packet_id: cached.packet_id_at.zip(publish.packet_id),
+    })
+}
+
+/// Whether `encoded` (a PUBLISH with the same payload) has the flags and topic of
+/// `publish`, so it differs at most in the packet id.
+fn same_form(encoded: &[u8], publish: &Publish) -> bool {
+    let flags = u8::from(publish.dup) << 3 | (publish.qos as u8) << 1 | u8::from(publish.retain);
+    if encoded.first() != Some(&(0x30 | flags)) {
+        return false;
+    }
+    let Some(length_bytes) = encoded.iter().skip(1).take(4).position(|b| b & 0x80 == 0) else {
+        return false;
+    };
+    let topic_at = 2 + length_bytes + 2;
+    encoded.get(topic_at..topic_at + publish.topic.len()) == Some(publish.topic.as_bytes())
+        && encoded.get(topic_at - 2..topic_at)
+            == Some(&(publish.topic.len() as u16).to_be_bytes()[..])
 }
 
 fn is_qos0_publish(packet: &Packet) -> bool {
@@ -506,7 +637,71 @@ fn is_qos0_publish(packet: &Packet) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use halyard_codec::{Publish, QoS};
+    use halyard_codec::QoS;
+
+    /// What the writer would put on the wire for `batch`, decoded back into packets.
+    fn packets_of(batch: &Batch) -> Vec<Packet> {
+        let mut wire = BytesMut::new();
+        for outgoing in &batch.packets {
+            match outgoing {
+                Outgoing::Packet(packet) => {
+                    encode(packet, ProtocolVersion::V3_1_1, &mut wire).expect("encodable")
+                }
+                Outgoing::Shared { bytes, packet_id } => {
+                    let start = wire.len();
+                    wire.extend_from_slice(bytes);
+                    if let Some((at, id)) = packet_id {
+                        wire[start + at..start + at + 2].copy_from_slice(&id.to_be_bytes());
+                    }
+                }
+            }
+        }
+        let context = halyard_codec::DecodeContext {
+            version: Some(ProtocolVersion::V3_1_1),
+            max_packet_size: u32::MAX,
+        };
+        std::iter::from_fn(|| halyard_codec::decode(&mut wire, &context).expect("decodes"))
+            .collect()
+    }
+
+    #[test]
+    fn one_message_to_many_subscribers_is_encoded_once() {
+        let mut dispatcher = Dispatcher::new(1 << 20);
+        let mut receivers = Vec::new();
+        for conn in 1..=3 {
+            let (link, rx) = link();
+            open(&mut dispatcher, conn, link);
+            receivers.push(rx);
+        }
+        let payload = Bytes::from(vec![7u8; 100]);
+        let delivery = |packet_id: u16| {
+            Packet::Publish(Publish {
+                qos: QoS::AtLeastOnce,
+                topic: "fan/out".into(),
+                packet_id: Some(packet_id),
+                payload: payload.clone(),
+                ..Publish::default()
+            })
+        };
+        dispatcher.dispatch((1..=3u16).map(|conn| Output::Send {
+            conn: u64::from(conn),
+            packet: delivery(conn * 10),
+        }));
+        let mut encodings = Vec::new();
+        for (index, rx) in receivers.iter_mut().enumerate() {
+            let batch = rx.try_recv().expect("a batch");
+            let [Outgoing::Shared { bytes, .. }] = batch.packets.as_slice() else {
+                panic!("expected one shared encoding, got {:?}", batch.packets);
+            };
+            encodings.push(bytes.as_ptr());
+            let id = u16::try_from(index + 1).expect("small") * 10;
+            assert_eq!(packets_of(&batch), vec![delivery(id)], "own packet id");
+        }
+        assert!(
+            encodings.windows(2).all(|pair| pair[0] == pair[1]),
+            "one encoding shared"
+        );
+    }
 
     fn link() -> (Link, BatchReceiver) {
         let shared = Arc::new(Shared::default());
@@ -562,7 +757,7 @@ mod tests {
         );
         let batch = rx1.try_recv().expect("a batch for conn 1");
         assert_eq!(
-            batch.packets,
+            packets_of(&batch),
             vec![Packet::PingResp, publish(QoS::AtMostOnce)]
         );
         assert!(batch.close);
@@ -571,7 +766,7 @@ mod tests {
         assert_eq!(batch.bytes, expected);
         assert!(rx1.try_recv().is_none(), "exactly one message per drain");
         assert_eq!(
-            rx2.try_recv().expect("conn 2").packets,
+            packets_of(&rx2.try_recv().expect("conn 2")),
             vec![Packet::PingResp]
         );
         assert!(
@@ -597,8 +792,7 @@ mod tests {
         .map(|packet| Output::Send { conn: 1, packet });
         dispatcher.dispatch(outputs.into_iter());
         let batch = rx.try_recv().expect("a batch");
-        let qos: Vec<QoS> = batch
-            .packets
+        let qos: Vec<QoS> = packets_of(&batch)
             .iter()
             .map(|packet| match packet {
                 Packet::Publish(publish) => publish.qos,

@@ -21,7 +21,9 @@ use tokio::time::{timeout, timeout_at, Instant};
 use tracing::{debug, info, warn, Span};
 
 use crate::auth::Security;
-use crate::broker_task::{batch_channel, Batch, BatchReceiver, BatchSender, Event, Link, Shared};
+use crate::broker_task::{
+    batch_channel, Batch, BatchReceiver, BatchSender, Event, Link, Outgoing, Shared,
+};
 
 /// Bytes reserved in the read buffer before a read while traffic flows (the previous read
 /// filled its room); the buffer grows beyond it only while a large packet is arriving.
@@ -220,7 +222,7 @@ fn refuse(
     if let Some(reply) = auth.reply.take() {
         // The writer subtracts `bytes` from the slow-consumer count: none were added.
         let _ = reply.send(Batch {
-            packets: vec![ack],
+            packets: vec![ack.into()],
             bytes: 0,
             close: true,
         });
@@ -472,7 +474,19 @@ fn write_side<'a, W: AsyncWrite + Unpin + 'a>(
                 // `bytes` is the batch's encoded size: one allocation instead of doubling a
                 // buffer that starts empty (idle connections keep none, see below).
                 buf.reserve(batch.bytes);
-                for packet in &batch.packets {
+                for outgoing in &batch.packets {
+                    let packet = match outgoing {
+                        Outgoing::Packet(packet) => packet,
+                        Outgoing::Shared { bytes, packet_id } => {
+                            let start = buf.len();
+                            buf.extend_from_slice(bytes);
+                            if let Some((at, id)) = packet_id {
+                                buf[start + at..start + at + 2].copy_from_slice(&id.to_be_bytes());
+                            }
+                            debug!(packet = "PUBLISH", "sent");
+                            continue;
+                        }
+                    };
                     let start = buf.len();
                     match encode(packet, version, &mut buf) {
                         Ok(()) => debug!(packet = packet_name(packet), "sent"),
@@ -631,7 +645,7 @@ mod tests {
 
         // The broker answers and closes: the client reads the reply, then EOF.
         let batch = Batch {
-            packets: vec![Packet::PingResp],
+            packets: vec![Packet::PingResp.into()],
             bytes: encoded_len_of(&Packet::PingResp),
             close: true,
         };
