@@ -693,11 +693,18 @@ impl RawClient {
         );
     }
 
-    /// Clean MQTT DISCONNECT (normal) and close.
+    /// Clean MQTT DISCONNECT (normal) and close. Returns once the server has closed the
+    /// connection, so the broker has processed the DISCONNECT before the test goes on (a
+    /// publish from another connection could otherwise overtake it).
     pub async fn disconnect(mut self) {
         self.send(&Packet::Disconnect(halyard_codec::Disconnect::default()))
             .await;
         let _ = self.stream.shutdown().await;
+        let mut scratch = [0u8; 1024];
+        let _ = tokio::time::timeout(TIMEOUT, async {
+            while matches!(self.stream.read(&mut scratch).await, Ok(n) if n > 0) {}
+        })
+        .await;
     }
 
     /// Drop the TCP connection without DISCONNECT (abnormal close: wills fire).
