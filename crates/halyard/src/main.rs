@@ -133,7 +133,10 @@ fn run_client<T>(future: impl Future<Output = Result<T>>) -> Result<T> {
 
 /// `halyard check-config FILE`.
 fn check_config(file: &Path) -> Result<()> {
-    load_config(Some(file))?;
+    let config = load_config(Some(file))?;
+    // The password and ACL files are part of the configuration: a bad line there must fail
+    // the check as it would fail `serve`.
+    security_config::Prepared::load(&config)?;
     println!("ok");
     Ok(())
 }

@@ -78,6 +78,29 @@ async fn check_config_rejects_unknown_key() {
     assert!(stderr.contains("line 2"), "{stderr}");
 }
 
+/// `check-config` also reads the ACL file the config names, and a bad line there fails the
+/// check, naming the file's line.
+#[tokio::test]
+async fn check_config_rejects_a_bad_acl_file() {
+    let acl = unique_temp_path("acl", "txt");
+    std::fs::write(
+        &acl,
+        "topic readwrite #
+topic sometimes x
+",
+    )
+    .expect("write acl");
+    let path = write_temp_config(&format!(
+        "[auth]\nacl_file = {:?}\n",
+        acl.display().to_string()
+    ));
+    let (status, _, stderr) = run_halyard(&["check-config", path.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(&acl);
+    assert!(!status.success(), "a bad ACL passed the check");
+    assert!(stderr.contains("line 2"), "{stderr}");
+}
+
 /// A missing config file is an error, not a silent default.
 #[tokio::test]
 async fn missing_config_file_fails() {
