@@ -73,13 +73,14 @@ pub enum SecurityError {
         message: String,
     },
     /// The ACL file has an error.
-    #[error("ACL file {path}, {source}")]
+    // The parse error is part of the message rather than a `source`, so that logs printing
+    // only the top error still show the line, and `{:#}` chains do not repeat it.
+    #[error("ACL file {path}, {error}")]
     Acl {
         /// The file.
         path: PathBuf,
         /// The parse error (with its line).
-        #[source]
-        source: halyard_core::AclError,
+        error: halyard_core::AclError,
     },
     /// A TLS certificate, key or CA file is unusable.
     #[error("TLS: {0}")]
@@ -381,7 +382,7 @@ impl Security {
             Some(path) => {
                 let acl = Acl::parse(&read(path)?).map_err(|source| SecurityError::Acl {
                     path: path.clone(),
-                    source,
+                    error: source,
                 })?;
                 info!(path = %path.display(), rules = acl.rule_count(), "ACL file loaded");
                 Some(Arc::new(acl))
@@ -409,7 +410,7 @@ impl Security {
             let parsed = read(path).and_then(|text| {
                 Acl::parse(&text).map_err(|source| SecurityError::Acl {
                     path: path.clone(),
-                    source,
+                    error: source,
                 })
             });
             match parsed {
