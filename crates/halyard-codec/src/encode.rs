@@ -63,13 +63,10 @@ pub fn encoded_len(packet: &Packet, version: ProtocolVersion) -> usize {
     }
 }
 
-/// Where the packet identifier sits in an encoded QoS 1/2 PUBLISH (`None` for any other
-/// packet, a QoS 0 PUBLISH, or bytes too short to hold one). Fan-out encodes a message once
-/// and gives every subscriber a copy with only these two bytes changed; the offset is the
-/// same for MQTT 3.x and 5 because the identifier directly follows the topic.
-pub fn publish_packet_id_offset(encoded: &[u8]) -> Option<usize> {
-    let first = *encoded.first()?;
-    if first >> 4 != PUBLISH || (first >> 1) & 0b11 == 0 {
+/// Where the topic name sits in an encoded PUBLISH (`None` for any other packet or bytes too
+/// short to hold it).
+fn publish_topic_span(encoded: &[u8]) -> Option<std::ops::Range<usize>> {
+    if *encoded.first()? >> 4 != PUBLISH {
         return None;
     }
     let length_bytes = encoded
@@ -78,9 +75,27 @@ pub fn publish_packet_id_offset(encoded: &[u8]) -> Option<usize> {
         .take(4)
         .position(|byte| byte & 0x80 == 0)?
         + 1;
-    let topic_at = 1 + length_bytes;
-    let topic_len = u16::from_be_bytes([*encoded.get(topic_at)?, *encoded.get(topic_at + 1)?]);
-    let offset = topic_at + 2 + usize::from(topic_len);
+    let topic_at = 1 + length_bytes + 2;
+    let topic_len = u16::from_be_bytes([*encoded.get(topic_at - 2)?, *encoded.get(topic_at - 1)?]);
+    let span = topic_at..topic_at + usize::from(topic_len);
+    (encoded.len() >= span.end).then_some(span)
+}
+
+/// The topic name of an encoded PUBLISH, as bytes. Fan-out uses it to tell whether an
+/// encoding it already holds is the one a delivery needs.
+pub fn encoded_publish_topic(encoded: &[u8]) -> Option<&[u8]> {
+    encoded.get(publish_topic_span(encoded)?)
+}
+
+/// Where the packet identifier sits in an encoded QoS 1/2 PUBLISH (`None` for any other
+/// packet, a QoS 0 PUBLISH, or bytes too short to hold one). Fan-out encodes a message once
+/// and gives every subscriber a copy with only these two bytes changed; the offset is the
+/// same for MQTT 3.x and 5 because the identifier directly follows the topic.
+pub fn publish_packet_id_offset(encoded: &[u8]) -> Option<usize> {
+    if (*encoded.first()? >> 1) & 0b11 == 0 {
+        return None;
+    }
+    let offset = publish_topic_span(encoded)?.end;
     (encoded.len() >= offset + 2).then_some(offset)
 }
 
@@ -454,6 +469,8 @@ mod tests {
             ..Publish::default()
         });
         assert_eq!(publish_packet_id_offset(&enc(&qos0, V3_1_1)), None);
+        assert_eq!(encoded_publish_topic(&enc(&qos0, V3_1_1)), Some(&b"t"[..]));
+        assert_eq!(encoded_publish_topic(&enc(&Packet::PingReq, V3_1_1)), None);
         assert_eq!(
             publish_packet_id_offset(&enc(&Packet::PingReq, V3_1_1)),
             None

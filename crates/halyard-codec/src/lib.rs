@@ -18,6 +18,6 @@ pub mod topic;
 mod wire;
 
 pub use decode::{decode, DecodeContext};
-pub use encode::{encode, encoded_len, publish_packet_id_offset};
+pub use encode::{encode, encoded_len, encoded_publish_topic, publish_packet_id_offset};
 pub use error::{DecodeError, EncodeError};
 pub use packet::*;

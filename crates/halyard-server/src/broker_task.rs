@@ -8,8 +8,8 @@ use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use halyard_codec::{
-    encode, encoded_len, publish_packet_id_offset, DecodeError, Packet, Properties,
-    ProtocolVersion, Publish, QoS,
+    encode, encoded_len, encoded_publish_topic, publish_packet_id_offset, DecodeError, Packet,
+    Properties, ProtocolVersion, QoS,
 };
 use halyard_core::store::StoreError;
 use halyard_core::{Broker, ConnectionId, Output};
@@ -567,6 +567,8 @@ struct SharedPublish {
     bytes: Bytes,
     /// Offset of the packet id in `bytes` (QoS 1/2).
     packet_id_at: Option<usize>,
+    /// The flags the encoding was made with; a delivery with other flags needs its own.
+    flags: (bool, QoS, bool),
 }
 
 /// Whether two PUBLISH packets carry the very same payload bytes (not merely equal ones):
@@ -592,7 +594,9 @@ fn share(
     }
     let slot = &mut cache[usize::from(version.is_v5())];
     let matches = slot.as_ref().is_some_and(|cached| {
-        same_payload(&cached.payload, &publish.payload) && same_form(&cached.bytes, publish)
+        same_payload(&cached.payload, &publish.payload)
+            && cached.flags == (publish.dup, publish.qos, publish.retain)
+            && encoded_publish_topic(&cached.bytes) == Some(publish.topic.as_bytes())
     });
     if !matches {
         if !fan_out {
@@ -604,6 +608,7 @@ fn share(
         *slot = Some(SharedPublish {
             payload: publish.payload.clone(),
             packet_id_at: publish_packet_id_offset(&bytes),
+            flags: (publish.dup, publish.qos, publish.retain),
             bytes,
         });
     }
@@ -614,22 +619,6 @@ fn share(
     })
 }
 
-/// Whether `encoded` (a PUBLISH with the same payload) has the flags and topic of
-/// `publish`, so it differs at most in the packet id.
-fn same_form(encoded: &[u8], publish: &Publish) -> bool {
-    let flags = u8::from(publish.dup) << 3 | (publish.qos as u8) << 1 | u8::from(publish.retain);
-    if encoded.first() != Some(&(0x30 | flags)) {
-        return false;
-    }
-    let Some(length_bytes) = encoded.iter().skip(1).take(4).position(|b| b & 0x80 == 0) else {
-        return false;
-    };
-    let topic_at = 2 + length_bytes + 2;
-    encoded.get(topic_at..topic_at + publish.topic.len()) == Some(publish.topic.as_bytes())
-        && encoded.get(topic_at - 2..topic_at)
-            == Some(&(publish.topic.len() as u16).to_be_bytes()[..])
-}
-
 fn is_qos0_publish(packet: &Packet) -> bool {
     matches!(packet, Packet::Publish(publish) if publish.qos == QoS::AtMostOnce)
 }
@@ -637,7 +626,7 @@ fn is_qos0_publish(packet: &Packet) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use halyard_codec::QoS;
+    use halyard_codec::{Publish, QoS};
 
     /// What the writer would put on the wire for `batch`, decoded back into packets.
     fn packets_of(batch: &Batch) -> Vec<Packet> {
