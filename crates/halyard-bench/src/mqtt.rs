@@ -75,7 +75,25 @@ impl Conn {
     ) -> Result<Conn> {
         tokio::time::timeout(
             timeout,
-            Conn::connect_inner(addr, version, client_id, keep_alive),
+            Conn::connect_inner(addr, version, client_id, keep_alive, true),
+        )
+        .await
+        .map_err(|_| anyhow!("no CONNACK within {timeout:?}"))?
+        .map(|(conn, _)| conn)
+    }
+
+    /// Like [`Conn::connect`] with keep-alive off, but with clean start 0 when `clean` is
+    /// false, resuming a persistent session; also returns CONNACK's session-present flag.
+    pub async fn open_session(
+        addr: SocketAddr,
+        version: ProtocolVersion,
+        client_id: &str,
+        clean: bool,
+        timeout: Duration,
+    ) -> Result<(Conn, bool)> {
+        tokio::time::timeout(
+            timeout,
+            Conn::connect_inner(addr, version, client_id, 0, clean),
         )
         .await
         .map_err(|_| anyhow!("no CONNACK within {timeout:?}"))?
@@ -86,7 +104,8 @@ impl Conn {
         version: ProtocolVersion,
         client_id: &str,
         keep_alive: u16,
-    ) -> Result<Conn> {
+        clean: bool,
+    ) -> Result<(Conn, bool)> {
         let stream = TcpStream::connect(addr)
             .await
             .with_context(|| format!("TCP connect to {addr}"))?;
@@ -99,7 +118,7 @@ impl Conn {
         };
         let connect = Packet::Connect(Box::new(Connect {
             protocol: version,
-            clean_start: true,
+            clean_start: clean,
             keep_alive,
             client_id: client_id.to_owned(),
             will: None,
@@ -110,16 +129,17 @@ impl Conn {
         let mut out = BytesMut::with_capacity(64);
         encode_into(&connect, version, &mut out)?;
         conn.stream.write_all(&out).await?;
-        match conn.read_packet().await? {
+        let session_present = match conn.read_packet().await? {
             Packet::ConnAck(ack) => {
                 if ack.code.0 != 0 {
                     bail!("CONNACK refused with code {:#04x}", ack.code.0);
                 }
                 conn.server_receive_maximum = ack.properties.receive_maximum;
+                ack.session_present
             }
             other => bail!("expected CONNACK, got {other:?}"),
-        }
-        Ok(conn)
+        };
+        Ok((conn, session_present))
     }
 
     /// Reads until one whole packet is decoded (used during set-up only).

@@ -13,15 +13,12 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use bytes::{Bytes, BytesMut};
 use clap::{Parser, ValueEnum};
-use halyard_codec::{
-    decode, encode, Connect, DecodeContext, Packet, Properties, ProtocolVersion, PubResponse,
-    Publish, QoS, Subscribe, Subscription, SubscriptionOptions,
-};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use halyard_bench::mqtt::{encode_into, Conn};
+use halyard_codec::{Packet, Properties, ProtocolVersion, PubResponse, Publish, QoS};
+use tokio::io::AsyncWriteExt;
 
 /// Durable-state workloads: fill and drain a persistent session's queue, fill and stream
 /// retained messages.
@@ -61,87 +58,56 @@ enum Step {
     Retained,
 }
 
-/// A raw MQTT 3.1.1 connection.
+/// A persistent-session-capable MQTT 3.1.1 connection with a write buffer, so a window of
+/// publishes or acknowledgements goes out in one write.
 struct Client {
-    stream: TcpStream,
-    inbuf: BytesMut,
+    conn: Conn,
     outbuf: BytesMut,
 }
+
+/// Set-up steps (CONNACK, SUBACK) must not hang a benchmark run.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Client {
     async fn connect(port: u16, client_id: &str, clean: bool) -> Result<(Client, bool)> {
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let stream = TcpStream::connect(addr).await.context("connect")?;
-        stream.set_nodelay(true)?;
-        let mut client = Client {
-            stream,
-            inbuf: BytesMut::with_capacity(64 * 1024),
+        let (conn, present) = Conn::open_session(
+            addr,
+            ProtocolVersion::V3_1_1,
+            client_id,
+            clean,
+            SETUP_TIMEOUT,
+        )
+        .await?;
+        let client = Client {
+            conn,
             outbuf: BytesMut::with_capacity(64 * 1024),
         };
-        client.queue(&Packet::Connect(Box::new(Connect {
-            protocol: ProtocolVersion::V3_1_1,
-            clean_start: clean,
-            keep_alive: 0,
-            client_id: client_id.to_owned(),
-            will: None,
-            username: None,
-            password: None,
-            properties: Properties::default(),
-        })))?;
-        client.flush().await?;
-        match client.read().await? {
-            Packet::ConnAck(ack) if ack.code.0 == 0 => Ok((client, ack.session_present)),
-            other => bail!("connect refused: {other:?}"),
-        }
+        Ok((client, present))
     }
 
     fn queue(&mut self, packet: &Packet) -> Result<()> {
-        encode(packet, ProtocolVersion::V3_1_1, &mut self.outbuf).map_err(|e| anyhow!("{e}"))
+        encode_into(packet, ProtocolVersion::V3_1_1, &mut self.outbuf)
     }
 
     async fn flush(&mut self) -> Result<()> {
-        self.stream.write_all(&self.outbuf).await?;
+        self.conn.stream.write_all(&self.outbuf).await?;
         self.outbuf.clear();
         Ok(())
     }
 
     async fn read(&mut self) -> Result<Packet> {
-        let ctx = DecodeContext {
-            version: Some(ProtocolVersion::V3_1_1),
-            max_packet_size: u32::MAX,
-        };
-        loop {
-            if let Some(packet) = decode(&mut self.inbuf, &ctx).map_err(|e| anyhow!("{e}"))? {
-                return Ok(packet);
-            }
-            if self.stream.read_buf(&mut self.inbuf).await? == 0 {
-                bail!("connection closed by the broker");
-            }
-        }
+        self.conn.read_packet().await
     }
 
     async fn subscribe(&mut self, filter: &str) -> Result<()> {
-        self.queue(&Packet::Subscribe(Subscribe {
-            packet_id: 1,
-            subscriptions: vec![Subscription {
-                filter: filter.to_owned(),
-                options: SubscriptionOptions {
-                    qos: QoS::AtLeastOnce,
-                    ..Default::default()
-                },
-            }],
-            properties: Properties::default(),
-        }))?;
-        self.flush().await?;
-        match self.read().await? {
-            Packet::SubAck(ack) if ack.reasons.iter().all(|r| r.0 <= 2) => Ok(()),
-            other => bail!("subscribe refused: {other:?}"),
-        }
+        self.conn
+            .subscribe(filter, QoS::AtLeastOnce, SETUP_TIMEOUT)
+            .await
     }
 
-    async fn disconnect(mut self) -> Result<()> {
-        self.queue(&Packet::Disconnect(Default::default()))?;
-        self.flush().await
+    async fn disconnect(self) {
+        self.conn.disconnect().await;
     }
 
     /// Publishes `count` QoS 1 messages (topic chosen per index) with a window of
@@ -193,7 +159,7 @@ impl Client {
                         ..Default::default()
                     }))?;
                 }
-                if self.inbuf.is_empty() {
+                if self.conn.inbuf.is_empty() {
                     self.flush().await?;
                 }
             }
@@ -212,7 +178,7 @@ async fn main() -> Result<()> {
             let (subscriber, _) = Client::connect(cli.port, &cli.subscriber, false).await?;
             let mut subscriber = subscriber;
             subscriber.subscribe("durability/queue").await?;
-            subscriber.disconnect().await?;
+            subscriber.disconnect().await;
             let (mut publisher, _) = Client::connect(cli.port, "durability-pub", true).await?;
             let started = Instant::now();
             publisher
