@@ -236,19 +236,6 @@ async fn publish_acked(client: &mut RawClient, topic: &str, count: u16) {
     }
 }
 
-/// Creates the persistent session `id` subscribed to `topic` at QoS 1, then goes offline.
-async fn offline_subscriber(broker: &Broker, connect: halyard_codec::Connect, topic: &str) {
-    let (mut client, _) = RawClient::handshake(broker.addr(), connect).await;
-    client
-        .send(&Packet::Subscribe(subscribe_packet(
-            1,
-            &[(topic, QoS::AtLeastOnce)],
-        )))
-        .await;
-    assert!(matches!(client.recv().await, Packet::SubAck(_)));
-    client.send(&Packet::Disconnect(Default::default())).await;
-}
-
 #[tokio::test]
 async fn sigterm_keeps_everything_even_without_fsync() {
     // A clean shutdown makes every commit durable, whatever the fsync policy.
@@ -256,7 +243,7 @@ async fn sigterm_keeps_everything_even_without_fsync() {
     let config = "[storage]\nfsync = \"never\"\n";
     let mut broker = Broker::start_durable(&data_dir, config);
     let sub = connect_packet(ProtocolVersion::V3_1_1, "term-sub", false);
-    offline_subscriber(&broker, sub.clone(), "term/t").await;
+    offline_subscriber(broker.addr(), sub.clone(), "term/t").await;
     let mut publisher = RawClient::connect_v311(broker.addr(), "term-pub", true).await;
     publish_acked(&mut publisher, "term/t", 20).await;
     broker.sigterm();
@@ -290,8 +277,8 @@ async fn session_expiry_holds_across_a_restart() {
     short.properties.session_expiry_interval = Some(1);
     let mut long = connect_packet(ProtocolVersion::V5, "long-lived", false);
     long.properties.session_expiry_interval = Some(600);
-    offline_subscriber(&broker, short.clone(), "x").await;
-    offline_subscriber(&broker, long.clone(), "x").await;
+    offline_subscriber(broker.addr(), short.clone(), "x").await;
+    offline_subscriber(broker.addr(), long.clone(), "x").await;
     broker.kill9();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let broker = Broker::start_durable(&data_dir, "");

@@ -129,9 +129,7 @@ async fn server_sends_no_topic_alias_without_client_maximum() {
 async fn offline_subscriber(broker: &Broker, id: &str, filter: &str) -> halyard_codec::Connect {
     let mut conn = connect_packet(V5, id, false);
     conn.properties.session_expiry_interval = Some(60);
-    let (mut c, _) = RawClient::handshake(broker.addr(), conn.clone()).await;
-    c.subscribe(1, &[(filter, QoS::AtLeastOnce)]).await;
-    c.disconnect().await;
+    common::offline_subscriber(broker.addr(), conn.clone(), filter).await;
     conn
 }
 

@@ -368,6 +368,15 @@ pub enum RecvError {
     Decode(String),
 }
 
+/// Opens the session of `connect`, subscribes it to `filter` at QoS 1 and disconnects it
+/// cleanly, leaving a persistent session (given a session expiry or clean session 0) that
+/// queues what is published to `filter`.
+pub async fn offline_subscriber(addr: SocketAddr, connect: Connect, filter: &str) {
+    let (mut client, _) = RawClient::handshake(addr, connect).await;
+    client.subscribe(1, &[(filter, QoS::AtLeastOnce)]).await;
+    client.disconnect().await;
+}
+
 /// A client that speaks raw MQTT packets, for byte-exact conformance checks.
 pub struct RawClient {
     stream: TcpStream,
