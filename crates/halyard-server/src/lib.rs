@@ -32,16 +32,15 @@ pub use transport::{
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use halyard_core::store::StoreError;
 use halyard_core::{Broker, BrokerConfig, ConnectionId};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinSet;
-use tracing::{debug, error, info, info_span, warn, Instrument};
+use tokio::sync::{mpsc, oneshot, Notify};
+use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::connection::ConnectionSettings;
 
@@ -198,40 +197,36 @@ impl Server {
             .instrument(info_span!("broker")),
         );
 
-        let (accepted_tx, mut accepted_rx) = mpsc::channel(64);
-        let extra_listeners = transports.take_bound();
-        let acceptors: Vec<_> = listeners
-            .into_iter()
-            .map(|(listener, local)| (listener, transports.plain(local)))
-            .chain(extra_listeners)
-            .map(|(listener, ctx)| tokio::spawn(accept_loop(listener, ctx, accepted_tx.clone())))
-            .collect();
-        drop(accepted_tx);
-        let ready = Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let http_task =
-            http::HttpTask::new(&mut ops, event_tx.clone(), mqtt_addrs, Arc::clone(&ready))
-                .map(|task| tokio::spawn(task.run().instrument(info_span!("http"))));
-
         let settings = Arc::new(ConnectionSettings {
             connect_timeout: config.connect_timeout,
             max_packet_size: config.broker.max_packet_size,
             security: Arc::clone(&transports.security),
         });
-        let mut connections = JoinSet::new();
+        let tracker = Arc::new(ConnectionTracker::default());
+        let extra_listeners = transports.take_bound();
+        let acceptors: Vec<_> = listeners
+            .into_iter()
+            .map(|(listener, local)| (listener, transports.plain(local)))
+            .chain(extra_listeners)
+            .map(|(listener, ctx)| {
+                tokio::spawn(accept_loop(
+                    listener,
+                    ctx,
+                    Arc::clone(&settings),
+                    event_tx.clone(),
+                    Arc::clone(&tracker),
+                ))
+            })
+            .collect();
+        let ready = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let http_task =
+            http::HttpTask::new(&mut ops, event_tx.clone(), mqtt_addrs, Arc::clone(&ready))
+                .map(|task| tokio::spawn(task.run().instrument(info_span!("http"))));
+
         tokio::pin!(shutdown);
-        let broker_failure = loop {
-            tokio::select! {
-                () = &mut shutdown => break None,
-                joined = &mut broker_task => break Some(broker_error(joined)),
-                Some((stream, peer, ctx)) = accepted_rx.recv() => {
-                    spawn_connection(&mut connections, stream, peer, ctx, &settings, &event_tx);
-                }
-                Some(joined) = connections.join_next(), if !connections.is_empty() => {
-                    if let Err(error) = joined {
-                        error!(%error, "connection task failed");
-                    }
-                }
-            }
+        let broker_failure = tokio::select! {
+            () = &mut shutdown => None,
+            joined = &mut broker_task => Some(broker_error(joined)),
         };
         ready.store(false, Ordering::Release);
         if let Some(task) = &http_task {
@@ -241,7 +236,7 @@ impl Server {
             acceptor.abort();
         }
         if let Some(error) = broker_failure {
-            connections.shutdown().await;
+            // Without the broker task every connection's writer ends, and its task with it.
             return Err(error);
         }
 
@@ -250,16 +245,13 @@ impl Server {
         // join below reports.
         let _ = stop_tx.send(());
         drop(event_tx);
-        let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
-            while connections.join_next().await.is_some() {}
-        })
-        .await;
+        let drained = tokio::time::timeout(SHUTDOWN_GRACE, tracker.closed()).await;
         if drained.is_err() {
+            // They end when the runtime does; the broker has already said goodbye to them.
             warn!(
-                remaining = connections.len(),
-                "connections did not close in time; dropping them"
+                remaining = tracker.live(),
+                "connections did not close in time; leaving them to the runtime"
             );
-            connections.shutdown().await;
         }
         match broker_task.await {
             Ok(Ok(())) => {
@@ -281,29 +273,72 @@ fn broker_error(joined: Result<Result<(), StoreError>, tokio::task::JoinError>) 
     }
 }
 
-/// Accepts sockets on one listener and hands them to [`Server::run`], which owns the set of
-/// connection tasks (so that shutdown can wait for all of them).
+/// Accepts sockets on one listener and starts each connection's task right here: on the
+/// accepting worker, without a hop through another task (each hop was a cross-thread wake-up
+/// per connect).
 async fn accept_loop(
     listener: TcpListener,
     ctx: Arc<transport::ListenerCtx>,
-    accepted: mpsc::Sender<(TcpStream, SocketAddr, Arc<transport::ListenerCtx>)>,
+    settings: Arc<ConnectionSettings>,
+    events: mpsc::Sender<broker_task::Event>,
+    tracker: Arc<ConnectionTracker>,
 ) {
     let local = ctx.local();
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                if accepted
-                    .send((stream, peer, Arc::clone(&ctx)))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
+                spawn_connection(stream, peer, Arc::clone(&ctx), &settings, &events, &tracker);
             }
             Err(error) => {
                 warn!(%local, %error, "accept failed");
                 tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
             }
+        }
+    }
+}
+
+/// Counts live connection tasks, so that shutdown can wait for them to flush and close. A
+/// counter rather than a `JoinSet`: a set entry per connection cost 64 bytes (memory per idle
+/// connection is a budget), the counter's guard costs 8.
+#[derive(Debug, Default)]
+struct ConnectionTracker {
+    live: AtomicUsize,
+    all_closed: Notify,
+}
+
+impl ConnectionTracker {
+    /// Counts one more connection until the returned guard is dropped.
+    fn track(self: &Arc<Self>) -> TrackedConnection {
+        self.live.fetch_add(1, Ordering::AcqRel);
+        TrackedConnection(Arc::clone(self))
+    }
+
+    /// Connections still open.
+    fn live(&self) -> usize {
+        self.live.load(Ordering::Acquire)
+    }
+
+    /// Completes once no connection is open.
+    async fn closed(&self) {
+        loop {
+            let notified = self.all_closed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.live() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Held by a connection task for its whole life; see [`ConnectionTracker`].
+struct TrackedConnection(Arc<ConnectionTracker>);
+
+impl Drop for TrackedConnection {
+    fn drop(&mut self) {
+        if self.0.live.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.all_closed.notify_waiters();
         }
     }
 }
@@ -314,12 +349,12 @@ static NEXT_CONNECTION_ID: AtomicU64 = AtomicU64::new(1);
 
 /// Starts the task of one accepted socket inside its own tracing span.
 fn spawn_connection(
-    connections: &mut JoinSet<()>,
     stream: TcpStream,
     peer: SocketAddr,
     ctx: Arc<transport::ListenerCtx>,
     settings: &Arc<ConnectionSettings>,
     events: &mpsc::Sender<broker_task::Event>,
+    tracker: &Arc<ConnectionTracker>,
 ) {
     let conn: ConnectionId = NEXT_CONNECTION_ID.fetch_add(1, Ordering::Relaxed);
     let span = info_span!("conn", id = conn, remote = %peer, client_id = tracing::field::Empty);
@@ -339,9 +374,12 @@ fn spawn_connection(
     );
     // A disabled span (the usual case: it is info level, and per-connection events log at
     // debug) is not attached: `Instrumented` would add 40 bytes to every connection's task.
+    let tracked = tracker.track();
+    // `map`, not an `async` block: a block would keep `task` twice (captured and awaited).
+    let task = futures_util::FutureExt::map(task, move |()| drop(tracked));
     if span.is_disabled() {
-        connections.spawn(task);
+        tokio::spawn(task);
     } else {
-        connections.spawn(task.instrument(span.clone()));
+        tokio::spawn(task.instrument(span.clone()));
     }
 }

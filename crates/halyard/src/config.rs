@@ -72,6 +72,9 @@ pub struct FileConfig {
     pub storage: StorageConfig,
     /// Seconds between `$SYS/broker/...` publications; 0 turns `$SYS` off.
     pub sys_interval: u64,
+    /// Tokio worker threads; 0 (the default) means one fewer than the CPUs, at least one
+    /// (see [`FileConfig::effective_worker_threads`]).
+    pub worker_threads: usize,
     /// The `[http]` table: metrics, probes, admin API and status page.
     pub http: HttpSection,
     /// The `[auth]` table: password file, ACL file, anonymous access.
@@ -176,6 +179,7 @@ impl Default for FileConfig {
             max_connection_rate_per_ip: 0,
             storage: StorageConfig::default(),
             sys_interval: 10,
+            worker_threads: 0,
             http: HttpSection::default(),
             auth: AuthSection::default(),
             listener: Vec::new(),
@@ -209,6 +213,7 @@ impl From<FileConfig> for ServerConfig {
             max_connection_rate_per_ip: _,
             storage: _,
             sys_interval: _,
+            worker_threads: _,
             http: _,
             auth: _,
             listener: _,
@@ -238,6 +243,20 @@ impl From<FileConfig> for ServerConfig {
 }
 
 impl FileConfig {
+    /// The worker threads to run: `worker_threads`, or when it is 0 one fewer than the
+    /// available CPUs (at least one). The broker core is one task, so extra workers only
+    /// parallelise socket I/O and codec work, and every extra worker adds cross-thread
+    /// wake-ups to each message's path (reader, broker task, writer): on the 2-CPU bench
+    /// machine one worker had the same throughput as two and half the median latency
+    /// (BENCHMARKS.md). The CPU left over serves the kernel's network stack, fsyncs (run on
+    /// the blocking pool) and the clients.
+    pub fn effective_worker_threads(&self, available_cpus: usize) -> usize {
+        match self.worker_threads {
+            0 => available_cpus.saturating_sub(1).max(1),
+            threads => threads,
+        }
+    }
+
     /// Loads the effective configuration: defaults, then `file` (its name, for messages, and
     /// its text) if given, then `HALYARD_*` variables from `env`; then validates it.
     pub fn load(
@@ -311,6 +330,7 @@ impl FileConfig {
             "allow_zero_length_client_id" => self.allow_zero_length_client_id = parse(value)?,
             "queue_full_policy" => self.queue_full_policy = parse(value)?,
             "sys_interval" => self.sys_interval = parse(value)?,
+            "worker_threads" => self.worker_threads = parse(value)?,
             "max_publish_rate" => self.max_publish_rate = parse(value)?,
             "max_subscriptions_per_client" => self.max_subscriptions_per_client = parse(value)?,
             "max_connections" => self.max_connections = parse(value)?,
@@ -658,6 +678,18 @@ mod tests {
         assert!(message.contains("at least 1"), "{message}");
         let message = error_of(FileConfig::load(None, env(&[("HALYARD_MAX_INFLGHT", "3")])));
         assert!(message.contains("HALYARD_MAX_INFLGHT"), "{message}");
+    }
+
+    #[test]
+    fn worker_threads_default_leaves_one_cpu_and_an_explicit_count_wins() {
+        let default = load("").expect("valid");
+        assert_eq!(default.effective_worker_threads(1), 1);
+        assert_eq!(default.effective_worker_threads(2), 1);
+        assert_eq!(default.effective_worker_threads(8), 7);
+        let explicit = load("worker_threads = 4\n").expect("valid");
+        assert_eq!(explicit.effective_worker_threads(2), 4);
+        let message = error_of(load("worker_threads = -1\n"));
+        assert!(message.contains("worker_threads"), "{message}");
     }
 
     #[test]

@@ -165,6 +165,8 @@ fn serve(args: ServeArgs) -> Result<()> {
     }
     let http = ops::http_settings(&file.http, args.http_listen, args.no_http)?;
     let sys_interval = Duration::from_secs(file.sys_interval);
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let worker_threads = file.effective_worker_threads(cpus);
     let effective_config = ops::redacted_config(&file);
     let security = security_config::Prepared::load(&file)?;
     let mut config = ServerConfig::from(file);
@@ -173,6 +175,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     }
     let broker = open_broker(&config, &storage)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(worker_threads)
         .enable_all()
         .build()
         .context("cannot start the tokio runtime")?;
