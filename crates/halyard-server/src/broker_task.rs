@@ -58,7 +58,38 @@ pub(crate) enum Event {
     },
     /// An operator request from the HTTP admin API, run on the broker between packets.
     Admin(AdminCall),
+    /// The connection's writer wrote everything queued up to a [`WrittenNotice`].
+    Written {
+        /// The connection.
+        conn: ConnectionId,
+    },
 }
+
+/// Asks a connection's writer to report [`Event::Written`] once it has written everything
+/// queued before it: the server's half of [`Output::NotifyWritten`], which paces retained
+/// messages streamed at QoS 0.
+#[derive(Debug, Clone)]
+pub(crate) struct WrittenNotice {
+    /// The connection to report.
+    pub(crate) conn: ConnectionId,
+    /// Where to report it.
+    pub(crate) events: mpsc::Sender<Event>,
+}
+
+impl WrittenNotice {
+    /// Reports the write; an error means the broker task is gone and nobody waits.
+    pub(crate) async fn send(self) {
+        let _ = self.events.send(Event::Written { conn: self.conn }).await;
+    }
+}
+
+impl PartialEq for WrittenNotice {
+    fn eq(&self, other: &WrittenNotice) -> bool {
+        self.conn == other.conn
+    }
+}
+
+impl Eq for WrittenNotice {}
 
 /// A query or action on the broker from the admin API; the closure sends its own reply
 /// (over a oneshot channel it captured), so each endpoint defines its answer's type.
@@ -80,6 +111,9 @@ pub(crate) struct TaskOps {
     pub(crate) metrics: Arc<Metrics>,
     /// Period of `$SYS/broker/...` publication; `None` = off.
     pub(crate) sys_interval: Option<std::time::Duration>,
+    /// The broker task's own event channel, for writers to report [`Event::Written`]; weak,
+    /// so the channel still closes when every connection and listener is gone.
+    pub(crate) written: Option<mpsc::WeakSender<Event>>,
 }
 
 /// State shared between a connection task and the dispatcher.
@@ -144,12 +178,15 @@ impl BatchSender {
     pub(crate) fn send(&self, batch: Batch) -> Result<(), Batch> {
         {
             let mut queued = self.0.outq.lock().unwrap_or_else(|e| e.into_inner());
-            if queued.packets.is_empty() && !queued.close && queued.bytes == 0 {
+            if queued.is_empty() {
                 *queued = batch;
             } else if !queued.close {
                 queued.packets.extend(batch.packets);
                 queued.bytes += batch.bytes;
                 queued.close = batch.close;
+                if batch.written.is_some() {
+                    queued.written = batch.written;
+                }
             }
         }
         self.0.ready.notify_one();
@@ -194,14 +231,17 @@ impl BatchReceiver {
 
     /// Whether nothing is queued right now.
     pub(crate) fn is_empty(&self) -> bool {
-        let queued = self.0.outq.lock().unwrap_or_else(|e| e.into_inner());
-        queued.packets.is_empty() && !queued.close && queued.bytes == 0
+        self.0
+            .outq
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
     }
 
     /// Everything queued so far, if anything is.
     pub(crate) fn try_recv(&mut self) -> Option<Batch> {
         let mut queued = self.0.outq.lock().unwrap_or_else(|e| e.into_inner());
-        if queued.packets.is_empty() && !queued.close && queued.bytes == 0 {
+        if queued.is_empty() {
             return None;
         }
         Some(std::mem::take(&mut *queued))
@@ -262,6 +302,17 @@ pub(crate) struct Batch {
     pub(crate) bytes: usize,
     /// Close the connection after writing the packets.
     pub(crate) close: bool,
+    /// Report to the broker task once the packets are written (retained streams only).
+    /// Boxed: the writer's future keeps it across its writes, and every connection's task
+    /// would be larger by its inline size.
+    pub(crate) written: Option<Box<WrittenNotice>>,
+}
+
+impl Batch {
+    /// Whether there is nothing to do: no packets, no close, no notice.
+    fn is_empty(&self) -> bool {
+        self.packets.is_empty() && !self.close && self.bytes == 0 && self.written.is_none()
+    }
 }
 
 /// Runs the broker until `stop` fires (or the server is dropped), then shuts it down and
@@ -278,6 +329,7 @@ pub(crate) async fn run(
 ) -> Result<(), StoreError> {
     let mut dispatcher = Dispatcher::new(max_outbound_buffer);
     dispatcher.metrics = Arc::clone(&ops.metrics);
+    dispatcher.written = ops.written;
     let mut sys = ops
         .sys_interval
         .map(|interval| SysTopics::new(interval, Instant::now()));
@@ -388,6 +440,8 @@ struct Dispatcher {
     metrics: Arc<Metrics>,
     /// The PUBLISH encoding being shared in the current drain, per MQTT 3.x / 5.
     shared_publish: [Option<SharedPublish>; 2],
+    /// See [`TaskOps::written`].
+    written: Option<mpsc::WeakSender<Event>>,
 }
 
 /// One connection's link and its slow-consumer bookkeeping.
@@ -415,6 +469,7 @@ impl Dispatcher {
             dropped_qos0: 0,
             metrics: Arc::default(),
             shared_publish: [None, None],
+            written: None,
         }
     }
 
@@ -454,6 +509,11 @@ impl Dispatcher {
                 }
             }
             Event::Admin(AdminCall(call)) => call(broker, now),
+            Event::Written { conn } => {
+                if self.links.contains_key(&conn) {
+                    broker.handle_written(now, conn);
+                }
+            }
         }
         false
     }
@@ -494,6 +554,13 @@ impl Dispatcher {
                 Output::Resume { conn } => {
                     if let Some(state) = self.links.get(&conn) {
                         state.link.shared.set_paused(false);
+                    }
+                }
+                Output::NotifyWritten { conn } => {
+                    let events = self.written.as_ref().and_then(mpsc::WeakSender::upgrade);
+                    if let (Some(events), true) = (events, self.links.contains_key(&conn)) {
+                        self.pending.entry(conn).or_default().written =
+                            Some(Box::new(WrittenNotice { conn, events }));
                     }
                 }
             }

@@ -225,6 +225,7 @@ fn refuse(
             packets: vec![ack.into()],
             bytes: 0,
             close: true,
+            written: None,
         });
     }
     None
@@ -468,9 +469,13 @@ fn write_side<'a, W: AsyncWrite + Unpin + 'a>(
             let version = shared.version();
             let mut accounted = 0;
             let mut close = false;
+            let mut written = None;
             let mut next = Some(first);
-            while let Some(batch) = next {
+            while let Some(mut batch) = next {
                 accounted += batch.bytes;
+                if batch.written.is_some() {
+                    written = batch.written.take();
+                }
                 // `bytes` is the batch's encoded size: one allocation instead of doubling a
                 // buffer that starts empty (idle connections keep none, see below).
                 buf.reserve(batch.bytes);
@@ -513,6 +518,10 @@ fn write_side<'a, W: AsyncWrite + Unpin + 'a>(
                 .fetch_sub(accounted, std::sync::atomic::Ordering::Relaxed);
             if close {
                 break;
+            }
+            if let Some(notice) = written {
+                // Boxed: a channel send future inline would size every connection's task.
+                Box::pin(notice.send()).await;
             }
             // Nothing waiting: an idle connection keeps no write buffer.
             if buf.capacity() > MAX_RETAINED_BUFFER || rx.is_empty() {
@@ -648,6 +657,7 @@ mod tests {
             packets: vec![Packet::PingResp.into()],
             bytes: encoded_len_of(&Packet::PingResp),
             close: true,
+            written: None,
         };
         link.shared
             .queued_bytes
