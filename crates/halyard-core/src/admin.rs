@@ -202,7 +202,9 @@ impl Broker {
     ) -> Page<RetainedInfo> {
         let mut items = Vec::new();
         let mut total = 0;
-        if !topic::is_valid_topic_filter(filter) || topic::parse_shared_subscription(filter).is_some() {
+        if !topic::is_valid_topic_filter(filter)
+            || topic::parse_shared_subscription(filter).is_some()
+        {
             return Page { total, items };
         }
         let wanted = offset.saturating_add(limit);

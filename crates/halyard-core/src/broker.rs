@@ -59,10 +59,11 @@ pub enum Output {
         /// Connection to read from again.
         conn: ConnectionId,
     },
-    /// Call [`Broker::handle_written`] for this connection once everything sent to it so
-    /// far has been written to its socket. Retained messages streamed at QoS 0 have no
-    /// acknowledgement to pace them, so their next page waits for the network to take the
-    /// last one; only retained streams ask for this, never ordinary messages.
+    /// Call [`Broker::handle_written`] for this connection once the network has taken
+    /// what was sent to it so far (the server reports when its writer takes these packets,
+    /// which it does only after writing the ones before). Retained messages streamed at
+    /// QoS 0 have no acknowledgement to pace them, so their next page waits for this; only
+    /// retained streams ask for it, never ordinary messages.
     NotifyWritten {
         /// Connection whose writer should report.
         conn: ConnectionId,

@@ -176,8 +176,7 @@ pub trait RetainedStore: Send {
     fn remove(&mut self, topic: &str) -> bool;
     /// Up to `limit` messages matching `filter` after the cursor `after` (see
     /// [`RetainedPage::next`]), visiting at most [`RETAINED_SCAN_BUDGET`] rows.
-    fn read(&self, filter: &str, after: Option<&str>, limit: usize)
-        -> RetainedPage<Arc<Message>>;
+    fn read(&self, filter: &str, after: Option<&str>, limit: usize) -> RetainedPage<Arc<Message>>;
     /// Number of retained messages held.
     fn len(&self) -> usize;
     /// True when nothing is retained.
@@ -208,12 +207,7 @@ impl RetainedStore for MemoryRetained {
         self.messages.remove(&retained_key(topic)).is_some()
     }
 
-    fn read(
-        &self,
-        filter: &str,
-        after: Option<&str>,
-        limit: usize,
-    ) -> RetainedPage<Arc<Message>> {
+    fn read(&self, filter: &str, after: Option<&str>, limit: usize) -> RetainedPage<Arc<Message>> {
         let page = read_page(&self.messages, filter, after, limit);
         RetainedPage {
             messages: page.messages.into_iter().cloned().collect(),
@@ -265,7 +259,16 @@ mod tests {
     #[test]
     fn wildcard_filters_find_retained_messages_in_level_order() {
         let mut store = MemoryRetained::new();
-        for topic in ["a", "a/b", "a/b/c", "ab", "x/b", "$SYS/uptime", "/lead", "a!/b"] {
+        for topic in [
+            "a",
+            "a/b",
+            "a/b/c",
+            "ab",
+            "x/b",
+            "$SYS/uptime",
+            "/lead",
+            "a!/b",
+        ] {
             store.set(message(topic));
         }
         assert_eq!(store.len(), 8);

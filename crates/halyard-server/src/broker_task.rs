@@ -65,9 +65,9 @@ pub(crate) enum Event {
     },
 }
 
-/// Asks a connection's writer to report [`Event::Written`] once it has written everything
-/// queued before it: the server's half of [`Output::NotifyWritten`], which paces retained
-/// messages streamed at QoS 0.
+/// Asks a connection's writer to report [`Event::Written`] when it takes the batch carrying
+/// it, that is once everything queued before has been written: the server's half of
+/// [`Output::NotifyWritten`], which paces retained messages streamed at QoS 0.
 #[derive(Debug, Clone)]
 pub(crate) struct WrittenNotice {
     /// The connection to report.
@@ -184,9 +184,6 @@ impl BatchSender {
                 queued.packets.extend(batch.packets);
                 queued.bytes += batch.bytes;
                 queued.close = batch.close;
-                if batch.written.is_some() {
-                    queued.written = batch.written;
-                }
             }
         }
         self.0.ready.notify_one();
@@ -276,6 +273,10 @@ pub(crate) struct Link {
 pub(crate) enum Outgoing {
     /// Encoded by the connection's writer.
     Packet(Packet),
+    /// Not a packet: the writer reports [`Event::Written`] when it reaches this. Boxed, and
+    /// in the packet list rather than a field of [`Batch`], so that neither every batch nor
+    /// every connection's writer future grows for what only retained streams use.
+    Written(Box<WrittenNotice>),
     /// A PUBLISH encoded once for every subscriber that gets the same form (DESIGN.md
     /// section 3). For QoS 1/2 the writer writes this connection's packet id at the offset.
     Shared {
@@ -302,16 +303,12 @@ pub(crate) struct Batch {
     pub(crate) bytes: usize,
     /// Close the connection after writing the packets.
     pub(crate) close: bool,
-    /// Report to the broker task once the packets are written (retained streams only).
-    /// Boxed: the writer's future keeps it across its writes, and every connection's task
-    /// would be larger by its inline size.
-    pub(crate) written: Option<Box<WrittenNotice>>,
 }
 
 impl Batch {
     /// Whether there is nothing to do: no packets, no close, no notice.
     fn is_empty(&self) -> bool {
-        self.packets.is_empty() && !self.close && self.bytes == 0 && self.written.is_none()
+        self.packets.is_empty() && !self.close && self.bytes == 0
     }
 }
 
@@ -559,8 +556,9 @@ impl Dispatcher {
                 Output::NotifyWritten { conn } => {
                     let events = self.written.as_ref().and_then(mpsc::WeakSender::upgrade);
                     if let (Some(events), true) = (events, self.links.contains_key(&conn)) {
-                        self.pending.entry(conn).or_default().written =
-                            Some(Box::new(WrittenNotice { conn, events }));
+                        let notice = Box::new(WrittenNotice { conn, events });
+                        let batch = self.pending.entry(conn).or_default();
+                        batch.packets.push(Outgoing::Written(notice));
                     }
                 }
             }
@@ -710,6 +708,7 @@ mod tests {
                         wire[start + at..start + at + 2].copy_from_slice(&id.to_be_bytes());
                     }
                 }
+                Outgoing::Written(_) => {}
             }
         }
         let context = halyard_codec::DecodeContext {
@@ -893,6 +892,32 @@ mod tests {
             .into_iter(),
         );
         assert!(dispatcher.pending.is_empty());
+    }
+
+    #[test]
+    fn a_write_notification_follows_the_packets_sent_before_it() {
+        let (events, _rx) = mpsc::channel(1);
+        let mut dispatcher = Dispatcher::new(1 << 20);
+        dispatcher.written = Some(events.downgrade());
+        let (link, mut rx) = link();
+        open(&mut dispatcher, 1, link);
+        dispatcher.dispatch(
+            [
+                Output::Send {
+                    conn: 1,
+                    packet: publish(QoS::AtMostOnce),
+                },
+                Output::NotifyWritten { conn: 1 },
+                Output::NotifyWritten { conn: 2 },
+            ]
+            .into_iter(),
+        );
+        let batch = rx.try_recv().expect("one batch");
+        assert!(matches!(
+            batch.packets.as_slice(),
+            [Outgoing::Packet(_), Outgoing::Written(notice)] if notice.conn == 1
+        ));
+        assert_eq!(packets_of(&batch), [publish(QoS::AtMostOnce)]);
     }
 
     #[test]

@@ -22,7 +22,7 @@ use tracing::{debug, info, warn, Span};
 
 use crate::auth::Security;
 use crate::broker_task::{
-    batch_channel, Batch, BatchReceiver, BatchSender, Event, Link, Outgoing, Shared,
+    batch_channel, Batch, BatchReceiver, BatchSender, Event, Link, Outgoing, Shared, WrittenNotice,
 };
 
 /// Bytes reserved in the read buffer before a read while traffic flows (the previous read
@@ -225,7 +225,6 @@ fn refuse(
             packets: vec![ack.into()],
             bytes: 0,
             close: true,
-            written: None,
         });
     }
     None
@@ -469,19 +468,24 @@ fn write_side<'a, W: AsyncWrite + Unpin + 'a>(
             let version = shared.version();
             let mut accounted = 0;
             let mut close = false;
-            let mut written = None;
             let mut next = Some(first);
-            while let Some(mut batch) = next {
+            while let Some(batch) = next {
                 accounted += batch.bytes;
-                if batch.written.is_some() {
-                    written = batch.written.take();
-                }
                 // `bytes` is the batch's encoded size: one allocation instead of doubling a
                 // buffer that starts empty (idle connections keep none, see below).
                 buf.reserve(batch.bytes);
                 for outgoing in &batch.packets {
                     let packet = match outgoing {
                         Outgoing::Packet(packet) => packet,
+                        Outgoing::Written(notice) => {
+                            // Reported as the batch is taken, so the broker reads the next
+                            // page of a retained stream while this one is written: at most
+                            // two pages wait here, since the next batch is taken only once
+                            // this write is done. A task of its own, so the wait for room in
+                            // the event channel is not part of every writer's future.
+                            tokio::spawn(WrittenNotice::clone(notice).send());
+                            continue;
+                        }
                         Outgoing::Shared { bytes, packet_id } => {
                             let start = buf.len();
                             buf.extend_from_slice(bytes);
@@ -518,10 +522,6 @@ fn write_side<'a, W: AsyncWrite + Unpin + 'a>(
                 .fetch_sub(accounted, std::sync::atomic::Ordering::Relaxed);
             if close {
                 break;
-            }
-            if let Some(notice) = written {
-                // Boxed: a channel send future inline would size every connection's task.
-                Box::pin(notice.send()).await;
             }
             // Nothing waiting: an idle connection keeps no write buffer.
             if buf.capacity() > MAX_RETAINED_BUFFER || rx.is_empty() {
@@ -657,7 +657,6 @@ mod tests {
             packets: vec![Packet::PingResp.into()],
             bytes: encoded_len_of(&Packet::PingResp),
             close: true,
-            written: None,
         };
         link.shared
             .queued_bytes

@@ -20,8 +20,7 @@ use halyard_core::store::{
 use halyard_core::SubscriptionEntry;
 use redb::{
     Builder, Database, Durability, Key, ReadTransaction, ReadableTable, ReadableTableMetadata,
-    RepairSession,
-    TableDefinition, TableHandle, Value, WriteTransaction,
+    RepairSession, TableDefinition, TableHandle, Value, WriteTransaction,
 };
 use tracing::{error, info, warn};
 
