@@ -53,7 +53,11 @@ async fn stream_all(addr: std::net::SocketAddr, id: &str, filter: &str, qos: QoS
         assert!(publish.retain, "{}", publish.topic);
         assert_eq!(publish.qos, qos);
         client.ack(&publish).await;
-        assert!(seen.insert(publish.topic.clone()), "{} twice", publish.topic);
+        assert!(
+            seen.insert(publish.topic.clone()),
+            "{} twice",
+            publish.topic
+        );
     }
     client.expect_nothing(300).await;
     let expected: BTreeSet<String> = (0..COUNT).map(topic).collect();
@@ -84,9 +88,10 @@ async fn wildcard_subscribers_stream_every_retained_message_once_after_kill_9() 
     let mut sys = RawClient::connect_v311(broker.addr(), "sys", true).await;
     sys.subscribe(1, &[("$SYS/#", QoS::AtMostOnce)]).await;
     let count = sys
-        .recv_where("retained count", |p| {
-            matches!(p, Packet::Publish(p) if p.topic == "$SYS/broker/retained messages/count")
-        })
+        .recv_where(
+            "retained count",
+            |p| matches!(p, Packet::Publish(p) if p.topic == "$SYS/broker/retained messages/count"),
+        )
         .await;
     let Packet::Publish(count) = count else {
         unreachable!("matched a PUBLISH")
@@ -115,7 +120,9 @@ async fn clearing_and_filters_work_on_the_stored_retained_messages() {
 
     let mut client = RawClient::connect_v311(broker.addr(), "filters", true).await;
     // `+` in the middle: every topic `stream/0/...` (i % 7 == 0), without the cleared one.
-    client.subscribe(1, &[("stream/0/+", QoS::AtMostOnce)]).await;
+    client
+        .subscribe(1, &[("stream/0/+", QoS::AtMostOnce)])
+        .await;
     let expected: BTreeSet<String> = (0..COUNT)
         .filter(|i| i % 7 == 0 && *i != 14)
         .map(topic)
@@ -129,6 +136,9 @@ async fn clearing_and_filters_work_on_the_stored_retained_messages() {
     // An exact topic.
     client.subscribe(2, &[(&topic(21), QoS::AtMostOnce)]).await;
     let publish = client.recv_publish().await;
-    assert_eq!((publish.topic.as_str(), publish.retain), (topic(21).as_str(), true));
+    assert_eq!(
+        (publish.topic.as_str(), publish.retain),
+        (topic(21).as_str(), true)
+    );
     client.expect_nothing(300).await;
 }
