@@ -100,6 +100,12 @@ pub enum AdminPublishError {
     QuotaExceeded,
 }
 
+/// Retained messages read per store page by [`Broker::admin_retained`].
+const ADMIN_PAGE: usize = 1024;
+
+/// Matches [`Broker::admin_retained`] counts past the requested page for `total`.
+pub const ADMIN_COUNT_LIMIT: usize = 100_000;
+
 /// Protocol version as operators write it.
 fn protocol_name(version: ProtocolVersion) -> &'static str {
     match version {
@@ -120,16 +126,6 @@ fn summary(session: &Session) -> ClientSummary {
         expiry_interval: session.expiry_interval,
         persistent: session.persistent,
     }
-}
-
-fn page<T>(mut all: Vec<T>, offset: usize, limit: usize) -> Page<T> {
-    let total = all.len();
-    let items = if offset >= total {
-        Vec::new()
-    } else {
-        all.drain(offset..).take(limit).collect()
-    };
-    Page { total, items }
 }
 
 impl Broker {
@@ -191,31 +187,47 @@ impl Broker {
         true
     }
 
-    /// Retained messages matching `filter`, sorted by topic, `limit` of them from `offset`.
-    /// Expired ones are left out. (The whole match is collected before paging; fine for the
-    /// in-memory store's sizes, to be streamed when retained messages move to disk.)
+    /// Retained messages matching `filter`, in topic-level order (see
+    /// [`crate::retained`]), `limit` of them from `offset`. Expired ones are left out (and
+    /// removed). Read a page at a time from the store, so a listing never holds more than
+    /// `offset + limit` messages; `total` counts every match up to [`ADMIN_COUNT_LIMIT`]
+    /// rows past the page and is a lower bound beyond that, so a listing of millions does
+    /// not stall the broker.
     pub fn admin_retained(
-        &self,
+        &mut self,
         now: Instant,
         filter: &str,
         offset: usize,
         limit: usize,
     ) -> Page<RetainedInfo> {
-        let mut found = Vec::new();
-        if topic::is_valid_topic_filter(filter) {
-            self.retained.matching(filter, &mut found);
+        let mut items = Vec::new();
+        let mut total = 0;
+        if !topic::is_valid_topic_filter(filter)
+            || topic::parse_shared_subscription(filter).is_some()
+        {
+            return Page { total, items };
         }
-        found.retain(|message| !message.is_expired(now));
-        found.sort_by(|a, b| a.topic.cmp(&b.topic));
-        let all = found
-            .into_iter()
-            .map(|message| RetainedInfo {
-                topic: message.topic.clone(),
-                qos: message.qos as u8,
-                payload: message.payload.clone(),
-            })
-            .collect();
-        page(all, offset, limit)
+        let wanted = offset.saturating_add(limit);
+        let mut after: Option<String> = None;
+        loop {
+            let page = self.read_retained(now, filter, after.as_deref(), ADMIN_PAGE);
+            for message in page.messages {
+                if total >= offset && total < wanted {
+                    items.push(RetainedInfo {
+                        topic: message.topic.clone(),
+                        qos: message.qos as u8,
+                        payload: message.payload.clone(),
+                    });
+                }
+                total += 1;
+            }
+            match page.next {
+                Some(next) if total < wanted.saturating_add(ADMIN_COUNT_LIMIT) => {
+                    after = Some(next)
+                }
+                _ => return Page { total, items },
+            }
+        }
     }
 
     /// Publishes a message as the operator, to every matching subscriber (and the retained

@@ -16,9 +16,11 @@ use crate::config::BrokerConfig;
 use crate::message::{boxed_properties, Message, SessionKey};
 use crate::pushback::{PendingPublish, Pushback, QueueFullPolicy};
 use crate::registry::{LocalSessionRegistry, SessionRegistry};
-use crate::retained::{MemoryRetained, RetainedStore};
+use crate::retained::{is_sys_filter, MemoryRetained, RetainedPage, RetainedStore};
 use crate::router::{FilterRef, LocalRouter, RouteMatch, Router, SubscriptionEntry};
-use crate::session::{Awaiting, Delivery, Inflight, Journal, Link, Outbox, QueueLimits, Session};
+use crate::session::{
+    Awaiting, Delivery, Inflight, Journal, Link, Outbox, QueueLimits, RetainedStream, Session,
+};
 use crate::store::{DeliveryState, LoadedSession, SessionRecord, Store, StoreError};
 use crate::time::ClockAnchor;
 
@@ -55,6 +57,15 @@ pub enum Output {
     /// Read from this connection again after an [`Output::Pause`].
     Resume {
         /// Connection to read from again.
+        conn: ConnectionId,
+    },
+    /// Call [`Broker::handle_written`] for this connection once the network has taken
+    /// what was sent to it so far (the server reports when its writer takes these packets,
+    /// which it does only after writing the ones before). Retained messages streamed at
+    /// QoS 0 have no acknowledgement to pace them, so their next page waits for this; only
+    /// retained streams ask for it, never ordinary messages.
+    NotifyWritten {
+        /// Connection whose writer should report.
         conn: ConnectionId,
     },
 }
@@ -102,6 +113,10 @@ pub struct BrokerStats {
     pub refused_subscription_quota: u64,
 }
 
+/// Retained messages read per page of a retained stream: what one session may hold read
+/// ahead, and what goes out per write notification at QoS 0.
+const RETAINED_PAGE: usize = 256;
+
 /// Deadlines the broker must act on. Each carries enough to tell whether it is still
 /// current when it fires; stale entries are skipped rather than removed from the heap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -147,6 +162,8 @@ pub struct Broker {
     pub(crate) client_ids: HashMap<String, SessionKey>,
     pub(crate) conns: HashMap<ConnectionId, SessionKey>,
     pub(crate) router: Box<dyn Router>,
+    /// Retained messages kept in memory: all of them without a store, only `$SYS` ones
+    /// with one (the rest live in the store and are read in pages, see `read_retained`).
     pub(crate) retained: Box<dyn RetainedStore>,
     pub(crate) registry: Box<dyn SessionRegistry>,
     pub(crate) timers: BinaryHeap<Reverse<(Instant, Timer)>>,
@@ -200,8 +217,9 @@ impl Broker {
     }
 
     /// A single-node broker whose persistent sessions and retained messages live in
-    /// `store`: everything the store holds is loaded now. `now` and `wall` are the same
-    /// moment on the monotonic and the wall clock, to convert stored expiry times.
+    /// `store`: sessions are loaded now; queued and retained messages stay in the store and
+    /// are read in pages as they are needed. `now` and `wall` are the same moment on the
+    /// monotonic and the wall clock, to convert stored expiry times.
     pub fn with_store(
         config: BrokerConfig,
         mut store: Box<dyn Store>,
@@ -211,12 +229,6 @@ impl Broker {
         let loaded = store.load()?;
         let clock = ClockAnchor { instant: now, wall };
         let mut broker = Broker::new(config);
-        for stored in loaded.retained {
-            let message = clock.message(stored);
-            if !message.is_expired(now) {
-                broker.retained.set(Arc::new(message));
-            }
-        }
         broker.out.journal = Some(Journal { store, clock });
         for session in loaded.sessions {
             broker.restore_session(now, session);
@@ -397,7 +409,12 @@ impl Broker {
             connected_clients: self.conns.len(),
             sessions: self.sessions.len(),
             subscriptions: self.subscription_count,
-            retained_messages: self.retained.len(),
+            retained_messages: self.retained.len()
+                + self
+                    .out
+                    .journal
+                    .as_ref()
+                    .map_or(0, |journal| journal.store.retained_len()),
             ..self.out.stats
         }
     }
@@ -450,7 +467,7 @@ impl Broker {
             Packet::PubAck(ack) => {
                 if let Some(session) = self.sessions.get_mut(&key) {
                     session.on_puback(ack.packet_id, &mut self.out);
-                    session.pump(now, &mut self.out);
+                    self.pump(now, key);
                 }
             }
             Packet::PubRec(rec) => self.on_pubrec(now, key, rec),
@@ -458,11 +475,11 @@ impl Broker {
             Packet::PubComp(comp) => {
                 if let Some(session) = self.sessions.get_mut(&key) {
                     session.on_pubcomp(comp.packet_id, &mut self.out);
-                    session.pump(now, &mut self.out);
+                    self.pump(now, key);
                 }
             }
             Packet::Subscribe(subscribe) => self.on_subscribe(now, key, subscribe),
-            Packet::Unsubscribe(unsubscribe) => self.on_unsubscribe(key, unsubscribe),
+            Packet::Unsubscribe(unsubscribe) => self.on_unsubscribe(now, key, unsubscribe),
             Packet::PingReq => self.out.send(conn, Packet::PingResp),
             Packet::Disconnect(disconnect) => self.on_disconnect(now, key, disconnect),
             // [MQTT-3.1.0-2]: a second CONNECT is a protocol error.
@@ -834,7 +851,11 @@ impl Broker {
         );
         if session_present {
             session.resend_inflight(now, &mut self.out);
-            session.pump(now, &mut self.out);
+            if let Some(streams) = session.retained.as_deref_mut() {
+                // A notification asked of the previous connection will not come.
+                streams.awaiting_write = false;
+            }
+            self.pump(now, key);
         }
     }
 
@@ -1174,7 +1195,7 @@ impl Broker {
                     }),
                 );
             }
-            None => session.pump(now, &mut self.out),
+            None => self.pump(now, key),
         }
     }
 
@@ -1273,6 +1294,11 @@ impl Broker {
                 retained_requests.push((filter.filter.to_owned(), entry));
             }
             if let Some(session) = self.sessions.get_mut(&key) {
+                // The subscription is replaced: a stream of its retained messages still
+                // running starts over if they are to be sent again [MQTT-3.8.4-3].
+                if filter.group.is_none() {
+                    session.stop_retained(filter.filter);
+                }
                 if let Some(journal) = self.out.journal(session.persistent) {
                     journal.store.put_subscription(
                         &session.client_id,
@@ -1303,52 +1329,184 @@ impl Broker {
         self.send_retained(now, key, retained_requests);
     }
 
-    /// Retained messages for new subscriptions, with RETAIN=1 [MQTT-3.3.1-8].
+    /// Retained messages for new subscriptions, with RETAIN=1 [MQTT-3.3.1-8]: each request
+    /// starts a stream that `pump` reads a page at a time. Not bounded by the session's queue
+    /// limit: a wildcard subscriber gets every retained message, not only the first
+    /// `max_queued_messages`; the stream's page is the bound on memory.
     pub(crate) fn send_retained(
         &mut self,
         now: Instant,
         key: SessionKey,
         requests: Vec<(String, SubscriptionEntry)>,
     ) {
-        // Bounded by the retained store, not by the session's queue limit: a wildcard
-        // subscriber gets every retained message, not only the first `max_queued_messages`.
-        let limits = QueueLimits {
-            max_queued: usize::MAX,
+        if requests.is_empty() {
+            return;
+        }
+        let Some(session) = self.sessions.get_mut(&key) else {
+            return;
         };
-        let mut found = Vec::new();
+        let streams = session.retained.get_or_insert_with(Box::default);
         for (filter, entry) in requests {
-            found.clear();
-            self.retained.matching(&filter, &mut found);
-            for message in found.drain(..) {
-                if !self.authorized(key, Access::Receive, &message.topic) {
-                    self.out.stats.denied_delivery += 1;
-                    continue;
-                }
-                if message.is_expired(now) {
-                    self.retained.remove(&message.topic);
-                    if let Some(journal) = self.out.journal.as_mut() {
-                        journal.store.delete_retained(&message.topic);
-                    }
-                    continue;
-                }
-                let Some(session) = self.sessions.get_mut(&key) else {
-                    return;
-                };
-                let delivery = Delivery {
-                    seq: 0,
-                    qos: message.qos.min(entry.options.qos),
-                    retain: true,
-                    subscription_ids: entry.identifier.into_iter().collect(),
-                    message,
-                };
-                if !session.push(delivery, now, limits, &mut self.out) {
-                    self.out.stats.dropped_queue_full += 1;
-                }
+            streams.streams.push_back(RetainedStream {
+                filter,
+                entry,
+                after: None,
+                done: false,
+            });
+        }
+        self.pump(now, key);
+    }
+
+    /// Moves a session's queued messages into its in-flight window, then continues its
+    /// retained streams: when everything read has been sent, the next page is read (one per
+    /// call, so a long stream never holds the broker task). After a page is sent the next
+    /// waits for acknowledgements (QoS 1/2 in the window) or for [`Broker::handle_written`]
+    /// (QoS 0, or a page with nothing to send).
+    pub(crate) fn pump(&mut self, now: Instant, key: SessionKey) {
+        let Some(session) = self.sessions.get_mut(&key) else {
+            return;
+        };
+        session.pump(now, &mut self.out);
+        session.drop_finished_streams();
+        if !session.wants_retained_page() {
+            return;
+        }
+        let Some((filter, entry, after)) = session
+            .retained
+            .as_ref()
+            .and_then(|streams| streams.streams.front())
+            .map(|stream| (stream.filter.clone(), stream.entry, stream.after.clone()))
+        else {
+            return;
+        };
+        let page = self.read_retained(now, &filter, after.as_deref(), RETAINED_PAGE);
+        let mut deliveries = Vec::with_capacity(page.messages.len());
+        for message in page.messages {
+            if !self.authorized(key, Access::Receive, &message.topic) {
+                self.out.stats.denied_delivery += 1;
+                continue;
+            }
+            deliveries.push(Delivery {
+                seq: 0,
+                qos: message.qos.min(entry.options.qos),
+                retain: true,
+                subscription_ids: entry.identifier.into_iter().collect(),
+                message,
+            });
+        }
+        let Some(session) = self.sessions.get_mut(&key) else {
+            return;
+        };
+        let Some(streams) = session.retained.as_deref_mut() else {
+            return;
+        };
+        if let Some(stream) = streams.streams.front_mut() {
+            stream.done = page.next.is_none();
+            stream.after = page.next;
+        }
+        streams.ready.extend(deliveries);
+        session.pump(now, &mut self.out);
+        session.drop_finished_streams();
+        let conn = session.link.as_ref().map(|link| link.conn);
+        if let (Some(streams), Some(conn)) = (session.retained.as_deref_mut(), conn) {
+            if streams.ready.is_empty() {
+                streams.awaiting_write = true;
+                self.out.outputs.push_back(Output::NotifyWritten { conn });
             }
         }
     }
 
-    pub(crate) fn on_unsubscribe(&mut self, key: SessionKey, unsubscribe: Unsubscribe) {
+    /// Everything written to `conn` up to an [`Output::NotifyWritten`] has reached its
+    /// socket: the session's retained stream continues with its next page.
+    pub fn handle_written(&mut self, now: Instant, conn: ConnectionId) {
+        let Some(&key) = self.conns.get(&conn) else {
+            return;
+        };
+        let Some(streams) = self
+            .sessions
+            .get_mut(&key)
+            .and_then(|session| session.retained.as_deref_mut())
+        else {
+            return;
+        };
+        streams.awaiting_write = false;
+        self.pump(now, key);
+    }
+
+    /// One page of retained messages matching `filter` after the cursor `after`: from the
+    /// store when there is one, except `$SYS` topics, which are kept in memory only (see
+    /// `set_retained`). Expired messages met are removed and left out.
+    pub(crate) fn read_retained(
+        &mut self,
+        now: Instant,
+        filter: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> RetainedPage<Arc<Message>> {
+        let mut page = match self.out.journal.as_mut().filter(|_| !is_sys_filter(filter)) {
+            Some(journal) => match journal.store.read_retained(filter, after, limit) {
+                Ok(page) => RetainedPage {
+                    messages: page
+                        .messages
+                        .into_iter()
+                        .map(|stored| Arc::new(journal.clock.message(stored)))
+                        .collect(),
+                    next: page.next,
+                },
+                // The store logged it; a stream that cannot be read ends, like a queue.
+                Err(_) => RetainedPage {
+                    messages: Vec::new(),
+                    next: None,
+                },
+            },
+            None => self.retained.read(filter, after, limit),
+        };
+        if page.messages.iter().any(|message| message.is_expired(now)) {
+            let (expired, live) = page
+                .messages
+                .into_iter()
+                .partition(|message| message.is_expired(now));
+            page.messages = live;
+            let expired: Vec<Arc<Message>> = expired;
+            for message in expired {
+                self.remove_retained(&message.topic);
+            }
+        }
+        page
+    }
+
+    /// Stores `message` as its topic's retained message: in the store when there is one,
+    /// except `$SYS` topics, which are stale after a restart and stay in memory.
+    pub(crate) fn set_retained(&mut self, message: &Arc<Message>) {
+        match self
+            .out
+            .journal
+            .as_mut()
+            .filter(|_| !is_sys_filter(&message.topic))
+        {
+            Some(journal) => journal
+                .store
+                .put_retained(&journal.clock.stored_message(message)),
+            None => self.retained.set(Arc::clone(message)),
+        }
+    }
+
+    /// Clears the retained message of `topic`, wherever `set_retained` put it.
+    pub(crate) fn remove_retained(&mut self, topic: &str) {
+        match self.out.journal.as_mut().filter(|_| !is_sys_filter(topic)) {
+            Some(journal) => journal.store.delete_retained(topic),
+            None => {
+                self.retained.remove(topic);
+            }
+        }
+    }
+
+    pub(crate) fn on_unsubscribe(
+        &mut self,
+        now: Instant,
+        key: SessionKey,
+        unsubscribe: Unsubscribe,
+    ) {
         let Some(session) = self.sessions.get_mut(&key) else {
             return;
         };
@@ -1358,7 +1516,9 @@ impl Broker {
         let conn = link.conn;
         let v5 = link.version.is_v5();
         let mut reasons = Vec::new();
+        let mut stopped = false;
         for filter in &unsubscribe.filters {
+            stopped |= session.stop_retained(filter);
             let existed = session.subscriptions.remove(filter).is_some();
             if existed {
                 if let Some(journal) = self.out.journal(session.persistent) {
@@ -1386,6 +1546,10 @@ impl Broker {
                 properties: Properties::default(),
             }),
         );
+        if stopped {
+            // The stream being read may have been the one stopped: the next one starts.
+            self.pump(now, key);
+        }
     }
 
     pub(crate) fn on_disconnect(
@@ -1486,19 +1650,10 @@ impl Broker {
         if message.retain {
             if message.payload.is_empty() {
                 // [MQTT-3.3.1-10], [MQTT-3.3.1-11]
-                if self.retained.remove(&message.topic) {
-                    if let Some(journal) = self.out.journal.as_mut() {
-                        journal.store.delete_retained(&message.topic);
-                    }
-                }
+                self.remove_retained(&message.topic);
             } else {
                 // [MQTT-3.3.1-5]
-                self.retained.set(Arc::clone(&message));
-                if let Some(journal) = self.out.journal.as_mut() {
-                    journal
-                        .store
-                        .put_retained(&journal.clock.stored_message(&message));
-                }
+                self.set_retained(&message);
             }
         }
         if deliveries.is_empty() {

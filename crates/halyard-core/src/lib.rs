@@ -15,7 +15,7 @@ mod limits;
 mod message;
 mod pushback;
 mod registry;
-mod retained;
+pub mod retained;
 mod router;
 mod session;
 pub mod store;

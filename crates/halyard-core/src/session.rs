@@ -166,6 +166,37 @@ pub(crate) struct Session {
     /// while the client is offline are still authorized for it; `None` while unknown
     /// (restored from the store, not connected since the broker started).
     pub username: Option<Option<String>>,
+    /// Retained messages being streamed to the client (see [`RetainedStreams`]).
+    pub retained: Option<Box<RetainedStreams>>,
+}
+
+/// Retained messages on their way to a session after SUBSCRIBEs: each subscription's matches
+/// are read from the retained store a page at a time (`Broker::pump`), so a `#` subscriber
+/// of millions of retained messages never has more than one page in memory. Allocated only
+/// while a stream runs: idle sessions carry one null pointer.
+#[derive(Debug, Default)]
+pub(crate) struct RetainedStreams {
+    /// Subscriptions whose retained messages are still to be read, in SUBSCRIBE order.
+    pub streams: VecDeque<RetainedStream>,
+    /// Deliveries read from the first stream and not yet sent.
+    pub ready: VecDeque<Delivery>,
+    /// An [`Output::NotifyWritten`] is outstanding: the next page waits for the writer, so
+    /// QoS 0 pages go out no faster than the network takes them.
+    pub awaiting_write: bool,
+}
+
+/// One subscription's retained messages, read so far up to a cursor. Held in memory only: a
+/// stream does not survive a broker restart (the client re-subscribes to get them again).
+#[derive(Debug)]
+pub(crate) struct RetainedStream {
+    /// The filter (never a shared one: those get no retained messages [MQTT-3.8.4-3]).
+    pub filter: String,
+    /// The subscription's options and identifier when the stream started.
+    pub entry: SubscriptionEntry,
+    /// Where the next page starts; `None` before the first.
+    pub after: Option<String>,
+    /// The last page has been read.
+    pub done: bool,
 }
 
 /// Limits a session needs when taking a message.
@@ -193,6 +224,7 @@ impl Session {
             delayed_will: None,
             expires_at: None,
             username: None,
+            retained: None,
         }
     }
 
@@ -306,6 +338,79 @@ impl Session {
                 continue;
             }
             self.start_inflight(delivery, now, out);
+        }
+        self.pump_retained(now, out);
+    }
+
+    /// Sends retained deliveries already read, after everything queued: QoS 0 at once (the
+    /// broker paces pages by the writer, see [`RetainedStreams::awaiting_write`]), QoS 1/2
+    /// through the in-flight window like queued messages, so acknowledgements pace them.
+    fn pump_retained(&mut self, now: Instant, out: &mut Outbox) {
+        let Some(window) = self.link.as_ref().map(|link| link.window) else {
+            return;
+        };
+        while let Some(streams) = self.retained.as_mut() {
+            let Some(front) = streams.ready.front() else {
+                break;
+            };
+            if front.qos != QoS::AtMostOnce
+                && (!self.pending.is_empty() || self.spilled > 0 || self.inflight.len() >= window)
+            {
+                break;
+            }
+            let Some(mut delivery) = streams.ready.pop_front() else {
+                break;
+            };
+            if delivery.message.is_expired(now) {
+                continue;
+            }
+            if delivery.qos == QoS::AtMostOnce {
+                self.transmit(&delivery, None, false, now, out);
+            } else {
+                delivery.seq = self.next_seq;
+                self.next_seq += 1;
+                self.start_inflight(delivery, now, out);
+            }
+        }
+    }
+
+    /// Whether the broker should read the next page of a retained stream: connected,
+    /// nothing read is left to send, and no write notification is outstanding.
+    pub fn wants_retained_page(&self) -> bool {
+        self.link.is_some()
+            && self.retained.as_ref().is_some_and(|streams| {
+                streams.ready.is_empty() && !streams.awaiting_write && !streams.streams.is_empty()
+            })
+    }
+
+    /// Stops the retained stream of `filter`, if one runs (UNSUBSCRIBE, or a SUBSCRIBE that
+    /// replaces the subscription). Returns whether one did.
+    pub fn stop_retained(&mut self, filter: &str) -> bool {
+        let Some(streams) = self.retained.as_mut() else {
+            return false;
+        };
+        let before = streams.streams.len();
+        if streams.streams.front().is_some_and(|s| s.filter == filter) {
+            // What was read belongs to the first stream.
+            streams.ready.clear();
+        }
+        streams.streams.retain(|stream| stream.filter != filter);
+        let stopped = streams.streams.len() != before;
+        self.drop_finished_streams();
+        stopped
+    }
+
+    /// Forgets streams read to the end whose deliveries are all sent, and frees the
+    /// streams' state when nothing is left.
+    pub fn drop_finished_streams(&mut self) {
+        let Some(streams) = self.retained.as_mut() else {
+            return;
+        };
+        while streams.ready.is_empty() && streams.streams.front().is_some_and(|s| s.done) {
+            streams.streams.pop_front();
+        }
+        if streams.streams.is_empty() && streams.ready.is_empty() {
+            self.retained = None;
         }
     }
 

@@ -16,6 +16,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use halyard_codec::{Properties, QoS, Will};
 
+pub use crate::retained::RetainedPage;
 use crate::router::SubscriptionEntry;
 
 /// A message as written to disk (retained, queued or in flight).
@@ -95,13 +96,13 @@ pub struct LoadedSession {
     pub next_seq: u64,
 }
 
-/// Everything loaded at start-up.
+/// Everything loaded at start-up. Retained messages are not loaded: the broker reads them
+/// in pages with [`Store::read_retained`] as subscribers need them, so millions of them cost
+/// no memory.
 #[derive(Debug, Default)]
 pub struct LoadedState {
     /// Persistent sessions.
     pub sessions: Vec<LoadedSession>,
-    /// Retained messages.
-    pub retained: Vec<StoredMessage>,
 }
 
 /// A storage failure. The server treats a failed commit as fatal: it stops without releasing
@@ -149,6 +150,19 @@ pub trait Store: Send {
     fn put_retained(&mut self, message: &StoredMessage);
     /// Removes the retained message of `topic`.
     fn delete_retained(&mut self, topic: &str);
+    /// Up to `limit` retained messages matching `filter` (a valid, non-shared filter) after
+    /// the cursor `after`, in [`retained_key`](crate::retained::retained_key) order, visiting
+    /// at most [`RETAINED_SCAN_BUDGET`](crate::retained::RETAINED_SCAN_BUDGET) rows; like
+    /// [`Store::read_pending`] it sees the open transaction's writes. Undecodable records met
+    /// are logged and removed. Continue with [`RetainedPage::next`] until it is `None`.
+    fn read_retained(
+        &mut self,
+        filter: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<RetainedPage<StoredMessage>, StoreError>;
+    /// Number of retained messages stored (for statistics; must not read the messages).
+    fn retained_len(&self) -> usize;
     /// Makes every write so far durable (per the backend's fsync policy).
     fn commit(&mut self) -> Result<(), StoreError>;
     /// Whether [`Store::commit`] could do I/O now (write or fsync), so that an async caller

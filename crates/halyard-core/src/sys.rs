@@ -193,7 +193,7 @@ mod tests {
     use super::*;
     use crate::BrokerConfig;
 
-    fn retained(broker: &Broker, now: Instant, topic: &str) -> Option<String> {
+    fn retained(broker: &mut Broker, now: Instant, topic: &str) -> Option<String> {
         broker
             .admin_retained(now, topic, 0, 1)
             .items
@@ -209,11 +209,11 @@ mod tests {
         assert_eq!(sys.poll_timeout(), start);
         sys.handle_timeout(&mut broker, start, SysTraffic::default());
         assert_eq!(
-            retained(&broker, start, "$SYS/broker/uptime").as_deref(),
+            retained(&mut broker, start, "$SYS/broker/uptime").as_deref(),
             Some("0 seconds")
         );
         assert_eq!(
-            retained(&broker, start, "$SYS/broker/clients/connected").as_deref(),
+            retained(&mut broker, start, "$SYS/broker/clients/connected").as_deref(),
             Some("0")
         );
         assert_eq!(sys.poll_timeout(), start + Duration::from_secs(10));
@@ -229,7 +229,7 @@ mod tests {
             },
         );
         assert_eq!(
-            retained(&broker, early, "$SYS/broker/bytes/received").as_deref(),
+            retained(&mut broker, early, "$SYS/broker/bytes/received").as_deref(),
             Some("0")
         );
 
@@ -245,18 +245,18 @@ mod tests {
             },
         );
         assert_eq!(
-            retained(&broker, later, "$SYS/broker/uptime").as_deref(),
+            retained(&mut broker, later, "$SYS/broker/uptime").as_deref(),
             Some("60 seconds")
         );
         assert_eq!(
-            retained(&broker, later, "$SYS/broker/bytes/received").as_deref(),
+            retained(&mut broker, later, "$SYS/broker/bytes/received").as_deref(),
             Some("600")
         );
-        let one: f64 = retained(&broker, later, "$SYS/broker/load/bytes/received/1min")
+        let one: f64 = retained(&mut broker, later, "$SYS/broker/load/bytes/received/1min")
             .expect("published")
             .parse()
             .expect("a number");
-        let fifteen: f64 = retained(&broker, later, "$SYS/broker/load/bytes/received/15min")
+        let fifteen: f64 = retained(&mut broker, later, "$SYS/broker/load/bytes/received/15min")
             .expect("published")
             .parse()
             .expect("a number");
@@ -264,7 +264,7 @@ mod tests {
         assert!((one - 379.27).abs() < 0.01, "{one}");
         assert!(fifteen > 0.0 && fifteen < one, "{fifteen}");
         assert_eq!(sys.poll_timeout(), start + Duration::from_secs(70));
-        assert!(retained(&broker, later, "$SYS/broker/version")
+        assert!(retained(&mut broker, later, "$SYS/broker/version")
             .expect("published")
             .starts_with("halyard version "));
         // `#` never reaches `$SYS` [MQTT-4.7.2-1]; the retained store holds them apart.

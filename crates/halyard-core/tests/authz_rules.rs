@@ -40,7 +40,7 @@ impl Harness {
             match output {
                 Output::Send { conn, packet } => self.inbox.entry(conn).or_default().push(packet),
                 Output::Close { conn } => self.closed.push(conn),
-                Output::Pause { .. } | Output::Resume { .. } => {}
+                Output::Pause { .. } | Output::Resume { .. } | Output::NotifyWritten { .. } => {}
             }
         }
         self.inbox.remove(&conn).unwrap_or_default()

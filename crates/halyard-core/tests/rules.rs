@@ -22,6 +22,11 @@ struct Harness {
     closed: Vec<ConnectionId>,
     /// Connections the broker told to stop reading (backpressure), until resumed.
     paused: Vec<ConnectionId>,
+    /// Write notifications asked for and not yet answered (see `hold_writes`).
+    written: Vec<ConnectionId>,
+    /// Whether `drain` leaves write notifications for the test to answer; otherwise the
+    /// fake network writes everything at once and answers them itself.
+    hold_writes: bool,
 }
 
 impl Harness {
@@ -36,18 +41,42 @@ impl Harness {
             inbox: HashMap::new(),
             closed: Vec::new(),
             paused: Vec::new(),
+            written: Vec::new(),
+            hold_writes: false,
         }
     }
 
     fn drain(&mut self) {
-        while let Some(output) = self.broker.poll_output() {
-            match output {
-                Output::Send { conn, packet } => self.inbox.entry(conn).or_default().push(packet),
-                Output::Close { conn } => self.closed.push(conn),
-                Output::Pause { conn } => self.paused.push(conn),
-                Output::Resume { conn } => self.paused.retain(|&c| c != conn),
+        loop {
+            while let Some(output) = self.broker.poll_output() {
+                match output {
+                    Output::Send { conn, packet } => {
+                        self.inbox.entry(conn).or_default().push(packet)
+                    }
+                    Output::Close { conn } => self.closed.push(conn),
+                    Output::Pause { conn } => self.paused.push(conn),
+                    Output::Resume { conn } => self.paused.retain(|&c| c != conn),
+                    Output::NotifyWritten { conn } => self.written.push(conn),
+                }
+            }
+            if self.hold_writes || self.written.is_empty() {
+                return;
+            }
+            for conn in std::mem::take(&mut self.written) {
+                self.broker.handle_written(self.now, conn);
             }
         }
+    }
+
+    /// Answers the write notifications asked for so far, as the server does once the
+    /// connection's writer has flushed; returns how many there were.
+    fn answer_written(&mut self) -> usize {
+        let written = std::mem::take(&mut self.written);
+        for &conn in &written {
+            self.broker.handle_written(self.now, conn);
+        }
+        self.drain();
+        written.len()
     }
 
     fn send(&mut self, conn: ConnectionId, packet: Packet) {
@@ -1027,4 +1056,175 @@ fn every_retained_message_reaches_a_wildcard_subscriber_beyond_the_queue_limit()
     expected.sort();
     assert_eq!(received, expected);
     assert_eq!(h.broker.stats().dropped_queue_full, 0);
+}
+
+/// `n` retained messages `t/0000`.. published by connection 1 at QoS 1.
+fn retained_topics(h: &mut Harness, n: usize) -> Vec<String> {
+    h.connect(1, V5, "pub", true);
+    let topics: Vec<String> = (0..n).map(|i| format!("t/{i:04}")).collect();
+    for topic in &topics {
+        h.publish(1, topic, b"x", QoS::AtLeastOnce, true, 1);
+    }
+    h.take(1);
+    topics
+}
+
+#[test]
+fn retained_stream_at_qos0_is_paced_by_write_notifications() {
+    // [MQTT-3.3.1-6]: every matching retained message, with RETAIN=1 [MQTT-3.3.1-8], a page
+    // per write notification instead of all at once.
+    let mut h = Harness::new();
+    let topics = retained_topics(&mut h, 600);
+    h.hold_writes = true;
+    h.connect(2, V3, "sub", true);
+    let mut first = Some(h.subscribe_with(2, "#", options(QoS::AtMostOnce), None));
+    let mut pages = Vec::new();
+    let mut received = Vec::new();
+    loop {
+        let page: Vec<Publish> = match first.take() {
+            Some(packets) => packets
+                .into_iter()
+                .filter_map(|packet| match packet {
+                    Packet::Publish(p) => Some(p),
+                    _ => None,
+                })
+                .collect(),
+            None => h.publishes(2),
+        };
+        assert!(page.iter().all(|p| p.retain && p.qos == QoS::AtMostOnce));
+        pages.push(page.len());
+        received.extend(page.into_iter().map(|p| p.topic));
+        if h.answer_written() == 0 {
+            break;
+        }
+    }
+    assert_eq!(pages, [256, 256, 88]);
+    assert_eq!(received, topics, "each once, in topic order");
+    assert!(
+        h.written.is_empty(),
+        "no notification once the stream ended"
+    );
+}
+
+#[test]
+fn retained_stream_at_qos1_goes_through_the_window_and_survives_a_disconnect() {
+    let mut h = Harness::with_config(BrokerConfig {
+        max_inflight: 4,
+        max_queued_messages: 1,
+        ..Default::default()
+    });
+    let topics = retained_topics(&mut h, 700);
+    let mut subscribe = connect(V5, "sub", false);
+    subscribe.properties.session_expiry_interval = Some(600);
+    h.connect_with(2, subscribe.clone());
+    let mut batch = h.subscribe_with(2, "t/#", options(QoS::AtLeastOnce), Some(9));
+    let mut received = Vec::new();
+    let mut conn = 2;
+    while !batch.is_empty() {
+        let publishes: Vec<Publish> = batch
+            .into_iter()
+            .filter_map(|packet| match packet {
+                Packet::Publish(p) => Some(p),
+                _ => None,
+            })
+            .collect();
+        assert!(publishes.len() <= 4, "in-flight window exceeded");
+        for p in &publishes {
+            assert!(p.retain);
+            assert_eq!(p.properties.subscription_identifiers, [9]);
+            if !p.dup {
+                received.push(p.topic.clone());
+            }
+        }
+        if received.len() == 300 && conn == 2 {
+            // Gone mid-stream without acknowledging: the stream waits for the session's
+            // next connection, which gets the unacknowledged ones again with DUP=1.
+            h.broker.connection_lost(h.now, 2);
+            h.drain();
+            conn = 3;
+            h.connect_with(3, subscribe.clone());
+            batch = h.take(3);
+            continue;
+        }
+        for p in &publishes {
+            h.broker
+                .handle_packet(h.now, conn, Packet::PubAck(ack(p.packet_id.unwrap_or(0))));
+        }
+        h.drain();
+        batch = h.take(conn);
+    }
+    assert_eq!(received, topics, "each once, in topic order");
+}
+
+#[test]
+fn resubscribe_restarts_and_unsubscribe_stops_a_retained_stream() {
+    let mut h = Harness::new();
+    let topics = retained_topics(&mut h, 600);
+    h.hold_writes = true;
+    h.connect(2, V5, "sub", true);
+    let first = h.subscribe_with(2, "t/#", options(QoS::AtMostOnce), None);
+    assert_eq!(first.len(), 256);
+    // [MQTT-3.8.4-3]: a repeated SUBSCRIBE re-sends the retained messages from the start.
+    let again = h.subscribe_with(2, "t/#", options(QoS::AtMostOnce), None);
+    let first = match again.first() {
+        Some(Packet::Publish(p)) => p.topic.clone(),
+        other => panic!("expected the stream to restart, got {other:?}"),
+    };
+    assert_eq!(first, topics[0]);
+    assert_eq!(again.len(), 256);
+    h.send(
+        2,
+        Packet::Unsubscribe(Unsubscribe {
+            packet_id: 2,
+            filters: vec!["t/#".into()],
+            properties: Properties::default(),
+        }),
+    );
+    h.take(2);
+    h.answer_written();
+    assert!(
+        h.publishes(2).is_empty(),
+        "the stream stopped with its subscription"
+    );
+}
+
+#[test]
+fn retained_messages_expired_or_cleared_mid_stream_are_not_sent() {
+    let mut h = Harness::new();
+    let mut topics = retained_topics(&mut h, 600);
+    // [MQTT-3.3.2-5]: t/0300..t/0309 expire after 10 s.
+    for i in 300..310 {
+        let mut p = publish(&format!("t/{i:04}"), b"short", QoS::AtMostOnce, true, 0);
+        p.properties.message_expiry_interval = Some(10);
+        h.send(1, Packet::Publish(p));
+    }
+    h.hold_writes = true;
+    h.connect(2, V5, "sub", true);
+    let mut received: Vec<String> = h
+        .subscribe_with(2, "t/#", options(QoS::AtMostOnce), None)
+        .into_iter()
+        .filter_map(|packet| match packet {
+            Packet::Publish(p) => Some(p.topic),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(received.len(), 256);
+    h.advance(Duration::from_secs(20));
+    // [MQTT-3.3.1-10]: cleared while the stream runs.
+    h.publish(1, "t/0400", b"", QoS::AtMostOnce, true, 0);
+    loop {
+        // The clearing publish itself is delivered live, with RETAIN=0.
+        let publishes = h.publishes(2).into_iter().filter(|p| p.retain);
+        received.extend(publishes.map(|p| p.topic));
+        if h.answer_written() == 0 {
+            break;
+        }
+    }
+    topics.retain(|t| !(("t/0300".."t/0310").contains(&t.as_str()) || t == "t/0400"));
+    assert_eq!(received, topics);
+    assert_eq!(
+        h.broker.stats().retained_messages,
+        589,
+        "expired ones removed when met"
+    );
 }

@@ -58,7 +58,38 @@ pub(crate) enum Event {
     },
     /// An operator request from the HTTP admin API, run on the broker between packets.
     Admin(AdminCall),
+    /// The connection's writer wrote everything queued up to a [`WrittenNotice`].
+    Written {
+        /// The connection.
+        conn: ConnectionId,
+    },
 }
+
+/// Asks a connection's writer to report [`Event::Written`] when it takes the batch carrying
+/// it, that is once everything queued before has been written: the server's half of
+/// [`Output::NotifyWritten`], which paces retained messages streamed at QoS 0.
+#[derive(Debug, Clone)]
+pub(crate) struct WrittenNotice {
+    /// The connection to report.
+    pub(crate) conn: ConnectionId,
+    /// Where to report it.
+    pub(crate) events: mpsc::Sender<Event>,
+}
+
+impl WrittenNotice {
+    /// Reports the write; an error means the broker task is gone and nobody waits.
+    pub(crate) async fn send(self) {
+        let _ = self.events.send(Event::Written { conn: self.conn }).await;
+    }
+}
+
+impl PartialEq for WrittenNotice {
+    fn eq(&self, other: &WrittenNotice) -> bool {
+        self.conn == other.conn
+    }
+}
+
+impl Eq for WrittenNotice {}
 
 /// A query or action on the broker from the admin API; the closure sends its own reply
 /// (over a oneshot channel it captured), so each endpoint defines its answer's type.
@@ -80,6 +111,9 @@ pub(crate) struct TaskOps {
     pub(crate) metrics: Arc<Metrics>,
     /// Period of `$SYS/broker/...` publication; `None` = off.
     pub(crate) sys_interval: Option<std::time::Duration>,
+    /// The broker task's own event channel, for writers to report [`Event::Written`]; weak,
+    /// so the channel still closes when every connection and listener is gone.
+    pub(crate) written: Option<mpsc::WeakSender<Event>>,
 }
 
 /// State shared between a connection task and the dispatcher.
@@ -144,7 +178,7 @@ impl BatchSender {
     pub(crate) fn send(&self, batch: Batch) -> Result<(), Batch> {
         {
             let mut queued = self.0.outq.lock().unwrap_or_else(|e| e.into_inner());
-            if queued.packets.is_empty() && !queued.close && queued.bytes == 0 {
+            if queued.is_empty() {
                 *queued = batch;
             } else if !queued.close {
                 queued.packets.extend(batch.packets);
@@ -194,14 +228,17 @@ impl BatchReceiver {
 
     /// Whether nothing is queued right now.
     pub(crate) fn is_empty(&self) -> bool {
-        let queued = self.0.outq.lock().unwrap_or_else(|e| e.into_inner());
-        queued.packets.is_empty() && !queued.close && queued.bytes == 0
+        self.0
+            .outq
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
     }
 
     /// Everything queued so far, if anything is.
     pub(crate) fn try_recv(&mut self) -> Option<Batch> {
         let mut queued = self.0.outq.lock().unwrap_or_else(|e| e.into_inner());
-        if queued.packets.is_empty() && !queued.close && queued.bytes == 0 {
+        if queued.is_empty() {
             return None;
         }
         Some(std::mem::take(&mut *queued))
@@ -236,6 +273,10 @@ pub(crate) struct Link {
 pub(crate) enum Outgoing {
     /// Encoded by the connection's writer.
     Packet(Packet),
+    /// Not a packet: the writer reports [`Event::Written`] when it reaches this. Boxed, and
+    /// in the packet list rather than a field of [`Batch`], so that neither every batch nor
+    /// every connection's writer future grows for what only retained streams use.
+    Written(Box<WrittenNotice>),
     /// A PUBLISH encoded once for every subscriber that gets the same form (DESIGN.md
     /// section 3). For QoS 1/2 the writer writes this connection's packet id at the offset.
     Shared {
@@ -264,6 +305,13 @@ pub(crate) struct Batch {
     pub(crate) close: bool,
 }
 
+impl Batch {
+    /// Whether there is nothing to do: no packets, no close, no notice.
+    fn is_empty(&self) -> bool {
+        self.packets.is_empty() && !self.close && self.bytes == 0
+    }
+}
+
 /// Runs the broker until `stop` fires (or the server is dropped), then shuts it down and
 /// dispatches its goodbyes. Each batch of events is committed to the store before its
 /// packets are dispatched, so no acknowledgement leaves before the state it confirms is
@@ -278,6 +326,7 @@ pub(crate) async fn run(
 ) -> Result<(), StoreError> {
     let mut dispatcher = Dispatcher::new(max_outbound_buffer);
     dispatcher.metrics = Arc::clone(&ops.metrics);
+    dispatcher.written = ops.written;
     let mut sys = ops
         .sys_interval
         .map(|interval| SysTopics::new(interval, Instant::now()));
@@ -388,6 +437,8 @@ struct Dispatcher {
     metrics: Arc<Metrics>,
     /// The PUBLISH encoding being shared in the current drain, per MQTT 3.x / 5.
     shared_publish: [Option<SharedPublish>; 2],
+    /// See [`TaskOps::written`].
+    written: Option<mpsc::WeakSender<Event>>,
 }
 
 /// One connection's link and its slow-consumer bookkeeping.
@@ -415,6 +466,7 @@ impl Dispatcher {
             dropped_qos0: 0,
             metrics: Arc::default(),
             shared_publish: [None, None],
+            written: None,
         }
     }
 
@@ -454,6 +506,11 @@ impl Dispatcher {
                 }
             }
             Event::Admin(AdminCall(call)) => call(broker, now),
+            Event::Written { conn } => {
+                if self.links.contains_key(&conn) {
+                    broker.handle_written(now, conn);
+                }
+            }
         }
         false
     }
@@ -494,6 +551,14 @@ impl Dispatcher {
                 Output::Resume { conn } => {
                     if let Some(state) = self.links.get(&conn) {
                         state.link.shared.set_paused(false);
+                    }
+                }
+                Output::NotifyWritten { conn } => {
+                    let events = self.written.as_ref().and_then(mpsc::WeakSender::upgrade);
+                    if let (Some(events), true) = (events, self.links.contains_key(&conn)) {
+                        let notice = Box::new(WrittenNotice { conn, events });
+                        let batch = self.pending.entry(conn).or_default();
+                        batch.packets.push(Outgoing::Written(notice));
                     }
                 }
             }
@@ -643,6 +708,7 @@ mod tests {
                         wire[start + at..start + at + 2].copy_from_slice(&id.to_be_bytes());
                     }
                 }
+                Outgoing::Written(_) => {}
             }
         }
         let context = halyard_codec::DecodeContext {
@@ -826,6 +892,32 @@ mod tests {
             .into_iter(),
         );
         assert!(dispatcher.pending.is_empty());
+    }
+
+    #[test]
+    fn a_write_notification_follows_the_packets_sent_before_it() {
+        let (events, _rx) = mpsc::channel(1);
+        let mut dispatcher = Dispatcher::new(1 << 20);
+        dispatcher.written = Some(events.downgrade());
+        let (link, mut rx) = link();
+        open(&mut dispatcher, 1, link);
+        dispatcher.dispatch(
+            [
+                Output::Send {
+                    conn: 1,
+                    packet: publish(QoS::AtMostOnce),
+                },
+                Output::NotifyWritten { conn: 1 },
+                Output::NotifyWritten { conn: 2 },
+            ]
+            .into_iter(),
+        );
+        let batch = rx.try_recv().expect("one batch");
+        assert!(matches!(
+            batch.packets.as_slice(),
+            [Outgoing::Packet(_), Outgoing::Written(notice)] if notice.conn == 1
+        ));
+        assert_eq!(packets_of(&batch), [publish(QoS::AtMostOnce)]);
     }
 
     #[test]

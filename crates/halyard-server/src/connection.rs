@@ -22,7 +22,7 @@ use tracing::{debug, info, warn, Span};
 
 use crate::auth::Security;
 use crate::broker_task::{
-    batch_channel, Batch, BatchReceiver, BatchSender, Event, Link, Outgoing, Shared,
+    batch_channel, Batch, BatchReceiver, BatchSender, Event, Link, Outgoing, Shared, WrittenNotice,
 };
 
 /// Bytes reserved in the read buffer before a read while traffic flows (the previous read
@@ -477,6 +477,15 @@ fn write_side<'a, W: AsyncWrite + Unpin + 'a>(
                 for outgoing in &batch.packets {
                     let packet = match outgoing {
                         Outgoing::Packet(packet) => packet,
+                        Outgoing::Written(notice) => {
+                            // Reported as the batch is taken, so the broker reads the next
+                            // page of a retained stream while this one is written: at most
+                            // two pages wait here, since the next batch is taken only once
+                            // this write is done. A task of its own, so the wait for room in
+                            // the event channel is not part of every writer's future.
+                            tokio::spawn(WrittenNotice::clone(notice).send());
+                            continue;
+                        }
                         Outgoing::Shared { bytes, packet_id } => {
                             let start = buf.len();
                             buf.extend_from_slice(bytes);

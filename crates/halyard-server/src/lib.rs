@@ -180,11 +180,12 @@ impl Server {
             mut transports,
         } = self;
         let mqtt_addrs: Vec<SocketAddr> = listeners.iter().map(|(_, addr)| *addr).collect();
+        let (event_tx, event_rx) = mpsc::channel(EVENT_CHANNEL_CAPACITY);
         let task_ops = broker_task::TaskOps {
             metrics: Arc::clone(&ops.metrics),
             sys_interval: ops.sys_interval,
+            written: Some(event_tx.downgrade()),
         };
-        let (event_tx, event_rx) = mpsc::channel(EVENT_CHANNEL_CAPACITY);
         let (stop_tx, stop_rx) = oneshot::channel();
         let mut broker_task = tokio::spawn(
             broker_task::run(

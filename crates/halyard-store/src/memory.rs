@@ -2,9 +2,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use halyard_core::retained::{read_page, retained_key};
 use halyard_core::store::{
-    DeliveryState, LoadedSession, LoadedState, SessionRecord, Store, StoreError, StoredDelivery,
-    StoredMessage,
+    DeliveryState, LoadedSession, LoadedState, RetainedPage, SessionRecord, Store, StoreError,
+    StoredDelivery, StoredMessage,
 };
 use halyard_core::SubscriptionEntry;
 
@@ -20,6 +21,7 @@ pub struct MemoryStore {
     subscriptions: BTreeMap<(String, String), SubscriptionEntry>,
     inbound_qos2: BTreeSet<(String, u16)>,
     deliveries: BTreeMap<(String, u64), (StoredDelivery, DeliveryState)>,
+    /// By [`retained_key`], the order every backend reads retained messages in.
     retained: BTreeMap<String, StoredMessage>,
 }
 
@@ -84,7 +86,6 @@ impl Store for MemoryStore {
         }
         Ok(LoadedState {
             sessions: sessions.into_values().collect(),
-            retained: self.retained.values().cloned().collect(),
         })
     }
 
@@ -166,11 +167,29 @@ impl Store for MemoryStore {
     }
 
     fn put_retained(&mut self, message: &StoredMessage) {
-        self.retained.insert(message.topic.clone(), message.clone());
+        self.retained
+            .insert(retained_key(&message.topic), message.clone());
     }
 
     fn delete_retained(&mut self, topic: &str) {
-        self.retained.remove(topic);
+        self.retained.remove(&retained_key(topic));
+    }
+
+    fn read_retained(
+        &mut self,
+        filter: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<RetainedPage<StoredMessage>, StoreError> {
+        let page = read_page(&self.retained, filter, after, limit);
+        Ok(RetainedPage {
+            messages: page.messages.into_iter().cloned().collect(),
+            next: page.next,
+        })
+    }
+
+    fn retained_len(&self) -> usize {
+        self.retained.len()
     }
 
     fn commit(&mut self) -> Result<(), StoreError> {

@@ -12,14 +12,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use halyard_core::retained::{retained_key, RetainedScan, ScanStep};
 use halyard_core::store::{
-    DeliveryState, LoadedSession, LoadedState, SessionRecord, Store, StoreError, StoredDelivery,
-    StoredMessage,
+    DeliveryState, LoadedSession, LoadedState, RetainedPage, SessionRecord, Store, StoreError,
+    StoredDelivery, StoredMessage,
 };
 use halyard_core::SubscriptionEntry;
 use redb::{
-    Builder, Database, Durability, Key, ReadTransaction, ReadableTable, RepairSession,
-    TableDefinition, TableHandle, Value, WriteTransaction,
+    Builder, Database, Durability, Key, ReadTransaction, ReadableTable, ReadableTableMetadata,
+    RepairSession, TableDefinition, TableHandle, Value, WriteTransaction,
 };
 use tracing::{error, info, warn};
 
@@ -39,8 +40,12 @@ const SUBSCRIPTIONS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new
 const INBOUND_QOS2: TableDefinition<(&str, u16), ()> = TableDefinition::new("inbound_qos2");
 /// (client id, seq) -> state + delivery; a session's queue is one ordered key range.
 const DELIVERIES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("deliveries");
-/// topic -> retained message.
-const RETAINED: TableDefinition<&str, &[u8]> = TableDefinition::new("retained");
+/// retained key (the topic's levels joined by U+0000, see `halyard_core::retained`) ->
+/// retained message: key order is level-wise topic order, so a filter's matches lie in the key
+/// range of its literal prefix and are read a page at a time.
+const RETAINED: TableDefinition<&str, &[u8]> = TableDefinition::new("retained_levels");
+/// The retained table of earlier versions, keyed by topic; moved to [`RETAINED`] at open.
+const LEGACY_RETAINED: TableDefinition<&str, &[u8]> = TableDefinition::new("retained");
 
 /// At most this many non-durable commits in a row, whatever the policy. redb reuses the pages
 /// a transaction freed only after a durable commit, so every non-durable commit grows the
@@ -85,8 +90,8 @@ pub struct LoadReport {
     pub inflight: usize,
     /// Pending (queued) deliveries counted; they stay on disk.
     pub pending: u64,
-    /// Retained messages loaded.
-    pub retained: usize,
+    /// Retained messages counted; they stay on disk.
+    pub retained: u64,
     /// Records that did not decode: each was logged with its key and removed.
     pub corrupt: usize,
     /// Records whose session record is missing: counted, logged per session and removed.
@@ -229,7 +234,7 @@ fn open_database(path: &Path) -> Result<Database, OpenError> {
     if repairing.load(Ordering::Relaxed) {
         info!(file = %path.display(), "data file repaired");
     }
-    let create = || -> Result<(), redb::Error> {
+    let create = || -> Result<u64, redb::Error> {
         let mut txn = db.begin_write()?;
         txn.set_durability(Durability::Immediate);
         txn.open_table(SESSIONS)?;
@@ -237,11 +242,35 @@ fn open_database(path: &Path) -> Result<Database, OpenError> {
         txn.open_table(INBOUND_QOS2)?;
         txn.open_table(DELIVERIES)?;
         txn.open_table(RETAINED)?;
+        let moved = migrate_retained(&txn)?;
         txn.commit()?;
-        Ok(())
+        Ok(moved)
     };
-    create().map_err(classify("creating the tables"))?;
+    let moved = create().map_err(classify("creating the tables"))?;
+    if moved > 0 {
+        info!(
+            file = %path.display(),
+            moved, "retained messages moved to the level-ordered table"
+        );
+    }
     Ok(db)
+}
+
+/// Moves retained messages from the table of earlier versions (keyed by topic) into
+/// [`RETAINED`] and drops it; returns how many were moved (0 once done).
+fn migrate_retained(txn: &WriteTransaction) -> Result<u64, redb::Error> {
+    let mut moved = 0;
+    {
+        let legacy = txn.open_table(LEGACY_RETAINED)?;
+        let mut table = txn.open_table(RETAINED)?;
+        for entry in legacy.iter()? {
+            let (topic, value) = entry?;
+            table.insert(retained_key(topic.value()).as_str(), value.value())?;
+            moved += 1;
+        }
+    }
+    txn.delete_table(LEGACY_RETAINED)?;
+    Ok(moved)
 }
 
 /// A name beside the data file that no earlier set-aside file uses.
@@ -265,7 +294,6 @@ enum Doomed {
     Subscription(String, String),
     InboundQos2(String, u16),
     Delivery(String, u64),
-    Retained(String),
 }
 
 /// One session's deliveries, gathered during the ordered scan of [`DELIVERIES`].
@@ -424,34 +452,16 @@ where
         done.finish(&mut sessions, report);
     }
 
-    let mut retained = Vec::new();
-    for entry in retained_table.iter()? {
-        let (key, value) = entry?;
-        let topic = key.value();
-        match decode_retained(value.value()) {
-            Ok(message) if message.topic == topic => retained.push(message),
-            Ok(_) => {
-                error!(%topic, "removing retained message stored under another topic's key");
-                report.corrupt += 1;
-                doomed.push(Doomed::Retained(topic.to_owned()));
-            }
-            Err(e) => {
-                error!(%topic, error = %e, "removing undecodable retained message: it is lost");
-                report.corrupt += 1;
-                doomed.push(Doomed::Retained(topic.to_owned()));
-            }
-        }
-    }
-
     report.sessions = sessions.len();
     for session in sessions.values() {
         report.subscriptions += session.subscriptions.len();
         report.inbound_qos2 += session.inbound_qos2.len();
     }
-    report.retained = retained.len();
+    // Counted from the table's header, not read: retained messages are read in pages when a
+    // subscriber needs them, and undecodable ones are removed then.
+    report.retained = retained_table.len()?;
     Ok(LoadedState {
         sessions: sessions.into_values().collect(),
-        retained,
     })
 }
 
@@ -460,7 +470,6 @@ fn remove_doomed(txn: &WriteTransaction, doomed: &[Doomed]) -> Result<(), redb::
     let mut subscriptions = txn.open_table(SUBSCRIPTIONS)?;
     let mut qos2 = txn.open_table(INBOUND_QOS2)?;
     let mut deliveries = txn.open_table(DELIVERIES)?;
-    let mut retained = txn.open_table(RETAINED)?;
     for record in doomed {
         match record {
             Doomed::Session(client) => {
@@ -474,9 +483,6 @@ fn remove_doomed(txn: &WriteTransaction, doomed: &[Doomed]) -> Result<(), redb::
             }
             Doomed::Delivery(client, seq) => {
                 deliveries.remove((client.as_str(), *seq))?;
-            }
-            Doomed::Retained(topic) => {
-                retained.remove(topic.as_str())?;
             }
         }
     }
@@ -521,6 +527,52 @@ where
         }
     }
     Ok(out)
+}
+
+/// One page of retained messages matching `filter` after the key `after` (see
+/// [`RetainedScan`]); the keys of undecodable records go to `bad`.
+fn scan_retained<T>(
+    table: &T,
+    filter: &str,
+    after: Option<&str>,
+    limit: usize,
+    bad: &mut Vec<String>,
+) -> Result<RetainedPage<StoredMessage>, redb::Error>
+where
+    T: ReadableTable<&'static str, &'static [u8]>,
+{
+    let start = RetainedScan::new(filter, limit);
+    let mut scan = start.clone();
+    let mut messages = Vec::new();
+    for entry in table.range::<&str>(start.start(after))? {
+        let (key, value) = entry?;
+        let key = key.value();
+        match scan.step(key) {
+            ScanStep::End => break,
+            ScanStep::Skip => {}
+            ScanStep::Take => match decode_retained(value.value()) {
+                Ok(message) if retained_key(&message.topic) == key => messages.push(message),
+                Ok(_) => {
+                    error!(key = %key.escape_debug(), "removing retained message stored under another topic's key");
+                    bad.push(key.to_owned());
+                }
+                Err(e) => {
+                    error!(key = %key.escape_debug(), error = %e, "removing undecodable retained message: it is lost");
+                    bad.push(key.to_owned());
+                }
+            },
+        }
+        if scan.full() {
+            return Ok(RetainedPage {
+                messages,
+                next: Some(key.to_owned()),
+            });
+        }
+    }
+    Ok(RetainedPage {
+        messages,
+        next: None,
+    })
 }
 
 /// The message of a caught panic.
@@ -1020,7 +1072,7 @@ impl Store for RedbStore {
         match encode_retained(message) {
             Ok(value) => self.write(CONTEXT, |txn| {
                 let mut table = txn.open_table(RETAINED)?;
-                table.insert(message.topic.as_str(), value.as_slice())?;
+                table.insert(retained_key(&message.topic).as_str(), value.as_slice())?;
                 Ok(())
             }),
             Err(e) => self.fail(CONTEXT, e),
@@ -1029,9 +1081,55 @@ impl Store for RedbStore {
 
     fn delete_retained(&mut self, topic: &str) {
         self.write("deleting a retained message", |txn| {
-            txn.open_table(RETAINED)?.remove(topic)?;
+            txn.open_table(RETAINED)?
+                .remove(retained_key(topic).as_str())?;
             Ok(())
         });
+    }
+
+    fn read_retained(
+        &mut self,
+        filter: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<RetainedPage<StoredMessage>, StoreError> {
+        const CONTEXT: &str = "reading retained messages";
+        let mut bad = Vec::new();
+        let page = match &self.txn {
+            Some(txn) => {
+                let table = txn.open_table(RETAINED).or_store(CONTEXT)?;
+                scan_retained(&table, filter, after, limit, &mut bad)
+            }
+            None => {
+                let txn = self.db.begin_read().or_store(CONTEXT)?;
+                let table = txn.open_table(RETAINED).or_store(CONTEXT)?;
+                scan_retained(&table, filter, after, limit, &mut bad)
+            }
+        }
+        .or_store(CONTEXT)?;
+        if !bad.is_empty() {
+            self.write("removing undecodable retained messages", |txn| {
+                let mut table = txn.open_table(RETAINED)?;
+                for key in &bad {
+                    table.remove(key.as_str())?;
+                }
+                Ok(())
+            });
+        }
+        Ok(page)
+    }
+
+    fn retained_len(&self) -> usize {
+        let len = match &self.txn {
+            Some(txn) => txn.open_table(RETAINED).ok().and_then(|t| t.len().ok()),
+            None => self
+                .db
+                .begin_read()
+                .ok()
+                .and_then(|txn| txn.open_table(RETAINED).ok())
+                .and_then(|t| t.len().ok()),
+        };
+        usize::try_from(len.unwrap_or(0)).unwrap_or(usize::MAX)
     }
 
     /// Commits the open batch: durably, or not, per the [`FsyncPolicy`]. With nothing written

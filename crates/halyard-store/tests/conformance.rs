@@ -9,7 +9,8 @@ use common::{
     delivery, message, plain_message, session, session_with_will, subscription, temp_dir,
 };
 use halyard_codec::QoS;
-use halyard_core::store::{DeliveryState, LoadedSession, LoadedState, Store};
+use halyard_core::retained::RETAINED_SCAN_BUDGET;
+use halyard_core::store::{DeliveryState, LoadedSession, LoadedState, Store, StoredMessage};
 use halyard_store::{FsyncPolicy, MemoryStore, RedbStore};
 
 /// A backend under test and how to restart it.
@@ -67,6 +68,31 @@ impl Harness for Redb {
 fn reload(h: &mut dyn Harness) -> LoadedState {
     h.restart();
     h.store().load().expect("load")
+}
+
+/// Every retained message matching `filter`, read `limit` at a time, checking that no page
+/// is longer than asked.
+fn retained(s: &mut dyn Store, filter: &str, limit: usize) -> Vec<StoredMessage> {
+    let mut out = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = s
+            .read_retained(filter, after.as_deref(), limit)
+            .expect("read");
+        assert!(page.messages.len() <= limit);
+        out.extend(page.messages);
+        match page.next {
+            Some(next) => after = Some(next),
+            None => return out,
+        }
+    }
+}
+
+fn topics(s: &mut dyn Store, filter: &str, limit: usize) -> Vec<String> {
+    retained(s, filter, limit)
+        .into_iter()
+        .map(|m| m.topic)
+        .collect()
 }
 
 fn find<'a>(state: &'a LoadedState, client: &str) -> &'a LoadedSession {
@@ -139,7 +165,8 @@ fn round_trips_everything(h: &mut dyn Harness) {
     assert!(b.inbound_qos2.is_empty() && b.inflight.is_empty());
     assert_eq!((b.first_pending, b.pending_count, b.next_seq), (None, 0, 0));
 
-    assert_eq!(state.retained, vec![retained_1, retained_2]);
+    assert_eq!(retained(h.store(), "#", 10), vec![retained_1, retained_2]);
+    assert_eq!(h.store().retained_len(), 2);
     let pending = h.store().read_pending("alice", 0, 100).expect("read");
     assert_eq!(pending.len(), 4);
     assert!(pending.iter().all(|(_, d)| *d == d_pending));
@@ -255,7 +282,7 @@ fn updates_and_deletes_are_kept(h: &mut dyn Harness) {
         (c.first_pending, c.pending_count, c.next_seq),
         (Some(3), 1, 4)
     );
-    assert_eq!(state.retained, vec![replacement]);
+    assert_eq!(retained(h.store(), "#", 10), vec![replacement]);
 
     // Back to pending: an in-flight delivery re-queued.
     h.store().set_delivery_state("c", 1, DeliveryState::Pending);
@@ -343,7 +370,7 @@ fn uncommitted_writes_are_visible_then_lost(h: &mut dyn Harness) {
             (c.first_pending, c.pending_count, c.next_seq),
             (Some(0), 1, 1)
         );
-        assert!(state.retained.is_empty());
+        assert!(retained(h.store(), "#", 10).is_empty());
         let pending = h.store().read_pending("c", 0, 10).expect("read");
         assert_eq!(pending[0].1.message.payload.as_ref(), b"kept");
     } else {
@@ -351,7 +378,7 @@ fn uncommitted_writes_are_visible_then_lost(h: &mut dyn Harness) {
             (c.first_pending, c.pending_count, c.next_seq),
             (Some(1), 1, 2)
         );
-        assert_eq!(state.retained.len(), 1);
+        assert_eq!(retained(h.store(), "#", 10).len(), 1);
     }
 }
 
@@ -375,7 +402,92 @@ fn records_without_a_session_are_not_loaded(h: &mut dyn Harness) {
 fn empty_store_loads_empty(h: &mut dyn Harness) {
     h.store().commit().expect("commit with nothing written");
     let state = reload(h);
-    assert!(state.sessions.is_empty() && state.retained.is_empty());
+    assert!(state.sessions.is_empty());
+    assert!(retained(h.store(), "#", 10).is_empty());
+    assert_eq!(h.store().retained_len(), 0);
+}
+
+/// Retained messages page in level-wise topic order with the same results for every page
+/// size and backend; reads see the open batch, and deletions made between pages are not
+/// returned later.
+fn retained_pages_by_filter(h: &mut dyn Harness) {
+    let s = h.store();
+    let names = [
+        "a",
+        "a/b",
+        "a/b/c",
+        "ab",
+        "a!/b",
+        "x/b",
+        "/lead",
+        "$SYS/uptime",
+        "$other/b",
+        "b/x/b",
+    ];
+    for name in names {
+        s.put_retained(&plain_message(name, b"v"));
+    }
+    for i in 0..40 {
+        s.put_retained(&plain_message(&format!("n/{i:02}"), b"v"));
+    }
+    // Visible before the commit, like `read_pending`.
+    assert_eq!(topics(s, "a/b", 10), ["a/b"]);
+    s.commit().expect("commit");
+    h.restart();
+    h.store().load().expect("load");
+    let s = h.store();
+    assert_eq!(s.retained_len(), names.len() + 40);
+    for limit in [1, 2, 7, 100] {
+        // [MQTT-4.7.1-2]: `a/#` matches `a`; [MQTT-4.7.2-1]: `#`/`+` skip `$` topics.
+        assert_eq!(topics(s, "a/#", limit), ["a", "a/b", "a/b/c"]);
+        assert_eq!(topics(s, "+/b", limit), ["a/b", "a!/b", "x/b"]);
+        assert_eq!(topics(s, "+/+/b", limit), ["b/x/b"]);
+        assert_eq!(topics(s, "$SYS/#", limit), ["$SYS/uptime"]);
+        assert_eq!(topics(s, "$other/+", limit), ["$other/b"]);
+        assert_eq!(topics(s, "ab", limit), ["ab"]);
+        assert_eq!(topics(s, "/#", limit), ["/lead"]);
+        let all = topics(s, "#", limit);
+        assert_eq!(all.len(), names.len() - 2 + 40, "limit {limit}");
+        assert_eq!(
+            &all[..7],
+            ["/lead", "a", "a/b", "a/b/c", "a!/b", "ab", "b/x/b"]
+        );
+        assert_eq!(topics(s, "n/+", limit).len(), 40);
+    }
+
+    // A deletion between two pages: the rest of the stream does not return it.
+    let first = s.read_retained("n/#", None, 5).expect("read");
+    assert_eq!(first.messages.len(), 5);
+    s.delete_retained("n/10");
+    s.put_retained(&plain_message("n/99", b"new"));
+    let mut rest = Vec::new();
+    let mut after = first.next;
+    while let Some(cursor) = after {
+        let page = s.read_retained("n/#", Some(&cursor), 5).expect("read");
+        rest.extend(page.messages.into_iter().map(|m| m.topic));
+        after = page.next;
+    }
+    assert_eq!(rest.len(), 35, "n/05..n/39 without n/10, plus n/99");
+    assert!(!rest.iter().any(|t| t == "n/10"));
+    assert_eq!(rest.last().map(String::as_str), Some("n/99"));
+}
+
+/// A filter that matches little still returns within the scan budget, with a cursor that
+/// finds the match later.
+fn retained_scan_budget_continues(h: &mut dyn Harness) {
+    let s = h.store();
+    for i in 0..(2 * RETAINED_SCAN_BUDGET + 10) {
+        s.put_retained(&plain_message(&format!("t{i:05}"), b"v"));
+    }
+    s.put_retained(&plain_message("z/x", b"v"));
+    s.commit().expect("commit");
+    let first = s.read_retained("+/x", None, 10).expect("read");
+    assert!(first.messages.is_empty());
+    assert!(
+        first.next.is_some(),
+        "stopped by the budget, not at the end"
+    );
+    assert_eq!(topics(s, "+/x", 10), ["z/x"]);
 }
 
 macro_rules! suite {
@@ -411,6 +523,14 @@ macro_rules! suite {
             #[test]
             fn empty_store_loads_empty() {
                 super::empty_store_loads_empty(&mut $make);
+            }
+            #[test]
+            fn retained_pages_by_filter() {
+                super::retained_pages_by_filter(&mut $make);
+            }
+            #[test]
+            fn retained_scan_budget_continues() {
+                super::retained_scan_budget_continues(&mut $make);
             }
         }
     };

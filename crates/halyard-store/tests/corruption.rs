@@ -15,7 +15,9 @@ use redb::TableDefinition;
 const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
 const SUBSCRIPTIONS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("subscriptions");
 const DELIVERIES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("deliveries");
-const RETAINED: TableDefinition<&str, &[u8]> = TableDefinition::new("retained");
+const RETAINED: TableDefinition<&str, &[u8]> = TableDefinition::new("retained_levels");
+/// The retained table of earlier versions, keyed by topic.
+const LEGACY_RETAINED: TableDefinition<&str, &[u8]> = TableDefinition::new("retained");
 
 /// Deterministic bytes that look nothing like a redb file.
 fn garbage(len: usize) -> Vec<u8> {
@@ -77,7 +79,7 @@ fn garbage_file_is_set_aside_and_the_store_starts_empty() {
     let aside = store.set_aside_file().expect("file set aside").to_owned();
     assert_eq!(fs::read(&aside).expect("set-aside file kept"), bytes);
     let state = store.load().expect("load");
-    assert!(state.sessions.is_empty() && state.retained.is_empty());
+    assert!(state.sessions.is_empty() && store.retained_len() == 0);
     drop(store);
     assert_usable(dir.path());
 
@@ -196,8 +198,9 @@ fn undecodable_records_are_skipped_logged_and_removed() {
             inbound_qos2: 0,
             inflight: 1,
             pending: 5,
-            retained: 1,
-            corrupt: 4,
+            // Counted, not read: the damaged one is found when a page is read.
+            retained: 2,
+            corrupt: 3,
             orphaned: 0,
         }
     );
@@ -209,7 +212,9 @@ fn undecodable_records_are_skipped_logged_and_removed() {
         (c.first_pending, c.pending_count, c.next_seq),
         (Some(0), 5, 12)
     );
-    assert_eq!(state.retained.len(), 1);
+    let page = store.read_retained("#", None, 10).expect("read");
+    assert_eq!(page.messages.len(), 1);
+    assert_eq!(store.retained_len(), 1, "the undecodable one is removed");
 
     // The damaged pending delivery is skipped when its page is read.
     let pending = store.read_pending("c", 0, 10).expect("read");
@@ -316,4 +321,42 @@ fn damaged_pages_are_salvaged_or_skipped() {
         store.commit().expect("commit");
     }
     assert!(salvaged > 0, "no run exercised the salvage path");
+}
+
+#[test]
+fn retained_messages_of_the_topic_keyed_table_are_moved_at_open() {
+    // The encoding of a retained message, as the current version writes it.
+    let source = temp_dir();
+    let mut store = RedbStore::open(source.path(), FsyncPolicy::Always).expect("open");
+    store.put_retained(&message("a/b", b"old"));
+    store.commit().expect("commit");
+    store.close().expect("close");
+    let encoded = {
+        let db = redb::Database::open(source.path().join(FILE_NAME)).expect("open raw");
+        let txn = db.begin_read().expect("txn");
+        let table = txn.open_table(RETAINED).expect("table");
+        let value = table
+            .get("a\0b")
+            .expect("get")
+            .expect("stored by level key");
+        value.value().to_vec()
+    };
+
+    // A file of an earlier version keeps it in the topic-keyed table.
+    let dir = temp_dir();
+    drop(RedbStore::open(dir.path(), FsyncPolicy::Always).expect("create"));
+    {
+        let db = redb::Database::open(dir.path().join(FILE_NAME)).expect("open raw");
+        let txn = db.begin_write().expect("txn");
+        txn.open_table(LEGACY_RETAINED)
+            .expect("table")
+            .insert("a/b", encoded.as_slice())
+            .expect("insert");
+        txn.commit().expect("commit");
+    }
+    let mut store = RedbStore::open(dir.path(), FsyncPolicy::Always).expect("reopen");
+    store.load().expect("load");
+    assert_eq!(store.retained_len(), 1);
+    let page = store.read_retained("a/+", None, 10).expect("read");
+    assert_eq!(page.messages[0].payload.as_ref(), b"old");
 }
