@@ -727,7 +727,7 @@ mod tests {
     #[test]
     fn every_scalar_key_can_be_set_from_the_environment() {
         let keys = scalar_keys();
-        assert_eq!(keys.len(), 19, "{keys:?}");
+        assert_eq!(keys.len(), 20, "{keys:?}");
         for key in keys {
             let mut config = FileConfig::default();
             let value = if key.contains("available") || key.starts_with("allow") {
