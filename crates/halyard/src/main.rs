@@ -5,6 +5,9 @@ mod config;
 mod ops;
 mod security_config;
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::future::Future;
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
@@ -199,7 +202,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         }
         stdout.flush()?;
         drop(stdout);
-        server.run(shutdown).await?;
+        tokio::spawn(server.run(shutdown)).await??;
         Ok::<_, anyhow::Error>(())
     })
 }
