@@ -8,8 +8,8 @@ use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use halyard_codec::{
-    encode, encoded_len, encoded_publish_topic, publish_packet_id_offset, DecodeError, Packet,
-    Properties, ProtocolVersion, QoS,
+    encode, encoded_publish_topic, publish_packet_id_offset, DecodeError, Packet, Properties,
+    ProtocolVersion, QoS,
 };
 use halyard_core::store::StoreError;
 use halyard_core::{Broker, ConnectionId, Output};
@@ -181,9 +181,12 @@ impl BatchSender {
             if queued.is_empty() {
                 *queued = batch;
             } else if !queued.close {
-                queued.packets.extend(batch.packets);
+                queued.wire.extend_from_slice(&batch.wire);
                 queued.bytes += batch.bytes;
                 queued.close = batch.close;
+                if batch.written.is_some() {
+                    queued.written = batch.written;
+                }
             }
         }
         self.0.ready.notify_one();
@@ -226,15 +229,6 @@ impl BatchReceiver {
         }
     }
 
-    /// Whether nothing is queued right now.
-    pub(crate) fn is_empty(&self) -> bool {
-        self.0
-            .outq
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_empty()
-    }
-
     /// Everything queued so far, if anything is.
     pub(crate) fn try_recv(&mut self) -> Option<Batch> {
         let mut queued = self.0.outq.lock().unwrap_or_else(|e| e.into_inner());
@@ -265,50 +259,29 @@ pub(crate) struct Link {
     pub(crate) shared: Arc<Shared>,
 }
 
-/// One packet on its way to a connection's writer.
-// `Packet` is far larger than `Shared`, but it was the batch element before `Shared`
-// existed: boxing it would add an allocation per packet to save nothing.
-#[allow(clippy::large_enum_variant)]
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Outgoing {
-    /// Encoded by the connection's writer.
-    Packet(Packet),
-    /// Not a packet: the writer reports [`Event::Written`] when it reaches this. Boxed, and
-    /// in the packet list rather than a field of [`Batch`], so that neither every batch nor
-    /// every connection's writer future grows for what only retained streams use.
-    Written(Box<WrittenNotice>),
-    /// A PUBLISH encoded once for every subscriber that gets the same form (DESIGN.md
-    /// section 3). For QoS 1/2 the writer writes this connection's packet id at the offset.
-    Shared {
-        /// The encoding, shared by all those subscribers.
-        bytes: Bytes,
-        /// (offset, packet id) to patch, for QoS 1/2.
-        packet_id: Option<(usize, u16)>,
-    },
-}
-
-impl From<Packet> for Outgoing {
-    fn from(packet: Packet) -> Outgoing {
-        Outgoing::Packet(packet)
-    }
-}
-
-/// Everything one drain of the core produced for one connection.
+/// Everything one drain of the core produced for one connection, already encoded: the
+/// broker task encodes as it dispatches, straight into this buffer, so a packet is never
+/// moved as a value again (a `Packet` is about 400 bytes; queueing them per connection and
+/// encoding in the writer spent a quarter of fan-in's CPU in `memmove`) and the writer only
+/// writes.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct Batch {
-    /// Packets to write, in order.
-    pub(crate) packets: Vec<Outgoing>,
-    /// Their encoded size, added to [`Shared::queued_bytes`]; the writer subtracts exactly
+    /// The packets' bytes, in order.
+    pub(crate) wire: BytesMut,
+    /// Bytes added to [`Shared::queued_bytes`] for this batch; the writer subtracts exactly
     /// this once they are written.
     pub(crate) bytes: usize,
+    /// Report [`Event::Written`] when the writer takes this batch. Boxed: only retained
+    /// streams use it, and the core has at most one outstanding per connection.
+    pub(crate) written: Option<Box<WrittenNotice>>,
     /// Close the connection after writing the packets.
     pub(crate) close: bool,
 }
 
 impl Batch {
-    /// Whether there is nothing to do: no packets, no close, no notice.
+    /// Whether there is nothing to do: no bytes, no close, no notice.
     fn is_empty(&self) -> bool {
-        self.packets.is_empty() && !self.close && self.bytes == 0
+        self.wire.is_empty() && !self.close && self.written.is_none()
     }
 }
 
@@ -448,14 +421,14 @@ struct LinkState {
     /// Drops on this connection so far; the first one is logged as a warning, the rest at
     /// debug level, so a stuck client cannot flood the log.
     dropped_qos0: u32,
-    /// Packets in this connection's previous batch: the next batch's vector starts with this
-    /// capacity, instead of growing by doubling (each step copying 400-byte packets).
+    /// Bytes in this connection's previous batch: the next batch's buffer starts with this
+    /// capacity, instead of growing by doubling.
     batch_hint: u32,
 }
 
 /// Largest [`LinkState::batch_hint`], so one burst does not make every later batch of the
 /// connection allocate for a burst.
-const MAX_BATCH_HINT: usize = 256;
+const MAX_BATCH_HINT: usize = 64 * 1024;
 
 impl Dispatcher {
     fn new(max_outbound_buffer: usize) -> Dispatcher {
@@ -557,18 +530,18 @@ impl Dispatcher {
                     let events = self.written.as_ref().and_then(mpsc::WeakSender::upgrade);
                     if let (Some(events), true) = (events, self.links.contains_key(&conn)) {
                         let notice = Box::new(WrittenNotice { conn, events });
-                        let batch = self.pending.entry(conn).or_default();
-                        batch.packets.push(Outgoing::Written(notice));
+                        self.pending.entry(conn).or_default().written = Some(notice);
                     }
                 }
             }
         }
-        for (conn, batch) in self.pending.drain() {
+        for (conn, mut batch) in self.pending.drain() {
             let close = batch.close;
             let Some(state) = self.links.get_mut(&conn) else {
                 continue;
             };
-            state.batch_hint = batch.packets.len().min(MAX_BATCH_HINT) as u32;
+            batch.bytes = batch.wire.len();
+            state.batch_hint = batch.bytes.min(MAX_BATCH_HINT) as u32;
             state
                 .link
                 .shared
@@ -582,19 +555,19 @@ impl Dispatcher {
         }
     }
 
-    /// Adds one packet to its connection's batch, unless it is a QoS 0 PUBLISH to a
+    /// Encodes one packet into its connection's batch, unless it is a QoS 0 PUBLISH to a
     /// connection whose unwritten bytes already exceed the limit. A PUBLISH that is part of
-    /// a fan-out (`fan_out`, or the same form as the one encoded last) goes out as a shared
-    /// encoding.
+    /// a fan-out (`fan_out`, or the same form as the one encoded last) is copied from a
+    /// shared encoding with its packet id patched in.
     fn queue(&mut self, conn: ConnectionId, packet: Packet, fan_out: bool) {
         let Some(state) = self.links.get_mut(&conn) else {
             return;
         };
         let batch = self.pending.entry(conn).or_insert_with(|| Batch {
-            packets: Vec::with_capacity(state.batch_hint as usize),
+            wire: BytesMut::with_capacity(state.batch_hint as usize),
             ..Batch::default()
         });
-        let queued = state.link.shared.queued_bytes.load(Ordering::Relaxed) + batch.bytes;
+        let queued = state.link.shared.queued_bytes.load(Ordering::Relaxed) + batch.wire.len();
         if queued > self.max_outbound_buffer && is_qos0_publish(&packet) {
             self.dropped_qos0 += 1;
             self.metrics.dropped_slow_consumer.inc();
@@ -607,19 +580,20 @@ impl Dispatcher {
             return;
         }
         let version = state.link.shared.version();
-        if let Some(outgoing) = share(&mut self.shared_publish, &packet, version, fan_out) {
-            let Outgoing::Shared { bytes, .. } = &outgoing else {
-                unreachable!("share returns shared encodings only")
-            };
-            self.metrics.count_outbound(&packet, bytes.len());
-            batch.bytes += bytes.len();
-            batch.packets.push(outgoing);
+        let start = batch.wire.len();
+        if let Some(shared) = share(&mut self.shared_publish, &packet, version, fan_out) {
+            batch.wire.extend_from_slice(&shared.bytes);
+            if let Some((at, id)) = shared.packet_id {
+                batch.wire[start + at..start + at + 2].copy_from_slice(&id.to_be_bytes());
+            }
+        } else if let Err(error) = encode(&packet, version, &mut batch.wire) {
+            batch.wire.truncate(start);
+            warn!(conn, %error, packet = packet_name(&packet), "cannot encode; skipped");
             return;
         }
-        let len = encoded_len(&packet, version);
-        self.metrics.count_outbound(&packet, len);
-        batch.bytes += len;
-        batch.packets.push(Outgoing::Packet(packet));
+        self.metrics
+            .count_outbound(&packet, batch.wire.len() - start);
+        debug!(conn, packet = packet_name(&packet), "sent");
     }
 }
 
@@ -642,15 +616,24 @@ fn same_payload(a: &Bytes, b: &Bytes) -> bool {
     a.as_ptr() == b.as_ptr() && a.len() == b.len()
 }
 
+/// A PUBLISH encoded once for every subscriber that gets the same form (DESIGN.md section
+/// 3): copied into each batch, with that connection's packet id written at the offset.
+struct SharedEncoding<'a> {
+    /// The encoding, shared by all those subscribers.
+    bytes: &'a Bytes,
+    /// (offset, packet id) to patch, for QoS 1/2.
+    packet_id: Option<(usize, u16)>,
+}
+
 /// The shared encoding for `packet`, encoding it now if it is part of a fan-out; `None`
 /// when it is not a PUBLISH that can be shared (MQTT 5 with per-subscriber properties:
 /// subscription identifiers, expiry, topic alias).
-fn share(
-    cache: &mut [Option<SharedPublish>; 2],
+fn share<'a>(
+    cache: &'a mut [Option<SharedPublish>; 2],
     packet: &Packet,
     version: ProtocolVersion,
     fan_out: bool,
-) -> Option<Outgoing> {
+) -> Option<SharedEncoding<'a>> {
     let Packet::Publish(publish) = packet else {
         return None;
     };
@@ -678,10 +661,31 @@ fn share(
         });
     }
     let cached = slot.as_ref()?;
-    Some(Outgoing::Shared {
-        bytes: cached.bytes.clone(),
+    Some(SharedEncoding {
+        bytes: &cached.bytes,
         packet_id: cached.packet_id_at.zip(publish.packet_id),
     })
+}
+
+/// Short packet name for logs; the full `Debug` form could dump whole payloads.
+pub(crate) fn packet_name(packet: &Packet) -> &'static str {
+    match packet {
+        Packet::Connect(_) => "CONNECT",
+        Packet::ConnAck(_) => "CONNACK",
+        Packet::Publish(_) => "PUBLISH",
+        Packet::PubAck(_) => "PUBACK",
+        Packet::PubRec(_) => "PUBREC",
+        Packet::PubRel(_) => "PUBREL",
+        Packet::PubComp(_) => "PUBCOMP",
+        Packet::Subscribe(_) => "SUBSCRIBE",
+        Packet::SubAck(_) => "SUBACK",
+        Packet::Unsubscribe(_) => "UNSUBSCRIBE",
+        Packet::UnsubAck(_) => "UNSUBACK",
+        Packet::PingReq => "PINGREQ",
+        Packet::PingResp => "PINGRESP",
+        Packet::Disconnect(_) => "DISCONNECT",
+        Packet::Auth(_) => "AUTH",
+    }
 }
 
 fn is_qos0_publish(packet: &Packet) -> bool {
@@ -693,24 +697,9 @@ mod tests {
     use super::*;
     use halyard_codec::{Publish, QoS};
 
-    /// What the writer would put on the wire for `batch`, decoded back into packets.
+    /// What the writer puts on the wire for `batch`, decoded back into packets.
     fn packets_of(batch: &Batch) -> Vec<Packet> {
-        let mut wire = BytesMut::new();
-        for outgoing in &batch.packets {
-            match outgoing {
-                Outgoing::Packet(packet) => {
-                    encode(packet, ProtocolVersion::V3_1_1, &mut wire).expect("encodable")
-                }
-                Outgoing::Shared { bytes, packet_id } => {
-                    let start = wire.len();
-                    wire.extend_from_slice(bytes);
-                    if let Some((at, id)) = packet_id {
-                        wire[start + at..start + at + 2].copy_from_slice(&id.to_be_bytes());
-                    }
-                }
-                Outgoing::Written(_) => {}
-            }
-        }
+        let mut wire = batch.wire.clone();
         let context = halyard_codec::DecodeContext {
             version: Some(ProtocolVersion::V3_1_1),
             max_packet_size: u32::MAX,
@@ -742,20 +731,15 @@ mod tests {
             conn: u64::from(conn),
             packet: delivery(conn * 10),
         }));
-        let mut encodings = Vec::new();
         for (index, rx) in receivers.iter_mut().enumerate() {
             let batch = rx.try_recv().expect("a batch");
-            let [Outgoing::Shared { bytes, .. }] = batch.packets.as_slice() else {
-                panic!("expected one shared encoding, got {:?}", batch.packets);
-            };
-            encodings.push(bytes.as_ptr());
             let id = u16::try_from(index + 1).expect("small") * 10;
             assert_eq!(packets_of(&batch), vec![delivery(id)], "own packet id");
         }
-        assert!(
-            encodings.windows(2).all(|pair| pair[0] == pair[1]),
-            "one encoding shared"
-        );
+        let [Some(shared), None] = &dispatcher.shared_publish else {
+            panic!("one MQTT 3.x encoding shared by the three deliveries");
+        };
+        assert!(same_payload(&shared.payload, &payload));
     }
 
     fn link() -> (Link, BatchReceiver) {
@@ -816,8 +800,8 @@ mod tests {
             vec![Packet::PingResp, publish(QoS::AtMostOnce)]
         );
         assert!(batch.close);
-        let expected = encoded_len(&Packet::PingResp, ProtocolVersion::V3_1_1)
-            + encoded_len(&publish(QoS::AtMostOnce), ProtocolVersion::V3_1_1);
+        let expected = halyard_codec::encoded_len(&Packet::PingResp, ProtocolVersion::V3_1_1)
+            + halyard_codec::encoded_len(&publish(QoS::AtMostOnce), ProtocolVersion::V3_1_1);
         assert_eq!(batch.bytes, expected);
         assert!(rx1.try_recv().is_none(), "exactly one message per drain");
         assert_eq!(
@@ -875,7 +859,7 @@ mod tests {
             }]
             .into_iter(),
         );
-        assert_eq!(rx.try_recv().expect("a batch").packets.len(), 1);
+        assert_eq!(packets_of(&rx.try_recv().expect("a batch")).len(), 1);
     }
 
     #[test]
@@ -913,10 +897,7 @@ mod tests {
             .into_iter(),
         );
         let batch = rx.try_recv().expect("one batch");
-        assert!(matches!(
-            batch.packets.as_slice(),
-            [Outgoing::Packet(_), Outgoing::Written(notice)] if notice.conn == 1
-        ));
+        assert_eq!(batch.written.as_ref().map(|notice| notice.conn), Some(1));
         assert_eq!(packets_of(&batch), [publish(QoS::AtMostOnce)]);
     }
 

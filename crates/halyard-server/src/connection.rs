@@ -22,7 +22,7 @@ use tracing::{debug, info, warn, Span};
 
 use crate::auth::Security;
 use crate::broker_task::{
-    batch_channel, Batch, BatchReceiver, BatchSender, Event, Link, Outgoing, Shared, WrittenNotice,
+    batch_channel, packet_name, Batch, BatchReceiver, BatchSender, Event, Link, Shared,
 };
 
 /// Bytes reserved in the read buffer before a read while traffic flows (the previous read
@@ -219,11 +219,16 @@ fn refuse(
         code: refusal.code(version.is_v5()),
         ..ConnAck::default()
     });
+    let mut wire = BytesMut::new();
+    if let Err(error) = encode(&ack, version, &mut wire) {
+        warn!(%error, "cannot encode the refusing CONNACK; closing without it");
+    }
     if let Some(reply) = auth.reply.take() {
         // The writer subtracts `bytes` from the slow-consumer count: none were added.
         let _ = reply.send(Batch {
-            packets: vec![ack.into()],
+            wire,
             bytes: 0,
+            written: None,
             close: true,
         });
     }
@@ -462,70 +467,27 @@ fn write_side<'a, W: AsyncWrite + Unpin + 'a>(
     shared: &'a Shared,
 ) -> impl Future<Output = io::Result<()>> + 'a {
     async move {
-        let mut buf = BytesMut::new();
         // `None` means the broker task dropped our link without a Close: it has stopped.
-        while let Some(first) = rx.recv().await {
-            let version = shared.version();
-            let mut accounted = 0;
-            let mut close = false;
-            let mut next = Some(first);
-            while let Some(batch) = next {
-                accounted += batch.bytes;
-                // `bytes` is the batch's encoded size: one allocation instead of doubling a
-                // buffer that starts empty (idle connections keep none, see below).
-                buf.reserve(batch.bytes);
-                for outgoing in &batch.packets {
-                    let packet = match outgoing {
-                        Outgoing::Packet(packet) => packet,
-                        Outgoing::Written(notice) => {
-                            // Reported as the batch is taken, so the broker reads the next
-                            // page of a retained stream while this one is written: at most
-                            // two pages wait here, since the next batch is taken only once
-                            // this write is done. A task of its own, so the wait for room in
-                            // the event channel is not part of every writer's future.
-                            tokio::spawn(WrittenNotice::clone(notice).send());
-                            continue;
-                        }
-                        Outgoing::Shared { bytes, packet_id } => {
-                            let start = buf.len();
-                            buf.extend_from_slice(bytes);
-                            if let Some((at, id)) = packet_id {
-                                buf[start + at..start + at + 2].copy_from_slice(&id.to_be_bytes());
-                            }
-                            debug!(packet = "PUBLISH", "sent");
-                            continue;
-                        }
-                    };
-                    let start = buf.len();
-                    match encode(packet, version, &mut buf) {
-                        Ok(()) => debug!(packet = packet_name(packet), "sent"),
-                        Err(error) => {
-                            buf.truncate(start);
-                            warn!(%error, packet = packet_name(packet), "cannot encode; skipped");
-                        }
-                    }
-                }
-                if batch.close {
-                    close = true;
-                    break;
-                }
-                next = rx.try_recv();
+        // A receive takes everything queued, already encoded, as one buffer.
+        while let Some(batch) = rx.recv().await {
+            if let Some(notice) = batch.written {
+                // Reported as the batch is taken, so the broker reads the next page of a
+                // retained stream while this one is written: at most two pages wait here,
+                // since the next batch is taken only once this write is done. A task of its
+                // own, so the wait for room in the event channel is not part of every
+                // writer's future.
+                tokio::spawn(notice.send());
             }
-            if !buf.is_empty() {
-                writer.write_all(&buf).await?;
+            if !batch.wire.is_empty() {
+                writer.write_all(&batch.wire).await?;
                 // A no-op for TCP; TLS and WebSocket streams buffer until flushed.
                 writer.flush().await?;
-                buf.clear();
             }
             shared
                 .queued_bytes
-                .fetch_sub(accounted, std::sync::atomic::Ordering::Relaxed);
-            if close {
+                .fetch_sub(batch.bytes, std::sync::atomic::Ordering::Relaxed);
+            if batch.close {
                 break;
-            }
-            // Nothing waiting: an idle connection keeps no write buffer.
-            if buf.capacity() > MAX_RETAINED_BUFFER || rx.is_empty() {
-                buf = BytesMut::new();
             }
         }
         writer.shutdown().await
@@ -548,27 +510,6 @@ async fn linger<R: AsyncRead + Unpin>(reader: &mut R) {
     };
     // Elapsing is the normal end for a peer that keeps its socket open.
     let _ = timeout(LINGER, drain).await;
-}
-
-/// Short packet name for logs; the full `Debug` form could dump whole payloads.
-fn packet_name(packet: &Packet) -> &'static str {
-    match packet {
-        Packet::Connect(_) => "CONNECT",
-        Packet::ConnAck(_) => "CONNACK",
-        Packet::Publish(_) => "PUBLISH",
-        Packet::PubAck(_) => "PUBACK",
-        Packet::PubRec(_) => "PUBREC",
-        Packet::PubRel(_) => "PUBREL",
-        Packet::PubComp(_) => "PUBCOMP",
-        Packet::Subscribe(_) => "SUBSCRIBE",
-        Packet::SubAck(_) => "SUBACK",
-        Packet::Unsubscribe(_) => "UNSUBSCRIBE",
-        Packet::UnsubAck(_) => "UNSUBACK",
-        Packet::PingReq => "PINGREQ",
-        Packet::PingResp => "PINGRESP",
-        Packet::Disconnect(_) => "DISCONNECT",
-        Packet::Auth(_) => "AUTH",
-    }
 }
 
 #[cfg(test)]
@@ -653,9 +594,11 @@ mod tests {
         assert_eq!(link.shared.version.get(), Some(&ProtocolVersion::V5));
 
         // The broker answers and closes: the client reads the reply, then EOF.
+        let wire = BytesMut::from(&bytes_of(&[Packet::PingResp], ProtocolVersion::V5)[..]);
         let batch = Batch {
-            packets: vec![Packet::PingResp.into()],
-            bytes: encoded_len_of(&Packet::PingResp),
+            bytes: wire.len(),
+            wire,
+            written: None,
             close: true,
         };
         link.shared
@@ -683,10 +626,6 @@ mod tests {
             h.events.try_recv().is_err(),
             "a connection the broker closed is not reported lost"
         );
-    }
-
-    fn encoded_len_of(packet: &Packet) -> usize {
-        halyard_codec::encoded_len(packet, ProtocolVersion::V5)
     }
 
     #[tokio::test]
