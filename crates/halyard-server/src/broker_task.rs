@@ -582,7 +582,7 @@ impl Dispatcher {
         let version = state.link.shared.version();
         let start = batch.wire.len();
         if let Some(shared) = share(&mut self.shared_publish, &packet, version, fan_out) {
-            batch.wire.extend_from_slice(&shared.bytes);
+            batch.wire.extend_from_slice(shared.bytes);
             if let Some((at, id)) = shared.packet_id {
                 batch.wire[start + at..start + at + 2].copy_from_slice(&id.to_be_bytes());
             }
