@@ -424,6 +424,14 @@ impl Broker {
         self.out.outputs.pop_front()
     }
 
+    /// Hands `handle` everything [`Broker::poll_output`] would return, in order, as one
+    /// slice, then forgets it: for a server that only reads the outputs (it encodes them),
+    /// this saves moving each out of the queue, and a `Send` is about 400 bytes.
+    pub fn take_outputs_with(&mut self, handle: impl FnOnce(&[Output])) {
+        handle(self.out.outputs.make_contiguous());
+        self.out.outputs.clear();
+    }
+
     /// The earliest instant at which [`Broker::handle_timeout`] may have work to do.
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.timers.peek().map(|Reverse((at, _))| *at)

@@ -360,7 +360,7 @@ pub(crate) async fn run(
             _ = idle_commit.tick() => {}
         }
         commit(&mut broker)?;
-        dispatcher.dispatch(std::iter::from_fn(|| broker.poll_output()));
+        broker.take_outputs_with(|outputs| dispatcher.dispatch(outputs));
         if let Some(since) = publishes_since {
             dispatcher.metrics.observe_publish_latency(since.elapsed());
         }
@@ -373,7 +373,7 @@ pub(crate) async fn run(
     }
     broker.shutdown(Instant::now());
     commit(&mut broker)?;
-    dispatcher.dispatch(std::iter::from_fn(|| broker.poll_output()));
+    broker.take_outputs_with(|outputs| dispatcher.dispatch(outputs));
     info!(dropped_qos0 = dispatcher.dropped_qos0, "broker stopped");
     Ok(())
 }
@@ -489,15 +489,14 @@ impl Dispatcher {
     }
 
     /// Sends each connection one batch holding everything `outputs` has for it.
-    fn dispatch(&mut self, outputs: impl Iterator<Item = Output>) {
-        let mut outputs = outputs.peekable();
+    fn dispatch(&mut self, outputs: &[Output]) {
         self.shared_publish = [None, None];
-        while let Some(output) = outputs.next() {
-            match output {
-                Output::Send { conn, packet } => {
+        for (index, output) in outputs.iter().enumerate() {
+            match *output {
+                Output::Send { conn, ref packet } => {
                     // The core emits one message's deliveries back to back: when the next
                     // one carries the same payload, this encoding is worth sharing.
-                    let fan_out = match (&packet, outputs.peek()) {
+                    let fan_out = match (packet, outputs.get(index + 1)) {
                         (
                             Packet::Publish(this),
                             Some(Output::Send {
@@ -559,7 +558,7 @@ impl Dispatcher {
     /// connection whose unwritten bytes already exceed the limit. A PUBLISH that is part of
     /// a fan-out (`fan_out`, or the same form as the one encoded last) is copied from a
     /// shared encoding with its packet id patched in.
-    fn queue(&mut self, conn: ConnectionId, packet: Packet, fan_out: bool) {
+    fn queue(&mut self, conn: ConnectionId, packet: &Packet, fan_out: bool) {
         let Some(state) = self.links.get_mut(&conn) else {
             return;
         };
@@ -568,7 +567,7 @@ impl Dispatcher {
             ..Batch::default()
         });
         let queued = state.link.shared.queued_bytes.load(Ordering::Relaxed) + batch.wire.len();
-        if queued > self.max_outbound_buffer && is_qos0_publish(&packet) {
+        if queued > self.max_outbound_buffer && is_qos0_publish(packet) {
             self.dropped_qos0 += 1;
             self.metrics.dropped_slow_consumer.inc();
             state.dropped_qos0 = state.dropped_qos0.saturating_add(1);
@@ -581,19 +580,19 @@ impl Dispatcher {
         }
         let version = state.link.shared.version();
         let start = batch.wire.len();
-        if let Some(shared) = share(&mut self.shared_publish, &packet, version, fan_out) {
+        if let Some(shared) = share(&mut self.shared_publish, packet, version, fan_out) {
             batch.wire.extend_from_slice(shared.bytes);
             if let Some((at, id)) = shared.packet_id {
                 batch.wire[start + at..start + at + 2].copy_from_slice(&id.to_be_bytes());
             }
-        } else if let Err(error) = encode(&packet, version, &mut batch.wire) {
+        } else if let Err(error) = encode(packet, version, &mut batch.wire) {
             batch.wire.truncate(start);
-            warn!(conn, %error, packet = packet_name(&packet), "cannot encode; skipped");
+            warn!(conn, %error, packet = packet_name(packet), "cannot encode; skipped");
             return;
         }
         self.metrics
-            .count_outbound(&packet, batch.wire.len() - start);
-        debug!(conn, packet = packet_name(&packet), "sent");
+            .count_outbound(packet, batch.wire.len() - start);
+        debug!(conn, packet = packet_name(packet), "sent");
     }
 }
 
@@ -727,10 +726,13 @@ mod tests {
                 ..Publish::default()
             })
         };
-        dispatcher.dispatch((1..=3u16).map(|conn| Output::Send {
-            conn: u64::from(conn),
-            packet: delivery(conn * 10),
-        }));
+        let outputs: Vec<Output> = (1..=3u16)
+            .map(|conn| Output::Send {
+                conn: u64::from(conn),
+                packet: delivery(conn * 10),
+            })
+            .collect();
+        dispatcher.dispatch(&outputs);
         for (index, rx) in receivers.iter_mut().enumerate() {
             let batch = rx.try_recv().expect("a batch");
             let id = u16::try_from(index + 1).expect("small") * 10;
@@ -777,7 +779,7 @@ mod tests {
         open(&mut dispatcher, 1, link1);
         open(&mut dispatcher, 2, link2);
         dispatcher.dispatch(
-            [
+            &[
                 Output::Send {
                     conn: 1,
                     packet: Packet::PingResp,
@@ -792,7 +794,6 @@ mod tests {
                 },
                 Output::Close { conn: 1 },
             ]
-            .into_iter(),
         );
         let batch = rx1.try_recv().expect("a batch for conn 1");
         assert_eq!(
@@ -829,7 +830,7 @@ mod tests {
             publish(QoS::AtMostOnce),
         ]
         .map(|packet| Output::Send { conn: 1, packet });
-        dispatcher.dispatch(outputs.into_iter());
+        dispatcher.dispatch(&outputs);
         let batch = rx.try_recv().expect("a batch");
         let qos: Vec<QoS> = packets_of(&batch)
             .iter()
@@ -853,11 +854,10 @@ mod tests {
         // Once the writer has caught up, QoS 0 flows again.
         shared.queued_bytes.store(0, Ordering::Relaxed);
         dispatcher.dispatch(
-            [Output::Send {
+            &[Output::Send {
                 conn: 1,
                 packet: publish(QoS::AtMostOnce),
             }]
-            .into_iter(),
         );
         assert_eq!(packets_of(&rx.try_recv().expect("a batch")).len(), 1);
     }
@@ -866,14 +866,13 @@ mod tests {
     fn outputs_for_unknown_connections_are_ignored() {
         let mut dispatcher = Dispatcher::new(1 << 20);
         dispatcher.dispatch(
-            [
+            &[
                 Output::Send {
                     conn: 9,
                     packet: Packet::PingResp,
                 },
                 Output::Close { conn: 9 },
             ]
-            .into_iter(),
         );
         assert!(dispatcher.pending.is_empty());
     }
@@ -886,7 +885,7 @@ mod tests {
         let (link, mut rx) = link();
         open(&mut dispatcher, 1, link);
         dispatcher.dispatch(
-            [
+            &[
                 Output::Send {
                     conn: 1,
                     packet: publish(QoS::AtMostOnce),
@@ -894,7 +893,6 @@ mod tests {
                 Output::NotifyWritten { conn: 1 },
                 Output::NotifyWritten { conn: 2 },
             ]
-            .into_iter(),
         );
         let batch = rx.try_recv().expect("one batch");
         assert_eq!(batch.written.as_ref().map(|notice| notice.conn), Some(1));
