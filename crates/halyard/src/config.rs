@@ -72,7 +72,7 @@ pub struct FileConfig {
     pub storage: StorageConfig,
     /// Seconds between `$SYS/broker/...` publications; 0 turns `$SYS` off.
     pub sys_interval: u64,
-    /// Tokio worker threads; 0 (the default) means one fewer than the CPUs, at least one
+    /// Tokio worker threads; 0 (the default) means one per CPU
     /// (see [`FileConfig::effective_worker_threads`]).
     pub worker_threads: usize,
     /// The `[http]` table: metrics, probes, admin API and status page.
@@ -243,16 +243,15 @@ impl From<FileConfig> for ServerConfig {
 }
 
 impl FileConfig {
-    /// The worker threads to run: `worker_threads`, or when it is 0 one fewer than the
-    /// available CPUs (at least one). The broker core is one task, so extra workers only
-    /// parallelise socket I/O and codec work, and every extra worker adds cross-thread
-    /// wake-ups to each message's path (reader, broker task, writer): on the 2-CPU bench
-    /// machine one worker had the same throughput as two and half the median latency
-    /// (BENCHMARKS.md). The CPU left over serves the kernel's network stack, fsyncs (run on
-    /// the blocking pool) and the clients.
+    /// The worker threads to run: `worker_threads`, or when it is 0 one per available CPU.
+    /// The broker core is one task; the other workers decode, encode and do the socket I/O
+    /// of the connections in parallel with it (fan-in QoS 0 on the 2-CPU bench machine:
+    /// 1.9 M deliveries/s with two workers, 1.3 M with one). One worker keeps each message's
+    /// hand-offs (reader, broker task, writer) on one thread instead, which lowers the median
+    /// latency at low load (BENCHMARKS.md): `worker_threads = 1` is for that trade.
     pub fn effective_worker_threads(&self, available_cpus: usize) -> usize {
         match self.worker_threads {
-            0 => available_cpus.saturating_sub(1).max(1),
+            0 => available_cpus.max(1),
             threads => threads,
         }
     }
@@ -681,11 +680,11 @@ mod tests {
     }
 
     #[test]
-    fn worker_threads_default_leaves_one_cpu_and_an_explicit_count_wins() {
+    fn worker_threads_default_is_one_per_cpu_and_an_explicit_count_wins() {
         let default = load("").expect("valid");
-        assert_eq!(default.effective_worker_threads(1), 1);
-        assert_eq!(default.effective_worker_threads(2), 1);
-        assert_eq!(default.effective_worker_threads(8), 7);
+        assert_eq!(default.effective_worker_threads(0), 1);
+        assert_eq!(default.effective_worker_threads(2), 2);
+        assert_eq!(default.effective_worker_threads(8), 8);
         let explicit = load("worker_threads = 4\n").expect("valid");
         assert_eq!(explicit.effective_worker_threads(2), 4);
         let message = error_of(load("worker_threads = -1\n"));
