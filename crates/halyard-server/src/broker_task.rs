@@ -13,6 +13,8 @@ use halyard_codec::{
 };
 use halyard_core::store::StoreError;
 use halyard_core::{Broker, ConnectionId, Output};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::{debug, error, info, warn};
 
@@ -137,6 +139,9 @@ pub(crate) struct Shared {
     senders: AtomicUsize,
     /// Wakes the writer when `outq` gets something or the last sender goes.
     ready: Notify,
+    /// Set (under the `outq` lock) while the writer holds bytes it took from `outq` and has
+    /// not written yet: the dispatcher must not write past them.
+    writing: AtomicBool,
 }
 
 impl Shared {
@@ -229,13 +234,21 @@ impl BatchReceiver {
         }
     }
 
-    /// Everything queued so far, if anything is.
+    /// Everything queued so far, if anything is. The writer owns its bytes until it calls
+    /// [`BatchReceiver::written`].
     pub(crate) fn try_recv(&mut self) -> Option<Batch> {
         let mut queued = self.0.outq.lock().unwrap_or_else(|e| e.into_inner());
         if queued.is_empty() {
             return None;
         }
+        self.0.writing.store(true, Ordering::Relaxed);
         Some(std::mem::take(&mut *queued))
+    }
+
+    /// The batch taken last is written: the dispatcher may write directly again.
+    pub(crate) fn written(&mut self) {
+        let _queued = self.0.outq.lock().unwrap_or_else(|e| e.into_inner());
+        self.0.writing.store(false, Ordering::Relaxed);
     }
 }
 
@@ -257,6 +270,35 @@ pub(crate) struct Link {
     pub(crate) tx: BatchSender,
     /// Shared with the connection task.
     pub(crate) shared: Arc<Shared>,
+    /// A plain TCP connection's socket, for [`Link::write_directly`]; `None` for TLS and
+    /// WebSocket, whose framing state lives in the connection task.
+    pub(crate) direct: Option<Arc<OwnedWriteHalf>>,
+}
+
+impl Link {
+    /// Writes the start of `batch` straight to the socket when the connection's writer is
+    /// idle, so that the common case (a socket with room) needs no wake-up of the connection
+    /// task: one hand-off fewer per message, as in a single-threaded broker. Whatever the
+    /// socket does not take right away stays in `batch` for the writer. Batches with a close
+    /// or a write notice always go through the writer, which owns those steps.
+    fn write_directly(&self, batch: &mut Batch) {
+        let Some(socket) = &self.direct else {
+            return;
+        };
+        if batch.close || batch.written.is_some() || batch.wire.is_empty() {
+            return;
+        }
+        // Held across the write: the writer cannot take (and write) anything meanwhile.
+        let queued = self.shared.outq.lock().unwrap_or_else(|e| e.into_inner());
+        if !queued.is_empty() || self.shared.writing.load(Ordering::Relaxed) {
+            return;
+        }
+        let socket: &TcpStream = socket.as_ref().as_ref();
+        // An error is left for the writer to meet on its own write, where it ends the task.
+        if let Ok(written) = socket.try_write(&batch.wire) {
+            bytes::Buf::advance(&mut batch.wire, written);
+        }
+    }
 }
 
 /// Everything one drain of the core produced for one connection, already encoded: the
@@ -412,6 +454,9 @@ struct Dispatcher {
     shared_publish: [Option<SharedPublish>; 2],
     /// See [`TaskOps::written`].
     written: Option<mpsc::WeakSender<Event>>,
+    /// Links of connections lost in this drain, dropped by the next `dispatch` (after the
+    /// drain's commit).
+    lost: Vec<LinkState>,
 }
 
 /// One connection's link and its slow-consumer bookkeeping.
@@ -440,6 +485,7 @@ impl Dispatcher {
             metrics: Arc::default(),
             shared_publish: [None, None],
             written: None,
+            lost: Vec::new(),
         }
     }
 
@@ -474,8 +520,11 @@ impl Dispatcher {
                 }
             }
             Event::Lost { conn } => {
-                if self.links.remove(&conn).is_some() {
+                if let Some(state) = self.links.remove(&conn) {
                     broker.connection_lost(now, conn);
+                    // Its socket's direct-write half closes the socket when dropped: not
+                    // before the state change of this loss (a session's expiry) is committed.
+                    self.lost.push(state);
                 }
             }
             Event::Admin(AdminCall(call)) => call(broker, now),
@@ -490,6 +539,7 @@ impl Dispatcher {
 
     /// Sends each connection one batch holding everything `outputs` has for it.
     fn dispatch(&mut self, outputs: &[Output]) {
+        self.lost.clear();
         self.shared_publish = [None, None];
         for (index, output) in outputs.iter().enumerate() {
             match *output {
@@ -539,8 +589,12 @@ impl Dispatcher {
             let Some(state) = self.links.get_mut(&conn) else {
                 continue;
             };
+            state.batch_hint = batch.wire.len().min(MAX_BATCH_HINT) as u32;
+            state.link.write_directly(&mut batch);
+            if batch.is_empty() {
+                continue;
+            }
             batch.bytes = batch.wire.len();
-            state.batch_hint = batch.bytes.min(MAX_BATCH_HINT) as u32;
             state
                 .link
                 .shared
@@ -747,7 +801,14 @@ mod tests {
     fn link() -> (Link, BatchReceiver) {
         let shared = Arc::new(Shared::default());
         let (tx, rx) = batch_channel(&shared);
-        (Link { tx, shared }, rx)
+        (
+            Link {
+                tx,
+                shared,
+                direct: None,
+            },
+            rx,
+        )
     }
 
     fn publish(qos: QoS) -> Packet {
@@ -778,23 +839,21 @@ mod tests {
         let (link2, mut rx2) = link();
         open(&mut dispatcher, 1, link1);
         open(&mut dispatcher, 2, link2);
-        dispatcher.dispatch(
-            &[
-                Output::Send {
-                    conn: 1,
-                    packet: Packet::PingResp,
-                },
-                Output::Send {
-                    conn: 2,
-                    packet: Packet::PingResp,
-                },
-                Output::Send {
-                    conn: 1,
-                    packet: publish(QoS::AtMostOnce),
-                },
-                Output::Close { conn: 1 },
-            ]
-        );
+        dispatcher.dispatch(&[
+            Output::Send {
+                conn: 1,
+                packet: Packet::PingResp,
+            },
+            Output::Send {
+                conn: 2,
+                packet: Packet::PingResp,
+            },
+            Output::Send {
+                conn: 1,
+                packet: publish(QoS::AtMostOnce),
+            },
+            Output::Close { conn: 1 },
+        ]);
         let batch = rx1.try_recv().expect("a batch for conn 1");
         assert_eq!(
             packets_of(&batch),
@@ -853,27 +912,23 @@ mod tests {
 
         // Once the writer has caught up, QoS 0 flows again.
         shared.queued_bytes.store(0, Ordering::Relaxed);
-        dispatcher.dispatch(
-            &[Output::Send {
-                conn: 1,
-                packet: publish(QoS::AtMostOnce),
-            }]
-        );
+        dispatcher.dispatch(&[Output::Send {
+            conn: 1,
+            packet: publish(QoS::AtMostOnce),
+        }]);
         assert_eq!(packets_of(&rx.try_recv().expect("a batch")).len(), 1);
     }
 
     #[test]
     fn outputs_for_unknown_connections_are_ignored() {
         let mut dispatcher = Dispatcher::new(1 << 20);
-        dispatcher.dispatch(
-            &[
-                Output::Send {
-                    conn: 9,
-                    packet: Packet::PingResp,
-                },
-                Output::Close { conn: 9 },
-            ]
-        );
+        dispatcher.dispatch(&[
+            Output::Send {
+                conn: 9,
+                packet: Packet::PingResp,
+            },
+            Output::Close { conn: 9 },
+        ]);
         assert!(dispatcher.pending.is_empty());
     }
 
@@ -884,16 +939,14 @@ mod tests {
         dispatcher.written = Some(events.downgrade());
         let (link, mut rx) = link();
         open(&mut dispatcher, 1, link);
-        dispatcher.dispatch(
-            &[
-                Output::Send {
-                    conn: 1,
-                    packet: publish(QoS::AtMostOnce),
-                },
-                Output::NotifyWritten { conn: 1 },
-                Output::NotifyWritten { conn: 2 },
-            ]
-        );
+        dispatcher.dispatch(&[
+            Output::Send {
+                conn: 1,
+                packet: publish(QoS::AtMostOnce),
+            },
+            Output::NotifyWritten { conn: 1 },
+            Output::NotifyWritten { conn: 2 },
+        ]);
         let batch = rx.try_recv().expect("one batch");
         assert_eq!(batch.written.as_ref().map(|notice| notice.conn), Some(1));
         assert_eq!(packets_of(&batch), [publish(QoS::AtMostOnce)]);

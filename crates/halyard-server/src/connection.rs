@@ -15,6 +15,7 @@ use bytes::BytesMut;
 use halyard_codec::{decode, encode, ConnAck, DecodeContext, Packet};
 use halyard_core::ConnectionId;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::{timeout, timeout_at, Instant};
@@ -77,7 +78,54 @@ pub(crate) fn run(
     events: mpsc::Sender<Event>,
 ) -> impl Future<Output = ()> + Send {
     let (reader, writer) = stream.into_split();
-    serve(reader, writer, conn, settings, events, None)
+    let writer = Arc::new(writer);
+    let direct = Some(Arc::clone(&writer));
+    serve(
+        reader,
+        TcpWriter(writer),
+        conn,
+        settings,
+        events,
+        None,
+        direct,
+    )
+}
+
+/// The writer's half of a plain TCP socket, shared with the broker task's dispatcher (see
+/// `Link::write_directly`): both write through `&TcpStream`, never at the same time.
+struct TcpWriter(Arc<OwnedWriteHalf>);
+
+impl TcpWriter {
+    fn socket(&self) -> &TcpStream {
+        self.0.as_ref().as_ref()
+    }
+}
+
+impl AsyncWrite for TcpWriter {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let socket = self.socket();
+        loop {
+            std::task::ready!(socket.poll_write_ready(cx))?;
+            match socket.try_write(buf) {
+                // Readiness was stale; `try_write` cleared it, so the next poll waits.
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+                result => return Poll::Ready(result),
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // The dispatcher may still hold the half, so dropping it would not send our FIN now.
+        Poll::Ready(socket2::SockRef::from(self.socket()).shutdown(std::net::Shutdown::Write))
+    }
 }
 
 /// Serves one connection over any byte stream (TCP, TLS, WebSocket) until it is closed by
@@ -94,6 +142,7 @@ pub(crate) fn serve<R, W>(
     settings: Arc<ConnectionSettings>,
     events: mpsc::Sender<Event>,
     identity: Option<String>,
+    direct: Option<Arc<OwnedWriteHalf>>,
 ) -> impl Future<Output = ()> + Send
 where
     R: AsyncRead + Unpin + Send,
@@ -107,6 +156,7 @@ where
         let link = Link {
             tx,
             shared: Arc::clone(&shared),
+            direct,
         };
         if forward(&events, Event::Open { conn, link }).await.is_err() {
             // The server is shutting down; dropping the stream closes it.
@@ -483,6 +533,7 @@ fn write_side<'a, W: AsyncWrite + Unpin + 'a>(
                 // A no-op for TCP; TLS and WebSocket streams buffer until flushed.
                 writer.flush().await?;
             }
+            rx.written();
             shared
                 .queued_bytes
                 .fetch_sub(batch.bytes, std::sync::atomic::Ordering::Relaxed);
@@ -632,13 +683,16 @@ mod tests {
     async fn silence_until_connect_timeout_is_lost() {
         let mut h = harness(Duration::from_millis(100)).await;
         // Held, like the broker task holds it: dropping the link means "broker gone".
-        let Event::Open { link: _link, .. } = next_event(&mut h.events).await else {
+        let Event::Open { link, .. } = next_event(&mut h.events).await else {
             panic!("Open must come first");
         };
         assert!(matches!(
             next_event(&mut h.events).await,
             Event::Lost { conn: 7 }
         ));
+        // The broker task forgets a lost connection's link, and with it the socket's last
+        // handle (its direct-write half).
+        drop(link);
         let mut rest = Vec::new();
         let read = timeout(Duration::from_secs(5), h.client.read_to_end(&mut rest))
             .await

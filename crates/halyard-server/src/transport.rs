@@ -456,7 +456,7 @@ async fn serve_wrapped(
             match timeout(deadline, crate::ws::accept(stream, &ctx.path, max)).await {
                 Ok(Ok(ws)) => {
                     let (reader, writer) = tokio::io::split(ws);
-                    connection::serve(reader, writer, conn, settings, events, None).await;
+                    connection::serve(reader, writer, conn, settings, events, None, None).await;
                 }
                 Ok(Err(error)) => handshake_failed(&ctx, "WebSocket", &error),
                 Err(_) => handshake_failed(&ctx, "WebSocket", &"timed out"),
@@ -489,13 +489,14 @@ async fn serve_wrapped(
             };
             if ctx.kind == ListenerKind::Tls {
                 let (reader, writer) = tokio::io::split(tls);
-                connection::serve(reader, writer, conn, settings, events, identity).await;
+                connection::serve(reader, writer, conn, settings, events, identity, None).await;
             } else {
                 let max = settings.max_packet_size as usize;
                 match timeout(deadline, crate::ws::accept(tls, &ctx.path, max)).await {
                     Ok(Ok(ws)) => {
                         let (reader, writer) = tokio::io::split(ws);
-                        connection::serve(reader, writer, conn, settings, events, identity).await;
+                        connection::serve(reader, writer, conn, settings, events, identity, None)
+                            .await;
                     }
                     Ok(Err(error)) => handshake_failed(&ctx, "WebSocket", &error),
                     Err(_) => handshake_failed(&ctx, "WebSocket", &"timed out"),
