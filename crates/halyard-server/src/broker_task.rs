@@ -70,7 +70,7 @@ pub(crate) enum Event {
 /// Asks a connection's writer to report [`Event::Written`] when it takes the batch carrying
 /// it, that is once everything queued before has been written: the server's half of
 /// [`Output::NotifyWritten`], which paces retained messages streamed at QoS 0.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct WrittenNotice {
     /// The connection to report.
     pub(crate) conn: ConnectionId,

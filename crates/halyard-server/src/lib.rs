@@ -5,10 +5,14 @@
 //!
 //! - one **broker task** owns the `Broker`. Connection tasks send it events over one bounded
 //!   channel (a connection sends every packet decoded from one read as one message); it feeds
-//!   them to the core, drains [`halyard_core::Output`]s and hands each connection one batch per
-//!   drain. It also sleeps until the core's next deadline (keep-alive, will delay, expiry).
-//! - one **connection task** per socket reads into a reusable buffer, decodes every complete
-//!   packet, and writes each ready batch of outbound packets with one `write_all`.
+//!   them to the core, drains [`halyard_core::Output`]s and encodes each connection's packets
+//!   of the drain into one buffer. A plain TCP connection whose writer is idle gets that
+//!   buffer written to its socket right there (no wake-up of its task); otherwise the buffer
+//!   goes to the connection's writer. It also sleeps until the core's next deadline
+//!   (keep-alive, will delay, expiry).
+//! - one **connection task** per socket reads into a buffer, decodes every complete packet,
+//!   and writes what the broker task queued for it (what a socket did not take at once, TLS
+//!   and WebSocket traffic, closes) with one `write_all` per batch.
 //!
 //! Slow consumers are bounded: each connection counts the bytes queued for it but not yet
 //! written, and above [`ServerConfig::max_outbound_buffer`] QoS 0 PUBLISH packets for it are
