@@ -210,3 +210,65 @@ async fn outbound_inflight_window_limited_by_max_inflight() {
         "{c:?}"
     );
 }
+
+/// Publishes `count` QoS 0 messages of `size` bytes whose payload starts with their index,
+/// to a subscriber that reads nothing until they are all sent; then returns the indices it
+/// receives, in arrival order, until the broker has been quiet for a second.
+async fn flood_a_stalled_subscriber(config: &str, count: u32, size: usize) -> Vec<u32> {
+    let broker = Broker::start_with_config(config);
+    let mut sub = RawClient::connect_v311(broker.addr(), "stalled", true).await;
+    sub.subscribe(1, &[("flood/t", QoS::AtMostOnce)]).await;
+    let mut publ = RawClient::connect_v311(broker.addr(), "flooder", true).await;
+    for i in 0..count {
+        let mut payload = vec![0u8; size];
+        payload[..4].copy_from_slice(&i.to_be_bytes());
+        publ.publish(publish_packet(
+            "flood/t",
+            &payload,
+            QoS::AtMostOnce,
+            false,
+            None,
+        ))
+        .await;
+    }
+    // A PINGRESP means the broker has read (and routed) every publish before it.
+    publ.send(&Packet::PingReq).await;
+    assert!(matches!(
+        publ.try_recv(Duration::from_secs(10)).await,
+        Ok(Packet::PingResp)
+    ));
+    let mut received = Vec::new();
+    while let Ok(packet) = sub.try_recv(Duration::from_secs(1)).await {
+        let Packet::Publish(publish) = packet else {
+            panic!("expected PUBLISH, got {packet:?}");
+        };
+        let index: [u8; 4] = publish.payload[..4].try_into().expect("index");
+        received.push(u32::from_be_bytes(index));
+    }
+    received
+}
+
+/// Bytes the socket did not take at once wait in the connection's writer, and later packets
+/// queue behind them: with room for all of it (`max_outbound_buffer`), a subscriber that
+/// stalls through 12 MB of QoS 0 traffic gets every message, in publish order
+/// [MQTT-4.6.0-6].
+#[tokio::test]
+async fn a_stalled_subscriber_gets_everything_in_order_within_the_outbound_limit() {
+    let received =
+        flood_a_stalled_subscriber("max_outbound_buffer = 67108864\n", 400, 30_000).await;
+    assert_eq!(received, (0..400).collect::<Vec<u32>>());
+}
+
+/// DESIGN 3 (slow consumers): beyond `max_outbound_buffer` QoS 0 messages to the stalled
+/// subscriber are dropped, never reordered: what arrives is in publish order, and the
+/// broker's memory for it stays bounded.
+#[tokio::test]
+async fn a_stalled_subscriber_loses_qos0_beyond_the_outbound_limit_but_never_order() {
+    let received = flood_a_stalled_subscriber("", 400, 30_000).await;
+    assert!(!received.is_empty(), "the first messages get through");
+    assert!(received.len() < 400, "12 MB do not fit a 1 MiB limit");
+    assert!(
+        received.windows(2).all(|pair| pair[0] < pair[1]),
+        "in publish order: {received:?}"
+    );
+}
