@@ -247,8 +247,8 @@ impl FileConfig {
     /// The broker core is one task; the other workers decode, encode and do the socket I/O
     /// of the connections in parallel with it (fan-in QoS 0 on the 2-CPU bench machine:
     /// 1.9 M deliveries/s with two workers, 1.3 M with one). One worker keeps each message's
-    /// hand-offs (reader, broker task, writer) on one thread instead, which lowers the median
-    /// latency at low load (BENCHMARKS.md): `worker_threads = 1` is for that trade.
+    /// hand-off from reader to broker task on one thread instead, which can lower latency at
+    /// low load (BENCHMARKS.md): `worker_threads = 1` is for that trade.
     pub fn effective_worker_threads(&self, available_cpus: usize) -> usize {
         match self.worker_threads {
             0 => available_cpus.max(1),
