@@ -2,7 +2,7 @@
 //! timers, driven by packets and `now` from the server.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -23,11 +23,7 @@ use crate::session::{
 };
 use crate::store::{DeliveryState, LoadedSession, SessionRecord, Store, StoreError};
 use crate::time::ClockAnchor;
-
-/// The broker's per-message lookups (connection to session, session by key or client id):
-/// foldhash instead of SipHash, which cost several percent of fan-in's CPU. Client ids come
-/// from peers; foldhash's per-process random seed keeps them from choosing colliding keys.
-pub(crate) type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+use crate::FastMap;
 
 /// Opaque id the server gives each accepted network connection; never reused in a process.
 pub type ConnectionId = u64;

@@ -31,3 +31,9 @@ pub use pushback::{QueueFullPolicy, PUSHBACK_TIMEOUT};
 pub use registry::{LocalSessionRegistry, SessionRegistry};
 pub use retained::{MemoryRetained, RetainedStore};
 pub use router::{FilterRef, LocalRouter, RouteMatch, Router, SubscriptionEntry};
+
+/// The maps of the per-message path (topic trie, sessions by key, client id and connection):
+/// foldhash instead of SipHash, which cost 7% of fan-in's CPU in routing and lookups. Topic
+/// levels and client ids come from peers; foldhash's per-process random seed keeps them from
+/// choosing colliding keys.
+pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;

@@ -3,11 +3,10 @@
 //! The broker routes through the [`Router`] trait so that the cluster can later add remote
 //! nodes as targets next to local sessions; [`LocalRouter`] is the single-node trie.
 
-use std::collections::HashMap;
-
 use halyard_codec::SubscriptionOptions;
 
 use crate::message::SessionKey;
+use crate::FastMap;
 
 /// What a session asked for with one filter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,16 +102,11 @@ impl ShareGroup {
     }
 }
 
-/// The trie's maps: foldhash, not SipHash, which was 7% of fan-in's CPU in `route`. Topic
-/// levels come from peers; foldhash's per-process random seed keeps them from choosing
-/// colliding keys.
-type LevelMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
-
 #[derive(Debug, Default)]
 struct Node {
-    children: LevelMap<Box<str>, Node>,
-    subscribers: LevelMap<SessionKey, SubscriptionEntry>,
-    groups: LevelMap<Box<str>, ShareGroup>,
+    children: FastMap<Box<str>, Node>,
+    subscribers: FastMap<SessionKey, SubscriptionEntry>,
+    groups: FastMap<Box<str>, ShareGroup>,
 }
 
 impl Node {
