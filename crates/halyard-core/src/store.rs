@@ -96,6 +96,22 @@ pub struct LoadedSession {
     pub next_seq: u64,
 }
 
+impl LoadedSession {
+    /// A session with only its record: what a backend starts from before it adds the
+    /// subscriptions, QoS 2 ids and deliveries it finds for the client.
+    pub fn from_record(record: SessionRecord) -> LoadedSession {
+        LoadedSession {
+            record,
+            subscriptions: Vec::new(),
+            inbound_qos2: Vec::new(),
+            inflight: Vec::new(),
+            first_pending: None,
+            pending_count: 0,
+            next_seq: 0,
+        }
+    }
+}
+
 /// Everything loaded at start-up. Retained messages are not loaded: the broker reads them
 /// in pages with [`Store::read_retained`] as subscribers need them, so millions of them cost
 /// no memory.

@@ -50,15 +50,7 @@ impl Store for MemoryStore {
             .sessions
             .iter()
             .map(|(client, record)| {
-                let session = LoadedSession {
-                    record: record.clone(),
-                    subscriptions: Vec::new(),
-                    inbound_qos2: Vec::new(),
-                    inflight: Vec::new(),
-                    first_pending: None,
-                    pending_count: 0,
-                    next_seq: 0,
-                };
+                let session = LoadedSession::from_record(record.clone());
                 (client.as_str(), session)
             })
             .collect();

@@ -361,15 +361,7 @@ where
         let client = key.value();
         match decode_session(client, value.value()) {
             Ok(record) => {
-                let session = LoadedSession {
-                    record,
-                    subscriptions: Vec::new(),
-                    inbound_qos2: Vec::new(),
-                    inflight: Vec::new(),
-                    first_pending: None,
-                    pending_count: 0,
-                    next_seq: 0,
-                };
+                let session = LoadedSession::from_record(record);
                 sessions.insert(client.to_owned(), session);
             }
             Err(e) => {
