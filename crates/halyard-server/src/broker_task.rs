@@ -178,21 +178,26 @@ pub(crate) fn batch_channel(shared: &Arc<Shared>) -> (BatchSender, BatchReceiver
 pub(crate) struct BatchSender(Arc<Shared>);
 
 impl BatchSender {
-    /// Queues `batch` for the writer. Never waits: what a connection can have queued is
-    /// bounded by the QoS 0 drop rule and the core's in-flight window.
+    /// Queues `batch` for the writer and counts its bytes in [`Shared::queued_bytes`] (the
+    /// writer subtracts what it takes once written). Never waits: what a connection can have
+    /// queued is bounded by the QoS 0 drop rule and the core's in-flight window.
     pub(crate) fn send(&self, batch: Batch) -> Result<(), Batch> {
         {
             let mut queued = self.0.outq.lock().unwrap_or_else(|e| e.into_inner());
+            let added = batch.wire.len();
             if queued.is_empty() {
                 *queued = batch;
             } else if !queued.close {
                 queued.wire.extend_from_slice(&batch.wire);
-                queued.bytes += batch.bytes;
                 queued.close = batch.close;
                 if batch.written.is_some() {
                     queued.written = batch.written;
                 }
+            } else {
+                // Nothing more is written after a close.
+                return Ok(());
             }
+            self.0.queued_bytes.fetch_add(added, Ordering::Relaxed);
         }
         self.0.ready.notify_one();
         Ok(())
@@ -310,9 +315,6 @@ impl Link {
 pub(crate) struct Batch {
     /// The packets' bytes, in order.
     pub(crate) wire: BytesMut,
-    /// Bytes added to [`Shared::queued_bytes`] for this batch; the writer subtracts exactly
-    /// this once they are written.
-    pub(crate) bytes: usize,
     /// Report [`Event::Written`] when the writer takes this batch. Boxed: only retained
     /// streams use it, and the core has at most one outstanding per connection.
     pub(crate) written: Option<Box<WrittenNotice>>,
@@ -594,12 +596,6 @@ impl Dispatcher {
             if batch.is_empty() {
                 continue;
             }
-            batch.bytes = batch.wire.len();
-            state
-                .link
-                .shared
-                .queued_bytes
-                .fetch_add(batch.bytes, Ordering::Relaxed);
             // A send error means the connection task has ended; it reports `Lost` itself.
             let _ = state.link.tx.send(batch);
             if close {
@@ -862,7 +858,7 @@ mod tests {
         assert!(batch.close);
         let expected = halyard_codec::encoded_len(&Packet::PingResp, ProtocolVersion::V3_1_1)
             + halyard_codec::encoded_len(&publish(QoS::AtMostOnce), ProtocolVersion::V3_1_1);
-        assert_eq!(batch.bytes, expected);
+        assert_eq!(batch.wire.len(), expected);
         assert!(rx1.try_recv().is_none(), "exactly one message per drain");
         assert_eq!(
             packets_of(&rx2.try_recv().expect("conn 2")),
@@ -908,7 +904,10 @@ mod tests {
             ]
         );
         assert_eq!(dispatcher.dropped_qos0, 1);
-        assert_eq!(shared.queued_bytes.load(Ordering::Relaxed), batch.bytes);
+        assert_eq!(
+            shared.queued_bytes.load(Ordering::Relaxed),
+            batch.wire.len()
+        );
 
         // Once the writer has caught up, QoS 0 flows again.
         shared.queued_bytes.store(0, Ordering::Relaxed);

@@ -274,10 +274,8 @@ fn refuse(
         warn!(%error, "cannot encode the refusing CONNACK; closing without it");
     }
     if let Some(reply) = auth.reply.take() {
-        // The writer subtracts `bytes` from the slow-consumer count: none were added.
         let _ = reply.send(Batch {
             wire,
-            bytes: 0,
             written: None,
             close: true,
         });
@@ -536,7 +534,7 @@ fn write_side<'a, W: AsyncWrite + Unpin + 'a>(
             rx.written();
             shared
                 .queued_bytes
-                .fetch_sub(batch.bytes, std::sync::atomic::Ordering::Relaxed);
+                .fetch_sub(batch.wire.len(), std::sync::atomic::Ordering::Relaxed);
             if batch.close {
                 break;
             }
@@ -647,14 +645,10 @@ mod tests {
         // The broker answers and closes: the client reads the reply, then EOF.
         let wire = BytesMut::from(&bytes_of(&[Packet::PingResp], ProtocolVersion::V5)[..]);
         let batch = Batch {
-            bytes: wire.len(),
             wire,
             written: None,
             close: true,
         };
-        link.shared
-            .queued_bytes
-            .fetch_add(batch.bytes, std::sync::atomic::Ordering::Relaxed);
         link.tx.send(batch).expect("writer alive");
         let mut reply = Vec::new();
         timeout(Duration::from_secs(5), h.client.read_to_end(&mut reply))
