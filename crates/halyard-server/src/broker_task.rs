@@ -2,23 +2,26 @@
 
 use std::collections::HashMap;
 use std::future::pending;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::Poll;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
+use futures_util::task::AtomicWaker;
 use halyard_codec::{
     encode, encoded_publish_topic, publish_packet_id_offset, DecodeError, Packet, Properties,
     ProtocolVersion, QoS,
 };
 use halyard_core::store::StoreError;
 use halyard_core::{Broker, ConnectionId, Output};
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
 use crate::metrics::Metrics;
+use crate::park::Parker;
 use halyard_core::sys::{SysTopics, SysTraffic};
 
 /// Events handled after one wake-up before outputs are dispatched: batching events lets one
@@ -116,32 +119,68 @@ pub(crate) struct TaskOps {
     /// The broker task's own event channel, for writers to report [`Event::Written`]; weak,
     /// so the channel still closes when every connection and listener is gone.
     pub(crate) written: Option<mpsc::WeakSender<Event>>,
+    /// Where idle connections park; `None` = they never park.
+    pub(crate) parker: Option<Arc<Parker>>,
 }
 
-/// State shared between a connection task and the dispatcher.
+/// State shared between a connection task and the dispatcher. It outlives a parked
+/// connection's task, so its size is part of the memory of every idle connection: atomics
+/// are packed and the wakers are the smallest that serve (one waiter each).
 #[derive(Debug, Default)]
 pub(crate) struct Shared {
-    /// Protocol of the connection's CONNECT; set once by the reader before it forwards the
-    /// CONNECT, so it is known before any reply is encoded.
-    pub(crate) version: OnceLock<ProtocolVersion>,
     /// Encoded bytes handed to the writer but not yet written: the slow-consumer measure.
     pub(crate) queued_bytes: AtomicUsize,
+    /// Live [`BatchSender`]s; when it drops to 0 the writer's `recv` returns `None`.
+    senders: AtomicU32,
+    /// Protocol level of the connection's CONNECT (0: none yet); set once by the reader
+    /// before it forwards the CONNECT, so it is known before any reply is encoded.
+    version: AtomicU8,
     /// Set while the core pushes back on this connection as a publisher
     /// ([`Output::Pause`]): the reader stops reading until it is cleared.
     pub(crate) paused: AtomicBool,
-    /// Wakes the reader when `paused` is cleared.
-    pub(crate) resume: Notify,
-    /// Packets handed to the writer and not yet taken, merged into one batch: a per-connection
-    /// queue that costs nothing while empty (a tokio mpsc channel allocates a 32-slot block,
-    /// 1.8 KB, per connection up front). See [`batch_channel`].
-    outq: Mutex<Batch>,
-    /// Live [`BatchSender`]s; when it drops to 0 the writer's `recv` returns `None`.
-    senders: AtomicUsize,
-    /// Wakes the writer when `outq` gets something or the last sender goes.
-    ready: Notify,
+    /// Set by the reader of a connection that parks whenever it reads; cleared by each
+    /// sweep (see [`Shared::sweep_idle`]).
+    read_since_sweep: AtomicBool,
+    /// Set by a sweep that found the connection idle: the reader parks it at its next wait
+    /// for input with no partial packet buffered.
+    park_requested: AtomicBool,
     /// Set (under the `outq` lock) while the writer holds bytes it took from `outq` and has
     /// not written yet: the dispatcher must not write past them.
     writing: AtomicBool,
+    /// Set (under the `outq` lock) while the connection is parked (see `park.rs`): it has no
+    /// task, so whoever queues something for it, or drops the last sender, must wake it.
+    parked: AtomicBool,
+    /// Wakes the reader when `paused` is cleared.
+    resume: AtomicWaker,
+    /// Wakes the writer when `outq` gets something or the last sender goes, and the whole
+    /// connection task when it is asked to park.
+    ready: AtomicWaker,
+    /// What the writer has to write, and the socket, under one lock.
+    outq: Mutex<Queue>,
+}
+
+/// The part of [`Shared`] under its lock.
+#[derive(Debug, Default)]
+struct Queue {
+    /// Packets handed to the writer and not yet taken, merged into one batch: a
+    /// per-connection queue that costs nothing while empty (a tokio mpsc channel allocates a
+    /// 32-slot block, 1.8 KB, per connection up front). See [`batch_channel`].
+    batch: Batch,
+    /// A plain TCP connection's socket, shared by its task and the dispatcher's direct writes
+    /// (see [`Link::write_directly`]).
+    socket: TcpSocket,
+}
+
+/// Where a plain TCP connection's socket is.
+#[derive(Debug, Default)]
+enum TcpSocket {
+    /// Not a plain TCP connection (TLS, WebSocket): their framing state lives in the task.
+    #[default]
+    None,
+    /// Registered with tokio's reactor, for the connection task.
+    Awake(Arc<TcpStream>),
+    /// Parked: out of tokio's reactor, registered with the parker.
+    Parked(std::net::TcpStream),
 }
 
 impl Shared {
@@ -149,15 +188,125 @@ impl Shared {
     pub(crate) fn set_paused(&self, paused: bool) {
         self.paused.store(paused, Ordering::Release);
         if !paused {
-            self.resume.notify_one();
+            self.resume.wake();
         }
     }
 
     /// Waits while the reader is paused.
     pub(crate) async fn wait_unpaused(&self) {
-        while self.paused.load(Ordering::Acquire) {
-            self.resume.notified().await;
+        std::future::poll_fn(|cx| {
+            self.resume.register(cx.waker());
+            if self.paused.load(Ordering::Acquire) {
+                Poll::Pending
+            } else {
+                Poll::Ready(())
+            }
+        })
+        .await;
+    }
+
+    /// Records the protocol of the connection's CONNECT.
+    pub(crate) fn set_version(&self, version: ProtocolVersion) {
+        self.version.store(version.level(), Ordering::Release);
+    }
+
+    /// The version to encode with: 3.1.1 until a CONNECT said otherwise.
+    pub(crate) fn version(&self) -> ProtocolVersion {
+        match self.version.load(Ordering::Acquire) {
+            3 => ProtocolVersion::V3_1,
+            5 => ProtocolVersion::V5,
+            _ => ProtocolVersion::V3_1_1,
         }
+    }
+
+    /// The lock over the writer's queue and the socket.
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.outq.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Notes input, for [`Shared::sweep_idle`].
+    pub(crate) fn note_read(&self) {
+        self.read_since_sweep.store(true, Ordering::Relaxed);
+    }
+
+    /// Asks the reader to park the connection if it has read nothing since the previous
+    /// sweep: called once per park period, so a connection parks after between one and two
+    /// periods of silence. A sweep instead of a timer in every connection: a timer would
+    /// cost each read a timer-wheel update and each connection task about 200 bytes.
+    pub(crate) fn sweep_idle(&self) {
+        if !self.read_since_sweep.swap(false, Ordering::Relaxed)
+            && !self.park_requested.swap(true, Ordering::Relaxed)
+        {
+            // Wakes the connection task (its writer waits for this); the task then polls its
+            // reader too, which sees the request.
+            self.ready.wake();
+        }
+    }
+
+    /// Forgets the connection task's wakers: a registered waker keeps its task's memory
+    /// alive, which a parked connection must not.
+    pub(crate) fn forget_task(&self) {
+        drop(self.ready.take());
+        drop(self.resume.take());
+    }
+
+    /// Takes a pending park request.
+    pub(crate) fn take_park_request(&self) -> bool {
+        self.park_requested.swap(false, Ordering::Relaxed)
+    }
+
+    /// Makes this a plain TCP connection with `socket`.
+    pub(crate) fn set_socket(&self, socket: TcpStream) {
+        self.lock().socket = TcpSocket::Awake(Arc::new(socket));
+    }
+
+    /// The plain TCP socket registered with tokio's reactor (registering it again if it was
+    /// parked); an error if it cannot be registered or this is no plain TCP connection.
+    pub(crate) fn awaken(&self) -> std::io::Result<Arc<TcpStream>> {
+        let mut queue = self.lock();
+        let awake = match std::mem::take(&mut queue.socket) {
+            TcpSocket::Awake(socket) => socket,
+            TcpSocket::Parked(socket) => Arc::new(TcpStream::from_std(socket)?),
+            TcpSocket::None => return Err(std::io::ErrorKind::NotConnected.into()),
+        };
+        queue.socket = TcpSocket::Awake(Arc::clone(&awake));
+        Ok(awake)
+    }
+
+    /// Parks the connection if it can park: nothing is queued for its writer, the writer
+    /// holds nothing unwritten, the dispatcher still has its link, and the connection task
+    /// holds no handle to the socket any more. The socket leaves tokio's reactor; its
+    /// descriptor is returned for the parker's. `Ok(None)`: it cannot park now. An error:
+    /// the socket is lost.
+    pub(crate) fn try_park(&self) -> std::io::Result<Option<RawFd>> {
+        let mut queue = self.lock();
+        if !queue.batch.is_empty()
+            || self.writing.load(Ordering::Relaxed)
+            || self.senders.load(Ordering::Acquire) == 0
+        {
+            return Ok(None);
+        }
+        let TcpSocket::Awake(socket) = std::mem::take(&mut queue.socket) else {
+            return Ok(None);
+        };
+        let socket = match Arc::try_unwrap(socket) {
+            Ok(socket) => socket.into_std()?,
+            Err(socket) => {
+                queue.socket = TcpSocket::Awake(socket);
+                return Ok(None);
+            }
+        };
+        let fd = socket.as_raw_fd();
+        queue.socket = TcpSocket::Parked(socket);
+        self.parked.store(true, Ordering::Relaxed);
+        Ok(Some(fd))
+    }
+
+    /// Clears the parked mark; returns whether it was set, i.e. whether the caller must wake
+    /// the connection.
+    pub(crate) fn take_parked(&self) -> bool {
+        let _queue = self.lock();
+        self.parked.swap(false, Ordering::Relaxed)
     }
 }
 
@@ -180,10 +329,14 @@ pub(crate) struct BatchSender(Arc<Shared>);
 impl BatchSender {
     /// Queues `batch` for the writer and counts its bytes in [`Shared::queued_bytes`] (the
     /// writer subtracts what it takes once written). Never waits: what a connection can have
-    /// queued is bounded by the QoS 0 drop rule and the core's in-flight window.
-    pub(crate) fn send(&self, batch: Batch) -> Result<(), Batch> {
+    /// queued is bounded by the QoS 0 drop rule and the core's in-flight window. Returns
+    /// whether the connection is parked and must be woken to write it (see `park.rs`).
+    #[must_use = "a parked connection must be woken"]
+    pub(crate) fn send(&self, batch: Batch) -> bool {
+        let wake;
         {
-            let mut queued = self.0.outq.lock().unwrap_or_else(|e| e.into_inner());
+            let mut queue = self.0.lock();
+            let queued = &mut queue.batch;
             let added = batch.wire.len();
             if queued.is_empty() {
                 *queued = batch;
@@ -195,12 +348,13 @@ impl BatchSender {
                 }
             } else {
                 // Nothing more is written after a close.
-                return Ok(());
+                return false;
             }
             self.0.queued_bytes.fetch_add(added, Ordering::Relaxed);
+            wake = self.0.parked.swap(false, Ordering::Relaxed);
         }
-        self.0.ready.notify_one();
-        Ok(())
+        self.0.ready.wake();
+        wake
     }
 }
 
@@ -214,7 +368,7 @@ impl Clone for BatchSender {
 impl Drop for BatchSender {
     fn drop(&mut self) {
         if self.0.senders.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.ready.notify_one();
+            self.0.ready.wake();
         }
     }
 }
@@ -227,43 +381,42 @@ impl BatchReceiver {
     /// Everything queued so far, waiting for something if nothing is; `None` once every
     /// sender is gone and nothing is left.
     pub(crate) async fn recv(&mut self) -> Option<Batch> {
-        loop {
+        std::future::poll_fn(|cx| {
+            // Registered before looking, so a send in between still wakes us.
+            self.0.ready.register(cx.waker());
             if let Some(batch) = self.try_recv() {
-                return Some(batch);
+                return Poll::Ready(Some(batch));
             }
             if self.0.senders.load(Ordering::Acquire) == 0 {
                 // A batch sent just before the last sender went is still taken.
-                return self.try_recv();
+                return Poll::Ready(self.try_recv());
             }
-            self.0.ready.notified().await;
-        }
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// A receiver for a connection resumed from parking (the first one comes from
+    /// [`batch_channel`]).
+    pub(crate) fn resume(shared: &Arc<Shared>) -> BatchReceiver {
+        BatchReceiver(Arc::clone(shared))
     }
 
     /// Everything queued so far, if anything is. The writer owns its bytes until it calls
     /// [`BatchReceiver::written`].
     pub(crate) fn try_recv(&mut self) -> Option<Batch> {
-        let mut queued = self.0.outq.lock().unwrap_or_else(|e| e.into_inner());
-        if queued.is_empty() {
+        let mut queue = self.0.lock();
+        if queue.batch.is_empty() {
             return None;
         }
         self.0.writing.store(true, Ordering::Relaxed);
-        Some(std::mem::take(&mut *queued))
+        Some(std::mem::take(&mut queue.batch))
     }
 
     /// The batch taken last is written: the dispatcher may write directly again.
     pub(crate) fn written(&mut self) {
-        let _queued = self.0.outq.lock().unwrap_or_else(|e| e.into_inner());
+        let _queue = self.0.lock();
         self.0.writing.store(false, Ordering::Relaxed);
-    }
-}
-
-impl Shared {
-    /// The version to encode with: 3.1.1 until a CONNECT said otherwise.
-    pub(crate) fn version(&self) -> ProtocolVersion {
-        self.version
-            .get()
-            .copied()
-            .unwrap_or(ProtocolVersion::V3_1_1)
     }
 }
 
@@ -275,9 +428,6 @@ pub(crate) struct Link {
     pub(crate) tx: BatchSender,
     /// Shared with the connection task.
     pub(crate) shared: Arc<Shared>,
-    /// A plain TCP connection's socket, for [`Link::write_directly`]; `None` for TLS and
-    /// WebSocket, whose framing state lives in the connection task.
-    pub(crate) direct: Option<Arc<OwnedWriteHalf>>,
 }
 
 impl Link {
@@ -287,20 +437,22 @@ impl Link {
     /// socket does not take right away stays in `batch` for the writer. Batches with a close
     /// or a write notice always go through the writer, which owns those steps.
     fn write_directly(&self, batch: &mut Batch) {
-        let Some(socket) = &self.direct else {
-            return;
-        };
         if batch.close || batch.written.is_some() || batch.wire.is_empty() {
             return;
         }
         // Held across the write: the writer cannot take (and write) anything meanwhile.
-        let queued = self.shared.outq.lock().unwrap_or_else(|e| e.into_inner());
-        if !queued.is_empty() || self.shared.writing.load(Ordering::Relaxed) {
+        let queue = self.shared.lock();
+        if !queue.batch.is_empty() || self.shared.writing.load(Ordering::Relaxed) {
             return;
         }
-        let socket: &TcpStream = socket.as_ref().as_ref();
-        // An error is left for the writer to meet on its own write, where it ends the task.
-        if let Ok(written) = socket.try_write(&batch.wire) {
+        // An error (or `WouldBlock`) is left for the writer to meet on its own write, where it
+        // ends the task. Both kinds of socket are non-blocking.
+        let written = match &queue.socket {
+            TcpSocket::Awake(socket) => socket.try_write(&batch.wire),
+            TcpSocket::Parked(socket) => std::io::Write::write(&mut &*socket, &batch.wire),
+            TcpSocket::None => return,
+        };
+        if let Ok(written) = written {
             bytes::Buf::advance(&mut batch.wire, written);
         }
     }
@@ -351,6 +503,12 @@ pub(crate) async fn run(
     // non-durable commits durable on a later commit, which must come even without traffic.
     let mut idle_commit = tokio::time::interval(IDLE_COMMIT_PERIOD);
     idle_commit.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    dispatcher.parker = ops.parker;
+    let mut park_sweep = dispatcher.parker.as_ref().map(|parker| {
+        let mut sweep = tokio::time::interval(parker.after);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        sweep
+    });
     loop {
         let deadline = broker.poll_timeout();
         let timer = async {
@@ -402,6 +560,12 @@ pub(crate) async fn run(
                 }
             }
             _ = idle_commit.tick() => {}
+            _ = async {
+                match park_sweep.as_mut() {
+                    Some(sweep) => sweep.tick().await,
+                    None => pending().await,
+                }
+            } => dispatcher.sweep_idle(),
         }
         commit(&mut broker)?;
         broker.take_outputs_with(|outputs| dispatcher.dispatch(outputs));
@@ -459,6 +623,24 @@ struct Dispatcher {
     /// Links of connections lost in this drain, dropped by the next `dispatch` (after the
     /// drain's commit).
     lost: Vec<LinkState>,
+    /// Where idle connections park; see [`TaskOps::parker`].
+    parker: Option<Arc<Parker>>,
+    /// Connections parked in the process at the last sweep (see `park::after_sweep`).
+    parked_at_sweep: u64,
+}
+
+impl Drop for Dispatcher {
+    /// The broker task is gone: parked connections are woken to find their link gone, and
+    /// close.
+    fn drop(&mut self) {
+        if let Some(parker) = &self.parker {
+            for (conn, state) in &self.links {
+                if state.link.shared.take_parked() {
+                    parker.unpark(*conn);
+                }
+            }
+        }
+    }
 }
 
 /// One connection's link and its slow-consumer bookkeeping.
@@ -488,6 +670,8 @@ impl Dispatcher {
             shared_publish: [None, None],
             written: None,
             lost: Vec::new(),
+            parker: None,
+            parked_at_sweep: 0,
         }
     }
 
@@ -537,6 +721,16 @@ impl Dispatcher {
             }
         }
         false
+    }
+
+    /// Asks every connection that can park and has read nothing since the last sweep to
+    /// park (see [`Shared::sweep_idle`]).
+    fn sweep_idle(&mut self) {
+        for state in self.links.values() {
+            state.link.shared.sweep_idle();
+        }
+        let workers = tokio::runtime::Handle::current().metrics().num_workers();
+        crate::park::after_sweep(&mut self.parked_at_sweep, workers);
     }
 
     /// Sends each connection one batch holding everything `outputs` has for it.
@@ -596,8 +790,12 @@ impl Dispatcher {
             if batch.is_empty() {
                 continue;
             }
-            // A send error means the connection task has ended; it reports `Lost` itself.
-            let _ = state.link.tx.send(batch);
+            // If the connection task has ended, it reports `Lost` itself.
+            if state.link.tx.send(batch) {
+                if let Some(parker) = &self.parker {
+                    parker.unpark(conn);
+                }
+            }
             if close {
                 self.links.remove(&conn);
             }
@@ -797,14 +995,7 @@ mod tests {
     fn link() -> (Link, BatchReceiver) {
         let shared = Arc::new(Shared::default());
         let (tx, rx) = batch_channel(&shared);
-        (
-            Link {
-                tx,
-                shared,
-                direct: None,
-            },
-            rx,
-        )
+        (Link { tx, shared }, rx)
     }
 
     fn publish(qos: QoS) -> Packet {
@@ -955,7 +1146,7 @@ mod tests {
     fn encoding_version_follows_connect() {
         let shared = Shared::default();
         assert_eq!(shared.version(), ProtocolVersion::V3_1_1);
-        shared.version.set(ProtocolVersion::V5).expect("first set");
+        shared.set_version(ProtocolVersion::V5);
         assert_eq!(shared.version(), ProtocolVersion::V5);
     }
 }

@@ -24,12 +24,14 @@ mod broker_task;
 mod connection;
 mod http;
 mod metrics;
+mod park;
 mod tls;
 mod transport;
 mod ws;
 
 pub use auth::{hash_password, AuthConfig, PasswordFile, Security, SecurityError};
 pub use http::HttpConfig;
+pub use park::memory_release_round;
 pub use transport::{
     AdmissionCounters, AdmissionStats, ConnectionLimits, ListenerConfig, ListenerKind, ReloadHandle,
 };
@@ -61,6 +63,10 @@ const EVENT_CHANNEL_CAPACITY: usize = 1024;
 /// accept loop does not spin while the condition lasts.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 
+/// Default of [`ServerConfig::park_idle_after`]: long against the hand-off a parked
+/// connection costs when it wakes, short against how long IoT connections stay silent.
+pub const DEFAULT_PARK_IDLE_AFTER: Duration = Duration::from_secs(2);
+
 /// Everything the server needs to know; every field has a default (see [`ServerConfig::default`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerConfig {
@@ -75,6 +81,10 @@ pub struct ServerConfig {
     pub max_outbound_buffer: usize,
     /// Limits and switches of the broker core.
     pub broker: BrokerConfig,
+    /// A plain TCP connection that has sent nothing for this long parks: it gives up its task
+    /// and reactor registration (about 1 KB) until it has traffic again, which costs a
+    /// hand-off of a few microseconds then. `None` = never. Default: 2 s.
+    pub park_idle_after: Option<Duration>,
 }
 
 impl Default for ServerConfig {
@@ -84,6 +94,7 @@ impl Default for ServerConfig {
             connect_timeout: Duration::from_secs(10),
             max_outbound_buffer: 1024 * 1024,
             broker: BrokerConfig::default(),
+            park_idle_after: Some(DEFAULT_PARK_IDLE_AFTER),
         }
     }
 }
@@ -185,10 +196,20 @@ impl Server {
         } = self;
         let mqtt_addrs: Vec<SocketAddr> = listeners.iter().map(|(_, addr)| *addr).collect();
         let (event_tx, event_rx) = mpsc::channel(EVENT_CHANNEL_CAPACITY);
+        let parker = config.park_idle_after.and_then(|after| {
+            let gauge = ops.metrics.connections_parked.clone();
+            let runtime = tokio::runtime::Handle::current();
+            park::Parker::start(after, runtime, gauge)
+                .map_err(
+                    |error| warn!(%error, "cannot start the parker; idle connections stay awake"),
+                )
+                .ok()
+        });
         let task_ops = broker_task::TaskOps {
             metrics: Arc::clone(&ops.metrics),
             sys_interval: ops.sys_interval,
             written: Some(event_tx.downgrade()),
+            parker: parker.clone(),
         };
         let (stop_tx, stop_rx) = oneshot::channel();
         let mut broker_task = tokio::spawn(
@@ -206,7 +227,12 @@ impl Server {
             connect_timeout: config.connect_timeout,
             max_packet_size: config.broker.max_packet_size,
             security: Arc::clone(&transports.security),
+            parker: parker.clone(),
         });
+        if let Some(parker) = &parker {
+            parker.set_settings(&settings);
+        }
+        let _stop_parker = parker.map(park::StopOnDrop);
         let tracker = Arc::new(ConnectionTracker::default());
         let extra_listeners = transports.take_bound();
         let acceptors: Vec<_> = listeners
@@ -337,8 +363,8 @@ impl ConnectionTracker {
     }
 }
 
-/// Held by a connection task for its whole life; see [`ConnectionTracker`].
-struct TrackedConnection(Arc<ConnectionTracker>);
+/// Held by a connection for its whole life; see [`ConnectionTracker`].
+pub(crate) struct TrackedConnection(Arc<ConnectionTracker>);
 
 impl Drop for TrackedConnection {
     fn drop(&mut self) {
@@ -369,6 +395,8 @@ fn spawn_connection(
     if let Err(error) = stream.set_nodelay(true) {
         warn!(%error, "cannot set TCP_NODELAY");
     }
+    // Released when the connection ends, which may be in a later task (see `park.rs`).
+    let tracked = tracker.track();
     let task = transport::serve_accepted(
         stream,
         peer,
@@ -376,12 +404,10 @@ fn spawn_connection(
         conn,
         Arc::clone(settings),
         events.clone(),
+        tracked,
     );
     // A disabled span (the usual case: it is info level, and per-connection events log at
     // debug) is not attached: `Instrumented` would add 40 bytes to every connection's task.
-    let tracked = tracker.track();
-    // `map`, not an `async` block: a block would keep `task` twice (captured and awaited).
-    let task = futures_util::FutureExt::map(task, move |()| drop(tracked));
     if span.is_disabled() {
         tokio::spawn(task);
     } else {

@@ -66,6 +66,8 @@ pub(crate) struct Metrics {
     dropped: Family<ReasonLabel, Counter>,
     refused: Family<ReasonLabel, Counter>,
     connections: Gauge,
+    /// Idle plain TCP connections parked now (see `park.rs`); kept by the parker itself.
+    pub(crate) connections_parked: Gauge,
     sessions: Gauge,
     subscriptions: Gauge,
     retained: Gauge,
@@ -113,6 +115,7 @@ impl Metrics {
             dropped: Family::default(),
             refused: Family::default(),
             connections: Gauge::default(),
+            connections_parked: Gauge::default(),
             sessions: Gauge::default(),
             subscriptions: Gauge::default(),
             retained: Gauge::default(),
@@ -176,6 +179,11 @@ impl Metrics {
             "connections",
             "Clients connected now (CONNECT completed)",
             metrics.connections.clone(),
+        );
+        registry.register(
+            "connections_parked",
+            "Idle plain TCP connections parked now: no task, no reactor registration",
+            metrics.connections_parked.clone(),
         );
         registry.register(
             "sessions",

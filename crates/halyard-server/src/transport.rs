@@ -405,8 +405,9 @@ pub(crate) fn serve_accepted(
     conn: ConnectionId,
     settings: Arc<ConnectionSettings>,
     events: mpsc::Sender<Event>,
+    tracked: crate::TrackedConnection,
 ) -> impl std::future::Future<Output = ()> + Send {
-    use futures_util::future::{Either, FutureExt};
+    use futures_util::future::Either;
     let slot = match ctx.admit(peer.ip(), Instant::now()) {
         Ok(slot) => slot,
         Err(why) => {
@@ -421,12 +422,14 @@ pub(crate) fn serve_accepted(
                 if ctx.kind == ListenerKind::Tcp {
                     refuse(stream, why, &ctx.admission, settings.max_packet_size).await;
                 }
+                drop(tracked);
             }));
         }
     };
     Either::Right(match ctx.kind {
         ListenerKind::Tcp => {
-            Either::Left(connection::run(stream, conn, settings, events).map(move |()| drop(slot)))
+            let guard: connection::Guard = Box::new((slot, tracked));
+            Either::Left(connection::run(stream, conn, settings, events, guard))
         }
         // Boxed, so that TLS and WebSocket state (several KB) is allocated only for those
         // connections: inline, it would size every plain TCP connection's task too (the
@@ -435,6 +438,7 @@ pub(crate) fn serve_accepted(
             Either::Right(Box::pin(async move {
                 serve_wrapped(stream, ctx, conn, settings, events).await;
                 drop(slot);
+                drop(tracked);
             }))
         }
     })
@@ -456,7 +460,7 @@ async fn serve_wrapped(
             match timeout(deadline, crate::ws::accept(stream, &ctx.path, max)).await {
                 Ok(Ok(ws)) => {
                     let (reader, writer) = tokio::io::split(ws);
-                    connection::serve(reader, writer, conn, settings, events, None, None).await;
+                    connection::serve(reader, writer, conn, settings, events, None).await;
                 }
                 Ok(Err(error)) => handshake_failed(&ctx, "WebSocket", &error),
                 Err(_) => handshake_failed(&ctx, "WebSocket", &"timed out"),
@@ -489,14 +493,13 @@ async fn serve_wrapped(
             };
             if ctx.kind == ListenerKind::Tls {
                 let (reader, writer) = tokio::io::split(tls);
-                connection::serve(reader, writer, conn, settings, events, identity, None).await;
+                connection::serve(reader, writer, conn, settings, events, identity).await;
             } else {
                 let max = settings.max_packet_size as usize;
                 match timeout(deadline, crate::ws::accept(tls, &ctx.path, max)).await {
                     Ok(Ok(ws)) => {
                         let (reader, writer) = tokio::io::split(ws);
-                        connection::serve(reader, writer, conn, settings, events, identity, None)
-                            .await;
+                        connection::serve(reader, writer, conn, settings, events, identity).await;
                     }
                     Ok(Err(error)) => handshake_failed(&ctx, "WebSocket", &error),
                     Err(_) => handshake_failed(&ctx, "WebSocket", &"timed out"),

@@ -34,6 +34,9 @@ pub struct FileConfig {
     pub listen: Vec<SocketAddr>,
     /// Milliseconds a new socket has to send a complete CONNECT.
     pub connect_timeout_ms: u64,
+    /// Milliseconds without input after which a plain TCP connection parks (gives up its
+    /// task and reactor registration until it has traffic again); 0 = never.
+    pub park_idle_after_ms: u64,
     /// Unwritten bytes per connection above which QoS 0 messages to it are dropped.
     pub max_outbound_buffer: usize,
     /// See [`BrokerConfig::max_keepalive`].
@@ -160,6 +163,9 @@ impl Default for FileConfig {
             listen: server.listeners,
             connect_timeout_ms: u64::try_from(server.connect_timeout.as_millis())
                 .unwrap_or(u64::MAX),
+            park_idle_after_ms: server.park_idle_after.map_or(0, |after| {
+                u64::try_from(after.as_millis()).unwrap_or(u64::MAX)
+            }),
             max_outbound_buffer: server.max_outbound_buffer,
             max_keepalive: broker.max_keepalive,
             max_inflight: broker.max_inflight,
@@ -193,6 +199,7 @@ impl From<FileConfig> for ServerConfig {
         let FileConfig {
             listen,
             connect_timeout_ms,
+            park_idle_after_ms,
             max_outbound_buffer,
             max_keepalive,
             max_inflight,
@@ -221,6 +228,8 @@ impl From<FileConfig> for ServerConfig {
         ServerConfig {
             listeners: listen,
             connect_timeout: Duration::from_millis(connect_timeout_ms),
+            park_idle_after: (park_idle_after_ms > 0)
+                .then(|| Duration::from_millis(park_idle_after_ms)),
             max_outbound_buffer,
             broker: BrokerConfig {
                 max_keepalive,
@@ -315,6 +324,7 @@ impl FileConfig {
     fn set_scalar(&mut self, key: &str, value: &str) -> std::result::Result<bool, String> {
         match key {
             "connect_timeout_ms" => self.connect_timeout_ms = parse(value)?,
+            "park_idle_after_ms" => self.park_idle_after_ms = parse(value)?,
             "max_outbound_buffer" => self.max_outbound_buffer = parse(value)?,
             "max_keepalive" => self.max_keepalive = parse(value)?,
             "max_inflight" => self.max_inflight = parse(value)?,
@@ -500,6 +510,7 @@ mod tests {
         let text = r#"
             listen = ["127.0.0.1:1884", "[::1]:1885"]
             connect_timeout_ms = 2500
+            park_idle_after_ms = 500
             max_outbound_buffer = 4096
             max_keepalive = 60
             max_inflight = 7
@@ -523,6 +534,7 @@ mod tests {
                 "[::1]:1885".parse().expect("addr"),
             ],
             connect_timeout: Duration::from_millis(2500),
+            park_idle_after: Some(Duration::from_millis(500)),
             max_outbound_buffer: 4096,
             broker: BrokerConfig {
                 max_keepalive: 60,
@@ -726,7 +738,7 @@ mod tests {
     #[test]
     fn every_scalar_key_can_be_set_from_the_environment() {
         let keys = scalar_keys();
-        assert_eq!(keys.len(), 20, "{keys:?}");
+        assert_eq!(keys.len(), 21, "{keys:?}");
         for key in keys {
             let mut config = FileConfig::default();
             let value = if key.contains("available") || key.starts_with("allow") {

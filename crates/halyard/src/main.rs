@@ -8,6 +8,33 @@ mod security_config;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Runs on a tokio worker each time it runs out of work: once per memory release round
+/// (`halyard_server::memory_release_round`, which changes after each burst of connections
+/// parking), has mimalloc give this thread's free pages back to the OS.
+///
+/// Why: idle connections park (see `halyard-server`'s `park.rs`), freeing their tasks, about
+/// 1 KB each, on whichever worker parks them, mostly not the one that allocated them.
+/// mimalloc keeps frees from another thread pending until the owning thread allocates again,
+/// so once every connection had gone idle that memory was never returned: with 10,000 parked
+/// connections the broker held about 2,000 B of RSS per connection without this and 990-1,010
+/// B with it (`halyard-bench conns`, RSS 8 s after connecting). One collection took 0.9-4 ms
+/// with 10,000 connections, on a thread that had nothing else to do, once per burst.
+fn return_freed_memory() {
+    thread_local! {
+        static SEEN: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    }
+    let round = halyard_server::memory_release_round();
+    if SEEN.get() == round {
+        return;
+    }
+    SEEN.set(round);
+    // SAFETY: `mi_collect` takes no pointer and has no precondition: mimalloc documents it as
+    // callable at any time from any thread; it works on the calling thread's heap and on
+    // mimalloc's own internally synchronized state. mimalloc is this binary's global
+    // allocator (above), so every block it may free is one it handed out.
+    unsafe { libmimalloc_sys::mi_collect(true) };
+}
+
 use std::future::Future;
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
@@ -179,6 +206,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     let broker = open_broker(&config, &storage)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(worker_threads)
+        .on_thread_park(return_freed_memory)
         .enable_all()
         .build()
         .context("cannot start the tokio runtime")?;
