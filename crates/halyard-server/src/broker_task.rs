@@ -302,6 +302,14 @@ impl Shared {
         Ok(Some(fd))
     }
 
+    /// The socket's descriptor while it is parked.
+    pub(crate) fn parked_fd(&self) -> Option<RawFd> {
+        match &self.lock().socket {
+            TcpSocket::Parked(socket) => Some(socket.as_raw_fd()),
+            _ => None,
+        }
+    }
+
     /// Clears the parked mark; returns whether it was set, i.e. whether the caller must wake
     /// the connection.
     pub(crate) fn take_parked(&self) -> bool {
@@ -426,11 +434,15 @@ pub(crate) struct Link {
     /// Unbounded on purpose: the broker task must never wait on one slow client. What it
     /// holds is bounded by the QoS 0 drop rule and the core's in-flight window.
     pub(crate) tx: BatchSender,
-    /// Shared with the connection task.
-    pub(crate) shared: Arc<Shared>,
 }
 
 impl Link {
+    /// The state shared with the connection task (the sender's own handle to it: one pointer
+    /// per connection in the dispatcher's map, not two).
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.tx.0
+    }
+
     /// Writes the start of `batch` straight to the socket when the connection's writer is
     /// idle, so that the common case (a socket with room) needs no wake-up of the connection
     /// task: one hand-off fewer per message, as in a single-threaded broker. Whatever the
@@ -441,8 +453,9 @@ impl Link {
             return;
         }
         // Held across the write: the writer cannot take (and write) anything meanwhile.
-        let queue = self.shared.lock();
-        if !queue.batch.is_empty() || self.shared.writing.load(Ordering::Relaxed) {
+        let shared = self.shared();
+        let queue = shared.lock();
+        if !queue.batch.is_empty() || shared.writing.load(Ordering::Relaxed) {
             return;
         }
         // An error (or `WouldBlock`) is left for the writer to meet on its own write, where it
@@ -635,7 +648,7 @@ impl Drop for Dispatcher {
     fn drop(&mut self) {
         if let Some(parker) = &self.parker {
             for (conn, state) in &self.links {
-                if state.link.shared.take_parked() {
+                if state.link.shared().take_parked() {
                     parker.unpark(*conn);
                 }
             }
@@ -692,7 +705,7 @@ impl Dispatcher {
             }
             Event::Packets { conn, packets } => {
                 if let Some(state) = self.links.get(&conn) {
-                    let version = state.link.shared.version();
+                    let version = state.link.shared().version();
                     let publishes = self.metrics.count_inbound(&packets, version);
                     for packet in packets {
                         broker.handle_packet(now, conn, packet);
@@ -727,7 +740,7 @@ impl Dispatcher {
     /// park (see [`Shared::sweep_idle`]).
     fn sweep_idle(&mut self) {
         for state in self.links.values() {
-            state.link.shared.sweep_idle();
+            state.link.shared().sweep_idle();
         }
         let workers = tokio::runtime::Handle::current().metrics().num_workers();
         crate::park::after_sweep(&mut self.parked_at_sweep, workers);
@@ -763,12 +776,12 @@ impl Dispatcher {
                 // and a resume has nothing to wait for.
                 Output::Pause { conn } => {
                     if let Some(state) = self.links.get(&conn) {
-                        state.link.shared.set_paused(true);
+                        state.link.shared().set_paused(true);
                     }
                 }
                 Output::Resume { conn } => {
                     if let Some(state) = self.links.get(&conn) {
-                        state.link.shared.set_paused(false);
+                        state.link.shared().set_paused(false);
                     }
                 }
                 Output::NotifyWritten { conn } => {
@@ -814,7 +827,7 @@ impl Dispatcher {
             wire: BytesMut::with_capacity(state.batch_hint as usize),
             ..Batch::default()
         });
-        let queued = state.link.shared.queued_bytes.load(Ordering::Relaxed) + batch.wire.len();
+        let queued = state.link.shared().queued_bytes.load(Ordering::Relaxed) + batch.wire.len();
         if queued > self.max_outbound_buffer && is_qos0_publish(packet) {
             self.dropped_qos0 += 1;
             self.metrics.dropped_slow_consumer.inc();
@@ -826,7 +839,7 @@ impl Dispatcher {
             }
             return;
         }
-        let version = state.link.shared.version();
+        let version = state.link.shared().version();
         let start = batch.wire.len();
         if let Some(shared) = share(&mut self.shared_publish, packet, version, fan_out) {
             batch.wire.extend_from_slice(shared.bytes);
@@ -995,7 +1008,7 @@ mod tests {
     fn link() -> (Link, BatchReceiver) {
         let shared = Arc::new(Shared::default());
         let (tx, rx) = batch_channel(&shared);
-        (Link { tx, shared }, rx)
+        (Link { tx }, rx)
     }
 
     fn publish(qos: QoS) -> Packet {
@@ -1066,7 +1079,7 @@ mod tests {
     fn slow_consumer_loses_qos0_but_never_qos1_or_qos2() {
         let mut dispatcher = Dispatcher::new(150);
         let (link, mut rx) = link();
-        let shared = Arc::clone(&link.shared);
+        let shared = Arc::clone(link.shared());
         open(&mut dispatcher, 1, link);
         let outputs = [
             publish(QoS::AtMostOnce),

@@ -102,14 +102,9 @@ pub(crate) fn resume(
     conn: ConnectionId,
     record: Parked,
     settings: Arc<ConnectionSettings>,
+    events: mpsc::Sender<Event>,
 ) -> impl Future<Output = ()> + Send {
-    let Parked {
-        shared,
-        events,
-        ctx,
-        guard,
-        fd: _,
-    } = record;
+    let Parked { shared, ctx, guard } = record;
     let rx = BatchReceiver::resume(&shared);
     let start = Start::Resumed(Box::new(Connected {
         buf: BytesMut::new(),
@@ -128,7 +123,7 @@ fn serve_tcp(
     conn: ConnectionId,
     mut shared: Arc<Shared>,
     settings: Arc<ConnectionSettings>,
-    mut events: mpsc::Sender<Event>,
+    events: mpsc::Sender<Event>,
     mut start: Start,
     mut rx: BatchReceiver,
     mut guard: Guard,
@@ -168,21 +163,14 @@ fn serve_tcp(
             };
             let record = Box::new(Parked {
                 shared,
-                events,
                 ctx: connected.ctx,
                 guard,
-                fd: -1,
             });
             match parker.park(conn, record) {
                 Ok(()) => return,
                 Err(record) => {
                     // Something came for the writer meanwhile: serve on.
-                    Parked {
-                        shared,
-                        events,
-                        guard,
-                        ..
-                    } = *record;
+                    Parked { shared, guard, .. } = *record;
                     rx = BatchReceiver::resume(&shared);
                     start = Start::Resumed(connected);
                 }
@@ -289,10 +277,7 @@ async fn open(
     let (tx, rx) = batch_channel(&shared);
     // Kept by the reader until the CONNECT is authenticated, to answer a refusal itself.
     let own_tx = tx.clone();
-    let link = Link {
-        tx,
-        shared: Arc::clone(&shared),
-    };
+    let link = Link { tx };
     if forward(events, Event::Open { conn, link }).await.is_err() {
         // The server is shutting down; dropping the stream closes it.
         return None;
@@ -856,7 +841,7 @@ mod tests {
             panic!("expected packets");
         };
         assert_eq!(packets, sent);
-        assert_eq!(link.shared.version(), ProtocolVersion::V5);
+        assert_eq!(link.shared().version(), ProtocolVersion::V5);
 
         // The broker answers and closes: the client reads the reply, then EOF.
         let wire = BytesMut::from(&bytes_of(&[Packet::PingResp], ProtocolVersion::V5)[..]);
@@ -873,7 +858,7 @@ mod tests {
             .expect("read");
         assert_eq!(reply, bytes_of(&[Packet::PingResp], ProtocolVersion::V5));
         assert_eq!(
-            link.shared
+            link.shared()
                 .queued_bytes
                 .load(std::sync::atomic::Ordering::Relaxed),
             0

@@ -199,7 +199,7 @@ impl Server {
         let parker = config.park_idle_after.and_then(|after| {
             let gauge = ops.metrics.connections_parked.clone();
             let runtime = tokio::runtime::Handle::current();
-            park::Parker::start(after, runtime, gauge)
+            park::Parker::start(after, runtime, gauge, event_tx.clone())
                 .map_err(
                     |error| warn!(%error, "cannot start the parker; idle connections stay awake"),
                 )

@@ -16,7 +16,6 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::Duration;
@@ -75,15 +74,10 @@ const EVENTS_PER_WAIT: usize = 256;
 pub(crate) struct Parked {
     /// Shared with the dispatcher's link; holds the socket.
     pub(crate) shared: Arc<Shared>,
-    /// The broker task's event channel.
-    pub(crate) events: mpsc::Sender<Event>,
     /// Framing fixed by the CONNECT.
     pub(crate) ctx: DecodeContext,
     /// Released when the connection ends: its listener slot and its count at shutdown.
     pub(crate) guard: connection::Guard,
-    /// The socket's descriptor while parked (the socket stays open in `shared` as long as
-    /// this record lives).
-    pub(crate) fd: RawFd,
 }
 
 /// Holds parked connections and wakes them. One per server, with one thread that waits in
@@ -105,6 +99,9 @@ pub(crate) struct Parker {
     gauge: Gauge,
     /// The settings of the server's connections; weak, as they hold the parker.
     settings: OnceLock<Weak<ConnectionSettings>>,
+    /// The broker task's event channel, for resumed connections (kept here once rather than
+    /// in every record).
+    events: mpsc::Sender<Event>,
 }
 
 impl std::fmt::Debug for Parker {
@@ -121,6 +118,7 @@ impl Parker {
         after: Duration,
         runtime: tokio::runtime::Handle,
         gauge: Gauge,
+        events: mpsc::Sender<Event>,
     ) -> io::Result<Arc<Parker>> {
         let mut poll = Poll::new()?;
         let registry = poll.registry().try_clone()?;
@@ -133,6 +131,7 @@ impl Parker {
             after,
             gauge,
             settings: OnceLock::new(),
+            events,
         });
         let weak = Arc::downgrade(&parker);
         std::thread::Builder::new()
@@ -162,11 +161,7 @@ impl Parker {
     /// Parks a connection whose task is about to end, or gives the record back when the
     /// connection cannot park: something is queued for it, its writer is busy, or the
     /// dispatcher has already forgotten it.
-    pub(crate) fn park(
-        &self,
-        conn: ConnectionId,
-        mut record: Box<Parked>,
-    ) -> Result<(), Box<Parked>> {
+    pub(crate) fn park(&self, conn: ConnectionId, record: Box<Parked>) -> Result<(), Box<Parked>> {
         let mut parked = self.parked.lock().unwrap_or_else(PoisonError::into_inner);
         let fd = match record.shared.try_park() {
             Ok(Some(fd)) => fd,
@@ -188,7 +183,6 @@ impl Parker {
             record.shared.take_parked();
             return Err(record);
         }
-        record.fd = fd;
         parked.insert(conn, record);
         self.gauge.inc();
         PARKED_TOTAL.fetch_add(1, Ordering::Relaxed);
@@ -205,13 +199,17 @@ impl Parker {
         let Some(record) = record else { return };
         self.gauge.dec();
         record.shared.take_parked();
-        if let Err(error) = self.registry.deregister(&mut SourceFd(&record.fd)) {
-            debug!(%error, "parker: deregistering a woken connection failed");
+        // The socket stays open (in `shared`) as long as the record lives.
+        if let Some(fd) = record.shared.parked_fd() {
+            if let Err(error) = self.registry.deregister(&mut SourceFd(&fd)) {
+                debug!(%error, "parker: deregistering a woken connection failed");
+            }
         }
         // Without settings the server is gone; dropping the record closes the socket.
         if let Some(settings) = self.settings.get().and_then(Weak::upgrade) {
+            let events = self.events.clone();
             self.runtime
-                .spawn(connection::resume(conn, *record, settings));
+                .spawn(connection::resume(conn, *record, settings, events));
         }
     }
 
