@@ -209,8 +209,11 @@ fn open_database(path: &Path) -> Result<Database, OpenError> {
     builder.set_cache_size(CACHE_BYTES);
     let flag = Arc::clone(&repairing);
     let file = path.display().to_string();
+    // redb runs its repair pass when it creates a file in format v3 too; only an existing file
+    // can have been left unclean (a new one warned on every first start).
+    let existed = path.exists();
     builder.set_repair_callback(move |session: &mut RepairSession| {
-        if !flag.swap(true, Ordering::Relaxed) {
+        if existed && !flag.swap(true, Ordering::Relaxed) {
             warn!(
                 %file,
                 progress = session.progress(),
