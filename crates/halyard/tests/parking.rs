@@ -176,3 +176,17 @@ async fn parking_can_be_turned_off() {
     assert_eq!(parked(broker.http_addr()), 0);
     client.ping().await;
 }
+
+/// Session takeover of a parked client [MQTT-3.1.4-3]: the new connection's CONNECT wakes
+/// the parked one to send it DISCONNECT 0x8E (Session taken over) and close it.
+#[tokio::test]
+async fn a_parked_client_is_taken_over() {
+    let broker = Broker::start_with_config(CONFIG);
+    let mut first = RawClient::connect_v5(broker.addr(), "park-twin", false).await;
+    until_parked(&broker, 1).await;
+    let mut second = RawClient::connect_v5(broker.addr(), "park-twin", false).await;
+    first
+        .expect_disconnect(ReasonCode::SESSION_TAKEN_OVER)
+        .await;
+    second.ping().await;
+}
