@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::future::pending;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::Poll;
 use std::time::Instant;
 
@@ -28,6 +28,11 @@ use halyard_core::sys::{SysTopics, SysTraffic};
 /// drain coalesce more packets per connection and lets more messages share one store commit
 /// (fsync); bounding it keeps the first event's latency low.
 const MAX_EVENTS_PER_DRAIN: usize = 256;
+
+/// The park sweep visits this fraction of the connections per tick, so one tick never holds
+/// the broker task for long: visiting a connection costs 35-55 ns (an atomic on its state,
+/// usually a cache miss), and all 10,000 at once took 0.33-0.55 ms.
+const SWEEP_SLICES: u32 = 16;
 
 /// Longest time without a store commit, so interval durability holds on an idle broker.
 const IDLE_COMMIT_PERIOD: std::time::Duration = std::time::Duration::from_millis(100);
@@ -234,11 +239,11 @@ impl Shared {
     /// periods of silence. A sweep instead of a timer in every connection: a timer would
     /// cost each read a timer-wheel update and each connection task about 200 bytes.
     pub(crate) fn sweep_idle(&self) {
-        if !self.read_since_sweep.swap(false, Ordering::Relaxed)
-            && !self.park_requested.swap(true, Ordering::Relaxed)
-        {
+        if !self.read_since_sweep.swap(false, Ordering::Relaxed) {
+            self.park_requested.store(true, Ordering::Relaxed);
             // Wakes the connection task (its writer waits for this); the task then polls its
-            // reader too, which sees the request.
+            // reader too, which sees the request. Also when one was pending already: a
+            // request meets a busy writer, and nothing else may wake the task once it is idle.
             self.ready.wake();
         }
     }
@@ -250,9 +255,24 @@ impl Shared {
         drop(self.resume.take());
     }
 
-    /// Takes a pending park request.
+    /// Takes a pending park request, if the writer is idle: nothing queued, nothing taken
+    /// and unwritten. The reader ends the session when this returns true, which drops the
+    /// writer's future; that is only safe while it waits for a batch. A request made while
+    /// the writer is busy stays pending until a later poll finds it idle.
     pub(crate) fn take_park_request(&self) -> bool {
+        if !self.park_requested.load(Ordering::Relaxed) {
+            return false;
+        }
+        let queue = self.lock();
+        if !queue.batch.is_empty() || self.writing.load(Ordering::Relaxed) {
+            return false;
+        }
         self.park_requested.swap(false, Ordering::Relaxed)
+    }
+
+    /// Drops a park request that no longer applies (one made before the CONNECT).
+    pub(crate) fn clear_park_request(&self) {
+        self.park_requested.store(false, Ordering::Relaxed);
     }
 
     /// Makes this a plain TCP connection with `socket`.
@@ -518,7 +538,7 @@ pub(crate) async fn run(
     idle_commit.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     dispatcher.parker = ops.parker;
     let mut park_sweep = dispatcher.parker.as_ref().map(|parker| {
-        let mut sweep = tokio::time::interval(parker.after);
+        let mut sweep = tokio::time::interval(parker.after / SWEEP_SLICES);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         sweep
     });
@@ -640,6 +660,12 @@ struct Dispatcher {
     parker: Option<Arc<Parker>>,
     /// Connections parked in the process at the last sweep (see `park::after_sweep`).
     parked_at_sweep: u64,
+    /// The connections the park sweep visits, a slice per tick (a map cannot be walked in
+    /// slices); weak, so that a connection's state (and socket) goes when the connection does,
+    /// and the sweep drops ended ones as it meets them.
+    sweep: Vec<Weak<Shared>>,
+    /// Where the next slice of `sweep` starts.
+    sweep_next: usize,
 }
 
 impl Drop for Dispatcher {
@@ -685,6 +711,8 @@ impl Dispatcher {
             lost: Vec::new(),
             parker: None,
             parked_at_sweep: 0,
+            sweep: Vec::new(),
+            sweep_next: 0,
         }
     }
 
@@ -694,6 +722,9 @@ impl Dispatcher {
         match event {
             Event::Open { conn, link } => {
                 self.metrics.connections_accepted.inc();
+                if self.parker.is_some() {
+                    self.sweep.push(Arc::downgrade(link.shared()));
+                }
                 self.links.insert(
                     conn,
                     LinkState {
@@ -736,14 +767,34 @@ impl Dispatcher {
         false
     }
 
-    /// Asks every connection that can park and has read nothing since the last sweep to
-    /// park (see [`Shared::sweep_idle`]).
+    /// Visits the next slice of the sweep list: asks each connection there that has read
+    /// nothing since its last visit to park (see [`Shared::sweep_idle`]), and forgets those
+    /// that are gone. Every connection is visited once per park period. After the last slice
+    /// of a round, starts a memory release round if connections parked.
     fn sweep_idle(&mut self) {
-        for state in self.links.values() {
-            state.link.shared().sweep_idle();
+        let slice = self.sweep.len().div_ceil(SWEEP_SLICES as usize).max(1);
+        let end = (self.sweep_next + slice).min(self.sweep.len());
+        let mut at = self.sweep_next;
+        let mut end_at = end;
+        while at < end_at {
+            match self.sweep[at].upgrade() {
+                Some(shared) => {
+                    shared.sweep_idle();
+                    at += 1;
+                }
+                // The connection has ended.
+                None => {
+                    self.sweep.swap_remove(at);
+                    end_at = end_at.min(self.sweep.len());
+                }
+            }
         }
-        let workers = tokio::runtime::Handle::current().metrics().num_workers();
-        crate::park::after_sweep(&mut self.parked_at_sweep, workers);
+        self.sweep_next = at;
+        if self.sweep_next >= self.sweep.len() {
+            self.sweep_next = 0;
+            let workers = tokio::runtime::Handle::current().metrics().num_workers();
+            crate::park::after_sweep(&mut self.parked_at_sweep, workers);
+        }
     }
 
     /// Sends each connection one batch holding everything `outputs` has for it.

@@ -483,7 +483,7 @@ fn read_side<'a, R: AsyncRead + Unpin>(
             Start::Resumed(connected) => *connected,
         };
         // A request made before the CONNECT was complete is not for this loop.
-        shared.take_park_request();
+        shared.clear_park_request();
         loop {
             // Backpressure: the core holds a publish of ours until a subscriber has room.
             if shared.paused.load(std::sync::atomic::Ordering::Acquire) {
