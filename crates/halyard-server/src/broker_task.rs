@@ -278,6 +278,10 @@ impl Shared {
     /// Makes this a plain TCP connection with `socket`.
     pub(crate) fn set_socket(&self, socket: TcpStream) {
         self.lock().socket = TcpSocket::Awake(Arc::new(socket));
+        // Accepting counts as input: a new connection parks only after a whole park period
+        // without any (a fresh one parking at its first sweep visit, a client that connected
+        // and then subscribed lost the race against another client's publish).
+        self.note_read();
     }
 
     /// The plain TCP socket registered with tokio's reactor (registering it again if it was

@@ -482,13 +482,8 @@ fn read_side<'a, R: AsyncRead + Unpin>(
             }
             Start::Resumed(connected) => *connected,
         };
-        // A request made before the CONNECT was complete is not for this loop, and the
-        // CONNECT (or the input that woke a parked connection) counts as input: a connection
-        // parks only after a whole park period of silence.
+        // A request made before the CONNECT was complete is not for this loop.
         shared.clear_park_request();
-        if parks {
-            shared.note_read();
-        }
         loop {
             // Backpressure: the core holds a publish of ours until a subscriber has room.
             if shared.paused.load(std::sync::atomic::Ordering::Acquire) {
