@@ -122,7 +122,8 @@ pub(crate) struct TaskOps {
     /// Period of `$SYS/broker/...` publication; `None` = off.
     pub(crate) sys_interval: Option<std::time::Duration>,
     /// The broker task's own event channel, for writers to report [`Event::Written`]; weak,
-    /// so the channel still closes when every connection and listener is gone.
+    /// so that it is not what keeps the channel open. (With parking, the parker keeps a
+    /// sender for resumed connections; the task ends on its stop signal either way.)
     pub(crate) written: Option<mpsc::WeakSender<Event>>,
     /// Where idle connections park; `None` = they never park.
     pub(crate) parker: Option<Arc<Parker>>,
@@ -229,6 +230,12 @@ impl Shared {
         self.outq.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Whether the writer has nothing to do: nothing queued, nothing taken and unwritten.
+    /// Only meaningful under the lock (`queue`), which both change under.
+    fn writer_idle(&self, queue: &Queue) -> bool {
+        queue.batch.is_empty() && !self.writing.load(Ordering::Relaxed)
+    }
+
     /// Notes input, for [`Shared::sweep_idle`].
     pub(crate) fn note_read(&self) {
         self.read_since_sweep.store(true, Ordering::Relaxed);
@@ -263,8 +270,7 @@ impl Shared {
         if !self.park_requested.load(Ordering::Relaxed) {
             return false;
         }
-        let queue = self.lock();
-        if !queue.batch.is_empty() || self.writing.load(Ordering::Relaxed) {
+        if !self.writer_idle(&self.lock()) {
             return false;
         }
         self.park_requested.swap(false, Ordering::Relaxed)
@@ -304,10 +310,7 @@ impl Shared {
     /// the socket is lost.
     pub(crate) fn try_park(&self) -> std::io::Result<Option<RawFd>> {
         let mut queue = self.lock();
-        if !queue.batch.is_empty()
-            || self.writing.load(Ordering::Relaxed)
-            || self.senders.load(Ordering::Acquire) == 0
-        {
+        if !self.writer_idle(&queue) || self.senders.load(Ordering::Acquire) == 0 {
             return Ok(None);
         }
         let TcpSocket::Awake(socket) = std::mem::take(&mut queue.socket) else {
@@ -479,7 +482,7 @@ impl Link {
         // Held across the write: the writer cannot take (and write) anything meanwhile.
         let shared = self.shared();
         let queue = shared.lock();
-        if !queue.batch.is_empty() || shared.writing.load(Ordering::Relaxed) {
+        if !shared.writer_idle(&queue) {
             return;
         }
         // An error (or `WouldBlock`) is left for the writer to meet on its own write, where it
@@ -756,8 +759,9 @@ impl Dispatcher {
             Event::Lost { conn } => {
                 if let Some(state) = self.links.remove(&conn) {
                     broker.connection_lost(now, conn);
-                    // Its socket's direct-write half closes the socket when dropped: not
-                    // before the state change of this loss (a session's expiry) is committed.
+                    // Its link holds the connection's shared state, and with it the socket:
+                    // not closed before the state change of this loss (a session's expiry) is
+                    // committed.
                     self.lost.push(state);
                 }
             }
@@ -777,10 +781,9 @@ impl Dispatcher {
     /// of a round, starts a memory release round if connections parked.
     fn sweep_idle(&mut self) {
         let slice = self.sweep.len().div_ceil(SWEEP_SLICES as usize).max(1);
-        let end = (self.sweep_next + slice).min(self.sweep.len());
+        let mut end = (self.sweep_next + slice).min(self.sweep.len());
         let mut at = self.sweep_next;
-        let mut end_at = end;
-        while at < end_at {
+        while at < end {
             match self.sweep[at].upgrade() {
                 Some(shared) => {
                     shared.sweep_idle();
@@ -789,7 +792,7 @@ impl Dispatcher {
                 // The connection has ended.
                 None => {
                     self.sweep.swap_remove(at);
-                    end_at = end_at.min(self.sweep.len());
+                    end = end.min(self.sweep.len());
                 }
             }
         }

@@ -67,8 +67,8 @@ enum ReadEnd {
     ConnectTimeout,
     /// The socket failed.
     Failed(io::Error),
-    /// Asked to park while waiting for input (only with parking).
-    Idle(Box<Connected>),
+    /// Asked to park while waiting for input between packets (only with parking).
+    Idle(DecodeContext),
 }
 
 /// What a connection holds until it ends and releases on drop (its listener slot, its count
@@ -106,12 +106,15 @@ pub(crate) fn resume(
 ) -> impl Future<Output = ()> + Send {
     let Parked { shared, ctx, guard } = record;
     let rx = BatchReceiver::resume(&shared);
-    let start = Start::Resumed(Box::new(Connected {
-        buf: BytesMut::new(),
-        ctx,
-        room: IDLE_READ,
-    }));
-    serve_tcp(conn, shared, settings, events, start, rx, guard)
+    serve_tcp(
+        conn,
+        shared,
+        settings,
+        events,
+        Start::Resumed(ctx),
+        rx,
+        guard,
+    )
 }
 
 /// The sessions of one plain TCP connection: each serves the socket until the connection
@@ -155,24 +158,20 @@ fn serve_tcp(
             // may hold this task.
             drop(socket);
             shared.forget_task();
-            let Served::Idle(connected) = served else {
+            let Served::Idle(ctx) = served else {
                 return;
             };
             let Some(parker) = settings.parker.clone() else {
                 return;
             };
-            let record = Box::new(Parked {
-                shared,
-                ctx: connected.ctx,
-                guard,
-            });
+            let record = Box::new(Parked { shared, ctx, guard });
             match parker.park(conn, record) {
                 Ok(()) => return,
                 Err(record) => {
                     // Something came for the writer meanwhile: serve on.
                     Parked { shared, guard, .. } = *record;
                     rx = BatchReceiver::resume(&shared);
-                    start = Start::Resumed(connected);
+                    start = Start::Resumed(ctx);
                 }
             }
         }
@@ -295,17 +294,17 @@ async fn open(
 enum Start {
     /// With the CONNECT still to read and authenticate.
     Connect(Box<Auth>),
-    /// After parking, where the last session left off.
-    Resumed(Box<Connected>),
+    /// After parking, between packets, with the framing of the CONNECT.
+    Resumed(DecodeContext),
 }
 
 /// How a session ended.
 enum Served {
     /// The connection is closed, and the broker told if it was lost.
     Ended,
-    /// Nothing was read for the idle time and nothing is being written: the caller parks
-    /// the connection.
-    Idle(Box<Connected>),
+    /// Asked to park while nothing was being read or written: the caller parks the
+    /// connection.
+    Idle(DecodeContext),
 }
 
 /// Reads and writes until the connection closes or, if it `parks`, is asked to park.
@@ -340,8 +339,8 @@ where
                     ),
                     ReadEnd::Failed(error) => debug!(%error, "connection failed"),
                 }
-                if let ReadEnd::Idle(connected) = end {
-                    return Served::Idle(connected);
+                if let ReadEnd::Idle(ctx) = end {
+                    return Served::Idle(ctx);
                 }
                 true
             }
@@ -480,7 +479,11 @@ fn read_side<'a, R: AsyncRead + Unpin>(
                     Err(end) => return end,
                 }
             }
-            Start::Resumed(connected) => *connected,
+            Start::Resumed(ctx) => Connected {
+                buf: BytesMut::new(),
+                ctx,
+                room: IDLE_READ,
+            },
         };
         // A request made before the CONNECT was complete is not for this loop.
         shared.clear_park_request();
@@ -503,13 +506,7 @@ fn read_side<'a, R: AsyncRead + Unpin>(
                 .await;
                 match parked {
                     Some(read) => read,
-                    None => {
-                        return ReadEnd::Idle(Box::new(Connected {
-                            buf: BytesMut::new(),
-                            ctx,
-                            room: IDLE_READ,
-                        }))
-                    }
+                    None => return ReadEnd::Idle(ctx),
                 }
             } else {
                 read_some(reader, &mut buf, &mut room).await
@@ -551,7 +548,6 @@ fn read_side<'a, R: AsyncRead + Unpin>(
 }
 
 /// What the reader keeps from the pre-CONNECT phase.
-#[derive(Debug)]
 struct Connected {
     /// Bytes read after the CONNECT that do not make a whole packet yet.
     buf: BytesMut,

@@ -8,6 +8,24 @@ mod security_config;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+use std::future::Future;
+use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use halyard_core::store::Store;
+use halyard_core::Broker;
+use halyard_server::{Server, ServerConfig};
+use halyard_store::{FsyncPolicy, MemoryStore, RedbStore};
+use tracing::info;
+use tracing_subscriber::filter::{EnvFilter, LevelFilter};
+
+use crate::config::{FileConfig, FsyncMode, StorageBackend, StorageConfig};
+
 /// Runs on a tokio worker each time it runs out of work: once per memory release round
 /// (`halyard_server::memory_release_round`, which changes after each burst of connections
 /// parking), has mimalloc give this thread's free pages back to the OS.
@@ -34,24 +52,6 @@ fn return_freed_memory() {
     // allocator (above), so every block it may free is one it handed out.
     unsafe { libmimalloc_sys::mi_collect(true) };
 }
-
-use std::future::Future;
-use std::io::{IsTerminal, Write};
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::ExitCode;
-use std::time::{Duration, Instant, SystemTime};
-
-use anyhow::{Context, Result};
-use clap::{Parser, Subcommand, ValueEnum};
-use halyard_core::store::Store;
-use halyard_core::Broker;
-use halyard_server::{Server, ServerConfig};
-use halyard_store::{FsyncPolicy, MemoryStore, RedbStore};
-use tracing::info;
-use tracing_subscriber::filter::{EnvFilter, LevelFilter};
-
-use crate::config::{FileConfig, FsyncMode, StorageBackend, StorageConfig};
 
 /// Halyard, an MQTT 3.1 / 3.1.1 / 5.0 broker.
 ///
