@@ -5,7 +5,7 @@
 //! memory of a second task per connection.
 
 use std::future::{pending, Future};
-use std::io;
+use std::io::{self, Read};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -14,7 +14,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use halyard_codec::{decode, encode, ConnAck, DecodeContext, Packet};
 use halyard_core::ConnectionId;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::{timeout, timeout_at, Instant};
@@ -30,10 +30,11 @@ use crate::park::{Parked, Parker};
 /// filled its room); the buffer grows beyond it only while a large packet is arriving.
 const READ_CHUNK: usize = 4096;
 
-/// Bytes reserved before a read on a quiet connection: an idle connection waits in `read`
-/// with a buffer this small (memory per idle connection is a budget: ~1 KB), and a read that
-/// fills it is followed by reads of [`READ_CHUNK`].
-const IDLE_READ: usize = 64;
+/// The read size of a quiet connection. It waits for input holding no buffer (memory per idle
+/// connection is a budget: ~1 KB) and reads into this much stack, then keeps only what came:
+/// one system call for what a quiet client sends at once. A read that fills it is followed
+/// by reads of [`READ_CHUNK`] straight into the connection's buffer.
+const IDLE_READ: usize = 4096;
 
 /// A buffer that grew beyond this (for one large packet or a burst) is released once empty,
 /// instead of being kept for the life of the connection.
@@ -191,12 +192,30 @@ impl AsyncRead for TcpIo<'_> {
         let socket = self.0;
         loop {
             std::task::ready!(socket.poll_read_ready(cx))?;
-            match socket.try_read(buf.initialize_unfilled()) {
+            let room = buf.initialize_unfilled();
+            let mut drained = 0;
+            // A read shorter than the room took all the kernel had: the readiness is cleared
+            // now (by answering `WouldBlock` to `try_io`), which saves the read that would only
+            // return `WouldBlock`. Input arriving after it is a new edge, so it wakes us again.
+            let result = socket.try_io(Interest::READABLE, || {
+                match (&*socket2::SockRef::from(socket)).read(room) {
+                    Ok(read) if read > 0 && read < room.len() => {
+                        drained = read;
+                        Err(io::ErrorKind::WouldBlock.into())
+                    }
+                    result => result,
+                }
+            });
+            match result {
                 Ok(read) => {
                     buf.advance(read);
                     return Poll::Ready(Ok(()));
                 }
-                // Readiness was stale; `try_read` cleared it, so the next poll waits.
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock && drained > 0 => {
+                    buf.advance(drained);
+                    return Poll::Ready(Ok(()));
+                }
+                // Readiness was stale; `try_io` cleared it, so the next poll waits.
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(error) => return Poll::Ready(Err(error)),
             }
@@ -564,12 +583,25 @@ async fn read_some<R: AsyncRead + Unpin>(
     room: &mut usize,
 ) -> Result<(), ReadEnd> {
     loop {
-        buf.reserve(*room);
-        let spare = buf.capacity() - buf.len();
-        return match reader.read_buf(buf).await {
-            Ok(0) => Err(ReadEnd::Eof),
-            Ok(n) => {
-                *room = if n >= spare { READ_CHUNK } else { IDLE_READ };
+        let read = if *room == IDLE_READ {
+            std::future::poll_fn(|cx| {
+                // On the stack only for this poll: an idle connection's task holds no buffer.
+                let mut scratch = [std::mem::MaybeUninit::<u8>::uninit(); IDLE_READ];
+                let mut read = ReadBuf::uninit(&mut scratch);
+                std::task::ready!(Pin::new(&mut *reader).poll_read(cx, &mut read))?;
+                buf.extend_from_slice(read.filled());
+                Poll::Ready(Ok((read.filled().len(), IDLE_READ)))
+            })
+            .await
+        } else {
+            buf.reserve(*room);
+            let spare = buf.capacity() - buf.len();
+            reader.read_buf(buf).await.map(|read| (read, spare))
+        };
+        return match read {
+            Ok((0, _)) => Err(ReadEnd::Eof),
+            Ok((read, spare)) => {
+                *room = if read >= spare { READ_CHUNK } else { IDLE_READ };
                 Ok(())
             }
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
@@ -928,6 +960,100 @@ mod tests {
             .expect("closed in time")
             .expect("read");
         assert!(rest.is_empty());
+    }
+
+    /// A connected pair: (client, server side).
+    async fn socket_pair() -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let client = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        (client, server)
+    }
+
+    #[tokio::test]
+    async fn a_short_read_clears_readiness_and_later_input_still_wakes_the_reader() {
+        let (mut client, server) = socket_pair().await;
+        let mut io = TcpIo(&server);
+        let mut buf = [0u8; 16];
+        client.write_all(b"abc").await.expect("write");
+        let read = timeout(Duration::from_secs(5), io.read(&mut buf))
+            .await
+            .expect("in time")
+            .expect("read");
+        assert_eq!(&buf[..read], b"abc");
+        // Readiness was cleared by the short read: nothing more completes a read...
+        assert!(
+            timeout(Duration::from_millis(50), io.read(&mut buf))
+                .await
+                .is_err(),
+            "a read completed with no input"
+        );
+        // ...until more input comes.
+        client.write_all(b"de").await.expect("write");
+        let read = timeout(Duration::from_secs(5), io.read(&mut buf))
+            .await
+            .expect("later input wakes the reader")
+            .expect("read");
+        assert_eq!(&buf[..read], b"de");
+        // A read that fills the buffer leaves readiness set; the rest is read next.
+        client.write_all(&[7u8; 20]).await.expect("write");
+        let mut total = 0;
+        while total < 20 {
+            total += timeout(Duration::from_secs(5), io.read(&mut buf))
+                .await
+                .expect("in time")
+                .expect("read");
+        }
+        assert_eq!(total, 20);
+    }
+
+    #[tokio::test]
+    async fn a_quiet_connection_waits_without_a_buffer_and_a_full_read_switches_to_chunks() {
+        let (mut client, server) = socket_pair().await;
+        let mut io = TcpIo(&server);
+        let mut buf = BytesMut::new();
+        let mut room = IDLE_READ;
+        {
+            let read = read_some(&mut io, &mut buf, &mut room);
+            tokio::pin!(read);
+            let pending =
+                std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx).is_pending()));
+            assert!(pending.await);
+        }
+        assert_eq!(buf.capacity(), 0, "a waiting quiet read holds no buffer");
+        client.write_all(b"hello").await.expect("write");
+        timeout(
+            Duration::from_secs(5),
+            read_some(&mut io, &mut buf, &mut room),
+        )
+        .await
+        .expect("in time")
+        .map_err(|_| "read failed")
+        .expect("read");
+        assert_eq!(&buf[..], b"hello");
+        assert_eq!(room, IDLE_READ, "a short read stays quiet");
+
+        buf.clear();
+        let burst = vec![1u8; 3 * IDLE_READ];
+        client.write_all(&burst).await.expect("write");
+        while buf.len() < burst.len() {
+            timeout(
+                Duration::from_secs(5),
+                read_some(&mut io, &mut buf, &mut room),
+            )
+            .await
+            .expect("in time")
+            .map_err(|_| "read failed")
+            .expect("read");
+            if buf.len() < burst.len() {
+                assert_eq!(room, READ_CHUNK, "a full read is followed by chunked reads");
+            }
+        }
+        assert_eq!(&buf[..], &burst[..]);
     }
 }
 
