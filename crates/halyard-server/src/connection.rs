@@ -1011,6 +1011,14 @@ mod tests {
         assert_eq!(total, 20);
     }
 
+    async fn read_in_time(io: &mut TcpIo<'_>, buf: &mut BytesMut, room: &mut usize) {
+        timeout(Duration::from_secs(5), read_some(io, buf, room))
+            .await
+            .expect("in time")
+            .map_err(|_| "read failed")
+            .expect("read");
+    }
+
     #[tokio::test]
     async fn a_quiet_connection_waits_without_a_buffer_and_a_full_read_switches_to_chunks() {
         let (mut client, server) = socket_pair().await;
@@ -1026,14 +1034,7 @@ mod tests {
         }
         assert_eq!(buf.capacity(), 0, "a waiting quiet read holds no buffer");
         client.write_all(b"hello").await.expect("write");
-        timeout(
-            Duration::from_secs(5),
-            read_some(&mut io, &mut buf, &mut room),
-        )
-        .await
-        .expect("in time")
-        .map_err(|_| "read failed")
-        .expect("read");
+        read_in_time(&mut io, &mut buf, &mut room).await;
         assert_eq!(&buf[..], b"hello");
         assert_eq!(room, IDLE_READ, "a short read stays quiet");
 
@@ -1041,14 +1042,7 @@ mod tests {
         let burst = vec![1u8; 3 * IDLE_READ];
         client.write_all(&burst).await.expect("write");
         while buf.len() < burst.len() {
-            timeout(
-                Duration::from_secs(5),
-                read_some(&mut io, &mut buf, &mut room),
-            )
-            .await
-            .expect("in time")
-            .map_err(|_| "read failed")
-            .expect("read");
+            read_in_time(&mut io, &mut buf, &mut room).await;
             if buf.len() < burst.len() {
                 assert_eq!(room, READ_CHUNK, "a full read is followed by chunked reads");
             }
