@@ -16,6 +16,7 @@ use halyard_codec::{
 };
 use halyard_core::store::StoreError;
 use halyard_core::{Broker, ConnectionId, Output};
+use indexmap::IndexMap;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
@@ -648,8 +649,12 @@ fn commit(broker: &mut Broker) -> Result<(), StoreError> {
 struct Dispatcher {
     /// Open connections, as the broker task knows them.
     links: HashMap<ConnectionId, LinkState>,
-    /// Batches being assembled in the current drain (kept to reuse its allocation).
-    pending: HashMap<ConnectionId, Batch>,
+    /// Batches being assembled in the current drain (kept to reuse its allocation), in the
+    /// order the core first addressed each connection: the core emits a message's deliveries
+    /// before the publisher's acknowledgement, so subscribers' bytes are written first. (A
+    /// hash order made that a coin toss per process: the subscriber's write waited behind the
+    /// PUBACK's in half the runs, 15-20 us more latency at the median.)
+    pending: IndexMap<ConnectionId, Batch>,
     /// See `ServerConfig::max_outbound_buffer`.
     max_outbound_buffer: usize,
     /// QoS 0 PUBLISH packets dropped because their receiver was too slow.
@@ -709,7 +714,7 @@ impl Dispatcher {
     fn new(max_outbound_buffer: usize) -> Dispatcher {
         Dispatcher {
             links: HashMap::new(),
-            pending: HashMap::new(),
+            pending: IndexMap::new(),
             max_outbound_buffer,
             dropped_qos0: 0,
             metrics: Arc::default(),
@@ -806,6 +811,12 @@ impl Dispatcher {
 
     /// Sends each connection one batch holding everything `outputs` has for it.
     fn dispatch(&mut self, outputs: &[Output]) {
+        self.assemble(outputs);
+        self.flush();
+    }
+
+    /// Encodes `outputs` into one pending batch per connection.
+    fn assemble(&mut self, outputs: &[Output]) {
         self.lost.clear();
         self.shared_publish = [None, None];
         for (index, output) in outputs.iter().enumerate() {
@@ -851,7 +862,11 @@ impl Dispatcher {
                 }
             }
         }
-        for (conn, mut batch) in self.pending.drain() {
+    }
+
+    /// Writes or queues the pending batches, in the order their connections first appeared.
+    fn flush(&mut self) {
+        for (conn, mut batch) in self.pending.drain(..) {
             let close = batch.close;
             let Some(state) = self.links.get_mut(&conn) else {
                 continue;
@@ -1088,6 +1103,48 @@ mod tests {
                 batch_hint: 0,
             },
         );
+    }
+
+    #[test]
+    fn deliveries_are_flushed_before_the_publishers_acknowledgement() {
+        let mut dispatcher = Dispatcher::new(1 << 20);
+        let mut receivers = Vec::new();
+        for conn in 1..=64 {
+            let (link, rx) = link();
+            open(&mut dispatcher, conn, link);
+            receivers.push(rx);
+        }
+        // What the core emits for one QoS 1 PUBLISH from connection 1 matched by the other 63
+        // connections (in the trie's order, not the ids'): the deliveries, then the PUBACK.
+        // 37 is prime to 63: a permutation of 2..=64.
+        let subscribers: Vec<ConnectionId> = (0..63).map(|i| 2 + (i * 37) % 63).collect();
+        let mut outputs: Vec<Output> = subscribers
+            .iter()
+            .map(|&conn| Output::Send {
+                conn,
+                packet: publish(QoS::AtLeastOnce),
+            })
+            .collect();
+        outputs.push(Output::Send {
+            conn: 1,
+            packet: Packet::PubAck(halyard_codec::PubResponse {
+                packet_id: 1,
+                reason: halyard_codec::ReasonCode::SUCCESS,
+                properties: Properties::default(),
+            }),
+        });
+        dispatcher.assemble(&outputs);
+        let order: Vec<ConnectionId> = dispatcher.pending.keys().copied().collect();
+        let mut expected = subscribers.clone();
+        expected.push(1);
+        assert_eq!(
+            order, expected,
+            "flushed in the order the core addressed them"
+        );
+        dispatcher.flush();
+        for rx in &mut receivers {
+            assert!(rx.try_recv().is_some(), "every connection got its batch");
+        }
     }
 
     #[test]
