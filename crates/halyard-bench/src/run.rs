@@ -11,7 +11,7 @@
 //! ```
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,7 +21,7 @@ use halyard_codec::{decode, Packet, ProtocolVersion, QoS};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::accounting::Deliveries;
@@ -1076,35 +1076,54 @@ async fn run_conns(params: Params, addr: SocketAddr) -> Result<Report> {
     let version = version_of(&params.mqtt_version)?;
     let count = params.connections;
     let keep_alive = params.keep_alive;
-    let semaphore = Arc::new(Semaphore::new(params.connect_concurrency.max(1)));
     let mut errors = Errors::default();
+    // `--connect-concurrency` connectors, each opening connections one after another until
+    // all are open: no task spawned and no permit handed over per connection, so the tool's
+    // own scheduling does not pace the connects (a spawner on the runtime's main thread,
+    // waking for every released permit, waited up to 5 ms for a CPU while the brokers ran).
+    let next = Arc::new(AtomicUsize::new(0));
     let mut set = JoinSet::new();
     let start = Instant::now();
-    for i in 0..count {
-        let permit = semaphore.clone().acquire_owned().await?;
-        let id = format!("hb-{}-c{i}", params.run_id);
+    for _ in 0..params.connect_concurrency.clamp(1, count.max(1)) {
+        let next = Arc::clone(&next);
+        let run_id = params.run_id.clone();
         set.spawn(async move {
-            let began = Instant::now();
-            let result = Conn::connect(addr, version, &id, keep_alive, Duration::from_secs(10))
-                .await
-                .map(|mut conn| {
-                    // Keep only the socket while holding.
-                    conn.inbuf = BytesMut::new();
-                    conn
-                });
-            drop(permit);
-            (result, began.elapsed())
+            let mut opened = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= count {
+                    break opened;
+                }
+                let id = format!("hb-{run_id}-c{i}");
+                let began = Instant::now();
+                let result = Conn::connect(addr, version, &id, keep_alive, Duration::from_secs(10))
+                    .await
+                    .map(|mut conn| {
+                        // Keep only the socket while holding.
+                        conn.inbuf = BytesMut::new();
+                        conn
+                    });
+                opened.push((result, began.elapsed()));
+            }
         });
     }
     let mut conns = Vec::with_capacity(count);
     let mut latency = new_histogram();
     while let Some(joined) = set.join_next().await {
         match joined {
-            Ok((Ok(conn), took)) => {
-                conns.push(conn);
-                latency.saturating_record(u64::try_from(took.as_nanos()).unwrap_or(u64::MAX));
+            Ok(opened) => {
+                for (result, took) in opened {
+                    match result {
+                        Ok(conn) => {
+                            conns.push(conn);
+                            latency.saturating_record(
+                                u64::try_from(took.as_nanos()).unwrap_or(u64::MAX),
+                            );
+                        }
+                        Err(e) => errors.push(format!("{e:#}")),
+                    }
+                }
             }
-            Ok((Err(e), _)) => errors.push(format!("{e:#}")),
             Err(e) => errors.push(format!("connect task: {e}")),
         }
     }
