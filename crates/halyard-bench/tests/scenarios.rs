@@ -2,7 +2,6 @@
 //! benchmark script reports must be what happened.
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use halyard_bench::run::{run, Params, Scenario};
 use halyard_server::{Server, ServerConfig};
