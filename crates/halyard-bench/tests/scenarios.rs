@@ -89,9 +89,10 @@ async fn latency_at_qos1_loses_nothing_and_measures_every_delivery_in_the_window
     );
     assert_eq!(report.duplicates, Some(0));
     let in_window = report.received_in_window.expect("counted");
-    // About 2,000 in the 1 s window; a loaded CI machine may publish late, never more.
+    // About 2,000 in the 1 s window. A loaded CI machine may publish late, and a late burst
+    // from the warm-up may land in the window, but never more than the 2,400 due by its end.
     assert!(
-        (500..=2_100).contains(&in_window),
+        (500..=2_410).contains(&in_window),
         "{in_window} in the window"
     );
     let latency = report.latency_us.expect("latencies");
