@@ -12,8 +12,10 @@ use bytes::Bytes;
 use halyard_codec::{topic, ProtocolVersion, QoS, ReasonCode};
 use serde::Serialize;
 
-use crate::broker::{Broker, CloseKind, RouteOutcome};
+use crate::broker::Broker;
+use crate::close::CloseKind;
 use crate::message::Message;
+use crate::publish::RouteOutcome;
 use crate::session::Session;
 
 /// One line of the client list: enough to spot a stuck or misbehaving client at a glance.

@@ -9,28 +9,40 @@ pub mod acl;
 pub mod admin;
 pub mod authz;
 mod broker;
+mod close;
 mod config;
+mod connect;
 mod lazy;
 mod limits;
 mod message;
+mod output;
+mod persistence;
+mod publish;
 mod pushback;
 mod registry;
 pub mod retained;
+mod retained_delivery;
 mod router;
+mod routing;
 mod session;
+mod stats;
 pub mod store;
+mod subscribe;
 pub mod sys;
 mod time;
+mod timers;
 
 pub use acl::{Acl, AclError};
 pub use authz::{Access, AllowAll, Authorizer, ClientInfo};
-pub use broker::{Broker, BrokerStats, ConnectionId, Output};
+pub use broker::{Broker, ConnectionId};
 pub use config::BrokerConfig;
 pub use message::{boxed_properties, Message, SessionKey};
+pub use output::Output;
 pub use pushback::{QueueFullPolicy, PUSHBACK_TIMEOUT};
 pub use registry::{LocalSessionRegistry, SessionRegistry};
 pub use retained::{MemoryRetained, RetainedStore};
 pub use router::{FilterRef, LocalRouter, RouteMatch, Router, SubscriptionEntry};
+pub use stats::BrokerStats;
 
 /// The maps of the per-message path (topic trie, sessions by key, client id and connection):
 /// foldhash instead of SipHash, which cost 7% of fan-in's CPU in routing and lookups. Topic

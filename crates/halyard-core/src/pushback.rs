@@ -26,8 +26,11 @@ use std::time::{Duration, Instant};
 
 use halyard_codec::{Packet, QoS};
 
-use crate::broker::{Broker, CloseKind, ConnectionId, Output, Timer};
+use crate::broker::{Broker, ConnectionId};
+use crate::close::CloseKind;
 use crate::message::{Message, SessionKey};
+use crate::output::Output;
+use crate::timers::Timer;
 
 /// Longest time a publisher stays paused before it is closed unacknowledged (see the module
 /// documentation for why a bound is needed). Long enough for a slow but working subscriber

@@ -9,9 +9,10 @@ use halyard_codec::{
     Disconnect, Packet, ProtocolVersion, PubResponse, Publish, QoS, ReasonCode, Will,
 };
 
-use crate::broker::{ConnectionId, Output};
+use crate::broker::ConnectionId;
 use crate::lazy::{LazyMap, LazySet};
 use crate::message::Message;
+use crate::output::Output;
 use crate::router::SubscriptionEntry;
 use crate::store::{DeliveryState, Store};
 use crate::time::ClockAnchor;

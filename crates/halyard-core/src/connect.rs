@@ -1,0 +1,249 @@
+//! CONNECT: validation, the session claim, takeover and CONNACK.
+
+use std::cmp::Reverse;
+use std::time::{Duration, Instant};
+
+use halyard_codec::{ConnAck, Connect, Packet, Properties, ProtocolVersion, ReasonCode};
+
+use crate::authz::{Access, ClientInfo};
+use crate::broker::{Broker, ConnectionId};
+use crate::close::CloseKind;
+use crate::output::Output;
+use crate::session::{Link, Session};
+use crate::timers::Timer;
+
+impl Broker {
+    pub(crate) fn reject_connect(
+        &mut self,
+        conn: ConnectionId,
+        version: ProtocolVersion,
+        v5: ReasonCode,
+        v3: ReasonCode,
+    ) {
+        let code = if version.is_v5() { v5 } else { v3 };
+        self.out.send(
+            conn,
+            Packet::ConnAck(ConnAck {
+                session_present: false,
+                code,
+                properties: Properties::default(),
+            }),
+        );
+        self.out.outputs.push_back(Output::Close { conn });
+    }
+
+    pub(crate) fn on_connect(&mut self, now: Instant, conn: ConnectionId, connect: Connect) {
+        let version = connect.protocol;
+        let v5 = version.is_v5();
+        if v5 && connect.properties.authentication_method.is_some() {
+            // No enhanced authentication method is configured [MQTT-4.12.0-1].
+            return self.reject_connect(
+                conn,
+                version,
+                ReasonCode::BAD_AUTHENTICATION_METHOD,
+                ReasonCode::V3_NOT_AUTHORIZED,
+            );
+        }
+
+        let mut keep_alive = connect.keep_alive;
+        let mut server_keep_alive = None;
+        let max_keepalive = self.config.max_keepalive;
+        if max_keepalive > 0 && (keep_alive == 0 || keep_alive > max_keepalive) {
+            if v5 {
+                keep_alive = max_keepalive;
+                server_keep_alive = Some(max_keepalive);
+            } else if keep_alive > max_keepalive {
+                return self.reject_connect(
+                    conn,
+                    version,
+                    ReasonCode::CLIENT_IDENTIFIER_NOT_VALID,
+                    ReasonCode::V3_IDENTIFIER_REJECTED,
+                );
+            }
+        }
+
+        let mut client_id = connect.client_id;
+        let mut assigned_client_id = None;
+        if client_id.is_empty() {
+            let allowed = self.config.allow_zero_length_client_id
+                && match version {
+                    ProtocolVersion::V3_1 => false,
+                    // [MQTT-3.1.3-8]
+                    ProtocolVersion::V3_1_1 => connect.clean_start,
+                    ProtocolVersion::V5 => true,
+                };
+            if !allowed {
+                return self.reject_connect(
+                    conn,
+                    version,
+                    ReasonCode::CLIENT_IDENTIFIER_NOT_VALID,
+                    ReasonCode::V3_IDENTIFIER_REJECTED,
+                );
+            }
+            client_id = format!("halyard-{}-{}", self.next_assigned_id, conn);
+            self.next_assigned_id += 1;
+            if v5 {
+                // [MQTT-3.2.2-16]
+                assigned_client_id = Some(client_id.clone());
+            }
+        }
+
+        if let Some(will) = &connect.will {
+            if !self.topic_within_limits(&will.topic) {
+                return self.reject_connect(
+                    conn,
+                    version,
+                    ReasonCode::TOPIC_NAME_INVALID,
+                    ReasonCode::V3_SERVER_UNAVAILABLE,
+                );
+            }
+            if will.retain && !self.config.retain_available {
+                // [MQTT-3.2.2-13]
+                return self.reject_connect(
+                    conn,
+                    version,
+                    ReasonCode::RETAIN_NOT_SUPPORTED,
+                    ReasonCode::V3_SERVER_UNAVAILABLE,
+                );
+            }
+        }
+
+        if let Some(will) = &connect.will {
+            let client = ClientInfo {
+                client_id: &client_id,
+                username: connect.username.as_deref(),
+            };
+            if !self
+                .authorizer
+                .authorize(&client, Access::Publish, &will.topic)
+            {
+                // A will the client could not publish itself is refused up front, as
+                // Mosquitto does.
+                return self.reject_connect(
+                    conn,
+                    version,
+                    ReasonCode::NOT_AUTHORIZED,
+                    ReasonCode::V3_NOT_AUTHORIZED,
+                );
+            }
+        }
+
+        let requested_expiry = if v5 {
+            connect.properties.session_expiry_interval.unwrap_or(0)
+        } else if connect.clean_start {
+            0
+        } else {
+            u32::MAX
+        };
+        let expiry_interval = requested_expiry.min(self.config.max_session_expiry);
+
+        // Takeover: end the existing connection first [MQTT-3.1.4-3].
+        if let Some(&old_key) = self.client_ids.get(&client_id) {
+            if self
+                .sessions
+                .get(&old_key)
+                .is_some_and(|s| s.link.is_some())
+            {
+                self.close_link(now, old_key, CloseKind::TakenOver);
+            }
+        }
+
+        let epoch = self.registry.claim(&client_id);
+        let existing = self.client_ids.get(&client_id).copied();
+        let (key, session_present) = match existing {
+            Some(old_key) if !connect.clean_start => (old_key, true),
+            _ => {
+                if let Some(old_key) = existing {
+                    self.end_session(now, old_key);
+                }
+                let key = self.next_session_key;
+                self.next_session_key += 1;
+                self.sessions.insert(
+                    key,
+                    Box::new(Session::new(client_id.clone(), epoch, expiry_interval)),
+                );
+                self.client_ids.insert(client_id.clone(), key);
+                (key, false)
+            }
+        };
+
+        let window = usize::from(
+            connect
+                .properties
+                .receive_maximum
+                .unwrap_or(u16::MAX)
+                .min(self.config.max_inflight)
+                .max(1),
+        );
+        let keep_alive_grace =
+            (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
+        let link = Link {
+            conn,
+            version,
+            keep_alive_grace,
+            deadline: keep_alive_grace.map(|grace| now + grace),
+            inbound_aliases: Default::default(),
+            outbound_aliases: Default::default(),
+            outbound_alias_max: connect.properties.topic_alias_maximum.unwrap_or(0),
+            max_packet_size: connect.properties.maximum_packet_size.unwrap_or(u32::MAX),
+            window,
+            will: connect.will.map(Box::new),
+            username: connect.username,
+            publish_rate: crate::limits::RateBucket::new(self.config.max_publish_rate, now),
+        };
+        if let Some(deadline) = link.deadline {
+            self.timers
+                .push(Reverse((deadline, Timer::KeepAlive(conn))));
+        }
+        let Some(session) = self.sessions.get_mut(&key) else {
+            return;
+        };
+        session.epoch = epoch;
+        session.expiry_interval = expiry_interval;
+        session.expires_at = None;
+        // A new connection before the will delay passed cancels the will [MQTT-3.1.3-9].
+        session.delayed_will = None;
+        session.username = Some(link.username.clone());
+        session.link = Some(link);
+        self.conns.insert(conn, key);
+        self.update_persistence(key);
+        let Some(session) = self.sessions.get_mut(&key) else {
+            return;
+        };
+
+        let mut properties = Properties::default();
+        if v5 {
+            properties.assigned_client_identifier = assigned_client_id;
+            properties.server_keep_alive = server_keep_alive;
+            if expiry_interval != requested_expiry {
+                properties.session_expiry_interval = Some(expiry_interval);
+            }
+            if self.config.receive_maximum != u16::MAX {
+                properties.receive_maximum = Some(self.config.receive_maximum);
+            }
+            properties.maximum_packet_size = Some(self.config.max_packet_size);
+            if self.config.topic_alias_maximum > 0 {
+                properties.topic_alias_maximum = Some(self.config.topic_alias_maximum);
+            }
+            if !self.config.retain_available {
+                properties.retain_available = Some(0);
+            }
+        }
+        self.out.send(
+            conn,
+            Packet::ConnAck(ConnAck {
+                session_present,
+                code: ReasonCode::SUCCESS,
+                properties,
+            }),
+        );
+        if session_present {
+            session.resend_inflight(now, &mut self.out);
+            if let Some(streams) = session.retained.as_deref_mut() {
+                // A notification asked of the previous connection will not come.
+                streams.awaiting_write = false;
+            }
+            self.pump(now, key);
+        }
+    }
+}

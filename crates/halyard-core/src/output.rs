@@ -1,0 +1,48 @@
+//! What the broker core asks its server to do.
+
+use halyard_codec::Packet;
+
+use crate::broker::ConnectionId;
+
+/// What the broker wants the server to do.
+// `Send` is far larger than `Close`, but outputs are moved straight into the server's
+// per-connection batches; boxing every packet would cost an allocation per message.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// Encode `packet` with the protocol version of the connection's CONNECT (3.1.1 if the
+    /// connection never completed a CONNECT) and write it.
+    Send {
+        /// Target connection.
+        conn: ConnectionId,
+        /// Packet to write.
+        packet: Packet,
+    },
+    /// Flush everything sent so far to this connection, then close it. The broker has
+    /// already forgotten the connection; anything more from it is ignored.
+    Close {
+        /// Connection to close.
+        conn: ConnectionId,
+    },
+    /// Stop reading from this connection: a QoS 1/2 publish from it is waiting for room in
+    /// a subscriber's queue (backpressure; see `QueueFullPolicy`). Packets from it that
+    /// were already read may still be handed in; the broker holds them in order.
+    Pause {
+        /// Connection to stop reading from.
+        conn: ConnectionId,
+    },
+    /// Read from this connection again after an [`Output::Pause`].
+    Resume {
+        /// Connection to read from again.
+        conn: ConnectionId,
+    },
+    /// Call [`Broker::handle_written`] for this connection once the network has taken
+    /// what was sent to it so far (the server reports when its writer takes these packets,
+    /// which it does only after writing the ones before). Retained messages streamed at
+    /// QoS 0 have no acknowledgement to pace them, so their next page waits for this; only
+    /// retained streams ask for it, never ordinary messages.
+    NotifyWritten {
+        /// Connection whose writer should report.
+        conn: ConnectionId,
+    },
+}
