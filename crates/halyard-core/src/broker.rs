@@ -14,6 +14,7 @@ use halyard_codec::Packet;
 
 use crate::authz::{AllowAll, Authorizer};
 use crate::config::BrokerConfig;
+use crate::connect::AdmittedConnect;
 use crate::message::SessionKey;
 use crate::output::Output;
 use crate::pushback::Pushback;
@@ -27,6 +28,27 @@ use crate::FastMap;
 
 /// Opaque id the server gives each accepted network connection; never reused in a process.
 pub type ConnectionId = u64;
+
+/// The replaceable parts of a broker. The default is a single node's: a local trie, retained
+/// messages in memory (unless a store holds them) and a registry that grants every claim.
+pub struct BrokerParts {
+    /// Who subscribes to what, here and on other nodes.
+    pub router: Box<dyn Router>,
+    /// Retained messages kept in memory.
+    pub retained: Box<dyn RetainedStore>,
+    /// Who owns each client id's session.
+    pub registry: Box<dyn SessionRegistry>,
+}
+
+impl Default for BrokerParts {
+    fn default() -> Self {
+        BrokerParts {
+            router: Box::new(LocalRouter::new()),
+            retained: Box::new(MemoryRetained::new()),
+            registry: Box::new(LocalSessionRegistry::default()),
+        }
+    }
+}
 
 /// The whole broker. One instance per node; the server drives it from a single task.
 /// Fields are crate-visible so that concerns living in their own modules (admin queries,
@@ -43,6 +65,8 @@ pub struct Broker {
     /// with one (the rest live in the store and are read in pages, see `read_retained`).
     pub(crate) retained: Box<dyn RetainedStore>,
     pub(crate) registry: Box<dyn SessionRegistry>,
+    /// CONNECTs waiting for the outcome of their claim, by connection.
+    pub(crate) claims: FastMap<ConnectionId, Box<AdmittedConnect>>,
     pub(crate) timers: BinaryHeap<Reverse<(Instant, Timer)>>,
     pub(crate) out: Outbox,
     pub(crate) next_session_key: SessionKey,
@@ -58,22 +82,17 @@ pub struct Broker {
 impl Broker {
     /// A single-node broker with in-memory state.
     pub fn new(config: BrokerConfig) -> Broker {
-        Broker::with_parts(
-            config,
-            Box::new(LocalRouter::new()),
-            Box::new(MemoryRetained::new()),
-            Box::new(LocalSessionRegistry::default()),
-        )
+        Broker::with_parts(config, BrokerParts::default())
     }
 
     /// A broker with its routing, retained storage and session ownership supplied by the
-    /// caller: the seams the durable store and the cluster plug into.
-    pub fn with_parts(
-        config: BrokerConfig,
-        router: Box<dyn Router>,
-        retained: Box<dyn RetainedStore>,
-        registry: Box<dyn SessionRegistry>,
-    ) -> Broker {
+    /// caller: the seams a cluster plugs into.
+    pub fn with_parts(config: BrokerConfig, parts: BrokerParts) -> Broker {
+        let BrokerParts {
+            router,
+            retained,
+            registry,
+        } = parts;
         Broker {
             config,
             sessions: FastMap::default(),
@@ -82,6 +101,7 @@ impl Broker {
             router,
             retained,
             registry,
+            claims: FastMap::default(),
             timers: BinaryHeap::new(),
             out: Outbox::default(),
             next_session_key: 1,
@@ -155,6 +175,9 @@ impl Broker {
             self.pushback.note_maybe_room();
         }
         let Some(&key) = self.conns.get(&conn) else {
+            let Some(packet) = self.hold_while_claiming(conn, packet) else {
+                return;
+            };
             match packet {
                 Packet::Connect(connect) => self.on_connect(now, conn, *connect),
                 // [MQTT-3.1.0-1]: the first packet must be CONNECT.

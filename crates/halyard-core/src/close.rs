@@ -11,6 +11,7 @@ use crate::message::{boxed_properties, Message, SessionKey};
 use crate::output::Output;
 use crate::pushback::Pushback;
 use crate::router::FilterRef;
+use crate::session::Session;
 use crate::timers::Timer;
 
 /// Why a connection is being closed by the broker or the network.
@@ -33,8 +34,11 @@ impl Broker {
     /// the error's reason code, where the protocol allows), publishes the will, and closes.
     pub fn handle_decode_error(&mut self, now: Instant, conn: ConnectionId, error: &DecodeError) {
         let code = error.reason_code();
-        match self.conns.get(&conn) {
-            Some(&key) => self.close_link(now, key, CloseKind::Abnormal(Some(code))),
+        match self.conns.get(&conn).copied() {
+            Some(key) => self.close_link(now, key, CloseKind::Abnormal(Some(code))),
+            None if self.lose_while_claiming(conn) => {
+                self.out.outputs.push_back(Output::Close { conn });
+            }
             None => {
                 if matches!(error, DecodeError::UnsupportedProtocolVersion { .. }) {
                     // The level is unknown, so answer in the 3.1.1 form every client parses
@@ -56,6 +60,8 @@ impl Broker {
     pub fn connection_lost(&mut self, now: Instant, conn: ConnectionId) {
         if let Some(&key) = self.conns.get(&conn) {
             self.close_link(now, key, CloseKind::Abnormal(None));
+        } else if self.lose_while_claiming(conn) {
+            return;
         }
         self.retry_paused(now);
     }
@@ -65,6 +71,9 @@ impl Broker {
     pub fn shutdown(&mut self, _now: Instant) {
         let conns: Vec<(ConnectionId, SessionKey)> = self.conns.drain().collect();
         self.pushback = Pushback::default();
+        for (conn, _) in self.claims.drain() {
+            self.out.outputs.push_back(Output::Close { conn });
+        }
         for (conn, key) in conns {
             if let Some(session) = self.sessions.get_mut(&key) {
                 session.send_disconnect(ReasonCode::SERVER_SHUTTING_DOWN, None, &mut self.out);
@@ -169,9 +178,24 @@ impl Broker {
     /// Discards a session: its subscriptions leave the router and a will still waiting out
     /// its delay is published now, since the session ended first [MQTT-3.1.3-9].
     pub(crate) fn end_session(&mut self, now: Instant, key: SessionKey) {
-        let Some(session) = self.sessions.remove(&key) else {
+        let Some(session) = self.forget_session(key) else {
             return;
         };
+        if self.registry.release(&session.client_id, session.epoch) {
+            self.out.outputs.push_back(Output::Release {
+                client_id: session.client_id.clone(),
+                epoch: session.epoch,
+            });
+        }
+        if let Some((_, will)) = session.delayed_will.map(|b| *b) {
+            self.publish_will(now, key, will);
+        }
+    }
+
+    /// Takes a session out of every index and out of the store, and hands it back: what
+    /// ending a session and moving it to another node have in common.
+    pub(crate) fn forget_session(&mut self, key: SessionKey) -> Option<Box<Session>> {
+        let session = self.sessions.remove(&key)?;
         if self.client_ids.get(&session.client_id) == Some(&key) {
             self.client_ids.remove(&session.client_id);
         }
@@ -185,13 +209,10 @@ impl Broker {
                 self.subscription_count -= 1;
             }
         }
-        self.registry.release(&session.client_id, session.epoch);
         if let Some(journal) = self.out.journal(session.persistent) {
             journal.store.delete_session(&session.client_id);
         }
-        if let Some((_, will)) = session.delayed_will.map(|b| *b) {
-            self.publish_will(now, key, will);
-        }
+        Some(session)
     }
 
     pub(crate) fn publish_will(&mut self, now: Instant, key: SessionKey, will: Will) {

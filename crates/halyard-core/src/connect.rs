@@ -1,7 +1,7 @@
 //! CONNECT: validation, the session claim, takeover and CONNACK.
 
 use std::cmp::Reverse;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use halyard_codec::{ConnAck, Connect, Packet, Properties, ProtocolVersion, ReasonCode};
 
@@ -9,8 +9,10 @@ use crate::authz::{Access, ClientInfo};
 use crate::broker::{Broker, ConnectionId};
 use crate::close::CloseKind;
 use crate::output::Output;
+use crate::registry::{ClaimOutcome, ClaimPoll, ClaimRequest};
 use crate::session::{Link, Session};
 use crate::timers::Timer;
+use crate::transfer::SessionState;
 
 impl Broker {
     pub(crate) fn reject_connect(
@@ -32,7 +34,7 @@ impl Broker {
         self.out.outputs.push_back(Output::Close { conn });
     }
 
-    pub(crate) fn on_connect(&mut self, now: Instant, conn: ConnectionId, connect: Connect) {
+    pub(crate) fn on_connect(&mut self, now: Instant, conn: ConnectionId, mut connect: Connect) {
         let version = connect.protocol;
         let v5 = version.is_v5();
         if v5 && connect.properties.authentication_method.is_some() {
@@ -137,8 +139,171 @@ impl Broker {
         };
         let expiry_interval = requested_expiry.min(self.config.max_session_expiry);
 
+        connect.client_id = client_id;
+        let admitted = AdmittedConnect {
+            connect,
+            assigned_client_id,
+            keep_alive,
+            server_keep_alive,
+            requested_expiry,
+            expiry_interval,
+            held: Vec::new(),
+            lost: false,
+        };
+        let request = ClaimRequest {
+            conn,
+            client_id: admitted.connect.client_id.clone(),
+            held_epoch: self
+                .client_ids
+                .get(&admitted.connect.client_id)
+                .and_then(|key| self.sessions.get(key))
+                .map(|session| session.epoch),
+            clean_start: admitted.connect.clean_start,
+            expiry_interval,
+        };
+        match self.registry.claim(&request) {
+            ClaimPoll::Ready(ClaimOutcome::Granted { epoch, .. }) => {
+                self.finish_connect(now, conn, admitted, epoch)
+            }
+            ClaimPoll::Ready(ClaimOutcome::Refused) => self.refuse_claim(conn, version),
+            ClaimPoll::Pending => {
+                self.claims.insert(conn, Box::new(admitted));
+                self.out.outputs.push_back(Output::Claim(request));
+            }
+        }
+    }
+
+    /// The outcome of a claim emitted as [`Output::Claim`]: the waiting CONNECT is
+    /// answered, CONNACK 0x88 Server unavailable (MQTT 5) or 0x03 (3.x) if it was refused,
+    /// and the packets its client sent meanwhile are handled. `wall` is `now` on the wall
+    /// clock, for the times of a session moved from another node.
+    pub fn handle_claim(
+        &mut self,
+        now: Instant,
+        wall: SystemTime,
+        conn: ConnectionId,
+        outcome: ClaimOutcome,
+    ) {
+        let Some(admitted) = self.claims.remove(&conn) else {
+            return;
+        };
+        let mut admitted = *admitted;
+        let held = std::mem::take(&mut admitted.held);
+        let lost = admitted.lost;
+        match outcome {
+            ClaimOutcome::Granted { epoch, session } => {
+                if lost {
+                    // The claim holds although its connection is gone: the session is this
+                    // node's now, so it is set up and then closed like any other.
+                    self.claims_lost_meanwhile(now, wall, conn, admitted, epoch, session);
+                    return;
+                }
+                if let Some(state) = session {
+                    self.import_session(now, wall, *state, epoch);
+                }
+                self.finish_connect(now, conn, admitted, epoch);
+            }
+            ClaimOutcome::Refused => {
+                if !lost {
+                    self.refuse_claim(conn, admitted.connect.protocol);
+                }
+                return;
+            }
+        }
+        for packet in held {
+            self.handle_packet(now, conn, packet);
+        }
+    }
+
+    fn claims_lost_meanwhile(
+        &mut self,
+        now: Instant,
+        wall: SystemTime,
+        conn: ConnectionId,
+        admitted: AdmittedConnect,
+        epoch: u64,
+        session: Option<Box<SessionState>>,
+    ) {
+        if let Some(state) = session {
+            self.import_session(now, wall, *state, epoch);
+        }
+        self.finish_connect(now, conn, admitted, epoch);
+        self.connection_lost(now, conn);
+    }
+
+    fn refuse_claim(&mut self, conn: ConnectionId, version: ProtocolVersion) {
+        self.out.stats.claims_refused += 1;
+        self.reject_connect(
+            conn,
+            version,
+            ReasonCode::SERVER_UNAVAILABLE,
+            ReasonCode::V3_SERVER_UNAVAILABLE,
+        );
+    }
+
+    /// Holds a packet that arrived while its connection's claim is undecided, or hands it
+    /// back when the connection has no such claim. A second CONNECT meanwhile is a protocol
+    /// error [MQTT-3.1.0-2].
+    pub(crate) fn hold_while_claiming(
+        &mut self,
+        conn: ConnectionId,
+        packet: Packet,
+    ) -> Option<Packet> {
+        let Some(admitted) = self.claims.get_mut(&conn) else {
+            return Some(packet);
+        };
+        if matches!(packet, Packet::Connect(_)) {
+            admitted.lost = true;
+            self.out.outputs.push_back(Output::Close { conn });
+        } else if !admitted.lost {
+            admitted.held.push(packet);
+        }
+        None
+    }
+
+    /// The connection of an undecided claim closed: the outcome, when it comes, finds it
+    /// gone. True if `conn` had such a claim.
+    pub(crate) fn lose_while_claiming(&mut self, conn: ConnectionId) -> bool {
+        match self.claims.get_mut(&conn) {
+            Some(admitted) => {
+                admitted.lost = true;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Answers a CONNECT whose claim was granted under `epoch`: takeover of a connection
+    /// this node holds for the client id, the session resumed or started, CONNACK.
+    fn finish_connect(
+        &mut self,
+        now: Instant,
+        conn: ConnectionId,
+        admitted: AdmittedConnect,
+        epoch: u64,
+    ) {
+        let AdmittedConnect {
+            connect,
+            assigned_client_id,
+            keep_alive,
+            server_keep_alive,
+            requested_expiry,
+            expiry_interval,
+            ..
+        } = admitted;
+        let version = connect.protocol;
+        let v5 = version.is_v5();
+        let client_id = connect.client_id;
+        let existing = self.client_ids.get(&client_id).copied();
+        if existing
+            .and_then(|key| self.sessions.get(&key))
+            .is_some_and(|session| session.epoch > epoch)
+        {
+            // A newer claim of the same client id was settled first: this one lost.
+            return self.refuse_claim(conn, version);
+        }
         // Takeover: end the existing connection first [MQTT-3.1.4-3].
-        if let Some(&old_key) = self.client_ids.get(&client_id) {
+        if let Some(old_key) = existing {
             if self
                 .sessions
                 .get(&old_key)
@@ -147,8 +312,6 @@ impl Broker {
                 self.close_link(now, old_key, CloseKind::TakenOver);
             }
         }
-
-        let epoch = self.registry.claim(&client_id);
         let existing = self.client_ids.get(&client_id).copied();
         let (key, session_present) = match existing {
             Some(old_key) if !connect.clean_start => (old_key, true),
@@ -246,4 +409,21 @@ impl Broker {
             self.pump(now, key);
         }
     }
+}
+
+/// A CONNECT that passed every check and waits for its claim (or is being answered).
+pub(crate) struct AdmittedConnect {
+    /// The CONNECT, with the client id the broker assigned if it was empty.
+    connect: Connect,
+    /// MQTT 5 Assigned Client Identifier for CONNACK [MQTT-3.2.2-16].
+    assigned_client_id: Option<String>,
+    keep_alive: u16,
+    /// MQTT 5 Server Keep Alive for CONNACK, when the broker lowered the keep-alive.
+    server_keep_alive: Option<u16>,
+    requested_expiry: u32,
+    expiry_interval: u32,
+    /// Packets the client sent after CONNECT while the claim was undecided, in order.
+    held: Vec<Packet>,
+    /// The connection closed (or broke the protocol) while the claim was undecided.
+    lost: bool,
 }

@@ -31,18 +31,22 @@ mod subscribe;
 pub mod sys;
 mod time;
 mod timers;
+mod transfer;
 
 pub use acl::{Acl, AclError};
 pub use authz::{Access, AllowAll, Authorizer, ClientInfo};
-pub use broker::{Broker, ConnectionId};
+pub use broker::{Broker, BrokerParts, ConnectionId};
 pub use config::BrokerConfig;
-pub use message::{boxed_properties, Message, SessionKey};
+pub use message::{boxed_properties, Message, NodeId, SessionKey};
 pub use output::Output;
 pub use pushback::{QueueFullPolicy, PUSHBACK_TIMEOUT};
-pub use registry::{LocalSessionRegistry, SessionRegistry};
+pub use registry::{ClaimOutcome, ClaimPoll, ClaimRequest, LocalSessionRegistry, SessionRegistry};
 pub use retained::{MemoryRetained, RetainedStore};
-pub use router::{FilterRef, LocalRouter, RouteMatch, Router, SubscriptionEntry};
+pub use router::{
+    FilterRef, LocalRouter, RouteMatch, RouteScope, RouteTarget, Router, SubscriptionEntry,
+};
 pub use stats::BrokerStats;
+pub use transfer::SessionState;
 
 /// The maps of the per-message path (topic trie, sessions by key, client id and connection):
 /// foldhash instead of SipHash, which cost 7% of fan-in's CPU in routing and lookups. Topic

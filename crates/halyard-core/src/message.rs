@@ -8,6 +8,9 @@ use halyard_codec::{Properties, QoS};
 /// Key of a session inside one broker; cheaper to store in indexes than the client id.
 pub type SessionKey = u64;
 
+/// Id of a node of a cluster: its 1-based position in the list of voters.
+pub type NodeId = u64;
+
 /// A message as accepted from a publisher (or a will), shared by every subscriber that gets it.
 ///
 /// Per-hop properties (topic alias, subscription identifiers, message expiry) are stripped on

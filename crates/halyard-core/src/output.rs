@@ -1,8 +1,12 @@
 //! What the broker core asks its server to do.
 
+use std::sync::Arc;
+
 use halyard_codec::Packet;
 
 use crate::broker::ConnectionId;
+use crate::message::{Message, NodeId};
+use crate::registry::ClaimRequest;
 
 /// What the broker wants the server to do.
 // `Send` is far larger than `Close`, but outputs are moved straight into the server's
@@ -44,5 +48,28 @@ pub enum Output {
     NotifyWritten {
         /// Connection whose writer should report.
         conn: ConnectionId,
+    },
+    /// Send a copy of `message` to another node of the cluster, which delivers it to its
+    /// own subscribers and never forwards it again (one copy per node, whatever the number
+    /// of its subscribers).
+    Forward {
+        /// Destination node.
+        node: NodeId,
+        /// The message as published (per-hop properties already stripped).
+        message: Arc<Message>,
+        /// Share groups (`$share/{group}/{filter}`) this node was picked to serve for this
+        /// message; its ordinary subscribers get the message in any case.
+        groups: Vec<Arc<str>>,
+    },
+    /// Settle this claim, then call [`Broker::handle_claim`](crate::Broker::handle_claim)
+    /// with its outcome: the CONNECT waits for it (see `registry`).
+    Claim(ClaimRequest),
+    /// The session of `client_id` held under `epoch` ended on this node: the registry that
+    /// asked for it (see `SessionRegistry::release`) should forget the claim.
+    Release {
+        /// Client id of the ended session.
+        client_id: String,
+        /// The epoch it was held under.
+        epoch: u64,
     },
 }

@@ -3,7 +3,7 @@
 use std::cmp::Reverse;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::broker::Broker;
+use crate::broker::{Broker, BrokerParts};
 use crate::config::BrokerConfig;
 use crate::message::SessionKey;
 use crate::router::FilterRef;
@@ -19,13 +19,24 @@ impl Broker {
     /// monotonic and the wall clock, to convert stored expiry times.
     pub fn with_store(
         config: BrokerConfig,
+        store: Box<dyn Store>,
+        now: Instant,
+        wall: SystemTime,
+    ) -> Result<Broker, StoreError> {
+        Broker::with_store_and_parts(config, BrokerParts::default(), store, now, wall)
+    }
+
+    /// [`Broker::with_store`] with the parts a cluster supplies.
+    pub fn with_store_and_parts(
+        config: BrokerConfig,
+        parts: BrokerParts,
         mut store: Box<dyn Store>,
         now: Instant,
         wall: SystemTime,
     ) -> Result<Broker, StoreError> {
         let loaded = store.load()?;
         let clock = ClockAnchor { instant: now, wall };
-        let mut broker = Broker::new(config);
+        let mut broker = Broker::with_parts(config, parts);
         broker.out.journal = Some(Journal { store, clock });
         for session in loaded.sessions {
             broker.restore_session(now, session);
@@ -40,7 +51,10 @@ impl Broker {
         let key = self.next_session_key;
         self.next_session_key += 1;
         let record = loaded.record;
-        let epoch = self.registry.claim(&record.client_id);
+        // The session resumes under the claim it was stored with: no new claim until its
+        // client connects again.
+        let epoch = record.epoch;
+        self.registry.restored(epoch);
         let mut session = Session::new(record.client_id.clone(), epoch, record.expiry_interval);
         session.persistent = true;
         session.next_seq = loaded.next_seq;
@@ -119,6 +133,7 @@ impl Broker {
         };
         let record = SessionRecord {
             client_id: session.client_id.clone(),
+            epoch: session.epoch,
             expiry_interval: session.expiry_interval,
             expires_at: session.expires_at.map(|at| journal.clock.to_wall(at)),
             delayed_will: session

@@ -1,30 +1,89 @@
-//! Who owns a client's session.
+//! Who owns a client's session: the claim a CONNECT must win before its CONNACK.
 //!
-//! A single node owns every session, but the cluster will need a distributed lock with a
-//! fencing epoch per claim. The broker already tags session state and its timers with the
-//! epoch it got from [`SessionRegistry::claim`], so a stale owner can be fenced later without
-//! the broker changing shape.
+//! A claim is two-phase. The broker asks its [`SessionRegistry`] to settle a
+//! [`ClaimRequest`]; a single node settles it at once ([`LocalSessionRegistry`]), while a
+//! cluster answers [`ClaimPoll::Pending`], the request leaves the core as
+//! [`Output::Claim`](crate::Output::Claim), and the CONNECT waits until the outcome comes
+//! back through [`Broker::handle_claim`](crate::Broker::handle_claim). A refused claim (no
+//! quorum) gets CONNACK 0x88 Server unavailable (MQTT 5) or 0x03 (3.x).
+//!
+//! Every granted claim carries a fencing epoch larger than any earlier claim of the client
+//! id. The session keeps it (and the store persists it); timers and the session's actions
+//! carry it, so that whatever was armed under an older claim does nothing.
+
+use crate::broker::ConnectionId;
+use crate::transfer::SessionState;
+
+/// A CONNECT's request for its client id's session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimRequest {
+    /// The connection waiting for the outcome.
+    pub conn: ConnectionId,
+    /// The client id claimed.
+    pub client_id: String,
+    /// Epoch of the session this node holds for the client id, if it holds one.
+    pub held_epoch: Option<u64>,
+    /// Clean Start of the CONNECT: a session held elsewhere is discarded, not moved.
+    pub clean_start: bool,
+    /// Session Expiry Interval granted (seconds; 0 = the session ends with the connection).
+    pub expiry_interval: u32,
+}
+
+/// How a claim ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimOutcome {
+    /// This node owns the session from now on, under `epoch`.
+    Granted {
+        /// The fencing epoch; larger than any earlier claim of the client id.
+        epoch: u64,
+        /// The session's state moved from the node that owned it before, if any.
+        session: Option<Box<SessionState>>,
+    },
+    /// The claim could not be decided (no quorum, or a newer claim won meanwhile).
+    Refused,
+}
+
+/// Whether a claim is settled now or later.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimPoll {
+    /// Settled at once.
+    Ready(ClaimOutcome),
+    /// The outcome comes back through `Broker::handle_claim`.
+    Pending,
+}
 
 /// The seam for session ownership.
 pub trait SessionRegistry: Send {
-    /// Claims `client_id` for this node and returns a fencing epoch larger than any earlier
-    /// claim of the same client id.
-    fn claim(&mut self, client_id: &str) -> u64;
-    /// Gives up ownership of `client_id` claimed at `epoch` (the session ended).
-    fn release(&mut self, client_id: &str, epoch: u64);
+    /// Starts a claim for `request`.
+    fn claim(&mut self, request: &ClaimRequest) -> ClaimPoll;
+    /// The session of `client_id` held under `epoch` ended on this node. Returns true when
+    /// others must hear of it: the release then leaves the core as
+    /// [`Output::Release`](crate::Output::Release).
+    fn release(&mut self, client_id: &str, epoch: u64) -> bool;
+    /// A session was restored from the store under `epoch`: later claims must exceed it.
+    fn restored(&mut self, epoch: u64);
 }
 
-/// Single-node registry: every claim succeeds with a process-wide increasing epoch.
+/// Single-node registry: every claim succeeds at once with an increasing epoch.
 #[derive(Debug, Default)]
 pub struct LocalSessionRegistry {
     last_epoch: u64,
 }
 
 impl SessionRegistry for LocalSessionRegistry {
-    fn claim(&mut self, _client_id: &str) -> u64 {
+    fn claim(&mut self, _request: &ClaimRequest) -> ClaimPoll {
         self.last_epoch += 1;
-        self.last_epoch
+        ClaimPoll::Ready(ClaimOutcome::Granted {
+            epoch: self.last_epoch,
+            session: None,
+        })
     }
 
-    fn release(&mut self, _client_id: &str, _epoch: u64) {}
+    fn release(&mut self, _client_id: &str, _epoch: u64) -> bool {
+        false
+    }
+
+    fn restored(&mut self, epoch: u64) {
+        self.last_epoch = self.last_epoch.max(epoch);
+    }
 }

@@ -7,49 +7,115 @@ use halyard_codec::QoS;
 
 use crate::authz::Access;
 use crate::broker::Broker;
-use crate::message::{Message, SessionKey};
+use crate::message::{Message, NodeId, SessionKey};
+use crate::output::Output;
 use crate::publish::RouteOutcome;
+use crate::router::{FilterRef, RouteScope, RouteTarget};
 use crate::session::Delivery;
 
 impl Broker {
-    /// Routes one message to every matching session. With `atomic`, a QoS 1/2 message
-    /// that some subscriber has no room for is delivered to nobody, so the publisher can be
-    /// told (0x97) and retry without creating duplicates elsewhere.
+    /// Routes one message published on this node to every matching session and node. With
+    /// `atomic`, a QoS 1/2 message that some local subscriber has no room for is delivered
+    /// to nobody, so the publisher can be told (0x97) and retry without creating duplicates
+    /// elsewhere.
     pub(crate) fn route(
         &mut self,
         now: Instant,
         message: Arc<Message>,
         atomic: bool,
     ) -> RouteOutcome {
+        self.route_within(now, message, atomic, RouteScope::Everywhere)
+    }
+
+    /// A message another node forwarded here: it goes to this node's matching sessions (and
+    /// to the share groups the sender picked this node for), and never to another node.
+    /// Retained state is not touched: the node that took the publish keeps it.
+    pub fn handle_forward(
+        &mut self,
+        now: Instant,
+        origin: NodeId,
+        mut message: Message,
+        groups: &[Arc<str>],
+    ) {
+        let _ = origin;
+        message.publisher = None;
+        self.route_within(
+            now,
+            Arc::new(message),
+            false,
+            RouteScope::LocalFromPeer { groups },
+        );
+    }
+
+    /// Another node has subscribers to `filter` (a share group's as `$share/{group}/...`):
+    /// messages published here that match it get one copy for that node. True if new.
+    pub fn add_remote_route(&mut self, node: NodeId, filter: &str) -> bool {
+        self.router.add_node(node, FilterRef::parse(filter))
+    }
+
+    /// `node` has no more subscribers to `filter`; true if it had.
+    pub fn remove_remote_route(&mut self, node: NodeId, filter: &str) -> bool {
+        self.router.remove_node(node, FilterRef::parse(filter))
+    }
+
+    fn route_within(
+        &mut self,
+        now: Instant,
+        message: Arc<Message>,
+        atomic: bool,
+        scope: RouteScope<'_>,
+    ) -> RouteOutcome {
+        let from_peer = matches!(scope, RouteScope::LocalFromPeer { .. });
         let mut matches = std::mem::take(&mut self.route_scratch);
         matches.clear();
         let sessions = &self.sessions;
         self.router.route(
             &message.topic,
+            scope,
             &|key| sessions.get(&key).is_some_and(|s| s.link.is_some()),
             &mut matches,
         );
-        matches.retain(|m| !(m.entry.options.no_local && message.publisher == Some(m.session)));
+        let mut forwards: Vec<(NodeId, Vec<Arc<str>>)> = Vec::new();
+        matches.retain(|m| match m.target {
+            RouteTarget::Session(session) => {
+                !(m.entry.options.no_local && message.publisher == Some(session))
+            }
+            RouteTarget::Node(node) => {
+                let groups = match forwards.iter_mut().find(|(to, _)| *to == node) {
+                    Some((_, groups)) => groups,
+                    None => {
+                        forwards.push((node, Vec::new()));
+                        &mut forwards.last_mut().expect("just pushed").1
+                    }
+                };
+                groups.extend(m.share.clone());
+                false
+            }
+        });
         if !self.authorizer.allows_everything() {
             let before = matches.len();
-            matches.retain(|m| self.authorized(m.session, Access::Receive, &message.topic));
+            matches.retain(|m| {
+                m.session()
+                    .is_some_and(|key| self.authorized(key, Access::Receive, &message.topic))
+            });
             self.out.stats.denied_delivery += (before - matches.len()) as u64;
         }
         // Overlapping subscriptions of one session give one copy, at the highest QoS, with
         // every subscription identifier [MQTT-3.3.4-3] .. [MQTT-3.3.4-5].
-        matches.sort_by_key(|m| (m.session, m.shared));
+        matches.sort_by_key(|m| (m.session(), m.share.is_some()));
         let mut deliveries: Vec<(SessionKey, Delivery)> = Vec::with_capacity(matches.len());
         for m in &matches {
+            let Some(key) = m.session() else { continue };
             let retain = m.entry.options.retain_as_published && message.retain;
             let qos = message.qos.min(m.entry.options.qos);
             match deliveries.last_mut() {
-                Some((session, delivery)) if *session == m.session && !m.shared => {
+                Some((session, delivery)) if *session == key && m.share.is_none() => {
                     delivery.qos = delivery.qos.max(qos);
                     delivery.retain |= retain;
                     delivery.subscription_ids.extend(m.entry.identifier);
                 }
                 _ => deliveries.push((
-                    m.session,
+                    key,
                     Delivery {
                         seq: 0,
                         message: Arc::clone(&message),
@@ -78,7 +144,7 @@ impl Broker {
                 return RouteOutcome::QuotaExceeded;
             }
         }
-        if message.retain {
+        if message.retain && !from_peer {
             if message.payload.is_empty() {
                 // [MQTT-3.3.1-10], [MQTT-3.3.1-11]
                 self.remove_retained(&message.topic);
@@ -87,8 +153,16 @@ impl Broker {
                 self.set_retained(&message);
             }
         }
-        if deliveries.is_empty() {
+        if deliveries.is_empty() && forwards.is_empty() {
             return RouteOutcome::NoSubscribers;
+        }
+        for (node, groups) in forwards {
+            self.out.stats.forwarded += 1;
+            self.out.outputs.push_back(Output::Forward {
+                node,
+                message: Arc::clone(&message),
+                groups,
+            });
         }
         for (key, delivery) in deliveries {
             let Some(session) = self.sessions.get_mut(&key) else {

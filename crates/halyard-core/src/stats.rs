@@ -41,4 +41,12 @@ pub struct BrokerStats {
     pub refused_publish_rate: u64,
     /// SUBSCRIBE filters refused by `max_subscriptions_per_client` (0x97 / 0x80).
     pub refused_subscription_quota: u64,
+    /// Copies of messages handed out for other nodes of a cluster ([`Output::Forward`]).
+    ///
+    /// [`Output::Forward`]: crate::Output::Forward
+    pub forwarded: u64,
+    /// Claims of a client id that were refused (CONNACK 0x88 / 0x03).
+    pub claims_refused: u64,
+    /// Reads from the store that failed (queued messages of a session that moved).
+    pub storage_read_errors: u64,
 }

@@ -67,6 +67,10 @@ pub enum DeliveryState {
 pub struct SessionRecord {
     /// Client identifier (the key).
     pub client_id: String,
+    /// Fencing epoch of the claim this node holds the session under; kept so that a
+    /// restarted node resumes its sessions under the claims it had, and a claim newer than
+    /// it (another node's) fences it.
+    pub epoch: u64,
     /// Session Expiry Interval in seconds (u32::MAX: never).
     pub expiry_interval: u32,
     /// When the session expires if it is offline.

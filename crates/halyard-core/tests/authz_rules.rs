@@ -41,6 +41,7 @@ impl Harness {
                 Output::Send { conn, packet } => self.inbox.entry(conn).or_default().push(packet),
                 Output::Close { conn } => self.closed.push(conn),
                 Output::Pause { .. } | Output::Resume { .. } | Output::NotifyWritten { .. } => {}
+                other => panic!("a single node emits no cluster output: {other:?}"),
             }
         }
         self.inbox.remove(&conn).unwrap_or_default()

@@ -57,6 +57,7 @@ impl Harness {
                     Output::Pause { conn } => self.paused.push(conn),
                     Output::Resume { conn } => self.paused.retain(|&c| c != conn),
                     Output::NotifyWritten { conn } => self.written.push(conn),
+                    other => panic!("a single node emits no cluster output: {other:?}"),
                 }
             }
             if self.hold_writes || self.written.is_empty() {

@@ -853,6 +853,9 @@ impl Dispatcher {
                         state.link.shared().set_paused(false);
                     }
                 }
+                // Remote routes and pending claims exist only in a cluster, whose driver
+                // takes these; a single node's core (local router and registry) emits none.
+                Output::Forward { .. } | Output::Claim(_) | Output::Release { .. } => {}
                 Output::NotifyWritten { conn } => {
                     let events = self.written.as_ref().and_then(mpsc::WeakSender::upgrade);
                     if let (Some(events), true) = (events, self.links.contains_key(&conn)) {

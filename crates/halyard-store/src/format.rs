@@ -10,7 +10,7 @@
 //!
 //! | value | layout after the version byte |
 //! | --- | --- |
-//! | session | expiry interval u32, expires at (time), will flag u8; if 1: will due (time), will delay flag u8 + u32, will as PUBLISH |
+//! | session | (version 2) fencing epoch u64, expiry interval u32, expires at (time), will flag u8; if 1: will due (time), will delay flag u8 + u32, will as PUBLISH |
 //! | subscription | QoS u8, flags u8 (bit 0 no local, bit 1 retain as published), retain handling u8, identifier flag u8 + u32 |
 //! | delivery | state u8 (0 pending, 1 awaiting PUBACK, 2 awaiting PUBREC, 3 awaiting PUBCOMP), packet id u16, delivery QoS u8, delivery RETAIN u8, id count u32 + ids u32 each, message |
 //! | retained | message |
@@ -31,6 +31,10 @@ use halyard_core::SubscriptionEntry;
 
 /// The only format version written so far.
 pub(crate) const FORMAT_VERSION: u8 = 1;
+
+/// Version of session values that carry the fencing epoch after the version byte; session
+/// values of [`FORMAT_VERSION`] (written before epochs were stored) read with epoch 0.
+const SESSION_WITH_EPOCH: u8 = 2;
 
 /// Byte offset of the delivery state tag; the packet id follows it. Fixed so that
 /// [`patch_delivery_state`] can rewrite the state without decoding the message.
@@ -213,7 +217,8 @@ fn take_message(mut r: Reader<'_>) -> Result<StoredMessage, FormatError> {
 
 /// Encodes a session record (the client id is the key, not part of the value).
 pub(crate) fn encode_session(record: &SessionRecord) -> Result<Vec<u8>, EncodeFailure> {
-    let mut out = vec![FORMAT_VERSION];
+    let mut out = vec![SESSION_WITH_EPOCH];
+    out.extend_from_slice(&record.epoch.to_be_bytes());
     out.extend_from_slice(&record.expiry_interval.to_be_bytes());
     put_time(&mut out, record.expires_at);
     match &record.delayed_will {
@@ -247,7 +252,11 @@ pub(crate) fn encode_session(record: &SessionRecord) -> Result<Vec<u8>, EncodeFa
 /// Decodes a session record stored under `client_id`.
 pub(crate) fn decode_session(client_id: &str, value: &[u8]) -> Result<SessionRecord, FormatError> {
     let mut r = Reader(value);
-    r.version()?;
+    let epoch = match r.u8()? {
+        FORMAT_VERSION => 0,
+        SESSION_WITH_EPOCH => r.u64()?,
+        other => return Err(FormatError::UnknownVersion(other)),
+    };
     let expiry_interval = r.u32()?;
     let expires_at = r.time()?;
     let delayed_will = if r.flag("will flag")? {
@@ -273,6 +282,7 @@ pub(crate) fn decode_session(client_id: &str, value: &[u8]) -> Result<SessionRec
     };
     Ok(SessionRecord {
         client_id: client_id.to_owned(),
+        epoch,
         expiry_interval,
         expires_at,
         delayed_will,
@@ -491,6 +501,7 @@ mod tests {
     fn session_with_will_round_trips() {
         let record = SessionRecord {
             client_id: "c1".into(),
+            epoch: 41,
             expiry_interval: u32::MAX,
             expires_at: Some(UNIX_EPOCH + Duration::from_nanos(1)),
             delayed_will: Some((
@@ -517,6 +528,17 @@ mod tests {
         };
         let value = encode_session(&plain).expect("encodes");
         assert_eq!(decode_session("c1", &value).expect("decodes"), plain);
+    }
+
+    #[test]
+    fn session_written_before_epochs_reads_with_epoch_zero() {
+        // Version 1: expiry interval 60, no expiry time, no will.
+        let mut value = vec![FORMAT_VERSION];
+        value.extend_from_slice(&60u32.to_be_bytes());
+        value.extend_from_slice(&0u64.to_be_bytes());
+        value.push(0);
+        let record = decode_session("old", &value).expect("decodes");
+        assert_eq!((record.epoch, record.expiry_interval), (0, 60));
     }
 
     #[test]

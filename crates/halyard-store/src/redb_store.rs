@@ -1176,6 +1176,7 @@ mod tests {
     fn record(client_id: &str) -> SessionRecord {
         SessionRecord {
             client_id: client_id.to_owned(),
+            epoch: 1,
             expiry_interval: 10,
             expires_at: None,
             delayed_will: None,

@@ -36,6 +36,7 @@ fn loading_a_million_pending_deliveries() {
     let mut store = RedbStore::open(dir.path(), FsyncPolicy::Always).expect("open");
     store.put_session(&SessionRecord {
         client_id: "offline".into(),
+        epoch: 1,
         expiry_interval: u32::MAX,
         expires_at: Some(SystemTime::now()),
         delayed_will: None,

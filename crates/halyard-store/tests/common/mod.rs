@@ -55,6 +55,7 @@ pub fn delivery(message: StoredMessage, qos: QoS) -> StoredDelivery {
 pub fn session(client_id: &str) -> SessionRecord {
     SessionRecord {
         client_id: client_id.to_owned(),
+        epoch: 3,
         expiry_interval: 300,
         expires_at: Some(SystemTime::now() + Duration::from_secs(300)),
         delayed_will: None,
@@ -65,6 +66,7 @@ pub fn session(client_id: &str) -> SessionRecord {
 pub fn session_with_will(client_id: &str) -> SessionRecord {
     SessionRecord {
         client_id: client_id.to_owned(),
+        epoch: 4,
         expiry_interval: u32::MAX,
         expires_at: None,
         delayed_will: Some((

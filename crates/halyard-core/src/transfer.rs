@@ -1,0 +1,177 @@
+//! Moving a session between brokers: what one core exports when another node's claim
+//! fences it, and what the new owner's core imports before it answers the CONNECT.
+
+use std::cmp::Reverse;
+use std::time::{Instant, SystemTime};
+
+use halyard_codec::Will;
+
+use crate::broker::Broker;
+use crate::close::CloseKind;
+use crate::message::SessionKey;
+use crate::router::{FilterRef, SubscriptionEntry};
+use crate::session::{Awaiting, Inflight, Session};
+use crate::store::{DeliveryState, StoredDelivery};
+use crate::time::ClockAnchor;
+use crate::timers::Timer;
+
+/// Everything a session carries from one node to another. Times are wall-clock, since the
+/// two nodes' monotonic clocks have nothing in common.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionState {
+    /// The client id.
+    pub client_id: String,
+    /// The epoch it was held under where it comes from.
+    pub epoch: u64,
+    /// Session Expiry Interval (seconds).
+    pub expiry_interval: u32,
+    /// Subscriptions by filter as the client wrote it.
+    pub subscriptions: Vec<(String, SubscriptionEntry)>,
+    /// Deliveries sent and not yet acknowledged, in send order, with their packet ids.
+    pub inflight: Vec<(StoredDelivery, DeliveryState)>,
+    /// Deliveries queued behind the in-flight window, in order.
+    pub pending: Vec<StoredDelivery>,
+    /// Inbound QoS 2 packet ids PUBRECed and awaiting PUBREL [MQTT-4.3.3-9].
+    pub inbound_qos2: Vec<u16>,
+    /// A will waiting out its delay, and when it is due.
+    pub delayed_will: Option<(SystemTime, Will)>,
+    /// User name of the last connection (`Some(None)`: anonymous), for authorizing
+    /// deliveries while the client is away.
+    pub username: Option<Option<String>>,
+}
+
+impl Broker {
+    /// Another node's claim of `client_id` under `epoch` was committed: if this broker holds
+    /// the session under an older epoch, it stops serving it now. The live connection, if
+    /// any, gets DISCONNECT 0x8E Session taken over and is closed (its will follows the
+    /// spec for a takeover: published now without a delay, else carried along), and the
+    /// session leaves this broker and its store. Returns its state for the new owner, or
+    /// `None` when nothing older was held here.
+    pub fn fence(
+        &mut self,
+        now: Instant,
+        wall: SystemTime,
+        client_id: &str,
+        epoch: u64,
+    ) -> Option<Box<SessionState>> {
+        let key = *self.client_ids.get(client_id)?;
+        if self.sessions.get(&key)?.epoch >= epoch {
+            return None;
+        }
+        self.close_link(now, key, CloseKind::TakenOver);
+        let state = self.export(now, wall, key)?;
+        self.forget_session(key);
+        Some(Box::new(state))
+    }
+
+    /// The state of the session at `key`, queued messages on disk included. A queue that
+    /// cannot be read from the store is counted in `storage_read_errors`.
+    fn export(&mut self, now: Instant, wall: SystemTime, key: SessionKey) -> Option<SessionState> {
+        let clock = ClockAnchor { instant: now, wall };
+        let session = self.sessions.get_mut(&key)?;
+        let mut pending: Vec<StoredDelivery> = session
+            .pending
+            .iter()
+            .map(|delivery| clock.stored_delivery(delivery))
+            .collect();
+        if session.spilled > 0 {
+            if let Some(journal) = self.out.journal.as_mut() {
+                let spilled = usize::try_from(session.spilled).unwrap_or(usize::MAX);
+                match journal
+                    .store
+                    .read_pending(&session.client_id, session.spill_from, spilled)
+                {
+                    Ok(page) => pending.extend(page.into_iter().map(|(_, stored)| stored)),
+                    Err(_) => self.out.stats.storage_read_errors += 1,
+                }
+            }
+        }
+        Some(SessionState {
+            client_id: session.client_id.clone(),
+            epoch: session.epoch,
+            expiry_interval: session.expiry_interval,
+            subscriptions: session
+                .subscriptions
+                .into_iter()
+                .map(|(filter, entry)| (filter.clone(), *entry))
+                .collect(),
+            inflight: session
+                .inflight
+                .iter()
+                .map(|entry| (clock.stored_delivery(&entry.delivery), entry.stored_state()))
+                .collect(),
+            pending,
+            inbound_qos2: session.inbound_qos2.iter().copied().collect(),
+            delayed_will: session
+                .delayed_will
+                .take()
+                .map(|boxed| (clock.to_wall(boxed.0), boxed.1)),
+            username: session.username.clone(),
+        })
+    }
+
+    /// Installs a session moved here from another node, held from now on under `epoch`,
+    /// and returns its key. Its in-flight messages keep their packet ids, so the client's
+    /// acknowledgements still match them after it reconnects here.
+    pub(crate) fn import_session(
+        &mut self,
+        now: Instant,
+        wall: SystemTime,
+        state: SessionState,
+        epoch: u64,
+    ) -> SessionKey {
+        let clock = ClockAnchor { instant: now, wall };
+        if let Some(old) = self.client_ids.get(&state.client_id).copied() {
+            self.forget_session(old);
+        }
+        let key = self.next_session_key;
+        self.next_session_key += 1;
+        let mut session = Session::new(state.client_id, epoch, state.expiry_interval);
+        session.username = state.username;
+        session.inbound_qos2 = state.inbound_qos2.into_iter().collect();
+        for (filter, entry) in state.subscriptions {
+            if self.router.subscribe(key, FilterRef::parse(&filter), entry) {
+                self.subscription_count += 1;
+            }
+            session.subscriptions.insert(filter, entry);
+        }
+        for (stored, stored_state) in state.inflight {
+            let (packet_id, awaiting) = match stored_state {
+                DeliveryState::Pending => {
+                    let seq = session.next_seq;
+                    session.next_seq += 1;
+                    session.pending.push_back(clock.delivery(seq, stored));
+                    continue;
+                }
+                DeliveryState::AwaitingAck(id) => (id, Awaiting::Ack),
+                DeliveryState::AwaitingReceipt(id) => (id, Awaiting::Receipt),
+                DeliveryState::AwaitingCompletion(id) => (id, Awaiting::Completion),
+            };
+            let seq = session.next_seq;
+            session.next_seq += 1;
+            session.inflight.push_back(Inflight {
+                packet_id,
+                delivery: clock.delivery(seq, stored),
+                state: awaiting,
+            });
+        }
+        if let Some(last) = session.inflight.iter().map(|entry| entry.packet_id).max() {
+            session.next_packet_id = last.checked_add(1).unwrap_or(1);
+        }
+        for stored in state.pending {
+            let seq = session.next_seq;
+            session.next_seq += 1;
+            session.pending.push_back(clock.delivery(seq, stored));
+        }
+        if let Some((due, will)) = state.delayed_will {
+            let due = clock.to_instant(due);
+            session.delayed_will = Some(Box::new((due, will)));
+            self.timers.push(Reverse((due, Timer::Will(key, epoch))));
+        }
+        self.registry.restored(epoch);
+        self.client_ids.insert(session.client_id.clone(), key);
+        self.sessions.insert(key, Box::new(session));
+        self.update_persistence(key);
+        key
+    }
+}
