@@ -1,0 +1,541 @@
+//! The seams a cluster plugs into, driven as a cluster driver would: remote routes and
+//! forwards, two-phase claims, the fencing epoch in the store, and a session moved from one
+//! core to another. Brokers run on real redb stores in temporary directories.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use halyard_codec::{
+    Connect, Packet, Properties, ProtocolVersion, PubResponse, Publish, QoS, ReasonCode, Subscribe,
+    Subscription, SubscriptionOptions, Will,
+};
+use halyard_core::{
+    Broker, BrokerConfig, BrokerParts, ClaimOutcome, ClaimPoll, ClaimRequest, ConnectionId,
+    LocalRouter, MemoryRetained, Message, Output, SessionRegistry, SessionState,
+};
+use halyard_store::{FsyncPolicy, RedbStore};
+
+const V3: ProtocolVersion = ProtocolVersion::V3_1_1;
+const V5: ProtocolVersion = ProtocolVersion::V5;
+
+/// A registry that leaves every claim to the driver, as a cluster's does.
+#[derive(Default)]
+struct DeferredRegistry;
+
+impl SessionRegistry for DeferredRegistry {
+    fn claim(&mut self, _request: &ClaimRequest) -> ClaimPoll {
+        ClaimPoll::Pending
+    }
+
+    fn release(&mut self, _client_id: &str, _epoch: u64) -> bool {
+        true
+    }
+
+    fn restored(&mut self, _epoch: u64) {}
+}
+
+fn cluster_parts() -> BrokerParts {
+    BrokerParts {
+        router: Box::new(LocalRouter::new()),
+        retained: Box::new(MemoryRetained::new()),
+        registry: Box::new(DeferredRegistry),
+    }
+}
+
+/// One node's core on a real store, with what it emitted sorted by kind.
+struct Node {
+    broker: Broker,
+    now: Instant,
+    inbox: HashMap<ConnectionId, Vec<Packet>>,
+    closed: Vec<ConnectionId>,
+    claims: VecDeque<ClaimRequest>,
+    forwards: Vec<(u64, Arc<Message>, Vec<Arc<str>>)>,
+    releases: Vec<(String, u64)>,
+}
+
+impl Node {
+    fn open(dir: &std::path::Path, parts: BrokerParts, now: Instant) -> Node {
+        let store = RedbStore::open(dir, FsyncPolicy::Always).expect("store opens");
+        let broker = Broker::with_store_and_parts(
+            BrokerConfig::default(),
+            parts,
+            Box::new(store),
+            now,
+            SystemTime::now(),
+        )
+        .expect("broker loads");
+        Node {
+            broker,
+            now,
+            inbox: HashMap::new(),
+            closed: Vec::new(),
+            claims: VecDeque::new(),
+            forwards: Vec::new(),
+            releases: Vec::new(),
+        }
+    }
+
+    fn drain(&mut self) {
+        while let Some(output) = self.broker.poll_output() {
+            match output {
+                Output::Send { conn, packet } => self.inbox.entry(conn).or_default().push(packet),
+                Output::Close { conn } => self.closed.push(conn),
+                Output::Claim(request) => self.claims.push_back(request),
+                Output::Forward {
+                    node,
+                    message,
+                    groups,
+                } => self.forwards.push((node, message, groups)),
+                Output::Release { client_id, epoch } => self.releases.push((client_id, epoch)),
+                Output::Pause { .. } | Output::Resume { .. } | Output::NotifyWritten { .. } => {}
+            }
+        }
+        self.broker.commit().expect("commit");
+    }
+
+    fn send(&mut self, conn: ConnectionId, packet: Packet) {
+        self.broker.handle_packet(self.now, conn, packet);
+        self.drain();
+    }
+
+    fn take(&mut self, conn: ConnectionId) -> Vec<Packet> {
+        self.inbox.remove(&conn).unwrap_or_default()
+    }
+
+    fn settle(&mut self, conn: ConnectionId, outcome: ClaimOutcome) {
+        self.broker
+            .handle_claim(self.now, SystemTime::now(), conn, outcome);
+        self.drain();
+    }
+
+    fn granted(&mut self, conn: ConnectionId, epoch: u64) {
+        self.settle(
+            conn,
+            ClaimOutcome::Granted {
+                epoch,
+                session: None,
+            },
+        );
+    }
+}
+
+fn connect(version: ProtocolVersion, id: &str, clean: bool, expiry: Option<u32>) -> Packet {
+    Packet::Connect(Box::new(Connect {
+        protocol: version,
+        clean_start: clean,
+        keep_alive: 0,
+        client_id: id.to_string(),
+        will: None,
+        username: None,
+        password: None,
+        properties: Properties {
+            session_expiry_interval: expiry,
+            ..Properties::default()
+        },
+    }))
+}
+
+fn subscribe(filter: &str, qos: QoS, packet_id: u16) -> Packet {
+    Packet::Subscribe(Subscribe {
+        packet_id,
+        subscriptions: vec![Subscription {
+            filter: filter.to_string(),
+            options: SubscriptionOptions {
+                qos,
+                ..Default::default()
+            },
+        }],
+        properties: Properties::default(),
+    })
+}
+
+fn publish(topic: &str, payload: &'static [u8], qos: QoS, id: u16) -> Packet {
+    Packet::Publish(Publish {
+        dup: false,
+        qos,
+        retain: false,
+        topic: topic.to_string(),
+        packet_id: (qos != QoS::AtMostOnce).then_some(id),
+        payload: Bytes::from_static(payload),
+        properties: Properties::default(),
+    })
+}
+
+fn message(topic: &str, payload: &'static [u8], qos: QoS) -> Message {
+    Message {
+        topic: topic.into(),
+        payload: Bytes::from_static(payload),
+        qos,
+        retain: false,
+        properties: None,
+        expires_at: None,
+        publisher: None,
+    }
+}
+
+fn connack(packets: &[Packet]) -> (bool, ReasonCode) {
+    match packets.first() {
+        Some(Packet::ConnAck(ack)) => (ack.session_present, ack.code),
+        other => panic!("expected CONNACK first, got {other:?}"),
+    }
+}
+
+fn publishes(packets: &[Packet]) -> Vec<Publish> {
+    packets
+        .iter()
+        .filter_map(|packet| match packet {
+            Packet::Publish(publish) => Some(publish.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn connack_waits_for_the_claim_and_packets_sent_meanwhile_follow_it_in_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut node = Node::open(dir.path(), cluster_parts(), Instant::now());
+    node.send(1, connect(V5, "c", true, None));
+    assert!(
+        node.take(1).is_empty(),
+        "no CONNACK before the claim settles"
+    );
+    let request = node.claims.pop_front().expect("a claim request");
+    assert_eq!(
+        (request.conn, request.client_id.as_str(), request.held_epoch),
+        (1, "c", None)
+    );
+    node.send(1, subscribe("t", QoS::AtLeastOnce, 7));
+    assert!(
+        node.take(1).is_empty(),
+        "the SUBSCRIBE waits behind the claim"
+    );
+    node.granted(1, 5);
+    let packets = node.take(1);
+    assert_eq!(connack(&packets), (false, ReasonCode::SUCCESS));
+    assert!(
+        matches!(&packets[1], Packet::SubAck(ack) if ack.packet_id == 7),
+        "SUBACK after CONNACK: {packets:?}"
+    );
+}
+
+#[test]
+fn a_refused_claim_is_answered_server_unavailable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut node = Node::open(dir.path(), cluster_parts(), Instant::now());
+    node.send(1, connect(V5, "v5", false, Some(60)));
+    node.send(2, connect(V3, "v3", false, None));
+    node.settle(1, ClaimOutcome::Refused);
+    node.settle(2, ClaimOutcome::Refused);
+    // 0x88 Server unavailable in MQTT 5, 0x03 in 3.1.1 [MQTT-3.2.2-6].
+    assert_eq!(
+        connack(&node.take(1)),
+        (false, ReasonCode::SERVER_UNAVAILABLE)
+    );
+    assert_eq!(
+        connack(&node.take(2)),
+        (false, ReasonCode::V3_SERVER_UNAVAILABLE)
+    );
+    assert_eq!(node.closed, vec![1, 2]);
+    assert_eq!(node.broker.stats().claims_refused, 2);
+    assert_eq!(node.broker.stats().sessions, 0);
+}
+
+#[test]
+fn a_claim_that_lost_to_a_newer_one_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut node = Node::open(dir.path(), cluster_parts(), Instant::now());
+    node.send(1, connect(V5, "c", false, Some(60)));
+    node.send(2, connect(V5, "c", false, Some(60)));
+    node.granted(2, 9);
+    node.granted(1, 8);
+    assert_eq!(connack(&node.take(2)), (false, ReasonCode::SUCCESS));
+    assert_eq!(
+        connack(&node.take(1)),
+        (false, ReasonCode::SERVER_UNAVAILABLE)
+    );
+    assert!(!node.closed.contains(&2), "the newer connection stays");
+}
+
+#[test]
+fn the_epoch_is_stored_with_the_session_and_later_claims_exceed_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let start = Instant::now();
+    {
+        let mut node = Node::open(dir.path(), cluster_parts(), start);
+        node.send(1, connect(V5, "c", false, Some(3600)));
+        node.granted(1, 41);
+        node.send(1, subscribe("t", QoS::AtLeastOnce, 1));
+        assert_eq!(connack(&node.take(1)), (false, ReasonCode::SUCCESS));
+    }
+    // A single node restarted on the same store: its registry continues above the
+    // stored epoch, so the resumed session's claim is newer than the one it was held by.
+    let mut node = Node::open(dir.path(), BrokerParts::default(), start);
+    node.send(2, connect(V5, "c", false, Some(3600)));
+    assert_eq!(connack(&node.take(2)), (true, ReasonCode::SUCCESS));
+    let state = node
+        .broker
+        .fence(node.now, SystemTime::now(), "c", 43)
+        .expect("held under an older epoch than 43");
+    assert_eq!(state.epoch, 42, "one above the stored epoch 41");
+    assert!(
+        node.broker
+            .fence(node.now, SystemTime::now(), "c", 44)
+            .is_none(),
+        "a fenced session is gone"
+    );
+}
+
+#[test]
+fn publishes_go_once_to_each_remote_node_and_forwards_never_go_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut node = Node::open(dir.path(), cluster_parts(), Instant::now());
+    node.broker.add_remote_route(2, "plant/+/temp");
+    node.broker.add_remote_route(2, "plant/#");
+    node.broker.add_remote_route(3, "plant/line3/temp");
+    node.send(1, connect(V5, "sub", true, None));
+    node.granted(1, 1);
+    node.send(1, subscribe("plant/#", QoS::AtLeastOnce, 1));
+    node.send(4, connect(V5, "pub", true, None));
+    node.granted(4, 2);
+    node.take(1);
+    node.take(4);
+
+    node.send(4, publish("plant/line3/temp", b"21", QoS::AtLeastOnce, 10));
+    let mut targets: Vec<u64> = node.forwards.iter().map(|(to, _, _)| *to).collect();
+    targets.sort_unstable();
+    assert_eq!(
+        targets,
+        vec![2, 3],
+        "one copy per node, however many filters match"
+    );
+    assert!(
+        matches!(&node.take(4)[..], [Packet::PubAck(PubResponse { packet_id: 10, reason, .. })] if *reason == ReasonCode::SUCCESS)
+    );
+    assert_eq!(publishes(&node.take(1)).len(), 1);
+
+    // A remote node alone counts as a subscriber: no 0x10 No matching subscribers.
+    node.broker.add_remote_route(3, "only/remote");
+    node.send(4, publish("only/remote", b"x", QoS::AtLeastOnce, 11));
+    assert!(
+        matches!(&node.take(4)[..], [Packet::PubAck(PubResponse { reason, .. })] if *reason == ReasonCode::SUCCESS)
+    );
+
+    node.forwards.clear();
+    node.broker.handle_forward(
+        node.now,
+        2,
+        message("plant/line1/temp", b"19", QoS::AtLeastOnce),
+        &[],
+    );
+    node.drain();
+    assert!(
+        node.forwards.is_empty(),
+        "a forwarded message is never forwarded again"
+    );
+    let delivered = publishes(&node.take(1));
+    assert_eq!(delivered.len(), 1);
+    assert_eq!(delivered[0].payload, Bytes::from_static(b"19"));
+
+    assert!(node.broker.remove_remote_route(3, "plant/line3/temp"));
+    node.send(4, publish("plant/line3/temp", b"22", QoS::AtMostOnce, 0));
+    let targets: Vec<u64> = node.forwards.iter().map(|(to, _, _)| *to).collect();
+    assert_eq!(targets, vec![2]);
+}
+
+#[test]
+fn a_share_group_across_nodes_gives_each_message_to_one_member() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut node = Node::open(dir.path(), cluster_parts(), Instant::now());
+    node.broker.add_remote_route(2, "$share/g/jobs");
+    node.send(1, connect(V5, "worker", true, None));
+    node.granted(1, 1);
+    node.send(1, subscribe("$share/g/jobs", QoS::AtLeastOnce, 1));
+    node.send(4, connect(V5, "pub", true, None));
+    node.granted(4, 2);
+    node.take(1);
+    for id in 1..=4 {
+        node.send(4, publish("jobs", b"j", QoS::AtLeastOnce, id));
+    }
+    let local = publishes(&node.take(1)).len();
+    let remote: Vec<_> = node
+        .forwards
+        .iter()
+        .filter(|(to, _, groups)| *to == 2 && groups.iter().any(|g| &**g == "$share/g/jobs"))
+        .collect();
+    assert_eq!(
+        local + remote.len(),
+        4,
+        "each message to exactly one member"
+    );
+    assert_eq!(
+        (local, remote.len()),
+        (2, 2),
+        "round-robin across the nodes"
+    );
+
+    // On the receiving side the group is served only when the sender picked this node.
+    node.broker
+        .handle_forward(node.now, 2, message("jobs", b"a", QoS::AtLeastOnce), &[]);
+    node.drain();
+    assert!(publishes(&node.take(1)).is_empty());
+    let picked: Vec<Arc<str>> = vec!["$share/g/jobs".into()];
+    node.broker.handle_forward(
+        node.now,
+        2,
+        message("jobs", b"b", QoS::AtLeastOnce),
+        &picked,
+    );
+    node.drain();
+    assert_eq!(publishes(&node.take(1)).len(), 1);
+}
+
+/// Node A holds a persistent session with a subscription, an unacknowledged QoS 1
+/// delivery, queued messages on disk, a QoS 2 id awaiting PUBREL and a delayed will.
+/// Node B's claim fences A; the state moves to B, whose client resumes with session
+/// present = 1, gets the in-flight message again with DUP = 1 and the queue after it.
+#[test]
+fn a_session_moves_between_cores_with_queue_inflight_qos2_ids_and_will() {
+    let dir_a = tempfile::tempdir().expect("tempdir");
+    let dir_b = tempfile::tempdir().expect("tempdir");
+    let now = Instant::now();
+    let mut a = Node::open(dir_a.path(), cluster_parts(), now);
+    let mut b = Node::open(dir_b.path(), cluster_parts(), now);
+
+    let mut with_will = match connect(V5, "mover", false, Some(3600)) {
+        Packet::Connect(connect) => connect,
+        _ => unreachable!(),
+    };
+    with_will.will = Some(Will {
+        topic: "wills/mover".into(),
+        payload: Bytes::from_static(b"gone"),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        properties: Properties {
+            will_delay_interval: Some(600),
+            ..Properties::default()
+        },
+    });
+    a.send(1, Packet::Connect(with_will));
+    a.granted(1, 10);
+    a.send(1, subscribe("work/#", QoS::AtLeastOnce, 1));
+    // An inbound QoS 2 publish PUBRECed, not yet released.
+    a.send(1, publish("elsewhere", b"q2", QoS::ExactlyOnce, 77));
+    a.send(2, connect(V5, "feeder", true, None));
+    a.granted(2, 11);
+    a.take(1);
+    // 100 messages: 32 go in flight (unacknowledged), 68 queue behind the window, of
+    // which those past the first 64 in memory spill to disk.
+    for id in 1..=100u16 {
+        a.send(2, publish("work/item", b"w", QoS::AtLeastOnce, id));
+    }
+    let first_sent = publishes(&a.take(1));
+    assert_eq!(first_sent.len(), 32, "the in-flight window");
+    let first_id = first_sent[0].packet_id;
+
+    let state = a
+        .broker
+        .fence(a.now, SystemTime::now(), "mover", 12)
+        .expect("A held it under epoch 10");
+    a.drain();
+    let to_a = a.take(1);
+    assert!(
+        matches!(to_a.last(), Some(Packet::Disconnect(d)) if d.reason == ReasonCode::SESSION_TAKEN_OVER),
+        "A's connection is told 0x8E: {to_a:?}"
+    );
+    assert!(a.closed.contains(&1));
+    assert_eq!(a.broker.stats().sessions, 1, "only the feeder is left on A");
+    assert_check_state(&state);
+
+    b.send(5, connect(V5, "mover", false, Some(3600)));
+    assert_eq!(
+        b.claims.pop_front().map(|r| r.client_id),
+        Some("mover".into())
+    );
+    b.settle(
+        5,
+        ClaimOutcome::Granted {
+            epoch: 12,
+            session: Some(state),
+        },
+    );
+    let packets = b.take(5);
+    assert_eq!(connack(&packets), (true, ReasonCode::SUCCESS));
+    let resent = publishes(&packets);
+    assert_eq!(resent.len(), 32);
+    assert!(
+        resent.iter().all(|p| p.dup),
+        "in-flight re-sent with DUP = 1"
+    );
+    assert_eq!(resent[0].packet_id, first_id, "packet ids survive the move");
+    // Acknowledging the window brings the queue, in order.
+    let mut received = resent.len();
+    let mut pending: Vec<Publish> = resent;
+    while !pending.is_empty() {
+        for publish in pending.drain(..) {
+            b.send(
+                5,
+                Packet::PubAck(PubResponse {
+                    packet_id: publish.packet_id.expect("QoS 1"),
+                    reason: ReasonCode::SUCCESS,
+                    properties: Properties::default(),
+                }),
+            );
+        }
+        pending = publishes(&b.take(5));
+        received += pending.len();
+    }
+    assert_eq!(
+        received, 100,
+        "every acknowledged publish reaches the new owner"
+    );
+    // The QoS 2 id moved: a re-sent PUBLISH 77 is acknowledged, not delivered again.
+    b.send(5, publish("work/dup", b"q2", QoS::ExactlyOnce, 77));
+    assert!(publishes(&b.take(5)).is_empty());
+    // The new connection came within the will delay: the will is not published.
+    b.now += Duration::from_secs(700);
+    b.broker.handle_timeout(b.now);
+    b.drain();
+    assert!(b.forwards.is_empty());
+
+    // B's store holds the session under B's epoch.
+    drop(b);
+    let b = Node::open(dir_b.path(), BrokerParts::default(), now);
+    assert_eq!(b.broker.stats().sessions, 1);
+    let mut b = b;
+    let state = b
+        .broker
+        .fence(b.now, SystemTime::now(), "mover", 13)
+        .expect("stored under epoch 12");
+    assert_eq!(state.epoch, 12);
+    assert_eq!(state.subscriptions.len(), 1);
+}
+
+fn assert_check_state(state: &SessionState) {
+    assert_eq!(state.client_id, "mover");
+    assert_eq!(state.epoch, 10);
+    assert_eq!(state.expiry_interval, 3600);
+    assert_eq!(
+        state
+            .subscriptions
+            .iter()
+            .map(|(f, _)| f.as_str())
+            .collect::<Vec<_>>(),
+        vec!["work/#"]
+    );
+    assert_eq!(state.inflight.len(), 32);
+    assert_eq!(
+        state.pending.len(),
+        68,
+        "queued in memory and spilled to disk"
+    );
+    assert_eq!(state.inbound_qos2, vec![77]);
+    assert!(
+        state
+            .delayed_will
+            .as_ref()
+            .is_some_and(|(_, will)| will.topic == "wills/mover"),
+        "the delayed will moves with the session"
+    );
+}
