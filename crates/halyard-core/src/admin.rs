@@ -33,6 +33,8 @@ pub struct ClientSummary {
     pub queued: u64,
     /// Outbound QoS 1/2 messages sent and not yet acknowledged.
     pub inflight: usize,
+    /// Messages dropped for this session because its queue was full (`queue_full_policy`).
+    pub dropped: u64,
     /// Session Expiry Interval in seconds (`4294967295` = never).
     pub expiry_interval: u32,
     /// Whether the session is written to the durable store.
@@ -125,6 +127,7 @@ fn summary(session: &Session) -> ClientSummary {
         subscriptions: session.subscriptions.len(),
         queued: session.queued(),
         inflight: session.inflight.len(),
+        dropped: session.dropped,
         expiry_interval: session.expiry_interval,
         persistent: session.persistent,
     }

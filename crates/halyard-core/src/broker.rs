@@ -22,7 +22,7 @@ use crate::registry::{LocalSessionRegistry, SessionRegistry};
 use crate::retained::{MemoryRetained, RetainedStore};
 use crate::router::{LocalRouter, RouteMatch, Router};
 use crate::session::{Link, Outbox, QueueLimits, Session};
-use crate::stats::BrokerStats;
+use crate::stats::{BrokerStats, DropReport};
 use crate::timers::Timer;
 use crate::FastMap;
 
@@ -134,6 +134,17 @@ impl Broker {
         }
     }
 
+    /// Whether messages were dropped for full queues since the last report.
+    pub fn has_drops_to_report(&self) -> bool {
+        !self.out.drops.is_empty()
+    }
+
+    /// The messages dropped for full queues since the last call, per client: the server
+    /// logs them once per interval, so a flood costs one line per client, not per message.
+    pub fn take_drop_report(&mut self) -> DropReport {
+        std::mem::take(&mut self.out.drops)
+    }
+
     /// Next thing for the server to do, in order; `None` when there is nothing.
     pub fn poll_output(&mut self) -> Option<Output> {
         self.out.outputs.pop_front()
@@ -226,6 +237,7 @@ impl Broker {
     pub(crate) fn limits(&self) -> QueueLimits {
         QueueLimits {
             max_queued: self.config.max_queued_messages,
+            max_queued_bytes: self.config.max_queued_bytes,
         }
     }
 

@@ -22,6 +22,9 @@ pub struct BrokerConfig {
     pub receive_maximum: u16,
     /// Messages queued per session beyond the in-flight window (also while offline).
     pub max_queued_messages: usize,
+    /// Bytes (topic and payload) queued per session beyond the in-flight window, on disk
+    /// for a persistent session; 0 = bounded by `max_queued_messages` only.
+    pub max_queued_bytes: usize,
     /// Largest packet accepted from a client, in bytes (advertised as Maximum Packet Size).
     pub max_packet_size: u32,
     /// Longest topic name or filter, in bytes.
@@ -36,10 +39,11 @@ pub struct BrokerConfig {
     pub max_session_expiry: u32,
     /// Whether a client may connect with an empty client id (the broker assigns one).
     pub allow_zero_length_client_id: bool,
-    /// What an MQTT 5 publisher is told when a subscriber's queue has no room for its
-    /// QoS 1/2 publish: `"reject"` (PUBACK/PUBREC 0x97, the default) or `"pushback"` (the
-    /// publish waits unacknowledged and the broker stops reading from the publisher until
-    /// there is room). MQTT 3.x publishers are always pushed back: 3.x cannot refuse.
+    /// What a subscriber's full queue does to a QoS 1/2 message (see [`QueueFullPolicy`]):
+    /// `"drop_oldest"` (the default), `"drop_new"` or `"disconnect"` cost that subscriber
+    /// alone; `"reject"` (PUBACK/PUBREC 0x97 to MQTT 5 publishers) and `"pushback"` (the
+    /// broker stops reading from the publisher until there is room) refuse the publisher,
+    /// and MQTT 3.x publishers are then always pushed back, since 3.x cannot refuse.
     pub queue_full_policy: QueueFullPolicy,
     /// PUBLISH packets per second one connection may send (a one-second burst is allowed);
     /// beyond it the client is disconnected (MQTT 5: DISCONNECT 0x96). 0 = no limit.
@@ -56,6 +60,7 @@ impl Default for BrokerConfig {
             max_inflight: 32,
             receive_maximum: 1024,
             max_queued_messages: 1000,
+            max_queued_bytes: 64 * 1024 * 1024,
             max_packet_size: 1024 * 1024,
             max_topic_length: 65_535,
             max_topic_levels: 128,

@@ -45,7 +45,7 @@ pub use retained::{MemoryRetained, RetainedStore};
 pub use router::{
     FilterRef, LocalRouter, RouteMatch, RouteScope, RouteTarget, Router, SubscriptionEntry,
 };
-pub use stats::BrokerStats;
+pub use stats::{BrokerStats, DropReason, DropReport};
 pub use transfer::SessionState;
 
 /// The maps of the per-message path (topic trie, sessions by key, client id and connection):

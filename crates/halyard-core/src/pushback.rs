@@ -11,8 +11,10 @@
 //! or expires) the held packets are handled in order and, once none is left, reading
 //! resumes ([`Output::Resume`]).
 //!
-//! MQTT 5 publishers get the same treatment with `queue_full_policy = "pushback"`; with the
-//! default `"reject"` they are told 0x97 Quota exceeded instead, as before.
+//! This applies only where `queue_full_policy` refuses the publisher: MQTT 5 publishers get
+//! the same treatment with `"pushback"` and are told 0x97 Quota exceeded with `"reject"`.
+//! Under the default drop policies a full queue costs only its own subscriber (see
+//! [`QueueFullPolicy`]).
 //!
 //! A pause is bounded by [`PUSHBACK_TIMEOUT`]: two clients that each subscribe to what the
 //! other publishes could otherwise wait on each other forever (neither one's PUBACKs are read
@@ -37,29 +39,51 @@ use crate::timers::Timer;
 /// to drain a full queue of `max_queued_messages`.
 pub const PUSHBACK_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// What to do with a QoS 1/2 publish from an MQTT 5 client that a subscriber's full queue
-/// cannot take. MQTT 3.x publishers are always pushed back: 3.x has no way to refuse.
+/// What happens when a subscriber's queue (`max_queued_messages` / `max_queued_bytes`) has
+/// no room for a QoS 1/2 message. The first three make the slow subscriber pay alone: the
+/// publisher is acknowledged and every other subscriber gets the message. The last two
+/// refuse the publisher instead, for pipelines that would rather slow down than lose.
+/// Every drop is counted, per reason and per client.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum QueueFullPolicy {
-    /// Answer PUBACK/PUBREC 0x97 Quota exceeded; the client decides whether to retry. The
-    /// default, because an MQTT 5 client can be told and may prefer to shed load itself.
+    /// Drop the subscriber's oldest queued message to make room: telemetry wants the
+    /// latest readings, and a backlog of stale ones helps nobody. The default.
     #[default]
+    DropOldest,
+    /// Drop the new message for that subscriber; its queue keeps the oldest.
+    DropNew,
+    /// Disconnect the slow subscriber (MQTT 5: DISCONNECT 0x97 Quota exceeded); a
+    /// persistent session keeps what it has queued, and messages beyond it are dropped
+    /// while it is away.
+    Disconnect,
+    /// Refuse the publish for everyone: MQTT 5 publishers get PUBACK/PUBREC 0x97, MQTT 3.x
+    /// publishers are pushed back (3.x cannot be told).
     Reject,
     /// Keep the publish pending and stop reading from the publisher until there is room.
     Pushback,
 }
 
+impl QueueFullPolicy {
+    /// Whether a full queue refuses the publisher rather than dropping for the subscriber.
+    pub fn refuses_publisher(self) -> bool {
+        matches!(self, QueueFullPolicy::Reject | QueueFullPolicy::Pushback)
+    }
+}
+
 impl std::str::FromStr for QueueFullPolicy {
     type Err = String;
 
-    /// Parses the configuration spelling (`reject` or `pushback`), for environment overrides.
+    /// Parses the configuration spelling, for environment overrides.
     fn from_str(text: &str) -> Result<Self, String> {
         match text {
+            "drop_oldest" => Ok(QueueFullPolicy::DropOldest),
+            "drop_new" => Ok(QueueFullPolicy::DropNew),
+            "disconnect" => Ok(QueueFullPolicy::Disconnect),
             "reject" => Ok(QueueFullPolicy::Reject),
             "pushback" => Ok(QueueFullPolicy::Pushback),
             other => Err(format!(
-                "expected \"reject\" or \"pushback\", got {other:?}"
+                "expected \"drop_oldest\", \"drop_new\", \"disconnect\", \"reject\" or \"pushback\", got {other:?}"
             )),
         }
     }
@@ -231,7 +255,7 @@ impl Broker {
             if self
                 .sessions
                 .get(&waiting_on)
-                .is_some_and(|session| !session.has_room(limits))
+                .is_some_and(|session| !session.has_room(limits, 0))
             {
                 self.pushback.order.push_back(conn);
                 continue;

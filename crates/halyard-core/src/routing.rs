@@ -3,15 +3,17 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use halyard_codec::QoS;
+use halyard_codec::{QoS, ReasonCode};
 
 use crate::authz::Access;
 use crate::broker::Broker;
 use crate::message::{Message, NodeId, SessionKey};
 use crate::output::Output;
 use crate::publish::RouteOutcome;
+use crate::pushback::QueueFullPolicy;
 use crate::router::{FilterRef, RouteScope, RouteTarget};
 use crate::session::Delivery;
+use crate::stats::DropReason;
 
 impl Broker {
     /// Routes one message published on this node to every matching session and node. With
@@ -69,10 +71,18 @@ impl Broker {
         let mut matches = std::mem::take(&mut self.route_scratch);
         matches.clear();
         let sessions = &self.sessions;
+        let limits = self.limits();
+        let size = message.topic.len() + message.payload.len();
+        let queued = message.qos != QoS::AtMostOnce;
+        // A share group passes over members that are offline or, for QoS 1/2, full.
         self.router.route(
             &message.topic,
             scope,
-            &|key| sessions.get(&key).is_some_and(|s| s.link.is_some()),
+            &|key| {
+                sessions
+                    .get(&key)
+                    .is_some_and(|s| s.link.is_some() && (!queued || s.has_room(limits, size)))
+            },
             &mut matches,
         );
         let mut forwards: Vec<(NodeId, Vec<Arc<str>>)> = Vec::new();
@@ -128,11 +138,14 @@ impl Broker {
         }
         self.route_scratch = matches;
 
-        let limits = self.limits();
-        if atomic {
+        let policy = self.config.queue_full_policy;
+        if atomic && policy.refuses_publisher() {
             let blocked = deliveries.iter().find(|(key, delivery)| {
                 delivery.qos != QoS::AtMostOnce
-                    && self.sessions.get(key).is_some_and(|s| !s.has_room(limits))
+                    && self
+                        .sessions
+                        .get(key)
+                        .is_some_and(|s| !s.has_room(limits, size))
             });
             if let Some(&(blocked_by, _)) = blocked {
                 self.pushback.blocked_by = Some(blocked_by);
@@ -164,18 +177,46 @@ impl Broker {
                 groups,
             });
         }
+        let mut too_slow = Vec::new();
         for (key, delivery) in deliveries {
             let Some(session) = self.sessions.get_mut(&key) else {
                 continue;
             };
             let qos = delivery.qos;
-            if !session.push(delivery, now, limits, &mut self.out) {
-                if qos == QoS::AtMostOnce {
+            if qos == QoS::AtMostOnce {
+                if !session.push(delivery, now, limits, &mut self.out) {
                     self.out.stats.dropped_qos0 += 1;
-                } else {
-                    self.out.stats.dropped_queue_full += 1;
                 }
+                continue;
             }
+            if session.has_room(limits, size) {
+                session.push(delivery, now, limits, &mut self.out);
+                continue;
+            }
+            let reason = match policy {
+                QueueFullPolicy::DropOldest if session.evict_oldest(&mut self.out) => {
+                    session.push(delivery, now, limits, &mut self.out);
+                    DropReason::Oldest
+                }
+                QueueFullPolicy::Disconnect if session.link.is_some() => {
+                    too_slow.push(key);
+                    DropReason::Disconnected
+                }
+                // Will and retained-on-subscribe messages, and forwards from a peer, meet
+                // a full queue under the refusing policies too: there is nobody to refuse.
+                // A subscriber disconnected for its full queue drops the rest while away.
+                _ => DropReason::New,
+            };
+            session.dropped += 1;
+            self.out.count_drop(&session.client_id, reason);
+        }
+        for key in too_slow {
+            self.close_with(
+                now,
+                key,
+                ReasonCode::QUOTA_EXCEEDED,
+                "queue full (queue_full_policy = \"disconnect\")",
+            );
         }
         RouteOutcome::Delivered
     }

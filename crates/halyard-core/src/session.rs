@@ -22,7 +22,7 @@ pub(crate) struct Journal {
     pub store: Box<dyn Store>,
     pub clock: ClockAnchor,
 }
-use crate::BrokerStats;
+use crate::stats::{BrokerStats, DropReason, DropReport};
 
 /// How many queued messages of a persistent session are kept in memory ahead of the
 /// in-flight window; the rest stay on disk until the client drains the queue.
@@ -36,6 +36,8 @@ pub(crate) struct Outbox {
     pub outputs: VecDeque<Output>,
     pub stats: BrokerStats,
     pub journal: Option<Journal>,
+    /// Drops not yet reported (see `Broker::take_drop_report`).
+    pub drops: DropReport,
 }
 
 impl Outbox {
@@ -46,6 +48,16 @@ impl Outbox {
     /// The journal, when the session is one whose state must be written down.
     pub fn journal(&mut self, persistent: bool) -> Option<&mut Journal> {
         self.journal.as_mut().filter(|_| persistent)
+    }
+
+    /// Counts a message dropped for `client_id`'s full queue, for metrics and the log.
+    pub fn count_drop(&mut self, client_id: &str, reason: DropReason) {
+        match reason {
+            DropReason::Oldest => self.stats.dropped_oldest += 1,
+            DropReason::New => self.stats.dropped_queue_full += 1,
+            DropReason::Disconnected => self.stats.dropped_slow_disconnect += 1,
+        }
+        self.drops.note(client_id, reason);
     }
 }
 
@@ -61,6 +73,13 @@ pub(crate) struct Delivery {
     pub retain: bool,
     /// Identifiers of every subscription of this session that matched [MQTT-3.3.4-3].
     pub subscription_ids: Vec<u32>,
+}
+
+impl Delivery {
+    /// What the delivery counts against `max_queued_bytes`: topic and payload.
+    pub fn size(&self) -> u64 {
+        (self.message.topic.len() + self.message.payload.len()) as u64
+    }
 }
 
 /// Where an outbound QoS 1/2 message is in its handshake.
@@ -151,6 +170,12 @@ pub(crate) struct Session {
     pub spill_from: u64,
     /// Next queue sequence number.
     pub next_seq: u64,
+    /// Topic and payload bytes of the messages in `pending` and `spilled` (those spilled
+    /// before a restart are not counted: the store keeps no sizes).
+    pub queued_bytes: u64,
+    /// Messages dropped for this session because its queue was full (see
+    /// `QueueFullPolicy`), for the admin API.
+    pub dropped: u64,
     /// Whether this session's state is written to the store (Session Expiry Interval > 0
     /// and a store configured).
     pub persistent: bool,
@@ -204,6 +229,8 @@ pub(crate) struct RetainedStream {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct QueueLimits {
     pub max_queued: usize,
+    /// Bytes (topic and payload) queued per session; 0 = no byte bound.
+    pub max_queued_bytes: usize,
 }
 
 impl Session {
@@ -219,6 +246,8 @@ impl Session {
             spilled: 0,
             spill_from: 0,
             next_seq: 0,
+            queued_bytes: 0,
+            dropped: 0,
             persistent: false,
             inbound_qos2: LazySet::default(),
             next_packet_id: 1,
@@ -242,9 +271,28 @@ impl Session {
         self.pending.len() as u64 + self.spilled
     }
 
-    /// Whether a QoS 1/2 delivery can be taken now without going over the queue limit.
-    pub fn has_room(&self, limits: QueueLimits) -> bool {
-        self.can_send_now() || self.queued() < limits.max_queued as u64
+    /// Whether a QoS 1/2 delivery of `bytes` can be taken now without going over the
+    /// queue's limits.
+    pub fn has_room(&self, limits: QueueLimits, bytes: usize) -> bool {
+        self.can_send_now()
+            || (self.queued() < limits.max_queued as u64
+                && (limits.max_queued_bytes == 0
+                    || self.queued_bytes.saturating_add(bytes as u64)
+                        <= limits.max_queued_bytes as u64))
+    }
+
+    /// Drops the oldest queued message to make room for a new one; false when nothing is
+    /// queued to drop.
+    pub fn evict_oldest(&mut self, out: &mut Outbox) -> bool {
+        self.refill(out);
+        let Some(oldest) = self.pending.pop_front() else {
+            return false;
+        };
+        self.queued_bytes = self.queued_bytes.saturating_sub(oldest.size());
+        if let Some(journal) = out.journal(self.persistent) {
+            journal.store.delete_delivery(&self.client_id, oldest.seq);
+        }
+        true
     }
 
     fn can_send_now(&self) -> bool {
@@ -269,7 +317,7 @@ impl Session {
             }
             return true;
         }
-        if !self.has_room(limits) {
+        if !self.has_room(limits, delivery.size() as usize) {
             return false;
         }
         delivery.seq = self.next_seq;
@@ -278,6 +326,7 @@ impl Session {
             self.start_inflight(delivery, now, out);
             return true;
         }
+        self.queued_bytes += delivery.size();
         if let Some(journal) = out.journal(self.persistent) {
             journal.store.put_delivery(
                 &self.client_id,
@@ -332,6 +381,7 @@ impl Session {
             let Some(delivery) = self.pending.pop_front() else {
                 break;
             };
+            self.queued_bytes = self.queued_bytes.saturating_sub(delivery.size());
             if delivery.message.is_expired(now) {
                 if let Some(journal) = out.journal(self.persistent) {
                     journal.store.delete_delivery(&self.client_id, delivery.seq);

@@ -19,8 +19,15 @@ pub struct BrokerStats {
     pub dropped_qos0: u64,
     /// Messages not sent because they exceed the client's Maximum Packet Size.
     pub dropped_too_large: u64,
-    /// Will and retained-on-subscribe deliveries lost to a full queue (no publisher to tell).
+    /// QoS 1/2 messages not queued for a subscriber whose queue was full: the new message
+    /// under `drop_new`, and under the refusing policies a will, retained-on-subscribe or
+    /// forwarded message (no publisher to tell).
     pub dropped_queue_full: u64,
+    /// Queued QoS 1/2 messages dropped to make room for newer ones (`drop_oldest`).
+    pub dropped_oldest: u64,
+    /// QoS 1/2 messages dropped for a subscriber disconnected for a full queue
+    /// (`disconnect`).
+    pub dropped_slow_disconnect: u64,
     /// QoS 1/2 publishes refused (MQTT 5 reason 0x97, or 3.x connection closed unacknowledged)
     /// because a subscriber's queue was full.
     pub refused_quota: u64,
@@ -49,4 +56,60 @@ pub struct BrokerStats {
     pub claims_refused: u64,
     /// Reads from the store that failed (queued messages of a session that moved).
     pub storage_read_errors: u64,
+}
+
+/// Why a message was dropped for one subscriber whose queue was full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// Its oldest queued message made room for the new one.
+    Oldest,
+    /// The new message was not queued.
+    New,
+    /// The subscriber was disconnected, and the new message not queued.
+    Disconnected,
+}
+
+impl DropReason {
+    /// The metric label and log word.
+    pub fn label(self) -> &'static str {
+        match self {
+            DropReason::Oldest => "queue_full_oldest",
+            DropReason::New => "queue_full",
+            DropReason::Disconnected => "queue_full_disconnect",
+        }
+    }
+}
+
+/// Most clients a [`DropReport`] names; drops of further clients are only summed.
+const REPORTED_CLIENTS: usize = 64;
+
+/// Drops since the last report, per client and reason, for a log line per client that
+/// costs nothing per message (see `Broker::take_drop_report`).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct DropReport {
+    /// (client id, reason, messages dropped), for the first clients that dropped.
+    pub clients: Vec<(String, DropReason, u64)>,
+    /// Drops of clients beyond those named.
+    pub others: u64,
+}
+
+impl DropReport {
+    pub(crate) fn note(&mut self, client_id: &str, reason: DropReason) {
+        if let Some(entry) = self
+            .clients
+            .iter_mut()
+            .find(|(id, why, _)| *why == reason && id == client_id)
+        {
+            entry.2 += 1;
+        } else if self.clients.len() < REPORTED_CLIENTS {
+            self.clients.push((client_id.to_owned(), reason, 1));
+        } else {
+            self.others += 1;
+        }
+    }
+
+    /// Whether nothing was dropped.
+    pub fn is_empty(&self) -> bool {
+        self.clients.is_empty() && self.others == 0
+    }
 }

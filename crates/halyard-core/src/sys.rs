@@ -131,7 +131,11 @@ impl SysTopics {
             ),
             (
                 "publish/messages/dropped".into(),
-                (stats.dropped_qos0 + stats.dropped_too_large + stats.dropped_queue_full)
+                (stats.dropped_qos0
+                    + stats.dropped_too_large
+                    + stats.dropped_queue_full
+                    + stats.dropped_oldest
+                    + stats.dropped_slow_disconnect)
                     .to_string(),
             ),
             ("bytes/received".into(), traffic.bytes_received.to_string()),

@@ -140,7 +140,9 @@ impl Broker {
                 DeliveryState::Pending => {
                     let seq = session.next_seq;
                     session.next_seq += 1;
-                    session.pending.push_back(clock.delivery(seq, stored));
+                    let delivery = clock.delivery(seq, stored);
+                    session.queued_bytes += delivery.size();
+                    session.pending.push_back(delivery);
                     continue;
                 }
                 DeliveryState::AwaitingAck(id) => (id, Awaiting::Ack),
@@ -161,7 +163,9 @@ impl Broker {
         for stored in state.pending {
             let seq = session.next_seq;
             session.next_seq += 1;
-            session.pending.push_back(clock.delivery(seq, stored));
+            let delivery = clock.delivery(seq, stored);
+            session.queued_bytes += delivery.size();
+            session.pending.push_back(delivery);
         }
         if let Some((due, will)) = state.delayed_will {
             let due = clock.to_instant(due);

@@ -562,6 +562,7 @@ fn inflight_window_limits_unacknowledged_messages() {
 fn full_queue_refuses_v5_publisher_with_quota_exceeded() {
     let mut h = Harness::with_config(BrokerConfig {
         max_queued_messages: 2,
+        queue_full_policy: QueueFullPolicy::Reject,
         ..Default::default()
     });
     let mut c = connect(V5, "offline", false);
@@ -753,6 +754,7 @@ fn publisher_blocked_by_its_own_queue_is_closed_not_paused() {
     let mut h = Harness::with_config(BrokerConfig {
         max_queued_messages: 1,
         max_inflight: 1,
+        queue_full_policy: QueueFullPolicy::Reject,
         ..Default::default()
     });
     h.connect(1, V3, "self", true);
@@ -1228,4 +1230,191 @@ fn retained_messages_expired_or_cleared_mid_stream_are_not_sent() {
         589,
         "expired ones removed when met"
     );
+}
+
+/// Issue 14: a stuck QoS 1 subscriber (connected, never acknowledging, window 1, queue 2),
+/// a healthy one, and an MQTT 5 publisher sending `count` QoS 1 messages on `t/{n}`.
+/// Returns the publisher's acknowledgement codes and the topics the healthy one received.
+fn flood_with_stuck_subscriber(
+    policy: QueueFullPolicy,
+    count: u16,
+) -> (Harness, Vec<ReasonCode>, Vec<String>) {
+    let mut h = Harness::with_config(BrokerConfig {
+        max_queued_messages: 2,
+        max_inflight: 1,
+        queue_full_policy: policy,
+        ..Default::default()
+    });
+    let mut stuck = connect(V5, "stuck", false);
+    stuck.properties.session_expiry_interval = Some(600);
+    h.connect_with(1, stuck);
+    h.subscribe(1, "t/#", QoS::AtLeastOnce);
+    h.connect(2, V5, "healthy", true);
+    h.subscribe(2, "t/#", QoS::AtLeastOnce);
+    h.connect(3, V5, "pub", true);
+    let mut codes = Vec::new();
+    let mut healthy = Vec::new();
+    for id in 1..=count {
+        h.publish(3, &format!("t/{id}"), b"x", QoS::AtLeastOnce, false, id);
+        codes.extend(acks(&h.take(3)).into_iter().map(|(_, code)| code));
+        for delivery in h.publishes(2) {
+            let packet_id = delivery.packet_id.expect("QoS 1");
+            healthy.push(delivery.topic);
+            h.send(2, Packet::PubAck(ack(packet_id)));
+        }
+    }
+    (h, codes, healthy)
+}
+
+#[test]
+fn slow_subscriber_drops_its_oldest_and_the_others_flow_by_default() {
+    assert_eq!(QueueFullPolicy::default(), QueueFullPolicy::DropOldest);
+    let (mut h, codes, healthy) = flood_with_stuck_subscriber(QueueFullPolicy::default(), 50);
+    assert_eq!(
+        codes,
+        vec![ReasonCode::SUCCESS; 50],
+        "the publisher is never refused"
+    );
+    assert_eq!(healthy.len(), 50, "the healthy subscriber gets everything");
+    // 1 in flight + 2 queued held for the stuck one: 47 oldest dropped, counted.
+    let stats = h.broker.stats();
+    assert_eq!(stats.dropped_oldest, 47);
+    assert_eq!((stats.refused_quota, stats.pushback_pauses), (0, 0));
+    let report = h.broker.take_drop_report();
+    assert_eq!(
+        report.clients,
+        vec![("stuck".to_string(), halyard_core::DropReason::Oldest, 47)]
+    );
+    assert!(h.broker.take_drop_report().is_empty(), "reported once");
+    let page = h.broker.admin_clients(0, 10);
+    let stuck = page
+        .items
+        .iter()
+        .find(|c| c.client_id == "stuck")
+        .expect("listed");
+    assert_eq!((stuck.dropped, stuck.queued), (47, 2));
+    // What it gets when it catches up is the newest: t/1 was in flight, then t/49, t/50.
+    let first = h.publishes(1);
+    assert_eq!(first.len(), 1);
+    h.send(1, Packet::PubAck(ack(first[0].packet_id.expect("QoS 1"))));
+    let next = h.publishes(1);
+    assert_eq!(next[0].topic, "t/49");
+}
+
+#[test]
+fn slow_subscriber_drops_the_new_message_under_drop_new() {
+    let (mut h, codes, healthy) = flood_with_stuck_subscriber(QueueFullPolicy::DropNew, 20);
+    assert_eq!(codes, vec![ReasonCode::SUCCESS; 20]);
+    assert_eq!(healthy.len(), 20);
+    assert_eq!(h.broker.stats().dropped_queue_full, 17);
+    let first = h.publishes(1);
+    h.send(1, Packet::PubAck(ack(first[0].packet_id.expect("QoS 1"))));
+    assert_eq!(h.publishes(1)[0].topic, "t/2", "the queue kept the oldest");
+}
+
+#[test]
+fn slow_subscriber_is_disconnected_with_quota_exceeded_and_keeps_its_queue() {
+    let (mut h, codes, healthy) = flood_with_stuck_subscriber(QueueFullPolicy::Disconnect, 20);
+    assert_eq!(codes, vec![ReasonCode::SUCCESS; 20]);
+    assert_eq!(healthy.len(), 20);
+    assert!(h.is_closed(1));
+    let to_stuck = h.take(1);
+    assert!(
+        to_stuck
+            .iter()
+            .any(|p| matches!(p, Packet::Disconnect(d) if d.reason == ReasonCode::QUOTA_EXCEEDED)),
+        "MQTT 5 DISCONNECT 0x97: {to_stuck:?}"
+    );
+    assert_eq!(h.broker.stats().dropped_slow_disconnect, 1);
+    assert!(
+        h.broker.stats().dropped_queue_full > 0,
+        "later ones dropped while away"
+    );
+    // Its persistent session kept the in-flight message and the queue.
+    let mut back = connect(V5, "stuck", false);
+    back.properties.session_expiry_interval = Some(600);
+    assert!(h.connect_with(4, back).session_present);
+    let resent = h.publishes(4);
+    assert_eq!(resent[0].topic, "t/1");
+    assert!(resent[0].dup);
+}
+
+#[test]
+fn offline_wildcard_logger_with_a_full_queue_stalls_nobody() {
+    // The worst case of issue 14: a persistent `#` subscriber goes offline and fills up.
+    let mut h = Harness::with_config(BrokerConfig {
+        max_queued_messages: 5,
+        ..Default::default()
+    });
+    h.connect(1, V3, "logger", false);
+    h.subscribe(1, "#", QoS::AtLeastOnce);
+    h.broker.connection_lost(h.now, 1);
+    h.drain();
+    h.connect(2, V3, "unrelated", true);
+    h.subscribe(2, "alerts", QoS::AtLeastOnce);
+    h.connect(3, V3, "pub", true);
+    for id in 1..=21 {
+        h.publish(3, "alerts", b"a", QoS::AtLeastOnce, false, id);
+    }
+    assert_eq!(
+        acks(&h.take(3)).len(),
+        21,
+        "3.1.1 publisher acknowledged, not paused"
+    );
+    assert!(h.paused.is_empty());
+    assert_eq!(
+        h.publishes(2).len(),
+        21,
+        "21 of 21 to the unrelated subscriber"
+    );
+    assert_eq!(h.broker.stats().dropped_oldest, 16);
+}
+
+#[test]
+fn share_group_skips_a_member_whose_queue_is_full() {
+    let mut h = Harness::with_config(BrokerConfig {
+        max_queued_messages: 1,
+        max_inflight: 1,
+        ..Default::default()
+    });
+    h.connect(1, V5, "stuck-worker", true);
+    h.subscribe(1, "$share/g/jobs", QoS::AtLeastOnce);
+    h.connect(2, V5, "worker", true);
+    h.subscribe(2, "$share/g/jobs", QoS::AtLeastOnce);
+    h.connect(3, V5, "pub", true);
+    let mut to_worker = 0;
+    for id in 1..=10 {
+        h.publish(3, "jobs", b"j", QoS::AtLeastOnce, false, id);
+        for delivery in h.publishes(2) {
+            to_worker += 1;
+            h.send(2, Packet::PubAck(ack(delivery.packet_id.expect("QoS 1"))));
+        }
+    }
+    // The stuck member takes one in flight and one queued, then is passed over.
+    assert_eq!(h.publishes(1).len(), 1);
+    assert_eq!(to_worker, 8);
+    let stats = h.broker.stats();
+    assert_eq!((stats.dropped_oldest, stats.dropped_queue_full), (0, 0));
+}
+
+#[test]
+fn queue_is_bounded_in_bytes_too() {
+    let mut h = Harness::with_config(BrokerConfig {
+        max_queued_messages: 1000,
+        max_queued_bytes: 100,
+        queue_full_policy: QueueFullPolicy::DropNew,
+        ..Default::default()
+    });
+    h.connect(1, V3, "offline", false);
+    h.subscribe(1, "t", QoS::AtLeastOnce);
+    h.broker.connection_lost(h.now, 1);
+    h.drain();
+    h.connect(2, V3, "pub", true);
+    // Each message is 1 (topic) + 20 (payload) = 21 bytes: four fit in 100.
+    for id in 1..=10 {
+        h.publish(2, "t", b"01234567890123456789", QoS::AtLeastOnce, false, id);
+    }
+    assert_eq!(h.broker.stats().dropped_queue_full, 6);
+    let page = h.broker.admin_clients(0, 10);
+    assert_eq!(page.items[0].queued, 4);
 }

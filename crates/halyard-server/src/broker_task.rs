@@ -6,7 +6,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::Poll;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::task::AtomicWaker;
@@ -15,7 +15,7 @@ use halyard_codec::{
     ProtocolVersion, QoS,
 };
 use halyard_core::store::StoreError;
-use halyard_core::{Broker, ConnectionId, Output};
+use halyard_core::{Broker, ConnectionId, DropReport, Output};
 use indexmap::IndexMap;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
@@ -36,7 +36,7 @@ const MAX_EVENTS_PER_DRAIN: usize = 256;
 const SWEEP_SLICES: u32 = 16;
 
 /// Longest time without a store commit, so interval durability holds on an idle broker.
-const IDLE_COMMIT_PERIOD: std::time::Duration = std::time::Duration::from_millis(100);
+const IDLE_COMMIT_PERIOD: Duration = Duration::from_millis(100);
 
 /// What connection tasks tell the broker task.
 #[derive(Debug)]
@@ -544,6 +544,8 @@ pub(crate) async fn run(
     // non-durable commits durable on a later commit, which must come even without traffic.
     let mut idle_commit = tokio::time::interval(IDLE_COMMIT_PERIOD);
     idle_commit.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Drops are logged when they first happen, then at most once per period.
+    let mut drops_logged: Option<Instant> = None;
     dispatcher.parker = ops.parker;
     let mut park_sweep = dispatcher.parker.as_ref().map(|parker| {
         let mut sweep = tokio::time::interval(parker.after / SWEEP_SLICES);
@@ -610,6 +612,12 @@ pub(crate) async fn run(
         }
         commit(&mut broker)?;
         broker.take_outputs_with(|outputs| dispatcher.dispatch(outputs));
+        if broker.has_drops_to_report()
+            && drops_logged.is_none_or(|at| at.elapsed() >= DROP_LOG_PERIOD)
+        {
+            log_drops(&broker.take_drop_report());
+            drops_logged = Some(Instant::now());
+        }
         if let Some(since) = publishes_since {
             dispatcher.metrics.observe_publish_latency(since.elapsed());
         }
@@ -625,6 +633,27 @@ pub(crate) async fn run(
     broker.take_outputs_with(|outputs| dispatcher.dispatch(outputs));
     info!(dropped_qos0 = dispatcher.dropped_qos0, "broker stopped");
     Ok(())
+}
+
+/// How often messages dropped for full queues are logged: one line per client and reason
+/// per period, however many were dropped (the first drops are logged at once).
+const DROP_LOG_PERIOD: Duration = Duration::from_secs(10);
+
+fn log_drops(report: &DropReport) {
+    for (client_id, reason, count) in &report.clients {
+        warn!(
+            client_id = %client_id,
+            reason = reason.label(),
+            dropped = count,
+            "messages dropped for a full queue (queue_full_policy)"
+        );
+    }
+    if report.others > 0 {
+        warn!(
+            dropped = report.others,
+            "messages dropped for full queues of further clients"
+        );
+    }
 }
 
 /// Commits the broker's journal. The commit may wait for an fsync; on a multi-threaded

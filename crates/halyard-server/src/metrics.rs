@@ -167,7 +167,7 @@ impl Metrics {
         );
         registry.register(
             "messages_dropped",
-            "Messages not delivered, by reason (qos0_queue_full, too_large, queue_full, slow_consumer, delivery_not_authorized)",
+            "Messages not delivered, by reason (qos0_queue_full, too_large, queue_full, queue_full_oldest, queue_full_disconnect, slow_consumer, delivery_not_authorized)",
             metrics.dropped.clone(),
         );
         registry.register(
@@ -283,6 +283,12 @@ impl Metrics {
         catch_up(&self.dropped, "qos0_queue_full", stats.dropped_qos0);
         catch_up(&self.dropped, "too_large", stats.dropped_too_large);
         catch_up(&self.dropped, "queue_full", stats.dropped_queue_full);
+        catch_up(&self.dropped, "queue_full_oldest", stats.dropped_oldest);
+        catch_up(
+            &self.dropped,
+            "queue_full_disconnect",
+            stats.dropped_slow_disconnect,
+        );
         catch_up(
             &self.dropped,
             "slow_consumer",

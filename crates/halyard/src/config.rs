@@ -47,6 +47,8 @@ pub struct FileConfig {
     pub receive_maximum: u16,
     /// See [`BrokerConfig::max_queued_messages`].
     pub max_queued_messages: usize,
+    /// See [`BrokerConfig::max_queued_bytes`].
+    pub max_queued_bytes: usize,
     /// See [`BrokerConfig::max_packet_size`].
     pub max_packet_size: u32,
     /// See [`BrokerConfig::max_topic_length`].
@@ -61,7 +63,8 @@ pub struct FileConfig {
     pub max_session_expiry: u32,
     /// See [`BrokerConfig::allow_zero_length_client_id`].
     pub allow_zero_length_client_id: bool,
-    /// See [`BrokerConfig::queue_full_policy`]: `"reject"` (default) or `"pushback"`.
+    /// See [`BrokerConfig::queue_full_policy`]: `"drop_oldest"` (default), `"drop_new"`,
+    /// `"disconnect"`, `"reject"` or `"pushback"`.
     pub queue_full_policy: QueueFullPolicy,
     /// See [`BrokerConfig::max_publish_rate`].
     pub max_publish_rate: u32,
@@ -171,6 +174,7 @@ impl Default for FileConfig {
             max_inflight: broker.max_inflight,
             receive_maximum: broker.receive_maximum,
             max_queued_messages: broker.max_queued_messages,
+            max_queued_bytes: broker.max_queued_bytes,
             max_packet_size: broker.max_packet_size,
             max_topic_length: broker.max_topic_length,
             max_topic_levels: broker.max_topic_levels,
@@ -205,6 +209,7 @@ impl From<FileConfig> for ServerConfig {
             max_inflight,
             receive_maximum,
             max_queued_messages,
+            max_queued_bytes,
             max_packet_size,
             max_topic_length,
             max_topic_levels,
@@ -236,6 +241,7 @@ impl From<FileConfig> for ServerConfig {
                 max_inflight,
                 receive_maximum,
                 max_queued_messages,
+                max_queued_bytes,
                 max_packet_size,
                 max_topic_length,
                 max_topic_levels,
@@ -330,6 +336,7 @@ impl FileConfig {
             "max_inflight" => self.max_inflight = parse(value)?,
             "receive_maximum" => self.receive_maximum = parse(value)?,
             "max_queued_messages" => self.max_queued_messages = parse(value)?,
+            "max_queued_bytes" => self.max_queued_bytes = parse(value)?,
             "max_packet_size" => self.max_packet_size = parse(value)?,
             "max_topic_length" => self.max_topic_length = parse(value)?,
             "max_topic_levels" => self.max_topic_levels = parse(value)?,
@@ -516,6 +523,7 @@ mod tests {
             max_inflight = 7
             receive_maximum = 9
             max_queued_messages = 11
+            max_queued_bytes = 65536
             max_packet_size = 2048
             max_topic_length = 100
             max_topic_levels = 5
@@ -541,6 +549,7 @@ mod tests {
                 max_inflight: 7,
                 receive_maximum: 9,
                 max_queued_messages: 11,
+                max_queued_bytes: 65536,
                 max_packet_size: 2048,
                 max_topic_length: 100,
                 max_topic_levels: 5,
@@ -738,7 +747,7 @@ mod tests {
     #[test]
     fn every_scalar_key_can_be_set_from_the_environment() {
         let keys = scalar_keys();
-        assert_eq!(keys.len(), 21, "{keys:?}");
+        assert_eq!(keys.len(), 22, "{keys:?}");
         for key in keys {
             let mut config = FileConfig::default();
             let value = if key.contains("available") || key.starts_with("allow") {

@@ -7,12 +7,74 @@ use std::time::Duration;
 use common::*;
 use halyard_codec::{Packet, ProtocolVersion, QoS, ReasonCode};
 
-/// DESIGN 3 ("never PUBACK then drop silently") / 3.4.2.1 0x97: with max_queued_messages = 5
-/// and a persistent offline MQTT 5 subscriber, the publisher eventually gets PUBACK 0x97
-/// (Quota exceeded); every message acknowledged with success is delivered on reconnect.
+/// Issue 14, the default: a persistent subscriber whose queue of 5 is full costs only
+/// itself. The publisher gets PUBACK 0x00 for all 60, the oldest queued messages make room
+/// for the newest, and every drop is counted in `/metrics` and per client in the admin API.
+#[tokio::test]
+async fn full_queue_drops_the_subscribers_oldest_by_default() {
+    let broker = Broker::start_with_config("max_queued_messages = 5\n");
+    let mut conn = connect_packet(ProtocolVersion::V5, "offline", false);
+    conn.properties.session_expiry_interval = Some(60);
+    let (mut c, _) = RawClient::handshake(broker.addr(), conn.clone()).await;
+    c.subscribe(1, &[("q/t", QoS::AtLeastOnce)]).await;
+    c.disconnect().await;
+    let mut publ = RawClient::connect_v5(broker.addr(), "pub", true).await;
+    for i in 0..60u16 {
+        let packet = publish_packet(
+            "q/t",
+            &i.to_be_bytes(),
+            QoS::AtLeastOnce,
+            false,
+            Some(i + 1),
+        );
+        assert_eq!(
+            publ.publish(packet).await,
+            ReasonCode::SUCCESS,
+            "message {i}"
+        );
+    }
+    let text = metrics(broker.http_addr());
+    assert_eq!(
+        sample(
+            &text,
+            "halyard_messages_dropped_total{reason=\"queue_full_oldest\"}"
+        ),
+        55.0
+    );
+    let (status, body) = http(
+        broker.http_addr(),
+        "GET",
+        "/api/v1/clients/offline",
+        None,
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"dropped\":55"), "{body}");
+    let (mut c, ack) = RawClient::handshake(broker.addr(), conn).await;
+    assert!(ack.session_present);
+    for i in 55..60u16 {
+        let p = c.recv_publish_ack().await;
+        assert_eq!(
+            p.payload.as_ref(),
+            &i.to_be_bytes(),
+            "the newest five, in order"
+        );
+    }
+    c.expect_nothing(300).await;
+    assert!(
+        broker.logs().contains("messages dropped for a full queue"),
+        "dropping is logged with the client id"
+    );
+}
+
+/// DESIGN 3 ("never PUBACK then drop silently") / 3.4.2.1 0x97: with
+/// `queue_full_policy = "reject"`, max_queued_messages = 5 and a persistent offline MQTT 5
+/// subscriber, the publisher eventually gets PUBACK 0x97 (Quota exceeded); every message
+/// acknowledged with success is delivered on reconnect.
 #[tokio::test]
 async fn full_queue_refuses_with_puback_0x97() {
-    let broker = Broker::start_with_config("max_queued_messages = 5\n");
+    let broker =
+        Broker::start_with_config("max_queued_messages = 5\nqueue_full_policy = \"reject\"\n");
     let mut conn = connect_packet(ProtocolVersion::V5, "offline", false);
     conn.properties.session_expiry_interval = Some(60);
     let (mut c, _) = RawClient::handshake(broker.addr(), conn.clone()).await;
