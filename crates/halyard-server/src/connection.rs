@@ -21,9 +21,9 @@ use tokio::time::{timeout, timeout_at, Instant};
 use tracing::{debug, info, warn, Span};
 
 use crate::auth::Security;
-use crate::broker_task::{
-    batch_channel, packet_name, Batch, BatchReceiver, BatchSender, Event, Link, Shared,
-};
+use crate::dispatch::packet_name;
+use crate::event::Event;
+use crate::link::{batch_channel, Batch, BatchReceiver, BatchSender, Link, Shared};
 use crate::park::{Parked, Parker};
 
 /// Bytes reserved in the read buffer before a read while traffic flows (the previous read

@@ -29,7 +29,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
-use crate::broker_task::{AdminCall, Event};
+use crate::event::{AdminCall, Event};
 use crate::metrics::{Metrics, Snapshot};
 use crate::{Server, ServerError};
 

@@ -24,7 +24,10 @@
 mod auth;
 mod broker_task;
 mod connection;
+mod dispatch;
+mod event;
 mod http;
+mod link;
 mod metrics;
 mod park;
 mod tls;
@@ -314,7 +317,7 @@ async fn accept_loop(
     listener: TcpListener,
     ctx: Arc<transport::ListenerCtx>,
     settings: Arc<ConnectionSettings>,
-    events: mpsc::Sender<broker_task::Event>,
+    events: mpsc::Sender<event::Event>,
     tracker: Arc<ConnectionTracker>,
 ) {
     let local = ctx.local();
@@ -387,7 +390,7 @@ fn spawn_connection(
     peer: SocketAddr,
     ctx: Arc<transport::ListenerCtx>,
     settings: &Arc<ConnectionSettings>,
-    events: &mpsc::Sender<broker_task::Event>,
+    events: &mpsc::Sender<event::Event>,
     tracker: &Arc<ConnectionTracker>,
 ) {
     let conn: ConnectionId = NEXT_CONNECTION_ID.fetch_add(1, Ordering::Relaxed);

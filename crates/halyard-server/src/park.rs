@@ -28,8 +28,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use crate::broker_task::{Event, Shared};
 use crate::connection::{self, ConnectionSettings};
+use crate::event::Event;
+use crate::link::Shared;
 
 /// Connections parked so far by every server of the process.
 static PARKED_TOTAL: AtomicU64 = AtomicU64::new(0);

@@ -24,8 +24,8 @@ use tokio::time::timeout;
 use tracing::{info, warn};
 
 use crate::auth::{Security, SecurityError};
-use crate::broker_task::Event;
 use crate::connection::{self, ConnectionSettings};
+use crate::event::Event;
 use crate::tls::{certificate_identity, TlsFiles, TlsHandle};
 use crate::{Server, ServerError};
 
