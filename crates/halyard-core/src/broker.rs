@@ -23,6 +23,7 @@ use crate::retained::{MemoryRetained, RetainedStore};
 use crate::router::{LocalRouter, RouteMatch, Router};
 use crate::session::{Link, Outbox, QueueLimits, Session};
 use crate::stats::{BrokerStats, DropReport};
+use crate::subscribe::RouteWait;
 use crate::timers::Timer;
 use crate::FastMap;
 
@@ -38,6 +39,10 @@ pub struct BrokerParts {
     pub retained: Box<dyn RetainedStore>,
     /// Who owns each client id's session.
     pub registry: Box<dyn SessionRegistry>,
+    /// Whether subscriptions and retained messages are replicated to other nodes: the
+    /// core then emits `Output::Subscriptions` and `Output::Retain`, and a SUBACK waits
+    /// for its routes to be committed.
+    pub replicated: bool,
 }
 
 impl Default for BrokerParts {
@@ -46,6 +51,7 @@ impl Default for BrokerParts {
             router: Box::new(LocalRouter::new()),
             retained: Box::new(MemoryRetained::new()),
             registry: Box::new(LocalSessionRegistry::default()),
+            replicated: false,
         }
     }
 }
@@ -67,6 +73,11 @@ pub struct Broker {
     pub(crate) registry: Box<dyn SessionRegistry>,
     /// CONNECTs waiting for the outcome of their claim, by connection.
     pub(crate) claims: FastMap<ConnectionId, Box<AdmittedConnect>>,
+    /// See [`BrokerParts::replicated`].
+    pub(crate) replicated: bool,
+    /// SUBACKs waiting for their routes to be committed, by ticket.
+    pub(crate) route_waits: FastMap<u64, RouteWait>,
+    pub(crate) next_ticket: u64,
     pub(crate) timers: BinaryHeap<Reverse<(Instant, Timer)>>,
     pub(crate) out: Outbox,
     pub(crate) next_session_key: SessionKey,
@@ -92,6 +103,7 @@ impl Broker {
             router,
             retained,
             registry,
+            replicated,
         } = parts;
         Broker {
             config,
@@ -102,6 +114,9 @@ impl Broker {
             retained,
             registry,
             claims: FastMap::default(),
+            replicated,
+            route_waits: FastMap::default(),
+            next_ticket: 1,
             timers: BinaryHeap::new(),
             out: Outbox::default(),
             next_session_key: 1,

@@ -38,7 +38,7 @@ pub use authz::{Access, AllowAll, Authorizer, ClientInfo};
 pub use broker::{Broker, BrokerParts, ConnectionId};
 pub use config::BrokerConfig;
 pub use message::{boxed_properties, Message, NodeId, SessionKey};
-pub use output::Output;
+pub use output::{Output, SubscriptionUpdate};
 pub use pushback::{QueueFullPolicy, PUSHBACK_TIMEOUT};
 pub use registry::{ClaimOutcome, ClaimPoll, ClaimRequest, LocalSessionRegistry, SessionRegistry};
 pub use retained::{MemoryRetained, RetainedStore};

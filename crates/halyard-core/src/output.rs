@@ -7,6 +7,7 @@ use halyard_codec::Packet;
 use crate::broker::ConnectionId;
 use crate::message::{Message, NodeId};
 use crate::registry::ClaimRequest;
+use crate::router::SubscriptionEntry;
 
 /// What the broker wants the server to do.
 // `Send` is far larger than `Close`, but outputs are moved straight into the server's
@@ -71,5 +72,44 @@ pub enum Output {
         client_id: String,
         /// The epoch it was held under.
         epoch: u64,
+    },
+    /// Replicate these subscription changes of `client_id`'s session, held under `epoch`
+    /// (only with [`BrokerParts::replicated`](crate::BrokerParts::replicated)). With a
+    /// `ticket`, the SUBACK waits until
+    /// [`Broker::handle_routes_committed`](crate::Broker::handle_routes_committed) is
+    /// called with it, so a subscriber that has its SUBACK misses nothing published after
+    /// it on any node.
+    Subscriptions {
+        /// What the SUBACK waits on; `None` for removals, which nothing waits for.
+        ticket: Option<u64>,
+        /// The session's client id.
+        client_id: String,
+        /// The epoch of the claim the session is held under (fencing).
+        epoch: u64,
+        /// Filters added (with their options) and removed, in order.
+        changes: Vec<SubscriptionUpdate>,
+    },
+    /// Replicate this retained message (an empty payload clears the topic's), set by a
+    /// publish on this node (only with `BrokerParts::replicated`).
+    Retain {
+        /// The message as published.
+        message: Arc<Message>,
+    },
+}
+
+/// One subscription change to replicate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubscriptionUpdate {
+    /// A subscription added or replaced: the filter as written, `$share/...` included.
+    Add {
+        /// The filter.
+        filter: String,
+        /// Its options and identifier.
+        entry: SubscriptionEntry,
+    },
+    /// A subscription removed.
+    Remove {
+        /// The filter.
+        filter: String,
     },
 }

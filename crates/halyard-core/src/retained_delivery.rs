@@ -187,4 +187,15 @@ impl Broker {
             }
         }
     }
+
+    /// A retained message another node published (replicated, see `Output::Retain`):
+    /// stored here as if published here, without replicating it again. An empty payload
+    /// clears the topic's.
+    pub fn apply_retained(&mut self, message: Message) {
+        if message.payload.is_empty() {
+            self.remove_retained(&message.topic);
+        } else {
+            self.set_retained(&Arc::new(message));
+        }
+    }
 }

@@ -11,6 +11,7 @@ use crate::message::{Message, NodeId, SessionKey};
 use crate::output::Output;
 use crate::publish::RouteOutcome;
 use crate::pushback::QueueFullPolicy;
+use crate::retained::is_sys_filter;
 use crate::router::{FilterRef, RouteScope, RouteTarget};
 use crate::session::Delivery;
 use crate::stats::DropReason;
@@ -164,6 +165,11 @@ impl Broker {
             } else {
                 // [MQTT-3.3.1-5]
                 self.set_retained(&message);
+            }
+            if self.replicated && !is_sys_filter(&message.topic) {
+                self.out.outputs.push_back(Output::Retain {
+                    message: Arc::clone(&message),
+                });
             }
         }
         if deliveries.is_empty() && forwards.is_empty() {

@@ -6,7 +6,9 @@ use halyard_codec::{Packet, Properties, ReasonCode, SubAck, Subscribe, UnsubAck,
 
 use crate::authz::Access;
 use crate::broker::Broker;
+use crate::broker::ConnectionId;
 use crate::message::SessionKey;
+use crate::output::{Output, SubscriptionUpdate};
 use crate::router::{FilterRef, SubscriptionEntry};
 
 impl Broker {
@@ -29,6 +31,8 @@ impl Broker {
         }
         let mut reasons = Vec::with_capacity(subscribe.subscriptions.len());
         let mut retained_requests = Vec::new();
+        let mut changes = Vec::new();
+        let mut added = Vec::new();
         for subscription in subscribe.subscriptions {
             if !self.topic_within_limits(&subscription.filter) {
                 reasons.push(if v5 {
@@ -87,6 +91,15 @@ impl Broker {
                         &entry,
                     );
                 }
+                if self.replicated {
+                    changes.push(SubscriptionUpdate::Add {
+                        filter: subscription.filter.clone(),
+                        entry,
+                    });
+                    if is_new {
+                        added.push(subscription.filter.clone());
+                    }
+                }
                 session.subscriptions.insert(subscription.filter, entry);
             }
             reasons.push(ReasonCode(subscription.options.qos as u8));
@@ -99,15 +112,94 @@ impl Broker {
         else {
             return;
         };
-        self.out.send(
-            conn,
-            Packet::SubAck(SubAck {
-                packet_id: subscribe.packet_id,
-                reasons,
-                properties: Properties::default(),
-            }),
+        let suback = SubAck {
+            packet_id: subscribe.packet_id,
+            reasons,
+            properties: Properties::default(),
+        };
+        if changes.is_empty() {
+            self.out.send(conn, Packet::SubAck(suback));
+            return self.send_retained(now, key, retained_requests);
+        }
+        let Some(session) = self.sessions.get(&key) else {
+            return;
+        };
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        self.out.outputs.push_back(Output::Subscriptions {
+            ticket: Some(ticket),
+            client_id: session.client_id.clone(),
+            epoch: session.epoch,
+            changes,
+        });
+        self.route_waits.insert(
+            ticket,
+            RouteWait {
+                key,
+                conn,
+                suback,
+                retained: retained_requests,
+                added,
+            },
         );
-        self.send_retained(now, key, retained_requests);
+    }
+
+    /// The routes a SUBSCRIBE emitted as `Output::Subscriptions` with `ticket` were
+    /// committed (or, with `committed = false`, could not be: no quorum). The SUBACK goes
+    /// out, then the retained messages; on failure every filter gets 0x80 (Unspecified
+    /// error in MQTT 5, Failure in 3.x) and the filters the SUBSCRIBE added are removed.
+    pub fn handle_routes_committed(&mut self, now: Instant, ticket: u64, committed: bool) {
+        let Some(wait) = self.route_waits.remove(&ticket) else {
+            return;
+        };
+        let RouteWait {
+            key,
+            conn,
+            mut suback,
+            retained,
+            added,
+        } = wait;
+        let live = self
+            .sessions
+            .get(&key)
+            .and_then(|session| session.link.as_ref())
+            .is_some_and(|link| link.conn == conn);
+        if !committed {
+            for filter in &added {
+                self.drop_subscription(key, filter);
+            }
+            for reason in &mut suback.reasons {
+                *reason = ReasonCode::V3_SUBACK_FAILURE;
+            }
+        }
+        if !live {
+            return;
+        }
+        self.out.send(conn, Packet::SubAck(suback));
+        if committed {
+            self.send_retained(now, key, retained);
+        }
+    }
+
+    /// Removes one subscription of a session, from the router, the session and the store;
+    /// true if it existed.
+    fn drop_subscription(&mut self, key: SessionKey, filter: &str) -> bool {
+        let Some(session) = self.sessions.get_mut(&key) else {
+            return false;
+        };
+        session.stop_retained(filter);
+        if session.subscriptions.remove(filter).is_none() {
+            return false;
+        }
+        if let Some(journal) = self.out.journal(session.persistent) {
+            journal
+                .store
+                .delete_subscription(&session.client_id, filter);
+        }
+        if self.router.unsubscribe(key, FilterRef::parse(filter)) {
+            self.subscription_count -= 1;
+        }
+        true
     }
 
     pub(crate) fn on_unsubscribe(
@@ -125,6 +217,7 @@ impl Broker {
         let conn = link.conn;
         let v5 = link.version.is_v5();
         let mut reasons = Vec::new();
+        let mut removed = Vec::new();
         let mut stopped = false;
         for filter in &unsubscribe.filters {
             stopped |= session.stop_retained(filter);
@@ -139,11 +232,26 @@ impl Broker {
             if existed && self.router.unsubscribe(key, FilterRef::parse(filter)) {
                 self.subscription_count -= 1;
             }
+            if existed && self.replicated {
+                removed.push(SubscriptionUpdate::Remove {
+                    filter: filter.clone(),
+                });
+            }
             if v5 {
                 reasons.push(if existed {
                     ReasonCode::SUCCESS
                 } else {
                     ReasonCode::NO_SUBSCRIPTION_EXISTED
+                });
+            }
+        }
+        if !removed.is_empty() {
+            if let Some(session) = self.sessions.get(&key) {
+                self.out.outputs.push_back(Output::Subscriptions {
+                    ticket: None,
+                    client_id: session.client_id.clone(),
+                    epoch: session.epoch,
+                    changes: removed,
                 });
             }
         }
@@ -160,4 +268,17 @@ impl Broker {
             self.pump(now, key);
         }
     }
+}
+
+/// A SUBACK waiting for its routes to be committed (see `Output::Subscriptions`).
+#[derive(Debug)]
+pub(crate) struct RouteWait {
+    key: SessionKey,
+    /// The connection that sent the SUBSCRIBE; a SUBACK is never sent to a later one.
+    conn: ConnectionId,
+    suback: SubAck,
+    /// Retained messages to stream once the SUBACK is out.
+    retained: Vec<(String, SubscriptionEntry)>,
+    /// Filters the SUBSCRIBE added (not merely replaced), undone if the commit fails.
+    added: Vec<String>,
 }

@@ -14,6 +14,7 @@ use halyard_codec::{
 use halyard_core::{
     Broker, BrokerConfig, BrokerParts, ClaimOutcome, ClaimPoll, ClaimRequest, ConnectionId,
     LocalRouter, MemoryRetained, Message, Output, SessionRegistry, SessionState,
+    SubscriptionUpdate,
 };
 use halyard_store::{FsyncPolicy, RedbStore};
 
@@ -41,6 +42,7 @@ fn cluster_parts() -> BrokerParts {
         router: Box::new(LocalRouter::new()),
         retained: Box::new(MemoryRetained::new()),
         registry: Box::new(DeferredRegistry),
+        replicated: true,
     }
 }
 
@@ -53,6 +55,10 @@ struct Node {
     claims: VecDeque<ClaimRequest>,
     forwards: Vec<(u64, Arc<Message>, Vec<Arc<str>>)>,
     releases: Vec<(String, u64)>,
+    replications: Vec<(Option<u64>, String, u64, Vec<SubscriptionUpdate>)>,
+    retains: Vec<Arc<Message>>,
+    /// Whether route commits wait for the test; otherwise every ticket is committed at once.
+    hold_routes: bool,
 }
 
 impl Node {
@@ -74,10 +80,36 @@ impl Node {
             claims: VecDeque::new(),
             forwards: Vec::new(),
             releases: Vec::new(),
+            replications: Vec::new(),
+            retains: Vec::new(),
+            hold_routes: false,
         }
     }
 
     fn drain(&mut self) {
+        loop {
+            self.drain_once();
+            let tickets: Vec<u64> = self
+                .replications
+                .iter_mut()
+                .filter_map(|(ticket, ..)| {
+                    if self.hold_routes {
+                        None
+                    } else {
+                        ticket.take()
+                    }
+                })
+                .collect();
+            if tickets.is_empty() {
+                return;
+            }
+            for ticket in tickets {
+                self.broker.handle_routes_committed(self.now, ticket, true);
+            }
+        }
+    }
+
+    fn drain_once(&mut self) {
         while let Some(output) = self.broker.poll_output() {
             match output {
                 Output::Send { conn, packet } => self.inbox.entry(conn).or_default().push(packet),
@@ -89,6 +121,13 @@ impl Node {
                     groups,
                 } => self.forwards.push((node, message, groups)),
                 Output::Release { client_id, epoch } => self.releases.push((client_id, epoch)),
+                Output::Subscriptions {
+                    ticket,
+                    client_id,
+                    epoch,
+                    changes,
+                } => self.replications.push((ticket, client_id, epoch, changes)),
+                Output::Retain { message } => self.retains.push(message),
                 Output::Pause { .. } | Output::Resume { .. } | Output::NotifyWritten { .. } => {}
             }
         }
@@ -196,6 +235,7 @@ fn publishes(packets: &[Packet]) -> Vec<Publish> {
 fn connack_waits_for_the_claim_and_packets_sent_meanwhile_follow_it_in_order() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut node = Node::open(dir.path(), cluster_parts(), Instant::now());
+    node.hold_routes = true;
     node.send(1, connect(V5, "c", true, None));
     assert!(
         node.take(1).is_empty(),
@@ -214,10 +254,91 @@ fn connack_waits_for_the_claim_and_packets_sent_meanwhile_follow_it_in_order() {
     node.granted(1, 5);
     let packets = node.take(1);
     assert_eq!(connack(&packets), (false, ReasonCode::SUCCESS));
-    assert!(
-        matches!(&packets[1], Packet::SubAck(ack) if ack.packet_id == 7),
-        "SUBACK after CONNACK: {packets:?}"
+    assert_eq!(
+        packets.len(),
+        1,
+        "the SUBACK waits for its routes: {packets:?}"
     );
+    let (ticket, client_id, epoch, changes) = node.replications.remove(0);
+    assert_eq!((client_id.as_str(), epoch), ("c", 5));
+    assert!(matches!(&changes[..], [SubscriptionUpdate::Add { filter, .. }] if filter == "t"));
+    node.broker
+        .handle_routes_committed(node.now, ticket.expect("a SUBACK waits"), true);
+    node.drain();
+    assert!(
+        matches!(&node.take(1)[..], [Packet::SubAck(ack)] if ack.packet_id == 7),
+        "SUBACK once the routes are committed"
+    );
+}
+
+#[test]
+fn a_subscription_whose_routes_cannot_be_committed_fails_and_is_undone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut node = Node::open(dir.path(), cluster_parts(), Instant::now());
+    node.hold_routes = true;
+    node.send(1, connect(V5, "c", true, None));
+    node.granted(1, 1);
+    node.take(1);
+    node.send(1, subscribe("t", QoS::AtLeastOnce, 3));
+    let ticket = node.replications.remove(0).0.expect("a SUBACK waits");
+    node.broker.handle_routes_committed(node.now, ticket, false);
+    node.drain();
+    match &node.take(1)[..] {
+        [Packet::SubAck(ack)] => assert_eq!(ack.reasons, vec![ReasonCode(0x80)]),
+        other => panic!("expected a failing SUBACK, got {other:?}"),
+    }
+    assert_eq!(
+        node.broker.stats().subscriptions,
+        0,
+        "the filter was removed"
+    );
+    // UNSUBSCRIBE replicates the removal without waiting.
+    node.hold_routes = false;
+    node.send(1, subscribe("u", QoS::AtMostOnce, 4));
+    node.replications.clear();
+    node.send(
+        1,
+        Packet::Unsubscribe(halyard_codec::Unsubscribe {
+            packet_id: 5,
+            filters: vec!["u".into()],
+            properties: Properties::default(),
+        }),
+    );
+    assert!(matches!(
+        &node.replications[..],
+        [(None, _, 1, changes)] if matches!(&changes[..], [SubscriptionUpdate::Remove { filter }] if filter == "u")
+    ));
+}
+
+#[test]
+fn retained_messages_are_replicated_and_applied_without_echo() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut node = Node::open(dir.path(), cluster_parts(), Instant::now());
+    node.send(1, connect(V5, "pub", true, None));
+    node.granted(1, 1);
+    let mut retained = match publish("state/door", b"open", QoS::AtLeastOnce, 1) {
+        Packet::Publish(p) => p,
+        _ => unreachable!(),
+    };
+    retained.retain = true;
+    node.send(1, Packet::Publish(retained));
+    assert_eq!(node.retains.len(), 1);
+    assert_eq!(node.retains[0].topic, "state/door");
+    // Another node's retained message is stored here, and not replicated back.
+    let mut other = message("state/window", b"shut", QoS::AtMostOnce);
+    other.retain = true;
+    node.broker.apply_retained(other);
+    node.drain();
+    assert_eq!(node.retains.len(), 1, "no echo");
+    assert_eq!(node.broker.stats().retained_messages, 2);
+    node.send(2, connect(V5, "sub", true, None));
+    node.granted(2, 2);
+    node.send(2, subscribe("state/#", QoS::AtMostOnce, 1));
+    let topics: Vec<String> = publishes(&node.take(2))
+        .into_iter()
+        .map(|p| p.topic)
+        .collect();
+    assert_eq!(topics, vec!["state/door", "state/window"]);
 }
 
 #[test]

@@ -237,7 +237,11 @@ impl Dispatcher {
                 }
                 // Remote routes and pending claims exist only in a cluster, whose driver
                 // takes these; a single node's core (local router and registry) emits none.
-                Output::Forward { .. } | Output::Claim(_) | Output::Release { .. } => {}
+                Output::Forward { .. }
+                | Output::Claim(_)
+                | Output::Release { .. }
+                | Output::Subscriptions { .. }
+                | Output::Retain { .. } => {}
                 Output::NotifyWritten { conn } => {
                     let events = self.written.as_ref().and_then(mpsc::WeakSender::upgrade);
                     if let (Some(events), true) = (events, self.links.contains_key(&conn)) {
