@@ -8,5 +8,11 @@
 //! ids into the entries.
 
 pub mod command;
+pub mod error;
+mod identity;
+mod log_store;
+mod raft_db;
+mod raft_types;
 pub mod state;
+mod state_machine;
 pub mod types;
