@@ -35,6 +35,19 @@ pub enum Command {
     Batch(Vec<Command>),
 }
 
+impl Command {
+    /// The client a command concerns; a batch holds at most one command per client.
+    pub(crate) fn client_id(&self) -> Option<&str> {
+        match self {
+            Command::Claim(claim) => Some(&claim.client_id),
+            Command::Release { client_id, .. } | Command::Subscriptions { client_id, .. } => {
+                Some(client_id)
+            }
+            Command::SetRetained { .. } | Command::Batch(_) => None,
+        }
+    }
+}
+
 /// A claim of session ownership (the distributed lock).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claim {

@@ -36,4 +36,5 @@ pub type LogId = openraft::LogId<u64>;
 pub type StoredMembership = openraft::StoredMembership<u64, NodeInfo>;
 pub type SnapshotMeta = openraft::SnapshotMeta<u64, NodeInfo>;
 pub type StorageError = openraft::StorageError<u64>;
+
 pub type Raft = openraft::Raft<TypeConfig>;
