@@ -16,6 +16,7 @@ use crate::frame::{
 };
 use crate::metrics::{bump, Counters};
 use crate::peer_client::LocalNode;
+use crate::peer_link::LinkInbound;
 use crate::raft_types::{NodeInfo, Raft};
 use crate::types::NodeId;
 
@@ -28,6 +29,7 @@ pub(crate) struct Acceptor {
     pub(crate) peer_count: u64,
     /// None when only the peer link is served (link tests).
     pub(crate) raft: Option<Raft>,
+    pub(crate) link: Option<LinkInbound>,
     pub(crate) counters: Arc<Counters>,
 }
 
@@ -72,8 +74,11 @@ async fn serve(stream: TcpStream, acceptor: Arc<Acceptor>) {
     if frame::send(&mut connection, &welcome).await.is_err() {
         return;
     }
-    let result = match (hello.channel, &acceptor.raft) {
-        (Channel::Raft, Some(raft)) => serve_raft(&mut connection, raft).await,
+    let result = match (hello.channel, &acceptor.raft, &acceptor.link) {
+        (Channel::Raft, Some(raft), _) => serve_raft(&mut connection, raft).await,
+        (Channel::Link, _, Some(link)) => {
+            link.serve(connection, hello.from, hello.incarnation).await
+        }
         _ => Ok(()),
     };
     if let Err(error) = result {
@@ -97,10 +102,14 @@ impl Acceptor {
                 hello.from, self.local.id
             ));
         }
-        let Some(raft) = &self.raft else {
-            return Err("channel not served".to_owned());
+        let served = match hello.channel {
+            Channel::Raft => self.raft.is_some(),
+            Channel::Link => self.link.is_some(),
         };
-        if hello.channel == Channel::Raft {
+        if !served {
+            return Err("channel not served".to_owned());
+        }
+        if let (Channel::Raft, Some(raft)) = (hello.channel, &self.raft) {
             let metrics = raft.metrics();
             let recorded = metrics
                 .borrow()

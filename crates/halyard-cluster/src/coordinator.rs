@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -20,6 +20,7 @@ use crate::identity;
 use crate::log_store::LogStore;
 use crate::metrics::{bump, Counters, Metrics};
 use crate::peer_client::LocalNode;
+use crate::peer_link::{LinkReceivers, PeerLink};
 use crate::proposer::Proposer;
 use crate::raft_db::RaftDb;
 use crate::raft_network::NetworkFactory;
@@ -55,8 +56,11 @@ pub struct Coordinator {
     next_request_id: AtomicU64,
     change_feed_capacity: usize,
     tasks: Vec<AbortHandle>,
-    /// To see when raft's tasks have let go of `raft.redb`, so a restart can reopen it.
-    db: Weak<RaftDb>,
+    /// Kept so that `shutdown` can drop the last handle itself, once raft's tasks have let
+    /// go: the file is closed (and its clean-shutdown write done) when `shutdown` returns.
+    db: Option<Arc<RaftDb>>,
+    link: PeerLink,
+    link_receivers: Mutex<Option<LinkReceivers>>,
 }
 
 impl Coordinator {
@@ -72,7 +76,7 @@ impl Coordinator {
             incarnation: identity.incarnation,
         };
         let counters = Arc::new(Counters::default());
-        let db_watch = Arc::downgrade(&db);
+        let db_handle = db.clone();
         let log_store = LogStore::new(db.clone());
         let committed_index = log_store.committed_index();
         let state_machine = StateMachineStore::open(db, config.retained_cap_bytes)
@@ -104,12 +108,19 @@ impl Coordinator {
         .await
         .map_err(|e| ClusterError::Raft(e.to_string()))?;
 
+        let (link, link_receivers) = PeerLink::start(
+            local,
+            &config.peers,
+            config.peer_queue_capacity,
+            counters.clone(),
+        );
         let listener = bind(config.listen).await?;
         let mut tasks = Vec::new();
         let acceptor = Arc::new(Acceptor {
             local,
             peer_count: config.peers.len() as u64,
             raft: Some(raft.clone()),
+            link: Some(link.inbound()),
             counters: counters.clone(),
         });
         tasks.push(tokio::spawn(acceptor::run(listener, acceptor)).abort_handle());
@@ -177,7 +188,9 @@ impl Coordinator {
             next_request_id: AtomicU64::new(random_u64()? >> 1),
             change_feed_capacity: config.change_feed_capacity,
             tasks,
-            db: db_watch,
+            db: Some(db_handle),
+            link,
+            link_receivers: Mutex::new(Some(link_receivers)),
         })
     }
 
@@ -378,6 +391,19 @@ impl Coordinator {
             .map_err(|_| ClusterError::Timeout)?
     }
 
+    /// The publish peer link (send, ack, seed).
+    pub fn link(&self) -> &PeerLink {
+        &self.link
+    }
+
+    /// The app's ends of the peer link; `Some` only on the first call.
+    pub fn take_link_receivers(&self) -> Option<LinkReceivers> {
+        self.link_receivers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take()
+    }
+
     /// Members, leader, term, indexes and links.
     pub fn status(&self) -> Status {
         let metrics = self.raft.metrics();
@@ -415,7 +441,7 @@ impl Coordinator {
             commit_index: self.committed_index.load(Ordering::Relaxed),
             applied_index: metrics.last_applied.map_or(0, |id| id.index),
             members,
-            links: Vec::new(),
+            links: self.link.status(),
         }
     }
 
@@ -444,20 +470,25 @@ impl Coordinator {
         if let Err(error) = self.raft.shutdown().await {
             tracing::warn!(%error, "raft did not shut down cleanly");
         }
-        let closed = tokio::time::timeout(DB_CLOSE_WAIT, async {
-            while self.db.strong_count() > 0 {
+        let Some(db) = self.db.take() else {
+            return;
+        };
+        let released = tokio::time::timeout(DB_CLOSE_WAIT, async {
+            while Arc::strong_count(&db) > 1 {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         });
-        if closed.await.is_err() {
+        if released.await.is_err() {
             tracing::warn!("raft.redb still open after shutdown");
         }
+        drop(db);
     }
 
     fn stop_tasks(&mut self) {
         for task in self.tasks.drain(..) {
             task.abort();
         }
+        self.link.stop();
     }
 }
 

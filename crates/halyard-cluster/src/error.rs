@@ -30,6 +30,9 @@ pub enum ClusterError {
     /// The peer link's unacknowledged queue for this node is full.
     #[error("peer link queue to node {0} is full")]
     QueueFull(NodeId),
+    /// Peer link seqs must increase per destination.
+    #[error("peer link seq {seq} to node {dest} is not above the last one")]
+    SeqNotIncreasing { dest: NodeId, seq: u64 },
     #[error("unknown node {0}")]
     UnknownNode(NodeId),
     /// openraft refused the request for another reason.

@@ -26,6 +26,7 @@ mod identity;
 mod log_store;
 mod metrics;
 mod peer_client;
+mod peer_link;
 mod proposer;
 mod raft_db;
 mod raft_network;
@@ -40,6 +41,7 @@ pub use config::{ClusterConfig, Listen};
 pub use coordinator::{ClaimRequest, Coordinator};
 pub use error::ClusterError;
 pub use metrics::Metrics;
+pub use peer_link::{Acked, Delivery, LinkReceivers, PeerLink};
 pub use raft_db::RAFT_FILE;
 pub use status::{Commit, LinkStatus, MemberStatus, MirrorState, Role, Status};
 pub use types::{

@@ -338,3 +338,43 @@ async fn wait_for_incarnations(cluster: &TestCluster) {
     .await
     .expect("every node announced its incarnation");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_peer_link_shares_the_cluster_port() {
+    let cluster = TestCluster::start(3).await;
+    let mut node3 = cluster.node(3).take_link_receivers().expect("first take");
+    assert!(cluster.node(3).take_link_receivers().is_none());
+    let mut node1 = cluster.node(1).take_link_receivers().expect("first take");
+    for seq in 1..=3 {
+        cluster
+            .node(1)
+            .link()
+            .send(3, seq, Bytes::from(vec![seq as u8]))
+            .expect("queued");
+    }
+    for seq in 1..=3 {
+        let delivery = tokio::time::timeout(PATIENCE, node3.deliveries.recv())
+            .await
+            .expect("delivered")
+            .expect("open");
+        assert_eq!((delivery.origin, delivery.seq), (1, seq));
+        assert_eq!(delivery.origin_incarnation, cluster.node(1).incarnation());
+    }
+    cluster.node(3).link().ack(1, 3);
+    let acked = tokio::time::timeout(PATIENCE, node1.acked.recv())
+        .await
+        .expect("acked")
+        .expect("open");
+    assert_eq!((acked.dest, acked.seq), (3, 3));
+    let link = cluster
+        .node(1)
+        .status()
+        .links
+        .into_iter()
+        .find(|link| link.node == 3)
+        .expect("link to 3");
+    assert!(link.connected);
+    assert_eq!(link.unacked, 0);
+    assert_eq!(cluster.node(1).metrics().link_forwarded, 3);
+    cluster.shutdown().await;
+}
