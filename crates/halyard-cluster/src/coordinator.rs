@@ -458,6 +458,7 @@ impl Coordinator {
         {
             let applier = lock(&self.applier);
             snapshot.entries_applied = applier.entries_applied;
+            snapshot.snapshots_installed = applier.snapshots_installed;
             snapshot.retained_bytes = applier.state.retained_bytes();
         }
         snapshot

@@ -43,6 +43,8 @@ pub struct Metrics {
     pub retained_bytes: u64,
     /// Raft entries applied on this node since start.
     pub entries_applied: u64,
+    /// Snapshots installed from a leader since start (this node was behind its purged log).
+    pub snapshots_installed: u64,
     /// Frames from peers that did not decode (their connection was closed).
     pub bad_frames: u64,
     /// Peer connections refused (unknown node or wrong incarnation).

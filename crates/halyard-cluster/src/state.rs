@@ -339,8 +339,9 @@ impl ClusterState {
         self.subscriptions.get(client_id)
     }
 
-    /// Retained messages whose topic matches `filter` (a plain, non-shared filter).
+    /// Retained messages whose topic matches `filter` (of a shared filter, its inner filter).
     pub fn retained_matching(&self, filter: &str) -> Vec<(String, RetainedMessage)> {
+        let filter = parse_shared_subscription(filter).map_or(filter, |(_, inner)| inner);
         self.retained
             .iter()
             .filter(|(topic, _)| matches(filter, topic))

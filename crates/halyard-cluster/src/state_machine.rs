@@ -40,6 +40,8 @@ pub(crate) struct Applier {
     feeds: Vec<mpsc::Sender<Applied>>,
     /// How many raft entries were applied since start (metrics, batching tests).
     pub(crate) entries_applied: u64,
+    /// Snapshots received from a leader and installed since start.
+    pub(crate) snapshots_installed: u64,
 }
 
 impl Applier {
@@ -81,6 +83,7 @@ impl StateMachineStore {
             last_membership: StoredMembership::default(),
             feeds: Vec::new(),
             entries_applied: 0,
+            snapshots_installed: 0,
         };
         if let Some(stored) =
             read_meta::<StoredSnapshot>(&db, KEY_SNAPSHOT, ErrorSubject::Snapshot(None))?
@@ -211,6 +214,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         {
             let mut applier = lock(&self.applier);
             restore(&mut applier, &stored)?;
+            applier.snapshots_installed += 1;
             // The feed cannot express "state replaced": subscribers resubscribe and resync.
             applier.feeds.clear();
         }

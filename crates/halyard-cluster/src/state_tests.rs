@@ -307,6 +307,7 @@ fn retained_messages_respect_the_byte_cap() {
     let found = state.retained_matching("s/+");
     assert_eq!(found.len(), 1);
     assert_eq!(found[0].1.stamped_ms, 77);
+    assert_eq!(state.retained_matching("$share/g/s/#"), found);
 }
 
 #[test]

@@ -378,3 +378,87 @@ async fn the_peer_link_shares_the_cluster_port() {
     assert_eq!(cluster.node(1).metrics().link_forwarded, 3);
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_behind_the_purged_log_catches_up_from_a_snapshot() {
+    let mut cluster = TestCluster::start_with(3, |config| config.snapshot_every_entries = 10).await;
+    wait_for_incarnations(&cluster).await;
+    let claim = cluster
+        .node(1)
+        .claim(takeover("snap"))
+        .await
+        .expect("claim");
+    let epoch = granted_epoch(&claim.value);
+    cluster
+        .node(1)
+        .update_subscriptions("snap", epoch, vec![add("snap/+")])
+        .await
+        .expect("subscribe");
+    cluster.stop(3).await;
+    let mut last = 0;
+    for client in 0..40 {
+        last = cluster
+            .node(2)
+            .claim(takeover(&format!("behind-{client}")))
+            .await
+            .expect("claim")
+            .index;
+    }
+    cluster.restart(3).await;
+    cluster
+        .node(3)
+        .wait_applied(last, PATIENCE)
+        .await
+        .expect("caught up");
+    assert_eq!(cluster.node(3).metrics().snapshots_installed, 1);
+    assert_eq!(cluster.node(3).routes(), cluster.node(1).routes());
+    assert_eq!(
+        cluster.node(3).owner("behind-39"),
+        cluster.node(1).owner("behind-39")
+    );
+    assert_eq!(
+        cluster.node(3).owner("snap").map(|owner| owner.epoch),
+        Some(epoch)
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_dir_of_another_node_id_is_refused() {
+    let listeners: Vec<_> = (0..2)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
+        .collect();
+    let addrs: Vec<_> = listeners
+        .iter()
+        .map(|l| l.local_addr().expect("addr"))
+        .collect();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut listeners = listeners.into_iter();
+    let first = listeners.next().expect("listener");
+    let config = support::test_config(
+        1,
+        halyard_cluster::Listen::Bound(first),
+        &addrs,
+        dir.path().into(),
+    );
+    halyard_cluster::Coordinator::start(config)
+        .await
+        .expect("start as node 1")
+        .shutdown()
+        .await;
+    let second = listeners.next().expect("listener");
+    let config = support::test_config(
+        2,
+        halyard_cluster::Listen::Bound(second),
+        &addrs,
+        dir.path().into(),
+    );
+    let refused = halyard_cluster::Coordinator::start(config).await.err();
+    assert_eq!(
+        refused,
+        Some(ClusterError::IdentityMismatch {
+            stored: 1,
+            configured: 2
+        })
+    );
+}

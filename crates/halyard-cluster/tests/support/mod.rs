@@ -15,6 +15,8 @@ pub struct TestCluster {
     pub nodes: Vec<Option<Coordinator>>,
     pub addrs: Vec<SocketAddr>,
     pub dirs: Vec<TempDir>,
+    /// Applied to every node's configuration, at start and restart.
+    tweak: fn(&mut ClusterConfig),
 }
 
 /// Short raft timeouts for a quick test run (heartbeat 50 ms, elections 150-300 ms).
@@ -37,6 +39,11 @@ pub fn test_config(
 impl TestCluster {
     /// Starts `size` nodes and waits until they agree on a leader.
     pub async fn start(size: usize) -> TestCluster {
+        Self::start_with(size, |_| {}).await
+    }
+
+    /// [`TestCluster::start`] with a change to every node's configuration.
+    pub async fn start_with(size: usize, tweak: fn(&mut ClusterConfig)) -> TestCluster {
         let listeners: Vec<std::net::TcpListener> = (0..size)
             .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
             .collect();
@@ -48,12 +55,13 @@ impl TestCluster {
             .map(|_| tempfile::tempdir().expect("tempdir"))
             .collect();
         let starts = listeners.into_iter().enumerate().map(|(index, listener)| {
-            let config = test_config(
+            let mut config = test_config(
                 index as u64 + 1,
                 Listen::Bound(listener),
                 &addrs,
                 dirs[index].path().to_path_buf(),
             );
+            tweak(&mut config);
             Coordinator::start(config)
         });
         let nodes = futures_util::future::join_all(starts)
@@ -61,7 +69,12 @@ impl TestCluster {
             .into_iter()
             .map(|started| Some(started.expect("start node")))
             .collect();
-        let cluster = TestCluster { nodes, addrs, dirs };
+        let cluster = TestCluster {
+            nodes,
+            addrs,
+            dirs,
+            tweak,
+        };
         cluster.wait_for_leader().await;
         cluster
     }
@@ -104,12 +117,13 @@ impl TestCluster {
     /// Restarts node `id` on its old address with its old data directory.
     pub async fn restart(&mut self, id: u64) {
         let index = id as usize - 1;
-        let config = test_config(
+        let mut config = test_config(
             id,
             Listen::Addr(self.addrs[index]),
             &self.addrs,
             self.dirs[index].path().to_path_buf(),
         );
+        (self.tweak)(&mut config);
         self.nodes[index] = Some(Coordinator::start(config).await.expect("restart node"));
     }
 
