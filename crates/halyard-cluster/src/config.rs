@@ -62,7 +62,7 @@ impl ClusterConfig {
             election_timeout_max: Duration::from_millis(1000),
             proposal_timeout: Duration::from_secs(5),
             batch_window: Duration::from_millis(1),
-            max_batch: 4096,
+            max_batch: 1024,
             retained_cap_bytes: 64 * 1024 * 1024,
             peer_queue_capacity: 10_000,
             change_feed_capacity: 4096,

@@ -68,6 +68,7 @@ impl Coordinator {
     /// cluster with the full voter set if this node has never been initialized.
     pub async fn start(config: ClusterConfig) -> Result<Coordinator, ClusterError> {
         config.validate()?;
+        let listener = bind(config.listen).await?;
         let db = crate::raft_db::open(&config.data_dir, config.fsync)
             .map_err(|e| ClusterError::Storage(e.to_string()))?;
         let identity = identity::load_or_create(&db, config.node_id)?;
@@ -90,6 +91,9 @@ impl Coordinator {
             election_timeout_max: millis(config.election_timeout_max),
             snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every_entries),
             max_in_snapshot_log_to_keep: config.snapshot_every_entries / 2,
+            // Entries can be batches of up to `max_batch` commands: keep an AppendEntries
+            // frame well under the frame cap.
+            max_payload_entries: 64,
             ..openraft::Config::default()
         }
         .validate()
@@ -114,7 +118,6 @@ impl Coordinator {
             config.peer_queue_capacity,
             counters.clone(),
         );
-        let listener = bind(config.listen).await?;
         let mut tasks = Vec::new();
         let acceptor = Arc::new(Acceptor {
             local,

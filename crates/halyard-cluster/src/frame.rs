@@ -23,8 +23,9 @@ use crate::command::{Command, Response};
 use crate::raft_types::TypeConfig;
 use crate::types::NodeId;
 
-/// Frames above this size are refused (snapshots travel in chunks far below it).
-const MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;
+/// Frames above this size are refused. Snapshots travel in 3 MiB chunks; an AppendEntries
+/// holds at most 64 entries of at most 1,024 (default `max_batch`) small commands each.
+const MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
 
 /// A framed cluster connection.
 pub(crate) type FramedStream = Framed<TcpStream, LengthDelimitedCodec>;
