@@ -240,3 +240,24 @@ async fn a_bad_frame_closes_its_connection_and_is_counted() {
     sender.link.send(2, 1, payload(1)).expect("queued");
     assert_eq!(receive(&mut receiver).await.seq, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seeded_high_water_mark_drops_and_acks_what_the_app_already_stored() {
+    let (addrs, peers) = two_addrs();
+    let mut receiver = start(2, addrs[1], &peers, 100).await;
+    receiver.link.seed_high_water(1, local(1).incarnation, 5);
+    let mut sender = start(1, addrs[0], &peers, 100).await;
+    for seq in 1..=7 {
+        sender.link.send(2, seq, payload(seq)).expect("queued");
+    }
+    assert_eq!(receive(&mut receiver).await.seq, 6);
+    assert_eq!(receive(&mut receiver).await.seq, 7);
+    assert_eq!(receiver.counters.link_duplicates.load(Ordering::Relaxed), 5);
+    let acked = tokio::time::timeout(PATIENCE, sender.receivers.acked.recv())
+        .await
+        .expect("the seeded mark is acknowledged")
+        .expect("open");
+    assert_eq!(acked, Acked { dest: 2, seq: 5 });
+    let link = &sender.link;
+    wait_until("1 to 5 acknowledged", || link.status()[0].unacked == 2).await;
+}
