@@ -1,0 +1,86 @@
+//! Records this node's incarnation in the raft membership once a leader exists.
+//!
+//! The voter set is initialized with incarnation 0 for every node (each node knows only its
+//! own); each node then asks the leader to fill in its own. Peers compare it with the
+//! incarnation in every raft hello, so a node restarted with an empty data directory is
+//! refused instead of being taken for its old self.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::acceptor::record_incarnation;
+use crate::config::peer_addr;
+use crate::frame::{ProposeError, RaftReply, RaftRequest};
+use crate::metrics::Counters;
+use crate::peer_client::{LocalNode, PeerClient};
+use crate::raft_types::Raft;
+use crate::types::NodeId;
+
+const POLL: Duration = Duration::from_millis(100);
+const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub(crate) async fn run(raft: Raft, local: LocalNode, peers: Vec<String>, counters: Arc<Counters>) {
+    let mut client: Option<PeerClient> = None;
+    loop {
+        tokio::time::sleep(POLL).await;
+        let (recorded, leader) = {
+            let metrics = raft.metrics();
+            let metrics = metrics.borrow();
+            let recorded = metrics
+                .membership_config
+                .membership()
+                .get_node(&local.id)
+                .map(|node| node.incarnation);
+            (recorded, metrics.current_leader)
+        };
+        if recorded == Some(local.incarnation) {
+            return;
+        }
+        let Some(leader) = leader else {
+            continue;
+        };
+        let result = if leader == local.id {
+            record_incarnation(&raft, local.id, local.incarnation).await
+        } else {
+            if client
+                .as_ref()
+                .is_none_or(|client| client.target() != leader)
+            {
+                client = new_client(local, leader, &peers, &counters);
+            }
+            let Some(client) = client.as_mut() else {
+                continue;
+            };
+            let request = RaftRequest::Announce {
+                node: local.id,
+                incarnation: local.incarnation,
+            };
+            match client.call(&request, CALL_TIMEOUT).await {
+                Ok(RaftReply::Announced(result)) => result,
+                _ => Err(ProposeError::NotLeader { leader: None }),
+            }
+        };
+        if let Err(ProposeError::Refused(why)) = result {
+            tracing::warn!(
+                why,
+                "cluster did not record this node's incarnation; retrying"
+            );
+        }
+    }
+}
+
+fn new_client(
+    local: LocalNode,
+    leader: NodeId,
+    peers: &[String],
+    counters: &Arc<Counters>,
+) -> Option<PeerClient> {
+    let addr = peer_addr(peers, leader)?;
+    Some(PeerClient::new(
+        local,
+        leader,
+        addr.clone(),
+        0,
+        counters.clone(),
+    ))
+}

@@ -1,0 +1,103 @@
+//! The replicated commands (raft entry payloads) and their responses.
+//!
+//! Every command carries what `apply` needs to be deterministic: the proposer stamps time
+//! (`now_ms`) and request ids, so no replica reads a clock or a random number.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::types::{ClientId, NodeId, Owner};
+
+/// One replicated change request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Take (or CAS) session ownership of a client id.
+    Claim(Claim),
+    /// Give up ownership if the epoch still matches.
+    Release {
+        client_id: ClientId,
+        node: NodeId,
+        epoch: u64,
+    },
+    /// Add or remove subscriptions, fenced by the owner epoch.
+    Subscriptions {
+        client_id: ClientId,
+        epoch: u64,
+        changes: Vec<SubscriptionChange>,
+    },
+    /// Set a retained message; an empty payload deletes it.
+    SetRetained {
+        topic: String,
+        payload: Bytes,
+        now_ms: u64,
+    },
+    /// Several commands in one raft entry (reconnect storms); applied in order.
+    Batch(Vec<Command>),
+}
+
+impl Command {
+    /// The client a command concerns; a batch holds at most one command per client.
+    pub(crate) fn client_id(&self) -> Option<&str> {
+        match self {
+            Command::Claim(claim) => Some(&claim.client_id),
+            Command::Release { client_id, .. } | Command::Subscriptions { client_id, .. } => {
+                Some(client_id)
+            }
+            Command::SetRetained { .. } | Command::Batch(_) => None,
+        }
+    }
+}
+
+/// A claim of session ownership (the distributed lock).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claim {
+    pub client_id: ClientId,
+    pub node: NodeId,
+    /// Unique per proposing node; a retry with the same id returns the first answer.
+    pub request_id: u64,
+    /// `Some(e)`: compare-and-set against the current epoch (0 = no owner); `None`: take over.
+    pub expected_epoch: Option<u64>,
+    pub session_expiry_secs: u32,
+    pub persistent: bool,
+    pub now_ms: u64,
+}
+
+/// One subscription change of a client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SubscriptionChange {
+    /// Filter as written (`$share/g/f` included) with the broker's opaque options.
+    Add {
+        filter: String,
+        options: Bytes,
+    },
+    Remove {
+        filter: String,
+    },
+}
+
+/// The answer to one command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    Claim(ClaimOutcome),
+    /// Release: whether the owner was removed.
+    Released(bool),
+    /// Subscriptions: false when fenced off (stale epoch).
+    SubscriptionsApplied(bool),
+    /// Retained set/delete: false when refused by the byte cap.
+    RetainedStored(bool),
+    Batch(Vec<Response>),
+    /// A raft-internal entry (blank, membership).
+    Nothing,
+}
+
+/// The result of a claim.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClaimOutcome {
+    /// Granted with a new epoch; `previous` is the owner it replaced (node, epoch).
+    Granted {
+        epoch: u64,
+        previous: Option<(NodeId, u64)>,
+    },
+    /// CAS failed: the current owner (None when there is none and the expected epoch was not 0).
+    Conflict { current: Option<Owner> },
+}

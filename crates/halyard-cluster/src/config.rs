@@ -1,0 +1,98 @@
+//! What a [`crate::Coordinator`] needs to start.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::error::ClusterError;
+use crate::types::NodeId;
+
+/// Where the cluster port listens.
+#[derive(Debug)]
+pub enum Listen {
+    /// Bind this address.
+    Addr(SocketAddr),
+    /// Use a listener the caller bound (tests bind port 0 to learn the port first).
+    Bound(std::net::TcpListener),
+}
+
+/// Configuration of one cluster node. Every voter must be given the same `peers` list (in
+/// the same order) and the same `retained_cap_bytes`.
+#[derive(Debug)]
+pub struct ClusterConfig {
+    /// This node's 1-based position in `peers`.
+    pub node_id: NodeId,
+    pub listen: Listen,
+    /// Every voter's cluster address (`host:port`), this node included.
+    pub peers: Vec<String>,
+    /// Holds `raft.redb` (log, snapshot, identity).
+    pub data_dir: PathBuf,
+    pub heartbeat_interval: Duration,
+    pub election_timeout_min: Duration,
+    pub election_timeout_max: Duration,
+    /// How long a write may wait for a leader and a commit before it fails.
+    pub proposal_timeout: Duration,
+    /// How long the batcher waits for more commands after the first of a batch.
+    pub batch_window: Duration,
+    /// Most commands in one raft entry.
+    pub max_batch: usize,
+    /// Total bytes (topic + payload) of retained messages the cluster stores.
+    pub retained_cap_bytes: u64,
+    /// Peer link: unacknowledged frames held per destination before `send` says `QueueFull`.
+    pub peer_queue_capacity: usize,
+    /// Change feed: applied entries buffered per subscriber before it is dropped.
+    pub change_feed_capacity: usize,
+    /// Raft entries between snapshots (the log is purged up to the snapshot).
+    pub snapshot_every_entries: u64,
+    /// fsync every raft.redb commit; turn off only in tests.
+    pub fsync: bool,
+}
+
+impl ClusterConfig {
+    /// A configuration with the defaults: 100 ms heartbeat, 500-1000 ms elections, 5 s
+    /// proposal timeout, 1 ms batch window, 64 MiB retained cap, 10,000 frames per peer.
+    pub fn new(node_id: NodeId, listen: Listen, peers: Vec<String>, data_dir: PathBuf) -> Self {
+        Self {
+            node_id,
+            listen,
+            peers,
+            data_dir,
+            heartbeat_interval: Duration::from_millis(100),
+            election_timeout_min: Duration::from_millis(500),
+            election_timeout_max: Duration::from_millis(1000),
+            proposal_timeout: Duration::from_secs(5),
+            batch_window: Duration::from_millis(1),
+            max_batch: 1024,
+            retained_cap_bytes: 64 * 1024 * 1024,
+            peer_queue_capacity: 10_000,
+            change_feed_capacity: 4096,
+            snapshot_every_entries: 5000,
+            fsync: true,
+        }
+    }
+
+    /// Checks what openraft and the node-id rules need.
+    pub(crate) fn validate(&self) -> Result<(), ClusterError> {
+        let bad = |why: &str| Err(ClusterError::Config(why.to_owned()));
+        if self.peers.is_empty() {
+            return bad("peers must list every voter, this node included");
+        }
+        if self.node_id == 0 || self.node_id > self.peers.len() as u64 {
+            return bad("node id must be this node's 1-based position in peers");
+        }
+        if self.election_timeout_min <= self.heartbeat_interval
+            || self.election_timeout_max <= self.election_timeout_min
+        {
+            return bad("need heartbeat < election timeout min < election timeout max");
+        }
+        if self.max_batch == 0 || self.peer_queue_capacity == 0 || self.change_feed_capacity == 0 {
+            return bad("max_batch, peer_queue_capacity and change_feed_capacity must be positive");
+        }
+        Ok(())
+    }
+}
+
+/// The address of a node id in a `peers` list (ids are 1-based positions).
+pub(crate) fn peer_addr(peers: &[String], node: NodeId) -> Option<&String> {
+    peers.get(usize::try_from(node.checked_sub(1)?).ok()?)
+}
