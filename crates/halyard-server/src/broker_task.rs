@@ -9,6 +9,7 @@ use halyard_core::{Broker, DropReport};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
+use crate::cluster::ClusterDriver;
 use crate::dispatch::{Dispatcher, SWEEP_SLICES};
 use crate::event::Event;
 use crate::metrics::Metrics;
@@ -36,6 +37,8 @@ pub(crate) struct TaskOps {
     pub(crate) written: Option<mpsc::WeakSender<Event>>,
     /// Where idle connections park; `None` = they never park.
     pub(crate) parker: Option<Arc<Parker>>,
+    /// This node's cluster, if it is one.
+    pub(crate) cluster: Option<ClusterDriver>,
 }
 
 /// Runs the broker until `stop` fires (or the server is dropped), then shuts it down and
@@ -63,6 +66,7 @@ pub(crate) async fn run(
     // Drops are logged when they first happen, then at most once per period.
     let mut drops_logged: Option<Instant> = None;
     dispatcher.parker = ops.parker;
+    dispatcher.cluster = ops.cluster;
     let mut park_sweep = dispatcher.parker.as_ref().map(|parker| {
         let mut sweep = tokio::time::interval(parker.after / SWEEP_SLICES);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -127,6 +131,7 @@ pub(crate) async fn run(
             } => dispatcher.sweep_idle(),
         }
         commit(&mut broker)?;
+        dispatcher.committed();
         broker.take_outputs_with(|outputs| dispatcher.dispatch(outputs));
         if broker.has_drops_to_report()
             && drops_logged.is_none_or(|at| at.elapsed() >= DROP_LOG_PERIOD)

@@ -16,6 +16,7 @@ use indexmap::IndexMap;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
+use crate::cluster::ClusterDriver;
 use crate::event::{AdminCall, Event};
 use crate::link::{Batch, Link, Shared, WrittenNotice};
 use crate::metrics::Metrics;
@@ -60,6 +61,8 @@ pub(crate) struct Dispatcher {
     sweep: Vec<Weak<Shared>>,
     /// Where the next slice of `sweep` starts.
     sweep_next: usize,
+    /// This node's cluster, if it is one.
+    pub(crate) cluster: Option<ClusterDriver>,
 }
 
 impl Drop for Dispatcher {
@@ -107,6 +110,7 @@ impl Dispatcher {
             parked_at_sweep: 0,
             sweep: Vec::new(),
             sweep_next: 0,
+            cluster: None,
         }
     }
 
@@ -158,8 +162,21 @@ impl Dispatcher {
                     broker.handle_written(now, conn);
                 }
             }
+            Event::Cluster(event) => {
+                if let Some(cluster) = self.cluster.as_mut() {
+                    cluster.handle_event(broker, event);
+                }
+            }
         }
         false
+    }
+
+    /// The broker's journal was committed: what waited for that (acknowledgements of
+    /// forwards from peers) may go.
+    pub(crate) fn committed(&mut self) {
+        if let Some(cluster) = self.cluster.as_mut() {
+            cluster.committed();
+        }
     }
 
     /// Visits the next slice of the sweep list: asks each connection there that has read
@@ -235,13 +252,17 @@ impl Dispatcher {
                         state.link.shared().set_paused(false);
                     }
                 }
-                // Remote routes and pending claims exist only in a cluster, whose driver
-                // takes these; a single node's core (local router and registry) emits none.
+                // The cluster's; a single node's core (local registry, not replicated)
+                // emits none of them.
                 Output::Forward { .. }
                 | Output::Claim(_)
                 | Output::Release { .. }
                 | Output::Subscriptions { .. }
-                | Output::Retain { .. } => {}
+                | Output::Retain { .. } => {
+                    if let Some(cluster) = self.cluster.as_mut() {
+                        cluster.handle_output(output);
+                    }
+                }
                 Output::NotifyWritten { conn } => {
                     let events = self.written.as_ref().and_then(mpsc::WeakSender::upgrade);
                     if let (Some(events), true) = (events, self.links.contains_key(&conn)) {

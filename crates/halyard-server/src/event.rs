@@ -5,6 +5,7 @@ use std::time::Instant;
 use halyard_codec::{DecodeError, Packet};
 use halyard_core::{Broker, ConnectionId};
 
+use crate::cluster::ClusterEvent;
 use crate::link::Link;
 
 /// What connection tasks tell the broker task.
@@ -38,6 +39,8 @@ pub(crate) enum Event {
     },
     /// An operator request from the HTTP admin API, run on the broker between packets.
     Admin(AdminCall),
+    /// The cluster decided something the core waits for, or peers sent something.
+    Cluster(ClusterEvent),
     /// The connection's writer wrote everything queued up to a
     /// [`WrittenNotice`](crate::link::WrittenNotice).
     Written {

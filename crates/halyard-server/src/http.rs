@@ -29,9 +29,11 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
+use crate::cluster;
 use crate::event::{AdminCall, Event};
 use crate::metrics::{Metrics, Snapshot};
 use crate::{Server, ServerError};
+use halyard_cluster::Coordinator;
 
 /// How long an admin request waits for the broker task before answering 503.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -52,7 +54,7 @@ pub struct HttpConfig {
 }
 
 /// Operations state a [`Server`] carries from `bind` to `run`.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub(crate) struct Ops {
     /// The bound HTTP listener, if enabled.
     pub(crate) http: Option<(TcpListener, SocketAddr, Option<String>)>,
@@ -62,6 +64,8 @@ pub(crate) struct Ops {
     pub(crate) effective_config: Value,
     /// This server's metrics registry.
     pub(crate) metrics: Arc<Metrics>,
+    /// The cluster this node belongs to, if any.
+    pub(crate) cluster: Option<Arc<Coordinator>>,
 }
 
 impl Server {
@@ -111,6 +115,7 @@ pub(crate) struct AppState {
     sys_interval: Option<Duration>,
     /// Set once every listener is bound and the broker task runs; cleared at shutdown.
     pub(crate) ready: Arc<AtomicBool>,
+    cluster: Option<Arc<Coordinator>>,
 }
 
 /// What [`Server::run`] needs to start the HTTP task.
@@ -140,6 +145,7 @@ impl HttpTask {
                 http_addr,
                 sys_interval: ops.sys_interval,
                 ready,
+                cluster: ops.cluster.clone(),
             },
         })
     }
@@ -165,6 +171,7 @@ fn router(state: AppState) -> Router {
         .route("/api/v1/clients/{id}", get(client).delete(kick))
         .route("/api/v1/retained", get(retained))
         .route("/api/v1/publish", post(publish))
+        .route("/api/v1/cluster", get(cluster_status))
         .with_state(state)
 }
 
@@ -236,10 +243,22 @@ async fn livez() -> &'static str {
     "ok\n"
 }
 
-/// Ready when every listener is bound and the broker task answers.
+/// Ready when every listener is bound, the node has joined its cluster (if it is in one),
+/// and the broker task answers.
 async fn readyz(State(state): State<AppState>) -> Response {
     if !state.ready.load(Ordering::Acquire) {
         return (StatusCode::SERVICE_UNAVAILABLE, "starting or stopping\n").into_response();
+    }
+    if state
+        .cluster
+        .as_deref()
+        .is_some_and(|c| !cluster::joined(c))
+    {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not joined to the cluster\n",
+        )
+            .into_response();
     }
     match call(&state, |_, _| ()).await {
         Ok(()) => "ready\n".into_response(),
@@ -262,7 +281,8 @@ async fn metrics(State(state): State<AppState>) -> ApiResult {
     })
     .await?;
     state.metrics.update(&snapshot);
-    let text = state.metrics.encode().map_err(|_| {
+    let cluster = state.cluster.as_deref().map(cluster::registry);
+    let text = state.metrics.encode(cluster.as_ref()).map_err(|_| {
         ApiError(
             StatusCode::INTERNAL_SERVER_ERROR,
             "cannot encode metrics".into(),
@@ -511,6 +531,19 @@ fn base64_decode(text: &str) -> Option<Vec<u8>> {
         }
     }
     Some(out)
+}
+
+/// `GET /api/v1/cluster`: members, leader, term and indexes, peer links; 404 on a single
+/// node.
+async fn cluster_status(State(state): State<AppState>, headers: HeaderMap) -> ApiResult {
+    authorize(&state, &headers)?;
+    match state.cluster.as_deref() {
+        Some(coordinator) => Ok(Json(cluster::status_json(coordinator)).into_response()),
+        None => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            "this node is not part of a cluster".into(),
+        )),
+    }
 }
 
 #[cfg(test)]

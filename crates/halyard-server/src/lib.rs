@@ -23,6 +23,7 @@
 
 mod auth;
 mod broker_task;
+pub mod cluster;
 mod connection;
 mod dispatch;
 mod event;
@@ -144,6 +145,14 @@ pub struct Server {
     transports: transport::Transports,
 }
 
+impl Server {
+    /// Makes this server a node of the cluster `coordinator` runs (which must have been
+    /// started first): its broker should be built with [`cluster::cluster_parts`].
+    pub fn join_cluster(&mut self, coordinator: Arc<halyard_cluster::Coordinator>) {
+        self.ops.cluster = Some(coordinator);
+    }
+}
+
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Server")
@@ -216,6 +225,10 @@ impl Server {
             sys_interval: ops.sys_interval,
             written: Some(event_tx.downgrade()),
             parker: parker.clone(),
+            cluster: ops
+                .cluster
+                .clone()
+                .map(|coordinator| cluster::ClusterDriver::start(coordinator, event_tx.clone())),
         };
         let (stop_tx, stop_rx) = oneshot::channel();
         let mut broker_task = tokio::spawn(

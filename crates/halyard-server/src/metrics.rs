@@ -323,11 +323,16 @@ impl Metrics {
         }
     }
 
-    /// The Prometheus text exposition of every metric.
-    pub(crate) fn encode(&self) -> Result<String, std::fmt::Error> {
-        let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, &self.registry)?;
-        Ok(text)
+    /// The Prometheus text exposition of every metric, and of `extra`'s (the cluster's).
+    pub(crate) fn encode(&self, extra: Option<&Registry>) -> Result<String, std::fmt::Error> {
+        use prometheus_client::encoding::text;
+        let mut out = String::new();
+        text::encode_registry(&mut out, &self.registry)?;
+        if let Some(extra) = extra {
+            text::encode_registry(&mut out, extra)?;
+        }
+        text::encode_eof(&mut out)?;
+        Ok(out)
     }
 }
 
@@ -355,7 +360,7 @@ mod tests {
         snapshot.stats.refused_quota = 2;
         metrics.update(&snapshot);
         metrics.update(&snapshot);
-        let text = metrics.encode().expect("encodes");
+        let text = metrics.encode(None).expect("encodes");
         assert!(
             text.contains("halyard_messages_received_total{qos=\"1\"} 1"),
             "{text}"

@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Result};
 use halyard_core::{BrokerConfig, QueueFullPolicy};
+
+use crate::cluster_config::ClusterSection;
 use halyard_server::ServerConfig;
 
 use crate::security_config::{AuthSection, ListenerSection};
@@ -87,6 +89,8 @@ pub struct FileConfig {
     pub auth: AuthSection,
     /// The `[[listener]]` tables: TLS, WebSocket and extra TCP listeners.
     pub listener: Vec<ListenerSection>,
+    /// The `[cluster]` table: this node's id, cluster port and peers.
+    pub cluster: ClusterSection,
 }
 
 /// Where the operations HTTP listener binds when `http.listen` is not set.
@@ -193,6 +197,7 @@ impl Default for FileConfig {
             http: HttpSection::default(),
             auth: AuthSection::default(),
             listener: Vec::new(),
+            cluster: ClusterSection::default(),
         }
     }
 }
@@ -229,6 +234,7 @@ impl From<FileConfig> for ServerConfig {
             http: _,
             auth: _,
             listener: _,
+            cluster: _,
         } = file;
         ServerConfig {
             listeners: listen,

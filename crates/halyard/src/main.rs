@@ -1,6 +1,7 @@
 //! `halyard`: the MQTT broker binary (command line, configuration file, logging, signals).
 
 mod client;
+mod cluster_config;
 mod config;
 mod ops;
 mod security_config;
@@ -13,12 +14,14 @@ use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use halyard_cluster::Coordinator;
 use halyard_core::store::Store;
-use halyard_core::Broker;
+use halyard_core::{Broker, BrokerParts};
 use halyard_server::{Server, ServerConfig};
 use halyard_store::{FsyncPolicy, MemoryStore, RedbStore};
 use tracing::info;
@@ -116,6 +119,8 @@ struct ServeArgs {
     /// Do not serve HTTP (overrides `http.enabled`).
     #[arg(long)]
     no_http: bool,
+    #[command(flatten)]
+    cluster: cluster_config::ClusterArgs,
 }
 
 /// How log lines are written.
@@ -199,11 +204,16 @@ fn serve(args: ServeArgs) -> Result<()> {
     let worker_threads = file.effective_worker_threads(cpus);
     let effective_config = ops::redacted_config(&file);
     let security = security_config::Prepared::load(&file)?;
+    let cluster = cluster_config::cluster_config(&file.cluster, args.cluster, &storage.data_dir)?;
     let mut config = ServerConfig::from(file);
     if !args.listen.is_empty() {
         config.listeners = args.listen;
     }
-    let broker = open_broker(&config, &storage)?;
+    let parts = match cluster {
+        Some(_) => halyard_server::cluster::cluster_parts(),
+        None => BrokerParts::default(),
+    };
+    let broker = open_broker(&config, &storage, parts)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(worker_threads)
         .on_thread_park(return_freed_memory)
@@ -212,7 +222,21 @@ fn serve(args: ServeArgs) -> Result<()> {
         .context("cannot start the tokio runtime")?;
     runtime.block_on(async {
         let shutdown = shutdown_signal()?;
+        let coordinator = match cluster {
+            Some(cluster) => {
+                let node_id = cluster.node_id;
+                let coordinator = Coordinator::start(cluster)
+                    .await
+                    .context("cannot start the cluster node")?;
+                info!(node_id, "cluster node started");
+                Some(Arc::new(coordinator))
+            }
+            None => None,
+        };
         let mut server = Server::bind_with(config, broker).await?;
+        if let Some(coordinator) = coordinator {
+            server.join_cluster(coordinator);
+        }
         server.set_sys_interval(Some(sys_interval));
         server.set_effective_config(effective_config);
         let http_addr = ops::bind_http(&mut server, http).await?;
@@ -236,7 +260,11 @@ fn serve(args: ServeArgs) -> Result<()> {
 }
 
 /// Builds the broker on the configured storage, loading what the store holds.
-fn open_broker(config: &ServerConfig, storage: &StorageConfig) -> Result<Broker> {
+fn open_broker(
+    config: &ServerConfig,
+    storage: &StorageConfig,
+    parts: BrokerParts,
+) -> Result<Broker> {
     let store: Box<dyn Store> = match storage.backend {
         StorageBackend::Memory => Box::new(MemoryStore::new()),
         StorageBackend::Redb => {
@@ -258,8 +286,9 @@ fn open_broker(config: &ServerConfig, storage: &StorageConfig) -> Result<Broker>
         }
     };
     let started = Instant::now();
-    let broker = Broker::with_store(
+    let broker = Broker::with_store_and_parts(
         config.broker.clone(),
+        parts,
         store,
         Instant::now(),
         SystemTime::now(),
@@ -277,9 +306,14 @@ fn open_broker(config: &ServerConfig, storage: &StorageConfig) -> Result<Broker>
 
 /// Logs to stderr, so that stdout carries only the machine-readable `listening` lines.
 fn init_logging(format: LogFormat) -> Result<()> {
-    let filter = EnvFilter::builder()
-        .with_default_directive(LevelFilter::INFO.into())
-        .from_env_lossy();
+    // openraft logs every vote and replication change at info; its warnings are what an
+    // operator needs by default.
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(_) => EnvFilter::builder()
+            .with_default_directive(LevelFilter::INFO.into())
+            .from_env_lossy(),
+        Err(_) => EnvFilter::new("info,openraft=warn"),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -1,0 +1,13 @@
+//! Running the broker as one node of a cluster (`halyard-cluster`): the core's parts for a
+//! node whose claims, subscriptions and retained messages are decided by raft, and the
+//! driver that connects the broker task to the coordinator and the peer link.
+
+mod driver;
+mod registry;
+mod status;
+mod wire;
+
+pub(crate) use driver::{ClusterDriver, ClusterEvent};
+pub use registry::{cluster_parts, ClusterRegistry};
+pub(crate) use status::{joined, registry, status_json};
+pub use wire::WireError;
