@@ -1037,19 +1037,25 @@ impl Store for RedbStore {
         from: u64,
         limit: usize,
     ) -> Result<Vec<(u64, StoredDelivery)>, StoreError> {
+        const CONTEXT: &str = "reading a queue";
         let mut bad = Vec::new();
-        let out = match &self.txn {
-            Some(txn) => {
-                let table = txn.open_table(DELIVERIES).or_store("reading a queue")?;
-                scan_pending(&table, client_id, from, limit, &mut bad)
+        let mut read = || -> Result<_, redb::Error> {
+            match &self.txn {
+                Some(txn) => {
+                    let table = txn.open_table(DELIVERIES)?;
+                    scan_pending(&table, client_id, from, limit, &mut bad)
+                }
+                None => {
+                    let txn = self.db.begin_read()?;
+                    let table = txn.open_table(DELIVERIES)?;
+                    scan_pending(&table, client_id, from, limit, &mut bad)
+                }
             }
-            None => {
-                let txn = self.db.begin_read().or_store("reading a queue")?;
-                let table = txn.open_table(DELIVERIES).or_store("reading a queue")?;
-                scan_pending(&table, client_id, from, limit, &mut bad)
-            }
-        }
-        .or_store("reading a queue")?;
+        };
+        let out = read().map_err(|e| {
+            error!(client = %client_id, from, error = %e, "{CONTEXT} failed; its messages stay queued on disk and are read again later");
+            failed(CONTEXT)(e)
+        })?;
         if !bad.is_empty() {
             self.write("removing undecodable deliveries", |txn| {
                 let mut table = txn.open_table(DELIVERIES)?;
