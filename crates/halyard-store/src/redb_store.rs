@@ -27,6 +27,7 @@ use tracing::{error, info, warn};
 use crate::format::{
     decode_delivery, decode_retained, decode_session, decode_subscription, delivery_state,
     encode_delivery, encode_retained, encode_session, encode_subscription, patch_delivery_state,
+    verify_retained,
 };
 
 /// Name of the data file inside the configured directory.
@@ -297,6 +298,7 @@ enum Doomed {
     Subscription(String, String),
     InboundQos2(String, u16),
     Delivery(String, u64),
+    Retained(String),
 }
 
 /// One session's deliveries, gathered during the ordered scan of [`DELIVERIES`].
@@ -385,7 +387,7 @@ where
             doomed.push(doom());
             continue;
         };
-        match decode_subscription(value.value()) {
+        match decode_subscription(client, filter, value.value()) {
             Ok(entry) => session.subscriptions.push((filter.to_owned(), entry)),
             Err(e) => {
                 error!(%client, %filter, error = %e, "removing undecodable subscription: it is lost");
@@ -425,10 +427,10 @@ where
         }
         queue.last_seq = Some(seq);
         let value = value.value();
-        // Pending deliveries stay on disk: only their state byte is read here.
-        let decoded = delivery_state(value).and_then(|state| match state {
+        // Pending deliveries stay on disk: only their checksum and state are read here.
+        let decoded = delivery_state(client, seq, value).and_then(|state| match state {
             DeliveryState::Pending => Ok(None),
-            _ => decode_delivery(value).map(Some),
+            _ => decode_delivery(client, seq, value).map(Some),
         });
         match decoded {
             Ok(None) => {
@@ -452,9 +454,20 @@ where
         report.subscriptions += session.subscriptions.len();
         report.inbound_qos2 += session.inbound_qos2.len();
     }
-    // Counted from the table's header, not read: retained messages are read in pages when a
-    // subscriber needs them, and undecodable ones are removed then.
-    report.retained = retained_table.len()?;
+    // Retained messages stay on disk, read in pages when a subscriber needs them; only their
+    // checksums are verified here, so the count of corrupt records is true at start-up.
+    for entry in retained_table.iter()? {
+        let (key, value) = entry?;
+        let key = key.value();
+        match verify_retained(key, value.value()) {
+            Ok(()) => report.retained += 1,
+            Err(e) => {
+                error!(key = %key.escape_debug(), error = %e, "removing damaged retained message: it is lost");
+                report.corrupt += 1;
+                doomed.push(Doomed::Retained(key.to_owned()));
+            }
+        }
+    }
     Ok(LoadedState {
         sessions: sessions.into_values().collect(),
     })
@@ -465,6 +478,7 @@ fn remove_doomed(txn: &WriteTransaction, doomed: &[Doomed]) -> Result<(), redb::
     let mut subscriptions = txn.open_table(SUBSCRIPTIONS)?;
     let mut qos2 = txn.open_table(INBOUND_QOS2)?;
     let mut deliveries = txn.open_table(DELIVERIES)?;
+    let mut retained = txn.open_table(RETAINED)?;
     for record in doomed {
         match record {
             Doomed::Session(client) => {
@@ -478,6 +492,9 @@ fn remove_doomed(txn: &WriteTransaction, doomed: &[Doomed]) -> Result<(), redb::
             }
             Doomed::Delivery(client, seq) => {
                 deliveries.remove((client.as_str(), *seq))?;
+            }
+            Doomed::Retained(key) => {
+                retained.remove(key.as_str())?;
             }
         }
     }
@@ -504,7 +521,7 @@ where
         let (key, value) = entry?;
         let seq = key.value().1;
         let value = value.value();
-        match delivery_state(value) {
+        match delivery_state(client_id, seq, value) {
             Ok(DeliveryState::Pending) => {}
             Ok(_) => continue,
             Err(e) => {
@@ -513,7 +530,7 @@ where
                 continue;
             }
         }
-        match decode_delivery(value) {
+        match decode_delivery(client_id, seq, value) {
             Ok((delivery, _)) => out.push((seq, delivery)),
             Err(e) => {
                 error!(client = %client_id, seq, error = %e, "removing undecodable queued delivery: the message is lost");
@@ -545,7 +562,7 @@ where
         match scan.step(key) {
             ScanStep::End => break,
             ScanStep::Skip => {}
-            ScanStep::Take => match decode_retained(value.value()) {
+            ScanStep::Take => match decode_retained(key, value.value()) {
                 Ok(message) if retained_key(&message.topic) == key => messages.push(message),
                 Ok(_) => {
                     error!(key = %key.escape_debug(), "removing retained message stored under another topic's key");
@@ -955,7 +972,7 @@ impl Store for RedbStore {
     }
 
     fn put_subscription(&mut self, client_id: &str, filter: &str, entry: &SubscriptionEntry) {
-        let value = encode_subscription(entry);
+        let value = encode_subscription(client_id, filter, entry);
         self.write("writing a subscription", |txn| {
             let mut table = txn.open_table(SUBSCRIPTIONS)?;
             table.insert((client_id, filter), value.as_slice())?;
@@ -994,7 +1011,7 @@ impl Store for RedbStore {
         state: DeliveryState,
     ) {
         const CONTEXT: &str = "writing a delivery";
-        match encode_delivery(delivery, state) {
+        match encode_delivery(client_id, seq, delivery, state) {
             Ok(value) => self.write(CONTEXT, |txn| {
                 let mut table = txn.open_table(DELIVERIES)?;
                 table.insert((client_id, seq), value.as_slice())?;
@@ -1009,7 +1026,7 @@ impl Store for RedbStore {
             let mut table = txn.open_table(DELIVERIES)?;
             let patched = match table.get((client_id, seq))? {
                 None => return Ok(()),
-                Some(value) => patch_delivery_state(value.value(), state),
+                Some(value) => patch_delivery_state(client_id, seq, value.value(), state),
             };
             match patched {
                 Ok(value) => {
@@ -1070,10 +1087,11 @@ impl Store for RedbStore {
 
     fn put_retained(&mut self, message: &StoredMessage) {
         const CONTEXT: &str = "writing a retained message";
-        match encode_retained(message) {
+        let key = retained_key(&message.topic);
+        match encode_retained(&key, message) {
             Ok(value) => self.write(CONTEXT, |txn| {
                 let mut table = txn.open_table(RETAINED)?;
-                table.insert(retained_key(&message.topic).as_str(), value.as_slice())?;
+                table.insert(key.as_str(), value.as_slice())?;
                 Ok(())
             }),
             Err(e) => self.fail(CONTEXT, e),
