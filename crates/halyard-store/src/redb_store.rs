@@ -29,6 +29,7 @@ use crate::format::{
     encode_delivery, encode_retained, encode_session, encode_subscription, patch_delivery_state,
     verify_retained,
 };
+use crate::readable_copy::readable_copy;
 
 /// Name of the data file inside the configured directory.
 pub const FILE_NAME: &str = "halyard.redb";
@@ -78,6 +79,18 @@ pub enum FsyncPolicy {
     Never,
 }
 
+/// What the store does with a damaged data file or damaged records (`storage.on_corruption`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OnCorruption {
+    /// Keep serving: skip and count damaged records, copy every readable record of a damaged
+    /// file to a new one, and set aside a file redb cannot open at all (starting empty).
+    #[default]
+    Salvage,
+    /// Change nothing and fail [`RedbStore::open`] or [`Store::load`], saying what is damaged,
+    /// so that an operator can inspect or restore the file before the broker serves from it.
+    Refuse,
+}
+
 /// What [`Store::load`] found, also logged as one line at start-up.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LoadReport {
@@ -93,7 +106,8 @@ pub struct LoadReport {
     pub pending: u64,
     /// Retained messages counted; they stay on disk.
     pub retained: u64,
-    /// Records that did not decode: each was logged with its key and removed.
+    /// Records that failed their checksum or did not decode: each was logged with its key and
+    /// removed.
     pub corrupt: usize,
     /// Records whose session record is missing: counted, logged per session and removed.
     pub orphaned: u64,
@@ -131,6 +145,7 @@ pub struct RedbStore {
     /// The data file.
     path: PathBuf,
     policy: FsyncPolicy,
+    on_corruption: OnCorruption,
     /// The batch being written; `Some` only when it holds writes.
     txn: Option<WriteTransaction>,
     /// Non-durable commits made since the last durable one.
@@ -275,6 +290,17 @@ fn migrate_retained(txn: &WriteTransaction) -> Result<u64, redb::Error> {
     }
     txn.delete_table(LEGACY_RETAINED)?;
     Ok(moved)
+}
+
+/// The error of [`OnCorruption::Refuse`]: what is damaged, and that nothing was changed.
+fn refused(path: &Path, reason: &str) -> StoreError {
+    error!(file = %path.display(), %reason, "data file is damaged; refusing to use it (on_corruption = refuse): nothing was changed");
+    StoreError(format!(
+        "{} is damaged ({reason}); refusing to use it (on_corruption = refuse): nothing was \
+         changed; restore it from a backup, move it aside to start empty, or set \
+         on_corruption = \"salvage\" to keep every intact record",
+        path.display()
+    ))
 }
 
 /// A name beside the data file that no earlier set-aside file uses.
@@ -669,21 +695,97 @@ where
     Ok(())
 }
 
+/// Copies every readable record of every table from a damaged database into `to`.
+fn copy_all(damaged: &Database, to: &Database) -> Result<(), StoreError> {
+    let from = catch_unwind(AssertUnwindSafe(|| damaged.begin_read()))
+        .map_err(|panic| StoreError(format!("salvaging: {}", panic_message(&*panic))))?
+        .or_store("salvaging")?;
+    let mut to = to.begin_write().or_store("salvaging")?;
+    to.set_durability(Durability::Immediate);
+    copy_table(&from, &to, SESSIONS).or_store("salvaging")?;
+    copy_table(&from, &to, SUBSCRIPTIONS).or_store("salvaging")?;
+    copy_table(&from, &to, INBOUND_QOS2).or_store("salvaging")?;
+    copy_table(&from, &to, DELIVERIES).or_store("salvaging")?;
+    copy_table(&from, &to, RETAINED).or_store("salvaging")?;
+    to.commit().or_store("salvaging")
+}
+
+/// Copies what can still be read from a file redb would not open (set aside at `aside`) into
+/// the new database `to`, through a [`readable_copy`] beside it that is removed afterwards.
+/// What cannot be read is logged; only an I/O error on the new file is returned.
+fn recover_unopenable(aside: &Path, to: &Database) -> Result<(), StoreError> {
+    let mut name = aside.as_os_str().to_owned();
+    name.push(".readable");
+    let copy = PathBuf::from(name);
+    let lost = "the store starts empty: the sessions, queued messages and retained messages \
+                of the set-aside file are not loaded";
+    match readable_copy(aside, &copy) {
+        Ok(true) => {}
+        Ok(false) => {
+            error!(file = %aside.display(), "the file's header is unrecognisable, so its tables cannot be located; {lost}");
+            return Ok(());
+        }
+        Err(e) => {
+            error!(file = %aside.display(), error = %e, "cannot copy the damaged file to read it; {lost}");
+            return Ok(());
+        }
+    }
+    let mut builder = Builder::new();
+    builder.set_cache_size(CACHE_BYTES);
+    let opened = catch_unwind(AssertUnwindSafe(|| builder.open(&copy)));
+    let result = match opened {
+        Ok(Ok(damaged)) => {
+            let copied = copy_all(&damaged, to);
+            if catch_unwind(AssertUnwindSafe(move || drop(damaged))).is_err() {
+                warn!(file = %copy.display(), "closing the damaged copy failed");
+            }
+            copied.map(|()| info!(file = %aside.display(), "readable records of the set-aside file copied"))
+        }
+        Ok(Err(e)) => {
+            error!(file = %aside.display(), error = %e, "redb cannot open even a length-corrected copy; {lost}");
+            Ok(())
+        }
+        Err(panic) => {
+            error!(file = %aside.display(), error = panic_message(&*panic), "redb cannot open even a length-corrected copy; {lost}");
+            Ok(())
+        }
+    };
+    if let Err(e) = std::fs::remove_file(&copy) {
+        warn!(file = %copy.display(), error = %e, "removing the salvage copy failed");
+    }
+    result
+}
+
 impl RedbStore {
     /// Opens or creates `dir/halyard.redb`, creating `dir` if needed.
     ///
     /// After an unclean shutdown redb repairs the file on open (logged). A file that is
     /// damaged beyond that is never fatal: it is renamed to `halyard.redb.corrupt-<unix secs>`
-    /// (logged as an error naming it, see [`RedbStore::set_aside_file`]) and the store starts
-    /// empty, so the broker keeps serving. Other failures (permissions, the file locked by
-    /// another broker, an unwritable disk) are returned.
+    /// (logged as an error naming it, see [`RedbStore::set_aside_file`]), every record still
+    /// readable in it is copied to a new file (see `readable_copy`), and the broker keeps
+    /// serving. Other failures (permissions, the file locked by another broker, an unwritable
+    /// disk) are returned.
     pub fn open(dir: &Path, policy: FsyncPolicy) -> Result<RedbStore, StoreError> {
+        RedbStore::open_with(dir, policy, OnCorruption::Salvage)
+    }
+
+    /// [`RedbStore::open`], with `on_corruption` deciding what a damaged file does: with
+    /// [`OnCorruption::Refuse`] a file redb cannot open is an error and stays where it is, and
+    /// [`Store::load`] fails on the first sign of damage instead of repairing anything.
+    pub fn open_with(
+        dir: &Path,
+        policy: FsyncPolicy,
+        on_corruption: OnCorruption,
+    ) -> Result<RedbStore, StoreError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError(format!("creating {}: {e}", dir.display())))?;
         let path = dir.join(FILE_NAME);
         let (db, set_aside) = match open_database(&path) {
             Ok(db) => (db, None),
             Err(OpenError::Other(e)) => return Err(e),
+            Err(OpenError::Corrupt(reason)) if on_corruption == OnCorruption::Refuse => {
+                return Err(refused(&path, &reason));
+            }
             Err(OpenError::Corrupt(reason)) => {
                 let aside = set_aside_path(dir);
                 std::fs::rename(&path, &aside).map_err(|e| {
@@ -696,15 +798,15 @@ impl RedbStore {
                     file = %path.display(),
                     moved_to = %aside.display(),
                     %reason,
-                    "data file is corrupt and could not be repaired; it was moved aside and the \
-                     store starts empty: its sessions, queued messages and retained messages are \
-                     not loaded"
+                    "redb cannot open the data file; it was moved aside, and every record still \
+                     readable in it is copied to a new file"
                 );
                 let db = open_database(&path).map_err(|e| match e {
                     OpenError::Corrupt(reason) | OpenError::Other(StoreError(reason)) => {
                         StoreError(format!("creating a new {}: {reason}", path.display()))
                     }
                 })?;
+                recover_unopenable(&aside, &db)?;
                 (db, Some(aside))
             }
         };
@@ -712,6 +814,7 @@ impl RedbStore {
             db,
             path,
             policy,
+            on_corruption,
             txn: None,
             unsynced: 0,
             last_durable: Instant::now(),
@@ -846,15 +949,7 @@ impl RedbStore {
     }
 
     fn copy_from(&self, damaged: &Database) -> Result<(), StoreError> {
-        let from = damaged.begin_read().or_store("salvaging")?;
-        let mut to = self.db.begin_write().or_store("salvaging")?;
-        to.set_durability(Durability::Immediate);
-        copy_table(&from, &to, SESSIONS).or_store("salvaging")?;
-        copy_table(&from, &to, SUBSCRIPTIONS).or_store("salvaging")?;
-        copy_table(&from, &to, INBOUND_QOS2).or_store("salvaging")?;
-        copy_table(&from, &to, DELIVERIES).or_store("salvaging")?;
-        copy_table(&from, &to, RETAINED).or_store("salvaging")?;
-        to.commit().or_store("salvaging")
+        copy_all(damaged, &self.db)
     }
 
     fn durable_due(&self, now: Instant) -> bool {
@@ -903,6 +998,9 @@ impl Store for RedbStore {
             None => match self.scan_committed(&mut report, &mut doomed) {
                 Ok(state) => state,
                 Err(ScanFailure::Failed(e)) => return Err(e),
+                Err(ScanFailure::Damaged(reason)) if self.on_corruption == OnCorruption::Refuse => {
+                    return Err(refused(&self.path, &reason));
+                }
                 Err(ScanFailure::Damaged(reason)) => {
                     self.salvage(&reason)?;
                     report = LoadReport::default();
@@ -917,6 +1015,10 @@ impl Store for RedbStore {
                 }
             },
         };
+        if report.corrupt > 0 && self.on_corruption == OnCorruption::Refuse {
+            let reason = format!("{} damaged records (each logged above)", report.corrupt);
+            return Err(refused(&self.path, &reason));
+        }
         if !doomed.is_empty() {
             let own_batch = self.txn.is_none();
             self.write("removing damaged records", |txn| {
