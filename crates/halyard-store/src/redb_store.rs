@@ -19,8 +19,8 @@ use halyard_core::store::{
 };
 use halyard_core::SubscriptionEntry;
 use redb::{
-    Builder, Database, Durability, Key, ReadTransaction, ReadableTable, ReadableTableMetadata,
-    RepairSession, TableDefinition, TableHandle, Value, WriteTransaction,
+    Builder, Database, Durability, Key, ReadOnlyTable, ReadTransaction, ReadableTable,
+    ReadableTableMetadata, RepairSession, TableDefinition, TableHandle, Value, WriteTransaction,
 };
 use tracing::{error, info, warn};
 
@@ -695,6 +695,131 @@ where
     Ok(())
 }
 
+/// What reading a damaged table from a key on found first.
+enum Probe {
+    /// A readable record.
+    Readable,
+    /// No record at or after the key.
+    End,
+    /// A damaged page (a redb corruption error or panic).
+    Damaged,
+}
+
+/// Whether the deliveries from `key` on start with a readable record.
+fn probe_deliveries(
+    source: &ReadOnlyTable<(&'static str, u64), &'static [u8]>,
+    key: (&str, u64),
+) -> Result<Probe, redb::Error> {
+    let first = catch_unwind(AssertUnwindSafe(|| -> Result<bool, redb::Error> {
+        match source.range(key..)?.next() {
+            None => Ok(false),
+            Some(entry) => entry.map(|_| true).map_err(redb::Error::from),
+        }
+    }));
+    match first {
+        Ok(Ok(true)) => Ok(Probe::Readable),
+        Ok(Ok(false)) => Ok(Probe::End),
+        Ok(Err(e)) if !is_corruption(&e) => Err(e),
+        Ok(Err(_)) | Err(_) => Ok(Probe::Damaged),
+    }
+}
+
+/// The first sequence number after `last` of `client`'s queue from which the deliveries
+/// read again, found by doubling steps past the damage, then halving back to its end; `None`
+/// when no later sequence number of the client reads.
+fn resume_after(
+    source: &ReadOnlyTable<(&'static str, u64), &'static [u8]>,
+    client: &str,
+    last: u64,
+) -> Result<Option<u64>, redb::Error> {
+    let mut damaged = last;
+    let mut step = 1u64;
+    let readable = loop {
+        let Some(probe) = last.checked_add(step) else {
+            return Ok(None);
+        };
+        match probe_deliveries(source, (client, probe))? {
+            Probe::Readable => break probe,
+            Probe::End => return Ok(None),
+            Probe::Damaged => damaged = probe,
+        }
+        step = step.saturating_mul(2);
+    };
+    // Every probe in (last, damaged] failed and `readable` reads: narrow the boundary.
+    let mut readable = readable;
+    while readable - damaged > 1 {
+        let mid = damaged + (readable - damaged) / 2;
+        match probe_deliveries(source, (client, mid))? {
+            Probe::Damaged => damaged = mid,
+            Probe::Readable | Probe::End => readable = mid,
+        }
+    }
+    Ok(Some(readable))
+}
+
+/// [`copy_table`] for the deliveries, the table that holds the queues and so most of the
+/// data: past a damaged page it resumes at the next readable sequence number of the same
+/// queue (see [`resume_after`]), so damage in several places loses only the damaged pages'
+/// records; what lies beyond a queue's last readable record is left to the backward scan.
+fn copy_deliveries(from: &ReadTransaction, to: &WriteTransaction) -> Result<(), redb::Error> {
+    let opened = catch_unwind(AssertUnwindSafe(|| from.open_table(DELIVERIES)));
+    // A table that does not even open is left to `copy_table`, which reports why.
+    let Ok(Ok(source)) = opened else {
+        return copy_table(from, to, DELIVERIES);
+    };
+    let mut copied = 0u64;
+    let mut start: Option<(String, u64)> = None;
+    {
+        let mut target = to.open_table(DELIVERIES)?;
+        loop {
+            let mut last: Option<(String, u64)> = None;
+            let pass = catch_unwind(AssertUnwindSafe(|| -> Result<(), redb::Error> {
+                let range = match &start {
+                    None => source.iter()?,
+                    Some((client, seq)) => source.range((client.as_str(), *seq)..)?,
+                };
+                for entry in range {
+                    let (key, value) = entry?;
+                    target.insert(key.value(), value.value())?;
+                    copied += 1;
+                    let (client, seq) = key.value();
+                    match &mut last {
+                        Some((c, s)) if c == client => *s = seq,
+                        _ => last = Some((client.to_owned(), seq)),
+                    }
+                }
+                Ok(())
+            }));
+            match pass {
+                Ok(Ok(())) => {
+                    info!(table = DELIVERIES.name(), copied, "table salvaged");
+                    return Ok(());
+                }
+                Ok(Err(e)) if !is_corruption(&e) => return Err(e),
+                Ok(Err(_)) | Err(_) => {}
+            }
+            let Some((client, seq)) = last.or(start.take()) else {
+                break;
+            };
+            match resume_after(&source, &client, seq)? {
+                Some(next) => {
+                    error!(
+                        table = DELIVERIES.name(),
+                        %client,
+                        after_seq = seq,
+                        before_seq = next,
+                        "queued messages between these sequence numbers were unreadable and are lost"
+                    );
+                    start = Some((client, next));
+                }
+                None => break,
+            }
+        }
+    }
+    // Past the last queue that reads forward: the backward scan takes the rest.
+    copy_table(from, to, DELIVERIES)
+}
+
 /// Copies every readable record of every table from a damaged database into `to`.
 fn copy_all(damaged: &Database, to: &Database) -> Result<(), StoreError> {
     let from = catch_unwind(AssertUnwindSafe(|| damaged.begin_read()))
@@ -705,7 +830,7 @@ fn copy_all(damaged: &Database, to: &Database) -> Result<(), StoreError> {
     copy_table(&from, &to, SESSIONS).or_store("salvaging")?;
     copy_table(&from, &to, SUBSCRIPTIONS).or_store("salvaging")?;
     copy_table(&from, &to, INBOUND_QOS2).or_store("salvaging")?;
-    copy_table(&from, &to, DELIVERIES).or_store("salvaging")?;
+    copy_deliveries(&from, &to).or_store("salvaging")?;
     copy_table(&from, &to, RETAINED).or_store("salvaging")?;
     to.commit().or_store("salvaging")
 }

@@ -688,3 +688,36 @@ fn damaged_pages_of_a_file_not_closed_cleanly_are_set_aside() {
     assert_eq!((got.sessions, got.queued, got.retained), (0, 0, 0));
     assert_usable(dir.path());
 }
+
+#[test]
+fn damaged_pages_in_two_places_of_a_queue_lose_only_their_records() {
+    let dir = temp_dir();
+    populated_broker_file(dir.path());
+    let path = dir.path().join(FILE_NAME);
+    let mut bytes = fs::read(&path).expect("read");
+    // Wreck the page type of every page holding message 500 or 1500 of the queue (the live
+    // leaves among them): redb fails or panics on reaching them.
+    for seq in [500, 1500] {
+        let needle = queued_payload(seq);
+        let mut from = 0;
+        while let Some(at) = bytes[from..]
+            .windows(needle.len())
+            .position(|w| w == needle.as_slice())
+        {
+            let page = (from + at) / 4096 * 4096;
+            bytes[page] = 0xEE;
+            from += at + needle.len();
+        }
+    }
+    fs::write(&path, &bytes).expect("write");
+    assert_refused(dir.path());
+    let got = recover(dir.path());
+    assert!(got.set_aside, "{got:?}");
+    assert_eq!(
+        (got.sessions, got.retained),
+        (SESSIONS_WRITTEN, RETAINED_WRITTEN)
+    );
+    // Two leaves' worth lost (about 20 messages each), not everything between them.
+    assert!(got.queued >= 1900 && got.queued < 2000, "{got:?}");
+    assert_usable(dir.path());
+}
