@@ -820,6 +820,163 @@ fn copy_deliveries(from: &ReadTransaction, to: &WriteTransaction) -> Result<(), 
     copy_table(from, to, DELIVERIES)
 }
 
+/// A string strictly between `lo` and `hi` (`lo < hi`), about halfway in key order: strings
+/// read as fractions in base 128 when both are ASCII (most client ids and topics), else in
+/// the base of Unicode scalar values. `None` when none lies between at this precision.
+fn string_between(lo: &str, hi: &str) -> Option<String> {
+    const SURROGATES: u32 = 0x800;
+    let ascii = lo.is_ascii() && hi.is_ascii();
+    let base: u64 = if ascii {
+        128
+    } else {
+        0x11_0000 - u64::from(SURROGATES)
+    };
+    let digit = |c: char| {
+        let c = u32::from(c);
+        u64::from(if c >= 0xE000 { c - SURROGATES } else { c })
+    };
+    let len = lo.chars().count().max(hi.chars().count()) + 1;
+    let digits = |text: &str| {
+        let mut out: Vec<u64> = text.chars().map(digit).collect();
+        out.resize(len, 0);
+        out
+    };
+    let (a, b) = (digits(lo), digits(hi));
+    // (a + b) / 2, digit by digit from the most significant, carrying remainders down.
+    let mut mid = Vec::with_capacity(len);
+    let mut carry = 0u64;
+    let mut sum: Vec<u64> = vec![0; len];
+    for i in (0..len).rev() {
+        let total = a[i] + b[i] + carry;
+        sum[i] = total % base;
+        carry = total / base;
+    }
+    let mut remainder = carry;
+    for &d in &sum {
+        let value = remainder * base + d;
+        mid.push(value / 2);
+        remainder = value % 2;
+    }
+    let text: Option<String> = mid
+        .into_iter()
+        .map(|d| {
+            let d = u32::try_from(d).ok()?;
+            char::from_u32(if d >= 0xD800 { d + SURROGATES } else { d })
+        })
+        .collect();
+    text.filter(|m| lo < m.as_str() && m.as_str() < hi)
+}
+
+/// Whether the records of a string-keyed table from `key` on start with a readable one.
+fn probe_strings(
+    source: &ReadOnlyTable<&'static str, &'static [u8]>,
+    key: &str,
+) -> Result<Probe, redb::Error> {
+    let first = catch_unwind(AssertUnwindSafe(|| -> Result<bool, redb::Error> {
+        match source.range::<&str>(key..)?.next() {
+            None => Ok(false),
+            Some(entry) => entry.map(|_| true).map_err(redb::Error::from),
+        }
+    }));
+    match first {
+        Ok(Ok(true)) => Ok(Probe::Readable),
+        Ok(Ok(false)) => Ok(Probe::End),
+        Ok(Err(e)) if !is_corruption(&e) => Err(e),
+        Ok(Err(_)) | Err(_) => Ok(Probe::Damaged),
+    }
+}
+
+/// Probes allowed per damaged stretch; enough for keys sharing a prefix of some 30 ASCII
+/// characters, and each is one B-tree descent.
+const MAX_PROBES: usize = 256;
+
+/// [`copy_table`] for a string-keyed table (sessions, retained messages): it first copies
+/// backward from the last key to the first damaged page, then forward from the first key,
+/// and past each damaged page resumes at the next readable key, found by halving the key
+/// range between the damage and the lowest key read backward (see [`string_between`]).
+fn copy_string_table(
+    from: &ReadTransaction,
+    to: &WriteTransaction,
+    table: TableDefinition<&'static str, &'static [u8]>,
+) -> Result<(), redb::Error> {
+    let name = table.name();
+    let opened = catch_unwind(AssertUnwindSafe(|| from.open_table(table)));
+    let Ok(Ok(source)) = opened else {
+        return copy_table(from, to, table);
+    };
+    let mut target = to.open_table(table)?;
+    let mut copied = 0u64;
+    // Backward: the lowest key read from the end, where forward copying may stop.
+    let mut lowest: Option<String> = None;
+    let backward = catch_unwind(AssertUnwindSafe(|| -> Result<(), redb::Error> {
+        for entry in source.iter()?.rev() {
+            let (key, value) = entry?;
+            target.insert(key.value(), value.value())?;
+            copied += 1;
+            lowest = Some(key.value().to_owned());
+        }
+        Ok(())
+    }));
+    match backward {
+        Ok(Ok(())) => {
+            info!(table = name, copied, "table salvaged intact");
+            return Ok(());
+        }
+        Ok(Err(e)) if !is_corruption(&e) => return Err(e),
+        Ok(Err(_)) | Err(_) => {}
+    }
+    let mut start: Option<String> = None;
+    loop {
+        let mut last: Option<String> = None;
+        let forward = catch_unwind(AssertUnwindSafe(|| -> Result<(), redb::Error> {
+            let range = match &start {
+                None => source.iter()?,
+                Some(key) => source.range::<&str>(key.as_str()..)?,
+            };
+            for entry in range {
+                let (key, value) = entry?;
+                let key = key.value();
+                if lowest.as_deref().is_some_and(|low| key >= low) {
+                    return Ok(()); // Met what the backward pass copied.
+                }
+                target.insert(key, value.value())?;
+                copied += 1;
+                last = Some(key.to_owned());
+            }
+            Ok(())
+        }));
+        match forward {
+            Ok(Ok(())) => break,
+            Ok(Err(e)) if !is_corruption(&e) => return Err(e),
+            Ok(Err(_)) | Err(_) => {}
+        }
+        // Nothing read yet: the damage may start at the first key.
+        let damaged_after = last.or(start.take()).unwrap_or_default();
+        let Some(high) = lowest.clone() else {
+            error!(table = name, after_key = %damaged_after.escape_debug(), "records of this table after this key were unreadable and are lost");
+            break;
+        };
+        // Every probe in (damaged_after, low] fails; `high` reads.
+        let (mut low, mut high) = (damaged_after.clone(), high);
+        for _ in 0..MAX_PROBES {
+            let Some(mid) = string_between(&low, &high) else {
+                break;
+            };
+            match probe_strings(&source, &mid)? {
+                Probe::Damaged => low = mid,
+                Probe::Readable | Probe::End => high = mid,
+            }
+        }
+        error!(table = name, after_key = %damaged_after.escape_debug(), before_key = %high.escape_debug(), "records of this table between these keys were unreadable and are lost");
+        if lowest.as_deref() == Some(high.as_str()) {
+            break;
+        }
+        start = Some(high);
+    }
+    info!(table = name, copied, "table salvaged in part");
+    Ok(())
+}
+
 /// Copies every readable record of every table from a damaged database into `to`.
 fn copy_all(damaged: &Database, to: &Database) -> Result<(), StoreError> {
     let from = catch_unwind(AssertUnwindSafe(|| damaged.begin_read()))
@@ -827,11 +984,11 @@ fn copy_all(damaged: &Database, to: &Database) -> Result<(), StoreError> {
         .or_store("salvaging")?;
     let mut to = to.begin_write().or_store("salvaging")?;
     to.set_durability(Durability::Immediate);
-    copy_table(&from, &to, SESSIONS).or_store("salvaging")?;
+    copy_string_table(&from, &to, SESSIONS).or_store("salvaging")?;
     copy_table(&from, &to, SUBSCRIPTIONS).or_store("salvaging")?;
     copy_table(&from, &to, INBOUND_QOS2).or_store("salvaging")?;
     copy_deliveries(&from, &to).or_store("salvaging")?;
-    copy_table(&from, &to, RETAINED).or_store("salvaging")?;
+    copy_string_table(&from, &to, RETAINED).or_store("salvaging")?;
     to.commit().or_store("salvaging")
 }
 
@@ -1471,6 +1628,45 @@ mod tests {
             .len();
         assert!(len < 20 << 20, "file grew to {len} bytes");
         store.close().expect("close makes it durable");
+    }
+
+    #[test]
+    fn a_string_between_lies_strictly_between() {
+        let pairs = [
+            ("client-00123", "client-00124"),
+            ("a", "b"),
+            ("", "a"),
+            ("a", "a\u{0}\u{1}"),
+            ("r\u{0}x", "r\u{0}y\u{0}z"),
+            ("caf\u{e9}", "cafe\u{301}x"),
+            ("\u{d7ff}", "\u{e000}"),
+            ("x\u{10ffff}", "y"),
+        ];
+        for (lo, hi) in pairs {
+            let (lo, hi) = if lo < hi { (lo, hi) } else { (hi, lo) };
+            let mid = string_between(lo, hi).unwrap_or_else(|| panic!("{lo:?}..{hi:?}"));
+            assert!(
+                lo < mid.as_str() && mid.as_str() < hi,
+                "{lo:?} {mid:?} {hi:?}"
+            );
+        }
+        // Nothing lies between a string and its successor.
+        assert_eq!(string_between("a", "a\u{0}"), None);
+        // Halving converges on a boundary within the probe budget for long shared prefixes.
+        let (mut lo, mut hi) = ("device-0000000000000001".to_owned(), "device-9".to_owned());
+        let target = "device-0000000000000002";
+        for _ in 0..MAX_PROBES {
+            let Some(mid) = string_between(&lo, &hi) else {
+                break;
+            };
+            if mid.as_str() < target {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        let next = "device-0000000000000002\u{1}";
+        assert!(target <= hi.as_str() && hi.as_str() < next, "{lo:?} {hi:?}");
     }
 
     #[test]
