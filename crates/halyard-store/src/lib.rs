@@ -17,7 +17,10 @@
 mod format;
 mod memory;
 mod readable_copy;
+mod redb_errors;
 mod redb_store;
+mod salvage;
+mod tables;
 
 pub use memory::MemoryStore;
 pub use redb_store::{FsyncPolicy, LoadReport, OnCorruption, RedbStore, FILE_NAME};
