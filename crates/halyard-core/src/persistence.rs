@@ -192,16 +192,22 @@ impl Broker {
         } else {
             if session.spilled > 0 {
                 let spilled = usize::try_from(session.spilled).unwrap_or(usize::MAX);
-                if let Ok(page) =
+                let Ok(page) =
                     journal
                         .store
                         .read_pending(&session.client_id, session.spill_from, spilled)
-                {
-                    for (seq, stored) in page {
-                        session
-                            .pending
-                            .push_back(journal.clock.delivery(seq, stored));
-                    }
+                else {
+                    // The queue stays on disk and the session in the store (still written
+                    // to and read from), so nothing acknowledged is lost; the next
+                    // CONNECT retries, and so does every refill meanwhile.
+                    self.out.stats.store_read_failures += 1;
+                    self.save_session_record(key);
+                    return;
+                };
+                for (seq, stored) in page {
+                    session
+                        .pending
+                        .push_back(journal.clock.delivery(seq, stored));
                 }
                 session.spilled = 0;
             }

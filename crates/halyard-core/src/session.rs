@@ -339,6 +339,11 @@ impl Session {
                     self.spill_from = delivery.seq;
                 }
                 self.spilled += 1;
+                if self.pending.is_empty() && self.inflight.is_empty() {
+                    // Only a failed read leaves a connected queue stalled like this, with no
+                    // acknowledgement to come that would pump it: retry the read now.
+                    self.pump(now, out);
+                }
                 return true;
             }
         }
@@ -365,8 +370,11 @@ impl Session {
                     self.pending.push_back(journal.clock.delivery(seq, stored));
                 }
             }
-            // Nothing left on disk (or unreadable): the count was stale.
-            Ok(_) | Err(_) => self.spilled = 0,
+            // Nothing left on disk: the count was stale (undecodable records were skipped).
+            Ok(_) => self.spilled = 0,
+            // Like a failed commit, never a silent loss: the count and the rows stay, so the
+            // next pump reads them again. The backend logs the error.
+            Err(_) => out.stats.store_read_failures += 1,
         }
     }
 

@@ -54,8 +54,10 @@ pub struct BrokerStats {
     pub forwarded: u64,
     /// Claims of a client id that were refused (CONNACK 0x88 / 0x03).
     pub claims_refused: u64,
-    /// Reads from the store that failed (queued messages of a session that moved).
-    pub storage_read_errors: u64,
+    /// Reads of a queue from the store that failed; the messages stay queued on disk and
+    /// are read again later, never dropped (a session moved to another node goes without
+    /// them, counted here too).
+    pub store_read_failures: u64,
 }
 
 /// Why a message was dropped for one subscriber whose queue was full.

@@ -159,7 +159,9 @@ pub trait Store: Send {
     fn set_delivery_state(&mut self, client_id: &str, seq: u64, state: DeliveryState);
     /// Removes the delivery at `seq` (acknowledged, expired or dropped).
     fn delete_delivery(&mut self, client_id: &str, seq: u64);
-    /// Up to `limit` pending deliveries with sequence numbers >= `from`, in order.
+    /// Up to `limit` pending deliveries with sequence numbers >= `from`, in order. A backend
+    /// logs a failure; the broker counts it (`BrokerStats::store_read_failures`), keeps the
+    /// deliveries queued and reads them again later, so an error never loses a message.
     fn read_pending(
         &mut self,
         client_id: &str,

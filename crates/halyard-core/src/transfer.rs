@@ -65,7 +65,7 @@ impl Broker {
     }
 
     /// The state of the session at `key`, queued messages on disk included. A queue that
-    /// cannot be read from the store is counted in `storage_read_errors`.
+    /// cannot be read from the store is counted in `store_read_failures`.
     fn export(&mut self, now: Instant, wall: SystemTime, key: SessionKey) -> Option<SessionState> {
         let clock = ClockAnchor { instant: now, wall };
         let session = self.sessions.get_mut(&key)?;
@@ -82,7 +82,7 @@ impl Broker {
                     .read_pending(&session.client_id, session.spill_from, spilled)
                 {
                     Ok(page) => pending.extend(page.into_iter().map(|(_, stored)| stored)),
-                    Err(_) => self.out.stats.storage_read_errors += 1,
+                    Err(_) => self.out.stats.store_read_failures += 1,
                 }
             }
         }

@@ -1,20 +1,36 @@
 //! The on-disk value format of [`RedbStore`](crate::RedbStore), written by hand.
 //!
-//! Every value starts with a format-version byte so a later release can read (or knowingly
-//! refuse) what an earlier one wrote. Integers are big-endian. Times are `u64` nanoseconds
-//! since the Unix epoch with 0 meaning "none", so a `SystemTime` round-trips exactly.
+//! Every value starts with a version byte so a later release can read (or knowingly refuse)
+//! what an earlier one wrote. Integers are big-endian. Times are `u64` nanoseconds since the
+//! Unix epoch with 0 meaning "none", so a `SystemTime` round-trips exactly.
+//!
+//! From version 2 on, a value ends with a CRC32C of its record's key (see [`RecordKey`]) and of
+//! every byte before the checksum, so a flipped bit anywhere in it, or a value found under a
+//! key it was not written for, is detected instead of delivered. Version 1 values (written
+//! before checksums) have the same body without the checksum; they are still read, and any
+//! rewrite (including a state patch) stores them as the current version.
 //!
 //! A message (topic, payload, QoS, RETAIN, properties) is stored as an MQTT 5 PUBLISH encoded
 //! by `halyard-codec`, preceded by its expiry: the codec already knows how to write and
 //! strictly validate every property, so the store needs no second property format.
 //!
-//! | value | layout after the version byte |
+//! | value | body after the version byte (then the checksum) |
 //! | --- | --- |
 //! | session | (version 2) fencing epoch u64, expiry interval u32, expires at (time), will flag u8; if 1: will due (time), will delay flag u8 + u32, will as PUBLISH |
 //! | subscription | QoS u8, flags u8 (bit 0 no local, bit 1 retain as published), retain handling u8, identifier flag u8 + u32 |
 //! | delivery | state u8 (0 pending, 1 awaiting PUBACK, 2 awaiting PUBREC, 3 awaiting PUBCOMP), packet id u16, delivery QoS u8, delivery RETAIN u8, id count u32 + ids u32 each, message |
 //! | retained | message |
-//! | message | expires at (time), PUBLISH packet (rest of the value) |
+//! | message | expires at (time), PUBLISH packet (rest of the body) |
+//!
+//! Each kind of value has its own current version (`SESSION_VERSION`, ...). To add a field to
+//! one kind: raise its version by one, write the field among the fixed fields (never after a
+//! PUBLISH, which runs to the end of the body), and read it at the same place only when the
+//! value's version is at least the new one, with a default for older values. For example an
+//! `epoch: u64` of a session: `SESSION_VERSION = 3`; in [`encode_session`],
+//! `out.extend_from_slice(&record.epoch.to_be_bytes())` right after `expires at`; in
+//! [`decode_session`], `let epoch = if version >= 3 { r.u64()? } else { 0 };` right after
+//! `expires at`; and a round-trip test of a version 2 value. The checksum framing is the same
+//! for every version from 2 on and needs no change.
 //!
 //! Values read from disk are untrusted: decoding never panics and never allocates more than
 //! the value's own length; anything unexpected is a [`FormatError`].
@@ -29,15 +45,23 @@ use halyard_codec::{
 use halyard_core::store::{DeliveryState, SessionRecord, StoredDelivery, StoredMessage};
 use halyard_core::SubscriptionEntry;
 
-/// The only format version written so far.
-pub(crate) const FORMAT_VERSION: u8 = 1;
+/// The version of values written before checksums: read, never written.
+const UNCHECKED_VERSION: u8 = 1;
+/// The first version whose values end with a checksum; every later one does too.
+const CHECKED_SINCE: u8 = 2;
+/// Current version of each kind of value (see the module documentation to add a field).
+const SESSION_VERSION: u8 = 3;
+/// The first session version carrying the fencing epoch (after `expires at`); earlier ones
+/// read with epoch 0.
+const SESSION_EPOCH_SINCE: u8 = 3;
+const SUBSCRIPTION_VERSION: u8 = 2;
+const DELIVERY_VERSION: u8 = 2;
+const RETAINED_VERSION: u8 = 2;
+/// Length of the CRC32C that ends a checked value.
+const CHECKSUM_LEN: usize = 4;
 
-/// Version of session values that carry the fencing epoch after the version byte; session
-/// values of [`FORMAT_VERSION`] (written before epochs were stored) read with epoch 0.
-const SESSION_WITH_EPOCH: u8 = 2;
-
-/// Byte offset of the delivery state tag; the packet id follows it. Fixed so that
-/// [`patch_delivery_state`] can rewrite the state without decoding the message.
+/// Byte offset of the delivery state tag; the packet id follows it. Fixed in every version so
+/// that [`patch_delivery_state`] can rewrite the state without decoding the message.
 const STATE_OFFSET: usize = 1;
 const STATE_END: usize = STATE_OFFSET + 3;
 
@@ -50,6 +74,14 @@ pub(crate) enum FormatError {
     /// The version byte is one this release does not know.
     #[error("unknown format version {0}")]
     UnknownVersion(u8),
+    /// The value's bytes (or its key) are not those its checksum was computed over.
+    #[error("checksum mismatch: stored {stored:#010x}, computed {computed:#010x}")]
+    Checksum {
+        /// The CRC32C stored at the end of the value.
+        stored: u32,
+        /// The CRC32C of what was read.
+        computed: u32,
+    },
     /// A field holds a value outside its domain.
     #[error("invalid {0}")]
     Invalid(&'static str),
@@ -65,6 +97,92 @@ pub(crate) enum FormatError {
 #[derive(Debug, thiserror::Error)]
 #[error("cannot encode message: {0}")]
 pub(crate) struct EncodeFailure(#[from] EncodeError);
+
+/// The key a value is stored under, covered by the value's checksum: a value that a damaged
+/// page shows under another key, or in another table, fails its check.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum RecordKey<'a> {
+    /// Client id.
+    Session(&'a str),
+    /// Client id and filter.
+    Subscription(&'a str, &'a str),
+    /// Client id and queue sequence number.
+    Delivery(&'a str, u64),
+    /// Retained key (topic levels joined by U+0000).
+    Retained(&'a str),
+}
+
+impl RecordKey<'_> {
+    /// CRC32C of the key: a table tag, then each part (strings length-prefixed).
+    fn checksum(self) -> u32 {
+        let part = |crc: u32, text: &str| {
+            let len = u32::try_from(text.len()).unwrap_or(u32::MAX);
+            crc32c::crc32c_append(
+                crc32c::crc32c_append(crc, &len.to_be_bytes()),
+                text.as_bytes(),
+            )
+        };
+        match self {
+            RecordKey::Session(client) => part(crc32c::crc32c(b"s"), client),
+            RecordKey::Subscription(client, filter) => {
+                part(part(crc32c::crc32c(b"b"), client), filter)
+            }
+            RecordKey::Delivery(client, seq) => {
+                crc32c::crc32c_append(part(crc32c::crc32c(b"d"), client), &seq.to_be_bytes())
+            }
+            RecordKey::Retained(key) => part(crc32c::crc32c(b"r"), key),
+        }
+    }
+}
+
+/// CRC32C of `key` followed by `bytes`.
+fn checksum(key: RecordKey<'_>, bytes: &[u8]) -> u32 {
+    crc32c::crc32c_append(key.checksum(), bytes)
+}
+
+/// Ends a value (version byte and body) with its checksum.
+fn seal(key: RecordKey<'_>, mut value: Vec<u8>) -> Vec<u8> {
+    let crc = checksum(key, &value);
+    value.extend_from_slice(&crc.to_be_bytes());
+    value
+}
+
+/// A value whose version is known and whose checksum (if it has one) holds.
+struct Opened<'a> {
+    version: u8,
+    body: Reader<'a>,
+}
+
+/// Checks a value's version (at most `newest`) and checksum, returning its body.
+fn open<'v>(key: RecordKey<'_>, value: &'v [u8], newest: u8) -> Result<Opened<'v>, FormatError> {
+    let (&version, rest) = value.split_first().ok_or(FormatError::Truncated)?;
+    if version == UNCHECKED_VERSION {
+        return Ok(Opened {
+            version,
+            body: Reader(rest),
+        });
+    }
+    if !(CHECKED_SINCE..=newest).contains(&version) {
+        return Err(FormatError::UnknownVersion(version));
+    }
+    let split = value
+        .len()
+        .checked_sub(CHECKSUM_LEN)
+        .filter(|&at| at > 0)
+        .ok_or(FormatError::Truncated)?;
+    let (checked, stored) = value.split_at(split);
+    let mut stored_bytes = [0; CHECKSUM_LEN];
+    stored_bytes.copy_from_slice(stored);
+    let stored = u32::from_be_bytes(stored_bytes);
+    let computed = checksum(key, checked);
+    if stored != computed {
+        return Err(FormatError::Checksum { stored, computed });
+    }
+    Ok(Opened {
+        version,
+        body: Reader(&checked[1..]),
+    })
+}
 
 /// A bounds-checked cursor over an untrusted value.
 struct Reader<'a>(&'a [u8]);
@@ -120,13 +238,6 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn version(&mut self) -> Result<(), FormatError> {
-        match self.u8()? {
-            FORMAT_VERSION => Ok(()),
-            other => Err(FormatError::UnknownVersion(other)),
-        }
-    }
-
     fn finish(self) -> Result<(), FormatError> {
         match self.0.len() {
             0 => Ok(()),
@@ -155,7 +266,7 @@ fn put_publish(out: &mut Vec<u8>, publish: Publish) -> Result<(), EncodeFailure>
     Ok(())
 }
 
-/// Decodes the rest of the value as exactly one MQTT 5 PUBLISH.
+/// Decodes the rest of the body as exactly one MQTT 5 PUBLISH.
 fn take_publish(r: Reader<'_>) -> Result<Publish, FormatError> {
     let mut buf = BytesMut::from(r.0);
     let ctx = DecodeContext {
@@ -217,10 +328,10 @@ fn take_message(mut r: Reader<'_>) -> Result<StoredMessage, FormatError> {
 
 /// Encodes a session record (the client id is the key, not part of the value).
 pub(crate) fn encode_session(record: &SessionRecord) -> Result<Vec<u8>, EncodeFailure> {
-    let mut out = vec![SESSION_WITH_EPOCH];
-    out.extend_from_slice(&record.epoch.to_be_bytes());
+    let mut out = vec![SESSION_VERSION];
     out.extend_from_slice(&record.expiry_interval.to_be_bytes());
     put_time(&mut out, record.expires_at);
+    out.extend_from_slice(&record.epoch.to_be_bytes());
     match &record.delayed_will {
         None => out.push(0),
         Some((due, will)) => {
@@ -246,19 +357,22 @@ pub(crate) fn encode_session(record: &SessionRecord) -> Result<Vec<u8>, EncodeFa
             )?;
         }
     }
-    Ok(out)
+    Ok(seal(RecordKey::Session(&record.client_id), out))
 }
 
 /// Decodes a session record stored under `client_id`.
 pub(crate) fn decode_session(client_id: &str, value: &[u8]) -> Result<SessionRecord, FormatError> {
-    let mut r = Reader(value);
-    let epoch = match r.u8()? {
-        FORMAT_VERSION => 0,
-        SESSION_WITH_EPOCH => r.u64()?,
-        other => return Err(FormatError::UnknownVersion(other)),
-    };
+    let Opened {
+        body: mut r,
+        version,
+    } = open(RecordKey::Session(client_id), value, SESSION_VERSION)?;
     let expiry_interval = r.u32()?;
     let expires_at = r.time()?;
+    let epoch = if version >= SESSION_EPOCH_SINCE {
+        r.u64()?
+    } else {
+        0
+    };
     let delayed_will = if r.flag("will flag")? {
         let due = r.time()?.ok_or(FormatError::Invalid("will due time"))?;
         let has_delay = r.flag("will delay flag")?;
@@ -289,24 +403,32 @@ pub(crate) fn decode_session(client_id: &str, value: &[u8]) -> Result<SessionRec
     })
 }
 
-/// Encodes a subscription entry.
-pub(crate) fn encode_subscription(entry: &SubscriptionEntry) -> Vec<u8> {
+/// Encodes a subscription entry stored under `(client_id, filter)`.
+pub(crate) fn encode_subscription(
+    client_id: &str,
+    filter: &str,
+    entry: &SubscriptionEntry,
+) -> Vec<u8> {
     let options = &entry.options;
     let mut out = vec![
-        FORMAT_VERSION,
+        SUBSCRIPTION_VERSION,
         options.qos as u8,
         u8::from(options.no_local) | u8::from(options.retain_as_published) << 1,
         options.retain_handling,
         u8::from(entry.identifier.is_some()),
     ];
     out.extend_from_slice(&entry.identifier.unwrap_or(0).to_be_bytes());
-    out
+    seal(RecordKey::Subscription(client_id, filter), out)
 }
 
-/// Decodes a subscription entry.
-pub(crate) fn decode_subscription(value: &[u8]) -> Result<SubscriptionEntry, FormatError> {
-    let mut r = Reader(value);
-    r.version()?;
+/// Decodes a subscription entry stored under `(client_id, filter)`.
+pub(crate) fn decode_subscription(
+    client_id: &str,
+    filter: &str,
+    value: &[u8],
+) -> Result<SubscriptionEntry, FormatError> {
+    let key = RecordKey::Subscription(client_id, filter);
+    let Opened { body: mut r, .. } = open(key, value, SUBSCRIPTION_VERSION)?;
     let qos = r.qos()?;
     let flags = r.u8()?;
     if flags & !0b11 != 0 {
@@ -341,13 +463,15 @@ fn state_bytes(state: DeliveryState) -> [u8; 3] {
     [tag, hi, lo]
 }
 
-/// Encodes a delivery with its state.
+/// Encodes a delivery with its state, stored under `(client_id, seq)`.
 pub(crate) fn encode_delivery(
+    client_id: &str,
+    seq: u64,
     delivery: &StoredDelivery,
     state: DeliveryState,
 ) -> Result<Vec<u8>, EncodeFailure> {
     let mut out = Vec::with_capacity(64 + delivery.message.payload.len());
-    out.push(FORMAT_VERSION);
+    out.push(DELIVERY_VERSION);
     out.extend_from_slice(&state_bytes(state));
     out.push(delivery.qos as u8);
     out.push(u8::from(delivery.retain));
@@ -358,13 +482,11 @@ pub(crate) fn encode_delivery(
         out.extend_from_slice(&id.to_be_bytes());
     }
     put_message(&mut out, &delivery.message)?;
-    Ok(out)
+    Ok(seal(RecordKey::Delivery(client_id, seq), out))
 }
 
-/// Reads only the state of an encoded delivery: what start-up needs for a pending one.
-pub(crate) fn delivery_state(value: &[u8]) -> Result<DeliveryState, FormatError> {
-    let mut r = Reader(value);
-    r.version()?;
+/// Reads the state at the front of a delivery body.
+fn take_state(r: &mut Reader<'_>) -> Result<DeliveryState, FormatError> {
     let tag = r.u8()?;
     let packet_id = r.u16()?;
     let needs_id = |state: fn(u16) -> DeliveryState| {
@@ -383,12 +505,26 @@ pub(crate) fn delivery_state(value: &[u8]) -> Result<DeliveryState, FormatError>
     }
 }
 
-/// Decodes a delivery and its state.
+/// Checks a delivery's checksum and reads only its state: what start-up needs for a pending
+/// one, which stays on disk. (A version 1 value has no checksum; only its state is checked.)
+pub(crate) fn delivery_state(
+    client_id: &str,
+    seq: u64,
+    value: &[u8],
+) -> Result<DeliveryState, FormatError> {
+    let mut opened = open(RecordKey::Delivery(client_id, seq), value, DELIVERY_VERSION)?;
+    take_state(&mut opened.body)
+}
+
+/// Decodes a delivery stored under `(client_id, seq)` and its state.
 pub(crate) fn decode_delivery(
+    client_id: &str,
+    seq: u64,
     value: &[u8],
 ) -> Result<(StoredDelivery, DeliveryState), FormatError> {
-    let state = delivery_state(value)?;
-    let mut r = Reader(value.get(STATE_END..).unwrap_or_default());
+    let Opened { body: mut r, .. } =
+        open(RecordKey::Delivery(client_id, seq), value, DELIVERY_VERSION)?;
+    let state = take_state(&mut r)?;
     let qos = r.qos()?;
     let retain = r.flag("retain flag")?;
     let count = r.u32()? as usize;
@@ -409,29 +545,48 @@ pub(crate) fn decode_delivery(
     ))
 }
 
-/// Returns `value` with its state replaced, without decoding the message.
+/// Returns `value` with its state replaced, without decoding the message; the result is
+/// always of the current version (a version 1 value gains its checksum).
 pub(crate) fn patch_delivery_state(
+    client_id: &str,
+    seq: u64,
     value: &[u8],
     state: DeliveryState,
 ) -> Result<Vec<u8>, FormatError> {
-    delivery_state(value)?;
-    let mut out = value.to_vec();
-    out[STATE_OFFSET..STATE_END].copy_from_slice(&state_bytes(state));
-    Ok(out)
+    let key = RecordKey::Delivery(client_id, seq);
+    let mut opened = open(key, value, DELIVERY_VERSION)?;
+    take_state(&mut opened.body)?;
+    let body_end = match opened.version {
+        UNCHECKED_VERSION => value.len(),
+        _ => value.len() - CHECKSUM_LEN,
+    };
+    let mut out = Vec::with_capacity(body_end + CHECKSUM_LEN);
+    out.push(DELIVERY_VERSION);
+    out.extend_from_slice(&state_bytes(state));
+    out.extend_from_slice(&value[STATE_END..body_end]);
+    Ok(seal(key, out))
 }
 
-/// Encodes a retained message.
-pub(crate) fn encode_retained(message: &StoredMessage) -> Result<Vec<u8>, EncodeFailure> {
-    let mut out = vec![FORMAT_VERSION];
+/// Encodes a retained message stored under `key` (its [`retained_key`]).
+///
+/// [`retained_key`]: halyard_core::retained::retained_key
+pub(crate) fn encode_retained(
+    key: &str,
+    message: &StoredMessage,
+) -> Result<Vec<u8>, EncodeFailure> {
+    let mut out = vec![RETAINED_VERSION];
     put_message(&mut out, message)?;
-    Ok(out)
+    Ok(seal(RecordKey::Retained(key), out))
 }
 
-/// Decodes a retained message.
-pub(crate) fn decode_retained(value: &[u8]) -> Result<StoredMessage, FormatError> {
-    let mut r = Reader(value);
-    r.version()?;
-    take_message(r)
+/// Checks a retained message's checksum without decoding it (start-up's check).
+pub(crate) fn verify_retained(key: &str, value: &[u8]) -> Result<(), FormatError> {
+    open(RecordKey::Retained(key), value, RETAINED_VERSION).map(drop)
+}
+
+/// Decodes a retained message stored under `key`.
+pub(crate) fn decode_retained(key: &str, value: &[u8]) -> Result<StoredMessage, FormatError> {
+    take_message(open(RecordKey::Retained(key), value, RETAINED_VERSION)?.body)
 }
 
 #[cfg(test)]
@@ -460,29 +615,41 @@ mod tests {
         }
     }
 
-    #[test]
-    fn delivery_round_trips_in_every_state() {
-        let delivery = StoredDelivery {
+    fn delivery() -> StoredDelivery {
+        StoredDelivery {
             message: message(),
             qos: QoS::AtLeastOnce,
             retain: false,
             subscription_ids: vec![1, 268_435_455],
-        };
+        }
+    }
+
+    /// The value as the release before checksums wrote it: version 1, no checksum.
+    fn as_version_1(value: &[u8]) -> Vec<u8> {
+        let mut old = value[..value.len() - CHECKSUM_LEN].to_vec();
+        old[0] = UNCHECKED_VERSION;
+        old
+    }
+
+    #[test]
+    fn delivery_round_trips_in_every_state() {
+        let delivery = delivery();
         for state in [
             DeliveryState::Pending,
             DeliveryState::AwaitingAck(7),
             DeliveryState::AwaitingReceipt(65535),
             DeliveryState::AwaitingCompletion(1),
         ] {
-            let value = encode_delivery(&delivery, state).expect("encodes");
-            assert_eq!(delivery_state(&value).expect("state"), state);
-            let (back, back_state) = decode_delivery(&value).expect("decodes");
+            let value = encode_delivery("c", 9, &delivery, state).expect("encodes");
+            assert_eq!(delivery_state("c", 9, &value).expect("state"), state);
+            let (back, back_state) = decode_delivery("c", 9, &value).expect("decodes");
             assert_eq!(back, delivery);
             assert_eq!(back_state, state);
-            let patched = patch_delivery_state(&value, DeliveryState::Pending).expect("patches");
+            let patched =
+                patch_delivery_state("c", 9, &value, DeliveryState::Pending).expect("patches");
             assert_eq!(
-                decode_delivery(&patched).expect("decodes").1,
-                DeliveryState::Pending
+                decode_delivery("c", 9, &patched).expect("decodes"),
+                (delivery.clone(), DeliveryState::Pending)
             );
         }
     }
@@ -493,13 +660,13 @@ mod tests {
         m.qos = QoS::AtMostOnce;
         m.expires_at = None;
         m.properties = Properties::default();
-        let value = encode_retained(&m).expect("encodes");
-        assert_eq!(decode_retained(&value).expect("decodes"), m);
+        let value = encode_retained("k", &m).expect("encodes");
+        verify_retained("k", &value).expect("verifies");
+        assert_eq!(decode_retained("k", &value).expect("decodes"), m);
     }
 
-    #[test]
-    fn session_with_will_round_trips() {
-        let record = SessionRecord {
+    fn session_with_will() -> SessionRecord {
+        SessionRecord {
             client_id: "c1".into(),
             epoch: 41,
             expiry_interval: u32::MAX,
@@ -518,7 +685,12 @@ mod tests {
                     },
                 },
             )),
-        };
+        }
+    }
+
+    #[test]
+    fn session_with_will_round_trips() {
+        let record = session_with_will();
         let value = encode_session(&record).expect("encodes");
         assert_eq!(decode_session("c1", &value).expect("decodes"), record);
         let plain = SessionRecord {
@@ -532,8 +704,8 @@ mod tests {
 
     #[test]
     fn session_written_before_epochs_reads_with_epoch_zero() {
-        // Version 1: expiry interval 60, no expiry time, no will.
-        let mut value = vec![FORMAT_VERSION];
+        // Version 1 (no checksum): expiry interval 60, no expiry time, no will.
+        let mut value = vec![UNCHECKED_VERSION];
         value.extend_from_slice(&60u32.to_be_bytes());
         value.extend_from_slice(&0u64.to_be_bytes());
         value.push(0);
@@ -541,9 +713,8 @@ mod tests {
         assert_eq!((record.epoch, record.expiry_interval), (0, 60));
     }
 
-    #[test]
-    fn subscription_round_trips() {
-        let entry = SubscriptionEntry {
+    fn entry() -> SubscriptionEntry {
+        SubscriptionEntry {
             options: SubscriptionOptions {
                 qos: QoS::ExactlyOnce,
                 no_local: true,
@@ -551,11 +722,98 @@ mod tests {
                 retain_handling: 2,
             },
             identifier: Some(42),
-        };
+        }
+    }
+
+    #[test]
+    fn subscription_round_trips() {
+        let value = encode_subscription("c", "a/#", &entry());
         assert_eq!(
-            decode_subscription(&encode_subscription(&entry)).expect("decodes"),
-            entry
+            decode_subscription("c", "a/#", &value).expect("decodes"),
+            entry()
         );
+    }
+
+    #[test]
+    fn values_written_before_checksums_still_load() {
+        // Version 1 sessions have no epoch (the 8 bytes after `expires at`): they read as 0.
+        let mut record = session_with_will();
+        let mut old = as_version_1(&encode_session(&record).expect("encodes"));
+        old.drain(13..21);
+        record.epoch = 0;
+        assert_eq!(decode_session("c1", &old).expect("decodes"), record);
+
+        let old = as_version_1(&encode_subscription("c", "f", &entry()));
+        assert_eq!(
+            decode_subscription("c", "f", &old).expect("decodes"),
+            entry()
+        );
+
+        let value =
+            encode_delivery("c", 1, &delivery(), DeliveryState::AwaitingAck(3)).expect("encodes");
+        let old = as_version_1(&value);
+        assert_eq!(
+            decode_delivery("c", 1, &old).expect("decodes"),
+            (delivery(), DeliveryState::AwaitingAck(3))
+        );
+        // A state patch rewrites it as the current version, checksum included.
+        let patched = patch_delivery_state("c", 1, &old, DeliveryState::Pending).expect("patches");
+        assert_eq!(patched[0], DELIVERY_VERSION);
+        assert!(
+            decode_delivery("c", 2, &patched).is_err(),
+            "checked against its key"
+        );
+        assert_eq!(
+            decode_delivery("c", 1, &patched).expect("decodes"),
+            (delivery(), DeliveryState::Pending)
+        );
+
+        let old = as_version_1(&encode_retained("k", &message()).expect("encodes"));
+        verify_retained("k", &old).expect("nothing to check");
+        assert_eq!(decode_retained("k", &old).expect("decodes"), message());
+    }
+
+    #[test]
+    fn any_flipped_bit_fails_the_checksum() {
+        let value = encode_delivery("c", 5, &delivery(), DeliveryState::Pending).expect("encodes");
+        for at in 0..value.len() {
+            for bit in [0x01, 0x80] {
+                let mut damaged = value.clone();
+                damaged[at] ^= bit;
+                assert!(
+                    decode_delivery("c", 5, &damaged).is_err(),
+                    "bit {bit:#x} of byte {at}"
+                );
+                assert!(delivery_state("c", 5, &damaged).is_err());
+            }
+        }
+        // The payload's bytes in particular: a flip there is a checksum failure.
+        let at = value
+            .windows(5)
+            .position(|w| w == b"hello")
+            .expect("payload stored");
+        let mut damaged = value.clone();
+        damaged[at] ^= 0x20;
+        assert!(matches!(
+            decode_delivery("c", 5, &damaged),
+            Err(FormatError::Checksum { .. })
+        ));
+    }
+
+    #[test]
+    fn a_value_under_another_key_fails_the_checksum() {
+        let value = encode_delivery("c", 5, &delivery(), DeliveryState::Pending).expect("encodes");
+        assert!(decode_delivery("c", 6, &value).is_err());
+        assert!(decode_delivery("d", 5, &value).is_err());
+        let value = encode_session(&session_with_will()).expect("encodes");
+        assert!(decode_session("c2", &value).is_err());
+        let value = encode_subscription("c", "a", &entry());
+        assert!(decode_subscription("c", "b", &value).is_err());
+        // Length prefixes keep the parts apart: ("ca", "b") is not ("c", "ab").
+        let value = encode_subscription("ca", "b", &entry());
+        assert!(decode_subscription("c", "ab", &value).is_err());
+        let value = encode_retained("a", &message()).expect("encodes");
+        assert!(verify_retained("b", &value).is_err());
     }
 
     #[test]
@@ -566,24 +824,50 @@ mod tests {
             retain: true,
             subscription_ids: vec![3],
         };
-        let value = encode_delivery(&delivery, DeliveryState::AwaitingAck(3)).expect("encodes");
-        for len in 0..value.len() {
-            assert!(decode_delivery(&value[..len]).is_err(), "prefix of {len}");
+        let value =
+            encode_delivery("c", 0, &delivery, DeliveryState::AwaitingAck(3)).expect("encodes");
+        for version_1 in [false, true] {
+            let value = if version_1 {
+                as_version_1(&value)
+            } else {
+                value.clone()
+            };
+            for len in 0..value.len() {
+                assert!(
+                    decode_delivery("c", 0, &value[..len]).is_err(),
+                    "prefix of {len}"
+                );
+                let _ = patch_delivery_state("c", 0, &value[..len], DeliveryState::Pending);
+            }
+            let mut longer = value.clone();
+            longer.push(0);
+            assert!(decode_delivery("c", 0, &longer).is_err());
         }
-        let mut longer = value.clone();
-        longer.push(0);
-        assert!(decode_delivery(&longer).is_err());
-        let mut wrong_version = value;
-        wrong_version[0] = 99;
-        assert!(matches!(
-            decode_delivery(&wrong_version),
-            Err(FormatError::UnknownVersion(99))
-        ));
+        for version in [0, 3, 99] {
+            let mut wrong_version = value.clone();
+            wrong_version[0] = version;
+            assert!(matches!(
+                decode_delivery("c", 0, &wrong_version),
+                Err(FormatError::UnknownVersion(v)) if v == version
+            ));
+        }
         // A huge identifier count must not allocate.
-        let mut huge = vec![FORMAT_VERSION, 0, 0, 0, 1, 0];
+        let mut huge = vec![UNCHECKED_VERSION, 0, 0, 0, 1, 0];
         huge.extend_from_slice(&u32::MAX.to_be_bytes());
-        assert!(decode_delivery(&huge).is_err());
-        assert!(decode_subscription(&[FORMAT_VERSION, 3, 0, 0, 0, 0, 0, 0, 0]).is_err());
-        assert!(decode_session("c", &[FORMAT_VERSION, 0]).is_err());
+        assert!(decode_delivery("c", 0, &huge).is_err());
+        let huge = seal(RecordKey::Delivery("c", 0), {
+            let mut v = huge;
+            v[0] = DELIVERY_VERSION;
+            v
+        });
+        assert!(matches!(
+            decode_delivery("c", 0, &huge),
+            Err(FormatError::Truncated)
+        ));
+        assert!(
+            decode_subscription("c", "f", &[UNCHECKED_VERSION, 3, 0, 0, 0, 0, 0, 0, 0]).is_err()
+        );
+        assert!(decode_session("c", &[UNCHECKED_VERSION, 0]).is_err());
+        assert!(decode_session("c", &[SESSION_VERSION, 0, 0, 0]).is_err());
     }
 }

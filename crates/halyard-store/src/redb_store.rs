@@ -19,33 +19,24 @@ use halyard_core::store::{
 };
 use halyard_core::SubscriptionEntry;
 use redb::{
-    Builder, Database, Durability, Key, ReadTransaction, ReadableTable, ReadableTableMetadata,
-    RepairSession, TableDefinition, TableHandle, Value, WriteTransaction,
+    Builder, Database, Durability, ReadableTable, ReadableTableMetadata, RepairSession,
+    WriteTransaction,
 };
 use tracing::{error, info, warn};
 
 use crate::format::{
     decode_delivery, decode_retained, decode_session, decode_subscription, delivery_state,
     encode_delivery, encode_retained, encode_session, encode_subscription, patch_delivery_state,
+    verify_retained,
+};
+use crate::redb_errors::{failed, is_corruption, panic_message, RedbResult};
+use crate::salvage::{copy_all, recover_unopenable};
+use crate::tables::{
+    CACHE_BYTES, DELIVERIES, INBOUND_QOS2, LEGACY_RETAINED, RETAINED, SESSIONS, SUBSCRIPTIONS,
 };
 
 /// Name of the data file inside the configured directory.
 pub const FILE_NAME: &str = "halyard.redb";
-
-/// client id -> session record.
-const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
-/// (client id, filter) -> subscription entry; one client's filters are adjacent.
-const SUBSCRIPTIONS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("subscriptions");
-/// (client id, packet id) -> (): inbound QoS 2 ids awaiting PUBREL.
-const INBOUND_QOS2: TableDefinition<(&str, u16), ()> = TableDefinition::new("inbound_qos2");
-/// (client id, seq) -> state + delivery; a session's queue is one ordered key range.
-const DELIVERIES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("deliveries");
-/// retained key (the topic's levels joined by U+0000, see `halyard_core::retained`) ->
-/// retained message: key order is level-wise topic order, so a filter's matches lie in the key
-/// range of its literal prefix and are read a page at a time.
-const RETAINED: TableDefinition<&str, &[u8]> = TableDefinition::new("retained_levels");
-/// The retained table of earlier versions, keyed by topic; moved to [`RETAINED`] at open.
-const LEGACY_RETAINED: TableDefinition<&str, &[u8]> = TableDefinition::new("retained");
 
 /// At most this many non-durable commits in a row, whatever the policy. redb reuses the pages
 /// a transaction freed only after a durable commit, so every non-durable commit grows the
@@ -77,6 +68,18 @@ pub enum FsyncPolicy {
     Never,
 }
 
+/// What the store does with a damaged data file or damaged records (`storage.on_corruption`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OnCorruption {
+    /// Keep serving: skip and count damaged records, copy every readable record of a damaged
+    /// file to a new one, and set aside a file redb cannot open at all (starting empty).
+    #[default]
+    Salvage,
+    /// Change nothing and fail [`RedbStore::open`] or [`Store::load`], saying what is damaged,
+    /// so that an operator can inspect or restore the file before the broker serves from it.
+    Refuse,
+}
+
 /// What [`Store::load`] found, also logged as one line at start-up.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LoadReport {
@@ -92,7 +95,8 @@ pub struct LoadReport {
     pub pending: u64,
     /// Retained messages counted; they stay on disk.
     pub retained: u64,
-    /// Records that did not decode: each was logged with its key and removed.
+    /// Records that failed their checksum or did not decode: each was logged with its key and
+    /// removed.
     pub corrupt: usize,
     /// Records whose session record is missing: counted, logged per session and removed.
     pub orphaned: u64,
@@ -130,6 +134,7 @@ pub struct RedbStore {
     /// The data file.
     path: PathBuf,
     policy: FsyncPolicy,
+    on_corruption: OnCorruption,
     /// The batch being written; `Some` only when it holds writes.
     txn: Option<WriteTransaction>,
     /// Non-durable commits made since the last durable one.
@@ -152,38 +157,12 @@ impl fmt::Debug for RedbStore {
     }
 }
 
-fn failed(context: &'static str) -> impl FnOnce(redb::Error) -> StoreError {
-    move |e| StoreError(format!("{context}: {e}"))
-}
-
-/// Converts any redb error to [`redb::Error`], the type [`failed`] and [`is_corruption`] read.
-trait RedbResult<T> {
-    fn or_store(self, context: &'static str) -> Result<T, StoreError>;
-}
-
-impl<T, E: Into<redb::Error>> RedbResult<T> for Result<T, E> {
-    fn or_store(self, context: &'static str) -> Result<T, StoreError> {
-        self.map_err(|e| failed(context)(e.into()))
-    }
-}
-
 /// Why the data file could not be opened.
 enum OpenError {
     /// The file is damaged beyond what redb repairs; it should be set aside.
     Corrupt(String),
     /// Anything else (permissions, the file is in use, ...): start-up must fail.
     Other(StoreError),
-}
-
-fn is_corruption(error: &redb::Error) -> bool {
-    match error {
-        redb::Error::Corrupted(_) => true,
-        redb::Error::Io(io) => matches!(
-            io.kind(),
-            std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
-        ),
-        _ => false,
-    }
 }
 
 fn classify(context: &'static str) -> impl Fn(redb::Error) -> OpenError {
@@ -195,9 +174,6 @@ fn classify(context: &'static str) -> impl Fn(redb::Error) -> OpenError {
         }
     }
 }
-
-/// Page cache of the database.
-const CACHE_BYTES: usize = 16 * 1024 * 1024;
 
 /// Opens (or creates) the database and makes sure every table exists.
 fn open_database(path: &Path) -> Result<Database, OpenError> {
@@ -276,6 +252,17 @@ fn migrate_retained(txn: &WriteTransaction) -> Result<u64, redb::Error> {
     Ok(moved)
 }
 
+/// The error of [`OnCorruption::Refuse`]: what is damaged, and that nothing was changed.
+fn refused(path: &Path, reason: &str) -> StoreError {
+    error!(file = %path.display(), %reason, "data file is damaged; refusing to use it (on_corruption = refuse): nothing was changed");
+    StoreError(format!(
+        "{} is damaged ({reason}); refusing to use it (on_corruption = refuse): nothing was \
+         changed; restore it from a backup, move it aside to start empty, or set \
+         on_corruption = \"salvage\" to keep every intact record",
+        path.display()
+    ))
+}
+
 /// A name beside the data file that no earlier set-aside file uses.
 fn set_aside_path(dir: &Path) -> PathBuf {
     let secs = SystemTime::now()
@@ -297,6 +284,7 @@ enum Doomed {
     Subscription(String, String),
     InboundQos2(String, u16),
     Delivery(String, u64),
+    Retained(String),
 }
 
 /// One session's deliveries, gathered during the ordered scan of [`DELIVERIES`].
@@ -385,7 +373,7 @@ where
             doomed.push(doom());
             continue;
         };
-        match decode_subscription(value.value()) {
+        match decode_subscription(client, filter, value.value()) {
             Ok(entry) => session.subscriptions.push((filter.to_owned(), entry)),
             Err(e) => {
                 error!(%client, %filter, error = %e, "removing undecodable subscription: it is lost");
@@ -425,10 +413,10 @@ where
         }
         queue.last_seq = Some(seq);
         let value = value.value();
-        // Pending deliveries stay on disk: only their state byte is read here.
-        let decoded = delivery_state(value).and_then(|state| match state {
+        // Pending deliveries stay on disk: only their checksum and state are read here.
+        let decoded = delivery_state(client, seq, value).and_then(|state| match state {
             DeliveryState::Pending => Ok(None),
-            _ => decode_delivery(value).map(Some),
+            _ => decode_delivery(client, seq, value).map(Some),
         });
         match decoded {
             Ok(None) => {
@@ -452,9 +440,20 @@ where
         report.subscriptions += session.subscriptions.len();
         report.inbound_qos2 += session.inbound_qos2.len();
     }
-    // Counted from the table's header, not read: retained messages are read in pages when a
-    // subscriber needs them, and undecodable ones are removed then.
-    report.retained = retained_table.len()?;
+    // Retained messages stay on disk, read in pages when a subscriber needs them; only their
+    // checksums are verified here, so the count of corrupt records is true at start-up.
+    for entry in retained_table.iter()? {
+        let (key, value) = entry?;
+        let key = key.value();
+        match verify_retained(key, value.value()) {
+            Ok(()) => report.retained += 1,
+            Err(e) => {
+                error!(key = %key.escape_debug(), error = %e, "removing damaged retained message: it is lost");
+                report.corrupt += 1;
+                doomed.push(Doomed::Retained(key.to_owned()));
+            }
+        }
+    }
     Ok(LoadedState {
         sessions: sessions.into_values().collect(),
     })
@@ -465,6 +464,7 @@ fn remove_doomed(txn: &WriteTransaction, doomed: &[Doomed]) -> Result<(), redb::
     let mut subscriptions = txn.open_table(SUBSCRIPTIONS)?;
     let mut qos2 = txn.open_table(INBOUND_QOS2)?;
     let mut deliveries = txn.open_table(DELIVERIES)?;
+    let mut retained = txn.open_table(RETAINED)?;
     for record in doomed {
         match record {
             Doomed::Session(client) => {
@@ -478,6 +478,9 @@ fn remove_doomed(txn: &WriteTransaction, doomed: &[Doomed]) -> Result<(), redb::
             }
             Doomed::Delivery(client, seq) => {
                 deliveries.remove((client.as_str(), *seq))?;
+            }
+            Doomed::Retained(key) => {
+                retained.remove(key.as_str())?;
             }
         }
     }
@@ -504,7 +507,7 @@ where
         let (key, value) = entry?;
         let seq = key.value().1;
         let value = value.value();
-        match delivery_state(value) {
+        match delivery_state(client_id, seq, value) {
             Ok(DeliveryState::Pending) => {}
             Ok(_) => continue,
             Err(e) => {
@@ -513,7 +516,7 @@ where
                 continue;
             }
         }
-        match decode_delivery(value) {
+        match decode_delivery(client_id, seq, value) {
             Ok((delivery, _)) => out.push((seq, delivery)),
             Err(e) => {
                 error!(client = %client_id, seq, error = %e, "removing undecodable queued delivery: the message is lost");
@@ -545,7 +548,7 @@ where
         match scan.step(key) {
             ScanStep::End => break,
             ScanStep::Skip => {}
-            ScanStep::Take => match decode_retained(value.value()) {
+            ScanStep::Take => match decode_retained(key, value.value()) {
                 Ok(message) if retained_key(&message.topic) == key => messages.push(message),
                 Ok(_) => {
                     error!(key = %key.escape_debug(), "removing retained message stored under another topic's key");
@@ -570,15 +573,6 @@ where
     })
 }
 
-/// The message of a caught panic.
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_default()
-}
-
 /// How reading the committed data failed.
 enum ScanFailure {
     /// The file's structure is damaged: a redb corruption error, or a panic inside redb.
@@ -587,86 +581,36 @@ enum ScanFailure {
     Failed(StoreError),
 }
 
-/// Copies every readable record of `table` from a damaged database into `to`: forward from
-/// the first key until a damaged page stops the scan, then backward from the last key until
-/// it meets a damaged page or what was already copied. Logs what was lost, between which keys.
-fn copy_table<K, V>(
-    from: &ReadTransaction,
-    to: &WriteTransaction,
-    table: TableDefinition<K, V>,
-) -> Result<(), redb::Error>
-where
-    K: Key + 'static,
-    V: Value + 'static,
-    for<'a> K::SelfType<'a>: fmt::Debug,
-{
-    let name = table.name();
-    let mut target = to.open_table(table)?;
-    let mut copied = 0u64;
-    let mut last_forward = None;
-    let forward = catch_unwind(AssertUnwindSafe(|| -> Result<(), redb::Error> {
-        for entry in from.open_table(table)?.iter()? {
-            let (key, value) = entry?;
-            target.insert(key.value(), value.value())?;
-            copied += 1;
-            last_forward = Some(format!("{:?}", key.value()));
-        }
-        Ok(())
-    }));
-    let damage = match forward {
-        Ok(Ok(())) => {
-            info!(table = name, copied, "table salvaged intact");
-            return Ok(());
-        }
-        // An I/O error (say, writing the new file) is not damage of the old one.
-        Ok(Err(e)) if !is_corruption(&e) => return Err(e),
-        Ok(Err(e)) => e.to_string(),
-        Err(panic) => panic_message(&*panic),
-    };
-    let mut first_backward = None;
-    let backward = catch_unwind(AssertUnwindSafe(|| -> Result<(), redb::Error> {
-        for entry in from.open_table(table)?.iter()?.rev() {
-            let (key, value) = entry?;
-            if target.get(key.value())?.is_some() {
-                break;
-            }
-            target.insert(key.value(), value.value())?;
-            copied += 1;
-            first_backward = Some(format!("{:?}", key.value()));
-        }
-        Ok(())
-    }));
-    if let Ok(Err(e)) = backward {
-        if !is_corruption(&e) {
-            return Err(e);
-        }
-    }
-    error!(
-        table = name,
-        copied,
-        after_key = last_forward.as_deref().unwrap_or("(start of table)"),
-        before_key = first_backward.as_deref().unwrap_or("(end of table)"),
-        %damage,
-        "records of this table between these keys were unreadable and are lost"
-    );
-    Ok(())
-}
-
 impl RedbStore {
     /// Opens or creates `dir/halyard.redb`, creating `dir` if needed.
     ///
     /// After an unclean shutdown redb repairs the file on open (logged). A file that is
     /// damaged beyond that is never fatal: it is renamed to `halyard.redb.corrupt-<unix secs>`
-    /// (logged as an error naming it, see [`RedbStore::set_aside_file`]) and the store starts
-    /// empty, so the broker keeps serving. Other failures (permissions, the file locked by
-    /// another broker, an unwritable disk) are returned.
+    /// (logged as an error naming it, see [`RedbStore::set_aside_file`]), every record still
+    /// readable in it is copied to a new file (see `readable_copy`), and the broker keeps
+    /// serving. Other failures (permissions, the file locked by another broker, an unwritable
+    /// disk) are returned.
     pub fn open(dir: &Path, policy: FsyncPolicy) -> Result<RedbStore, StoreError> {
+        RedbStore::open_with(dir, policy, OnCorruption::Salvage)
+    }
+
+    /// [`RedbStore::open`], with `on_corruption` deciding what a damaged file does: with
+    /// [`OnCorruption::Refuse`] a file redb cannot open is an error and stays where it is, and
+    /// [`Store::load`] fails on the first sign of damage instead of repairing anything.
+    pub fn open_with(
+        dir: &Path,
+        policy: FsyncPolicy,
+        on_corruption: OnCorruption,
+    ) -> Result<RedbStore, StoreError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError(format!("creating {}: {e}", dir.display())))?;
         let path = dir.join(FILE_NAME);
         let (db, set_aside) = match open_database(&path) {
             Ok(db) => (db, None),
             Err(OpenError::Other(e)) => return Err(e),
+            Err(OpenError::Corrupt(reason)) if on_corruption == OnCorruption::Refuse => {
+                return Err(refused(&path, &reason));
+            }
             Err(OpenError::Corrupt(reason)) => {
                 let aside = set_aside_path(dir);
                 std::fs::rename(&path, &aside).map_err(|e| {
@@ -679,15 +623,15 @@ impl RedbStore {
                     file = %path.display(),
                     moved_to = %aside.display(),
                     %reason,
-                    "data file is corrupt and could not be repaired; it was moved aside and the \
-                     store starts empty: its sessions, queued messages and retained messages are \
-                     not loaded"
+                    "redb cannot open the data file; it was moved aside, and every record still \
+                     readable in it is copied to a new file"
                 );
                 let db = open_database(&path).map_err(|e| match e {
                     OpenError::Corrupt(reason) | OpenError::Other(StoreError(reason)) => {
                         StoreError(format!("creating a new {}: {reason}", path.display()))
                     }
                 })?;
+                recover_unopenable(&aside, &db)?;
                 (db, Some(aside))
             }
         };
@@ -695,6 +639,7 @@ impl RedbStore {
             db,
             path,
             policy,
+            on_corruption,
             txn: None,
             unsynced: 0,
             last_durable: Instant::now(),
@@ -829,15 +774,7 @@ impl RedbStore {
     }
 
     fn copy_from(&self, damaged: &Database) -> Result<(), StoreError> {
-        let from = damaged.begin_read().or_store("salvaging")?;
-        let mut to = self.db.begin_write().or_store("salvaging")?;
-        to.set_durability(Durability::Immediate);
-        copy_table(&from, &to, SESSIONS).or_store("salvaging")?;
-        copy_table(&from, &to, SUBSCRIPTIONS).or_store("salvaging")?;
-        copy_table(&from, &to, INBOUND_QOS2).or_store("salvaging")?;
-        copy_table(&from, &to, DELIVERIES).or_store("salvaging")?;
-        copy_table(&from, &to, RETAINED).or_store("salvaging")?;
-        to.commit().or_store("salvaging")
+        copy_all(damaged, &self.db)
     }
 
     fn durable_due(&self, now: Instant) -> bool {
@@ -886,6 +823,9 @@ impl Store for RedbStore {
             None => match self.scan_committed(&mut report, &mut doomed) {
                 Ok(state) => state,
                 Err(ScanFailure::Failed(e)) => return Err(e),
+                Err(ScanFailure::Damaged(reason)) if self.on_corruption == OnCorruption::Refuse => {
+                    return Err(refused(&self.path, &reason));
+                }
                 Err(ScanFailure::Damaged(reason)) => {
                     self.salvage(&reason)?;
                     report = LoadReport::default();
@@ -900,6 +840,10 @@ impl Store for RedbStore {
                 }
             },
         };
+        if report.corrupt > 0 && self.on_corruption == OnCorruption::Refuse {
+            let reason = format!("{} damaged records (each logged above)", report.corrupt);
+            return Err(refused(&self.path, &reason));
+        }
         if !doomed.is_empty() {
             let own_batch = self.txn.is_none();
             self.write("removing damaged records", |txn| {
@@ -955,7 +899,7 @@ impl Store for RedbStore {
     }
 
     fn put_subscription(&mut self, client_id: &str, filter: &str, entry: &SubscriptionEntry) {
-        let value = encode_subscription(entry);
+        let value = encode_subscription(client_id, filter, entry);
         self.write("writing a subscription", |txn| {
             let mut table = txn.open_table(SUBSCRIPTIONS)?;
             table.insert((client_id, filter), value.as_slice())?;
@@ -994,7 +938,7 @@ impl Store for RedbStore {
         state: DeliveryState,
     ) {
         const CONTEXT: &str = "writing a delivery";
-        match encode_delivery(delivery, state) {
+        match encode_delivery(client_id, seq, delivery, state) {
             Ok(value) => self.write(CONTEXT, |txn| {
                 let mut table = txn.open_table(DELIVERIES)?;
                 table.insert((client_id, seq), value.as_slice())?;
@@ -1009,7 +953,7 @@ impl Store for RedbStore {
             let mut table = txn.open_table(DELIVERIES)?;
             let patched = match table.get((client_id, seq))? {
                 None => return Ok(()),
-                Some(value) => patch_delivery_state(value.value(), state),
+                Some(value) => patch_delivery_state(client_id, seq, value.value(), state),
             };
             match patched {
                 Ok(value) => {
@@ -1037,19 +981,25 @@ impl Store for RedbStore {
         from: u64,
         limit: usize,
     ) -> Result<Vec<(u64, StoredDelivery)>, StoreError> {
+        const CONTEXT: &str = "reading a queue";
         let mut bad = Vec::new();
-        let out = match &self.txn {
-            Some(txn) => {
-                let table = txn.open_table(DELIVERIES).or_store("reading a queue")?;
-                scan_pending(&table, client_id, from, limit, &mut bad)
+        let mut read = || -> Result<_, redb::Error> {
+            match &self.txn {
+                Some(txn) => {
+                    let table = txn.open_table(DELIVERIES)?;
+                    scan_pending(&table, client_id, from, limit, &mut bad)
+                }
+                None => {
+                    let txn = self.db.begin_read()?;
+                    let table = txn.open_table(DELIVERIES)?;
+                    scan_pending(&table, client_id, from, limit, &mut bad)
+                }
             }
-            None => {
-                let txn = self.db.begin_read().or_store("reading a queue")?;
-                let table = txn.open_table(DELIVERIES).or_store("reading a queue")?;
-                scan_pending(&table, client_id, from, limit, &mut bad)
-            }
-        }
-        .or_store("reading a queue")?;
+        };
+        let out = read().map_err(|e| {
+            error!(client = %client_id, from, error = %e, "{CONTEXT} failed; its messages stay queued on disk and are read again later");
+            failed(CONTEXT)(e)
+        })?;
         if !bad.is_empty() {
             self.write("removing undecodable deliveries", |txn| {
                 let mut table = txn.open_table(DELIVERIES)?;
@@ -1064,10 +1014,11 @@ impl Store for RedbStore {
 
     fn put_retained(&mut self, message: &StoredMessage) {
         const CONTEXT: &str = "writing a retained message";
-        match encode_retained(message) {
+        let key = retained_key(&message.topic);
+        match encode_retained(&key, message) {
             Ok(value) => self.write(CONTEXT, |txn| {
                 let mut table = txn.open_table(RETAINED)?;
-                table.insert(retained_key(&message.topic).as_str(), value.as_slice())?;
+                table.insert(key.as_str(), value.as_slice())?;
                 Ok(())
             }),
             Err(e) => self.fail(CONTEXT, e),

@@ -126,6 +126,8 @@ pub struct StorageConfig {
     pub fsync: FsyncMode,
     /// Period of durable commits with `fsync = "interval"`.
     pub fsync_interval_ms: u64,
+    /// What damaged data does at start-up: `salvage` (keep every intact record) or `refuse`.
+    pub on_corruption: OnCorruptionMode,
 }
 
 impl Default for StorageConfig {
@@ -135,8 +137,19 @@ impl Default for StorageConfig {
             data_dir: PathBuf::from("data"),
             fsync: FsyncMode::Always,
             fsync_interval_ms: 1000,
+            on_corruption: OnCorruptionMode::Salvage,
         }
     }
+}
+
+/// `storage.on_corruption`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnCorruptionMode {
+    /// Skip and count damaged records, keep every intact one, and start.
+    Salvage,
+    /// Do not start on damaged data; say what is damaged and change nothing.
+    Refuse,
 }
 
 /// Which storage backend serves the broker.
@@ -620,7 +633,7 @@ mod tests {
     #[test]
     fn storage_table_is_read() {
         let config = load(
-            "[storage]\nbackend = \"memory\"\ndata_dir = \"/var/lib/halyard\"\nfsync = \"interval\"\nfsync_interval_ms = 50\n",
+            "[storage]\nbackend = \"memory\"\ndata_dir = \"/var/lib/halyard\"\nfsync = \"interval\"\nfsync_interval_ms = 50\non_corruption = \"refuse\"\n",
         )
         .expect("valid");
         assert_eq!(
@@ -630,6 +643,7 @@ mod tests {
                 data_dir: PathBuf::from("/var/lib/halyard"),
                 fsync: FsyncMode::Interval,
                 fsync_interval_ms: 50,
+                on_corruption: OnCorruptionMode::Refuse,
             }
         );
         let message = error_of(load("[storage]\nfsync = \"sometimes\"\n"));

@@ -23,11 +23,11 @@ use halyard_cluster::Coordinator;
 use halyard_core::store::Store;
 use halyard_core::{Broker, BrokerParts};
 use halyard_server::{Server, ServerConfig};
-use halyard_store::{FsyncPolicy, MemoryStore, RedbStore};
+use halyard_store::{FsyncPolicy, MemoryStore, OnCorruption, RedbStore};
 use tracing::info;
 use tracing_subscriber::filter::{EnvFilter, LevelFilter};
 
-use crate::config::{FileConfig, FsyncMode, StorageBackend, StorageConfig};
+use crate::config::{FileConfig, FsyncMode, OnCorruptionMode, StorageBackend, StorageConfig};
 
 /// Runs on a tokio worker each time it runs out of work: once per memory release round
 /// (`halyard_server::memory_release_round`, which changes after each burst of connections
@@ -275,12 +275,17 @@ fn open_broker(
                 }
                 FsyncMode::Never => FsyncPolicy::Never,
             };
-            let store = RedbStore::open(&storage.data_dir, policy).with_context(|| {
-                format!(
-                    "cannot open the data directory {}",
-                    storage.data_dir.display()
-                )
-            })?;
+            let on_corruption = match storage.on_corruption {
+                OnCorruptionMode::Salvage => OnCorruption::Salvage,
+                OnCorruptionMode::Refuse => OnCorruption::Refuse,
+            };
+            let store = RedbStore::open_with(&storage.data_dir, policy, on_corruption)
+                .with_context(|| {
+                    format!(
+                        "cannot open the data directory {}",
+                        storage.data_dir.display()
+                    )
+                })?;
             info!(dir = %storage.data_dir.display(), fsync = ?storage.fsync, "storage opened");
             Box::new(store)
         }

@@ -312,3 +312,93 @@ async fn corrupt_data_file_is_set_aside_and_the_broker_serves() {
     drop(broker);
     let _ = std::fs::remove_dir_all(&data_dir);
 }
+
+/// Flips one byte inside every stored copy of `needle` in the data file.
+fn flip_every_copy(data_file: &std::path::Path, needle: &[u8]) -> usize {
+    let mut bytes = std::fs::read(data_file).expect("read data file");
+    let mut flipped = 0;
+    let mut from = 0;
+    while let Some(at) = bytes[from..]
+        .windows(needle.len())
+        .position(|w| w == needle)
+    {
+        bytes[from + at + needle.len() / 2] ^= 0x01;
+        from += at + needle.len();
+        flipped += 1;
+    }
+    std::fs::write(data_file, &bytes).expect("write data file");
+    flipped
+}
+
+#[tokio::test]
+async fn a_damaged_payload_is_refused_or_skipped_never_delivered() {
+    let data_dir = unique_temp_path("payload-flip", "d");
+    let mut broker = Broker::start_durable(&data_dir, "");
+    let sub = connect_packet(ProtocolVersion::V3_1_1, "flip-sub", false);
+    offline_subscriber(broker.addr(), sub.clone(), "flip/t").await;
+    let mut publisher = RawClient::connect_v311(broker.addr(), "flip-pub", true).await;
+    let payloads: [&[u8]; 2] = [b"intact payload, delivered", b"damaged payload, withheld"];
+    for (id, payload) in (1u16..).zip(payloads) {
+        publisher
+            .send(&Packet::Publish(Publish {
+                dup: false,
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                topic: "flip/t".into(),
+                packet_id: Some(id),
+                payload: Bytes::from_static(payload),
+                properties: Default::default(),
+            }))
+            .await;
+        assert!(matches!(publisher.recv().await, Packet::PubAck(ack) if ack.packet_id == id));
+    }
+    broker.sigterm();
+    assert!(broker
+        .wait_exit(Duration::from_secs(10))
+        .is_some_and(|s| s.success()));
+    let data_file = data_dir.join("halyard.redb");
+    assert!(
+        flip_every_copy(&data_file, payloads[1]) > 0,
+        "payload not stored"
+    );
+
+    // Refused: the broker does not start, says why, and leaves the file in place.
+    let config = write_temp_config("[storage]\non_corruption = \"refuse\"\n");
+    let data_arg = data_dir.display().to_string();
+    let config_arg = config.display().to_string();
+    let (status, _, stderr) = run_halyard(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        &data_arg,
+        "--config",
+        &config_arg,
+    ]);
+    assert!(!status.success());
+    assert!(stderr.contains("refusing"), "{stderr}");
+    assert!(data_file.exists());
+
+    // Salvaged (the default): the session and the intact message are there; the damaged
+    // message is counted and skipped, never delivered altered.
+    let broker = Broker::start_durable(&data_dir, "");
+    let (mut client, ack) = RawClient::handshake(broker.addr(), sub).await;
+    assert!(ack.session_present);
+    let publish = client.recv_publish().await;
+    assert_eq!(publish.payload.as_ref(), payloads[0]);
+    client
+        .send(&Packet::PubAck(pub_response(
+            publish.packet_id.expect("QoS 1"),
+        )))
+        .await;
+    client.expect_nothing(300).await;
+    assert!(
+        broker.logs().contains("1 corrupt"),
+        "the start-up line does not count the damaged record"
+    );
+    drop(broker);
+    let _ = std::fs::remove_file(&config);
+    let _ = std::fs::remove_dir_all(&data_dir);
+}

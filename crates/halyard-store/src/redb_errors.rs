@@ -1,0 +1,40 @@
+//! redb's errors, and the panics it raises on some damaged pages, as the store reports them.
+
+use halyard_core::store::StoreError;
+
+/// Turns a redb error into the store's, saying what was being done.
+pub(crate) fn failed(context: &'static str) -> impl FnOnce(redb::Error) -> StoreError {
+    move |e| StoreError(format!("{context}: {e}"))
+}
+
+/// Converts any redb error to [`redb::Error`], the type [`failed`] and [`is_corruption`] read.
+pub(crate) trait RedbResult<T> {
+    fn or_store(self, context: &'static str) -> Result<T, StoreError>;
+}
+
+impl<T, E: Into<redb::Error>> RedbResult<T> for Result<T, E> {
+    fn or_store(self, context: &'static str) -> Result<T, StoreError> {
+        self.map_err(|e| failed(context)(e.into()))
+    }
+}
+
+/// Whether the error means the file is damaged (rather than, say, unwritable or locked).
+pub(crate) fn is_corruption(error: &redb::Error) -> bool {
+    match error {
+        redb::Error::Corrupted(_) => true,
+        redb::Error::Io(io) => matches!(
+            io.kind(),
+            std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
+        ),
+        _ => false,
+    }
+}
+
+/// The message of a caught panic.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_default()
+}
