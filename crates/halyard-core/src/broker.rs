@@ -104,6 +104,8 @@ pub struct BrokerStats {
     /// PUBLISH packets the authorizer refused (MQTT 5: answered 0x87; MQTT 3.x:
     /// acknowledged and dropped, as the 3.1.1 spec allows).
     pub denied_publish: u64,
+    /// Of `denied_publish`, those to `$SYS/` topics without an explicit ACL grant.
+    pub denied_sys_publish: u64,
     /// SUBSCRIBE filters the authorizer refused (SUBACK 0x80 / 0x87).
     pub denied_subscribe: u64,
     /// Deliveries withheld because the subscriber may not read the topic.
@@ -656,8 +658,9 @@ impl Broker {
     pub(crate) fn on_connect(&mut self, now: Instant, conn: ConnectionId, connect: Connect) {
         let version = connect.protocol;
         let v5 = version.is_v5();
-        if v5 && connect.properties.authentication_method.is_some() {
-            // No enhanced authentication method is configured [MQTT-4.12.0-1].
+        let method = connect.properties.authentication_method.as_deref();
+        if v5 && method.is_some_and(|method| !self.authorizer.server_authenticates(method)) {
+            // Not a method the server completed before forwarding the CONNECT [MQTT-4.12.0-1].
             return self.reject_connect(
                 conn,
                 version,
@@ -734,10 +737,7 @@ impl Broker {
                 client_id: &client_id,
                 username: connect.username.as_deref(),
             };
-            if !self
-                .authorizer
-                .authorize(&client, Access::Publish, &will.topic)
-            {
+            if !crate::broker_topics::may_publish(&*self.authorizer, &client, &will.topic) {
                 // A will the client could not publish itself is refused up front, as
                 // Mosquitto does.
                 return self.reject_connect(
@@ -849,6 +849,10 @@ impl Broker {
             if !self.config.retain_available {
                 properties.retain_available = Some(0);
             }
+            // The server's final data of the exchange it completed [MQTT-4.12.0-5]: the same
+            // method, and the CONNECT's Authentication Data as the server replaced it.
+            properties.authentication_method = connect.properties.authentication_method;
+            properties.authentication_data = connect.properties.authentication_data;
         }
         self.out.send(
             conn,
@@ -1069,7 +1073,7 @@ impl Broker {
         }
 
         let packet_id = publish.packet_id.unwrap_or(0);
-        if !self.authorized(key, Access::Publish, &publish.topic) {
+        if !self.may_publish(key, &publish.topic) {
             return self.deny_publish(conn, v5, publish.qos, packet_id);
         }
         if publish.qos == QoS::ExactlyOnce {

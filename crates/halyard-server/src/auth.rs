@@ -30,6 +30,8 @@ use halyard_core::{Access, Acl, Authorizer, ClientInfo};
 use sha2::{Digest, Sha512};
 use tracing::{info, warn};
 
+use crate::constant_time::secrets_equal;
+
 /// The `[auth]` settings.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AuthConfig {
@@ -176,23 +178,18 @@ impl StoredHash {
             } => {
                 let mut derived = vec![0u8; hash.len()];
                 pbkdf2::pbkdf2_hmac::<Sha512>(password, salt, *iterations, &mut derived);
-                constant_time_eq(&derived, hash)
+                secrets_equal(&derived, hash)
             }
             StoredHash::Sha512 { salt, hash } => {
                 let mut digest = Sha512::new();
                 digest.update(password);
                 digest.update(salt);
-                constant_time_eq(&digest.finalize(), hash)
+                secrets_equal(&digest.finalize(), hash)
             }
             StoredHash::Phc(phc) => PasswordHash::new(phc)
                 .is_ok_and(|parsed| Argon2::default().verify_password(password, &parsed).is_ok()),
         }
     }
-}
-
-/// Compares without an early exit, so timing does not reveal how much of a hash matched.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Hashes `password` as an Argon2id PHC string with a random salt (the default Argon2

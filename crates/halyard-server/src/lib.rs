@@ -24,6 +24,7 @@
 mod auth;
 mod broker_task;
 mod connection;
+mod constant_time;
 mod http;
 mod metrics;
 mod park;

@@ -172,7 +172,7 @@ impl Metrics {
         );
         registry.register(
             "requests_refused",
-            "Publishes and subscriptions refused, by reason (quota_exceeded, publish_not_authorized, subscribe_not_authorized, publish_rate, subscription_quota, pushback_timeout)",
+            "Publishes and subscriptions refused, by reason (quota_exceeded, publish_not_authorized, sys_publish_not_authorized, subscribe_not_authorized, publish_rate, subscription_quota, pushback_timeout)",
             metrics.refused.clone(),
         );
         registry.register(
@@ -292,7 +292,14 @@ impl Metrics {
         catch_up(
             &self.refused,
             "publish_not_authorized",
-            stats.denied_publish,
+            stats
+                .denied_publish
+                .saturating_sub(stats.denied_sys_publish),
+        );
+        catch_up(
+            &self.refused,
+            "sys_publish_not_authorized",
+            stats.denied_sys_publish,
         );
         catch_up(
             &self.refused,
