@@ -1126,3 +1126,25 @@ impl Drop for V5Client {
         self.task.abort();
     }
 }
+
+/// The value of the Prometheus sample `name` (labels included, exactly as exposed, e.g.
+/// `halyard_auth_refused_total{reason="jwt_expired"}`) on the broker's `/metrics`; 0 when
+/// the sample is absent (a labelled counter appears once it was first incremented).
+pub fn metric(broker: &Broker, name: &str) -> f64 {
+    use std::io::Write as _;
+    let mut stream = std::net::TcpStream::connect(broker.http_addr()).expect("connect http");
+    stream.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        .expect("send request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read response");
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response
+        .lines()
+        .find_map(|line| {
+            let (key, value) = line.rsplit_once(' ')?;
+            (key == name).then(|| value.parse().ok())?
+        })
+        .unwrap_or(0.0)
+}
