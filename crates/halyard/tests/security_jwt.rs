@@ -197,3 +197,20 @@ async fn a_token_expiring_while_connected_gets_disconnect_0xa0() {
     assert_eq!(code, ReasonCode::SUCCESS);
     client.expect_nothing(300).await;
 }
+
+#[tokio::test]
+async fn halyard_pub_takes_a_token_as_its_password() {
+    let broker = hs256_broker("");
+    let port = broker.port().to_string();
+    let token = hs256(&json!({"sub": "cli", "exp": now() + 600}));
+    let (status, _, stderr) = run_halyard(&[
+        "pub", "-p", &port, "-u", "cli", "-P", &token, "-t", "cli/jwt", "-m", "x",
+    ]);
+    assert!(status.success(), "{stderr}");
+    let expired = hs256(&json!({"sub": "cli", "exp": now() - 600}));
+    let (status, _, stderr) = run_halyard(&[
+        "pub", "-p", &port, "-u", "cli", "-P", &expired, "-t", "cli/jwt", "-m", "x",
+    ]);
+    assert!(!status.success());
+    assert!(stderr.contains("0x04"), "{stderr}");
+}

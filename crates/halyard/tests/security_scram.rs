@@ -241,3 +241,44 @@ async fn failed_exchanges_get_0x86_or_0x87_and_are_counted() {
         1.0
     );
 }
+
+#[tokio::test]
+async fn halyard_pub_logs_in_with_scram() {
+    let broker = scram_broker();
+    let port = broker.port().to_string();
+    // The watcher logs in with the same entry's password (anonymous access is off).
+    let mut watch = connect_packet(ProtocolVersion::V3_1_1, "watch", true);
+    watch.username = Some("dev".to_owned());
+    watch.password = Some(Bytes::from_static(b"pencil"));
+    let (mut sub, ack) = RawClient::handshake(broker.addr(), watch).await;
+    assert_eq!(ack.code, ReasonCode::SUCCESS);
+    sub.subscribe(1, &[("cli/scram", halyard_codec::QoS::AtMostOnce)])
+        .await;
+    let args = |password: &'static str| {
+        let port = port.clone();
+        move || {
+            run_halyard(&[
+                "pub",
+                "-V",
+                "5",
+                "-p",
+                &port,
+                "--scram",
+                "-u",
+                "dev",
+                "-P",
+                password,
+                "-t",
+                "cli/scram",
+                "-m",
+                "proved",
+            ])
+        }
+    };
+    let (status, _, stderr) = args("pencil")();
+    assert!(status.success(), "{stderr}");
+    assert_eq!(&sub.recv_publish().await.payload[..], b"proved");
+    let (status, _, stderr) = args("wrong")();
+    assert!(!status.success());
+    assert!(stderr.contains("0x86"), "{stderr}");
+}

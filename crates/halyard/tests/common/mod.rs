@@ -255,6 +255,16 @@ impl Broker {
         assert!(status.success(), "kill -TERM failed");
     }
 
+    /// Sends SIGHUP to this broker (and only this one): reload certificates and files.
+    pub fn sighup(&self) {
+        let status = Command::new("kill")
+            .arg("-HUP")
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -HUP failed");
+    }
+
     /// Waits up to `timeout` for the process to exit.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + timeout;
