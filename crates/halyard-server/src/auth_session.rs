@@ -40,7 +40,8 @@ impl Security {
         scram_user: Option<String>,
         events: &mpsc::Sender<Event>,
     ) {
-        if !self.tracks_connections() {
+        // A password-file client that did not use SCRAM needs no entry.
+        if scram_user.is_none() && self.config.jwt.is_none() && self.http_acl().is_none() {
             return;
         }
         let expiry = admitted
