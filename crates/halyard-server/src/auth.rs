@@ -8,6 +8,9 @@
 //! |---|---|---|
 //! | unknown user, wrong or missing password | 0x04 bad user name or password | 0x86 |
 //! | no user name while anonymous access is off | 0x05 not authorized | 0x87 |
+//! | an Authentication Method the server does not offer | 0x05 | 0x8C |
+//!
+//! (`auth_chain.rs` has the full list of sources and `enhanced_auth.rs` the SCRAM cases.)
 //!
 //! Password files use Mosquitto's format, one `user:hash` per line, so existing files work
 //! unchanged: `$7$` (PBKDF2-HMAC-SHA512, `$7$iterations$salt$hash`, what `mosquitto_passwd`
