@@ -163,6 +163,11 @@ impl Security {
         {
             return Some(Err(Refused::bad("jwt_username_mismatch")));
         }
+        if identity.acl.is_some() && connect.client_id.is_empty() {
+            // The token ACL is kept by client id; the core would assign one the ACL does not
+            // know, and the client would fall through to the other rules.
+            return Some(Err(Refused::not_authorized("jwt_acl_without_client_id")));
+        }
         connect.username = Some(identity.username);
         Some(Ok(Admitted {
             expires_at: verifier

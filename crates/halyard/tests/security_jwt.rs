@@ -179,6 +179,13 @@ async fn the_acl_claim_is_the_clients_acl() {
         ))
         .await;
     assert_eq!(denied, ReasonCode::NOT_AUTHORIZED);
+
+    // The token ACL is kept by client id: a token with one needs a client id.
+    let mut connect = connect_packet(V5, "", true);
+    connect.password = Some(Bytes::from(hs256(&claims)));
+    let (_, ack) = RawClient::handshake(broker.addr(), connect).await;
+    assert_eq!(ack.code, ReasonCode::NOT_AUTHORIZED);
+    assert_eq!(refused(&broker, "jwt_acl_without_client_id"), 1.0);
 }
 
 #[tokio::test]
