@@ -48,6 +48,14 @@ pub trait Authorizer: Send + Sync {
     fn allows_everything(&self) -> bool {
         false
     }
+
+    /// True when the server has already completed MQTT 5 enhanced authentication `method`
+    /// for every CONNECT it forwards with that Authentication Method: the core then accepts
+    /// the CONNECT and echoes the method and the (server-replaced) Authentication Data in
+    /// CONNACK, instead of refusing an unknown method with 0x8C.
+    fn server_authenticates(&self, _method: &str) -> bool {
+        false
+    }
 }
 
 /// The default authorizer: every access is allowed.
@@ -71,6 +79,10 @@ impl<T: Authorizer + ?Sized> Authorizer for Arc<T> {
 
     fn allows_everything(&self) -> bool {
         (**self).allows_everything()
+    }
+
+    fn server_authenticates(&self, method: &str) -> bool {
+        (**self).server_authenticates(method)
     }
 }
 

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use halyard_codec::{ConnAck, Connect, Packet, Properties, ProtocolVersion, ReasonCode};
 
-use crate::authz::{Access, ClientInfo};
+use crate::authz::ClientInfo;
 use crate::broker::{Broker, ConnectionId};
 use crate::close::CloseKind;
 use crate::output::Output;
@@ -37,8 +37,9 @@ impl Broker {
     pub(crate) fn on_connect(&mut self, now: Instant, conn: ConnectionId, mut connect: Connect) {
         let version = connect.protocol;
         let v5 = version.is_v5();
-        if v5 && connect.properties.authentication_method.is_some() {
-            // No enhanced authentication method is configured [MQTT-4.12.0-1].
+        let method = connect.properties.authentication_method.as_deref();
+        if v5 && method.is_some_and(|method| !self.authorizer.server_authenticates(method)) {
+            // Not a method the server completed before forwarding the CONNECT [MQTT-4.12.0-1].
             return self.reject_connect(
                 conn,
                 version,
@@ -115,10 +116,7 @@ impl Broker {
                 client_id: &client_id,
                 username: connect.username.as_deref(),
             };
-            if !self
-                .authorizer
-                .authorize(&client, Access::Publish, &will.topic)
-            {
+            if !crate::broker_topics::may_publish(&*self.authorizer, &client, &will.topic) {
                 // A will the client could not publish itself is refused up front, as
                 // Mosquitto does.
                 return self.reject_connect(
@@ -391,6 +389,10 @@ impl Broker {
             if !self.config.retain_available {
                 properties.retain_available = Some(0);
             }
+            // The server's final data of the exchange it completed [MQTT-4.12.0-5]: the same
+            // method, and the CONNECT's Authentication Data as the server replaced it.
+            properties.authentication_method = connect.properties.authentication_method;
+            properties.authentication_data = connect.properties.authentication_data;
         }
         self.out.send(
             conn,

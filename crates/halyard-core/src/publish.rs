@@ -5,7 +5,6 @@ use std::time::{Duration, Instant};
 
 use halyard_codec::{Packet, Properties, PubResponse, Publish, QoS, ReasonCode};
 
-use crate::authz::Access;
 use crate::broker::{Broker, ConnectionId};
 use crate::close::CloseKind;
 use crate::message::{boxed_properties, Message, SessionKey};
@@ -85,7 +84,7 @@ impl Broker {
         }
 
         let packet_id = publish.packet_id.unwrap_or(0);
-        if !self.authorized(key, Access::Publish, &publish.topic) {
+        if !self.may_publish(key, &publish.topic) {
             return self.deny_publish(conn, v5, publish.qos, packet_id);
         }
         if publish.qos == QoS::ExactlyOnce {

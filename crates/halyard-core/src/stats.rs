@@ -40,6 +40,8 @@ pub struct BrokerStats {
     /// PUBLISH packets the authorizer refused (MQTT 5: answered 0x87; MQTT 3.x:
     /// acknowledged and dropped, as the 3.1.1 spec allows).
     pub denied_publish: u64,
+    /// Of `denied_publish`, those to `$SYS/` topics without an explicit ACL grant.
+    pub denied_sys_publish: u64,
     /// SUBSCRIBE filters the authorizer refused (SUBACK 0x80 / 0x87).
     pub denied_subscribe: u64,
     /// Deliveries withheld because the subscriber may not read the topic.

@@ -243,3 +243,62 @@ fn will_to_a_forbidden_topic_is_refused_at_connect() {
         assert!(h.closed.contains(&conn));
     }
 }
+
+#[test]
+fn sys_publishes_need_an_explicit_grant() {
+    // Open broker (no ACL): `$SYS/` is still the broker's own.
+    let mut h = Harness {
+        broker: Broker::new(BrokerConfig::default()),
+        now: Instant::now(),
+        inbox: HashMap::new(),
+        closed: Vec::new(),
+    };
+    h.connect(1, V5, "sub", None);
+    h.subscribe(1, "$SYS/#");
+    h.connect(2, V5, "pub5", None);
+    h.connect(3, V3, "pub3", None);
+    let acks = h.publish(2, "$SYS/broker/version", QoS::AtLeastOnce, true);
+    assert!(
+        matches!(&acks[..], [Packet::PubAck(ack)] if ack.reason == ReasonCode::NOT_AUTHORIZED),
+        "{acks:?}"
+    );
+    let acks = h.publish(3, "$SYS/broker/custom/x", QoS::AtLeastOnce, true);
+    assert!(
+        matches!(&acks[..], [Packet::PubAck(ack)] if ack.reason == ReasonCode::SUCCESS),
+        "3.x is acknowledged and dropped: {acks:?}"
+    );
+    assert!(topics(&h.take(1)).is_empty(), "nothing reached $SYS");
+    let (_, retained) = h.subscribe(1, "$SYS/#");
+    assert!(
+        topics(&retained).is_empty(),
+        "nothing retained: {retained:?}"
+    );
+    assert_eq!(h.broker.stats().denied_sys_publish, 2);
+    assert_eq!(h.broker.stats().denied_publish, 2);
+
+    // A will to `$SYS/` is a client publish too.
+    let mut with_will = connect(V5, "will", None);
+    with_will.will = Some(Will {
+        topic: "$SYS/broker/clients/connected".to_owned(),
+        payload: Bytes::from_static(b"999999"),
+        qos: QoS::AtMostOnce,
+        retain: true,
+        properties: Properties::default(),
+    });
+    assert_eq!(h.connect_with(4, with_will), ReasonCode::NOT_AUTHORIZED);
+
+    // A rule naming the `$SYS` topic grants it; `#` does not [MQTT-4.7.2-1].
+    let mut h = Harness::with_acl(
+        "topic readwrite #\ntopic write $SYS/broker/custom/#\ntopic read $SYS/#\n",
+    );
+    h.connect(1, V5, "sub", None);
+    h.subscribe(1, "$SYS/broker/#");
+    h.connect(2, V5, "pub", None);
+    let acks = h.publish(2, "$SYS/broker/version", QoS::AtLeastOnce, false);
+    assert!(
+        matches!(&acks[..], [Packet::PubAck(ack)] if ack.reason == ReasonCode::NOT_AUTHORIZED),
+        "{acks:?}"
+    );
+    h.publish(2, "$SYS/broker/custom/x", QoS::AtMostOnce, false);
+    assert_eq!(topics(&h.take(1)), ["$SYS/broker/custom/x"]);
+}

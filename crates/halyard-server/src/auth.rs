@@ -8,27 +8,46 @@
 //! |---|---|---|
 //! | unknown user, wrong or missing password | 0x04 bad user name or password | 0x86 |
 //! | no user name while anonymous access is off | 0x05 not authorized | 0x87 |
+//! | an Authentication Method the server does not offer | 0x05 | 0x8C |
+//!
+//! (`auth_chain.rs` has the full list of sources and `enhanced_auth.rs` the SCRAM cases.)
 //!
 //! Password files use Mosquitto's format, one `user:hash` per line, so existing files work
 //! unchanged: `$7$` (PBKDF2-HMAC-SHA512, `$7$iterations$salt$hash`, what `mosquitto_passwd`
 //! writes by default), `$6$` (`$6$salt$hash`, SHA-512 of password then salt, Mosquitto 1.x)
-//! and Argon2 PHC strings (`$argon2id$...`, what `halyard passwd` writes).
+//! and Argon2 PHC strings (`$argon2id$...`, what `halyard passwd` writes). A fourth form,
+//! `SCRAM-SHA-256$iterations:salt$StoredKey:ServerKey` (RFC 5803, what `halyard passwd
+//! --scram` writes; see `scram.rs`), serves both SCRAM-SHA-256 enhanced authentication and
+//! the CONNECT password.
+//!
+//! JWT (`jwt.rs`) and the HTTP hook (`http_auth.rs`) are further sources; `auth_chain.rs`
+//! asks them in the configured order.
 //!
 //! The password database and the ACL live behind locks holding `Arc`s so that SIGHUP can
 //! swap them while clients stay connected; a file that fails to parse leaves the old one.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
-use halyard_codec::{Connect, ReasonCode};
+use halyard_codec::ReasonCode;
 use halyard_core::{Access, Acl, Authorizer, ClientInfo};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use sha2::{Digest, Sha512};
-use tracing::{info, warn};
+use tracing::info;
+
+use crate::auth_chain::{AuthSource, DEFAULT_CHAIN};
+use crate::connection_auth::Connections;
+use crate::constant_time::secrets_equal;
+use crate::http_auth::{HttpAuth, HttpAuthConfig};
+use crate::jwt::{JwtConfig, JwtVerifier};
+use crate::metrics::ReasonLabel;
+use crate::scram::ScramCredential;
 
 /// The `[auth]` settings.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -41,12 +60,34 @@ pub struct AuthConfig {
     pub password_file: Option<PathBuf>,
     /// Mosquitto-format ACL file; without one every topic is open to every client.
     pub acl_file: Option<PathBuf>,
+    /// Order in which the sources are asked; empty means [`DEFAULT_CHAIN`].
+    pub chain: Vec<AuthSource>,
+    /// JWT as the password, if configured.
+    pub jwt: Option<JwtConfig>,
+    /// HTTP authentication and ACL hook, if configured.
+    pub http: Option<HttpAuthConfig>,
 }
 
 impl AuthConfig {
     /// `allow_anonymous` with its default applied.
     pub fn anonymous_allowed(&self) -> bool {
-        self.allow_anonymous.unwrap_or(self.password_file.is_none())
+        self.allow_anonymous.unwrap_or(!self.has_sources())
+    }
+
+    /// Whether any source can check credentials.
+    pub fn has_sources(&self) -> bool {
+        self.password_file.is_some()
+            || self.jwt.is_some()
+            || self.http.as_ref().is_some_and(|http| http.url.is_some())
+    }
+
+    /// The chain with its default applied.
+    pub fn chain(&self) -> &[AuthSource] {
+        if self.chain.is_empty() {
+            &DEFAULT_CHAIN
+        } else {
+            &self.chain
+        }
     }
 }
 
@@ -88,6 +129,9 @@ pub enum SecurityError {
     /// A password could not be hashed.
     #[error("cannot hash the password: {0}")]
     Hash(String),
+    /// `[auth.jwt]` or `[auth.http]` is unusable.
+    #[error("{0}")]
+    Source(String),
 }
 
 /// One stored password hash.
@@ -103,6 +147,8 @@ enum StoredHash {
     Sha512 { salt: Vec<u8>, hash: Vec<u8> },
     /// An Argon2 (or other PHC) string, verified by the argon2 crate.
     Phc(String),
+    /// A SCRAM-SHA-256 credential.
+    Scram(ScramCredential),
 }
 
 impl std::fmt::Debug for StoredHash {
@@ -112,6 +158,7 @@ impl std::fmt::Debug for StoredHash {
             StoredHash::Pbkdf2Sha512 { .. } => "$7$",
             StoredHash::Sha512 { .. } => "$6$",
             StoredHash::Phc(_) => "argon2",
+            StoredHash::Scram(_) => "SCRAM-SHA-256",
         };
         f.write_str(kind)
     }
@@ -151,6 +198,9 @@ impl StoredHash {
                 hash: b64(hash, "hash")?,
             });
         }
+        if ScramCredential::is_entry(text) {
+            return ScramCredential::parse(text).map(StoredHash::Scram);
+        }
         if text.starts_with("$argon2") {
             let parsed =
                 PasswordHash::new(text).map_err(|error| format!("bad argon2 hash: {error}"))?;
@@ -160,8 +210,8 @@ impl StoredHash {
             return Ok(StoredHash::Phc(text.to_owned()));
         }
         Err(
-            "unknown hash format (expected $7$, $6$ or $argon2id$; plain-text passwords \
-             are not accepted)"
+            "unknown hash format (expected $7$, $6$, $argon2id$ or SCRAM-SHA-256$; plain-text \
+             passwords are not accepted)"
                 .to_owned(),
         )
     }
@@ -176,23 +226,27 @@ impl StoredHash {
             } => {
                 let mut derived = vec![0u8; hash.len()];
                 pbkdf2::pbkdf2_hmac::<Sha512>(password, salt, *iterations, &mut derived);
-                constant_time_eq(&derived, hash)
+                secrets_equal(&derived, hash)
             }
             StoredHash::Sha512 { salt, hash } => {
                 let mut digest = Sha512::new();
                 digest.update(password);
                 digest.update(salt);
-                constant_time_eq(&digest.finalize(), hash)
+                secrets_equal(&digest.finalize(), hash)
             }
             StoredHash::Phc(phc) => PasswordHash::new(phc)
                 .is_ok_and(|parsed| Argon2::default().verify_password(password, &parsed).is_ok()),
+            StoredHash::Scram(credential) => credential.verify_password(password),
         }
     }
 }
 
-/// Compares without an early exit, so timing does not reveal how much of a hash matched.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// A SCRAM-SHA-256 password-file entry for `password` (`halyard passwd --scram`), usable
+/// by SCRAM clients and as a CONNECT password.
+pub fn scram_entry(password: &str, iterations: u32) -> Result<String, SecurityError> {
+    ScramCredential::new(password, iterations)
+        .map(|credential| credential.to_entry())
+        .map_err(|error| SecurityError::Hash(error.to_string()))
 }
 
 /// Hashes `password` as an Argon2id PHC string with a random salt (the default Argon2
@@ -263,6 +317,19 @@ impl PasswordFile {
         }
     }
 
+    /// Whether `user` has an entry (the file source knows the user and decides).
+    pub fn contains(&self, user: &str) -> bool {
+        self.users.contains_key(user)
+    }
+
+    /// The SCRAM credential of `user`, if its entry is one.
+    pub(crate) fn scram_credential(&self, user: &str) -> Option<ScramCredential> {
+        match self.users.get(user) {
+            Some(StoredHash::Scram(credential)) => Some(credential.clone()),
+            _ => None,
+        }
+    }
+
     /// Number of users, for logs.
     pub fn len(&self) -> usize {
         self.users.len()
@@ -308,8 +375,10 @@ fn read(path: &Path) -> Result<String, SecurityError> {
 pub(crate) enum Refusal {
     /// Unknown user, wrong or missing password.
     BadCredentials,
-    /// Anonymous access is off.
+    /// Anonymous access is off, or the exchange broke down.
     NotAuthorized,
+    /// An MQTT 5 Authentication Method the server does not offer [MQTT-4.12.0-1].
+    BadMethod,
 }
 
 impl Refusal {
@@ -319,7 +388,8 @@ impl Refusal {
             (Refusal::BadCredentials, true) => ReasonCode::BAD_USER_NAME_OR_PASSWORD,
             (Refusal::BadCredentials, false) => ReasonCode::V3_BAD_USER_NAME_OR_PASSWORD,
             (Refusal::NotAuthorized, true) => ReasonCode::NOT_AUTHORIZED,
-            (Refusal::NotAuthorized, false) => ReasonCode::V3_NOT_AUTHORIZED,
+            (Refusal::NotAuthorized | Refusal::BadMethod, false) => ReasonCode::V3_NOT_AUTHORIZED,
+            (Refusal::BadMethod, true) => ReasonCode::BAD_AUTHENTICATION_METHOD,
         }
     }
 }
@@ -331,22 +401,42 @@ type LoadedFiles = (Option<Arc<PasswordFile>>, Option<Arc<Acl>>);
 /// database and ACL, swappable by [`Security::reload`].
 #[derive(Debug)]
 pub struct Security {
-    config: AuthConfig,
-    passwords: RwLock<Option<Arc<PasswordFile>>>,
+    pub(crate) config: AuthConfig,
+    pub(crate) passwords: RwLock<Option<Arc<PasswordFile>>>,
     acl: RwLock<Option<Arc<Acl>>>,
     /// Password checks running at once: one per core, so that a flood of CONNECTs with
     /// passwords queues up instead of occupying every blocking thread and core.
     hashing: tokio::sync::Semaphore,
+    /// The JWT keys and rules in force (reloadable).
+    pub(crate) jwt: RwLock<Option<Arc<JwtVerifier>>>,
+    /// The HTTP hook.
+    pub(crate) http: Option<Arc<HttpAuth>>,
+    /// What the server knows of each authenticated connection (re-authentication, token
+    /// expiry, token ACLs, HTTP ACL identities).
+    pub(crate) connections: Connections,
+    /// Key for the decoy SCRAM credentials of unknown users.
+    pub(crate) decoy_secret: [u8; 32],
+    /// Refusals by reason, once the server's metrics are attached.
+    refusals: OnceLock<Family<ReasonLabel, Counter>>,
 }
 
 impl Default for Security {
     fn default() -> Self {
         let cores = std::thread::available_parallelism().map_or(2, usize::from);
+        let mut decoy_secret = [0u8; 32];
+        // Without randomness the decoys are still consistent per name; they only become
+        // predictable, which tells an attacker a name is unknown, nothing more.
+        let _ = getrandom::getrandom(&mut decoy_secret);
         Security {
             config: AuthConfig::default(),
             passwords: RwLock::default(),
             acl: RwLock::default(),
             hashing: tokio::sync::Semaphore::new(cores),
+            jwt: RwLock::default(),
+            http: None,
+            connections: Connections::default(),
+            decoy_secret,
+            refusals: OnceLock::new(),
         }
     }
 }
@@ -354,14 +444,61 @@ impl Default for Security {
 impl Security {
     /// Loads the configured files; any error is fatal at start-up.
     pub fn load(config: AuthConfig) -> Result<Security, SecurityError> {
+        let http = match &config.http {
+            Some(http) => Some(Arc::new(
+                HttpAuth::new(http.clone()).map_err(SecurityError::Source)?,
+            )),
+            None => None,
+        };
         let security = Security {
             config,
+            http,
             ..Security::default()
         };
         let (passwords, acl) = security.read_files()?;
         *write_lock(&security.passwords) = passwords;
         *write_lock(&security.acl) = acl;
+        if let Some(jwt) = &security.config.jwt {
+            let verifier = JwtVerifier::load(jwt).map_err(SecurityError::Source)?;
+            info!(key_file = %jwt.key_file.display(), "JWT keys loaded");
+            *write_lock(&security.jwt) = Some(Arc::new(verifier));
+        }
         Ok(security)
+    }
+
+    /// Counts refusals in `family` (the server's `auth_refused` metric) from now on.
+    pub(crate) fn attach_metrics(&self, family: Family<ReasonLabel, Counter>) {
+        let _ = self.refusals.set(family);
+    }
+
+    /// Counts one refusal with its reason label.
+    pub(crate) fn count_refusal(&self, reason: &'static str) {
+        if let Some(family) = self.refusals.get() {
+            family.get_or_create(&ReasonLabel { reason }).inc();
+        }
+    }
+
+    /// The JWT verifier in force, if JWT is configured.
+    pub(crate) fn jwt(&self) -> Option<Arc<JwtVerifier>> {
+        read_lock(&self.jwt).clone()
+    }
+
+    /// The password file in force, if one is configured.
+    pub(crate) fn passwords(&self) -> Option<Arc<PasswordFile>> {
+        read_lock(&self.passwords).clone()
+    }
+
+    /// Whether SCRAM-SHA-256 enhanced authentication is offered: there is a password file
+    /// to hold credentials.
+    pub(crate) fn scram_enabled(&self) -> bool {
+        self.config.password_file.is_some()
+    }
+
+    /// The SCRAM credential of `user`, or a decoy for a user without one.
+    pub(crate) fn scram_credential(&self, user: &str) -> ScramCredential {
+        self.passwords()
+            .and_then(|file| file.scram_credential(user))
+            .unwrap_or_else(|| ScramCredential::decoy(&self.decoy_secret, user))
     }
 
     /// The configuration in force.
@@ -421,40 +558,16 @@ impl Security {
                 Err(error) => errors.push(error),
             }
         }
-        errors
-    }
-
-    /// Decides a CONNECT. `identity` is the user name taken from a verified client
-    /// certificate (`use_identity_as_username`): such a client is authenticated already and
-    /// its CONNECT user name is replaced. Costly (password hashing): run it on a blocking
-    /// thread.
-    pub(crate) fn authenticate(
-        &self,
-        connect: &mut Connect,
-        identity: Option<&str>,
-    ) -> Result<(), Refusal> {
-        if let Some(identity) = identity {
-            connect.username = Some(identity.to_owned());
-            return Ok(());
-        }
-        let passwords = read_lock(&self.passwords).clone();
-        match (&connect.username, passwords) {
-            (None, _) if self.config.anonymous_allowed() => Ok(()),
-            (None, _) => Err(Refusal::NotAuthorized),
-            (Some(user), Some(file)) => {
-                let password = connect.password.as_deref().unwrap_or_default();
-                if connect.password.is_some() && file.verify(user, password) {
-                    Ok(())
-                } else {
-                    warn!(user = %user, "authentication failed");
-                    Err(Refusal::BadCredentials)
+        if let Some(config) = &self.config.jwt {
+            match JwtVerifier::load(config) {
+                Ok(verifier) => {
+                    info!(key_file = %config.key_file.display(), "JWT keys reloaded");
+                    *write_lock(&self.jwt) = Some(Arc::new(verifier));
                 }
+                Err(error) => errors.push(SecurityError::Source(error)),
             }
-            // No password file: the name cannot be checked. It is taken as given (for ACLs,
-            // as Mosquitto does) when anonymous access is allowed, refused otherwise.
-            (Some(_), None) if self.config.anonymous_allowed() => Ok(()),
-            (Some(_), None) => Err(Refusal::BadCredentials),
         }
+        errors
     }
 
     /// Waits for a turn to hash a password (see the `hashing` field).
@@ -465,7 +578,7 @@ impl Security {
     /// Whether CONNECTs need [`Security::authenticate`] at all (an open broker skips the
     /// blocking-thread hop).
     pub(crate) fn checks_connect(&self) -> bool {
-        self.config.password_file.is_some() || !self.config.anonymous_allowed()
+        self.config.has_sources() || !self.config.anonymous_allowed()
     }
 
     /// The authorizer to install in the broker core: it reads the current ACL on every
@@ -475,7 +588,7 @@ impl Security {
     }
 }
 
-fn read_lock<T: Clone>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+pub(crate) fn read_lock<T: Clone>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
     // A poisoned lock only means a panic elsewhere while swapping an Arc: the value is
     // still a whole Arc, so it is safe to keep using it.
     lock.read()
@@ -491,22 +604,56 @@ fn write_lock<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 #[derive(Debug)]
 struct SecurityAuthorizer(Arc<Security>);
 
+/// Topic access, first rule that applies: the client's token ACL (`jwt.rs`), the HTTP ACL
+/// hook (publish and subscribe; deliveries of subscriptions it allowed are not asked
+/// again), the ACL file, else allowed.
 impl Authorizer for SecurityAuthorizer {
     fn authorize(&self, client: &ClientInfo<'_>, access: Access, topic: &str) -> bool {
-        match read_lock(&self.0.acl).as_ref() {
+        let security = &self.0;
+        if let Some(acl) = security.connections.claim_acl(client.client_id) {
+            return acl.allows(access, topic);
+        }
+        if let Some(http) = security
+            .http
+            .as_ref()
+            .filter(|h| h.config().acl_url.is_some())
+        {
+            let Some(action) = crate::connection_auth::acl_action(access) else {
+                return true;
+            };
+            let request = crate::http_auth::AclRequest {
+                client_id: client.client_id.to_owned(),
+                username: client.username.map(str::to_owned),
+                topic: topic.to_owned(),
+                action,
+            };
+            return http.cached_acl(&request).unwrap_or(false);
+        }
+        match read_lock(&security.acl).as_ref() {
             Some(acl) => acl.check(client, access, topic),
             None => true,
         }
     }
 
     fn allows_everything(&self) -> bool {
-        self.0.config.acl_file.is_none()
+        let config = &self.0.config;
+        config.acl_file.is_none()
+            && config.jwt.is_none()
+            && config
+                .http
+                .as_ref()
+                .is_none_or(|http| http.acl_url.is_none())
+    }
+
+    fn server_authenticates(&self, method: &str) -> bool {
+        method == crate::scram::METHOD && self.0.scram_enabled()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use halyard_codec::Connect;
 
     /// Written by Debian's `mosquitto_passwd` 2.0.11 (see tests/fixtures/README.md):
     /// alice (`$7$`, default), bob (`-H sha512`, `$6$`), carol (`$7$`, a password with a
@@ -579,20 +726,31 @@ mod tests {
         assert!(error.to_string().contains("line 3"), "{error}");
     }
 
+    fn check(s: &Arc<Security>, user: Option<&str>, password: Option<&str>) -> Result<(), Refusal> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime
+            .block_on(s.admit(&mut connect(user, password), None, None))
+            .map(drop)
+            .map_err(|refused| refused.refusal)
+    }
+
     #[test]
     fn connect_decisions() {
         let dir = std::env::temp_dir().join(format!("halyard-auth-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
         let pw = dir.join("pw");
         std::fs::write(&pw, MOSQUITTO).expect("write");
-        let with_file = Security::load(AuthConfig {
-            password_file: Some(pw.clone()),
-            ..AuthConfig::default()
-        })
-        .expect("loads");
+        let with_file = Arc::new(
+            Security::load(AuthConfig {
+                password_file: Some(pw.clone()),
+                ..AuthConfig::default()
+            })
+            .expect("loads"),
+        );
         assert!(with_file.checks_connect());
-        let check =
-            |s: &Security, user, password| s.authenticate(&mut connect(user, password), None);
         assert_eq!(check(&with_file, Some("alice"), Some("alicepw")), Ok(()));
         assert_eq!(
             check(&with_file, Some("alice"), Some("nope")),
@@ -613,25 +771,31 @@ mod tests {
         assert_eq!(Refusal::NotAuthorized.code(false), ReasonCode(0x05));
         assert_eq!(Refusal::NotAuthorized.code(true), ReasonCode(0x87));
 
-        let open_with_file = Security::load(AuthConfig {
-            allow_anonymous: Some(true),
-            password_file: Some(pw.clone()),
-            ..AuthConfig::default()
-        })
-        .expect("loads");
+        let open_with_file = Arc::new(
+            Security::load(AuthConfig {
+                allow_anonymous: Some(true),
+                password_file: Some(pw.clone()),
+                ..AuthConfig::default()
+            })
+            .expect("loads"),
+        );
         assert_eq!(check(&open_with_file, None, None), Ok(()));
         assert_eq!(
             check(&open_with_file, Some("alice"), Some("x")),
             Err(Refusal::BadCredentials)
         );
 
-        let open = Security::load(AuthConfig::default()).expect("loads");
+        let open = Arc::new(Security::load(AuthConfig::default()).expect("loads"));
         assert!(!open.checks_connect());
         assert_eq!(check(&open, Some("anyone"), None), Ok(()));
 
         // A certificate identity replaces the user name and needs no password.
         let mut c = connect(Some("claimed"), None);
-        assert_eq!(with_file.authenticate(&mut c, Some("cert-cn")), Ok(()));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let admitted = runtime.block_on(with_file.admit(&mut c, Some("cert-cn"), None));
+        assert!(admitted.is_ok());
         assert_eq!(c.username.as_deref(), Some("cert-cn"));
 
         // A broken file on reload leaves the old database in force.

@@ -6,6 +6,7 @@
 
 use std::future::{pending, Future};
 use std::io::{self, Read};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -21,6 +22,7 @@ use tokio::time::{timeout, timeout_at, Instant};
 use tracing::{debug, info, warn, Span};
 
 use crate::auth::Security;
+use crate::auth_chain::Refused;
 use crate::dispatch::packet_name;
 use crate::event::Event;
 use crate::link::{batch_channel, Batch, BatchReceiver, BatchSender, Link, Shared};
@@ -90,7 +92,8 @@ pub(crate) fn run(
     guard: Guard,
 ) -> impl Future<Output = ()> + Send {
     async move {
-        let Some((shared, rx, auth)) = open(conn, &events, None, Some(stream)).await else {
+        let peer = stream.peer_addr().ok();
+        let Some((shared, rx, auth)) = open(conn, &events, None, peer, Some(stream)).await else {
             return;
         };
         let start = Start::Connect(auth);
@@ -252,7 +255,7 @@ impl AsyncWrite for TcpIo<'_> {
 
 /// Serves one connection over any byte stream (TCP, TLS, WebSocket) until it is closed by
 /// either side. `identity` is the user name from a verified client certificate, when the
-/// listener uses it as the user name.
+/// listener uses it as the user name; `peer` is the client's address (for the HTTP hook).
 // Not an `async fn`: an `async fn` keeps each argument twice in its future (as received and
 // as the local it is moved into), an `async move` block once; per idle connection that was
 // about 100 bytes over the three functions.
@@ -264,13 +267,14 @@ pub(crate) fn serve<R, W>(
     settings: Arc<ConnectionSettings>,
     events: mpsc::Sender<Event>,
     identity: Option<String>,
+    peer: Option<SocketAddr>,
 ) -> impl Future<Output = ()> + Send
 where
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send,
 {
     async move {
-        let Some((shared, rx, auth)) = open(conn, &events, identity, None).await else {
+        let Some((shared, rx, auth)) = open(conn, &events, identity, peer, None).await else {
             return;
         };
         let start = Start::Connect(auth);
@@ -286,6 +290,7 @@ async fn open(
     conn: ConnectionId,
     events: &mpsc::Sender<Event>,
     identity: Option<String>,
+    peer: Option<SocketAddr>,
     tcp: Option<TcpStream>,
 ) -> Option<(Arc<Shared>, BatchReceiver, Box<Auth>)> {
     let shared = Arc::new(Shared::default());
@@ -305,6 +310,7 @@ async fn open(
     let auth = Box::new(Auth {
         reply: Some(own_tx),
         identity,
+        peer,
     });
     Some((shared, rx, auth))
 }
@@ -381,6 +387,7 @@ where
             // task is gone, and then there is nobody left to tell.
             let _ = forward(events, Event::Lost { conn }).await;
         }
+        settings.security.connections.remove(conn);
         Served::Ended
     }
 }
@@ -393,62 +400,121 @@ struct Auth {
     reply: Option<BatchSender>,
     /// User name from the client certificate, if the listener uses it.
     identity: Option<String>,
+    /// The client's address, for the HTTP hook.
+    peer: Option<SocketAddr>,
 }
 
-/// Authenticates a CONNECT (on a blocking thread when a password must be hashed). On
-/// refusal the CONNACK is queued to the writer with a close, and `None` is returned.
-async fn authenticate(
+/// The reader's state the SCRAM exchange at CONNECT continues with.
+struct ConnectInput<'a, R> {
+    reader: &'a mut R,
+    buf: &'a mut BytesMut,
+    ctx: &'a DecodeContext,
+    room: &'a mut usize,
+    deadline: Instant,
+}
+
+/// Authenticates a CONNECT: a SCRAM-SHA-256 exchange when the CONNECT asks for one (reading
+/// the client's AUTH from `input`), else the source chain (`auth_chain.rs`; password hashes
+/// on a blocking thread). On refusal the CONNACK is queued to the writer with a close, the
+/// refusal is counted, and `None` is returned.
+async fn authenticate<R: AsyncRead + Unpin>(
     mut connect: Box<halyard_codec::Connect>,
     settings: &ConnectionSettings,
     auth: &mut Auth,
+    conn: ConnectionId,
+    events: &mpsc::Sender<Event>,
+    input: ConnectInput<'_, R>,
 ) -> Option<Box<halyard_codec::Connect>> {
-    let security = Arc::clone(&settings.security);
+    let security = &settings.security;
     let identity = auth.identity.take();
     let version = connect.protocol;
-    let verdict = if identity.is_none() && !security.checks_connect() {
-        Ok(())
-    } else if identity.is_some() || connect.username.is_none() {
-        // Nothing to hash: decide here.
-        security.authenticate(&mut connect, identity.as_deref())
-    } else {
-        let permit_holder = Arc::clone(&security);
-        let _permit = permit_holder.hashing_permit().await;
-        let mut moved = connect;
-        let joined = tokio::task::spawn_blocking(move || {
-            let verdict = security.authenticate(&mut moved, None);
-            (moved, verdict)
-        })
-        .await;
-        match joined {
-            Ok((back, verdict)) => {
-                connect = back;
-                verdict
+    if identity.is_none() && crate::enhanced_auth::wants_scram(security, &connect) {
+        return match scram_exchange(&mut connect, security, auth, input).await {
+            Ok(user) => {
+                security
+                    .track(conn, &connect, Default::default(), Some(user), events)
+                    .await;
+                auth.reply = None;
+                Some(connect)
             }
-            Err(error) => {
-                // The CONNECT is gone with the failed task; refuse with what we know.
-                warn!(%error, "password check failed to run");
-                return refuse(version, crate::auth::Refusal::NotAuthorized, auth);
-            }
-        }
-    };
-    match verdict {
-        Ok(()) => {
+            Err(refused) => refuse(version, refused, auth, security),
+        };
+    }
+    if version.is_v5() && connect.properties.authentication_method.is_some() {
+        // Refused before any other check, so the client learns what is wrong.
+        let refused = Refused {
+            refusal: crate::auth::Refusal::BadMethod,
+            reason: "bad_auth_method",
+        };
+        return refuse(version, refused, auth, security);
+    }
+    if identity.is_none() && !security.checks_connect() && !security.tracks_connections() {
+        auth.reply = None;
+        return Some(connect);
+    }
+    match security
+        .admit(&mut connect, identity.as_deref(), auth.peer)
+        .await
+    {
+        Ok(admitted) => {
+            security.track(conn, &connect, admitted, None, events).await;
             auth.reply = None;
             Some(connect)
         }
-        Err(refusal) => refuse(version, refusal, auth),
+        Err(refused) => refuse(version, refused, auth, security),
     }
 }
 
-/// Queues the refusing CONNACK and a close to this connection's writer.
+/// The SCRAM exchange at CONNECT (see `enhanced_auth.rs`): sends AUTH 0x18, reads the
+/// client's AUTH within the connect timeout, and returns the authenticated user.
+async fn scram_exchange<R: AsyncRead + Unpin>(
+    connect: &mut halyard_codec::Connect,
+    security: &Security,
+    auth: &mut Auth,
+    input: ConnectInput<'_, R>,
+) -> Result<String, Refused> {
+    let (state, challenge) = crate::enhanced_auth::connect_first(security, connect)?;
+    let mut wire = BytesMut::new();
+    encode(&challenge, connect.protocol, &mut wire)
+        .map_err(|_| Refused::not_authorized("scram_malformed"))?;
+    if let Some(reply) = &auth.reply {
+        let _ = reply.send(Batch {
+            wire,
+            written: None,
+            close: false,
+        });
+    }
+    let abandoned = Refused::not_authorized("scram_abandoned");
+    let answer = loop {
+        match decode(input.buf, input.ctx) {
+            Ok(Some(packet)) => break packet,
+            Ok(None) => {}
+            Err(_) => return Err(Refused::not_authorized("scram_malformed")),
+        }
+        match timeout_at(
+            input.deadline,
+            read_some(input.reader, input.buf, input.room),
+        )
+        .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) | Err(_) => return Err(abandoned),
+        }
+    };
+    crate::enhanced_auth::connect_final(state, &answer, connect)
+}
+
+/// Queues the refusing CONNACK and a close to this connection's writer, and counts it.
 fn refuse(
     version: halyard_codec::ProtocolVersion,
-    refusal: crate::auth::Refusal,
+    refused: Refused,
     auth: &mut Auth,
+    security: &Security,
 ) -> Option<Box<halyard_codec::Connect>> {
-    info!(?refusal, "CONNECT refused");
+    info!(refusal = ?refused.refusal, reason = refused.reason, "CONNECT refused");
+    security.count_refusal(refused.reason);
     let ack = Packet::ConnAck(ConnAck {
-        code: refusal.code(version.is_v5()),
+        code: refused.refusal.code(version.is_v5()),
         ..ConnAck::default()
     });
     let mut wire = BytesMut::new();
@@ -547,6 +613,15 @@ fn read_side<'a, R: AsyncRead + Unpin>(
                     Err(error) => break Some(error),
                 }
             };
+            if packets
+                .iter()
+                .any(|packet| matches!(packet, Packet::Auth(_)))
+            {
+                packets = Box::pin(take_reauth(conn, settings, events, packets)).await;
+            }
+            if settings.security.http_acl().is_some() {
+                Box::pin(settings.security.prefetch_acl(conn, &packets)).await;
+            }
             if !packets.is_empty()
                 && forward(events, Event::Packets { conn, packets })
                     .await
@@ -564,6 +639,43 @@ fn read_side<'a, R: AsyncRead + Unpin>(
             }
         }
     }
+}
+
+/// Handles the AUTH packets of a re-authentication (see `enhanced_auth.rs`) in order with
+/// the packets around them: those before each are forwarded first. Returns the packets
+/// after the last one handled, for the caller to forward.
+async fn take_reauth(
+    conn: ConnectionId,
+    settings: &ConnectionSettings,
+    events: &mpsc::Sender<Event>,
+    packets: Vec<Packet>,
+) -> Vec<Packet> {
+    let security = &settings.security;
+    let mut pending = Vec::new();
+    for packet in packets {
+        let Packet::Auth(auth) = &packet else {
+            pending.push(packet);
+            continue;
+        };
+        let step = crate::enhanced_auth::reauthenticate(security, conn, auth);
+        let Some(event) = crate::enhanced_auth::reauth_event(security, conn, step) else {
+            pending.push(packet);
+            continue;
+        };
+        if !pending.is_empty() {
+            let before = std::mem::take(&mut pending);
+            let _ = forward(
+                events,
+                Event::Packets {
+                    conn,
+                    packets: before,
+                },
+            )
+            .await;
+        }
+        let _ = forward(events, event).await;
+    }
+    pending
 }
 
 /// What the reader keeps from the pre-CONNECT phase.
@@ -696,7 +808,16 @@ async fn read_connect<R: AsyncRead + Unpin>(
                             Span::current().record("client_id", connect.client_id.as_str());
                         }
                         packet = if first {
-                            match authenticate(connect, settings, &mut auth).await {
+                            let input = ConnectInput {
+                                reader: &mut *reader,
+                                buf: &mut buf,
+                                ctx: &ctx,
+                                room: &mut room,
+                                deadline: connect_deadline,
+                            };
+                            match authenticate(connect, settings, &mut auth, conn, events, input)
+                                .await
+                            {
                                 Some(connect) => Packet::Connect(connect),
                                 None => {
                                     // The broker never saw this connection's CONNECT; it
@@ -1080,6 +1201,7 @@ mod size_tests {
         let auth = Box::new(Auth {
             reply: Some(tx),
             identity: None,
+            peer: None,
         });
         let start = Start::Connect(auth);
         let read = read_side(&mut reader, 1, &settings, &events, &shared, start, true);

@@ -22,21 +22,33 @@
 //! is never dropped here.
 
 mod auth;
+mod auth_chain;
+mod auth_session;
 mod broker_task;
+mod claim_acl;
 pub mod cluster;
 mod connection;
+mod connection_auth;
+mod constant_time;
 mod dispatch;
+mod enhanced_auth;
 mod event;
 mod http;
+mod http_auth;
+pub mod jwt;
 mod link;
 mod metrics;
 mod park;
+pub mod scram;
 mod tls;
 mod transport;
 mod ws;
 
-pub use auth::{hash_password, AuthConfig, PasswordFile, Security, SecurityError};
+pub use auth::{hash_password, scram_entry, AuthConfig, PasswordFile, Security, SecurityError};
+pub use auth_chain::{AuthSource, DEFAULT_CHAIN};
 pub use http::HttpConfig;
+pub use http_auth::HttpAuthConfig;
+pub use jwt::JwtConfig;
 pub use park::memory_release_round;
 pub use transport::{
     AdmissionCounters, AdmissionStats, ConnectionLimits, ListenerConfig, ListenerKind, ReloadHandle,
@@ -242,6 +254,9 @@ impl Server {
             .instrument(info_span!("broker")),
         );
 
+        transports
+            .security
+            .attach_metrics(ops.metrics.auth_refused.clone());
         let settings = Arc::new(ConnectionSettings {
             connect_timeout: config.connect_timeout,
             max_packet_size: config.broker.max_packet_size,

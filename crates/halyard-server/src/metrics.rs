@@ -27,7 +27,7 @@ pub(crate) struct QosLabel {
 /// Label of the drop and refusal counters.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct ReasonLabel {
-    reason: &'static str,
+    pub(crate) reason: &'static str,
 }
 
 /// What the broker task reports at scrape time (see [`Metrics::update`]).
@@ -65,6 +65,9 @@ pub(crate) struct Metrics {
     publisher_pauses: Counter,
     dropped: Family<ReasonLabel, Counter>,
     refused: Family<ReasonLabel, Counter>,
+    /// Clients refused or disconnected by authentication, counted where it happens (see
+    /// `Security::count_refusal`).
+    pub(crate) auth_refused: Family<ReasonLabel, Counter>,
     connections: Gauge,
     /// Idle plain TCP connections parked now (see `park.rs`); kept by the parker itself.
     pub(crate) connections_parked: Gauge,
@@ -114,6 +117,7 @@ impl Metrics {
             publisher_pauses: Counter::default(),
             dropped: Family::default(),
             refused: Family::default(),
+            auth_refused: Family::default(),
             connections: Gauge::default(),
             connections_parked: Gauge::default(),
             sessions: Gauge::default(),
@@ -172,8 +176,13 @@ impl Metrics {
         );
         registry.register(
             "requests_refused",
-            "Publishes and subscriptions refused, by reason (quota_exceeded, publish_not_authorized, subscribe_not_authorized, publish_rate, subscription_quota, pushback_timeout)",
+            "Publishes and subscriptions refused, by reason (quota_exceeded, publish_not_authorized, sys_publish_not_authorized, subscribe_not_authorized, publish_rate, subscription_quota, pushback_timeout)",
             metrics.refused.clone(),
+        );
+        registry.register(
+            "auth_refused",
+            "Clients refused at CONNECT, at re-authentication or when their token expired, by reason (see README)",
+            metrics.auth_refused.clone(),
         );
         registry.register(
             "connections",
@@ -298,7 +307,14 @@ impl Metrics {
         catch_up(
             &self.refused,
             "publish_not_authorized",
-            stats.denied_publish,
+            stats
+                .denied_publish
+                .saturating_sub(stats.denied_sys_publish),
+        );
+        catch_up(
+            &self.refused,
+            "sys_publish_not_authorized",
+            stats.denied_sys_publish,
         );
         catch_up(
             &self.refused,

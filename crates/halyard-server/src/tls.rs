@@ -13,6 +13,9 @@ use rustls::RootCertStore;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::TlsAcceptor;
+use x509_parser::asn1_rs::{BmpString, Tag};
+use x509_parser::extensions::GeneralName;
+use x509_parser::prelude::{AttributeTypeAndValue, FromDer, X509Certificate};
 
 use crate::auth::SecurityError;
 
@@ -114,126 +117,46 @@ fn build(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, SecurityError> {
 }
 
 /// The user name a client certificate stands for: its subject Common Name, or else its first
-/// Subject Alternative Name (DNS name, e-mail address or URI). `None` if it has neither or
-/// cannot be parsed (it was verified by rustls before, so that means an unusual layout).
+/// Subject Alternative Name (e-mail address, DNS name or URI). `None` if it has neither, if
+/// the name is not a string type that decodes to UTF-8 (a BMPString is UTF-16, and is
+/// decoded as such by x509-parser), or if the certificate cannot be parsed (rustls verified
+/// it before, so that means an unusual layout).
 pub(crate) fn certificate_identity(der: &[u8]) -> Option<String> {
-    let (certificate, _) = der::element(der, der::SEQUENCE)?;
-    let (tbs, _) = der::element(certificate, der::SEQUENCE)?;
-    let mut rest = tbs;
-    // Optional [0] version.
-    if rest.first() == Some(&0xA0) {
-        rest = der::skip(rest)?;
+    let (_, certificate) = X509Certificate::from_der(der).ok()?;
+    if let Some(name) = certificate
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(attribute_text)
+    {
+        return Some(name);
     }
-    // serialNumber, signature, issuer, validity.
-    for _ in 0..4 {
-        rest = der::skip(rest)?;
-    }
-    let (subject, after_subject) = der::element(rest, der::SEQUENCE)?;
-    if let Some(cn) = common_name(subject) {
-        return Some(cn);
-    }
-    // subjectPublicKeyInfo, then optional [1], [2] unique ids and [3] extensions.
-    let mut rest = der::skip(after_subject)?;
-    while let Some(&tag) = rest.first() {
-        if tag == 0xA3 {
-            let (explicit, _) = der::element(rest, 0xA3)?;
-            let (extensions, _) = der::element(explicit, der::SEQUENCE)?;
-            return first_san(extensions);
-        }
-        rest = der::skip(rest)?;
-    }
-    None
+    let alternative = certificate.subject_alternative_name().ok()??;
+    alternative
+        .value
+        .general_names
+        .iter()
+        .find_map(|name| match name {
+            GeneralName::RFC822Name(text) | GeneralName::DNSName(text) | GeneralName::URI(text) => {
+                Some((*text).to_owned())
+            }
+            _ => None,
+        })
 }
 
-/// OID 2.5.4.3 (commonName).
-const OID_CN: &[u8] = &[0x55, 0x04, 0x03];
-/// OID 2.5.29.17 (subjectAltName).
-const OID_SAN: &[u8] = &[0x55, 0x1D, 0x11];
-
-fn common_name(name: &[u8]) -> Option<String> {
-    let mut rdns = name;
-    while !rdns.is_empty() {
-        let (set, next) = der::element(rdns, der::SET)?;
-        rdns = next;
-        let mut attributes = set;
-        while !attributes.is_empty() {
-            let (attribute, next) = der::element(attributes, der::SEQUENCE)?;
-            attributes = next;
-            let (oid, value) = der::element(attribute, der::OID)?;
-            if oid == OID_CN {
-                let (_, content, _) = der::any(value)?;
-                return String::from_utf8(content.to_vec()).ok();
-            }
-        }
+/// The text of a name attribute: the UTF-8 string types as they are, a BMPString decoded
+/// from UTF-16.
+fn attribute_text(attribute: &AttributeTypeAndValue<'_>) -> Option<String> {
+    if let Ok(text) = attribute.as_str() {
+        return Some(text.to_owned());
     }
-    None
-}
-
-fn first_san(extensions: &[u8]) -> Option<String> {
-    let mut rest = extensions;
-    while !rest.is_empty() {
-        let (extension, next) = der::element(rest, der::SEQUENCE)?;
-        rest = next;
-        let (oid, mut fields) = der::element(extension, der::OID)?;
-        if oid != OID_SAN {
-            continue;
-        }
-        // Optional `critical` BOOLEAN, then the OCTET STRING holding GeneralNames.
-        if fields.first() == Some(&0x01) {
-            fields = der::skip(fields)?;
-        }
-        let (octets, _) = der::element(fields, 0x04)?;
-        let (mut names, _) = der::element(octets, der::SEQUENCE)?;
-        while !names.is_empty() {
-            let (tag, content, next) = der::any(names)?;
-            names = next;
-            // [1] rfc822Name, [2] dNSName, [6] URI: IA5 strings.
-            if matches!(tag, 0x81 | 0x82 | 0x86) {
-                return String::from_utf8(content.to_vec()).ok();
-            }
-        }
+    let value = attribute.attr_value();
+    if value.tag() != Tag::BmpString {
+        return None;
     }
-    None
-}
-
-/// Just enough DER reading for the certificate fields above; every access is checked, so
-/// odd input yields `None`, never a panic.
-mod der {
-    pub(super) const SEQUENCE: u8 = 0x30;
-    pub(super) const SET: u8 = 0x31;
-    pub(super) const OID: u8 = 0x06;
-
-    /// The first element: (tag, content, rest after it).
-    pub(super) fn any(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-        let (&tag, rest) = input.split_first()?;
-        let (&first, mut rest) = rest.split_first()?;
-        let len = if first < 0x80 {
-            usize::from(first)
-        } else {
-            let count = usize::from(first & 0x7F);
-            if count == 0 || count > 4 {
-                return None;
-            }
-            let (bytes, after) = rest.split_at_checked(count)?;
-            rest = after;
-            bytes
-                .iter()
-                .fold(0usize, |len, &byte| (len << 8) | usize::from(byte))
-        };
-        let (content, after) = rest.split_at_checked(len)?;
-        Some((tag, content, after))
-    }
-
-    /// The first element if it has tag `tag`: (content, rest).
-    pub(super) fn element(input: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
-        let (found, content, rest) = any(input)?;
-        (found == tag).then_some((content, rest))
-    }
-
-    /// The input after its first element.
-    pub(super) fn skip(input: &[u8]) -> Option<&[u8]> {
-        any(input).map(|(_, _, rest)| rest)
-    }
+    BmpString::try_from(value.clone())
+        .ok()
+        .map(|bmp| bmp.string())
 }
 
 #[cfg(test)]
@@ -266,6 +189,19 @@ mod tests {
         );
         let der = cert_with(None, vec![]);
         assert_eq!(certificate_identity(&der), None);
+    }
+
+    #[test]
+    fn a_bmp_string_common_name_is_decoded_as_utf16() {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        let bmp = rcgen::BmpString::try_from("gerät-7").expect("bmp");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, rcgen::DnValue::BmpString(bmp));
+        let key = rcgen::KeyPair::generate().expect("key");
+        let der = params.self_signed(&key).expect("sign").der().to_vec();
+        assert_eq!(certificate_identity(&der).as_deref(), Some("gerät-7"));
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! wherever the broker is installed (a container image included).
 //!
 //! They speak raw packets through `halyard-codec` on tokio: no second MQTT stack to build.
-//! TLS and WebSocket options are not there yet.
+//! TLS (`client_tls.rs`) and SCRAM-SHA-256 (`client_scram.rs`) are there; WebSocket options
+//! are not there yet. A JWT is given as the password (`-P`).
 
 use std::io::{Read, Write};
 use std::time::Duration;
@@ -16,8 +17,10 @@ use halyard_codec::{
     PubResponse, Publish, QoS, ReasonCode, Subscribe, Subscription, SubscriptionOptions,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::{timeout_at, Instant};
+
+use crate::client_scram::ScramLogin;
+use crate::client_tls::{BrokerStream, TlsArgs};
 
 /// Exit status when `-W` runs out before `-C` messages arrived (as mosquitto_sub does).
 pub const EXIT_TIMEOUT: u8 = 27;
@@ -40,9 +43,15 @@ pub struct CommonArgs {
     /// Username.
     #[arg(short = 'u', long = "username")]
     username: Option<String>,
-    /// Password.
+    /// Password (or a JWT, for brokers that take tokens).
     #[arg(short = 'P', long = "pw")]
     password: Option<String>,
+    /// Authenticate with SCRAM-SHA-256 (MQTT 5 enhanced authentication) using -u and -P:
+    /// the password is not sent.
+    #[arg(long = "scram", requires_all = ["username", "password"])]
+    scram: bool,
+    #[command(flatten)]
+    tls: TlsArgs,
     /// Keep-alive in seconds.
     #[arg(short = 'k', long = "keepalive", default_value_t = 60)]
     keepalive: u16,
@@ -180,7 +189,7 @@ impl CommonArgs {
 
 /// One MQTT connection: a socket and a decode buffer.
 struct Client {
-    stream: TcpStream,
+    stream: Box<dyn BrokerStream>,
     buf: BytesMut,
     version: ProtocolVersion,
     debug: bool,
@@ -189,10 +198,10 @@ struct Client {
 
 impl Client {
     async fn connect(common: &CommonArgs, default_id: &str, persistent: bool) -> Result<Client> {
-        let stream = TcpStream::connect((common.host.as_str(), common.port))
-            .await
-            .with_context(|| format!("cannot connect to {}:{}", common.host, common.port))?;
-        stream.set_nodelay(true).ok();
+        if common.scram && !common.version.is_v5() {
+            bail!("--scram needs MQTT 5 (-V 5)");
+        }
+        let stream = common.tls.open(&common.host, common.port).await?;
         let mut client = Client {
             stream,
             buf: BytesMut::with_capacity(4096),
@@ -204,6 +213,12 @@ impl Client {
         if persistent && common.version.is_v5() {
             properties.session_expiry_interval = Some(u32::MAX);
         }
+        let mut scram = match (common.scram, &common.username, &common.password) {
+            (true, Some(user), Some(password)) => {
+                Some(ScramLogin::start(user, password, &mut properties)?)
+            }
+            _ => None,
+        };
         let connect = Connect {
             protocol: common.version,
             clean_start: !persistent,
@@ -211,12 +226,29 @@ impl Client {
             client_id: common.id.clone().unwrap_or_else(|| default_id.to_owned()),
             will: None,
             username: common.username.clone(),
-            password: common.password.clone().map(Bytes::from),
+            password: match scram {
+                Some(_) => None,
+                None => common.password.clone().map(Bytes::from),
+            },
             properties,
         };
         client.send(&Packet::Connect(Box::new(connect))).await?;
-        match client.recv(common.deadline()).await? {
-            Packet::ConnAck(ack) if ack.code == ReasonCode::SUCCESS => Ok(client),
+        let reply = loop {
+            match (client.recv(common.deadline()).await?, scram.as_mut()) {
+                (Packet::Auth(auth), Some(login)) => {
+                    let answer = login.answer(&auth)?;
+                    client.send(&answer).await?;
+                }
+                (other, _) => break other,
+            }
+        };
+        match reply {
+            Packet::ConnAck(ack) if ack.code == ReasonCode::SUCCESS => {
+                if let Some(login) = scram {
+                    login.verify(&ack)?;
+                }
+                Ok(client)
+            }
             Packet::ConnAck(ack) => bail!(
                 "connection refused: reason 0x{:02x}{}",
                 ack.code.0,

@@ -1,6 +1,8 @@
 //! `halyard`: the MQTT broker binary (command line, configuration file, logging, signals).
 
 mod client;
+mod client_scram;
+mod client_tls;
 mod cluster_config;
 mod config;
 mod ops;

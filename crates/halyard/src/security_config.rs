@@ -4,7 +4,11 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use halyard_server::{AuthConfig, ListenerConfig, ListenerKind};
+use std::time::Duration;
+
+use halyard_server::{
+    AuthConfig, AuthSource, HttpAuthConfig, JwtConfig, ListenerConfig, ListenerKind,
+};
 use serde::{Deserialize, Serialize};
 
 /// The `[auth]` table.
@@ -18,6 +22,86 @@ pub struct AuthSection {
     pub password_file: Option<PathBuf>,
     /// Mosquitto-format ACL file.
     pub acl_file: Option<PathBuf>,
+    /// Order in which the sources are asked (`file`, `jwt`, `http`); default all three in
+    /// that order.
+    pub chain: Option<Vec<AuthSource>>,
+    /// The `[auth.jwt]` table: JWT as the password.
+    pub jwt: Option<JwtSection>,
+    /// The `[auth.http]` table: the HTTP authentication and ACL hook.
+    pub http: Option<HttpSection>,
+}
+
+/// The `[auth.jwt]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtSection {
+    /// HS256 secret, PEM public key (RSA or EC) or JWKS file.
+    pub key_file: PathBuf,
+    /// Accepted `alg` values; default the key's natural one (HS256, RS256, ES256).
+    #[serde(default)]
+    pub algorithms: Vec<String>,
+    /// Claim holding the user name.
+    #[serde(default = "default_username_claim")]
+    pub username_claim: String,
+    /// Required `aud`.
+    #[serde(default)]
+    pub audience: Option<String>,
+    /// Required `iss`.
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// Disconnect a client when its token expires (MQTT 5: DISCONNECT 0xA0).
+    #[serde(default)]
+    pub disconnect_on_expiry: bool,
+    /// Claim holding the client's topic lists, `{"pub": [...], "sub": [...]}`.
+    #[serde(default = "default_acl_claim")]
+    pub acl_claim: String,
+    /// Clock skew tolerated on `exp` and `nbf`, in seconds.
+    #[serde(default = "default_leeway_secs")]
+    pub leeway_secs: u64,
+}
+
+fn default_username_claim() -> String {
+    JwtConfig::default().username_claim
+}
+
+fn default_acl_claim() -> String {
+    JwtConfig::default().acl_claim
+}
+
+fn default_leeway_secs() -> u64 {
+    JwtConfig::default().leeway_secs
+}
+
+/// The `[auth.http]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpSection {
+    /// Authentication endpoint (POST per CONNECT).
+    pub url: Option<String>,
+    /// ACL endpoint (POST per publish or subscribe decision not cached).
+    pub acl_url: Option<String>,
+    /// Time allowed per call, in milliseconds.
+    pub timeout_ms: u64,
+    /// How long an ACL answer is reused, in milliseconds.
+    pub cache_ttl_ms: u64,
+    /// Most ACL answers kept.
+    pub cache_max_entries: usize,
+    /// The answer when the service times out or fails.
+    pub default_allow: bool,
+}
+
+impl Default for HttpSection {
+    fn default() -> Self {
+        let defaults = HttpAuthConfig::default();
+        HttpSection {
+            url: None,
+            acl_url: None,
+            timeout_ms: defaults.timeout.as_millis() as u64,
+            cache_ttl_ms: defaults.cache_ttl.as_millis() as u64,
+            cache_max_entries: defaults.cache_max_entries,
+            default_allow: defaults.default_allow,
+        }
+    }
 }
 
 impl From<&AuthSection> for AuthConfig {
@@ -26,6 +110,25 @@ impl From<&AuthSection> for AuthConfig {
             allow_anonymous: section.allow_anonymous,
             password_file: section.password_file.clone(),
             acl_file: section.acl_file.clone(),
+            chain: section.chain.clone().unwrap_or_default(),
+            jwt: section.jwt.as_ref().map(|jwt| JwtConfig {
+                key_file: jwt.key_file.clone(),
+                algorithms: jwt.algorithms.clone(),
+                username_claim: jwt.username_claim.clone(),
+                audience: jwt.audience.clone(),
+                issuer: jwt.issuer.clone(),
+                disconnect_on_expiry: jwt.disconnect_on_expiry,
+                acl_claim: jwt.acl_claim.clone(),
+                leeway_secs: jwt.leeway_secs,
+            }),
+            http: section.http.as_ref().map(|http| HttpAuthConfig {
+                url: http.url.clone(),
+                acl_url: http.acl_url.clone(),
+                timeout: Duration::from_millis(http.timeout_ms),
+                cache_ttl: Duration::from_millis(http.cache_ttl_ms),
+                cache_max_entries: http.cache_max_entries,
+                default_allow: http.default_allow,
+            }),
         }
     }
 }
@@ -223,9 +326,17 @@ pub struct PasswdArgs {
     /// or read as the first line of standard input.
     #[arg(long)]
     pub password: Option<String>,
+    /// Write a SCRAM-SHA-256 entry (salt, StoredKey, ServerKey): it serves SCRAM clients
+    /// through MQTT 5 enhanced authentication and CONNECT passwords alike.
+    #[arg(long)]
+    pub scram: bool,
+    /// PBKDF2 iterations of a `--scram` entry (at least 4096).
+    #[arg(long, default_value_t = halyard_server::scram::MIN_ITERATIONS, requires = "scram")]
+    pub iterations: u32,
 }
 
-/// Writes an Argon2id entry for the user, keeping every other line of the file.
+/// Writes an Argon2id (or, with `--scram`, a SCRAM-SHA-256) entry for the user, keeping
+/// every other line of the file.
 pub fn passwd(args: PasswdArgs) -> anyhow::Result<()> {
     use anyhow::{bail, Context as _};
     if args.user.is_empty() || args.user.contains(':') {
@@ -238,7 +349,17 @@ pub fn passwd(args: PasswdArgs) -> anyhow::Result<()> {
     if password.is_empty() {
         bail!("empty password");
     }
-    let hash = halyard_server::hash_password(&password)?;
+    if args.scram && args.iterations < halyard_server::scram::MIN_ITERATIONS {
+        bail!(
+            "--iterations must be at least {}",
+            halyard_server::scram::MIN_ITERATIONS
+        );
+    }
+    let hash = if args.scram {
+        halyard_server::scram_entry(&password, args.iterations)?
+    } else {
+        halyard_server::hash_password(&password)?
+    };
     let existing = match std::fs::read_to_string(&args.file) {
         Ok(text) => Some(text),
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,

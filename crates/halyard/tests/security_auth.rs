@@ -276,3 +276,53 @@ fn config_errors_for_auth_files_name_the_file() {
     assert!(!status.success());
     assert!(stderr.contains("line 2"), "{stderr}");
 }
+
+/// `$SYS/` belongs to the broker: a client's retained `$SYS/broker/version` is refused
+/// (MQTT 5: PUBACK 0x87; 3.x: acknowledged and dropped), counted, and never read back.
+#[tokio::test]
+async fn client_publishes_to_sys_are_refused_and_counted() {
+    let broker = Broker::start_with_config("sys_interval = 60\n");
+    let mut v5 = RawClient::connect_v5(broker.addr(), "evil5", true).await;
+    let reason = v5
+        .publish(publish_packet(
+            "$SYS/broker/version",
+            b"evil-version",
+            QoS::AtLeastOnce,
+            true,
+            Some(1),
+        ))
+        .await;
+    assert_eq!(reason, ReasonCode::NOT_AUTHORIZED);
+    let mut v3 = RawClient::connect_v311(broker.addr(), "evil3", true).await;
+    let reason = v3
+        .publish(publish_packet(
+            "$SYS/broker/custom/x",
+            b"stays forever",
+            QoS::AtLeastOnce,
+            true,
+            Some(1),
+        ))
+        .await;
+    assert_eq!(reason, ReasonCode::SUCCESS, "3.x cannot be told");
+    assert_eq!(
+        metric(
+            &broker,
+            "halyard_requests_refused_total{reason=\"sys_publish_not_authorized\"}"
+        ),
+        2.0
+    );
+    let mut reader = RawClient::connect_v311(broker.addr(), "reader", true).await;
+    reader
+        .subscribe(1, &[("$SYS/broker/version", QoS::AtMostOnce)])
+        .await;
+    let version = reader.recv_publish().await;
+    assert!(
+        version.payload.starts_with(b"halyard version "),
+        "{:?}",
+        version.payload
+    );
+    reader
+        .subscribe(2, &[("$SYS/broker/custom/#", QoS::AtMostOnce)])
+        .await;
+    reader.expect_nothing(200).await;
+}

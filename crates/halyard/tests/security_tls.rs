@@ -67,6 +67,19 @@ impl Pki {
         std::fs::write(self.path(&format!("{name}.key")), key.serialize_pem()).expect("write key");
     }
 
+    /// Writes `<name>.pem` and `<name>.key` for a server named only `dns`.
+    fn issue_server_for(&self, name: &str, dns: &str) {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(vec![dns.to_owned()]).expect("params");
+        params.distinguished_name.push(DnType::CommonName, dns);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let cert = params
+            .signed_by(&key, &self.ca, &self.ca_key)
+            .expect("sign");
+        std::fs::write(self.path(&format!("{name}.pem")), cert.pem()).expect("write cert");
+        std::fs::write(self.path(&format!("{name}.key")), key.serialize_pem()).expect("write key");
+    }
+
     fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
@@ -414,4 +427,174 @@ fn tls_listener_without_key_is_a_config_error() {
     assert!(!status.success());
     assert!(stderr.contains("key_file"), "{stderr}");
     assert!(stderr.contains("line 2"), "{stderr}");
+}
+
+/// The server certificate a TLS client saw.
+fn peer_certificate(client: &StreamClient<tokio_rustls::client::TlsStream<TcpStream>>) -> Vec<u8> {
+    client
+        .stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .map(|leaf| leaf.to_vec())
+        .expect("a server certificate")
+}
+
+fn certificate_in(path: &std::path::Path) -> Vec<u8> {
+    CertificateDer::from_pem_file(path).expect("pem").to_vec()
+}
+
+#[tokio::test]
+async fn sighup_swaps_the_certificate_for_new_handshakes_and_keeps_old_connections() {
+    let pki = Pki::new();
+    let broker = Broker::start_with_config(&format!(
+        "[[listener]]\nkind = \"tls\"\naddress = \"127.0.0.1:0\"\ncert_file = {}\nkey_file = {}\n",
+        pki.toml("server.pem"),
+        pki.toml("server.key")
+    ));
+    let addr = broker.listener_addr("tls");
+    let cert_a = certificate_in(&pki.path("server.pem"));
+    let mut old = tls_client(&pki, addr, false, V5).await.expect("TLS A");
+    assert_eq!(peer_certificate(&old), cert_a);
+    assert_eq!(old.connect("old", None).await, ReasonCode::SUCCESS);
+
+    // Certificate B replaces A's files (same name, a new key), then SIGHUP.
+    pki.issue("server", "localhost", ExtendedKeyUsagePurpose::ServerAuth);
+    let cert_b = certificate_in(&pki.path("server.pem"));
+    assert_ne!(cert_a, cert_b);
+    broker.sighup();
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let mut fresh = loop {
+        let client = tls_client(&pki, addr, false, V5).await.expect("TLS");
+        if peer_certificate(&client) == cert_b {
+            break client;
+        }
+        assert_eq!(
+            peer_certificate(&client),
+            cert_a,
+            "only A or B is ever served"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "B never served:\n{}",
+            broker.logs()
+        );
+        sleep_ms(20).await;
+    };
+    assert_eq!(fresh.connect("fresh", None).await, ReasonCode::SUCCESS);
+
+    // The connection made under A is still up and carries traffic.
+    old.send(&Packet::PingReq).await;
+    assert_eq!(old.recv().await, Some(Packet::PingResp));
+    assert_eq!(fresh.subscribe("reload/#").await, ReasonCode::GRANTED_QOS_0);
+    old.send(&Packet::Publish(publish0("reload/x", b"after")))
+        .await;
+    match fresh.recv().await {
+        Some(Packet::Publish(publish)) => assert_eq!(&publish.payload[..], b"after"),
+        other => panic!("expected PUBLISH, got {other:?}"),
+    }
+}
+
+fn path_arg(pki: &Pki, name: &str) -> String {
+    pki.path(name).display().to_string()
+}
+
+#[tokio::test]
+async fn halyard_pub_and_sub_speak_tls_with_mosquitto_flags() {
+    let pki = Pki::new();
+    let broker = Broker::start_with_config(&format!(
+        "[[listener]]\nkind = \"tls\"\naddress = \"127.0.0.1:0\"\ncert_file = {}\nkey_file = {}\n\
+         client_ca_file = {}\n",
+        pki.toml("server.pem"),
+        pki.toml("server.key"),
+        pki.toml("ca.pem"),
+    ));
+    let port = broker.listener_addr("tls").port().to_string();
+    let (ca, cert, key) = (
+        path_arg(&pki, "ca.pem"),
+        path_arg(&pki, "client.pem"),
+        path_arg(&pki, "client.key"),
+    );
+    let tls = ["--cafile", &ca, "--cert", &cert, "--key", &key];
+    let mut sub = RawClient::connect_v311(broker.addr(), "watch", true).await;
+    sub.subscribe(1, &[("cli/tls", QoS::AtMostOnce)]).await;
+    let mut args = vec![
+        "pub",
+        "-h",
+        "localhost",
+        "-p",
+        &port,
+        "-t",
+        "cli/tls",
+        "-m",
+        "hi",
+        "-r",
+    ];
+    args.extend(tls);
+    let (status, _, stderr) = run_halyard(&args);
+    assert!(status.success(), "{stderr}");
+    assert_eq!(&sub.recv_publish().await.payload[..], b"hi");
+
+    let mut args = vec![
+        "sub",
+        "-h",
+        "localhost",
+        "-p",
+        &port,
+        "-t",
+        "cli/tls",
+        "-C",
+        "1",
+        "-W",
+        "10",
+    ];
+    args.extend(tls);
+    let (status, stdout, stderr) = run_halyard(&args);
+    assert!(status.success(), "{stderr}");
+    assert_eq!(stdout.trim(), "hi");
+
+    // Without the client certificate the mutual-TLS listener refuses the handshake.
+    let (status, _, _) = run_halyard(&[
+        "pub",
+        "-h",
+        "localhost",
+        "-p",
+        &port,
+        "--cafile",
+        &ca,
+        "-t",
+        "cli/tls",
+        "-m",
+        "x",
+    ]);
+    assert!(!status.success());
+}
+
+#[tokio::test]
+async fn insecure_skips_only_the_host_name_check() {
+    let pki = Pki::new();
+    pki.issue_server_for("elsewhere", "broker.elsewhere.example");
+    let broker = Broker::start_with_config(&format!(
+        "[[listener]]\nkind = \"tls\"\naddress = \"127.0.0.1:0\"\ncert_file = {}\nkey_file = {}\n",
+        pki.toml("elsewhere.pem"),
+        pki.toml("elsewhere.key"),
+    ));
+    let port = broker.listener_addr("tls").port().to_string();
+    let ca = path_arg(&pki, "ca.pem");
+    let publish = |extra: &[&str]| {
+        let mut args = vec!["pub", "-h", "127.0.0.1", "-p", &port, "-t", "x", "-m", "y"];
+        args.extend(extra);
+        run_halyard(&args)
+    };
+    let (status, _, stderr) = publish(&["--cafile", &ca]);
+    assert!(!status.success(), "the name does not match: must fail");
+    assert!(stderr.contains("TLS handshake"), "{stderr}");
+    let (status, _, stderr) = publish(&["--cafile", &ca, "--insecure"]);
+    assert!(status.success(), "{stderr}");
+    // --insecure still verifies the chain: a CA that did not sign the certificate fails.
+    let other = Pki::new();
+    let other_ca = path_arg(&other, "ca.pem");
+    let (status, _, _) = publish(&["--cafile", &other_ca, "--insecure"]);
+    assert!(!status.success());
 }

@@ -255,6 +255,16 @@ impl Broker {
         assert!(status.success(), "kill -TERM failed");
     }
 
+    /// Sends SIGHUP to this broker (and only this one): reload certificates and files.
+    pub fn sighup(&self) {
+        let status = Command::new("kill")
+            .arg("-HUP")
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -HUP failed");
+    }
+
     /// Waits up to `timeout` for the process to exit.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + timeout;
@@ -1172,8 +1182,22 @@ pub fn sample(text: &str, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("no sample {name} in:\n{text}"))
 }
 
+/// The text of `/metrics` at `addr`.
 pub fn metrics(addr: SocketAddr) -> String {
     let (status, body) = http(addr, "GET", "/metrics", None, None);
     assert_eq!(status, 200, "{body}");
     body
+}
+
+/// The value of the Prometheus sample `name` (labels included, exactly as exposed, e.g.
+/// `halyard_auth_refused_total{reason="jwt_expired"}`) on the broker's `/metrics`; 0 when
+/// the sample is absent (a labelled counter appears once it was first incremented).
+pub fn metric(broker: &Broker, name: &str) -> f64 {
+    metrics(broker.http_addr())
+        .lines()
+        .find_map(|line| {
+            let (key, value) = line.rsplit_once(' ')?;
+            (key == name).then(|| value.parse().ok())?
+        })
+        .unwrap_or(0.0)
 }
