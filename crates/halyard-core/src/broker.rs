@@ -5,8 +5,6 @@
 //! `publish` (inbound PUBLISH and QoS handshakes), `routing` (fan-out to sessions and
 //! nodes), `subscribe`, `retained_delivery`, `timers` and `persistence`.
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -24,7 +22,7 @@ use crate::router::{LocalRouter, RouteMatch, Router};
 use crate::session::{Link, Outbox, QueueLimits, Session};
 use crate::stats::{BrokerStats, DropReport};
 use crate::subscribe::RouteWait;
-use crate::timers::Timer;
+use crate::timer_queue::TimerQueue;
 use crate::FastMap;
 
 /// Opaque id the server gives each accepted network connection; never reused in a process.
@@ -78,7 +76,7 @@ pub struct Broker {
     /// SUBACKs waiting for their routes to be committed, by ticket.
     pub(crate) route_waits: FastMap<u64, RouteWait>,
     pub(crate) next_ticket: u64,
-    pub(crate) timers: BinaryHeap<Reverse<(Instant, Timer)>>,
+    pub(crate) timers: TimerQueue,
     pub(crate) out: Outbox,
     pub(crate) next_session_key: SessionKey,
     pub(crate) next_assigned_id: u64,
@@ -117,7 +115,7 @@ impl Broker {
             replicated,
             route_waits: FastMap::default(),
             next_ticket: 1,
-            timers: BinaryHeap::new(),
+            timers: TimerQueue::default(),
             out: Outbox::default(),
             next_session_key: 1,
             next_assigned_id: 1,
@@ -160,6 +158,12 @@ impl Broker {
         std::mem::take(&mut self.out.drops)
     }
 
+    /// Deadlines armed (keep-alive, pushback, will delay, session expiry): at most two per
+    /// live connection and two per session, whatever clients do.
+    pub fn timer_count(&self) -> usize {
+        self.timers.len()
+    }
+
     /// Next thing for the server to do, in order; `None` when there is nothing.
     pub fn poll_output(&mut self) -> Option<Output> {
         self.out.outputs.pop_front()
@@ -175,7 +179,7 @@ impl Broker {
 
     /// The earliest instant at which [`Broker::handle_timeout`] may have work to do.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.timers.peek().map(|Reverse((at, _))| *at)
+        self.timers.peek().map(|(at, _)| at)
     }
 
     /// A packet decoded from `conn`. The first must be CONNECT.

@@ -1,6 +1,5 @@
 //! Ending connections and sessions: DISCONNECT, network loss, protocol errors, wills.
 
-use std::cmp::Reverse;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -118,6 +117,7 @@ impl Broker {
             return;
         };
         self.conns.remove(&link.conn);
+        self.timers.cancel_connection(link.conn);
         self.pushback.forget(link.conn);
         self.pushback.note_maybe_room();
         self.out
@@ -154,7 +154,7 @@ impl Broker {
             let at = now + Duration::from_secs(u64::from(session.expiry_interval));
             session.expires_at = Some(at);
             self.timers
-                .push(Reverse((at, Timer::SessionExpiry(key, session.epoch))));
+                .arm(at, Timer::SessionExpiry(key, session.epoch));
         }
         self.save_session_record(key);
     }
@@ -167,8 +167,7 @@ impl Broker {
             Some(session) if delay > 0 => {
                 let due = now + Duration::from_secs(u64::from(delay));
                 session.delayed_will = Some(Box::new((due, will)));
-                self.timers
-                    .push(Reverse((due, Timer::Will(key, session.epoch))));
+                self.timers.arm(due, Timer::Will(key, session.epoch));
                 self.save_session_record(key);
             }
             _ => self.publish_will(now, key, will),
@@ -202,7 +201,9 @@ impl Broker {
         if let Some(link) = &session.link {
             self.conns.remove(&link.conn);
             self.pushback.forget(link.conn);
+            self.timers.cancel_connection(link.conn);
         }
+        self.timers.cancel_session(key);
         self.pushback.note_maybe_room();
         for filter in session.subscriptions.keys() {
             if self.router.unsubscribe(key, FilterRef::parse(filter)) {

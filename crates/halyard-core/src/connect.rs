@@ -1,6 +1,5 @@
 //! CONNECT: validation, the session claim, takeover and CONNACK.
 
-use std::cmp::Reverse;
 use std::time::{Duration, Instant, SystemTime};
 
 use halyard_codec::{ConnAck, Connect, Packet, Properties, ProtocolVersion, ReasonCode};
@@ -353,8 +352,7 @@ impl Broker {
             publish_rate: crate::limits::RateBucket::new(self.config.max_publish_rate, now),
         };
         if let Some(deadline) = link.deadline {
-            self.timers
-                .push(Reverse((deadline, Timer::KeepAlive(conn))));
+            self.timers.arm(deadline, Timer::KeepAlive(conn));
         }
         let Some(session) = self.sessions.get_mut(&key) else {
             return;

@@ -32,6 +32,7 @@ pub mod store;
 mod subscribe;
 pub mod sys;
 mod time;
+mod timer_queue;
 mod timers;
 mod transfer;
 

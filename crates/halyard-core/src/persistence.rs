@@ -1,6 +1,5 @@
 //! Persistent sessions: loading them at start-up and writing their state to the store.
 
-use std::cmp::Reverse;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::broker::{Broker, BrokerParts};
@@ -91,13 +90,12 @@ impl Broker {
         };
         session.expires_at = expires_at;
         if let Some(at) = expires_at {
-            self.timers
-                .push(Reverse((at, Timer::SessionExpiry(key, epoch))));
+            self.timers.arm(at, Timer::SessionExpiry(key, epoch));
         }
         if let Some((due, will)) = record.delayed_will {
             let due = clock.to_instant(due);
             session.delayed_will = Some(Box::new((due, will)));
-            self.timers.push(Reverse((due, Timer::Will(key, epoch))));
+            self.timers.arm(due, Timer::Will(key, epoch));
         }
         self.client_ids.insert(record.client_id, key);
         self.sessions.insert(key, Box::new(session));

@@ -21,7 +21,6 @@
 //! while it is paused). After the timeout the publisher is closed without acknowledgement,
 //! the old behaviour, so it resends on reconnect.
 
-use std::cmp::Reverse;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -217,7 +216,7 @@ impl Broker {
         self.out.stats.pushback_pauses += 1;
         self.out.outputs.push_back(Output::Pause { conn });
         self.timers
-            .push(Reverse((now + PUSHBACK_TIMEOUT, Timer::Pushback(conn))));
+            .arm(now + PUSHBACK_TIMEOUT, Timer::Pushback(conn));
     }
 
     /// A pushback timer fired: a connection paused for [`PUSHBACK_TIMEOUT`] is closed

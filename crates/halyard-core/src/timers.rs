@@ -1,6 +1,5 @@
 //! Deadlines: keep-alive, pushback bound, will delay and session expiry.
 
-use std::cmp::Reverse;
 use std::time::Instant;
 
 use halyard_codec::ReasonCode;
@@ -10,7 +9,7 @@ use crate::close::CloseKind;
 use crate::message::SessionKey;
 
 /// Deadlines the broker must act on. Each carries enough to tell whether it is still
-/// current when it fires; stale entries are skipped rather than removed from the heap.
+/// current when it fires (see `TimerQueue` for how many there can be).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Timer {
     KeepAlive(ConnectionId),
@@ -23,11 +22,7 @@ pub(crate) enum Timer {
 impl Broker {
     /// Time has passed: keep-alive deadlines, will delays and session expiry.
     pub fn handle_timeout(&mut self, now: Instant) {
-        while let Some(&Reverse((at, timer))) = self.timers.peek() {
-            if at > now {
-                break;
-            }
-            self.timers.pop();
+        while let Some(timer) = self.timers.pop_due(now) {
             match timer {
                 Timer::KeepAlive(conn) => self.check_keep_alive(now, conn),
                 Timer::Pushback(conn) => self.check_pushback(now, conn),
@@ -74,8 +69,7 @@ impl Broker {
             if let Some(link) = self.link_mut(key) {
                 link.touch(now);
                 if let Some(deadline) = link.deadline {
-                    self.timers
-                        .push(Reverse((deadline, Timer::KeepAlive(conn))));
+                    self.timers.arm(deadline, Timer::KeepAlive(conn));
                 }
             }
             return;
@@ -88,8 +82,7 @@ impl Broker {
                 CloseKind::Abnormal(Some(ReasonCode::KEEP_ALIVE_TIMEOUT)),
             );
         } else {
-            self.timers
-                .push(Reverse((deadline, Timer::KeepAlive(conn))));
+            self.timers.arm(deadline, Timer::KeepAlive(conn));
         }
     }
 }

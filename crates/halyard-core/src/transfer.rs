@@ -1,7 +1,6 @@
 //! Moving a session between brokers: what one core exports when another node's claim
 //! fences it, and what the new owner's core imports before it answers the CONNECT.
 
-use std::cmp::Reverse;
 use std::time::{Instant, SystemTime};
 
 use halyard_codec::Will;
@@ -170,7 +169,7 @@ impl Broker {
         if let Some((due, will)) = state.delayed_will {
             let due = clock.to_instant(due);
             session.delayed_will = Some(Box::new((due, will)));
-            self.timers.push(Reverse((due, Timer::Will(key, epoch))));
+            self.timers.arm(due, Timer::Will(key, epoch));
         }
         self.registry.restored(epoch);
         self.client_ids.insert(session.client_id.clone(), key);

@@ -1418,3 +1418,26 @@ fn queue_is_bounded_in_bytes_too() {
     let page = h.broker.admin_clients(0, 10);
     assert_eq!(page.items[0].queued, 4);
 }
+
+/// Issue 14: a client reconnecting in a loop with keep-alive 65535 and a session expiry
+/// leaves the broker's deadlines as they were after its first round: one slot per
+/// connection and session, not one entry per CONNECT until its deadline.
+#[test]
+fn reconnect_loop_leaves_the_timer_state_bounded() {
+    let mut h = Harness::new();
+    let round = |h: &mut Harness, conn: ConnectionId| {
+        let mut c = connect(V5, "looper", false);
+        c.keep_alive = 65535;
+        c.properties.session_expiry_interval = Some(86_400);
+        h.connect_with(conn, c);
+        h.broker.connection_lost(h.now, conn);
+        h.drain();
+    };
+    round(&mut h, 1);
+    let after_one = h.broker.timer_count();
+    assert_eq!(after_one, 1, "the offline session's expiry");
+    for conn in 2..=100_001 {
+        round(&mut h, conn);
+    }
+    assert_eq!(h.broker.timer_count(), after_one);
+}
