@@ -5,6 +5,7 @@
 //! `publish` (inbound PUBLISH and QoS handshakes), `routing` (fan-out to sessions and
 //! nodes), `subscribe`, `retained_delivery`, `timers` and `persistence`.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -62,7 +63,9 @@ pub struct Broker {
     /// Boxed: a map of inline sessions would hold up to twice the live sessions' size in
     /// empty slots (hash table growth), which counts in memory per idle connection.
     pub(crate) sessions: FastMap<SessionKey, Box<Session>>,
-    pub(crate) client_ids: FastMap<String, SessionKey>,
+    /// Sessions by client id, in order: the admin API pages through it without sorting
+    /// (lookups happen per CONNECT, never per message).
+    pub(crate) client_ids: BTreeMap<String, SessionKey>,
     pub(crate) conns: FastMap<ConnectionId, SessionKey>,
     pub(crate) router: Box<dyn Router>,
     /// Retained messages kept in memory: all of them without a store, only `$SYS` ones
@@ -106,7 +109,7 @@ impl Broker {
         Broker {
             config,
             sessions: FastMap::default(),
-            client_ids: FastMap::default(),
+            client_ids: BTreeMap::new(),
             conns: FastMap::default(),
             router,
             retained,
