@@ -24,7 +24,8 @@ use crate::event::Event;
 /// before it resumes with what raft holds (the subscriptions of a persistent session).
 const TRANSFER_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// How long a SUBACK waits for its routes to be applied by this node once committed.
+/// How long a SUBACK waits for its routes to be applied by every reachable node once
+/// committed, so that a publish made after it on any node reaches the subscriber.
 const APPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the cluster tells the broker task.
@@ -373,7 +374,7 @@ impl ClusterDriver {
                 .await
             {
                 Ok(commit) if commit.value => coordinator
-                    .wait_applied(commit.index, APPLY_TIMEOUT)
+                    .wait_applied_everywhere(commit.index, APPLY_TIMEOUT)
                     .await
                     .is_ok(),
                 Ok(_) => {
