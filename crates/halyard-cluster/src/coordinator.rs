@@ -41,6 +41,9 @@ pub struct ClaimRequest {
     pub expected_epoch: Option<u64>,
     pub session_expiry_secs: u32,
     pub persistent: bool,
+    /// MQTT clean start: the client's existing subscriptions (and routes) are dropped
+    /// instead of moving to this node.
+    pub clean_start: bool,
     /// The caller's clock, stamped into the entry.
     pub now_ms: u64,
 }
@@ -231,6 +234,7 @@ impl Coordinator {
             session_expiry_secs: request.session_expiry_secs,
             persistent: request.persistent,
             now_ms: request.now_ms,
+            clean_start: request.clean_start,
         };
         let commit = self.write(Command::Claim(claim)).await?;
         match commit.value {

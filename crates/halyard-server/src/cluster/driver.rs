@@ -301,6 +301,7 @@ impl ClusterDriver {
                 expected_epoch: None,
                 session_expiry_secs: request.expiry_interval,
                 persistent: request.expiry_interval > 0,
+                clean_start: request.clean_start,
                 now_ms: now_ms(),
             };
             let outcome = match coordinator.claim(raft_request).await {
