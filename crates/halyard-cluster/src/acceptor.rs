@@ -10,6 +10,7 @@ use openraft::ChangeMembers;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
+use crate::applied_everywhere::serve_wait_applied;
 use crate::command::{Command, Response};
 use crate::frame::{
     self, Channel, FramedStream, Hello, ProposeError, RaftReply, RaftRequest, Welcome,
@@ -141,6 +142,13 @@ async fn serve_raft(connection: &mut FramedStream, raft: &Raft) -> io::Result<()
             RaftRequest::Propose(command) => RaftReply::Proposed(propose_here(raft, command).await),
             RaftRequest::Announce { node, incarnation } => {
                 RaftReply::Announced(record_incarnation(raft, node, incarnation).await)
+            }
+            RaftRequest::WaitApplied { index, wait_ms } => {
+                match serve_wait_applied(raft, index, wait_ms).await {
+                    Ok(applied) => RaftReply::Applied(applied),
+                    // Shutting down: the caller takes a closed connection as unreachable.
+                    Err(_) => return Ok(()),
+                }
             }
         };
         frame::send(connection, &reply).await?;

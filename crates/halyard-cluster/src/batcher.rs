@@ -136,6 +136,7 @@ mod tests {
                 session_expiry_secs: 0,
                 persistent: false,
                 now_ms: 0,
+                clean_start: false,
             }),
             reply,
         }

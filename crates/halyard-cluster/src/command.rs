@@ -9,10 +9,17 @@ use serde::{Deserialize, Serialize};
 use crate::types::{ClientId, NodeId, Owner};
 
 /// One replicated change request.
+///
+/// postcard encodes a variant by its position and a struct without field names, so a field
+/// cannot be added to an entry already in some log: new variants go last, and an entry of
+/// an older layout keeps its variant (see [`Command::LegacyClaim`]). Old entries therefore
+/// decode on new nodes, but a node running an older build cannot read a new variant: upgrade
+/// every node of a cluster before its clients reconnect through an upgraded one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
-    /// Take (or CAS) session ownership of a client id.
-    Claim(Claim),
+    /// A claim written before `clean_start` existed; applied as `clean_start: false`.
+    /// Only read from older logs, never proposed.
+    LegacyClaim(LegacyClaim),
     /// Give up ownership if the epoch still matches.
     Release {
         client_id: ClientId,
@@ -33,6 +40,8 @@ pub enum Command {
     },
     /// Several commands in one raft entry (reconnect storms); applied in order.
     Batch(Vec<Command>),
+    /// Take (or CAS) session ownership of a client id.
+    Claim(Claim),
 }
 
 impl Command {
@@ -40,6 +49,7 @@ impl Command {
     pub(crate) fn client_id(&self) -> Option<&str> {
         match self {
             Command::Claim(claim) => Some(&claim.client_id),
+            Command::LegacyClaim(claim) => Some(&claim.client_id),
             Command::Release { client_id, .. } | Command::Subscriptions { client_id, .. } => {
                 Some(client_id)
             }
@@ -60,6 +70,36 @@ pub struct Claim {
     pub session_expiry_secs: u32,
     pub persistent: bool,
     pub now_ms: u64,
+    /// MQTT clean start: the client's subscriptions (and their routes) are dropped, not
+    /// moved to the claiming node.
+    pub clean_start: bool,
+}
+
+/// A [`Claim`] as logged before `clean_start` was added (same fields, same order).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LegacyClaim {
+    pub client_id: ClientId,
+    pub node: NodeId,
+    pub request_id: u64,
+    pub expected_epoch: Option<u64>,
+    pub session_expiry_secs: u32,
+    pub persistent: bool,
+    pub now_ms: u64,
+}
+
+impl From<&LegacyClaim> for Claim {
+    fn from(legacy: &LegacyClaim) -> Self {
+        Claim {
+            client_id: legacy.client_id.clone(),
+            node: legacy.node,
+            request_id: legacy.request_id,
+            expected_epoch: legacy.expected_epoch,
+            session_expiry_secs: legacy.session_expiry_secs,
+            persistent: legacy.persistent,
+            now_ms: legacy.now_ms,
+            clean_start: false,
+        }
+    }
 }
 
 /// One subscription change of a client.

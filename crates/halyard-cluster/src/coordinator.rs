@@ -12,6 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 
 use crate::acceptor::{self, Acceptor};
+use crate::applied_everywhere::{wait_applied, AppliedEverywhere};
 use crate::batcher::{Batcher, Pending};
 use crate::command::{Claim, ClaimOutcome, Command, Response, SubscriptionChange};
 use crate::config::{ClusterConfig, Listen};
@@ -40,6 +41,9 @@ pub struct ClaimRequest {
     pub expected_epoch: Option<u64>,
     pub session_expiry_secs: u32,
     pub persistent: bool,
+    /// MQTT clean start: the client's existing subscriptions (and routes) are dropped
+    /// instead of moving to this node.
+    pub clean_start: bool,
     /// The caller's clock, stamped into the entry.
     pub now_ms: u64,
 }
@@ -61,6 +65,7 @@ pub struct Coordinator {
     db: Option<Arc<RaftDb>>,
     link: PeerLink,
     link_receivers: Mutex<Option<LinkReceivers>>,
+    applied_everywhere: AppliedEverywhere,
 }
 
 impl Coordinator {
@@ -180,6 +185,8 @@ impl Coordinator {
         tasks.push(
             tokio::spawn(count_leader_changes(raft.clone(), counters.clone())).abort_handle(),
         );
+        let applied_everywhere =
+            AppliedEverywhere::new(local, &config.peers, raft.clone(), counters.clone());
 
         Ok(Coordinator {
             local,
@@ -194,6 +201,7 @@ impl Coordinator {
             db: Some(db_handle),
             link,
             link_receivers: Mutex::new(Some(link_receivers)),
+            applied_everywhere,
         })
     }
 
@@ -226,6 +234,7 @@ impl Coordinator {
             session_expiry_secs: request.session_expiry_secs,
             persistent: request.persistent,
             now_ms: request.now_ms,
+            clean_start: request.clean_start,
         };
         let commit = self.write(Command::Claim(claim)).await?;
         match commit.value {
@@ -374,24 +383,20 @@ impl Coordinator {
 
     /// Waits until this node has applied `index` (e.g. a commit made through another node).
     pub async fn wait_applied(&self, index: u64, limit: Duration) -> Result<(), ClusterError> {
-        let mut metrics = self.raft.metrics();
-        let wait = async {
-            loop {
-                let applied = metrics
-                    .borrow_and_update()
-                    .last_applied
-                    .map_or(0, |id| id.index);
-                if applied >= index {
-                    return Ok(());
-                }
-                if metrics.changed().await.is_err() {
-                    return Err(ClusterError::Shutdown);
-                }
-            }
-        };
-        tokio::time::timeout(limit, wait)
-            .await
-            .map_err(|_| ClusterError::Timeout)?
+        wait_applied(&self.raft, index, limit).await
+    }
+
+    /// Waits until this node and every reachable voter have applied `index`, so that what
+    /// the entry changed is seen on every node that can still serve clients. A voter
+    /// unreachable for longer than `limit / 2` is skipped (counted in
+    /// [`Metrics::unreachable_peers_skipped`]); `Timeout` when this node or a reachable
+    /// voter has not applied `index` within `limit`.
+    pub async fn wait_applied_everywhere(
+        &self,
+        index: u64,
+        limit: Duration,
+    ) -> Result<(), ClusterError> {
+        self.applied_everywhere.wait(index, limit).await
     }
 
     /// The publish peer link (send, ack, seed).

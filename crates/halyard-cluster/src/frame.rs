@@ -74,6 +74,11 @@ pub(crate) enum RaftRequest {
         node: NodeId,
         incarnation: u64,
     },
+    /// Answer once `index` is applied here, or after `wait_ms` (capped by the server).
+    WaitApplied {
+        index: u64,
+        wait_ms: u64,
+    },
 }
 
 /// The reply to a [`RaftRequest`] of the same kind.
@@ -88,6 +93,8 @@ pub(crate) enum RaftReply {
     /// The log index of the entry and the command's response.
     Proposed(Result<(u64, Response), ProposeError>),
     Announced(Result<(), ProposeError>),
+    /// The replier's applied index (below the asked index when its wait ran out).
+    Applied(u64),
 }
 
 /// Why the leader did not take a forwarded proposal.

@@ -16,6 +16,7 @@
 
 mod acceptor;
 mod announcer;
+mod applied_everywhere;
 mod batcher;
 mod command;
 mod config;

@@ -18,6 +18,7 @@ pub(crate) struct Counters {
     pub(crate) link_resent: AtomicU64,
     pub(crate) link_duplicates: AtomicU64,
     pub(crate) link_delivered: AtomicU64,
+    pub(crate) unreachable_peers_skipped: AtomicU64,
 }
 
 pub(crate) fn bump(counter: &AtomicU64) {
@@ -61,6 +62,9 @@ pub struct Metrics {
     pub link_duplicates: u64,
     /// Peer link: received frames handed to the app.
     pub link_delivered: u64,
+    /// Voters skipped by `wait_applied_everywhere` because they were unreachable for longer
+    /// than half its limit (one per skipped voter per wait).
+    pub unreachable_peers_skipped: u64,
 }
 
 impl Counters {
@@ -81,6 +85,7 @@ impl Counters {
             link_resent: get(&self.link_resent),
             link_duplicates: get(&self.link_duplicates),
             link_delivered: get(&self.link_delivered),
+            unreachable_peers_skipped: get(&self.unreachable_peers_skipped),
             ..Metrics::default()
         }
     }

@@ -52,6 +52,9 @@ impl ClusterState {
     pub fn apply(&mut self, index: u64, command: &Command, out: &mut Vec<Change>) -> Response {
         match command {
             Command::Claim(claim) => Response::Claim(self.claim(index, claim, out)),
+            Command::LegacyClaim(legacy) => {
+                Response::Claim(self.claim(index, &Claim::from(legacy), out))
+            }
             Command::Release {
                 client_id,
                 node,
@@ -113,7 +116,11 @@ impl ClusterState {
                 epoch: index,
                 previous,
             });
-            self.move_subscriptions(&claim.client_id, claim.node, out);
+            if claim.clean_start {
+                self.drop_subscriptions(&claim.client_id, out);
+            } else {
+                self.move_subscriptions(&claim.client_id, claim.node, out);
+            }
             ClaimOutcome::Granted {
                 epoch: index,
                 previous,
@@ -173,12 +180,17 @@ impl ClusterState {
             epoch,
             previous: Some((node, epoch)),
         });
+        self.drop_subscriptions(client_id, out);
+        true
+    }
+
+    /// A released or clean-started session ends its subscriptions and their routes.
+    fn drop_subscriptions(&mut self, client_id: &str, out: &mut Vec<Change>) {
         if let Some(subscriptions) = self.subscriptions.remove(client_id) {
             for (filter, subscription) in subscriptions {
                 self.route_remove(&filter, subscription.node, out);
             }
         }
-        true
     }
 
     fn subscribe(

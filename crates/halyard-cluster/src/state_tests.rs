@@ -3,6 +3,7 @@
 use bytes::Bytes;
 
 use super::*;
+use crate::command::LegacyClaim;
 
 fn claim(client: &str, node: NodeId, request_id: u64, expected: Option<u64>) -> Command {
     Command::Claim(Claim {
@@ -13,6 +14,7 @@ fn claim(client: &str, node: NodeId, request_id: u64, expected: Option<u64>) -> 
         session_expiry_secs: 60,
         persistent: true,
         now_ms: 1_000,
+        clean_start: false,
     })
 }
 
@@ -319,4 +321,67 @@ fn a_state_survives_a_postcard_round_trip() {
     let mut restored = ClusterState::new(100);
     restored.replace_data(postcard::from_bytes(&bytes).expect("decode"));
     assert_eq!(restored, state);
+}
+
+fn clean_claim(client: &str, node: NodeId, request_id: u64) -> Command {
+    let Command::Claim(claim) = claim(client, node, request_id, None) else {
+        unreachable!("claim() builds a claim");
+    };
+    Command::Claim(Claim {
+        clean_start: true,
+        ..claim
+    })
+}
+
+#[test]
+fn a_clean_start_claim_drops_the_subscriptions_and_routes() {
+    let mut state = ClusterState::new(1024);
+    apply(&mut state, 1, claim("a", 1, 1, None));
+    apply(&mut state, 2, subscribe("a", 1, &["x", "$share/g/y"]));
+    apply(&mut state, 3, claim("b", 1, 2, None));
+    apply(&mut state, 4, subscribe("b", 3, &["x"]));
+    let (response, changes) = apply(&mut state, 5, clean_claim("a", 3, 1));
+    assert_eq!(granted_epoch(&response), 5);
+    assert!(state.subscriptions("a").is_none());
+    assert!(changes.contains(&Change::RouteRemoved {
+        filter: "y".into(),
+        group: Some("g".into()),
+        node: 1
+    }));
+    assert!(
+        !changes
+            .iter()
+            .any(|change| matches!(change, Change::RouteAdded { .. })),
+        "nothing moves to the claiming node: {changes:?}"
+    );
+    assert!(!state.routes().contains_key(&route("y", Some("g"))));
+    let nodes: Vec<_> = state.routes()[&route("x", None)].iter().copied().collect();
+    assert_eq!(nodes, vec![1], "b's subscription to x still routes");
+}
+
+/// `Command` as it was before `clean_start`: its claim variant came first.
+#[derive(serde::Serialize)]
+enum CommandBeforeCleanStart {
+    Claim(LegacyClaim),
+}
+
+#[test]
+fn a_claim_logged_before_clean_start_decodes_and_moves_the_subscriptions() {
+    let old = CommandBeforeCleanStart::Claim(LegacyClaim {
+        client_id: "a".into(),
+        node: 3,
+        request_id: 1,
+        expected_epoch: None,
+        session_expiry_secs: 60,
+        persistent: true,
+        now_ms: 1_000,
+    });
+    let bytes = postcard::to_stdvec(&old).expect("encode");
+    let decoded: Command = postcard::from_bytes(&bytes).expect("an old entry decodes");
+    let mut state = ClusterState::new(1024);
+    apply(&mut state, 1, claim("a", 1, 1, None));
+    apply(&mut state, 2, subscribe("a", 1, &["x"]));
+    let (response, _) = apply(&mut state, 3, decoded);
+    assert_eq!(granted_epoch(&response), 3);
+    assert_eq!(state.subscriptions("a").map(|subs| subs["x"].node), Some(3));
 }

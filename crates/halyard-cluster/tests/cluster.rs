@@ -489,3 +489,38 @@ async fn a_data_dir_of_another_node_id_is_refused() {
         })
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_start_claim_on_another_node_drops_the_routes_everywhere() {
+    let cluster = TestCluster::start(3).await;
+    let claim = cluster
+        .node(1)
+        .claim(takeover("fresh"))
+        .await
+        .expect("claim");
+    let epoch = granted_epoch(&claim.value);
+    cluster
+        .node(1)
+        .update_subscriptions("fresh", epoch, vec![add("news/#")])
+        .await
+        .expect("subscribe");
+    let clean = halyard_cluster::ClaimRequest {
+        clean_start: true,
+        ..takeover("fresh")
+    };
+    let commit = cluster.node(2).claim(clean).await.expect("clean claim");
+    granted_epoch(&commit.value);
+    cluster
+        .node(2)
+        .wait_applied_everywhere(commit.index, PATIENCE)
+        .await
+        .expect("applied everywhere");
+    for id in 1..=3 {
+        assert!(
+            cluster.node(id).routes().is_empty(),
+            "node {id} still routes the clean-started client"
+        );
+        assert!(cluster.node(id).subscriptions("fresh").is_empty());
+    }
+    cluster.shutdown().await;
+}

@@ -142,6 +142,7 @@ pub fn takeover(client_id: &str) -> ClaimRequest {
         expected_epoch: None,
         session_expiry_secs: 300,
         persistent: true,
+        clean_start: false,
         now_ms: 1_700_000_000_000,
     }
 }

@@ -24,7 +24,8 @@ use crate::event::Event;
 /// before it resumes with what raft holds (the subscriptions of a persistent session).
 const TRANSFER_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// How long a SUBACK waits for its routes to be applied by this node once committed.
+/// How long a SUBACK waits for its routes to be applied by every reachable node once
+/// committed, so that a publish made after it on any node reaches the subscriber.
 const APPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the cluster tells the broker task.
@@ -300,6 +301,7 @@ impl ClusterDriver {
                 expected_epoch: None,
                 session_expiry_secs: request.expiry_interval,
                 persistent: request.expiry_interval > 0,
+                clean_start: request.clean_start,
                 now_ms: now_ms(),
             };
             let outcome = match coordinator.claim(raft_request).await {
@@ -373,7 +375,7 @@ impl ClusterDriver {
                 .await
             {
                 Ok(commit) if commit.value => coordinator
-                    .wait_applied(commit.index, APPLY_TIMEOUT)
+                    .wait_applied_everywhere(commit.index, APPLY_TIMEOUT)
                     .await
                     .is_ok(),
                 Ok(_) => {

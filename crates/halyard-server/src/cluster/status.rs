@@ -114,5 +114,10 @@ pub(crate) fn registry(coordinator: &Coordinator) -> Registry {
         "Peer link frames received twice and dropped",
         metrics.link_duplicates,
     );
+    gauge(
+        "unreachable_peers_skipped",
+        "Voters a SUBACK did not wait for because they were unreachable",
+        metrics.unreachable_peers_skipped,
+    );
     registry
 }

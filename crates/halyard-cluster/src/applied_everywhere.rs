@@ -1,0 +1,244 @@
+//! Waits until every reachable voter has applied a log index.
+//!
+//! The broker answers a SUBACK once the subscription's route is committed; waiting until
+//! every voter has applied it means a publish made after the SUBACK on any node sees the
+//! route. Peers are asked over the cluster port (`WaitApplied`): each answers once it has
+//! applied the index or its own wait ran out. A peer unreachable for longer than half the
+//! caller's limit is skipped and counted, since a node that cannot be reached is taken for
+//! dead and a dead node publishes nothing. Once skipped, a peer is probed in the background
+//! and waited for again as soon as it answers.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use openraft::RaftMetrics;
+use tokio::time::Instant;
+
+use crate::error::ClusterError;
+use crate::frame::{RaftReply, RaftRequest};
+use crate::metrics::{bump, Counters};
+use crate::peer_client::{LocalNode, PeerClient};
+use crate::raft_types::{NodeInfo, Raft};
+use crate::types::NodeId;
+
+/// Pause before asking a peer again after a failed call.
+const RETRY_PAUSE: Duration = Duration::from_millis(20);
+
+/// Longest wait a peer's `WaitApplied` may ask of this node (the value comes off the wire).
+const MAX_SERVED_WAIT: Duration = Duration::from_secs(60);
+
+/// Every other voter of this node, as the applied-index waiter sees them.
+pub(crate) struct AppliedEverywhere {
+    local: NodeId,
+    raft: Raft,
+    counters: Arc<Counters>,
+    peers: BTreeMap<NodeId, Arc<Peer>>,
+}
+
+/// One peer: its own connection (so waits never queue behind raft or proposals), the
+/// highest applied index it reported, and since when it has been unreachable.
+struct Peer {
+    client: tokio::sync::Mutex<PeerClient>,
+    applied: AtomicU64,
+    unreachable_since: Mutex<Option<Instant>>,
+}
+
+impl Peer {
+    fn unreachable_for(&self, now: Instant) -> Option<Duration> {
+        let since = *self
+            .unreachable_since
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        since.map(|since| now.saturating_duration_since(since))
+    }
+
+    /// Records one call's result; a failed call counts as unreachable from when it started.
+    fn record(&self, started: Instant, reply: Option<u64>) {
+        let mut since = self
+            .unreachable_since
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match reply {
+            Some(applied) => {
+                self.applied.fetch_max(applied, Ordering::Relaxed);
+                *since = None;
+            }
+            None => {
+                since.get_or_insert(started);
+            }
+        }
+    }
+
+    /// Asks the peer to answer once it has applied `index`, waiting at most half of
+    /// `limit` there; `None` when it could not be reached within `limit`.
+    async fn ask(&self, client: &mut PeerClient, index: u64, limit: Duration) -> Option<u64> {
+        let started = Instant::now();
+        let request = RaftRequest::WaitApplied {
+            index,
+            wait_ms: u64::try_from((limit / 2).as_millis()).unwrap_or(u64::MAX),
+        };
+        let reply = match client.call(&request, limit).await {
+            Ok(RaftReply::Applied(applied)) => Some(applied),
+            Ok(other) => {
+                tracing::warn!(peer = client.target(), ?other, "reply of the wrong kind");
+                None
+            }
+            Err(_) => None,
+        };
+        self.record(started, reply);
+        reply
+    }
+}
+
+impl AppliedEverywhere {
+    pub(crate) fn new(
+        local: LocalNode,
+        peers: &[String],
+        raft: Raft,
+        counters: Arc<Counters>,
+    ) -> Self {
+        let peers = (1..)
+            .zip(peers)
+            .filter(|(id, _)| *id != local.id)
+            .map(|(id, addr)| {
+                let client = PeerClient::new(local, id, addr.clone(), 0, counters.clone());
+                let peer = Peer {
+                    client: tokio::sync::Mutex::new(client),
+                    applied: AtomicU64::new(0),
+                    unreachable_since: Mutex::new(None),
+                };
+                (id, Arc::new(peer))
+            })
+            .collect();
+        Self {
+            local: local.id,
+            raft,
+            counters,
+            peers,
+        }
+    }
+
+    /// Returns once this node and every reachable voter have applied `index`; `Timeout`
+    /// when one of them (reachable, or this node) has not within `limit`.
+    pub(crate) async fn wait(&self, index: u64, limit: Duration) -> Result<(), ClusterError> {
+        let deadline = Instant::now() + limit;
+        let voters: BTreeSet<NodeId> = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .filter(|id| *id != self.local)
+            .collect();
+        let peers = voters
+            .into_iter()
+            .map(|id| self.wait_peer(id, index, deadline, limit / 2));
+        let (local, peers) = tokio::join!(
+            wait_applied(&self.raft, index, limit),
+            futures_util::future::join_all(peers)
+        );
+        local?;
+        peers.into_iter().collect()
+    }
+
+    async fn wait_peer(
+        &self,
+        id: NodeId,
+        index: u64,
+        deadline: Instant,
+        skip_after: Duration,
+    ) -> Result<(), ClusterError> {
+        let peer = self.peers.get(&id).ok_or(ClusterError::UnknownNode(id))?;
+        loop {
+            if peer.applied.load(Ordering::Relaxed) >= index {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(ClusterError::Timeout);
+            }
+            if peer.unreachable_for(now) >= Some(skip_after) {
+                self.skip(id, peer, index, skip_after);
+                return Ok(());
+            }
+            let mut client = peer.client.lock().await;
+            // Another wait may have had its answer (or given up on the peer) meanwhile.
+            let now = Instant::now();
+            if peer.applied.load(Ordering::Relaxed) >= index
+                || now >= deadline
+                || peer.unreachable_for(now) >= Some(skip_after)
+            {
+                continue;
+            }
+            let limit = (deadline - now).min(skip_after);
+            if peer.ask(&mut client, index, limit).await.is_none() {
+                drop(client);
+                tokio::time::sleep(RETRY_PAUSE.min(deadline.saturating_duration_since(now))).await;
+            }
+        }
+    }
+
+    /// Counts a skipped peer and, unless a call to it is under way, probes it in the
+    /// background so that it is waited for again once it answers.
+    fn skip(&self, id: NodeId, peer: &Arc<Peer>, index: u64, limit: Duration) {
+        bump(&self.counters.unreachable_peers_skipped);
+        tracing::debug!(peer = id, index, "unreachable peer skipped");
+        let peer = Arc::clone(peer);
+        tokio::spawn(async move {
+            let Ok(mut client) = peer.client.try_lock() else {
+                return;
+            };
+            peer.ask(&mut client, index, limit).await;
+        });
+    }
+}
+
+/// Waits until this node has applied `index`.
+pub(crate) async fn wait_applied(
+    raft: &Raft,
+    index: u64,
+    limit: Duration,
+) -> Result<(), ClusterError> {
+    match applied_within(raft, index, limit).await? {
+        applied if applied >= index => Ok(()),
+        _ => Err(ClusterError::Timeout),
+    }
+}
+
+/// The serving side of `WaitApplied`: this node's applied index once it reaches `index`,
+/// or when `wait_ms` (capped) has passed.
+pub(crate) async fn serve_wait_applied(
+    raft: &Raft,
+    index: u64,
+    wait_ms: u64,
+) -> Result<u64, ClusterError> {
+    let limit = Duration::from_millis(wait_ms).min(MAX_SERVED_WAIT);
+    applied_within(raft, index, limit).await
+}
+
+/// The applied index once it reaches `index`, or as it is when `limit` has passed.
+async fn applied_within(raft: &Raft, index: u64, limit: Duration) -> Result<u64, ClusterError> {
+    let mut metrics = raft.metrics();
+    let wait = async {
+        loop {
+            let applied = last_applied(&metrics.borrow_and_update());
+            if applied >= index {
+                return Ok(applied);
+            }
+            if metrics.changed().await.is_err() {
+                return Err(ClusterError::Shutdown);
+            }
+        }
+    };
+    match tokio::time::timeout(limit, wait).await {
+        Ok(result) => result,
+        Err(_) => Ok(last_applied(&raft.metrics().borrow())),
+    }
+}
+
+fn last_applied(metrics: &RaftMetrics<NodeId, NodeInfo>) -> u64 {
+    metrics.last_applied.map_or(0, |id| id.index)
+}
