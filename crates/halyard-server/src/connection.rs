@@ -6,6 +6,7 @@
 
 use std::future::{pending, Future};
 use std::io::{self, Read};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -90,7 +91,8 @@ pub(crate) fn run(
     guard: Guard,
 ) -> impl Future<Output = ()> + Send {
     async move {
-        let Some((shared, rx, auth)) = open(conn, &events, None, Some(stream)).await else {
+        let peer = stream.peer_addr().ok();
+        let Some((shared, rx, auth)) = open(conn, &events, None, Some(stream), peer).await else {
             return;
         };
         let start = Start::Connect(auth);
@@ -264,13 +266,14 @@ pub(crate) fn serve<R, W>(
     settings: Arc<ConnectionSettings>,
     events: mpsc::Sender<Event>,
     identity: Option<String>,
+    peer: Option<SocketAddr>,
 ) -> impl Future<Output = ()> + Send
 where
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send,
 {
     async move {
-        let Some((shared, rx, auth)) = open(conn, &events, identity, None).await else {
+        let Some((shared, rx, auth)) = open(conn, &events, identity, None, peer).await else {
             return;
         };
         let start = Start::Connect(auth);
@@ -287,6 +290,7 @@ async fn open(
     events: &mpsc::Sender<Event>,
     identity: Option<String>,
     tcp: Option<TcpStream>,
+    peer: Option<SocketAddr>,
 ) -> Option<(Arc<Shared>, BatchReceiver, Box<Auth>)> {
     let shared = Arc::new(Shared::default());
     if let Some(socket) = tcp {
@@ -296,7 +300,10 @@ async fn open(
     // Kept by the reader until the CONNECT is authenticated, to answer a refusal itself.
     let own_tx = tx.clone();
     let link = Link { tx };
-    if forward(events, Event::Open { conn, link }).await.is_err() {
+    if forward(events, Event::Open { conn, link, peer })
+        .await
+        .is_err()
+    {
         // The server is shutting down; dropping the stream closes it.
         return None;
     }
@@ -855,7 +862,7 @@ mod tests {
     #[tokio::test]
     async fn one_read_is_one_batch_and_connect_sets_the_version() {
         let mut h = harness(Duration::from_secs(10)).await;
-        let Event::Open { conn, link } = next_event(&mut h.events).await else {
+        let Event::Open { conn, link, .. } = next_event(&mut h.events).await else {
             panic!("Open must come first");
         };
         assert_eq!(conn, 7);

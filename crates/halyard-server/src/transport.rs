@@ -452,6 +452,7 @@ async fn serve_wrapped(
     settings: Arc<ConnectionSettings>,
     events: mpsc::Sender<Event>,
 ) {
+    let peer = stream.peer_addr().ok();
     let deadline = settings.connect_timeout;
     match ctx.kind {
         ListenerKind::Tcp => {}
@@ -460,7 +461,7 @@ async fn serve_wrapped(
             match timeout(deadline, crate::ws::accept(stream, &ctx.path, max)).await {
                 Ok(Ok(ws)) => {
                     let (reader, writer) = tokio::io::split(ws);
-                    connection::serve(reader, writer, conn, settings, events, None).await;
+                    connection::serve(reader, writer, conn, settings, events, None, peer).await;
                 }
                 Ok(Err(error)) => handshake_failed(&ctx, "WebSocket", &error),
                 Err(_) => handshake_failed(&ctx, "WebSocket", &"timed out"),
@@ -493,13 +494,14 @@ async fn serve_wrapped(
             };
             if ctx.kind == ListenerKind::Tls {
                 let (reader, writer) = tokio::io::split(tls);
-                connection::serve(reader, writer, conn, settings, events, identity).await;
+                connection::serve(reader, writer, conn, settings, events, identity, peer).await;
             } else {
                 let max = settings.max_packet_size as usize;
                 match timeout(deadline, crate::ws::accept(tls, &ctx.path, max)).await {
                     Ok(Ok(ws)) => {
                         let (reader, writer) = tokio::io::split(ws);
-                        connection::serve(reader, writer, conn, settings, events, identity).await;
+                        connection::serve(reader, writer, conn, settings, events, identity, peer)
+                            .await;
                     }
                     Ok(Err(error)) => handshake_failed(&ctx, "WebSocket", &error),
                     Err(_) => handshake_failed(&ctx, "WebSocket", &"timed out"),

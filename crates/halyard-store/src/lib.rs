@@ -11,6 +11,8 @@
 //!
 //! The value format is described in the `format` module's source.
 
+#![forbid(unsafe_code)]
+
 mod format;
 mod memory;
 mod redb_store;

@@ -32,8 +32,12 @@ const MAX_MQTT_PACKET: u32 = 268_435_460;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FileConfig {
-    /// Addresses to accept MQTT over TCP on.
-    pub listen: Vec<SocketAddr>,
+    /// Addresses to accept MQTT over TCP on; unset means [`FileConfig::effective_listen`].
+    #[serde(
+        deserialize_with = "crate::address::optional_list",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub listen: Option<Vec<SocketAddr>>,
     /// Milliseconds a new socket has to send a complete CONNECT.
     pub connect_timeout_ms: u64,
     /// Milliseconds without input after which a plain TCP connection parks (gives up its
@@ -83,6 +87,9 @@ pub struct FileConfig {
     /// Tokio worker threads; 0 (the default) means one per CPU
     /// (see [`FileConfig::effective_worker_threads`]).
     pub worker_threads: usize,
+    /// One info line per client connect and disconnect (as `mosquitto -v`); `false` for
+    /// fleets where thousands of connects a second would flood the log.
+    pub log_connections: bool,
     /// The `[http]` table: metrics, probes, admin API and status page.
     pub http: HttpSection,
     /// The `[auth]` table: password file, ACL file, anonymous access.
@@ -105,13 +112,22 @@ pub struct HttpSection {
     /// Address to serve on. Unset means [`DEFAULT_HTTP_LISTEN`], and then a port already in
     /// use only logs a warning (so that a second broker on one host still starts); an
     /// explicit address that cannot be bound is an error.
+    #[serde(deserialize_with = "crate::address::optional")]
     pub listen: Option<SocketAddr>,
     /// Bearer token for `/api/v1`; required when `listen` is not a loopback address.
     pub token: Option<String>,
     /// File holding the token (for example a mounted Kubernetes Secret); trailing
     /// whitespace is ignored. Exclusive with `token`.
     pub token_file: Option<PathBuf>,
+    /// Without `token` or `token_file`, make up a random token at start-up and log it once,
+    /// so a shipped image can serve HTTP on every interface and still start without a
+    /// secret; the operator sets a token of their own to keep it out of the logs.
+    pub generate_token: bool,
 }
+
+/// A placeholder token that shipped examples used to carry: refused, because everybody
+/// knows it.
+pub const PLACEHOLDER_TOKEN: &str = "change-me";
 
 /// The `[storage]` table.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -167,7 +183,7 @@ impl Default for FileConfig {
         let server = ServerConfig::default();
         let broker = server.broker;
         FileConfig {
-            listen: server.listeners,
+            listen: None,
             connect_timeout_ms: u64::try_from(server.connect_timeout.as_millis())
                 .unwrap_or(u64::MAX),
             park_idle_after_ms: server.park_idle_after.map_or(0, |after| {
@@ -194,6 +210,7 @@ impl Default for FileConfig {
             storage: StorageConfig::default(),
             sys_interval: 10,
             worker_threads: 0,
+            log_connections: server.log_connections,
             http: HttpSection::default(),
             auth: AuthSection::default(),
             listener: Vec::new(),
@@ -231,13 +248,15 @@ impl From<FileConfig> for ServerConfig {
             storage: _,
             sys_interval: _,
             worker_threads: _,
+            log_connections,
             http: _,
-            auth: _,
+            auth,
             listener: _,
             cluster: _,
         } = file;
         ServerConfig {
-            listeners: listen,
+            listeners: listen.unwrap_or_else(|| default_listen(&auth).to_vec()),
+            log_connections,
             connect_timeout: Duration::from_millis(connect_timeout_ms),
             park_idle_after: (park_idle_after_ms > 0)
                 .then(|| Duration::from_millis(park_idle_after_ms)),
@@ -260,6 +279,25 @@ impl From<FileConfig> for ServerConfig {
                 max_subscriptions_per_client,
             },
         }
+    }
+}
+
+/// Where MQTT over TCP is accepted when `listen` is not set, as Mosquitto 2 does: on
+/// loopback only (IPv4 and IPv6), unless authentication is configured, so that a broker
+/// started without a thought is not an open relay on every network the host is on.
+pub fn default_listen(auth: &AuthSection) -> &'static [SocketAddr] {
+    const LOOPBACK: [SocketAddr; 2] = [
+        SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 1883),
+        SocketAddr::new(std::net::IpAddr::V6(std::net::Ipv6Addr::LOCALHOST), 1883),
+    ];
+    const EVERYWHERE: [SocketAddr; 1] = [SocketAddr::new(
+        std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        1883,
+    )];
+    if auth.configures_authentication() {
+        &EVERYWHERE
+    } else {
+        &LOOPBACK
     }
 }
 
@@ -302,6 +340,10 @@ impl FileConfig {
             let value = value
                 .to_str()
                 .ok_or_else(|| anyhow!("environment variable {var}: value is not valid UTF-8"))?;
+            if crate::service_links::is_service_link(&key.to_ascii_uppercase(), value) {
+                tracing::debug!(%var, "ignored: a Kubernetes service link, not configuration");
+                continue;
+            }
             match config.set_scalar(&key, value) {
                 Ok(true) => from_env.push((key, var.into_owned())),
                 Ok(false) => bail!(
@@ -315,7 +357,8 @@ impl FileConfig {
             }
         }
         if let Err((key, message)) = config.validate() {
-            if let Some((_, var)) = from_env.iter().rev().find(|(k, _)| k == key) {
+            let env_name = key.replacen('.', "_", 1);
+            if let Some((_, var)) = from_env.iter().rev().find(|(k, _)| *k == env_name) {
                 bail!("environment variable {var}: bad value for `{key}`: {message}");
             }
             if let Some((name, text)) = file {
@@ -357,9 +400,10 @@ impl FileConfig {
             "max_subscriptions_per_client" => self.max_subscriptions_per_client = parse(value)?,
             "max_connections" => self.max_connections = parse(value)?,
             "max_connection_rate_per_ip" => self.max_connection_rate_per_ip = parse(value)?,
+            "log_connections" => self.log_connections = parse(value)?,
             // `[http]` keys that deployments set from the environment (a Secret, a port).
             "http_token" => self.http.token = Some(value.to_owned()),
-            "http_listen" => self.http.listen = Some(parse(value)?),
+            "http_listen" => self.http.listen = Some(crate::address::parse(value)?),
             _ => return Ok(false),
         }
         Ok(true)
@@ -374,7 +418,7 @@ impl FileConfig {
                 Ok(())
             }
         };
-        if self.listen.is_empty() {
+        if self.listen.as_ref().is_some_and(Vec::is_empty) {
             return Err(("listen", "must list at least one address".to_owned()));
         }
         at_least_one("connect_timeout_ms", self.connect_timeout_ms)?;
@@ -399,14 +443,23 @@ impl FileConfig {
                 "set http.token or http.token_file, not both".to_owned(),
             ));
         }
+        if self.http.token.as_deref().map(str::trim) == Some(PLACEHOLDER_TOKEN) {
+            return Err((
+                "http.token",
+                format!("`{PLACEHOLDER_TOKEN}` is a published placeholder: set a secret token"),
+            ));
+        }
         if let Some(listen) = self.http.listen {
-            let has_token = self.http.token.is_some() || self.http.token_file.is_some();
+            let has_token = self.http.token.is_some()
+                || self.http.token_file.is_some()
+                || self.http.generate_token;
             if self.http.enabled != Some(false) && !listen.ip().is_loopback() && !has_token {
                 return Err((
                     "http.listen",
                     format!(
-                        "http.listen {listen} is not a loopback address: set http.token or \
-                         http.token_file so the admin API is not open to the network"
+                        "http.listen {listen} is not a loopback address: set http.token, \
+                         http.token_file or http.generate_token so the admin API is not open \
+                         to the network"
                     ),
                 ));
             }
@@ -540,6 +593,7 @@ mod tests {
             queue_full_policy = "pushback"
             max_publish_rate = 100
             max_subscriptions_per_client = 8
+            log_connections = false
         "#;
         let config = ServerConfig::from(load(text).expect("valid"));
         let expected = ServerConfig {
@@ -550,6 +604,7 @@ mod tests {
             connect_timeout: Duration::from_millis(2500),
             park_idle_after: Some(Duration::from_millis(500)),
             max_outbound_buffer: 4096,
+            log_connections: false,
             broker: BrokerConfig {
                 max_keepalive: 60,
                 max_inflight: 7,
@@ -574,6 +629,7 @@ mod tests {
         assert_ne!(config.listeners, defaults.listeners);
         assert_ne!(config.connect_timeout, defaults.connect_timeout);
         assert_ne!(config.max_outbound_buffer, defaults.max_outbound_buffer);
+        assert_ne!(config.log_connections, defaults.log_connections);
         let (b, d) = (&config.broker, &defaults.broker);
         assert_ne!(b.max_keepalive, d.max_keepalive);
         assert_ne!(b.max_inflight, d.max_inflight);
@@ -707,6 +763,88 @@ mod tests {
     }
 
     #[test]
+    fn kubernetes_service_links_are_skipped_but_typos_are_not() {
+        let vars = env(&[
+            ("HALYARD_SERVICE_HOST", "10.96.0.12"),
+            ("HALYARD_PORT_8083_TCP_ADDR", "10.96.0.12"),
+            ("HALYARD_MAX_KEEPALIVE", "60"),
+        ]);
+        let config = FileConfig::load(None, vars).expect("service links are not config");
+        assert_eq!(config.max_keepalive, 60);
+        let message = error_of(FileConfig::load(
+            None,
+            env(&[
+                ("HALYARD_SERVICE_HOST", "10.96.0.12"),
+                ("HALYARD_MAX_KEEPALVE", "6"),
+            ]),
+        ));
+        assert!(message.contains("HALYARD_MAX_KEEPALVE"), "{message}");
+        // The name alone is not enough: a value Kubernetes would not give is an error.
+        let message = error_of(FileConfig::load(None, env(&[("HALYARD_PORT", "1883")])));
+        assert!(message.contains("HALYARD_PORT"), "{message}");
+    }
+
+    #[test]
+    fn unset_listen_is_loopback_unless_authentication_is_configured() {
+        let local = ServerConfig::from(load("").expect("valid"));
+        assert_eq!(
+            local.listeners,
+            [
+                "127.0.0.1:1883".parse::<SocketAddr>().expect("addr"),
+                "[::1]:1883".parse().expect("addr")
+            ]
+        );
+        assert!(local.listeners.iter().all(|addr| addr.ip().is_loopback()));
+        let open = ServerConfig::from(
+            load("[auth]\npassword_file = \"/etc/halyard/passwd\"\n").expect("valid"),
+        );
+        assert_eq!(
+            open.listeners,
+            ["0.0.0.0:1883".parse::<SocketAddr>().expect("addr")]
+        );
+        let explicit = ServerConfig::from(load("listen = [\"0.0.0.0:1884\"]\n").expect("valid"));
+        assert_eq!(
+            explicit.listeners,
+            ["0.0.0.0:1884".parse::<SocketAddr>().expect("addr")]
+        );
+    }
+
+    #[test]
+    fn host_names_are_refused_with_the_reason() {
+        for text in [
+            "listen = [\"localhost:1883\"]\n",
+            "[http]\nlisten = \"localhost:8080\"\n",
+            "[[listener]]\nkind = \"ws\"\naddress = \"localhost:8083\"\n",
+        ] {
+            let message = error_of(load(text));
+            assert!(message.contains("an IP address is required"), "{message}");
+        }
+        let message = error_of(FileConfig::load(
+            None,
+            env(&[("HALYARD_HTTP_LISTEN", "localhost:8080")]),
+        ));
+        assert!(message.contains("HALYARD_HTTP_LISTEN"), "{message}");
+        assert!(message.contains("an IP address is required"), "{message}");
+    }
+
+    #[test]
+    fn the_placeholder_token_is_refused_and_generate_token_allows_an_open_listener() {
+        let message = error_of(load("[http]\ntoken = \"change-me\"\n"));
+        assert!(
+            message.contains("http.token") && message.contains("line 2"),
+            "{message}"
+        );
+        let message = error_of(FileConfig::load(
+            None,
+            env(&[("HALYARD_HTTP_TOKEN", "change-me")]),
+        ));
+        assert!(message.contains("HALYARD_HTTP_TOKEN"), "{message}");
+        let config = load("[http]\nlisten = \"0.0.0.0:8080\"\ngenerate_token = true\n")
+            .expect("a generated token protects the admin API");
+        assert!(config.http.generate_token);
+    }
+
+    #[test]
     fn worker_threads_default_is_one_per_cpu_and_an_explicit_count_wins() {
         let default = load("").expect("valid");
         assert_eq!(default.effective_worker_threads(0), 1);
@@ -753,16 +891,18 @@ mod tests {
     #[test]
     fn every_scalar_key_can_be_set_from_the_environment() {
         let keys = scalar_keys();
-        assert_eq!(keys.len(), 22, "{keys:?}");
+        assert_eq!(keys.len(), 23, "{keys:?}");
         for key in keys {
             let mut config = FileConfig::default();
-            let value = if key.contains("available") || key.starts_with("allow") {
-                "false"
-            } else if key == "queue_full_policy" {
-                "pushback"
-            } else {
-                "3"
-            };
+            let value =
+                if key.contains("available") || key.starts_with("allow") || key.starts_with("log_")
+                {
+                    "false"
+                } else if key == "queue_full_policy" {
+                    "pushback"
+                } else {
+                    "3"
+                };
             assert_eq!(config.set_scalar(&key, value), Ok(true), "{key}");
             assert_ne!(config, FileConfig::default(), "{key} had no effect");
         }

@@ -1,10 +1,12 @@
 //! `halyard`: the MQTT broker binary (command line, configuration file, logging, signals).
 
+mod address;
 mod client;
 mod cluster_config;
 mod config;
 mod ops;
 mod security_config;
+mod service_links;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -58,8 +60,9 @@ fn return_freed_memory() {
 
 /// Halyard, an MQTT 3.1 / 3.1.1 / 5.0 broker.
 ///
-/// Without a command, `halyard` runs `halyard serve` with the built-in defaults, listening on
-/// 0.0.0.0:1883.
+/// Without a command, `halyard` runs `halyard serve` with the built-in defaults: MQTT on
+/// 127.0.0.1:1883 and [::1]:1883 only (this machine) until a listen address or
+/// authentication is configured.
 #[derive(Debug, Parser)]
 #[command(name = "halyard", version, about, long_about)]
 struct Cli {
@@ -99,7 +102,7 @@ struct ServeArgs {
     /// Address to accept MQTT over TCP on, as IP:PORT; repeat for several. Replaces the
     /// configuration file's `listen` list. Port 0 picks a free port (the line printed on
     /// stdout shows which).
-    #[arg(long = "listen", value_name = "ADDR")]
+    #[arg(long = "listen", value_name = "ADDR", value_parser = address::parse)]
     listen: Vec<SocketAddr>,
     /// TOML configuration file; every key is optional (see README.md for the reference).
     #[arg(long, short = 'c', value_name = "FILE")]
@@ -114,7 +117,7 @@ struct ServeArgs {
     /// Address of the operations HTTP listener (metrics, probes, admin API, status page);
     /// overrides `http.listen`. Port 0 picks a free port; `halyard http listening on
     /// <ip:port>` is printed on stdout after the MQTT lines.
-    #[arg(long, value_name = "ADDR", conflicts_with = "no_http")]
+    #[arg(long, value_name = "ADDR", conflicts_with = "no_http", value_parser = address::parse)]
     http_listen: Option<SocketAddr>,
     /// Do not serve HTTP (overrides `http.enabled`).
     #[arg(long)]
@@ -205,9 +208,13 @@ fn serve(args: ServeArgs) -> Result<()> {
     let effective_config = ops::redacted_config(&file);
     let security = security_config::Prepared::load(&file)?;
     let cluster = cluster_config::cluster_config(&file.cluster, args.cluster, &storage.data_dir)?;
+    let listen_configured = file.listen.is_some();
+    let authenticated = file.auth.configures_authentication();
     let mut config = ServerConfig::from(file);
     if !args.listen.is_empty() {
         config.listeners = args.listen;
+    } else if !listen_configured {
+        config.listeners = default_listeners(&config.listeners, authenticated);
     }
     let parts = match cluster {
         Some(_) => halyard_server::cluster::cluster_parts(),
@@ -257,6 +264,40 @@ fn serve(args: ServeArgs) -> Result<()> {
         tokio::spawn(server.run(shutdown)).await??;
         Ok::<_, anyhow::Error>(())
     })
+}
+
+/// The built-in `listen` addresses this host can bind, with a log line saying why they were
+/// chosen and how to open the broker up. IPv6 loopback is left out on hosts without IPv6
+/// (some containers), where binding it would stop the start-up.
+fn default_listeners(defaults: &[SocketAddr], authenticated: bool) -> Vec<SocketAddr> {
+    let ipv6 = std::net::TcpListener::bind((std::net::Ipv6Addr::LOCALHOST, 0)).is_ok();
+    let listeners: Vec<SocketAddr> = defaults
+        .iter()
+        .copied()
+        .filter(|addr| ipv6 || addr.is_ipv4())
+        .collect();
+    let shown = listeners
+        .iter()
+        .map(SocketAddr::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    if authenticated {
+        info!(
+            "no `listen` address configured: MQTT on {shown} (every IPv4 interface), as \
+             authentication is configured"
+        );
+    } else {
+        info!(
+            "local only mode: MQTT on {shown}, reachable from this machine only, as no `listen` \
+             address and no authentication are configured; to accept other hosts set \
+             `listen = [\"0.0.0.0:1883\"]` in the config file or pass --listen 0.0.0.0:1883 \
+             (and set auth.password_file)"
+        );
+    }
+    if !ipv6 {
+        info!("IPv6 loopback is not available on this host: not listening on [::1]");
+    }
+    listeners
 }
 
 /// Builds the broker on the configured storage, loading what the store holds.

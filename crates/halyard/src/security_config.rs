@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use halyard_server::{AuthConfig, ListenerConfig, ListenerKind};
+use halyard_server::{AuthConfig, ListenerConfig, ListenerKind, SecurityError, ServerError};
 use serde::{Deserialize, Serialize};
 
 /// The `[auth]` table.
@@ -18,6 +18,15 @@ pub struct AuthSection {
     pub password_file: Option<PathBuf>,
     /// Mosquitto-format ACL file.
     pub acl_file: Option<PathBuf>,
+}
+
+impl AuthSection {
+    /// Whether clients must prove who they are; then, with no `listen` set, the broker
+    /// listens on every interface (see `config::default_listen`). A new authentication
+    /// method belongs here too.
+    pub fn configures_authentication(&self) -> bool {
+        self.password_file.is_some()
+    }
 }
 
 impl From<&AuthSection> for AuthConfig {
@@ -44,6 +53,17 @@ pub enum KindName {
     Wss,
 }
 
+impl From<KindName> for ListenerKind {
+    fn from(kind: KindName) -> ListenerKind {
+        match kind {
+            KindName::Tcp => ListenerKind::Tcp,
+            KindName::Tls => ListenerKind::Tls,
+            KindName::Ws => ListenerKind::Ws,
+            KindName::Wss => ListenerKind::Wss,
+        }
+    }
+}
+
 /// One `[[listener]]` table.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -51,6 +71,7 @@ pub struct ListenerSection {
     /// `tcp`, `tls`, `ws` or `wss`.
     pub kind: KindName,
     /// `IP:PORT` to bind.
+    #[serde(deserialize_with = "crate::address::one")]
     pub address: SocketAddr,
     /// PEM certificate chain (required for `tls` and `wss`).
     #[serde(default)]
@@ -78,14 +99,8 @@ fn default_path() -> String {
 
 impl From<&ListenerSection> for ListenerConfig {
     fn from(section: &ListenerSection) -> ListenerConfig {
-        let kind = match section.kind {
-            KindName::Tcp => ListenerKind::Tcp,
-            KindName::Tls => ListenerKind::Tls,
-            KindName::Ws => ListenerKind::Ws,
-            KindName::Wss => ListenerKind::Wss,
-        };
         ListenerConfig {
-            kind,
+            kind: section.kind.into(),
             address: section.address,
             cert_file: section.cert_file.clone(),
             key_file: section.key_file.clone(),
@@ -105,8 +120,9 @@ pub fn validate(listeners: &[ListenerSection]) -> Result<(), (&'static str, Stri
             return Err((
                 "listener.kind",
                 format!(
-                    "listener {}: kind {:?} needs cert_file and key_file",
-                    listener.address, listener.kind
+                    "listener {}: kind \"{}\" needs cert_file and key_file",
+                    listener.address,
+                    ListenerKind::from(listener.kind).name()
                 ),
             ));
         }
@@ -151,8 +167,10 @@ impl Prepared {
     /// so a bad file stops start-up early) and collects the `[[listener]]` and
     /// connection-limit settings.
     pub fn load(file: &crate::config::FileConfig) -> anyhow::Result<Prepared> {
+        let security = halyard_server::Security::load(AuthConfig::from(&file.auth))
+            .map_err(|error| name_auth_key(error, &file.auth))?;
         Ok(Prepared {
-            security: halyard_server::Security::load(AuthConfig::from(&file.auth))?,
+            security,
             listeners: file.listener.iter().map(ListenerConfig::from).collect(),
             limits: halyard_server::ConnectionLimits {
                 max_connections: file.max_connections,
@@ -169,8 +187,58 @@ impl Prepared {
     ) -> anyhow::Result<Vec<(ListenerKind, SocketAddr)>> {
         server.set_security(std::sync::Arc::new(self.security));
         server.set_connection_limits(self.limits);
-        server.bind_listeners(&self.listeners).await?;
+        server
+            .bind_listeners(&self.listeners)
+            .await
+            .map_err(|error| name_listener_key(error, &self.listeners))?;
         Ok(server.listener_addrs())
+    }
+}
+
+/// Prefixes a password or ACL file error with its `[auth]` key (`auth.password_file: cannot
+/// read ...`), so the operator knows which setting to fix.
+fn name_auth_key(error: SecurityError, auth: &AuthSection) -> anyhow::Error {
+    let path = match &error {
+        SecurityError::Read { path, .. }
+        | SecurityError::Password { path, .. }
+        | SecurityError::Acl { path, .. } => Some(path),
+        _ => None,
+    };
+    let key = if path.is_some() && path == auth.password_file.as_ref() {
+        Some("auth.password_file")
+    } else if path.is_some() && path == auth.acl_file.as_ref() {
+        Some("auth.acl_file")
+    } else {
+        None
+    };
+    match key {
+        Some(key) => anyhow::Error::new(error).context(key),
+        None => error.into(),
+    }
+}
+
+/// Prefixes a TLS file error of a `[[listener]]` with the key naming that file
+/// (`listener.cert_file`, `listener.key_file` or `listener.client_ca_file`).
+fn name_listener_key(error: ServerError, listeners: &[ListenerConfig]) -> anyhow::Error {
+    let ServerError::Security(SecurityError::Tls(message)) = &error else {
+        return error.into();
+    };
+    let key = listeners.iter().find_map(|listener| {
+        [
+            ("listener.cert_file", listener.cert_file.as_ref()),
+            ("listener.key_file", listener.key_file.as_ref()),
+            ("listener.client_ca_file", listener.client_ca_file.as_ref()),
+        ]
+        .into_iter()
+        .find(|(_, path)| path.is_some_and(|path| message.contains(&*path.to_string_lossy())))
+        .map(|(key, _)| (key, listener.address))
+    });
+    match key {
+        Some((key, address)) => {
+            let context = format!("{key} (listener {address})");
+            anyhow::Error::new(error).context(context)
+        }
+        None => error.into(),
     }
 }
 
