@@ -36,6 +36,7 @@ mod timers;
 mod transfer;
 
 pub use acl::{Acl, AclError};
+pub use admin::Kicked;
 pub use authz::{Access, AllowAll, Authorizer, ClientInfo};
 pub use broker::{Broker, BrokerParts, ConnectionId};
 pub use config::BrokerConfig;

@@ -73,7 +73,8 @@ impl ConnectionLog {
         match packet {
             Packet::Connect(connect) => entry.connecting = Some(Box::new(connecting(connect))),
             Packet::Disconnect(disconnect) => {
-                entry.reason = Some(format!("client sent DISCONNECT {}", disconnect.reason));
+                let reason = disconnect_reason(disconnect.reason);
+                entry.reason = Some(format!("client sent DISCONNECT {reason}"));
             }
             _ => {}
         }
@@ -101,7 +102,7 @@ impl ConnectionLog {
                         protocol = connecting.protocol,
                         clean_start = connecting.clean_start,
                         keep_alive = connecting.keep_alive,
-                        username = connecting.username.as_deref().unwrap_or(""),
+                        username = connecting.username.as_deref(),
                         "client connected"
                     );
                     entry.client_id = Some(connecting.client_id.into_boxed_str());
@@ -121,7 +122,8 @@ impl ConnectionLog {
                 }
             }
             Packet::Disconnect(disconnect) => {
-                entry.reason = Some(format!("broker sent DISCONNECT {}", disconnect.reason));
+                let reason = disconnect_reason(disconnect.reason);
+                entry.reason = Some(format!("broker sent DISCONNECT {reason}"));
             }
             _ => {}
         }
@@ -163,6 +165,15 @@ fn connecting(connect: &Connect) -> Connecting {
         clean_start: connect.clean_start,
         keep_alive: connect.keep_alive,
         username: connect.username.clone(),
+    }
+}
+
+/// A DISCONNECT reason by its name in that packet (0x00 is "Normal disconnection" there).
+fn disconnect_reason(code: ReasonCode) -> String {
+    if code == ReasonCode::NORMAL_DISCONNECTION {
+        "0x00 Normal disconnection".to_owned()
+    } else {
+        code.to_string()
     }
 }
 

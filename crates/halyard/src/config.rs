@@ -177,6 +177,17 @@ pub enum FsyncMode {
     Never,
 }
 
+impl FsyncMode {
+    /// The word the configuration file uses, for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            FsyncMode::Always => "always",
+            FsyncMode::Interval => "interval",
+            FsyncMode::Never => "never",
+        }
+    }
+}
+
 impl Default for FileConfig {
     /// The defaults are those of the server and the core, so they are defined once.
     fn default() -> Self {

@@ -322,7 +322,7 @@ fn open_broker(
                     storage.data_dir.display()
                 )
             })?;
-            info!(dir = %storage.data_dir.display(), fsync = ?storage.fsync, "storage opened");
+            info!(dir = %storage.data_dir.display(), fsync = storage.fsync.name(), "storage opened");
             Box::new(store)
         }
     };
