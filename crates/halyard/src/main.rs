@@ -4,6 +4,7 @@ mod address;
 mod client;
 mod cluster_config;
 mod config;
+mod keys;
 mod ops;
 mod security_config;
 mod service_links;
@@ -85,6 +86,19 @@ enum Command {
     CheckConfig {
         /// The TOML configuration file to check.
         file: PathBuf,
+        /// After `ok`, print every key with its effective value and where it came from
+        /// (default, file, or the HALYARD_ variable).
+        #[arg(long)]
+        show: bool,
+    },
+    /// List every configuration key: its environment variable, default and meaning.
+    ///
+    /// With --readme FILE, rewrite the key tables of that README (between its
+    /// `<!-- keys: TABLE -->` and `<!-- /keys -->` markers) instead.
+    ConfigKeys {
+        /// README to update in place.
+        #[arg(long, value_name = "FILE")]
+        readme: Option<PathBuf>,
     },
     /// Publish MQTT messages (flags like mosquitto_pub: -h -p -t -m -q -r -V 5 ...).
     Pub(client::PubArgs),
@@ -141,7 +155,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         None => serve(ServeArgs::default()).map(|()| 0),
         Some(Command::Serve(args)) => serve(args).map(|()| 0),
-        Some(Command::CheckConfig { file }) => check_config(&file).map(|()| 0),
+        Some(Command::CheckConfig { file, show }) => check_config(&file, show).map(|()| 0),
+        Some(Command::ConfigKeys { readme }) => config_keys(readme.as_deref()).map(|()| 0),
         Some(Command::Pub(args)) => run_client(client::publish(args)).map(|()| 0),
         Some(Command::Sub(args)) => run_client(client::subscribe(args)),
         Some(Command::Passwd(args)) => security_config::passwd(args).map(|()| 0),
@@ -169,13 +184,53 @@ fn run_client<T>(future: impl Future<Output = Result<T>>) -> Result<T> {
         .block_on(future)
 }
 
-/// `halyard check-config FILE`.
-fn check_config(file: &Path) -> Result<()> {
+/// `halyard check-config FILE [--show]`.
+fn check_config(file: &Path, show: bool) -> Result<()> {
     let config = load_config(Some(file))?;
     // The password and ACL files are part of the configuration: a bad line there must fail
     // the check as it would fail `serve`.
     security_config::Prepared::load(&config)?;
     println!("ok");
+    if show {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read config file {}", file.display()))?;
+        let in_file: toml::Table = text.parse().context("config file")?;
+        let in_file = serde_json::to_value(in_file).unwrap_or_default();
+        let effective = ops::redacted_config(&config);
+        for key in keys::keys() {
+            let Some(value) = keys::lookup(&effective, &key.path) else {
+                continue;
+            };
+            let source = match &key.env {
+                Some(var) if std::env::var_os(var).is_some() => var.as_str(),
+                _ if keys::lookup(&in_file, &key.path).is_some() => "file",
+                _ => "default",
+            };
+            println!("{} = {value}  # {source}", key.path);
+        }
+    }
+    Ok(())
+}
+
+/// `halyard config-keys [--readme FILE]`.
+fn config_keys(readme: Option<&Path>) -> Result<()> {
+    if let Some(path) = readme {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let updated = keys::update_readme(&text).map_err(anyhow::Error::msg)?;
+        std::fs::write(path, updated)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        return Ok(());
+    }
+    let mut stdout = std::io::stdout().lock();
+    for key in keys::keys() {
+        let env = key.env.as_deref().unwrap_or("-");
+        writeln!(
+            stdout,
+            "{}\t{}\t{}\t{}",
+            key.path, env, key.default, key.doc
+        )?;
+    }
     Ok(())
 }
 

@@ -5,18 +5,22 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use halyard_server::{AuthConfig, ListenerConfig, ListenerKind, SecurityError, ServerError};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// The `[auth]` table.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthSection {
-    /// Whether clients without a user name may connect; default: true only when no
-    /// `password_file` is set.
+    /// Whether clients without a user name may connect. Without a password file, a user name is
+    /// taken as given (for ACLs) when this is true and refused when false.
+    #[schemars(extend("x-default" = "`true` without `password_file`, else `false`"))]
     pub allow_anonymous: Option<bool>,
-    /// Mosquitto-format password file (`user:hash` lines; `$7$`, `$6$`, `$argon2id$`).
+    /// Mosquitto-format file, one `user:hash` per line (`#` comments): `$7$` (PBKDF2-SHA512, what
+    /// `mosquitto_passwd` writes), `$6$` (Mosquitto 1.x salted SHA-512) and `$argon2id$` (what
+    /// `halyard passwd` writes). Existing Mosquitto files work unchanged.
     pub password_file: Option<PathBuf>,
-    /// Mosquitto-format ACL file.
+    /// Mosquitto-format ACL file (below). Without one, every client may use every topic.
     pub acl_file: Option<PathBuf>,
 }
 
@@ -40,7 +44,7 @@ impl From<&AuthSection> for AuthConfig {
 }
 
 /// `kind` of a `[[listener]]`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum KindName {
     /// Plain TCP.
@@ -65,30 +69,34 @@ impl From<KindName> for ListenerKind {
 }
 
 /// One `[[listener]]` table.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerSection {
-    /// `tcp`, `tls`, `ws` or `wss`.
+    /// `"tcp"`, `"tls"`, `"ws"` (WebSocket) or `"wss"` (WebSocket over TLS).
     pub kind: KindName,
-    /// `IP:PORT` to bind.
+    /// `IP:PORT` to bind (port 0 = a free port).
     #[serde(deserialize_with = "crate::address::one")]
     pub address: SocketAddr,
-    /// PEM certificate chain (required for `tls` and `wss`).
+    /// PEM certificate chain and private key; required for `tls` and `wss` (rustls with the `ring`
+    /// provider; TLS 1.2 and 1.3).
     #[serde(default)]
     pub cert_file: Option<PathBuf>,
-    /// PEM private key (required for `tls` and `wss`).
+    /// PEM private key of `cert_file`; required for `tls` and `wss`.
     #[serde(default)]
     pub key_file: Option<PathBuf>,
-    /// PEM CA certificates; when set, clients must present a certificate signed by one.
+    /// PEM CA certificates: clients must then present a certificate signed by one (mutual TLS).
     #[serde(default)]
     pub client_ca_file: Option<PathBuf>,
-    /// Use the client certificate's CN (or first SAN) as the user name.
+    /// Use the client certificate's Common Name (or, without one, its first Subject Alternative
+    /// Name) as the MQTT user name: such clients need no password and get that user's ACL section.
+    /// Needs `client_ca_file`.
     #[serde(default)]
     pub use_identity_as_username: bool,
-    /// WebSocket endpoint path (default `/mqtt`).
+    /// WebSocket endpoint; other paths get HTTP 404. The `mqtt` subprotocol is selected when
+    /// offered; a client offering only other subprotocols is refused.
     #[serde(default = "default_path")]
     pub path: String,
-    /// Most connections open at once on this listener; 0 = no limit of its own.
+    /// Connections open at once on this listener; 0 = only the global `max_connections` applies.
     #[serde(default)]
     pub max_connections: usize,
 }
