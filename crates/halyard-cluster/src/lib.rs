@@ -14,6 +14,8 @@
 //! commands into one entry and through a proposer that forwards them to the leader. openraft
 //! stays inside the crate: the [`Coordinator`] speaks only this crate's plain types.
 
+#![forbid(unsafe_code)]
+
 mod acceptor;
 mod announcer;
 mod applied_everywhere;

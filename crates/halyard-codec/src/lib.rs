@@ -9,6 +9,8 @@
 //! - [`topic`]: topic name / filter validity and matching, shared with the broker core.
 //! - [`DecodeError::reason_code`]: the one place protocol errors become reason codes.
 
+#![forbid(unsafe_code)]
+
 mod decode;
 mod encode;
 mod error;

@@ -126,6 +126,78 @@ impl ReasonCode {
     pub fn is_error(self) -> bool {
         self.0 >= 0x80
     }
+
+    /// The MQTT 5 name of the code (spec table 2-6), for messages: `0x90` is "Topic Name
+    /// invalid". Codes below 0x80 mean different things in different packets; this gives
+    /// the usual one (0x00 "Success"). Unknown codes are "unknown reason code".
+    pub fn name(self) -> &'static str {
+        match self.0 {
+            0x00 => "Success",
+            0x01 => "Granted QoS 1",
+            0x02 => "Granted QoS 2",
+            0x04 => "Disconnect with Will Message",
+            0x10 => "No matching subscribers",
+            0x11 => "No subscription existed",
+            0x18 => "Continue authentication",
+            0x19 => "Re-authenticate",
+            0x80 => "Unspecified error",
+            0x81 => "Malformed Packet",
+            0x82 => "Protocol Error",
+            0x83 => "Implementation specific error",
+            0x84 => "Unsupported Protocol Version",
+            0x85 => "Client Identifier not valid",
+            0x86 => "Bad User Name or Password",
+            0x87 => "Not authorized",
+            0x88 => "Server unavailable",
+            0x89 => "Server busy",
+            0x8A => "Banned",
+            0x8B => "Server shutting down",
+            0x8C => "Bad authentication method",
+            0x8D => "Keep Alive timeout",
+            0x8E => "Session taken over",
+            0x8F => "Topic Filter invalid",
+            0x90 => "Topic Name invalid",
+            0x91 => "Packet Identifier in use",
+            0x92 => "Packet Identifier not found",
+            0x93 => "Receive Maximum exceeded",
+            0x94 => "Topic Alias invalid",
+            0x95 => "Packet too large",
+            0x96 => "Message rate too high",
+            0x97 => "Quota exceeded",
+            0x98 => "Administrative action",
+            0x99 => "Payload format invalid",
+            0x9A => "Retain not supported",
+            0x9B => "QoS not supported",
+            0x9C => "Use another server",
+            0x9D => "Server moved",
+            0x9E => "Shared Subscriptions not supported",
+            0x9F => "Connection rate exceeded",
+            0xA0 => "Maximum connect time",
+            0xA1 => "Subscription Identifiers not supported",
+            0xA2 => "Wildcard Subscriptions not supported",
+            _ => "unknown reason code",
+        }
+    }
+
+    /// The MQTT 3.1.1 name of a CONNACK return code (section 3.2.2.3).
+    pub fn v3_connack_name(self) -> &'static str {
+        match self.0 {
+            0x00 => "Connection Accepted",
+            0x01 => "unacceptable protocol version",
+            0x02 => "identifier rejected",
+            0x03 => "Server unavailable",
+            0x04 => "bad user name or password",
+            0x05 => "not authorized",
+            _ => "unknown return code",
+        }
+    }
+}
+
+impl std::fmt::Display for ReasonCode {
+    /// `0x90 Topic Name invalid`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "0x{:02X} {}", self.0, self.name())
+    }
 }
 
 /// MQTT 5 properties. One flat struct serves every packet type; the decoder rejects a property
@@ -383,4 +455,23 @@ pub struct Auth {
     pub reason: ReasonCode,
     /// Authentication method and data.
     pub properties: Properties,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reason_codes_print_with_their_spec_names() {
+        assert_eq!(
+            ReasonCode::TOPIC_NAME_INVALID.to_string(),
+            "0x90 Topic Name invalid"
+        );
+        assert_eq!(ReasonCode::QUOTA_EXCEEDED.name(), "Quota exceeded");
+        assert_eq!(ReasonCode(0xFF).name(), "unknown reason code");
+        assert_eq!(
+            ReasonCode::V3_NOT_AUTHORIZED.v3_connack_name(),
+            "not authorized"
+        );
+    }
 }

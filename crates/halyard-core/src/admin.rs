@@ -104,6 +104,17 @@ pub enum AdminPublishError {
     QuotaExceeded,
 }
 
+/// What [`Broker::admin_kick`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kicked {
+    /// The client was connected and has been disconnected.
+    Disconnected,
+    /// The client was offline: its session has been ended.
+    SessionEnded,
+    /// There is no session with that client id.
+    NoSession,
+}
+
 /// Retained messages read per store page by [`Broker::admin_retained`].
 const ADMIN_PAGE: usize = 1024;
 
@@ -175,20 +186,26 @@ impl Broker {
 
     /// Disconnects `client_id` as an administrative action: an MQTT 5 client is told
     /// DISCONNECT 0x98, the will is published (the client did not send DISCONNECT), and the
-    /// session lives on per its expiry interval. False if the client is not connected.
-    pub fn admin_kick(&mut self, now: Instant, client_id: &str) -> bool {
+    /// session lives on per its expiry interval. A session whose client is offline is ended
+    /// instead, as if it had expired (a delayed will is published then), so that an operator
+    /// can purge one.
+    pub fn admin_kick(&mut self, now: Instant, client_id: &str) -> Kicked {
         let Some(&key) = self.client_ids.get(client_id) else {
-            return false;
+            return Kicked::NoSession;
         };
-        if self.sessions.get(&key).is_none_or(|s| s.link.is_none()) {
-            return false;
+        let Some(session) = self.sessions.get(&key) else {
+            return Kicked::NoSession;
+        };
+        if session.link.is_none() {
+            self.end_session(now, key);
+            return Kicked::SessionEnded;
         }
         self.close_link(
             now,
             key,
             CloseKind::Abnormal(Some(ReasonCode::ADMINISTRATIVE_ACTION)),
         );
-        true
+        Kicked::Disconnected
     }
 
     /// Retained messages matching `filter`, in topic-level order (see
@@ -361,14 +378,18 @@ mod tests {
         let mut broker = Broker::new(BrokerConfig::default());
         connect(&mut broker, now, 7, "k", ProtocolVersion::V5);
         drain(&mut broker);
-        assert!(broker.admin_kick(now, "k"));
+        assert_eq!(broker.admin_kick(now, "k"), Kicked::Disconnected);
         let outputs = drain(&mut broker);
         assert!(outputs.iter().any(|o| matches!(o,
             Output::Send { conn: 7, packet: Packet::Disconnect(d) }
                 if d.reason == ReasonCode::ADMINISTRATIVE_ACTION)));
         assert!(outputs.contains(&Output::Close { conn: 7 }));
-        assert!(!broker.admin_kick(now, "k"), "no longer connected");
-        assert!(!broker.admin_kick(now, "unknown"));
+        assert_eq!(
+            broker.admin_kick(now, "k"),
+            Kicked::NoSession,
+            "session ended"
+        );
+        assert_eq!(broker.admin_kick(now, "unknown"), Kicked::NoSession);
     }
 
     #[test]

@@ -140,7 +140,8 @@ impl Broker {
             connected_clients: self.conns.len(),
             sessions: self.sessions.len(),
             subscriptions: self.subscription_count,
-            retained_messages: self.retained.len()
+            // What users retained: `$SYS` topics are the broker's own.
+            retained_messages: self.retained.len() - self.retained.sys_len()
                 + self
                     .out
                     .journal

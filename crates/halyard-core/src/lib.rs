@@ -5,6 +5,8 @@
 //! in the manner of quinn-proto. Every rule of the MQTT specs is therefore testable with a
 //! fake clock and no I/O.
 
+#![forbid(unsafe_code)]
+
 pub mod acl;
 pub mod admin;
 pub mod authz;
@@ -37,6 +39,7 @@ mod timers;
 mod transfer;
 
 pub use acl::{Acl, AclError};
+pub use admin::Kicked;
 pub use authz::{Access, AllowAll, Authorizer, ClientInfo};
 pub use broker::{Broker, BrokerParts, ConnectionId};
 pub use config::BrokerConfig;

@@ -179,6 +179,11 @@ pub trait RetainedStore: Send {
     fn read(&self, filter: &str, after: Option<&str>, limit: usize) -> RetainedPage<Arc<Message>>;
     /// Number of retained messages held.
     fn len(&self) -> usize;
+    /// How many of them are the broker's own `$SYS` topics, which counts of what users
+    /// retained leave out. A store that holds `$SYS` topics overrides this.
+    fn sys_len(&self) -> usize {
+        0
+    }
     /// True when nothing is retained.
     fn is_empty(&self) -> bool {
         self.len() == 0
@@ -218,6 +223,17 @@ impl RetainedStore for MemoryRetained {
     fn len(&self) -> usize {
         self.messages.len()
     }
+
+    fn sys_len(&self) -> usize {
+        // `$SYS` and its subtopics (`$SYS\0...`) sort together, right from `$SYS`.
+        self.messages
+            .range::<str, _>((
+                std::ops::Bound::Included("$SYS"),
+                std::ops::Bound::Unbounded,
+            ))
+            .take_while(|(key, _)| *key == "$SYS" || key.starts_with("$SYS\0"))
+            .count()
+    }
 }
 
 #[cfg(test)]
@@ -254,6 +270,15 @@ mod tests {
 
     fn topics(store: &MemoryRetained, filter: &str) -> Vec<String> {
         topics_paged(store, filter, 1000)
+    }
+
+    #[test]
+    fn sys_topics_are_counted_apart() {
+        let mut store = MemoryRetained::new();
+        for topic in ["$SYS/broker/uptime", "$SYS", "$SYSTEM/x", "a/b", "$share"] {
+            store.set(message(topic));
+        }
+        assert_eq!((store.len(), store.sys_len()), (5, 2));
     }
 
     #[test]

@@ -95,13 +95,13 @@ impl AuthConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum SecurityError {
     /// The file could not be read.
-    #[error("cannot read {path}: {source}")]
+    // The cause is part of the message, not a `source`, for the reason given at `Acl`.
+    #[error("cannot read {path}: {error}")]
     Read {
         /// The file.
         path: PathBuf,
         /// What the operating system said.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A password file line is not `user:hash` with a known hash format.
     #[error("password file {path}, line {line}: {message}")]
@@ -364,9 +364,9 @@ impl PasswordFile {
 }
 
 fn read(path: &Path) -> Result<String, SecurityError> {
-    std::fs::read_to_string(path).map_err(|source| SecurityError::Read {
+    std::fs::read_to_string(path).map_err(|error| SecurityError::Read {
         path: path.to_path_buf(),
-        source,
+        error,
     })
 }
 

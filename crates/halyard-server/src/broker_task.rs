@@ -10,6 +10,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
 use crate::cluster::ClusterDriver;
+use crate::connection_log::ConnectionLog;
 use crate::dispatch::{Dispatcher, SWEEP_SLICES};
 use crate::event::Event;
 use crate::metrics::Metrics;
@@ -39,6 +40,8 @@ pub(crate) struct TaskOps {
     pub(crate) parker: Option<Arc<Parker>>,
     /// This node's cluster, if it is one.
     pub(crate) cluster: Option<ClusterDriver>,
+    /// See [`crate::ServerConfig::log_connections`].
+    pub(crate) log_connections: bool,
 }
 
 /// Runs the broker until `stop` fires (or the server is dropped), then shuts it down and
@@ -56,6 +59,7 @@ pub(crate) async fn run(
     let mut dispatcher = Dispatcher::new(max_outbound_buffer);
     dispatcher.metrics = Arc::clone(&ops.metrics);
     dispatcher.written = ops.written;
+    dispatcher.log = ConnectionLog::new(ops.log_connections);
     let mut sys = ops
         .sys_interval
         .map(|interval| SysTopics::new(interval, Instant::now()));

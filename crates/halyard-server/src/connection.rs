@@ -301,7 +301,10 @@ async fn open(
     // Kept by the reader until the CONNECT is authenticated, to answer a refusal itself.
     let own_tx = tx.clone();
     let link = Link { tx };
-    if forward(events, Event::Open { conn, link }).await.is_err() {
+    if forward(events, Event::Open { conn, link, peer })
+        .await
+        .is_err()
+    {
         // The server is shutting down; dropping the stream closes it.
         return None;
     }
@@ -976,7 +979,7 @@ mod tests {
     #[tokio::test]
     async fn one_read_is_one_batch_and_connect_sets_the_version() {
         let mut h = harness(Duration::from_secs(10)).await;
-        let Event::Open { conn, link } = next_event(&mut h.events).await else {
+        let Event::Open { conn, link, .. } = next_event(&mut h.events).await else {
             panic!("Open must come first");
         };
         assert_eq!(conn, 7);

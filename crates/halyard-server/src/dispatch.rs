@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use crate::cluster::ClusterDriver;
+use crate::connection_log::ConnectionLog;
 use crate::event::{AdminCall, Event};
 use crate::link::{Batch, Link, Shared, WrittenNotice};
 use crate::metrics::Metrics;
@@ -63,6 +64,8 @@ pub(crate) struct Dispatcher {
     sweep_next: usize,
     /// This node's cluster, if it is one.
     pub(crate) cluster: Option<ClusterDriver>,
+    /// One line per client connect and disconnect.
+    pub(crate) log: ConnectionLog,
 }
 
 impl Drop for Dispatcher {
@@ -111,6 +114,7 @@ impl Dispatcher {
             sweep: Vec::new(),
             sweep_next: 0,
             cluster: None,
+            log: ConnectionLog::default(),
         }
     }
 
@@ -118,8 +122,9 @@ impl Dispatcher {
     /// closed are ignored, as the core would ignore them. Returns whether it carried a PUBLISH.
     pub(crate) fn handle(&mut self, broker: &mut Broker, now: Instant, event: Event) -> bool {
         match event {
-            Event::Open { conn, link } => {
+            Event::Open { conn, link, peer } => {
                 self.metrics.connections_accepted.inc();
+                self.log.opened(conn, peer);
                 if self.parker.is_some() {
                     self.sweep.push(Arc::downgrade(link.shared()));
                 }
@@ -137,6 +142,9 @@ impl Dispatcher {
                     let version = state.link.shared().version();
                     let publishes = self.metrics.count_inbound(&packets, version);
                     for packet in packets {
+                        if matches!(packet, Packet::Connect(_) | Packet::Disconnect(_)) {
+                            self.log.received(conn, &packet);
+                        }
                         broker.handle_packet(now, conn, packet);
                     }
                     return publishes;
@@ -149,6 +157,7 @@ impl Dispatcher {
             }
             Event::Lost { conn } => {
                 if let Some(state) = self.links.remove(&conn) {
+                    self.log.lost(conn);
                     broker.connection_lost(now, conn);
                     // Its link holds the connection's shared state, and with it the socket:
                     // not closed before the state change of this loss (a session's expiry) is
@@ -221,6 +230,9 @@ impl Dispatcher {
         for (index, output) in outputs.iter().enumerate() {
             match *output {
                 Output::Send { conn, ref packet } => {
+                    if matches!(packet, Packet::ConnAck(_) | Packet::Disconnect(_)) {
+                        self.log.sent(conn, packet);
+                    }
                     // The core emits one message's deliveries back to back: when the next
                     // one carries the same payload, this encoding is worth sharing.
                     let fan_out = match (packet, outputs.get(index + 1)) {
@@ -236,6 +248,7 @@ impl Dispatcher {
                     self.queue(conn, packet, fan_out);
                 }
                 Output::Close { conn } => {
+                    self.log.closed(conn);
                     if self.links.contains_key(&conn) {
                         self.pending.entry(conn).or_default().close = true;
                     }

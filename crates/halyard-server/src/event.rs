@@ -17,6 +17,8 @@ pub(crate) enum Event {
         conn: ConnectionId,
         /// Where its outbound packets go.
         link: Link,
+        /// The remote address, for the connection log.
+        peer: Option<std::net::SocketAddr>,
     },
     /// Every packet decoded from one read, in order.
     Packets {

@@ -23,7 +23,7 @@ use axum::{Json, Router};
 use base64::Engine as _;
 use bytes::Bytes;
 use halyard_core::admin::AdminPublishError;
-use halyard_core::Broker;
+use halyard_core::{Broker, Kicked};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
@@ -389,14 +389,21 @@ async fn kick(
 ) -> ApiResult {
     authorize(&state, &headers)?;
     let target = id.clone();
-    if call(&state, move |broker, now| broker.admin_kick(now, &target)).await? {
-        info!(client_id = %id, "client disconnected by the admin API");
-        Ok(Json(json!({ "client_id": id, "disconnected": true })).into_response())
-    } else {
-        Err(ApiError(
+    match call(&state, move |broker, now| broker.admin_kick(now, &target)).await? {
+        Kicked::Disconnected => {
+            info!(client_id = %id, "client disconnected by the admin API");
+            let body = json!({ "client_id": id, "disconnected": true, "session_ended": false });
+            Ok(Json(body).into_response())
+        }
+        Kicked::SessionEnded => {
+            info!(client_id = %id, "offline session ended by the admin API");
+            let body = json!({ "client_id": id, "disconnected": false, "session_ended": true });
+            Ok(Json(body).into_response())
+        }
+        Kicked::NoSession => Err(ApiError(
             StatusCode::NOT_FOUND,
-            format!("client {id:?} is not connected"),
-        ))
+            format!("no session for client id {id:?}"),
+        )),
     }
 }
 

@@ -21,6 +21,8 @@
 //! dropped (and counted). QoS 1/2 traffic is already bounded by the core's in-flight window and
 //! is never dropped here.
 
+#![forbid(unsafe_code)]
+
 mod auth;
 mod auth_chain;
 mod auth_session;
@@ -29,6 +31,7 @@ mod claim_acl;
 pub mod cluster;
 mod connection;
 mod connection_auth;
+mod connection_log;
 mod constant_time;
 mod dispatch;
 mod enhanced_auth;
@@ -89,8 +92,12 @@ pub const DEFAULT_PARK_IDLE_AFTER: Duration = Duration::from_secs(2);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerConfig {
     /// Addresses to accept MQTT over TCP on. Port 0 picks a free port; see
-    /// [`Server::local_addrs`] for what was bound. Default: `0.0.0.0:1883`.
+    /// [`Server::local_addrs`] for what was bound. Default: `127.0.0.1:1883` and
+    /// `[::1]:1883`, this machine only (the binary explains how to open it).
     pub listeners: Vec<SocketAddr>,
+    /// One info line per client connect (client id, address, protocol, clean start,
+    /// keep-alive) and disconnect (why). Default: on.
+    pub log_connections: bool,
     /// A socket that has not sent a complete CONNECT within this time is closed, so that idle
     /// or half-open sockets cannot hold resources. Default: 10 s.
     pub connect_timeout: Duration,
@@ -109,7 +116,11 @@ pub struct ServerConfig {
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
-            listeners: vec![SocketAddr::from(([0, 0, 0, 0], 1883))],
+            listeners: vec![
+                SocketAddr::from(([127, 0, 0, 1], 1883)),
+                SocketAddr::from(([0, 0, 0, 0, 0, 0, 0, 1], 1883)),
+            ],
+            log_connections: true,
             connect_timeout: Duration::from_secs(10),
             max_outbound_buffer: 1024 * 1024,
             broker: BrokerConfig::default(),
@@ -125,7 +136,8 @@ pub enum ServerError {
     #[error("no listen address configured")]
     NoListeners,
     /// A listener could not be bound (address in use, permission denied, ...).
-    #[error("cannot listen on {addr}: {source}")]
+    // The cause is the `source` only: printed with `{:#}` it would otherwise appear twice.
+    #[error("cannot listen on {addr}")]
     Bind {
         /// The address from the configuration.
         addr: SocketAddr,
@@ -241,6 +253,7 @@ impl Server {
                 .cluster
                 .clone()
                 .map(|coordinator| cluster::ClusterDriver::start(coordinator, event_tx.clone())),
+            log_connections: config.log_connections,
         };
         let (stop_tx, stop_rx) = oneshot::channel();
         let mut broker_task = tokio::spawn(

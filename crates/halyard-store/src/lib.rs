@@ -14,6 +14,8 @@
 //!
 //! The value format is described in the `format` module's source.
 
+#![forbid(unsafe_code)]
+
 mod format;
 mod memory;
 mod readable_copy;

@@ -14,7 +14,7 @@ use bytes::{Bytes, BytesMut};
 use clap::{Args, ValueEnum};
 use halyard_codec::{
     decode, encode, Connect, DecodeContext, Disconnect, Packet, Properties, ProtocolVersion,
-    PubResponse, Publish, QoS, ReasonCode, Subscribe, Subscription, SubscriptionOptions,
+    PubResponse, Publish, QoS, ReasonCode, Subscribe, Subscription, SubscriptionOptions, Will,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::{timeout_at, Instant};
@@ -58,12 +58,24 @@ pub struct CommonArgs {
     /// QoS for publishing or subscribing.
     #[arg(short = 'q', long = "qos", default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=2))]
     qos: u8,
-    /// MQTT 5 user property as `-D KEY VALUE` (repeatable).
-    #[arg(short = 'D', long = "user-property", num_args = 2, value_names = ["KEY", "VALUE"], action = clap::ArgAction::Append)]
-    user_property: Vec<String>,
-    /// MQTT 5 user property as `--property KEY=VALUE` (repeatable).
-    #[arg(long = "property", value_name = "KEY=VALUE")]
+    /// MQTT 5 user property (repeatable), as mosquitto's `-D COMMAND user-property KEY VALUE`
+    /// (COMMAND: connect, publish / subscribe, disconnect), or for the message as
+    /// `-D KEY VALUE` or `-D KEY=VALUE`.
+    #[arg(short = 'D', long = "property", visible_alias = "user-property", num_args = 1..=4, value_names = ["COMMAND", "user-property", "KEY", "VALUE"], action = clap::ArgAction::Append)]
     property: Vec<String>,
+    /// Topic of the will message, published by the broker if this client goes away without
+    /// a DISCONNECT.
+    #[arg(long = "will-topic", value_name = "TOPIC")]
+    will_topic: Option<String>,
+    /// Payload of the will message (default empty).
+    #[arg(long = "will-payload", value_name = "MESSAGE")]
+    will_payload: Option<String>,
+    /// QoS of the will message.
+    #[arg(long = "will-qos", value_name = "QOS", default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=2))]
+    will_qos: u8,
+    /// Retain the will message.
+    #[arg(long = "will-retain")]
+    will_retain: bool,
     /// Give up after this many seconds (sub: stop receiving; pub: whole exchange).
     #[arg(short = 'W', long = "timeout", value_name = "SECS")]
     timeout: Option<u64>,
@@ -138,7 +150,8 @@ pub struct SubArgs {
 pub enum OutputFormat {
     /// The payload (with `-v`: `topic payload`), one per line.
     Text,
-    /// One JSON object per line: topic, qos, retain, payload (UTF-8, lossy), user properties.
+    /// One JSON object per line: topic, qos, retain, payload (UTF-8, or null), payload_base64,
+    /// user properties.
     Json,
 }
 
@@ -161,29 +174,137 @@ fn qos_of(value: u8) -> QoS {
     }
 }
 
+/// The packet names mosquitto's `-D COMMAND PROPERTY ...` accepts.
+const MOSQUITTO_COMMANDS: [&str; 11] = [
+    "connect",
+    "publish",
+    "subscribe",
+    "unsubscribe",
+    "disconnect",
+    "auth",
+    "will",
+    "puback",
+    "pubrec",
+    "pubrel",
+    "pubcomp",
+];
+
+/// User properties by the packet they go in.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct UserProperties {
+    connect: Vec<(String, String)>,
+    /// PUBLISH for `pub`, SUBSCRIBE for `sub`.
+    message: Vec<(String, String)>,
+    disconnect: Vec<(String, String)>,
+}
+
 impl CommonArgs {
-    /// User properties from `-D` pairs and `--property k=v`.
-    fn user_properties(&self) -> Result<Vec<(String, String)>> {
-        let mut out: Vec<(String, String)> = self
-            .user_property
-            .chunks(2)
-            .filter_map(|pair| Some((pair.first()?.clone(), pair.get(1)?.clone())))
-            .collect();
-        for item in &self.property {
-            let (key, value) = item
-                .split_once('=')
-                .ok_or_else(|| anyhow!("--property wants KEY=VALUE, got `{item}`"))?;
-            out.push((key.to_owned(), value.to_owned()));
+    /// User properties from the `-D` options; `message_command` is `publish` or `subscribe`.
+    fn user_properties(&self, message_command: &str) -> Result<UserProperties> {
+        let mut out = UserProperties::default();
+        // clap hands over the values of every -D in one list; each form is recognised by
+        // its first word.
+        let mut rest = self.property.as_slice();
+        while let Some(first) = rest.first() {
+            let (target, key, value, used) = if MOSQUITTO_COMMANDS.contains(&first.as_str()) {
+                let [command, property, key, value, ..] = rest else {
+                    bail!("-D {first}: not enough arguments (COMMAND user-property KEY VALUE)");
+                };
+                if property != "user-property" {
+                    bail!("-D {command} {property}: only user-property is supported");
+                }
+                let target = match command.as_str() {
+                    "connect" => &mut out.connect,
+                    "disconnect" => &mut out.disconnect,
+                    command if command == message_command => &mut out.message,
+                    other => bail!(
+                        "-D {other}: user properties go on connect, {message_command} or \
+                         disconnect"
+                    ),
+                };
+                (target, key.as_str(), value.as_str(), 4)
+            } else if let Some((key, value)) = first.split_once('=') {
+                (&mut out.message, key, value, 1)
+            } else {
+                let [key, value, ..] = rest else {
+                    bail!(
+                        "-D {first}: wants KEY VALUE, KEY=VALUE or COMMAND user-property KEY VALUE"
+                    );
+                };
+                (&mut out.message, key.as_str(), value.as_str(), 2)
+            };
+            target.push((key.to_owned(), value.to_owned()));
+            rest = &rest[used..];
         }
-        if !out.is_empty() && !self.version.is_v5() {
+        if out != UserProperties::default() && !self.version.is_v5() {
             bail!("user properties need MQTT 5 (-V 5)");
         }
         Ok(out)
     }
 
+    /// The will of `--will-topic` and friends, checked as the broker would check it.
+    fn will(&self) -> Result<Option<Will>> {
+        let Some(topic) = &self.will_topic else {
+            if self.will_payload.is_some() || self.will_retain || self.will_qos > 0 {
+                bail!("will payload, QoS or retain given, but no will topic (--will-topic)");
+            }
+            return Ok(None);
+        };
+        check_topic_name("will topic", topic)?;
+        Ok(Some(Will {
+            topic: topic.clone(),
+            payload: Bytes::from(self.will_payload.clone().unwrap_or_default()),
+            qos: qos_of(self.will_qos),
+            retain: self.will_retain,
+            properties: Properties::default(),
+        }))
+    }
+
     fn deadline(&self) -> Option<Instant> {
         self.timeout
             .map(|secs| Instant::now() + Duration::from_secs(secs))
+    }
+}
+
+/// Longest topic MQTT can encode (a two-byte length) [MQTT-1.5.4-1].
+const MAX_TOPIC_BYTES: usize = 65_535;
+
+/// Refuses, before anything is sent, a topic name the broker would refuse: empty
+/// [MQTT-4.7.3-1], with a wildcard [MQTT-3.3.2-2], with U+0000 [MQTT-1.5.4-2] or too long.
+/// Otherwise a QoS 0 publish would be dropped without a word.
+fn check_topic_name(what: &str, topic: &str) -> Result<()> {
+    if !topic_is_encodable(topic) || !halyard_codec::topic::is_valid_topic_name(topic) {
+        bail!(
+            "invalid {what} '{topic}': a topic name is 1 to 65535 bytes without '+', '#' \
+             or NUL"
+        );
+    }
+    Ok(())
+}
+
+/// Refuses a topic filter the broker would refuse: empty, or `+` / `#` not alone in their
+/// level, or `#` not last [MQTT-4.7.1-1, MQTT-4.7.1-2].
+fn check_topic_filter(filter: &str) -> Result<()> {
+    if !topic_is_encodable(filter) || !halyard_codec::topic::is_valid_topic_filter(filter) {
+        bail!(
+            "invalid subscription topic '{filter}': are all '+' and '#' wildcards correct \
+             ('+' and '#' alone in their level, '#' last)?"
+        );
+    }
+    Ok(())
+}
+
+fn topic_is_encodable(topic: &str) -> bool {
+    topic.len() <= MAX_TOPIC_BYTES && !topic.contains('\0')
+}
+
+/// A reason code as the packet it came in means it: MQTT 5 names (`0x90 Topic Name
+/// invalid`), MQTT 3.x CONNACK return codes by their 3.1.1 names.
+fn connack_code(version: ProtocolVersion, code: ReasonCode) -> String {
+    if version.is_v5() {
+        code.to_string()
+    } else {
+        format!("0x{:02X} {}", code.0, code.v3_connack_name())
     }
 }
 
@@ -197,7 +318,13 @@ struct Client {
 }
 
 impl Client {
-    async fn connect(common: &CommonArgs, default_id: &str, persistent: bool) -> Result<Client> {
+    async fn connect(
+        common: &CommonArgs,
+        default_id: &str,
+        persistent: bool,
+        will: Option<Will>,
+        user_properties: Vec<(String, String)>,
+    ) -> Result<Client> {
         if common.scram && !common.version.is_v5() {
             bail!("--scram needs MQTT 5 (-V 5)");
         }
@@ -209,7 +336,10 @@ impl Client {
             debug: common.debug,
             next_id: 1,
         };
-        let mut properties = Properties::default();
+        let mut properties = Properties {
+            user_properties,
+            ..Properties::default()
+        };
         if persistent && common.version.is_v5() {
             properties.session_expiry_interval = Some(u32::MAX);
         }
@@ -224,7 +354,7 @@ impl Client {
             clean_start: !persistent,
             keep_alive: common.keepalive,
             client_id: common.id.clone().unwrap_or_else(|| default_id.to_owned()),
-            will: None,
+            will,
             username: common.username.clone(),
             password: match scram {
                 Some(_) => None,
@@ -250,8 +380,8 @@ impl Client {
                 Ok(client)
             }
             Packet::ConnAck(ack) => bail!(
-                "connection refused: reason 0x{:02x}{}",
-                ack.code.0,
+                "connection refused: {}{}",
+                connack_code(common.version, ack.code),
                 ack.properties
                     .reason_string
                     .map(|s| format!(" ({s})"))
@@ -305,9 +435,10 @@ impl Client {
         }
     }
 
-    async fn disconnect(mut self) -> Result<()> {
-        self.send(&Packet::Disconnect(Disconnect::default()))
-            .await?;
+    async fn disconnect(mut self, user_properties: Vec<(String, String)>) -> Result<()> {
+        let mut disconnect = Disconnect::default();
+        disconnect.properties.user_properties = user_properties;
+        self.send(&Packet::Disconnect(disconnect)).await?;
         self.stream.shutdown().await.ok();
         Ok(())
     }
@@ -315,7 +446,7 @@ impl Client {
 
 fn check_reason(what: &str, reason: ReasonCode) -> Result<()> {
     if reason.is_error() {
-        bail!("{what} refused: reason 0x{:02x}", reason.0);
+        bail!("{what} refused: {reason}");
     }
     Ok(())
 }
@@ -323,7 +454,10 @@ fn check_reason(what: &str, reason: ReasonCode) -> Result<()> {
 /// `halyard pub`: publishes the message(s), waiting for each QoS 1/2 exchange to complete.
 pub async fn publish(args: PubArgs) -> Result<()> {
     let common = &args.common;
-    let user_properties = common.user_properties()?;
+    check_topic_name("publish topic", &args.topic)?;
+    let properties = common.user_properties("publish")?;
+    let will = common.will()?;
+    let user_properties = properties.message;
     let payloads: Vec<Bytes> = if let Some(message) = &args.message {
         vec![Bytes::from(message.clone())]
     } else if let Some(path) = &args.file {
@@ -349,7 +483,7 @@ pub async fn publish(args: PubArgs) -> Result<()> {
     };
     let deadline = common.deadline();
     let default_id = format!("halyard-pub-{}", std::process::id());
-    let mut client = Client::connect(common, &default_id, false).await?;
+    let mut client = Client::connect(common, &default_id, false, will, properties.connect).await?;
     let qos = qos_of(common.qos);
     for _ in 0..args.count {
         for payload in &payloads {
@@ -387,26 +521,42 @@ pub async fn publish(args: PubArgs) -> Result<()> {
                     }
                     Packet::PubComp(comp) if comp.packet_id == id => break,
                     Packet::Disconnect(d) => {
-                        bail!("disconnected by the broker: reason 0x{:02x}", d.reason.0)
+                        bail!("disconnected by the broker: {}", d.reason)
                     }
                     _ => {}
                 }
             }
         }
     }
-    client.disconnect().await
+    client.disconnect(properties.disconnect).await
 }
 
 /// `halyard sub`: prints messages until `-C` messages, `-W` seconds, Ctrl-C or the broker
 /// closes. Returns the process exit status.
 pub async fn subscribe(args: SubArgs) -> Result<u8> {
     let common = &args.common;
-    let user_properties = common.user_properties()?;
+    if args.persistent && common.id.is_none() {
+        // A made-up id would leave a session nobody can resume, on every run.
+        bail!("you must provide a client id (-i) if you are using the -c option");
+    }
+    for filter in &args.topics {
+        check_topic_filter(filter)?;
+    }
+    let user_properties = common.user_properties("subscribe")?;
+    let will = common.will()?;
     let deadline = common.deadline();
     let default_id = format!("halyard-sub-{}", std::process::id());
-    let mut client = Client::connect(common, &default_id, args.persistent).await?;
+    let mut client = Client::connect(
+        common,
+        &default_id,
+        args.persistent,
+        will,
+        user_properties.connect,
+    )
+    .await?;
+    let on_disconnect = user_properties.disconnect;
     let properties = Properties {
-        user_properties,
+        user_properties: user_properties.message,
         ..Properties::default()
     };
     let subscribe = Subscribe {
@@ -448,12 +598,10 @@ pub async fn subscribe(args: SubArgs) -> Result<u8> {
             Ok(packet) => packet,
             Err(error) if error.to_string() == "timed out" => {
                 if deadline.is_some_and(|at| Instant::now() >= at) {
-                    client.disconnect().await.ok();
-                    return Ok(if args.count.is_some() {
-                        EXIT_TIMEOUT
-                    } else {
-                        0
-                    });
+                    client.disconnect(on_disconnect).await.ok();
+                    // As mosquitto_sub: -W always ends in "Timed out" and status 27.
+                    writeln!(stdout, "Timed out").context("cannot write to stdout")?;
+                    return Ok(EXIT_TIMEOUT);
                 }
                 if common.keepalive > 0 {
                     client.send(&Packet::PingReq).await?;
@@ -467,10 +615,12 @@ pub async fn subscribe(args: SubArgs) -> Result<u8> {
             Packet::SubAck(ack) if ack.packet_id == sub_id => {
                 for (filter, reason) in args.topics.iter().zip(&ack.reasons) {
                     if reason.0 >= 0x80 {
-                        bail!(
-                            "subscription to {filter} refused: reason 0x{:02x}",
-                            reason.0
-                        );
+                        let reason = if common.version.is_v5() {
+                            reason.to_string()
+                        } else {
+                            "0x80 Failure".to_owned()
+                        };
+                        bail!("subscription to {filter} refused: {reason}");
                     }
                 }
             }
@@ -511,22 +661,26 @@ pub async fn subscribe(args: SubArgs) -> Result<u8> {
                     .await?
             }
             Packet::Disconnect(d) => {
-                bail!("disconnected by the broker: reason 0x{:02x}", d.reason.0)
+                bail!("disconnected by the broker: {}", d.reason)
             }
             _ => {}
         }
     }
-    client.disconnect().await?;
+    client.disconnect(on_disconnect).await?;
     Ok(0)
 }
 
 /// One output line for a received message.
 fn format_message(publish: &Publish, format: OutputFormat, verbose: bool) -> String {
-    let payload = String::from_utf8_lossy(&publish.payload);
     match format {
-        OutputFormat::Text if verbose => format!("{} {payload}", publish.topic),
-        OutputFormat::Text => payload.into_owned(),
+        OutputFormat::Text if verbose => format!(
+            "{} {}",
+            publish.topic,
+            String::from_utf8_lossy(&publish.payload)
+        ),
+        OutputFormat::Text => String::from_utf8_lossy(&publish.payload).into_owned(),
         OutputFormat::Json => {
+            use base64::Engine as _;
             let properties: serde_json::Map<String, serde_json::Value> = publish
                 .properties
                 .user_properties
@@ -537,7 +691,10 @@ fn format_message(publish: &Publish, format: OutputFormat, verbose: bool) -> Str
                 "topic": publish.topic,
                 "qos": publish.qos as u8,
                 "retain": publish.retain,
-                "payload": payload,
+                // Text when the payload is UTF-8 (null otherwise); always base64, so binary
+                // payloads survive, as in the admin API.
+                "payload": std::str::from_utf8(&publish.payload).ok(),
+                "payload_base64": base64::engine::general_purpose::STANDARD.encode(&publish.payload),
                 "user_properties": properties,
             })
             .to_string()
@@ -555,6 +712,66 @@ mod tests {
         assert_eq!(parse_version("mqttv311"), Ok(ProtocolVersion::V3_1_1));
         assert_eq!(parse_version("31"), Ok(ProtocolVersion::V3_1));
         assert!(parse_version("4").is_err());
+    }
+
+    #[test]
+    fn every_user_property_form_parses() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            pub_args: PubArgs,
+        }
+        let cli = Cli::try_parse_from([
+            "pub",
+            "-t",
+            "t",
+            "-m",
+            "x",
+            "-V",
+            "5",
+            "-D",
+            "k",
+            "v",
+            "--property",
+            "a=b",
+            "-D",
+            "connect",
+            "user-property",
+            "c",
+            "d",
+            "-D",
+            "disconnect",
+            "user-property",
+            "e",
+            "f",
+        ])
+        .expect("parses");
+        let properties = cli
+            .pub_args
+            .common
+            .user_properties("publish")
+            .expect("valid");
+        let pair = |k: &str, v: &str| (k.to_owned(), v.to_owned());
+        assert_eq!(properties.message, [pair("k", "v"), pair("a", "b")]);
+        assert_eq!(properties.connect, [pair("c", "d")]);
+        assert_eq!(properties.disconnect, [pair("e", "f")]);
+        let cli = Cli::try_parse_from([
+            "pub",
+            "-t",
+            "t",
+            "-m",
+            "x",
+            "-V",
+            "5",
+            "-D",
+            "subscribe",
+            "user-property",
+            "k",
+            "v",
+        ])
+        .expect("parses");
+        assert!(cli.pub_args.common.user_properties("publish").is_err());
     }
 
     #[test]

@@ -9,7 +9,7 @@ use halyard_cluster::{ClusterConfig, Listen};
 use serde::{Deserialize, Serialize};
 
 /// The `[cluster]` table.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClusterSection {
     /// This node's id: its 1-based position in `peers`.

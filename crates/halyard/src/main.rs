@@ -1,12 +1,15 @@
 //! `halyard`: the MQTT broker binary (command line, configuration file, logging, signals).
 
+mod address;
 mod client;
 mod client_scram;
 mod client_tls;
 mod cluster_config;
 mod config;
+mod keys;
 mod ops;
 mod security_config;
+mod service_links;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -60,8 +63,9 @@ fn return_freed_memory() {
 
 /// Halyard, an MQTT 3.1 / 3.1.1 / 5.0 broker.
 ///
-/// Without a command, `halyard` runs `halyard serve` with the built-in defaults, listening on
-/// 0.0.0.0:1883.
+/// Without a command, `halyard` runs `halyard serve` with the built-in defaults: MQTT on
+/// 127.0.0.1:1883 and [::1]:1883 only (this machine) until a listen address or
+/// authentication is configured.
 #[derive(Debug, Parser)]
 #[command(name = "halyard", version, about, long_about)]
 struct Cli {
@@ -84,6 +88,19 @@ enum Command {
     CheckConfig {
         /// The TOML configuration file to check.
         file: PathBuf,
+        /// After `ok`, print every key with its effective value and where it came from
+        /// (default, file, or the HALYARD_ variable).
+        #[arg(long)]
+        show: bool,
+    },
+    /// List every configuration key: its environment variable, default and meaning.
+    ///
+    /// With --readme FILE, rewrite the key tables of that README (between its
+    /// `<!-- keys: TABLE -->` and `<!-- /keys -->` markers) instead.
+    ConfigKeys {
+        /// README to update in place.
+        #[arg(long, value_name = "FILE")]
+        readme: Option<PathBuf>,
     },
     /// Publish MQTT messages (flags like mosquitto_pub: -h -p -t -m -q -r -V 5 ...).
     Pub(client::PubArgs),
@@ -101,7 +118,7 @@ struct ServeArgs {
     /// Address to accept MQTT over TCP on, as IP:PORT; repeat for several. Replaces the
     /// configuration file's `listen` list. Port 0 picks a free port (the line printed on
     /// stdout shows which).
-    #[arg(long = "listen", value_name = "ADDR")]
+    #[arg(long = "listen", value_name = "ADDR", value_parser = address::parse)]
     listen: Vec<SocketAddr>,
     /// TOML configuration file; every key is optional (see README.md for the reference).
     #[arg(long, short = 'c', value_name = "FILE")]
@@ -116,7 +133,7 @@ struct ServeArgs {
     /// Address of the operations HTTP listener (metrics, probes, admin API, status page);
     /// overrides `http.listen`. Port 0 picks a free port; `halyard http listening on
     /// <ip:port>` is printed on stdout after the MQTT lines.
-    #[arg(long, value_name = "ADDR", conflicts_with = "no_http")]
+    #[arg(long, value_name = "ADDR", conflicts_with = "no_http", value_parser = address::parse)]
     http_listen: Option<SocketAddr>,
     /// Do not serve HTTP (overrides `http.enabled`).
     #[arg(long)]
@@ -140,7 +157,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         None => serve(ServeArgs::default()).map(|()| 0),
         Some(Command::Serve(args)) => serve(args).map(|()| 0),
-        Some(Command::CheckConfig { file }) => check_config(&file).map(|()| 0),
+        Some(Command::CheckConfig { file, show }) => check_config(&file, show).map(|()| 0),
+        Some(Command::ConfigKeys { readme }) => config_keys(readme.as_deref()).map(|()| 0),
         Some(Command::Pub(args)) => run_client(client::publish(args)).map(|()| 0),
         Some(Command::Sub(args)) => run_client(client::subscribe(args)),
         Some(Command::Passwd(args)) => security_config::passwd(args).map(|()| 0),
@@ -168,13 +186,53 @@ fn run_client<T>(future: impl Future<Output = Result<T>>) -> Result<T> {
         .block_on(future)
 }
 
-/// `halyard check-config FILE`.
-fn check_config(file: &Path) -> Result<()> {
+/// `halyard check-config FILE [--show]`.
+fn check_config(file: &Path, show: bool) -> Result<()> {
     let config = load_config(Some(file))?;
     // The password and ACL files are part of the configuration: a bad line there must fail
     // the check as it would fail `serve`.
     security_config::Prepared::load(&config)?;
     println!("ok");
+    if show {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read config file {}", file.display()))?;
+        let in_file: toml::Table = text.parse().context("config file")?;
+        let in_file = serde_json::to_value(in_file).unwrap_or_default();
+        let effective = ops::redacted_config(&config);
+        for key in keys::keys() {
+            let Some(value) = keys::lookup(&effective, &key.path) else {
+                continue;
+            };
+            let source = match &key.env {
+                Some(var) if std::env::var_os(var).is_some() => var.as_str(),
+                _ if keys::lookup(&in_file, &key.path).is_some() => "file",
+                _ => "default",
+            };
+            println!("{} = {value}  # {source}", key.path);
+        }
+    }
+    Ok(())
+}
+
+/// `halyard config-keys [--readme FILE]`.
+fn config_keys(readme: Option<&Path>) -> Result<()> {
+    if let Some(path) = readme {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let updated = keys::update_readme(&text).map_err(anyhow::Error::msg)?;
+        std::fs::write(path, updated)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        return Ok(());
+    }
+    let mut stdout = std::io::stdout().lock();
+    for key in keys::keys() {
+        let env = key.env.as_deref().unwrap_or("-");
+        writeln!(
+            stdout,
+            "{}\t{}\t{}\t{}",
+            key.path, env, key.default, key.doc
+        )?;
+    }
     Ok(())
 }
 
@@ -207,9 +265,13 @@ fn serve(args: ServeArgs) -> Result<()> {
     let effective_config = ops::redacted_config(&file);
     let security = security_config::Prepared::load(&file)?;
     let cluster = cluster_config::cluster_config(&file.cluster, args.cluster, &storage.data_dir)?;
+    let listen_configured = file.listen.is_some();
+    let authenticated = file.auth.configures_authentication();
     let mut config = ServerConfig::from(file);
     if !args.listen.is_empty() {
         config.listeners = args.listen;
+    } else if !listen_configured {
+        config.listeners = default_listeners(&config.listeners, authenticated);
     }
     let parts = match cluster {
         Some(_) => halyard_server::cluster::cluster_parts(),
@@ -261,6 +323,40 @@ fn serve(args: ServeArgs) -> Result<()> {
     })
 }
 
+/// The built-in `listen` addresses this host can bind, with a log line saying why they were
+/// chosen and how to open the broker up. IPv6 loopback is left out on hosts without IPv6
+/// (some containers), where binding it would stop the start-up.
+fn default_listeners(defaults: &[SocketAddr], authenticated: bool) -> Vec<SocketAddr> {
+    let ipv6 = std::net::TcpListener::bind((std::net::Ipv6Addr::LOCALHOST, 0)).is_ok();
+    let listeners: Vec<SocketAddr> = defaults
+        .iter()
+        .copied()
+        .filter(|addr| ipv6 || addr.is_ipv4())
+        .collect();
+    let shown = listeners
+        .iter()
+        .map(SocketAddr::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    if authenticated {
+        info!(
+            "no `listen` address configured: MQTT on {shown} (every IPv4 interface), as \
+             authentication is configured"
+        );
+    } else {
+        info!(
+            "local only mode: MQTT on {shown}, reachable from this machine only, as no `listen` \
+             address and no authentication are configured; to accept other hosts set \
+             `listen = [\"0.0.0.0:1883\"]` in the config file or pass --listen 0.0.0.0:1883 \
+             (and set auth.password_file)"
+        );
+    }
+    if !ipv6 {
+        info!("IPv6 loopback is not available on this host: not listening on [::1]");
+    }
+    listeners
+}
+
 /// Builds the broker on the configured storage, loading what the store holds.
 fn open_broker(
     config: &ServerConfig,
@@ -288,7 +384,7 @@ fn open_broker(
                         storage.data_dir.display()
                     )
                 })?;
-            info!(dir = %storage.data_dir.display(), fsync = ?storage.fsync, "storage opened");
+            info!(dir = %storage.data_dir.display(), fsync = storage.fsync.name(), "storage opened");
             Box::new(store)
         }
     };

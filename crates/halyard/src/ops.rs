@@ -4,12 +4,12 @@
 
 use std::net::SocketAddr;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use halyard_server::{HttpConfig, Server, ServerError};
 use serde_json::Value;
 use tracing::warn;
 
-use crate::config::{FileConfig, HttpSection, DEFAULT_HTTP_LISTEN};
+use crate::config::{FileConfig, HttpSection, DEFAULT_HTTP_LISTEN, PLACEHOLDER_TOKEN};
 
 /// What `serve` binds for HTTP: the settings, and whether the address was chosen by the
 /// operator (an explicit address that is in use is an error; the default one only a warning).
@@ -33,12 +33,21 @@ pub fn http_settings(
     }
     let token = match (&section.token, &section.token_file) {
         (Some(token), _) => Some(token.clone()),
-        (None, Some(path)) => Some(
-            std::fs::read_to_string(path)
+        (None, Some(path)) => {
+            let token = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read http.token_file {}", path.display()))?
                 .trim_end()
-                .to_owned(),
-        ),
+                .to_owned();
+            if token == PLACEHOLDER_TOKEN {
+                bail!(
+                    "http.token_file {}: `{PLACEHOLDER_TOKEN}` is a published placeholder: \
+                     put a secret token there",
+                    path.display()
+                );
+            }
+            Some(token)
+        }
+        (None, None) if section.generate_token => Some(generated_token()?),
         (None, None) => None,
     };
     let explicit = cli_listen.or(section.listen);
@@ -52,6 +61,20 @@ pub fn http_settings(
         },
         explicit: explicit.is_some(),
     }))
+}
+
+/// A random admin API token for this run (`http.generate_token`), logged once so the
+/// operator can use it: 32 bytes from the operating system, hex-encoded.
+fn generated_token() -> Result<String> {
+    let mut bytes = [0u8; 32];
+    getrandom::getrandom(&mut bytes).context("cannot generate an http token")?;
+    let token: String = bytes.iter().map(|byte| format!("{byte:02x}")).collect();
+    warn!(
+        token = %token,
+        "http.token not set: generated an admin API token for this run (set http.token_file \
+         or HALYARD_HTTP_TOKEN to choose one and keep it out of the logs)"
+    );
+    Ok(token)
 }
 
 /// Binds the HTTP listener of `server` per `plan`; `Ok(None)` when HTTP is off, or when the

@@ -7,23 +7,39 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use halyard_server::{
-    AuthConfig, AuthSource, HttpAuthConfig, JwtConfig, ListenerConfig, ListenerKind,
+    AuthConfig, AuthSource, HttpAuthConfig, JwtConfig, ListenerConfig, ListenerKind, SecurityError,
+    ServerError,
 };
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// The `[auth]` table.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthSection {
-    /// Whether clients without a user name may connect; default: true only when no
-    /// `password_file` is set.
+    /// Whether clients without a user name (and without a password) may connect. Without any
+    /// source, a user name is taken as given (for ACLs) when this is true and refused when
+    /// false.
+    #[schemars(extend(
+        "x-default" = "`true` without any source (`password_file`, `[auth.jwt]`, `[auth.http]` `url`), else `false`"
+    ))]
     pub allow_anonymous: Option<bool>,
-    /// Mosquitto-format password file (`user:hash` lines; `$7$`, `$6$`, `$argon2id$`).
+    /// Mosquitto-format file, one `user:hash` per line (`#` comments): `$7$` (PBKDF2-SHA512, what
+    /// `mosquitto_passwd` writes), `$6$` (Mosquitto 1.x salted SHA-512), `$argon2id$` (what
+    /// `halyard passwd` writes) and `SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`
+    /// (base64 parts, the RFC 5803 form PostgreSQL also uses; what `halyard passwd --scram`
+    /// writes). Existing Mosquitto files work unchanged. A SCRAM entry serves both
+    /// SCRAM-SHA-256 clients and CONNECT passwords; it holds a random salt, at least 4096
+    /// PBKDF2 iterations and the stored and server keys, never the password.
     pub password_file: Option<PathBuf>,
-    /// Mosquitto-format ACL file.
+    /// Mosquitto-format ACL file (below). Without one, every client may use every topic.
     pub acl_file: Option<PathBuf>,
-    /// Order in which the sources are asked (`file`, `jwt`, `http`); default all three in
-    /// that order.
+    /// Order in which the sources are asked about a CONNECT's user name and password. The
+    /// first source that knows the client decides (allows or refuses); the others are not
+    /// asked. The file knows the users it lists; JWT knows any password shaped like a token;
+    /// the HTTP hook knows everyone. A client no source knows is refused.
+    #[schemars(with = "Option<Vec<String>>")]
+    #[schemars(extend("x-default" = "`[\"file\", \"jwt\", \"http\"]`"))]
     pub chain: Option<Vec<AuthSource>>,
     /// The `[auth.jwt]` table: JWT as the password.
     pub jwt: Option<JwtSection>,
@@ -32,30 +48,42 @@ pub struct AuthSection {
 }
 
 /// The `[auth.jwt]` table.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JwtSection {
-    /// HS256 secret, PEM public key (RSA or EC) or JWKS file.
+    /// A JWKS (`{"keys": [...]}`; the key is picked by the token's `kid`, or the only key), a
+    /// PEM public key (RSA; EC when `algorithms` names `ES256`/`ES384`), or else the HMAC
+    /// secret itself (its bytes without a final newline, at least 32). Reloaded on SIGHUP.
     pub key_file: PathBuf,
-    /// Accepted `alg` values; default the key's natural one (HS256, RS256, ES256).
+    /// Accepted `alg` values; they must fit the key. `alg: none` is always refused.
     #[serde(default)]
+    #[schemars(extend(
+        "x-default" = "the key's own: `[\"HS256\"]` for a secret, `[\"RS256\"]` for an RSA key or a JWKS, `[\"ES256\"]` for an EC key"
+    ))]
     pub algorithms: Vec<String>,
-    /// Claim holding the user name.
+    /// Claim holding the user name. It becomes the client's user name; a CONNECT that also
+    /// sends a user name must send this one.
     #[serde(default = "default_username_claim")]
     pub username_claim: String,
-    /// Required `aud`.
+    /// Required `aud`, when set.
     #[serde(default)]
     pub audience: Option<String>,
-    /// Required `iss`.
+    /// Required `iss`, when set.
     #[serde(default)]
     pub issuer: Option<String>,
-    /// Disconnect a client when its token expires (MQTT 5: DISCONNECT 0xA0).
+    /// Disconnect a client when its token expires (at `exp` plus the leeway): MQTT 5 clients
+    /// get DISCONNECT 0xA0 Maximum connect time.
     #[serde(default)]
     pub disconnect_on_expiry: bool,
-    /// Claim holding the client's topic lists, `{"pub": [...], "sub": [...]}`.
+    /// Claim holding the client's ACL, `{"pub": [filters], "sub": [filters]}`: a publish needs
+    /// its topic to match a `pub` filter, a subscription (checked as if it were a topic) and
+    /// each delivery a `sub` filter; everything else is denied, and wildcards never match `$`
+    /// topics. It replaces the other ACLs for that client id, also for its offline session,
+    /// until its next CONNECT. A malformed claim refuses the token; a token with a claim needs
+    /// a client id (an empty one gets 0x87).
     #[serde(default = "default_acl_claim")]
     pub acl_claim: String,
-    /// Clock skew tolerated on `exp` and `nbf`, in seconds.
+    /// Clock skew tolerated on `exp` and `nbf`, in seconds. Tokens must carry `exp`.
     #[serde(default = "default_leeway_secs")]
     pub leeway_secs: u64,
 }
@@ -73,7 +101,7 @@ fn default_leeway_secs() -> u64 {
 }
 
 /// The `[auth.http]` table.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct HttpSection {
     /// Authentication endpoint (POST per CONNECT).
@@ -84,9 +112,9 @@ pub struct HttpSection {
     pub timeout_ms: u64,
     /// How long an ACL answer is reused, in milliseconds.
     pub cache_ttl_ms: u64,
-    /// Most ACL answers kept.
+    /// ACL answers kept; the oldest go first.
     pub cache_max_entries: usize,
-    /// The answer when the service times out or fails.
+    /// The answer when the service times out or fails (deny by default).
     pub default_allow: bool,
 }
 
@@ -101,6 +129,17 @@ impl Default for HttpSection {
             cache_max_entries: defaults.cache_max_entries,
             default_allow: defaults.default_allow,
         }
+    }
+}
+
+impl AuthSection {
+    /// Whether clients must prove who they are; then, with no `listen` set, the broker
+    /// listens on every interface (see `config::default_listen`). A new authentication
+    /// method belongs here too.
+    pub fn configures_authentication(&self) -> bool {
+        self.password_file.is_some()
+            || self.jwt.is_some()
+            || self.http.as_ref().is_some_and(|http| http.url.is_some())
     }
 }
 
@@ -134,7 +173,7 @@ impl From<&AuthSection> for AuthConfig {
 }
 
 /// `kind` of a `[[listener]]`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum KindName {
     /// Plain TCP.
@@ -147,30 +186,46 @@ pub enum KindName {
     Wss,
 }
 
+impl From<KindName> for ListenerKind {
+    fn from(kind: KindName) -> ListenerKind {
+        match kind {
+            KindName::Tcp => ListenerKind::Tcp,
+            KindName::Tls => ListenerKind::Tls,
+            KindName::Ws => ListenerKind::Ws,
+            KindName::Wss => ListenerKind::Wss,
+        }
+    }
+}
+
 /// One `[[listener]]` table.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerSection {
-    /// `tcp`, `tls`, `ws` or `wss`.
+    /// `"tcp"`, `"tls"`, `"ws"` (WebSocket) or `"wss"` (WebSocket over TLS).
     pub kind: KindName,
-    /// `IP:PORT` to bind.
+    /// `IP:PORT` to bind (port 0 = a free port).
+    #[serde(deserialize_with = "crate::address::one")]
     pub address: SocketAddr,
-    /// PEM certificate chain (required for `tls` and `wss`).
+    /// PEM certificate chain and private key; required for `tls` and `wss` (rustls with the `ring`
+    /// provider; TLS 1.2 and 1.3).
     #[serde(default)]
     pub cert_file: Option<PathBuf>,
-    /// PEM private key (required for `tls` and `wss`).
+    /// PEM private key of `cert_file`; required for `tls` and `wss`.
     #[serde(default)]
     pub key_file: Option<PathBuf>,
-    /// PEM CA certificates; when set, clients must present a certificate signed by one.
+    /// PEM CA certificates: clients must then present a certificate signed by one (mutual TLS).
     #[serde(default)]
     pub client_ca_file: Option<PathBuf>,
-    /// Use the client certificate's CN (or first SAN) as the user name.
+    /// Use the client certificate's Common Name (or, without one, its first Subject Alternative
+    /// Name) as the MQTT user name: such clients need no password and get that user's ACL section.
+    /// Needs `client_ca_file`.
     #[serde(default)]
     pub use_identity_as_username: bool,
-    /// WebSocket endpoint path (default `/mqtt`).
+    /// WebSocket endpoint; other paths get HTTP 404. The `mqtt` subprotocol is selected when
+    /// offered; a client offering only other subprotocols is refused.
     #[serde(default = "default_path")]
     pub path: String,
-    /// Most connections open at once on this listener; 0 = no limit of its own.
+    /// Connections open at once on this listener; 0 = only the global `max_connections` applies.
     #[serde(default)]
     pub max_connections: usize,
 }
@@ -181,14 +236,8 @@ fn default_path() -> String {
 
 impl From<&ListenerSection> for ListenerConfig {
     fn from(section: &ListenerSection) -> ListenerConfig {
-        let kind = match section.kind {
-            KindName::Tcp => ListenerKind::Tcp,
-            KindName::Tls => ListenerKind::Tls,
-            KindName::Ws => ListenerKind::Ws,
-            KindName::Wss => ListenerKind::Wss,
-        };
         ListenerConfig {
-            kind,
+            kind: section.kind.into(),
             address: section.address,
             cert_file: section.cert_file.clone(),
             key_file: section.key_file.clone(),
@@ -208,8 +257,9 @@ pub fn validate(listeners: &[ListenerSection]) -> Result<(), (&'static str, Stri
             return Err((
                 "listener.kind",
                 format!(
-                    "listener {}: kind {:?} needs cert_file and key_file",
-                    listener.address, listener.kind
+                    "listener {}: kind \"{}\" needs cert_file and key_file",
+                    listener.address,
+                    ListenerKind::from(listener.kind).name()
                 ),
             ));
         }
@@ -254,8 +304,10 @@ impl Prepared {
     /// so a bad file stops start-up early) and collects the `[[listener]]` and
     /// connection-limit settings.
     pub fn load(file: &crate::config::FileConfig) -> anyhow::Result<Prepared> {
+        let security = halyard_server::Security::load(AuthConfig::from(&file.auth))
+            .map_err(|error| name_auth_key(error, &file.auth))?;
         Ok(Prepared {
-            security: halyard_server::Security::load(AuthConfig::from(&file.auth))?,
+            security,
             listeners: file.listener.iter().map(ListenerConfig::from).collect(),
             limits: halyard_server::ConnectionLimits {
                 max_connections: file.max_connections,
@@ -272,8 +324,58 @@ impl Prepared {
     ) -> anyhow::Result<Vec<(ListenerKind, SocketAddr)>> {
         server.set_security(std::sync::Arc::new(self.security));
         server.set_connection_limits(self.limits);
-        server.bind_listeners(&self.listeners).await?;
+        server
+            .bind_listeners(&self.listeners)
+            .await
+            .map_err(|error| name_listener_key(error, &self.listeners))?;
         Ok(server.listener_addrs())
+    }
+}
+
+/// Prefixes a password or ACL file error with its `[auth]` key (`auth.password_file: cannot
+/// read ...`), so the operator knows which setting to fix.
+fn name_auth_key(error: SecurityError, auth: &AuthSection) -> anyhow::Error {
+    let path = match &error {
+        SecurityError::Read { path, .. }
+        | SecurityError::Password { path, .. }
+        | SecurityError::Acl { path, .. } => Some(path),
+        _ => None,
+    };
+    let key = if path.is_some() && path == auth.password_file.as_ref() {
+        Some("auth.password_file")
+    } else if path.is_some() && path == auth.acl_file.as_ref() {
+        Some("auth.acl_file")
+    } else {
+        None
+    };
+    match key {
+        Some(key) => anyhow::Error::new(error).context(key),
+        None => error.into(),
+    }
+}
+
+/// Prefixes a TLS file error of a `[[listener]]` with the key naming that file
+/// (`listener.cert_file`, `listener.key_file` or `listener.client_ca_file`).
+fn name_listener_key(error: ServerError, listeners: &[ListenerConfig]) -> anyhow::Error {
+    let ServerError::Security(SecurityError::Tls(message)) = &error else {
+        return error.into();
+    };
+    let key = listeners.iter().find_map(|listener| {
+        [
+            ("listener.cert_file", listener.cert_file.as_ref()),
+            ("listener.key_file", listener.key_file.as_ref()),
+            ("listener.client_ca_file", listener.client_ca_file.as_ref()),
+        ]
+        .into_iter()
+        .find(|(_, path)| path.is_some_and(|path| message.contains(&*path.to_string_lossy())))
+        .map(|(key, _)| (key, listener.address))
+    });
+    match key {
+        Some((key, address)) => {
+            let context = format!("{key} (listener {address})");
+            anyhow::Error::new(error).context(context)
+        }
+        None => error.into(),
     }
 }
 

@@ -172,3 +172,52 @@ async fn config_file_values_applied() {
     let (_c, ack) = RawClient::handshake(broker.addr(), conn).await;
     assert_eq!(ack.properties.server_keep_alive, Some(7));
 }
+
+/// Operator-facing errors (issue 16): each cause once, the config key named, the config's
+/// own words, and why a host name is not an address.
+#[test]
+fn errors_name_the_key_once_in_the_configs_words() {
+    // An address in use: the OS error once, not "...: Address already in use ... (os error
+    // 98): Address already in use (os error 98)".
+    let held = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = held.local_addr().expect("addr").to_string();
+    let (status, _, stderr) = run_halyard(&[
+        "serve",
+        "--listen",
+        &addr,
+        "--no-http",
+        "--data-dir",
+        unique_temp_path("inuse", "d").to_str().unwrap(),
+    ]);
+    assert!(!status.success());
+    assert_eq!(stderr.matches("os error").count(), 1, "{stderr}");
+    assert!(stderr.contains(&addr), "{stderr}");
+
+    let missing = unique_temp_path("passwd", "txt");
+    let path = write_temp_config(&format!(
+        "[auth]\npassword_file = {:?}\n",
+        missing.display().to_string()
+    ));
+    let (status, _, stderr) = run_halyard(&["check-config", path.to_str().unwrap()]);
+    assert!(!status.success());
+    assert!(stderr.contains("auth.password_file"), "{stderr}");
+    assert_eq!(stderr.matches("os error").count(), 1, "{stderr}");
+
+    let path = write_temp_config("[[listener]]\nkind = \"tls\"\naddress = \"127.0.0.1:0\"\n");
+    let (status, _, stderr) = run_halyard(&["check-config", path.to_str().unwrap()]);
+    assert!(!status.success());
+    assert!(stderr.contains("kind \"tls\" needs cert_file"), "{stderr}");
+    assert!(!stderr.contains("Tls"), "{stderr}");
+
+    let path = write_temp_config("listen = [\"localhost:1883\"]\n");
+    let (status, _, stderr) = run_halyard(&["check-config", path.to_str().unwrap()]);
+    assert!(!status.success());
+    assert!(stderr.contains("an IP address is required"), "{stderr}");
+    let (status, _, stderr) = run_halyard(&["serve", "--listen", "localhost:1883"]);
+    assert_eq!(
+        status.code(),
+        Some(2),
+        "a command-line error, as clap reports them"
+    );
+    assert!(stderr.contains("an IP address is required"), "{stderr}");
+}

@@ -251,3 +251,80 @@ async fn v3_client_kick_just_closes() {
     assert_eq!(status, 200);
     v3.expect_closed().await;
 }
+
+/// DELETE of a client that is offline ends its persistent session (there was no other way
+/// to purge one): the session, its subscription and its queue are gone, and a reconnect
+/// finds no session [MQTT-3.2.2-2 session present = 0].
+#[tokio::test]
+async fn delete_ends_an_offline_persistent_session() {
+    let broker = Broker::start_with_config("sys_interval = 0\n");
+    let addr = broker.http_addr();
+    let mut c = RawClient::connect_v311(broker.addr(), "offline", false).await;
+    c.subscribe(1, &[("queued", QoS::AtLeastOnce)]).await;
+    c.disconnect().await;
+    let mut publisher = RawClient::connect_v311(broker.addr(), "pub", true).await;
+    publisher
+        .publish(publish_packet(
+            "queued",
+            b"m",
+            QoS::AtLeastOnce,
+            false,
+            Some(1),
+        ))
+        .await;
+    assert_eq!(get_json(addr, "/api/v1/clients/offline")["queued"], 1);
+
+    let (status, body) = http(addr, "DELETE", "/api/v1/clients/offline", None, None);
+    assert_eq!(status, 200, "{body}");
+    let body: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(body["session_ended"], true);
+    assert_eq!(body["disconnected"], false);
+    assert_eq!(
+        http(addr, "GET", "/api/v1/clients/offline", None, None).0,
+        404
+    );
+    assert_eq!(
+        http(addr, "DELETE", "/api/v1/clients/offline", None, None).0,
+        404
+    );
+    let (_, ack) = RawClient::handshake(
+        broker.addr(),
+        connect_packet(halyard_codec::ProtocolVersion::V3_1_1, "offline", false),
+    )
+    .await;
+    assert!(!ack.session_present, "the session was purged");
+}
+
+/// The retained count is what users stored: `$SYS/broker/...` topics (retained too) are left
+/// out of `$SYS/broker/retained messages/count`, `halyard_retained_messages` and the
+/// `/api/v1/broker` figure the status page shows.
+#[tokio::test]
+async fn retained_count_leaves_out_sys_topics() {
+    let broker = Broker::start_with_config("sys_interval = 1\n");
+    let mut c = RawClient::connect_v311(broker.addr(), "retainer", true).await;
+    for topic in ["r/1", "r/2", "r/3"] {
+        c.publish(publish_packet(topic, b"v", QoS::AtLeastOnce, true, Some(1)))
+            .await;
+    }
+    c.subscribe(
+        1,
+        &[("$SYS/broker/retained messages/count", QoS::AtMostOnce)],
+    )
+    .await;
+    // The first live publication after the three retains says 3.
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        let p = c.recv_publish().await;
+        if !p.retain && &p.payload[..] == b"3" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "count stayed at {:?}",
+            String::from_utf8_lossy(&p.payload)
+        );
+    }
+    let addr = broker.http_addr();
+    assert_eq!(get_json(addr, "/api/v1/broker")["retained_messages"], 3);
+    assert_eq!(sample(&metrics(addr), "halyard_retained_messages"), 3.0);
+}

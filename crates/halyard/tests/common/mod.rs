@@ -120,8 +120,6 @@ impl Broker {
         env: &[(&str, &str)],
         data_dir: Option<PathBuf>,
     ) -> Broker {
-        let stderr_path = unique_temp_path("stderr", "log");
-        let stderr = File::create(&stderr_path).expect("create stderr log");
         let mut cmd = halyard_cmd();
         cmd.envs(env.iter().copied());
         let owns_data_dir = data_dir.is_none();
@@ -133,6 +131,26 @@ impl Broker {
         if let Some(path) = &config_path {
             cmd.arg("--config").arg(path);
         }
+        Self::launch(cmd, config_path, data_dir, owns_data_dir)
+    }
+
+    /// A broker started with exactly `args` and `env` (on top of a hermetic environment),
+    /// for tests of shipped command lines: the config they name must listen on 127.0.0.1
+    /// port 0 and serve HTTP. `data_dir` is removed when the broker is dropped.
+    pub fn start_with_args(args: &[&str], env: &[(&str, &str)], data_dir: PathBuf) -> Broker {
+        let mut cmd = halyard_cmd();
+        cmd.args(args).envs(env.iter().copied());
+        Self::launch(cmd, None, data_dir, true)
+    }
+
+    fn launch(
+        mut cmd: Command,
+        config_path: Option<PathBuf>,
+        data_dir: PathBuf,
+        owns_data_dir: bool,
+    ) -> Broker {
+        let stderr_path = unique_temp_path("stderr", "log");
+        let stderr = File::create(&stderr_path).expect("create stderr log");
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(stderr));
