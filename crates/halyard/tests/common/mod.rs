@@ -5,6 +5,8 @@
 //! Each test binary uses a different subset of these helpers, hence the `dead_code` allowance.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
@@ -120,6 +122,22 @@ impl Broker {
         env: &[(&str, &str)],
         data_dir: Option<PathBuf>,
     ) -> Broker {
+        Self::try_spawn(config_path, env, data_dir, &[]).unwrap_or_else(|error| panic!("{error}"))
+    }
+
+    /// Starts a broker with `extra_args` after the usual `serve` flags and its own data
+    /// directory; an error (with the broker's stderr) instead of a panic when it does not come
+    /// up, so a caller can retry, e.g. after a port collision.
+    pub fn try_start_with_args(extra_args: &[String]) -> Result<Broker, String> {
+        Self::try_spawn(None, &[], None, extra_args)
+    }
+
+    fn try_spawn(
+        config_path: Option<PathBuf>,
+        env: &[(&str, &str)],
+        data_dir: Option<PathBuf>,
+        extra_args: &[String],
+    ) -> Result<Broker, String> {
         let stderr_path = unique_temp_path("stderr", "log");
         let stderr = File::create(&stderr_path).expect("create stderr log");
         let mut cmd = halyard_cmd();
@@ -133,6 +151,7 @@ impl Broker {
         if let Some(path) = &config_path {
             cmd.arg("--config").arg(path);
         }
+        cmd.args(extra_args);
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(stderr));
@@ -165,9 +184,12 @@ impl Broker {
                     let _ = child.kill();
                     let status = child.wait().ok();
                     let logs = std::fs::read_to_string(&stderr_path).unwrap_or_default();
-                    panic!(
+                    if owns_data_dir {
+                        let _ = std::fs::remove_dir_all(&data_dir);
+                    }
+                    return Err(format!(
                         "halyard did not print its listening line (status {status:?}); stderr:\n{logs}"
-                    );
+                    ));
                 }
             }
         };
@@ -187,7 +209,12 @@ impl Broker {
                     let _ = child.kill();
                     let _ = child.wait();
                     let logs = std::fs::read_to_string(&stderr_path).unwrap_or_default();
-                    panic!("halyard did not print its http listening line; stderr:\n{logs}");
+                    if owns_data_dir {
+                        let _ = std::fs::remove_dir_all(&data_dir);
+                    }
+                    return Err(format!(
+                        "halyard did not print its http listening line; stderr:\n{logs}"
+                    ));
                 }
             }
         };
@@ -201,7 +228,7 @@ impl Broker {
             0,
             "listening line must show the real ephemeral port"
         );
-        Broker {
+        Ok(Broker {
             child,
             addr,
             http_addr,
@@ -210,7 +237,7 @@ impl Broker {
             stderr_path,
             data_dir,
             owns_data_dir,
-        }
+        })
     }
 
     pub fn addr(&self) -> SocketAddr {
