@@ -35,6 +35,8 @@ pub(crate) enum ClusterEvent {
     ClaimSettled {
         /// The waiting connection.
         conn: ConnectionId,
+        /// The client id it claimed.
+        client_id: String,
         /// The outcome.
         outcome: ClaimOutcome,
     },
@@ -233,7 +235,18 @@ impl ClusterDriver {
     pub(crate) fn handle_event(&mut self, broker: &mut Broker, event: ClusterEvent) {
         let clocks = Clocks::now();
         match event {
-            ClusterEvent::ClaimSettled { conn, outcome } => {
+            ClusterEvent::ClaimSettled {
+                conn,
+                client_id,
+                outcome,
+            } => {
+                let current = self.coordinator.owner(&client_id).map(|owner| owner.epoch);
+                let outcome = if superseded(&outcome, current) {
+                    debug!(%client_id, "a newer claim was applied before this grant; refused");
+                    ClaimOutcome::Refused
+                } else {
+                    outcome
+                };
                 broker.handle_claim(clocks.now, clocks.wall, conn, outcome)
             }
             ClusterEvent::RoutesCommitted { ticket, committed } => {
@@ -308,7 +321,7 @@ impl ClusterDriver {
                 Ok(commit) => match commit.value {
                     RaftClaim::Granted { epoch, previous } => {
                         let moved = match previous {
-                            Some((from, _)) if from != node => {
+                            Some((from, _)) if from != node && !request.clean_start => {
                                 let state =
                                     wait_for_transfer(&transfers, &request.client_id, epoch).await;
                                 if state.is_none() {
@@ -322,8 +335,10 @@ impl ClusterDriver {
                             }
                             _ => None,
                         };
-                        let session = if request.clean_start { None } else { moved };
-                        ClaimOutcome::Granted { epoch, session }
+                        ClaimOutcome::Granted {
+                            epoch,
+                            session: moved,
+                        }
                     }
                     RaftClaim::Conflict { .. } => ClaimOutcome::Refused,
                 },
@@ -334,6 +349,7 @@ impl ClusterDriver {
             };
             let event = ClusterEvent::ClaimSettled {
                 conn: request.conn,
+                client_id: request.client_id,
                 outcome,
             };
             let _ = events.send(Event::Cluster(event)).await;
@@ -414,6 +430,19 @@ impl ClusterDriver {
                 Err(error) => warn!(%topic, %error, "retained message not replicated"),
             }
         });
+    }
+}
+
+/// Whether a grant lost to a newer claim that this node already applied. Its
+/// `OwnerChanged` found no session to fence (the connection was still waiting for this
+/// grant), so taking the grant would leave two live connections for one client id. A newer
+/// claim applied after this check still fences it: its event follows this one.
+fn superseded(outcome: &ClaimOutcome, current_epoch: Option<u64>) -> bool {
+    match outcome {
+        ClaimOutcome::Granted { epoch, .. } => {
+            current_epoch.is_some_and(|current| current > *epoch)
+        }
+        ClaimOutcome::Refused => false,
     }
 }
 
@@ -577,4 +606,24 @@ async fn follow_link(
 /// Acknowledged forwards: nothing is held for them yet beyond the link's own queue.
 async fn drain_acks(mut acked: mpsc::Receiver<halyard_cluster::Acked>) {
     while acked.recv().await.is_some() {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn granted(epoch: u64) -> ClaimOutcome {
+        ClaimOutcome::Granted {
+            epoch,
+            session: None,
+        }
+    }
+
+    #[test]
+    fn a_grant_behind_a_newer_applied_claim_is_superseded() {
+        assert!(superseded(&granted(5), Some(9)));
+        assert!(!superseded(&granted(5), Some(5)), "its own claim");
+        assert!(!superseded(&granted(5), None), "not applied here yet");
+        assert!(!superseded(&ClaimOutcome::Refused, Some(9)));
+    }
 }

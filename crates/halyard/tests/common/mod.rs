@@ -134,6 +134,19 @@ impl Broker {
         Self::launch(cmd, config_path, data_dir, owns_data_dir)
     }
 
+    /// Starts a broker with `extra_args` after the usual `serve` flags and its own data
+    /// directory; an error (with the broker's stderr) instead of a panic when it does not come
+    /// up, so a caller can retry, e.g. after a port collision.
+    pub fn try_start_with_args(extra_args: &[String]) -> Result<Broker, String> {
+        let mut cmd = halyard_cmd();
+        let data_dir = unique_temp_path("data", "d");
+        cmd.arg("serve").arg("--listen").arg("127.0.0.1:0");
+        cmd.arg("--http-listen").arg("127.0.0.1:0");
+        cmd.arg("--data-dir").arg(&data_dir);
+        cmd.args(extra_args);
+        Self::try_launch(cmd, None, data_dir, true)
+    }
+
     /// A broker started with exactly `args` and `env` (on top of a hermetic environment),
     /// for tests of shipped command lines: the config they name must listen on 127.0.0.1
     /// port 0 and serve HTTP. `data_dir` is removed when the broker is dropped.
@@ -144,11 +157,21 @@ impl Broker {
     }
 
     fn launch(
-        mut cmd: Command,
+        cmd: Command,
         config_path: Option<PathBuf>,
         data_dir: PathBuf,
         owns_data_dir: bool,
     ) -> Broker {
+        Self::try_launch(cmd, config_path, data_dir, owns_data_dir)
+            .unwrap_or_else(|error| panic!("{error}"))
+    }
+
+    fn try_launch(
+        mut cmd: Command,
+        config_path: Option<PathBuf>,
+        data_dir: PathBuf,
+        owns_data_dir: bool,
+    ) -> Result<Broker, String> {
         let stderr_path = unique_temp_path("stderr", "log");
         let stderr = File::create(&stderr_path).expect("create stderr log");
         cmd.stdin(Stdio::null())
@@ -183,9 +206,9 @@ impl Broker {
                     let _ = child.kill();
                     let status = child.wait().ok();
                     let logs = std::fs::read_to_string(&stderr_path).unwrap_or_default();
-                    panic!(
+                    return Err(format!(
                         "halyard did not print its listening line (status {status:?}); stderr:\n{logs}"
-                    );
+                    ));
                 }
             }
         };
@@ -205,7 +228,9 @@ impl Broker {
                     let _ = child.kill();
                     let _ = child.wait();
                     let logs = std::fs::read_to_string(&stderr_path).unwrap_or_default();
-                    panic!("halyard did not print its http listening line; stderr:\n{logs}");
+                    return Err(format!(
+                        "halyard did not print its http listening line; stderr:\n{logs}"
+                    ));
                 }
             }
         };
@@ -219,7 +244,7 @@ impl Broker {
             0,
             "listening line must show the real ephemeral port"
         );
-        Broker {
+        Ok(Broker {
             child,
             addr,
             http_addr,
@@ -228,7 +253,7 @@ impl Broker {
             stderr_path,
             data_dir,
             owns_data_dir,
-        }
+        })
     }
 
     pub fn addr(&self) -> SocketAddr {

@@ -1,0 +1,154 @@
+//! A three-node cluster of real `halyard` processes for the cluster tests: each node has its
+//! own temp data dir, MQTT and HTTP ports; dropping the [`Cluster`] kills only its own three
+//! processes (each [`Broker`] kills and reaps its child, printing its stderr if the test
+//! failed).
+
+use std::net::{SocketAddr, TcpListener};
+use std::time::{Duration, Instant};
+
+use super::{http, Broker};
+
+/// How long a fresh cluster may take to elect a leader and have every node ready (three
+/// debug processes share two cores).
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Start attempts before giving up: a cluster port picked free may be taken again before
+/// the node binds it (rare), which shows as a node that never comes up.
+const START_ATTEMPTS: usize = 3;
+
+/// Three running nodes, ids 1..=3 at indexes 0..=2.
+pub struct Cluster {
+    nodes: Vec<Broker>,
+}
+
+/// `n` distinct free loopback ports, found by binding port 0 and releasing it.
+fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port"))
+        .collect();
+    listeners
+        .iter()
+        .map(|listener| listener.local_addr().expect("local addr").port())
+        .collect()
+}
+
+/// The arguments that make a `serve` a cluster node.
+pub fn cluster_args(node_id: Option<usize>, listen: &str, peers: &str) -> Vec<String> {
+    let mut args = vec![
+        "--cluster-listen".to_owned(),
+        listen.to_owned(),
+        "--peers".to_owned(),
+        peers.to_owned(),
+    ];
+    if let Some(id) = node_id {
+        args.extend(["--node-id".to_owned(), id.to_string()]);
+    }
+    args
+}
+
+/// Polls `/readyz` of `node` until it answers 200 or `deadline` passes.
+fn wait_ready(node: &Broker, deadline: Instant) -> bool {
+    loop {
+        if readyz(node) == 200 {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The status of `/readyz` on `node`.
+pub fn readyz(node: &Broker) -> u16 {
+    http(node.http_addr(), "GET", "/readyz", None, None).0
+}
+
+impl Cluster {
+    /// Starts three nodes and waits until all three are ready.
+    pub fn start() -> Cluster {
+        let mut last_error = String::new();
+        for _ in 0..START_ATTEMPTS {
+            match Self::try_start() {
+                Ok(cluster) => return cluster,
+                Err(error) => last_error = error,
+            }
+        }
+        panic!("no cluster came up in {START_ATTEMPTS} attempts; last: {last_error}");
+    }
+
+    fn try_start() -> Result<Cluster, String> {
+        let ports = free_ports(3);
+        let peers: Vec<String> = ports
+            .iter()
+            .map(|port| format!("127.0.0.1:{port}"))
+            .collect();
+        let peer_list = peers.join(",");
+        let mut nodes = Vec::new();
+        for (index, listen) in peers.iter().enumerate() {
+            let args = cluster_args(Some(index + 1), listen, &peer_list);
+            nodes.push(Broker::try_start_with_args(&args)?);
+        }
+        let deadline = Instant::now() + READY_TIMEOUT;
+        for (index, node) in nodes.iter().enumerate() {
+            if !wait_ready(node, deadline) {
+                return Err(format!(
+                    "node {} not ready; stderr:\n{}",
+                    index + 1,
+                    node.logs()
+                ));
+            }
+        }
+        Ok(Cluster { nodes })
+    }
+
+    /// Node `id` (1-based, as in `--node-id`).
+    pub fn node(&self, id: usize) -> &Broker {
+        &self.nodes[id - 1]
+    }
+
+    /// The MQTT address of node `id`.
+    pub fn addr(&self, id: usize) -> SocketAddr {
+        self.node(id).addr()
+    }
+
+    /// `/api/v1/cluster` of node `id`, parsed.
+    pub fn status(&self, id: usize) -> serde_json::Value {
+        let (code, body) = http(
+            self.node(id).http_addr(),
+            "GET",
+            "/api/v1/cluster",
+            None,
+            None,
+        );
+        assert_eq!(code, 200, "/api/v1/cluster of node {id}: {body}");
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("bad cluster JSON {body:?}: {e}"))
+    }
+
+    /// Frames node `from` still holds unacknowledged for node `to` on the peer link.
+    pub fn unacked(&self, from: usize, to: usize) -> u64 {
+        self.status(from)["links"]
+            .as_array()
+            .and_then(|links| {
+                links
+                    .iter()
+                    .find(|link| link["node"].as_u64() == Some(to as u64))
+            })
+            .and_then(|link| link["unacked"].as_u64())
+            .unwrap_or_else(|| panic!("no link {from}->{to} in {}", self.status(from)))
+    }
+
+    /// Polls until node `from` holds nothing unacknowledged for node `to`: everything it
+    /// forwarded there is stored by the receiver.
+    pub fn wait_link_drained(&self, from: usize, to: usize) {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while self.unacked(from, to) > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "link {from}->{to} never drained: {}",
+                self.status(from)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
