@@ -5,6 +5,8 @@
 //! Each test binary uses a different subset of these helpers, hence the `dead_code` allowance.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
@@ -206,6 +208,9 @@ impl Broker {
                     let _ = child.kill();
                     let status = child.wait().ok();
                     let logs = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+                    if owns_data_dir {
+                        let _ = std::fs::remove_dir_all(&data_dir);
+                    }
                     return Err(format!(
                         "halyard did not print its listening line (status {status:?}); stderr:\n{logs}"
                     ));
@@ -228,6 +233,9 @@ impl Broker {
                     let _ = child.kill();
                     let _ = child.wait();
                     let logs = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+                    if owns_data_dir {
+                        let _ = std::fs::remove_dir_all(&data_dir);
+                    }
                     return Err(format!(
                         "halyard did not print its http listening line; stderr:\n{logs}"
                     ));
