@@ -514,10 +514,17 @@ fn refuse(
     auth: &mut Auth,
     security: &Security,
 ) -> Option<Box<halyard_codec::Connect>> {
-    info!(refusal = ?refused.refusal, reason = refused.reason, "CONNECT refused");
+    let code = refused.refusal.code(version.is_v5());
+    // The same words as the broker task's refusals (see `connection_log`).
+    let named = if version.is_v5() {
+        code.to_string()
+    } else {
+        format!("0x{:02X} {}", code.0, code.v3_connack_name())
+    };
+    info!(code = %named, reason = refused.reason, "client refused");
     security.count_refusal(refused.reason);
     let ack = Packet::ConnAck(ConnAck {
-        code: refused.refusal.code(version.is_v5()),
+        code,
         ..ConnAck::default()
     });
     let mut wire = BytesMut::new();
