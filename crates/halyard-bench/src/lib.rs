@@ -5,7 +5,9 @@
 //! - [`payload`]: the (publisher, sequence, timestamp) header each message carries.
 //! - [`accounting`]: per-publisher sequence tracking on the subscriber side.
 //! - [`mqtt`]: connect / subscribe helpers and the pre-encoded PUBLISH template.
-//! - [`run`]: the scenarios (`fanin`, `fanout`, `pairs`, `latency`, `conns`) and the report.
+//! - [`run`]: the scenarios (`fanin`, `fanout`, `pairs`, `latency`, `conns`) and the report;
+//!   `--subscriber-port` puts the subscribers on another cluster node.
+//! - [`takeover`]: the `takeover` scenario (a persistent session moving between cluster nodes).
 //! - [`sys`]: the tool's own CPU use and the open-file limit.
 
 #![warn(missing_docs)]
@@ -15,3 +17,4 @@ pub mod mqtt;
 pub mod payload;
 pub mod run;
 pub mod sys;
+pub mod takeover;

@@ -6,6 +6,8 @@
 //! halyard-bench pairs   --publishers 16
 //! halyard-bench latency --qos 1 --rate 10000
 //! halyard-bench conns   --connections 10000 --hold 10
+//! halyard-bench fanin   --port 1883 --subscriber-port 1884 --qos 1   # across cluster nodes
+//! halyard-bench takeover --port 1883 --takeover-port 1884 --rounds 100
 //! ```
 
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -39,9 +41,19 @@ struct Opts {
     /// Broker host.
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
-    /// Broker port.
+    /// Broker port (publishers'; in takeover, the node where sessions start).
     #[arg(long, default_value_t = 1883)]
     port: u16,
+    /// Port on the same host for the subscribers (default: --port): another node of a
+    /// cluster, so that every delivery crosses the cluster.
+    #[arg(long)]
+    subscriber_port: Option<u16>,
+    /// takeover: port on the same host of the node that takes the sessions over.
+    #[arg(long)]
+    takeover_port: Option<u16>,
+    /// takeover: sessions taken over, one after another.
+    #[arg(long, default_value_t = 100)]
+    rounds: usize,
     /// QoS of publications and subscriptions.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=2))]
     qos: u8,
@@ -106,6 +118,9 @@ fn params(scenario: Scenario, o: Opts) -> Result<(Params, SocketAddr)> {
             "--duration must be > 0; --warmup, --drain, --hold >= 0"
         ));
     }
+    if scenario == Scenario::Takeover && o.takeover_port.is_none() {
+        return Err(anyhow!("takeover needs --takeover-port (the other node)"));
+    }
     if o.rate.is_some_and(|r| r <= 0.0 || !r.is_finite()) {
         return Err(anyhow!("--rate must be a positive number"));
     }
@@ -122,7 +137,7 @@ fn params(scenario: Scenario, o: Opts) -> Result<(Params, SocketAddr)> {
             (n, n)
         }
         Scenario::Latency => (o.publishers.unwrap_or(1), o.subscribers.unwrap_or(1)),
-        Scenario::Conns => (0, 0),
+        Scenario::Conns | Scenario::Takeover => (0, 0),
     };
     let rate = match scenario {
         Scenario::Latency => Some(o.rate.unwrap_or(10_000.0)),
@@ -136,6 +151,9 @@ fn params(scenario: Scenario, o: Opts) -> Result<(Params, SocketAddr)> {
         scenario,
         host: o.host,
         port: o.port,
+        subscriber_port: o.subscriber_port,
+        takeover_port: o.takeover_port,
+        rounds: o.rounds,
         qos: o.qos,
         payload: o.payload,
         duration_s: o.duration,

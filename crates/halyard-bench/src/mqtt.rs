@@ -106,16 +106,40 @@ impl Conn {
         keep_alive: u16,
         clean: bool,
     ) -> Result<(Conn, bool)> {
+        let mut conn = Conn::open_tcp(addr, version).await?;
+        let session_present = conn.handshake(client_id, keep_alive, clean).await?;
+        Ok((conn, session_present))
+    }
+
+    /// Opens TCP only (Nagle disabled); [`Conn::handshake`] then sends CONNECT. Kept apart
+    /// so that a measurement can start at the CONNECT, not at the TCP handshake.
+    pub async fn open_tcp(addr: SocketAddr, version: ProtocolVersion) -> Result<Conn> {
         let stream = TcpStream::connect(addr)
             .await
             .with_context(|| format!("TCP connect to {addr}"))?;
         stream.set_nodelay(true)?;
-        let mut conn = Conn {
+        Ok(Conn {
             stream,
             inbuf: BytesMut::with_capacity(256),
             version,
             server_receive_maximum: None,
-        };
+        })
+    }
+
+    /// Sends CONNECT and waits for a successful CONNACK; returns its session-present flag.
+    /// Without `clean`, an MQTT 5 CONNECT asks for a session that never expires, so that it
+    /// is as persistent as an MQTT 3.x `clean session = 0` one.
+    pub async fn handshake(
+        &mut self,
+        client_id: &str,
+        keep_alive: u16,
+        clean: bool,
+    ) -> Result<bool> {
+        let version = self.version;
+        let mut properties = Properties::default();
+        if !clean && version == ProtocolVersion::V5 {
+            properties.session_expiry_interval = Some(u32::MAX);
+        }
         let connect = Packet::Connect(Box::new(Connect {
             protocol: version,
             clean_start: clean,
@@ -124,22 +148,21 @@ impl Conn {
             will: None,
             username: None,
             password: None,
-            properties: Properties::default(),
+            properties,
         }));
         let mut out = BytesMut::with_capacity(64);
         encode_into(&connect, version, &mut out)?;
-        conn.stream.write_all(&out).await?;
-        let session_present = match conn.read_packet().await? {
+        self.stream.write_all(&out).await?;
+        match self.read_packet().await? {
             Packet::ConnAck(ack) => {
                 if ack.code.0 != 0 {
                     bail!("CONNACK refused with code {:#04x}", ack.code.0);
                 }
-                conn.server_receive_maximum = ack.properties.receive_maximum;
-                ack.session_present
+                self.server_receive_maximum = ack.properties.receive_maximum;
+                Ok(ack.session_present)
             }
             other => bail!("expected CONNACK, got {other:?}"),
-        };
-        Ok((conn, session_present))
+        }
     }
 
     /// Reads until one whole packet is decoded (used during set-up only).

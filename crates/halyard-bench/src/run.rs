@@ -50,6 +50,9 @@ pub enum Scenario {
     Latency,
     /// C idle connections: connect rate, then held open for --hold seconds.
     Conns,
+    /// A persistent session on one node taken over from another, --rounds times: time to
+    /// CONNACK and until the old connection is closed.
+    Takeover,
 }
 
 /// Everything a run needs, resolved from the command line.
@@ -59,8 +62,15 @@ pub struct Params {
     pub scenario: Scenario,
     /// Broker host as given.
     pub host: String,
-    /// Broker port.
+    /// Broker port (publishers', and the first node's in `takeover`).
     pub port: u16,
+    /// Port (same host) the subscribers connect to instead of `port`: another node of a
+    /// cluster, so that every delivery crosses the cluster's peer link.
+    pub subscriber_port: Option<u16>,
+    /// `takeover`: port (same host) of the node that takes the sessions over.
+    pub takeover_port: Option<u16>,
+    /// `takeover`: sessions taken over, one after another.
+    pub rounds: usize,
     /// QoS of publications and subscriptions (0, 1 or 2).
     pub qos: u8,
     /// Payload bytes per message (at least the 24-byte header).
@@ -115,7 +125,7 @@ pub struct LatencyReport {
 }
 
 impl LatencyReport {
-    fn from_ns(h: &Histogram<u64>) -> Option<LatencyReport> {
+    pub(crate) fn from_ns(h: &Histogram<u64>) -> Option<LatencyReport> {
         if h.is_empty() {
             return None;
         }
@@ -224,6 +234,19 @@ pub struct Report {
     /// `conns`: connections found closed by the broker at the end of the hold.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub closed_during_hold: Option<usize>,
+    /// `takeover`: rounds whose new connection got its CONNACK and whose old one was closed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub takeovers: Option<usize>,
+    /// `takeover`: CONNACKs on the new node with session present set [MQTT-3.2.2-3].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session_present: Option<usize>,
+    /// `takeover`: from sending CONNECT to the new node until its CONNACK.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub takeover_connack_us: Option<LatencyReport>,
+    /// `takeover`: from sending CONNECT to the new node until the old node closed the old
+    /// connection (DISCONNECT or end of stream, whichever came first).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub takeover_old_closed_us: Option<LatencyReport>,
     /// The tool's CPU use.
     pub tool_cpu: ToolCpu,
     /// Number of client errors (failed connects, broken connections, protocol errors).
@@ -233,7 +256,7 @@ pub struct Report {
 }
 
 impl Report {
-    fn empty(params: Params, tool_cpu: ToolCpu) -> Report {
+    pub(crate) fn empty(params: Params, tool_cpu: ToolCpu) -> Report {
         Report {
             scenario: params.scenario,
             params,
@@ -261,6 +284,10 @@ impl Report {
             connects_per_s: None,
             connect_latency_us: None,
             closed_during_hold: None,
+            takeovers: None,
+            session_present: None,
+            takeover_connack_us: None,
+            takeover_old_closed_us: None,
             tool_cpu,
             error_count: 0,
             errors: Vec::new(),
@@ -270,13 +297,13 @@ impl Report {
 
 /// Collects error messages, keeping the first [`MAX_ERRORS`].
 #[derive(Debug, Default)]
-struct Errors {
-    count: usize,
-    first: Vec<String>,
+pub(crate) struct Errors {
+    pub(crate) count: usize,
+    pub(crate) first: Vec<String>,
 }
 
 impl Errors {
-    fn push(&mut self, what: impl std::fmt::Display) {
+    pub(crate) fn push(&mut self, what: impl std::fmt::Display) {
         self.count += 1;
         if self.first.len() < MAX_ERRORS {
             self.first.push(what.to_string());
@@ -354,8 +381,8 @@ fn topology(p: &Params) -> (Vec<PubPlan>, Vec<SubPlan>) {
                 .collect();
             (pubs, subs)
         }
-        Scenario::Pairs | Scenario::Conns => {
-            let n = if p.scenario == Scenario::Conns {
+        Scenario::Pairs | Scenario::Conns | Scenario::Takeover => {
+            let n = if p.scenario != Scenario::Pairs {
                 0
             } else {
                 p.publishers
@@ -379,10 +406,10 @@ fn topology(p: &Params) -> (Vec<PubPlan>, Vec<SubPlan>) {
 
 /// Runs the scenario in `params` against the broker at `addr`.
 pub async fn run(params: Params, addr: SocketAddr) -> Result<Report> {
-    if params.scenario == Scenario::Conns {
-        run_conns(params, addr).await
-    } else {
-        run_traffic(params, addr).await
+    match params.scenario {
+        Scenario::Conns => run_conns(params, addr).await,
+        Scenario::Takeover => crate::takeover::run_takeover(params, addr).await,
+        _ => run_traffic(params, addr).await,
     }
 }
 
@@ -417,6 +444,9 @@ async fn run_traffic(params: Params, addr: SocketAddr) -> Result<Report> {
     let keep_alive = params.keep_alive;
     let run_id = params.run_id.clone();
     let mut errors = Errors::default();
+    let sub_addr = params
+        .subscriber_port
+        .map_or(addr, |port| SocketAddr::new(addr.ip(), port));
 
     // Subscribers first, each confirmed by SUBACK, so that nothing published is missed.
     let filters: Vec<String> = sub_plans.iter().map(|s| s.filter.clone()).collect();
@@ -424,7 +454,8 @@ async fn run_traffic(params: Params, addr: SocketAddr) -> Result<Report> {
         let id = format!("hb-{run_id}-sub-{i}");
         let filter = filters[i].clone();
         async move {
-            let mut conn = Conn::connect(addr, version, &id, keep_alive, connect_timeout).await?;
+            let mut conn =
+                Conn::connect(sub_addr, version, &id, keep_alive, connect_timeout).await?;
             conn.subscribe(&filter, qos, connect_timeout).await?;
             Ok(conn)
         }
@@ -617,12 +648,12 @@ async fn run_traffic(params: Params, addr: SocketAddr) -> Result<Report> {
     Ok(report)
 }
 
-fn round1(x: f64) -> f64 {
+pub(crate) fn round1(x: f64) -> f64 {
     (x * 10.0).round() / 10.0
 }
 
 /// Latency histogram in nanoseconds, 1 ns to 100 s, 3 significant digits.
-fn new_histogram() -> Histogram<u64> {
+pub(crate) fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 100_000_000_000, 3).unwrap_or_else(|_| {
         // The bounds above are valid constants; fall back to an auto-resizing histogram.
         let mut h = Histogram::new(3).unwrap_or_else(|_| unreachable!("3 sigfigs is valid"));
