@@ -106,7 +106,11 @@ pub struct FileConfig {
     /// 3.x publishers are pushed back, since 3.x cannot refuse a publish. Every drop is counted
     /// (`halyard_messages_dropped_total{reason=queue_full_oldest\|queue_full\|queue_full_disconnect}`,
     /// `dropped` per client in `/api/v1/clients`) and logged with the client id: at once, then at
-    /// most one line per client every 10 s.
+    /// most one line per client every 10 s. Why `"drop_oldest"` by default: a telemetry
+    /// subscriber wants the latest readings rather than a backlog of stale ones, and one stuck
+    /// client (an offline logger subscribed to `#`) must never stall every publisher; the
+    /// queue stays bounded by `max_queued_messages` and `max_queued_bytes`. Pipelines that
+    /// would rather slow the publisher than lose choose `"pushback"` or `"reject"`.
     #[schemars(with = "String")]
     pub queue_full_policy: QueueFullPolicy,
     /// PUBLISH packets per second per connection (a one-second burst is allowed); 0 = no limit. A
