@@ -515,24 +515,21 @@ async fn follow_changes(coordinator: Arc<Coordinator>, events: mpsc::Sender<Even
 }
 
 fn cluster_event(coordinator: &Coordinator, node: NodeId, change: Change) -> Option<ClusterEvent> {
+    let added = matches!(change, Change::RouteAdded { .. });
     match change {
         Change::RouteAdded {
             filter,
             group,
             node: other,
-        } if other != node => Some(ClusterEvent::Route {
-            node: other,
-            filter: raw_filter(&RouteKey { filter, group }),
-            added: true,
-        }),
-        Change::RouteRemoved {
+        }
+        | Change::RouteRemoved {
             filter,
             group,
             node: other,
         } if other != node => Some(ClusterEvent::Route {
             node: other,
             filter: raw_filter(&RouteKey { filter, group }),
-            added: false,
+            added,
         }),
         Change::OwnerChanged {
             client_id,
