@@ -5,74 +5,27 @@
 //! memory of a second task per connection.
 
 use std::future::{pending, Future};
-use std::io::{self, Read};
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
-use std::time::Duration;
+use std::task::Poll;
 
 use bytes::BytesMut;
-use halyard_codec::{decode, encode, ConnAck, DecodeContext, Packet};
+use halyard_codec::{decode, DecodeContext, Packet};
 use halyard_core::ConnectionId;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tokio::time::{timeout, timeout_at, Instant};
-use tracing::{debug, info, warn, Span};
+use tracing::debug;
 
-use crate::auth::Security;
-use crate::auth_chain::Refused;
+use crate::connection_io::{
+    forward, linger, read_some, write_side, ReadEnd, TcpIo, IDLE_READ, MAX_RETAINED_BUFFER,
+};
+pub(crate) use crate::connection_settings::ConnectionSettings;
 use crate::dispatch::packet_name;
 use crate::event::Event;
-use crate::link::{batch_channel, Batch, BatchReceiver, BatchSender, Link, Shared};
-use crate::park::{Parked, Parker};
-
-/// Bytes reserved in the read buffer before a read while traffic flows (the previous read
-/// filled its room); the buffer grows beyond it only while a large packet is arriving.
-const READ_CHUNK: usize = 4096;
-
-/// The read size of a quiet connection. It waits for input holding no buffer (memory per idle
-/// connection is a budget: ~1 KB) and reads into this much stack, then keeps only what came:
-/// one system call for what a quiet client sends at once. A read that fills it is followed
-/// by reads of [`READ_CHUNK`] straight into the connection's buffer.
-const IDLE_READ: usize = 4096;
-
-/// A buffer that grew beyond this (for one large packet or a burst) is released once empty,
-/// instead of being kept for the life of the connection.
-const MAX_RETAINED_BUFFER: usize = 64 * 1024;
-
-/// After the broker closes a connection we read and discard what the peer still sends, for at
-/// most this long: closing a socket with unread input makes the kernel send RST, which can
-/// destroy our last packets (CONNACK with an error code, DISCONNECT) before the peer reads them.
-const LINGER: Duration = Duration::from_secs(1);
-
-/// Per-listener settings every connection task needs.
-#[derive(Debug)]
-pub(crate) struct ConnectionSettings {
-    /// Time allowed between accept and a complete CONNECT.
-    pub(crate) connect_timeout: Duration,
-    /// Largest packet the decoder accepts.
-    pub(crate) max_packet_size: u32,
-    /// Password database and ACL; CONNECTs are authenticated against it before they are
-    /// forwarded to the broker task.
-    pub(crate) security: Arc<Security>,
-    /// Where idle plain TCP connections park; `None` = they never park.
-    pub(crate) parker: Option<Arc<Parker>>,
-}
-
-/// Why the read side stopped.
-#[derive(Debug)]
-enum ReadEnd {
-    /// Orderly close by the peer.
-    Eof,
-    /// No complete CONNECT within the connect timeout.
-    ConnectTimeout,
-    /// The socket failed.
-    Failed(io::Error),
-    /// Asked to park while waiting for input between packets (only with parking).
-    Idle(DecodeContext),
-}
+use crate::handshake::{malformed, read_connect, take_reauth, Auth, Connected};
+use crate::link::{batch_channel, BatchReceiver, Link, Shared};
+use crate::park::Parked;
 
 /// What a connection holds until it ends and releases on drop (its listener slot, its count
 /// for shutdown); it moves with the connection when the connection parks.
@@ -179,77 +132,6 @@ fn serve_tcp(
                 }
             }
         }
-    }
-}
-
-/// A plain TCP socket as the connection task reads and writes it; the dispatcher writes to
-/// the same socket directly (see `Link::write_directly`), never at the same time.
-struct TcpIo<'a>(&'a TcpStream);
-
-impl AsyncRead for TcpIo<'_> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let socket = self.0;
-        loop {
-            std::task::ready!(socket.poll_read_ready(cx))?;
-            let room = buf.initialize_unfilled();
-            let mut drained = 0;
-            // A read shorter than the room took all the kernel had: the readiness is cleared
-            // now (by answering `WouldBlock` to `try_io`), which saves the read that would only
-            // return `WouldBlock`. Input arriving after it is a new edge, so it wakes us again.
-            let result = socket.try_io(Interest::READABLE, || {
-                match (&*socket2::SockRef::from(socket)).read(room) {
-                    Ok(read) if read > 0 && read < room.len() => {
-                        drained = read;
-                        Err(io::ErrorKind::WouldBlock.into())
-                    }
-                    result => result,
-                }
-            });
-            match result {
-                Ok(read) => {
-                    buf.advance(read);
-                    return Poll::Ready(Ok(()));
-                }
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock && drained > 0 => {
-                    buf.advance(drained);
-                    return Poll::Ready(Ok(()));
-                }
-                // Readiness was stale; `try_io` cleared it, so the next poll waits.
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(error) => return Poll::Ready(Err(error)),
-            }
-        }
-    }
-}
-
-impl AsyncWrite for TcpIo<'_> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let socket = self.0;
-        loop {
-            std::task::ready!(socket.poll_write_ready(cx))?;
-            match socket.try_write(buf) {
-                // Readiness was stale; `try_write` cleared it, so the next poll waits.
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
-                result => return Poll::Ready(result),
-            }
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        // The dispatcher may still hold the socket, so dropping ours would not send our FIN now.
-        Poll::Ready(socket2::SockRef::from(self.0).shutdown(std::net::Shutdown::Write))
     }
 }
 
@@ -395,152 +277,6 @@ where
     }
 }
 
-/// What the reader needs to authenticate the CONNECT.
-struct Auth {
-    /// The connection's own writer channel, to send a refusing CONNACK without the broker;
-    /// dropped once the CONNECT is accepted, so that the writer still notices when the
-    /// broker task is gone.
-    reply: Option<BatchSender>,
-    /// User name from the client certificate, if the listener uses it.
-    identity: Option<String>,
-    /// The client's address, for the HTTP hook.
-    peer: Option<SocketAddr>,
-}
-
-/// The reader's state the SCRAM exchange at CONNECT continues with.
-struct ConnectInput<'a, R> {
-    reader: &'a mut R,
-    buf: &'a mut BytesMut,
-    ctx: &'a DecodeContext,
-    room: &'a mut usize,
-    deadline: Instant,
-}
-
-/// Authenticates a CONNECT: a SCRAM-SHA-256 exchange when the CONNECT asks for one (reading
-/// the client's AUTH from `input`), else the source chain (`auth_chain.rs`; password hashes
-/// on a blocking thread). On refusal the CONNACK is queued to the writer with a close, the
-/// refusal is counted, and `None` is returned.
-async fn authenticate<R: AsyncRead + Unpin>(
-    mut connect: Box<halyard_codec::Connect>,
-    settings: &ConnectionSettings,
-    auth: &mut Auth,
-    conn: ConnectionId,
-    events: &mpsc::Sender<Event>,
-    input: ConnectInput<'_, R>,
-) -> Option<Box<halyard_codec::Connect>> {
-    let security = &settings.security;
-    let identity = auth.identity.take();
-    let version = connect.protocol;
-    if identity.is_none() && crate::enhanced_auth::wants_scram(security, &connect) {
-        return match scram_exchange(&mut connect, security, auth, input).await {
-            Ok(user) => {
-                security
-                    .track(conn, &connect, Default::default(), Some(user), events)
-                    .await;
-                auth.reply = None;
-                Some(connect)
-            }
-            Err(refused) => refuse(version, refused, auth, security),
-        };
-    }
-    if version.is_v5() && connect.properties.authentication_method.is_some() {
-        // Refused before any other check, so the client learns what is wrong.
-        let refused = Refused {
-            refusal: crate::auth::Refusal::BadMethod,
-            reason: "bad_auth_method",
-        };
-        return refuse(version, refused, auth, security);
-    }
-    if identity.is_none() && !security.checks_connect() && !security.tracks_connections() {
-        auth.reply = None;
-        return Some(connect);
-    }
-    match security
-        .admit(&mut connect, identity.as_deref(), auth.peer)
-        .await
-    {
-        Ok(admitted) => {
-            security.track(conn, &connect, admitted, None, events).await;
-            auth.reply = None;
-            Some(connect)
-        }
-        Err(refused) => refuse(version, refused, auth, security),
-    }
-}
-
-/// The SCRAM exchange at CONNECT (see `enhanced_auth.rs`): sends AUTH 0x18, reads the
-/// client's AUTH within the connect timeout, and returns the authenticated user.
-async fn scram_exchange<R: AsyncRead + Unpin>(
-    connect: &mut halyard_codec::Connect,
-    security: &Security,
-    auth: &mut Auth,
-    input: ConnectInput<'_, R>,
-) -> Result<String, Refused> {
-    let (state, challenge) = crate::enhanced_auth::connect_first(security, connect)?;
-    let mut wire = BytesMut::new();
-    encode(&challenge, connect.protocol, &mut wire)
-        .map_err(|_| Refused::not_authorized("scram_malformed"))?;
-    if let Some(reply) = &auth.reply {
-        let _ = reply.send(Batch {
-            wire,
-            written: None,
-            close: false,
-        });
-    }
-    let abandoned = Refused::not_authorized("scram_abandoned");
-    let answer = loop {
-        match decode(input.buf, input.ctx) {
-            Ok(Some(packet)) => break packet,
-            Ok(None) => {}
-            Err(_) => return Err(Refused::not_authorized("scram_malformed")),
-        }
-        match timeout_at(
-            input.deadline,
-            read_some(input.reader, input.buf, input.room),
-        )
-        .await
-        {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) | Err(_) => return Err(abandoned),
-        }
-    };
-    crate::enhanced_auth::connect_final(state, &answer, connect)
-}
-
-/// Queues the refusing CONNACK and a close to this connection's writer, and counts it.
-fn refuse(
-    version: halyard_codec::ProtocolVersion,
-    refused: Refused,
-    auth: &mut Auth,
-    security: &Security,
-) -> Option<Box<halyard_codec::Connect>> {
-    let code = refused.refusal.code(version.is_v5());
-    // The same words as the broker task's refusals (see `connection_log`).
-    let named = if version.is_v5() {
-        code.to_string()
-    } else {
-        format!("0x{:02X} {}", code.0, code.v3_connack_name())
-    };
-    info!(code = %named, reason = refused.reason, "client refused");
-    security.count_refusal(refused.reason);
-    let ack = Packet::ConnAck(ConnAck {
-        code,
-        ..ConnAck::default()
-    });
-    let mut wire = BytesMut::new();
-    if let Err(error) = encode(&ack, version, &mut wire) {
-        warn!(%error, "cannot encode the refusing CONNACK; closing without it");
-    }
-    if let Some(reply) = auth.reply.take() {
-        let _ = reply.send(Batch {
-            wire,
-            written: None,
-            close: true,
-        });
-    }
-    None
-}
-
 /// Reads and decodes until the peer goes away. Returns only when the connection is lost; after
 /// a decode error (or when the broker task is gone) it stops reading and waits for the write
 /// side to close the connection.
@@ -651,281 +387,16 @@ fn read_side<'a, R: AsyncRead + Unpin>(
     }
 }
 
-/// Handles the AUTH packets of a re-authentication (see `enhanced_auth.rs`) in order with
-/// the packets around them: those before each are forwarded first. Returns the packets
-/// after the last one handled, for the caller to forward.
-async fn take_reauth(
-    conn: ConnectionId,
-    settings: &ConnectionSettings,
-    events: &mpsc::Sender<Event>,
-    packets: Vec<Packet>,
-) -> Vec<Packet> {
-    let security = &settings.security;
-    let mut pending = Vec::new();
-    for packet in packets {
-        let Packet::Auth(auth) = &packet else {
-            pending.push(packet);
-            continue;
-        };
-        let step = crate::enhanced_auth::reauthenticate(security, conn, auth);
-        let Some(event) = crate::enhanced_auth::reauth_event(security, conn, step) else {
-            pending.push(packet);
-            continue;
-        };
-        if !pending.is_empty() {
-            let before = std::mem::take(&mut pending);
-            let _ = forward(
-                events,
-                Event::Packets {
-                    conn,
-                    packets: before,
-                },
-            )
-            .await;
-        }
-        let _ = forward(events, event).await;
-    }
-    pending
-}
-
-/// What the reader keeps from the pre-CONNECT phase.
-struct Connected {
-    /// Bytes read after the CONNECT that do not make a whole packet yet.
-    buf: BytesMut,
-    /// Framing fixed by the CONNECT.
-    ctx: DecodeContext,
-    /// Room to reserve before the next read.
-    room: usize,
-}
-
-/// Reads into `buf`, reserving `room` first, then sets `room` for the next read.
-async fn read_some<R: AsyncRead + Unpin>(
-    reader: &mut R,
-    buf: &mut BytesMut,
-    room: &mut usize,
-) -> Result<(), ReadEnd> {
-    loop {
-        let read = if *room == IDLE_READ {
-            std::future::poll_fn(|cx| {
-                // On the stack only for this poll: an idle connection's task holds no buffer.
-                let mut scratch = [std::mem::MaybeUninit::<u8>::uninit(); IDLE_READ];
-                let mut read = ReadBuf::uninit(&mut scratch);
-                std::task::ready!(Pin::new(&mut *reader).poll_read(cx, &mut read))?;
-                buf.extend_from_slice(read.filled());
-                Poll::Ready(Ok((read.filled().len(), IDLE_READ)))
-            })
-            .await
-        } else {
-            buf.reserve(*room);
-            let spare = buf.capacity() - buf.len();
-            reader.read_buf(buf).await.map(|read| (read, spare))
-        };
-        return match read {
-            Ok((0, _)) => Err(ReadEnd::Eof),
-            Ok((read, spare)) => {
-                *room = if read >= spare { READ_CHUNK } else { IDLE_READ };
-                Ok(())
-            }
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(error) => Err(ReadEnd::Failed(error)),
-        };
-    }
-}
-
-/// Sends `event` to the broker task; the future fails if the broker task is gone. The
-/// channel almost always has room, so the send future (over 200 bytes) is only built, on the
-/// heap, when it is full: inline, it would be part of every connection task for the
-/// connection's whole life.
-fn forward(events: &mpsc::Sender<Event>, event: Event) -> Forward<'_> {
-    match events.try_send(event) {
-        Ok(()) => Forward::Sent,
-        Err(mpsc::error::TrySendError::Full(event)) => {
-            Forward::Waiting(Box::pin(events.send(event)))
-        }
-        Err(mpsc::error::TrySendError::Closed(_)) => Forward::Closed,
-    }
-}
-
-/// The future of [`forward`].
-enum Forward<'a> {
-    /// Sent at once.
-    Sent,
-    /// The broker task is gone.
-    Closed,
-    /// Waiting for room in the channel.
-    Waiting(Pin<Box<dyn Future<Output = Result<(), mpsc::error::SendError<Event>>> + Send + 'a>>),
-}
-
-impl Future for Forward<'_> {
-    type Output = Result<(), ()>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.get_mut() {
-            Forward::Sent => Poll::Ready(Ok(())),
-            Forward::Closed => Poll::Ready(Err(())),
-            Forward::Waiting(send) => send.as_mut().poll(cx).map(|sent| sent.map_err(drop)),
-        }
-    }
-}
-
-/// Reports malformed input to the broker task, which closes the connection; never returns
-/// (the write side ends the task).
-async fn malformed(
-    conn: ConnectionId,
-    events: &mpsc::Sender<Event>,
-    error: halyard_codec::DecodeError,
-) -> ReadEnd {
-    info!(%error, "malformed input; the broker will close the connection");
-    // Ignored error: without a broker task the write side closes the connection.
-    let _ = forward(events, Event::DecodeError { conn, error }).await;
-    pending().await
-}
-
-/// The reader until the first CONNECT has been authenticated and forwarded (with whatever
-/// followed it in the same read). Until then, reads are bounded by the connect timeout.
-async fn read_connect<R: AsyncRead + Unpin>(
-    reader: &mut R,
-    conn: ConnectionId,
-    settings: &ConnectionSettings,
-    events: &mpsc::Sender<Event>,
-    shared: &Shared,
-    mut auth: Box<Auth>,
-) -> Result<Connected, ReadEnd> {
-    let connect_deadline = Instant::now() + settings.connect_timeout;
-    let mut ctx = DecodeContext {
-        version: None,
-        max_packet_size: settings.max_packet_size,
-    };
-    let mut buf = BytesMut::new();
-    let mut room = IDLE_READ;
-    loop {
-        shared.wait_unpaused().await;
-        timeout_at(connect_deadline, read_some(reader, &mut buf, &mut room))
-            .await
-            .map_err(|_elapsed| ReadEnd::ConnectTimeout)??;
-
-        let mut packets = Vec::new();
-        let failure = loop {
-            match decode(&mut buf, &ctx) {
-                Ok(Some(mut packet)) => {
-                    if let Packet::Connect(connect) = packet {
-                        // Only the first CONNECT fixes the version; a second one is a protocol
-                        // error for the broker to handle, not a reason to reframe.
-                        let first = ctx.version.is_none();
-                        if first {
-                            ctx.version = Some(connect.protocol);
-                            shared.set_version(connect.protocol);
-                            Span::current().record("client_id", connect.client_id.as_str());
-                        }
-                        packet = if first {
-                            let input = ConnectInput {
-                                reader: &mut *reader,
-                                buf: &mut buf,
-                                ctx: &ctx,
-                                room: &mut room,
-                                deadline: connect_deadline,
-                            };
-                            match authenticate(connect, settings, &mut auth, conn, events, input)
-                                .await
-                            {
-                                Some(connect) => Packet::Connect(connect),
-                                None => {
-                                    // The broker never saw this connection's CONNECT; it
-                                    // only has to forget the link.
-                                    let _ = events.send(Event::Lost { conn }).await;
-                                    return pending().await;
-                                }
-                            }
-                        } else {
-                            Packet::Connect(connect)
-                        };
-                    }
-                    debug!(packet = packet_name(&packet), "received");
-                    packets.push(packet);
-                }
-                Ok(None) => break None,
-                Err(error) => break Some(error),
-            }
-        };
-        if !packets.is_empty() && events.send(Event::Packets { conn, packets }).await.is_err() {
-            return pending().await;
-        }
-        if let Some(error) = failure {
-            return Err(malformed(conn, events, error).await);
-        }
-        if buf.is_empty() && (room == IDLE_READ || buf.capacity() > MAX_RETAINED_BUFFER) {
-            buf = BytesMut::new();
-        }
-        if ctx.version.is_some() {
-            return Ok(Connected { buf, ctx, room });
-        }
-    }
-}
-
-/// Writes batches from the broker, all ready batches with one `write_all`, until the broker
-/// closes the connection (or the broker task is gone). Returns an error if the socket fails.
-// Not an `async fn`: an `async fn` keeps each argument twice in its future (as received and
-// as the local it is moved into), an `async move` block once; per idle connection that was
-// about 100 bytes over the three functions.
-#[allow(clippy::manual_async_fn)]
-fn write_side<'a, W: AsyncWrite + Unpin + 'a>(
-    mut writer: W,
-    mut rx: BatchReceiver,
-    shared: &'a Shared,
-) -> impl Future<Output = io::Result<()>> + 'a {
-    async move {
-        // `None` means the broker task dropped our link without a Close: it has stopped.
-        // A receive takes everything queued, already encoded, as one buffer.
-        while let Some(batch) = rx.recv().await {
-            if let Some(notice) = batch.written {
-                // Reported as the batch is taken, so the broker reads the next page of a
-                // retained stream while this one is written: at most two pages wait here,
-                // since the next batch is taken only once this write is done. A task of its
-                // own, so the wait for room in the event channel is not part of every
-                // writer's future.
-                tokio::spawn(notice.send());
-            }
-            if !batch.wire.is_empty() {
-                writer.write_all(&batch.wire).await?;
-                // A no-op for TCP; TLS and WebSocket streams buffer until flushed.
-                writer.flush().await?;
-            }
-            rx.written();
-            shared
-                .queued_bytes
-                .fetch_sub(batch.wire.len(), std::sync::atomic::Ordering::Relaxed);
-            if batch.close {
-                break;
-            }
-        }
-        writer.shutdown().await
-    }
-}
-
-/// Reads and discards input until EOF, an error, or [`LINGER`] has passed (see there).
-async fn linger<R: AsyncRead + Unpin>(reader: &mut R) {
-    // On the heap: an array here would make every connection's task 1 KB larger.
-    let mut scratch = vec![0u8; 1024];
-    let drain = async {
-        loop {
-            match reader.read(&mut scratch).await {
-                Ok(0) => return,
-                Ok(_) => {}
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
-                Err(_) => return,
-            }
-        }
-    };
-    // Elapsing is the normal end for a peer that keeps its socket open.
-    let _ = timeout(LINGER, drain).await;
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use halyard_codec::{Connect, ProtocolVersion};
-    use tokio::io::AsyncReadExt;
+    use crate::connection_io::READ_CHUNK;
+    use crate::link::Batch;
+    use halyard_codec::{encode, Connect, ProtocolVersion};
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
+    use tokio::time::timeout;
 
     /// A connection task on a real loopback socket, with the test playing the broker task.
     struct Harness {
@@ -1185,6 +656,7 @@ mod tests {
 #[cfg(test)]
 mod size_tests {
     use super::*;
+    use std::time::Duration;
     use tracing::Instrument;
 
     /// Memory per idle connection is a budget (DESIGN.md section 3): the connection task's
