@@ -11,7 +11,6 @@ use crate::output::Output;
 use crate::registry::{ClaimOutcome, ClaimPoll, ClaimRequest};
 use crate::session::{Link, Session};
 use crate::timers::Timer;
-use crate::transfer::SessionState;
 
 impl Broker {
     pub(crate) fn reject_connect(
@@ -189,16 +188,15 @@ impl Broker {
         let lost = admitted.lost;
         match outcome {
             ClaimOutcome::Granted { epoch, session } => {
-                if lost {
-                    // The claim holds although its connection is gone: the session is this
-                    // node's now, so it is set up and then closed like any other.
-                    self.claims_lost_meanwhile(now, wall, conn, admitted, epoch, session);
-                    return;
-                }
                 if let Some(state) = session {
                     self.import_session(now, wall, *state, epoch);
                 }
                 self.finish_connect(now, conn, admitted, epoch);
+                if lost {
+                    // The claim holds although its connection is gone: the session is this
+                    // node's now, so it is set up and then closed like any other.
+                    return self.connection_lost(now, conn);
+                }
             }
             ClaimOutcome::Refused => {
                 if !lost {
@@ -210,22 +208,6 @@ impl Broker {
         for packet in held {
             self.handle_packet(now, conn, packet);
         }
-    }
-
-    fn claims_lost_meanwhile(
-        &mut self,
-        now: Instant,
-        wall: SystemTime,
-        conn: ConnectionId,
-        admitted: AdmittedConnect,
-        epoch: u64,
-        session: Option<Box<SessionState>>,
-    ) {
-        if let Some(state) = session {
-            self.import_session(now, wall, *state, epoch);
-        }
-        self.finish_connect(now, conn, admitted, epoch);
-        self.connection_lost(now, conn);
     }
 
     fn refuse_claim(&mut self, conn: ConnectionId, version: ProtocolVersion) {
