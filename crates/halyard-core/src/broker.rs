@@ -3,7 +3,8 @@
 //! Each concern lives in a module of its own that extends [`Broker`] with an `impl` block:
 //! `connect` (CONNECT, claims, takeover), `close` (disconnects, wills, session end),
 //! `publish` (inbound PUBLISH and QoS handshakes), `routing` (fan-out to sessions and
-//! nodes), `subscribe`, `retained_delivery`, `timers` and `persistence`.
+//! nodes), `forward_outbox` (what other nodes have yet to store), `subscribe`,
+//! `retained_delivery`, `timers` and `persistence`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use halyard_codec::Packet;
 use crate::authz::{AllowAll, Authorizer};
 use crate::config::BrokerConfig;
 use crate::connect::AdmittedConnect;
+use crate::forward_outbox::ForwardOutboxes;
 use crate::message::SessionKey;
 use crate::output::Output;
 use crate::pushback::Pushback;
@@ -89,6 +91,8 @@ pub struct Broker {
     pub(crate) pushback: Pushback,
     /// Topic access rules; [`AllowAll`] unless the server installs others (see `authz`).
     pub(crate) authorizer: Arc<dyn Authorizer>,
+    /// Forwards to other nodes kept until they are stored there (see `forward_outbox`).
+    pub(crate) outboxes: ForwardOutboxes,
 }
 
 impl Broker {
@@ -126,6 +130,7 @@ impl Broker {
             route_scratch: Vec::new(),
             pushback: Pushback::default(),
             authorizer: Arc::new(AllowAll),
+            outboxes: ForwardOutboxes::default(),
         }
     }
 

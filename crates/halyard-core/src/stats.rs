@@ -54,6 +54,9 @@ pub struct BrokerStats {
     ///
     /// [`Output::Forward`]: crate::Output::Forward
     pub forwarded: u64,
+    /// Forwards from other nodes dropped because this node had already stored them (a
+    /// replay after a reconnect or a restart).
+    pub duplicate_forwards: u64,
     /// Claims of a client id that were refused (CONNACK 0x88 / 0x03).
     pub claims_refused: u64,
     /// Reads of a queue from the store that failed; the messages stay queued on disk and

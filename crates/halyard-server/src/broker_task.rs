@@ -135,7 +135,7 @@ pub(crate) async fn run(
             } => dispatcher.sweep_idle(),
         }
         commit(&mut broker)?;
-        dispatcher.committed();
+        dispatcher.committed(&mut broker);
         broker.take_outputs_with(|outputs| dispatcher.dispatch(outputs));
         if broker.has_drops_to_report()
             && drops_logged.is_none_or(|at| at.elapsed() >= DROP_LOG_PERIOD)

@@ -232,7 +232,7 @@ impl Server {
         let Server {
             listeners,
             config,
-            broker,
+            mut broker,
             mut ops,
             mut transports,
         } = self;
@@ -255,7 +255,9 @@ impl Server {
             cluster: ops
                 .cluster
                 .clone()
-                .map(|coordinator| cluster::ClusterDriver::start(coordinator, event_tx.clone())),
+                .map(|coordinator| {
+                    cluster::ClusterDriver::start(coordinator, event_tx.clone(), &mut broker)
+                }),
             log_connections: config.log_connections,
         };
         let (stop_tx, stop_rx) = oneshot::channel();

@@ -14,10 +14,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use halyard_core::retained::{retained_key, RetainedScan, ScanStep};
 use halyard_core::store::{
-    DeliveryState, LoadedSession, LoadedState, RetainedPage, SessionRecord, Store, StoreError,
-    StoredDelivery, StoredMessage,
+    DeliveryState, LoadedOutbox, LoadedSession, LoadedState, PeerMark, RetainedPage,
+    SessionRecord, Store, StoreError, StoredDelivery, StoredForward, StoredMessage,
 };
-use halyard_core::SubscriptionEntry;
+use halyard_core::{NodeId, SubscriptionEntry};
 use redb::{
     Builder, Database, Durability, ReadableTable, ReadableTableMetadata, RepairSession,
     WriteTransaction,
@@ -25,14 +25,15 @@ use redb::{
 use tracing::{error, info, warn};
 
 use crate::format::{
-    decode_delivery, decode_retained, decode_session, decode_subscription, delivery_state,
-    encode_delivery, encode_retained, encode_session, encode_subscription, patch_delivery_state,
-    verify_retained,
+    decode_delivery, decode_forward, decode_retained, decode_session, decode_subscription,
+    delivery_state, encode_delivery, encode_forward, encode_retained, encode_session,
+    encode_subscription, patch_delivery_state, verify_retained,
 };
 use crate::redb_errors::{failed, is_corruption, panic_message, RedbResult};
 use crate::salvage::{copy_all, recover_unopenable};
 use crate::tables::{
-    CACHE_BYTES, DELIVERIES, INBOUND_QOS2, LEGACY_RETAINED, RETAINED, SESSIONS, SUBSCRIPTIONS,
+    CACHE_BYTES, DELIVERIES, FORWARDS, FORWARDS_ACKED, INBOUND_QOS2, LEGACY_RETAINED, PEER_MARKS,
+    RETAINED, SESSIONS, SUBSCRIPTIONS,
 };
 
 /// Name of the data file inside the configured directory.
@@ -221,6 +222,9 @@ fn open_database(path: &Path) -> Result<Database, OpenError> {
         txn.open_table(INBOUND_QOS2)?;
         txn.open_table(DELIVERIES)?;
         txn.open_table(RETAINED)?;
+        txn.open_table(FORWARDS)?;
+        txn.open_table(FORWARDS_ACKED)?;
+        txn.open_table(PEER_MARKS)?;
         let moved = migrate_retained(&txn)?;
         txn.commit()?;
         Ok(moved)
@@ -456,6 +460,7 @@ where
     }
     Ok(LoadedState {
         sessions: sessions.into_values().collect(),
+        ..LoadedState::default()
     })
 }
 
@@ -520,6 +525,75 @@ where
             Ok((delivery, _)) => out.push((seq, delivery)),
             Err(e) => {
                 error!(client = %client_id, seq, error = %e, "removing undecodable queued delivery: the message is lost");
+                bad.push(seq);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The outboxes and duplicate filters of the cluster's peer link, read at start-up. The
+/// forwards themselves stay on disk: only each outbox's bounds and size are taken.
+fn scan_links<F, A, M>(
+    forwards: &F,
+    acked: &A,
+    marks: &M,
+) -> Result<(BTreeMap<NodeId, LoadedOutbox>, Vec<PeerMark>), redb::Error>
+where
+    F: ReadableTable<(u64, u64), &'static [u8]>,
+    A: ReadableTable<u64, u64>,
+    M: ReadableTable<u64, (u64, u64)>,
+{
+    let mut outboxes: BTreeMap<NodeId, LoadedOutbox> = BTreeMap::new();
+    for entry in acked.iter()? {
+        let (dest, through) = entry?;
+        outboxes.entry(dest.value()).or_default().acked_through = through.value();
+    }
+    for entry in forwards.iter()? {
+        let (key, _) = entry?;
+        let (dest, seq) = key.value();
+        let outbox = outboxes.entry(dest).or_default();
+        outbox.last_seq = seq;
+        outbox.pending += 1;
+    }
+    let mut peer_marks = Vec::new();
+    for entry in marks.iter()? {
+        let (origin, mark) = entry?;
+        let (incarnation, seq) = mark.value();
+        peer_marks.push(PeerMark {
+            origin: origin.value(),
+            incarnation,
+            seq,
+        });
+    }
+    Ok((outboxes, peer_marks))
+}
+
+/// Up to `limit` decodable forwards for `dest` after `after`; undecodable ones go to `bad`.
+fn scan_forwards<T>(
+    table: &T,
+    dest: NodeId,
+    after: u64,
+    limit: usize,
+    bad: &mut Vec<u64>,
+) -> Result<Vec<(u64, StoredForward)>, redb::Error>
+where
+    T: ReadableTable<(u64, u64), &'static [u8]>,
+{
+    let mut out = Vec::new();
+    let Some(from) = after.checked_add(1) else {
+        return Ok(out);
+    };
+    for entry in table.range((dest, from)..=(dest, u64::MAX))? {
+        if out.len() >= limit {
+            break;
+        }
+        let (key, value) = entry?;
+        let seq = key.value().1;
+        match decode_forward(dest, seq, value.value()) {
+            Ok(forward) => out.push((seq, forward)),
+            Err(e) => {
+                error!(dest, seq, error = %e, "removing undecodable forward: the message is lost for that node");
                 bad.push(seq);
             }
         }
@@ -724,7 +798,13 @@ impl RedbStore {
             let deliveries = txn.open_table(DELIVERIES)?;
             let retained = txn.open_table(RETAINED)?;
             let tables = (&sessions, &subscriptions, &qos2, &deliveries, &retained);
-            scan(tables, report, doomed)
+            let mut state = scan(tables, report, doomed)?;
+            (state.outboxes, state.peer_marks) = scan_links(
+                &txn.open_table(FORWARDS)?,
+                &txn.open_table(FORWARDS_ACKED)?,
+                &txn.open_table(PEER_MARKS)?,
+            )?;
+            Ok(state)
         }));
         match attempt {
             Ok(Ok(state)) => Ok(state),
@@ -816,7 +896,13 @@ impl Store for RedbStore {
                     let deliveries = txn.open_table(DELIVERIES)?;
                     let retained = txn.open_table(RETAINED)?;
                     let tables = (&sessions, &subscriptions, &qos2, &deliveries, &retained);
-                    scan(tables, &mut report, &mut doomed)
+                    let mut state = scan(tables, &mut report, &mut doomed)?;
+                    (state.outboxes, state.peer_marks) = scan_links(
+                        &txn.open_table(FORWARDS)?,
+                        &txn.open_table(FORWARDS_ACKED)?,
+                        &txn.open_table(PEER_MARKS)?,
+                    )?;
+                    Ok(state)
                 };
                 scanned().or_store("loading")?
             }
@@ -1081,6 +1167,75 @@ impl Store for RedbStore {
     /// Commits the open batch: durably, or not, per the [`FsyncPolicy`]. With nothing written
     /// it still makes earlier non-durable commits durable when the policy says it is time.
     /// After an error the batch is discarded.
+    fn put_forward(&mut self, dest: NodeId, seq: u64, forward: &StoredForward) {
+        const CONTEXT: &str = "writing a forward";
+        match encode_forward(dest, seq, forward) {
+            Ok(value) => self.write(CONTEXT, |txn| {
+                txn.open_table(FORWARDS)?.insert((dest, seq), value.as_slice())?;
+                Ok(())
+            }),
+            Err(e) => self.fail(CONTEXT, e),
+        }
+    }
+
+    fn ack_forwards(&mut self, dest: NodeId, through: u64) {
+        self.write("removing acknowledged forwards", |txn| {
+            txn.open_table(FORWARDS)?
+                .retain_in((dest, 0)..=(dest, through), |_, _| false)?;
+            let mut acked = txn.open_table(FORWARDS_ACKED)?;
+            let previous = acked.get(dest)?.map_or(0, |seq| seq.value());
+            if through > previous {
+                acked.insert(dest, through)?;
+            }
+            Ok(())
+        });
+    }
+
+    fn read_forwards(
+        &mut self,
+        dest: NodeId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, StoredForward)>, StoreError> {
+        const CONTEXT: &str = "reading an outbox";
+        let mut bad = Vec::new();
+        let mut read = || -> Result<_, redb::Error> {
+            match &self.txn {
+                Some(txn) => {
+                    let table = txn.open_table(FORWARDS)?;
+                    scan_forwards(&table, dest, after, limit, &mut bad)
+                }
+                None => {
+                    let txn = self.db.begin_read()?;
+                    let table = txn.open_table(FORWARDS)?;
+                    scan_forwards(&table, dest, after, limit, &mut bad)
+                }
+            }
+        };
+        let out = read().map_err(|e| {
+            error!(dest, after, error = %e, "{CONTEXT} failed; its forwards stay on disk and are read again later");
+            failed(CONTEXT)(e)
+        })?;
+        if !bad.is_empty() {
+            self.write("removing undecodable forwards", |txn| {
+                let mut table = txn.open_table(FORWARDS)?;
+                for seq in &bad {
+                    table.remove((dest, *seq))?;
+                }
+                Ok(())
+            });
+        }
+        Ok(out)
+    }
+
+    fn put_peer_mark(&mut self, mark: &PeerMark) {
+        self.write("writing a peer mark", |txn| {
+            txn.open_table(PEER_MARKS)?
+                .insert(mark.origin, (mark.incarnation, mark.seq))?;
+            Ok(())
+        });
+    }
+
     fn commit(&mut self) -> Result<(), StoreError> {
         if let Some(e) = self.failure.take() {
             self.txn = None;

@@ -5,7 +5,7 @@
 //!
 //! Raft calls run in tasks of their own, so the broker task never waits on the network.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -23,6 +23,9 @@ use crate::event::Event;
 /// How long a node that won a claim waits for the previous owner to hand the session over
 /// before it resumes with what raft holds (the subscriptions of a persistent session).
 const TRANSFER_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Stored forwards read from the store at a time when a destination's lane catches up.
+const REFILL_BATCH: usize = 256;
 
 /// How long a SUBACK waits for its routes to be applied by every reachable node once
 /// committed, so that a publish made after it on any node reaches the subscriber.
@@ -65,12 +68,21 @@ pub(crate) enum ClusterEvent {
         /// The new owner.
         new_owner: NodeId,
     },
+    /// A peer stored every frame this node sent it up to link sequence number `seq`.
+    Acked {
+        /// The peer.
+        dest: NodeId,
+        /// The link sequence number.
+        seq: u64,
+    },
     /// A publish another node forwarded here.
     Forwarded {
         /// The sender, to acknowledge once stored.
         origin: NodeId,
         /// Its sequence number on the link.
         seq: u64,
+        /// The sender's incarnation and outbox sequence number, for a stored forward.
+        stored_as: Option<(u64, u64)>,
         /// The message.
         message: Message,
         /// Share groups this node serves for it.
@@ -120,6 +132,20 @@ fn lock(transfers: &SharedTransfers) -> std::sync::MutexGuard<'_, Transfers> {
     transfers.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// One destination's stored forwards on their way through the peer link.
+#[derive(Debug, Default)]
+struct Lane {
+    /// (link sequence number, outbox sequence number) of the stored forwards in the link's
+    /// queue, oldest first: an ack of the first number acknowledges the second.
+    in_link: VecDeque<(u64, u64)>,
+    /// The highest outbox sequence number handed to the link (or acknowledged).
+    sent_through: u64,
+    /// Stored forwards above `sent_through` wait in the store, because the link's queue was
+    /// full or the node has just started; they are read back in order as room returns, and
+    /// newer ones are not sent ahead of them.
+    behind: bool,
+}
+
 /// The cluster as the broker task uses it.
 pub(crate) struct ClusterDriver {
     coordinator: Arc<Coordinator>,
@@ -134,6 +160,8 @@ pub(crate) struct ClusterDriver {
     /// Forwards handed to the core since the last commit: acknowledged to their senders
     /// once it is durable.
     to_ack: Vec<(NodeId, u64)>,
+    /// Per destination, the stored forwards in flight (see [`Lane`]).
+    lanes: BTreeMap<NodeId, Lane>,
 }
 
 impl std::fmt::Debug for ClusterDriver {
@@ -160,8 +188,13 @@ fn raw_filter(key: &RouteKey) -> String {
 }
 
 impl ClusterDriver {
-    /// Starts following the coordinator's change feed and peer link, feeding `events`.
-    pub(crate) fn start(coordinator: Arc<Coordinator>, events: mpsc::Sender<Event>) -> Self {
+    /// Starts following the coordinator's change feed and peer link, feeding `events`, and
+    /// resumes sending what `broker`'s outboxes hold.
+    pub(crate) fn start(
+        coordinator: Arc<Coordinator>,
+        events: mpsc::Sender<Event>,
+        broker: &mut Broker,
+    ) -> Self {
         let node = coordinator.node_id();
         let transfers = SharedTransfers::default();
         tokio::spawn(follow_changes(Arc::clone(&coordinator), events.clone()));
@@ -172,12 +205,25 @@ impl ClusterDriver {
                 events.clone(),
                 Arc::clone(&transfers),
             ));
-            tokio::spawn(drain_acks(receivers.acked));
+            tokio::spawn(follow_acks(receivers.acked, events.clone()));
         }
         let seq_base = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(1, |since| u64::try_from(since.as_micros()).unwrap_or(1));
-        ClusterDriver {
+        broker.set_forward_seq_floor(seq_base);
+        let lanes = broker
+            .outbox_backlogs()
+            .into_iter()
+            .map(|(dest, acked)| {
+                let lane = Lane {
+                    in_link: VecDeque::new(),
+                    sent_through: acked,
+                    behind: true,
+                };
+                (dest, lane)
+            })
+            .collect();
+        let mut driver = ClusterDriver {
             coordinator,
             events,
             node,
@@ -185,6 +231,84 @@ impl ClusterDriver {
             seq_base,
             transfers,
             to_ack: Vec::new(),
+            lanes,
+        };
+        driver.refill(broker);
+        driver
+    }
+
+    /// Sends stored forwards of the destinations that are behind, in order, while their
+    /// link queues have room.
+    fn refill(&mut self, broker: &mut Broker) {
+        let behind: Vec<NodeId> = self
+            .lanes
+            .iter()
+            .filter(|(_, lane)| lane.behind)
+            .map(|(dest, _)| *dest)
+            .collect();
+        for dest in behind {
+            while self.coordinator.link().has_room(dest) {
+                let after = self.lanes.get(&dest).map_or(0, |lane| lane.sent_through);
+                // A failed read is counted by the core; the lane stays behind and tries again.
+                let Some(batch) = broker.read_forwards(dest, after, REFILL_BATCH) else {
+                    break;
+                };
+                let exhausted = batch.len() < REFILL_BATCH;
+                let mut all_sent = true;
+                for forward in batch {
+                    if !self.send_stored(dest, forward.seq, &forward.message, &forward.groups) {
+                        all_sent = false;
+                        break;
+                    }
+                }
+                if !all_sent {
+                    break;
+                }
+                if exhausted {
+                    if let Some(lane) = self.lanes.get_mut(&dest) {
+                        lane.behind = false;
+                    }
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Hands a stored forward to the link if its queue has room; otherwise the lane falls
+    /// behind and the forward waits in the store. True if sent.
+    fn send_stored(
+        &mut self,
+        dest: NodeId,
+        stored_seq: u64,
+        message: &Message,
+        groups: &[Arc<str>],
+    ) -> bool {
+        if !self.coordinator.link().has_room(dest) {
+            self.lanes.entry(dest).or_default().behind = true;
+            return false;
+        }
+        let payload = match wire::encode_forward(message, groups, Some(stored_seq), Clocks::now()) {
+            Ok(payload) => payload,
+            Err(error) => {
+                // Not encodable now is not encodable later: skip it, loudly.
+                warn!(dest, %error, topic = %message.topic, "stored forward not encodable; skipped");
+                self.lanes.entry(dest).or_default().sent_through = stored_seq;
+                return true;
+            }
+        };
+        let link_seq = self.seq_for(dest);
+        let lane = self.lanes.entry(dest).or_default();
+        match self.coordinator.link().send(dest, link_seq, payload) {
+            Ok(()) => {
+                lane.in_link.push_back((link_seq, stored_seq));
+                lane.sent_through = stored_seq;
+                true
+            }
+            Err(error) => {
+                debug!(dest, %error, "stored forward waits in the outbox");
+                lane.behind = true;
+                false
+            }
         }
     }
 
@@ -218,11 +342,25 @@ impl ClusterDriver {
                 node,
                 message,
                 groups,
-            } => match wire::encode_forward(message, groups, Clocks::now()) {
+                seq: Some(stored_seq),
+            } => {
+                let lane = self.lanes.entry(*node).or_default();
+                // Behind, it is read back from the store in its turn; at or below
+                // `sent_through`, a refill already sent it.
+                if !lane.behind && *stored_seq > lane.sent_through {
+                    self.send_stored(*node, *stored_seq, message, groups);
+                }
+            }
+            Output::Forward {
+                node,
+                message,
+                groups,
+                seq: None,
+            } => match wire::encode_forward(message, groups, None, Clocks::now()) {
                 Ok(payload) => {
                     let seq = self.seq_for(*node);
                     if let Err(error) = self.coordinator.link().send(*node, seq, payload) {
-                        warn!(node, %error, topic = %message.topic, "forward not sent");
+                        debug!(node, %error, topic = %message.topic, "QoS 0 forward dropped");
                     }
                 }
                 Err(error) => warn!(%error, topic = %message.topic, "forward not encoded"),
@@ -286,21 +424,38 @@ impl ClusterDriver {
             ClusterEvent::Forwarded {
                 origin,
                 seq,
+                stored_as,
                 message,
                 groups,
             } => {
-                broker.handle_forward(clocks.now, origin, message, &groups);
+                broker.handle_forward(clocks.now, origin, stored_as, message, &groups);
                 self.to_ack.push((origin, seq));
+            }
+            ClusterEvent::Acked { dest, seq } => {
+                let lane = self.lanes.entry(dest).or_default();
+                let mut stored_through = None;
+                while let Some(&(link_seq, stored_seq)) = lane.in_link.front() {
+                    if link_seq > seq {
+                        break;
+                    }
+                    stored_through = Some(stored_seq);
+                    lane.in_link.pop_front();
+                }
+                if let Some(through) = stored_through {
+                    broker.forwards_acked(dest, through);
+                }
             }
             ClusterEvent::Retained(message) => broker.apply_retained(message),
         }
     }
 
-    /// The broker's state is durable: acknowledge the forwards it took.
-    pub(crate) fn committed(&mut self) {
+    /// The broker's state is durable: acknowledge the forwards it took, and send stored
+    /// forwards that waited for room in the link.
+    pub(crate) fn committed(&mut self, broker: &mut Broker) {
         for (origin, seq) in self.to_ack.drain(..) {
             self.coordinator.link().ack(origin, seq);
         }
+        self.refill(broker);
     }
 
     fn claim(&self, request: ClaimRequest) {
@@ -577,10 +732,15 @@ async fn follow_link(
 ) {
     while let Some(delivery) = deliveries.recv().await {
         match wire::decode_peer(&delivery.payload, Clocks::now()) {
-            Ok(Received::Forward { message, groups }) => {
+            Ok(Received::Forward {
+                message,
+                groups,
+                stored_as,
+            }) => {
                 let event = ClusterEvent::Forwarded {
                     origin: delivery.origin,
                     seq: delivery.seq,
+                    stored_as: stored_as.map(|seq| (delivery.origin_incarnation, seq)),
                     message,
                     groups,
                 };
@@ -600,9 +760,21 @@ async fn follow_link(
     }
 }
 
-/// Acknowledged forwards: nothing is held for them yet beyond the link's own queue.
-async fn drain_acks(mut acked: mpsc::Receiver<halyard_cluster::Acked>) {
-    while acked.recv().await.is_some() {}
+/// Acknowledgements of what this node sent, for the broker task: stored forwards leave
+/// their outbox.
+async fn follow_acks(
+    mut acked: mpsc::Receiver<halyard_cluster::Acked>,
+    events: mpsc::Sender<Event>,
+) {
+    while let Some(ack) = acked.recv().await {
+        let event = ClusterEvent::Acked {
+            dest: ack.dest,
+            seq: ack.seq,
+        };
+        if events.send(Event::Cluster(event)).await.is_err() {
+            return;
+        }
+    }
 }
 
 #[cfg(test)]

@@ -37,6 +37,9 @@ pub(crate) enum PeerMessage {
         message: WireMessage,
         /// Share groups (`$share/{group}/{filter}`) the receiver serves for it.
         groups: Vec<String>,
+        /// Its sequence number in the sender's outbox (QoS 1/2): the receiver's duplicate
+        /// filter across restarts.
+        stored_as: Option<u64>,
     },
     /// A session moved to the receiver, which claimed it under `epoch`.
     Session {
@@ -395,11 +398,13 @@ impl WireSession {
 pub(crate) fn encode_forward(
     message: &Message,
     groups: &[Arc<str>],
+    stored_as: Option<u64>,
     clocks: Clocks,
 ) -> Result<Bytes, WireError> {
     let frame = PeerMessage::Forward {
         message: WireMessage::of_message(message, clocks)?,
         groups: groups.iter().map(|group| group.to_string()).collect(),
+        stored_as,
     };
     Ok(postcard::to_stdvec(&frame)?.into())
 }
@@ -422,6 +427,8 @@ pub(crate) enum Received {
         message: Message,
         /// Share groups this node serves for it.
         groups: Vec<Arc<str>>,
+        /// Its sequence number in the sender's outbox, if stored there.
+        stored_as: Option<u64>,
     },
     /// A session for this node's claim under `epoch`.
     Session {
@@ -435,9 +442,14 @@ pub(crate) enum Received {
 /// Decodes a peer-link payload.
 pub(crate) fn decode_peer(payload: &[u8], clocks: Clocks) -> Result<Received, WireError> {
     match postcard::from_bytes::<PeerMessage>(payload)? {
-        PeerMessage::Forward { message, groups } => Ok(Received::Forward {
+        PeerMessage::Forward {
+            message,
+            groups,
+            stored_as,
+        } => Ok(Received::Forward {
             message: message.to_message(clocks)?,
             groups: groups.into_iter().map(Arc::from).collect(),
+            stored_as,
         }),
         PeerMessage::Session { epoch, state } => Ok(Received::Session {
             epoch,
@@ -553,13 +565,15 @@ mod tests {
             publisher: Some(4),
         };
         let groups: Vec<Arc<str>> = vec!["$share/g/plant/#".into()];
-        let bytes = encode_forward(&message, &groups, clocks).expect("encodes");
+        let bytes = encode_forward(&message, &groups, Some(77), clocks).expect("encodes");
         match decode_peer(&bytes, clocks).expect("decodes") {
             Received::Forward {
                 message: back,
                 groups: back_groups,
+                stored_as,
             } => {
                 assert_eq!(back_groups, groups);
+                assert_eq!(stored_as, Some(77));
                 assert_eq!(
                     (&back.topic, &back.payload, back.qos, back.retain),
                     (
@@ -595,6 +609,7 @@ mod tests {
                 expires_at_ms: None,
             },
             groups: vec![],
+            stored_as: None,
         })
         .expect("encodes");
         assert!(decode_peer(&bad_qos, clocks).is_err());
