@@ -11,6 +11,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
 use crate::applied_everywhere::serve_wait_applied;
+use crate::consumption::Consumption;
 use crate::command::{Command, Response};
 use crate::frame::{
     self, Channel, FramedStream, Hello, ProposeError, RaftReply, RaftRequest, Welcome,
@@ -32,6 +33,8 @@ pub(crate) struct Acceptor {
     pub(crate) raft: Option<Raft>,
     pub(crate) link: Option<LinkInbound>,
     pub(crate) counters: Arc<Counters>,
+    /// What this node's app has taken from the change feed.
+    pub(crate) consumption: Consumption,
 }
 
 /// Accepts until the task is aborted; aborting it also ends every connection it serves.
@@ -76,7 +79,9 @@ async fn serve(stream: TcpStream, acceptor: Arc<Acceptor>) {
         return;
     }
     let result = match (hello.channel, &acceptor.raft, &acceptor.link) {
-        (Channel::Raft, Some(raft), _) => serve_raft(&mut connection, raft).await,
+        (Channel::Raft, Some(raft), _) => {
+            serve_raft(&mut connection, raft, &acceptor.consumption).await
+        }
         (Channel::Link, _, Some(link)) => {
             link.serve(connection, hello.from, hello.incarnation).await
         }
@@ -129,7 +134,11 @@ impl Acceptor {
     }
 }
 
-async fn serve_raft(connection: &mut FramedStream, raft: &Raft) -> io::Result<()> {
+async fn serve_raft(
+    connection: &mut FramedStream,
+    raft: &Raft,
+    consumption: &Consumption,
+) -> io::Result<()> {
     while let Some(request) = frame::receive::<RaftRequest>(connection).await? {
         let reply = match request {
             RaftRequest::AppendEntries(rpc) => {
@@ -144,7 +153,7 @@ async fn serve_raft(connection: &mut FramedStream, raft: &Raft) -> io::Result<()
                 RaftReply::Announced(record_incarnation(raft, node, incarnation).await)
             }
             RaftRequest::WaitApplied { index, wait_ms } => {
-                match serve_wait_applied(raft, index, wait_ms).await {
+                match serve_wait_applied(raft, consumption, index, wait_ms).await {
                     Ok(applied) => RaftReply::Applied(applied),
                     // Shutting down: the caller takes a closed connection as unreachable.
                     Err(_) => return Ok(()),

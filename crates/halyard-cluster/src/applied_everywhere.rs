@@ -16,6 +16,7 @@ use std::time::Duration;
 use openraft::RaftMetrics;
 use tokio::time::Instant;
 
+use crate::consumption::Consumption;
 use crate::error::ClusterError;
 use crate::frame::{RaftReply, RaftRequest};
 use crate::metrics::{bump, Counters};
@@ -33,6 +34,7 @@ const MAX_SERVED_WAIT: Duration = Duration::from_secs(60);
 pub(crate) struct AppliedEverywhere {
     local: NodeId,
     raft: Raft,
+    consumption: Consumption,
     counters: Arc<Counters>,
     peers: BTreeMap<NodeId, Arc<Peer>>,
 }
@@ -97,6 +99,7 @@ impl AppliedEverywhere {
         local: LocalNode,
         peers: &[String],
         raft: Raft,
+        consumption: Consumption,
         counters: Arc<Counters>,
     ) -> Self {
         let peers = (1..)
@@ -115,6 +118,7 @@ impl AppliedEverywhere {
         Self {
             local: local.id,
             raft,
+            consumption,
             counters,
             peers,
         }
@@ -137,7 +141,7 @@ impl AppliedEverywhere {
             .into_iter()
             .map(|id| self.wait_peer(id, index, deadline, limit / 2));
         let (local, peers) = tokio::join!(
-            wait_applied(&self.raft, index, limit),
+            wait_applied(&self.raft, &self.consumption, index, limit),
             futures_util::future::join_all(peers)
         );
         local?;
@@ -196,13 +200,15 @@ impl AppliedEverywhere {
     }
 }
 
-/// Waits until this node has applied `index`.
+/// Waits until this node has applied `index` (and its app has taken it in, see
+/// `consumption`).
 pub(crate) async fn wait_applied(
     raft: &Raft,
+    consumption: &Consumption,
     index: u64,
     limit: Duration,
 ) -> Result<(), ClusterError> {
-    match applied_within(raft, index, limit).await? {
+    match applied_within(raft, consumption, index, limit).await? {
         applied if applied >= index => Ok(()),
         _ => Err(ClusterError::Timeout),
     }
@@ -212,15 +218,42 @@ pub(crate) async fn wait_applied(
 /// or when `wait_ms` (capped) has passed.
 pub(crate) async fn serve_wait_applied(
     raft: &Raft,
+    consumption: &Consumption,
     index: u64,
     wait_ms: u64,
 ) -> Result<u64, ClusterError> {
     let limit = Duration::from_millis(wait_ms).min(MAX_SERVED_WAIT);
-    applied_within(raft, index, limit).await
+    applied_within(raft, consumption, index, limit).await
 }
 
-/// The applied index once it reaches `index`, or as it is when `limit` has passed.
-async fn applied_within(raft: &Raft, index: u64, limit: Duration) -> Result<u64, ClusterError> {
+/// The applied index once it reaches `index` and the app has taken in every change up to
+/// it, or when `limit` has passed, the applied index as it is (below `index` if the app
+/// still lags).
+async fn applied_within(
+    raft: &Raft,
+    consumption: &Consumption,
+    index: u64,
+    limit: Duration,
+) -> Result<u64, ClusterError> {
+    let started = Instant::now();
+    let applied = raft_applied_within(raft, index, limit).await?;
+    if applied < index {
+        return Ok(applied);
+    }
+    let left = limit.saturating_sub(started.elapsed());
+    if consumption.wait_caught_up(index, left).await {
+        Ok(applied)
+    } else {
+        Ok(index - 1)
+    }
+}
+
+/// Raft's applied index once it reaches `index`, or as it is when `limit` has passed.
+async fn raft_applied_within(
+    raft: &Raft,
+    index: u64,
+    limit: Duration,
+) -> Result<u64, ClusterError> {
     let mut metrics = raft.metrics();
     let wait = async {
         loop {

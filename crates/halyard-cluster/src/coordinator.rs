@@ -13,6 +13,7 @@ use tokio::task::AbortHandle;
 
 use crate::acceptor::{self, Acceptor};
 use crate::applied_everywhere::{wait_applied, AppliedEverywhere};
+use crate::consumption::Consumption;
 use crate::batcher::{Batcher, Pending};
 use crate::command::{Claim, ClaimOutcome, Command, Response, SubscriptionChange};
 use crate::config::{ClusterConfig, Listen};
@@ -66,6 +67,7 @@ pub struct Coordinator {
     link: PeerLink,
     link_receivers: Mutex<Option<LinkReceivers>>,
     applied_everywhere: AppliedEverywhere,
+    consumption: Consumption,
 }
 
 impl Coordinator {
@@ -88,6 +90,7 @@ impl Coordinator {
         let state_machine = StateMachineStore::open(db, config.retained_cap_bytes)
             .map_err(|e| ClusterError::Storage(e.to_string()))?;
         let applier = state_machine.applier();
+        let consumption = lock(&applier).consumption.clone();
 
         let raft_config = openraft::Config {
             cluster_name: "halyard".into(),
@@ -130,6 +133,7 @@ impl Coordinator {
             raft: Some(raft.clone()),
             link: Some(link.inbound()),
             counters: counters.clone(),
+            consumption: consumption.clone(),
         });
         tasks.push(tokio::spawn(acceptor::run(listener, acceptor)).abort_handle());
 
@@ -186,7 +190,13 @@ impl Coordinator {
             tokio::spawn(count_leader_changes(raft.clone(), counters.clone())).abort_handle(),
         );
         let applied_everywhere =
-            AppliedEverywhere::new(local, &config.peers, raft.clone(), counters.clone());
+            AppliedEverywhere::new(
+                local,
+                &config.peers,
+                raft.clone(),
+                consumption.clone(),
+                counters.clone(),
+            );
 
         Ok(Coordinator {
             local,
@@ -202,6 +212,7 @@ impl Coordinator {
             link,
             link_receivers: Mutex::new(Some(link_receivers)),
             applied_everywhere,
+            consumption,
         })
     }
 
@@ -383,7 +394,15 @@ impl Coordinator {
 
     /// Waits until this node has applied `index` (e.g. a commit made through another node).
     pub async fn wait_applied(&self, index: u64, limit: Duration) -> Result<(), ClusterError> {
-        wait_applied(&self.raft, index, limit).await
+        wait_applied(&self.raft, &self.consumption, index, limit).await
+    }
+
+    /// The app has handled every change of the feed up to `index` (or resynced from a mirror
+    /// of that index). From the first report on, the applied-index waits here and on other
+    /// nodes count an entry as applied on this node only once its changes are consumed, so a
+    /// SUBACK waits until every broker routes the new subscription, not merely every raft.
+    pub fn consumed(&self, index: u64) {
+        self.consumption.consumed(index);
     }
 
     /// Waits until this node and every reachable voter have applied `index`, so that what

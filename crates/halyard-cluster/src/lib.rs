@@ -22,6 +22,7 @@ mod applied_everywhere;
 mod batcher;
 mod command;
 mod config;
+mod consumption;
 mod coordinator;
 mod error;
 mod frame;

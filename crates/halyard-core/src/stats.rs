@@ -54,6 +54,9 @@ pub struct BrokerStats {
     ///
     /// [`Output::Forward`]: crate::Output::Forward
     pub forwarded: u64,
+    /// Messages of a session handed over too late (after its new owner resumed without it)
+    /// that found no room in the resumed session's queue.
+    pub late_transfer_dropped: u64,
     /// Forwards from other nodes dropped because this node had already stored them (a
     /// replay after a reconnect or a restart).
     pub duplicate_forwards: u64,

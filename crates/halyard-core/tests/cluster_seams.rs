@@ -767,3 +767,80 @@ fn a_replayed_forward_is_dropped_after_the_receiver_restarts() {
     }
     assert_eq!(node.broker.stats().duplicate_forwards, 2);
 }
+
+/// A session handed over only after the new owner gave up waiting (the client resumed from
+/// what raft holds) joins the live session: every message queued or unacknowledged on the
+/// old owner reaches the client, once.
+#[test]
+fn a_session_handed_over_late_joins_the_resumed_session() {
+    let dir_a = tempfile::tempdir().expect("tempdir");
+    let dir_b = tempfile::tempdir().expect("tempdir");
+    let now = Instant::now();
+    let mut a = Node::open(dir_a.path(), cluster_parts(), now);
+    let mut b = Node::open(dir_b.path(), cluster_parts(), now);
+    a.send(1, connect(V5, "slowpoke", false, Some(3600)));
+    a.granted(1, 10);
+    a.send(1, subscribe("work/#", QoS::AtLeastOnce, 1));
+    a.send(2, connect(V5, "feeder", true, None));
+    a.granted(2, 11);
+    a.take(1);
+    for id in 1..=40u16 {
+        a.send(2, publish("work/item", b"w", QoS::AtLeastOnce, id));
+    }
+    assert_eq!(publishes(&a.take(1)).len(), 32, "the in-flight window");
+    let state = a
+        .broker
+        .fence(a.now, SystemTime::now(), "slowpoke", 12)
+        .expect("A held it under epoch 10");
+
+    // B resumed without the hand-over: only the subscription, as raft holds it.
+    b.send(5, connect(V5, "slowpoke", false, Some(3600)));
+    b.claims.pop_front().expect("claim");
+    let from_raft = SessionState {
+        inflight: Vec::new(),
+        pending: Vec::new(),
+        inbound_qos2: Vec::new(),
+        delayed_will: None,
+        ..(*state).clone()
+    };
+    b.settle(
+        5,
+        ClaimOutcome::Granted {
+            epoch: 12,
+            session: Some(Box::new(from_raft)),
+        },
+    );
+    let packets = b.take(5);
+    assert_eq!(connack(&packets), (true, ReasonCode::SUCCESS));
+    assert!(publishes(&packets).is_empty());
+
+    assert_eq!(
+        b.broker
+            .merge_late_session(b.now, SystemTime::now(), 11, (*state).clone()),
+        0,
+        "not for an older claim"
+    );
+    assert_eq!(
+        b.broker
+            .merge_late_session(b.now, SystemTime::now(), 12, *state),
+        40
+    );
+    b.drain();
+    let mut received = 0;
+    let mut batch = publishes(&b.take(5));
+    while !batch.is_empty() {
+        received += batch.len();
+        for publish in batch.drain(..) {
+            b.send(
+                5,
+                Packet::PubAck(PubResponse {
+                    packet_id: publish.packet_id.expect("QoS 1"),
+                    reason: ReasonCode::SUCCESS,
+                    properties: Properties::default(),
+                }),
+            );
+        }
+        batch = publishes(&b.take(5));
+    }
+    assert_eq!(received, 40, "every message of the old owner, once");
+}

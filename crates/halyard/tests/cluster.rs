@@ -133,6 +133,38 @@ async fn persistent_session_moves_from_node_1_to_node_3_with_its_queue() {
     resumed.expect_nothing(300).await;
 }
 
+/// A QoS 1 PUBACK in a cluster means the message is stored in the outbox of every node with
+/// a matching route: acknowledged on node 1 while the subscriber's node 2 is down, it
+/// survives `kill -9` of node 1 as well, is replayed once both are back, and the persistent
+/// subscriber resumes on node 2 with every message, once each, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwards_acknowledged_while_their_node_is_down_survive_a_crash_of_the_sender() {
+    let mut cluster = Cluster::start();
+    let (mut session, _) = persistent_v5(cluster.addr(2), "keeper", true).await;
+    session.subscribe(1, &[("c9/#", QoS::AtLeastOnce)]).await;
+    session.disconnect().await;
+    cluster.kill9(2);
+    let mut publisher = RawClient::connect_v5(cluster.addr(1), "pub9", true).await;
+    const COUNT: u16 = 20;
+    publish_qos1(&mut publisher, "c9/x", "m", COUNT).await;
+    assert!(cluster.unacked(1, 2) > 0, "node 2 is down: nothing acknowledged yet");
+    // Node 1's link queue is in memory: only its outbox on disk holds the messages now.
+    cluster.kill9(1);
+    cluster.restart(2);
+    cluster.restart(1);
+    let (mut resumed, present) = persistent_v5(cluster.addr(2), "keeper", false).await;
+    assert!(present, "[MQTT-3.2.2-2] session present = 1 on resume");
+    for i in 0..COUNT {
+        let publish = resumed.recv_publish_ack().await;
+        assert_eq!(
+            String::from_utf8_lossy(&publish.payload),
+            format!("m-{i}"),
+            "replayed in order, without duplicates"
+        );
+    }
+    resumed.expect_nothing(500).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connecting_again_on_node_2_takes_the_session_over_from_node_1() {
     let cluster = Cluster::start();

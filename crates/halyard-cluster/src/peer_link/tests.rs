@@ -42,6 +42,7 @@ fn serve(
         raft: None,
         link: Some(inbound),
         counters,
+        consumption: Default::default(),
     });
     tokio::spawn(acceptor::run(listener, acceptor))
 }

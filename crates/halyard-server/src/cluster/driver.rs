@@ -15,7 +15,7 @@ use halyard_core::{
     SubscriptionUpdate,
 };
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::cluster::wire::{self, Clocks, Received};
 use crate::event::Event;
@@ -68,6 +68,13 @@ pub(crate) enum ClusterEvent {
         /// The new owner.
         new_owner: NodeId,
     },
+    /// Every change of the feed up to raft index `index` was handed over in the events
+    /// before this one: once the broker has handled them, the coordinator may count the
+    /// index as seen here (see `Coordinator::consumed`).
+    Consumed {
+        /// The raft index.
+        index: u64,
+    },
     /// A peer stored every frame this node sent it up to link sequence number `seq`.
     Acked {
         /// The peer.
@@ -90,6 +97,13 @@ pub(crate) enum ClusterEvent {
     },
     /// A retained message set or cleared through raft (possibly by this node).
     Retained(Message),
+    /// A session handed over after its claim here stopped waiting for it.
+    LateSession {
+        /// The claim it was sent for.
+        epoch: u64,
+        /// The session.
+        state: Box<SessionState>,
+    },
 }
 
 /// Sessions handed over by a previous owner, and claims waiting for them; whichever
@@ -99,16 +113,25 @@ struct Transfers {
     /// Sessions that came before their claim's outcome, with when they came.
     arrived: HashMap<(String, u64), (Instant, Box<SessionState>)>,
     waiting: HashMap<(String, u64), oneshot::Sender<Box<SessionState>>>,
+    /// Claims that stopped waiting (the client resumed from raft's state), with when: a
+    /// session arriving for one of them is merged into the live session.
+    gave_up: HashMap<(String, u64), Instant>,
 }
 
+/// How long a claim that stopped waiting still takes a late hand-over.
+const LATE_TRANSFER_WINDOW: Duration = Duration::from_secs(60);
+
 impl Transfers {
-    /// Keeps a session until its claim asks for it. One whose claim gave up waiting
-    /// (`TRANSFER_TIMEOUT`) is dropped after twice that, with a warning: the client resumed
-    /// without what it had queued on the old owner.
-    fn arrive(&mut self, key: (String, u64), state: Box<SessionState>) {
+    /// Keeps a session until its claim asks for it, or returns it if its claim already gave
+    /// up waiting, to be merged into the resumed session. One that arrives before a claim
+    /// that never comes is dropped after twice `TRANSFER_TIMEOUT`, with a warning.
+    fn arrive(&mut self, key: (String, u64), state: Box<SessionState>) -> Option<Box<SessionState>> {
         if let Some(waiter) = self.waiting.remove(&key) {
             let _ = waiter.send(state);
-            return;
+            return None;
+        }
+        if self.gave_up.remove(&key).is_some() {
+            return Some(state);
         }
         let now = Instant::now();
         self.arrived.retain(|(client_id, _), (at, state)| {
@@ -123,6 +146,15 @@ impl Transfers {
             keep
         });
         self.arrived.insert(key, (now, state));
+        None
+    }
+
+    /// The claim of `key` stopped waiting for its session.
+    fn give_up(&mut self, key: (String, u64)) {
+        let now = Instant::now();
+        self.gave_up
+            .retain(|_, since| now.duration_since(*since) < LATE_TRANSFER_WINDOW);
+        self.gave_up.insert(key, now);
     }
 }
 
@@ -431,6 +463,7 @@ impl ClusterDriver {
                 broker.handle_forward(clocks.now, origin, stored_as, message, &groups);
                 self.to_ack.push((origin, seq));
             }
+            ClusterEvent::Consumed { index } => self.coordinator.consumed(index),
             ClusterEvent::Acked { dest, seq } => {
                 let lane = self.lanes.entry(dest).or_default();
                 let mut stored_through = None;
@@ -446,6 +479,11 @@ impl ClusterDriver {
                 }
             }
             ClusterEvent::Retained(message) => broker.apply_retained(message),
+            ClusterEvent::LateSession { epoch, state } => {
+                let client_id = state.client_id.clone();
+                let queued = broker.merge_late_session(clocks.now, clocks.wall, epoch, *state);
+                info!(%client_id, queued, "a session handed over late joined the resumed session");
+            }
         }
     }
 
@@ -620,7 +658,11 @@ async fn wait_for_transfer(
         .await
         .ok()
         .and_then(Result::ok);
-    lock(transfers).waiting.remove(&key);
+    let mut transfers = lock(transfers);
+    transfers.waiting.remove(&key);
+    if state.is_none() {
+        transfers.give_up(key);
+    }
     state
 }
 
@@ -653,6 +695,12 @@ async fn follow_changes(coordinator: Arc<Coordinator>, events: mpsc::Sender<Even
                 }
             }
         }
+        let consumed = ClusterEvent::Consumed {
+            index: mirror.applied_index,
+        };
+        if events.send(Event::Cluster(consumed)).await.is_err() {
+            return;
+        }
         while let Some(applied) = feed.recv().await {
             for change in applied.changes {
                 let Some(event) = cluster_event(&coordinator, node, change) else {
@@ -661,6 +709,12 @@ async fn follow_changes(coordinator: Arc<Coordinator>, events: mpsc::Sender<Even
                 if events.send(Event::Cluster(event)).await.is_err() {
                     return;
                 }
+            }
+            let consumed = ClusterEvent::Consumed {
+                index: applied.index,
+            };
+            if events.send(Event::Cluster(consumed)).await.is_err() {
+                return;
             }
         }
         // The feed ended (it fell behind, or a snapshot was installed): resync from the
@@ -749,8 +803,14 @@ async fn follow_link(
                 }
             }
             Ok(Received::Session { epoch, state }) => {
-                lock(&transfers).arrive((state.client_id.clone(), epoch), state);
+                let late = lock(&transfers).arrive((state.client_id.clone(), epoch), state);
                 coordinator.link().ack(delivery.origin, delivery.seq);
+                if let Some(state) = late {
+                    let event = ClusterEvent::LateSession { epoch, state };
+                    if events.send(Event::Cluster(event)).await.is_err() {
+                        return;
+                    }
+                }
             }
             Err(error) => {
                 warn!(origin = delivery.origin, %error, "undecodable frame from a peer; dropped");

@@ -19,6 +19,8 @@ const START_ATTEMPTS: usize = 3;
 /// Three running nodes, ids 1..=3 at indexes 0..=2.
 pub struct Cluster {
     nodes: Vec<Broker>,
+    /// Each node's cluster arguments, to restart it as itself.
+    args: Vec<Vec<String>>,
 }
 
 /// `n` distinct free loopback ports, found by binding port 0 and releasing it.
@@ -85,9 +87,11 @@ impl Cluster {
             .collect();
         let peer_list = peers.join(",");
         let mut nodes = Vec::new();
+        let mut node_args = Vec::new();
         for (index, listen) in peers.iter().enumerate() {
             let args = cluster_args(Some(index + 1), listen, &peer_list);
             nodes.push(Broker::try_start_with_args(&args)?);
+            node_args.push(args);
         }
         let deadline = Instant::now() + READY_TIMEOUT;
         for (index, node) in nodes.iter().enumerate() {
@@ -99,7 +103,29 @@ impl Cluster {
                 ));
             }
         }
-        Ok(Cluster { nodes })
+        Ok(Cluster {
+            nodes,
+            args: node_args,
+        })
+    }
+
+    /// `kill -9` of node `id`; its data directory stays for [`Cluster::restart`].
+    pub fn kill9(&mut self, id: usize) {
+        self.nodes[id - 1].kill9();
+    }
+
+    /// Starts node `id` again (killing it first if it runs) with the same id, cluster
+    /// address and data directory, and waits until it is ready. Its MQTT and HTTP ports are
+    /// new: read them again with [`Cluster::addr`].
+    pub fn restart(&mut self, id: usize) {
+        let old = &mut self.nodes[id - 1];
+        old.kill9();
+        let data_dir = old.release_data_dir();
+        let node = Broker::try_start_in(data_dir, &self.args[id - 1])
+            .unwrap_or_else(|error| panic!("node {id} did not restart: {error}"));
+        let ready = wait_ready(&node, Instant::now() + READY_TIMEOUT);
+        assert!(ready, "node {id} not ready after restart:\n{}", node.logs());
+        self.nodes[id - 1] = node;
     }
 
     /// Node `id` (1-based, as in `--node-id`).

@@ -149,6 +149,24 @@ impl Broker {
         Self::try_launch(cmd, None, data_dir, true)
     }
 
+    /// [`Broker::try_start_with_args`] on `data_dir` (a restarted node's), which the new
+    /// broker then owns.
+    pub fn try_start_in(data_dir: PathBuf, extra_args: &[String]) -> Result<Broker, String> {
+        let mut cmd = halyard_cmd();
+        cmd.arg("serve").arg("--listen").arg("127.0.0.1:0");
+        cmd.arg("--http-listen").arg("127.0.0.1:0");
+        cmd.arg("--data-dir").arg(&data_dir);
+        cmd.args(extra_args);
+        Self::try_launch(cmd, None, data_dir, true)
+    }
+
+    /// Hands the data directory over to whoever restarts this broker: it is no longer
+    /// removed when this one is dropped.
+    pub fn release_data_dir(&mut self) -> PathBuf {
+        self.owns_data_dir = false;
+        self.data_dir.clone()
+    }
+
     /// A broker started with exactly `args` and `env` (on top of a hermetic environment),
     /// for tests of shipped command lines: the config they name must listen on 127.0.0.1
     /// port 0 and serve HTTP. `data_dir` is removed when the broker is dropped.
