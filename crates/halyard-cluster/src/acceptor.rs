@@ -11,8 +11,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
 use crate::applied_everywhere::serve_wait_applied;
-use crate::consumption::Consumption;
 use crate::command::{Command, Response};
+use crate::consumption::Consumption;
 use crate::frame::{
     self, Channel, FramedStream, Hello, ProposeError, RaftReply, RaftRequest, Welcome,
 };

@@ -65,7 +65,10 @@ impl Consumption {
 
     /// Whether nothing at or below `index` waits in the feed.
     pub(crate) fn caught_up(&self, index: u64) -> bool {
-        self.lock().unconsumed.first().is_none_or(|&first| first > index)
+        self.lock()
+            .unconsumed
+            .first()
+            .is_none_or(|&first| first > index)
     }
 
     /// Waits until [`Consumption::caught_up`] for `index`, at most `limit`; true if so.
@@ -97,7 +100,11 @@ mod tests {
         consumption.published(7);
         assert!(consumption.caught_up(4));
         assert!(!consumption.caught_up(5));
-        assert!(!consumption.wait_caught_up(6, Duration::from_millis(20)).await);
+        assert!(
+            !consumption
+                .wait_caught_up(6, Duration::from_millis(20))
+                .await
+        );
         let waiter = {
             let consumption = consumption.clone();
             tokio::spawn(async move { consumption.wait_caught_up(6, Duration::from_secs(5)).await })

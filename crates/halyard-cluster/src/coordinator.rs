@@ -13,10 +13,10 @@ use tokio::task::AbortHandle;
 
 use crate::acceptor::{self, Acceptor};
 use crate::applied_everywhere::{wait_applied, AppliedEverywhere};
-use crate::consumption::Consumption;
 use crate::batcher::{Batcher, Pending};
 use crate::command::{Claim, ClaimOutcome, Command, Response, SubscriptionChange};
 use crate::config::{ClusterConfig, Listen};
+use crate::consumption::Consumption;
 use crate::error::ClusterError;
 use crate::identity;
 use crate::log_store::LogStore;
@@ -189,14 +189,13 @@ impl Coordinator {
         tasks.push(
             tokio::spawn(count_leader_changes(raft.clone(), counters.clone())).abort_handle(),
         );
-        let applied_everywhere =
-            AppliedEverywhere::new(
-                local,
-                &config.peers,
-                raft.clone(),
-                consumption.clone(),
-                counters.clone(),
-            );
+        let applied_everywhere = AppliedEverywhere::new(
+            local,
+            &config.peers,
+            raft.clone(),
+            consumption.clone(),
+            counters.clone(),
+        );
 
         Ok(Coordinator {
             local,

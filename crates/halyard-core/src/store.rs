@@ -16,8 +16,8 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use halyard_codec::{Properties, QoS, Will};
 
-pub use crate::retained::RetainedPage;
 use crate::message::NodeId;
+pub use crate::retained::RetainedPage;
 use crate::router::SubscriptionEntry;
 
 /// A message as written to disk (retained, queued or in flight).

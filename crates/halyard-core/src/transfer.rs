@@ -222,4 +222,17 @@ impl Broker {
         self.update_persistence(key);
         queued
     }
+
+    /// The state of a session that another node ended because this node's clean-start claim
+    /// took its client id: the old session is over, so the will it held back for its delay is
+    /// published now [MQTT-3.1.3-9], as it is when a clean start ends a session held here.
+    /// The rest of it is discarded. True if a will was published.
+    pub fn end_moved_session(&mut self, now: Instant, state: SessionState) -> bool {
+        let Some((_, will)) = state.delayed_will else {
+            return false;
+        };
+        // No session here published it: key 0 is never a session's, so No Local skips nobody.
+        self.publish_will(now, 0, will);
+        true
+    }
 }

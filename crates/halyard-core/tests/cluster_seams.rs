@@ -500,8 +500,13 @@ fn a_share_group_across_nodes_gives_each_message_to_one_member() {
     );
 
     // On the receiving side the group is served only when the sender picked this node.
-    node.broker
-        .handle_forward(node.now, 2, None, message("jobs", b"a", QoS::AtLeastOnce), &[]);
+    node.broker.handle_forward(
+        node.now,
+        2,
+        None,
+        message("jobs", b"a", QoS::AtLeastOnce),
+        &[],
+    );
     node.drain();
     assert!(publishes(&node.take(1)).is_empty());
     let picked: Vec<Arc<str>> = vec!["$share/g/jobs".into()];
@@ -704,7 +709,11 @@ fn a_forward_stays_in_the_outbox_across_restarts_until_acknowledged() {
 
     let mut node = Node::open(dir.path(), cluster_parts(), Instant::now());
     assert!(node.broker.outbox_backlogs().is_empty());
-    assert!(node.broker.read_forwards(2, 0, 10).expect("reads").is_empty());
+    assert!(node
+        .broker
+        .read_forwards(2, 0, 10)
+        .expect("reads")
+        .is_empty());
     node.broker.add_remote_route(2, "t/#");
     node.send(4, connect(V5, "pub", true, None));
     node.granted(4, 2);

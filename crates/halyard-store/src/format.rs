@@ -619,7 +619,11 @@ pub(crate) fn encode_forward(
 }
 
 /// Decodes a forward stored for node `dest` at `seq`.
-pub(crate) fn decode_forward(dest: u64, seq: u64, value: &[u8]) -> Result<StoredForward, FormatError> {
+pub(crate) fn decode_forward(
+    dest: u64,
+    seq: u64,
+    value: &[u8],
+) -> Result<StoredForward, FormatError> {
     let mut r = open(RecordKey::Forward(dest, seq), value, FORWARD_VERSION)?.body;
     let count = r.u32()?;
     let mut groups = Vec::new();
@@ -825,7 +829,10 @@ mod tests {
         };
         let value = encode_forward(2, 9, &forward).expect("encodes");
         assert_eq!(decode_forward(2, 9, &value).expect("decodes"), forward);
-        assert!(decode_forward(3, 9, &value).is_err(), "another node's outbox");
+        assert!(
+            decode_forward(3, 9, &value).is_err(),
+            "another node's outbox"
+        );
         assert!(decode_forward(2, 8, &value).is_err(), "another seq");
         for cut in 0..value.len() {
             assert!(decode_forward(2, 9, &value[..cut]).is_err(), "cut at {cut}");

@@ -4,8 +4,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use halyard_core::retained::{read_page, retained_key};
 use halyard_core::store::{
-    DeliveryState, LoadedOutbox, LoadedSession, LoadedState, PeerMark, RetainedPage,
-    SessionRecord, Store, StoreError, StoredDelivery, StoredForward, StoredMessage,
+    DeliveryState, LoadedOutbox, LoadedSession, LoadedState, PeerMark, RetainedPage, SessionRecord,
+    Store, StoreError, StoredDelivery, StoredForward, StoredMessage,
 };
 use halyard_core::{NodeId, SubscriptionEntry};
 

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use halyard_core::retained::{retained_key, RetainedScan, ScanStep};
 use halyard_core::store::{
-    DeliveryState, LoadedOutbox, LoadedSession, LoadedState, PeerMark, RetainedPage,
-    SessionRecord, Store, StoreError, StoredDelivery, StoredForward, StoredMessage,
+    DeliveryState, LoadedOutbox, LoadedSession, LoadedState, PeerMark, RetainedPage, SessionRecord,
+    Store, StoreError, StoredDelivery, StoredForward, StoredMessage,
 };
 use halyard_core::{NodeId, SubscriptionEntry};
 use redb::{
@@ -1171,7 +1171,8 @@ impl Store for RedbStore {
         const CONTEXT: &str = "writing a forward";
         match encode_forward(dest, seq, forward) {
             Ok(value) => self.write(CONTEXT, |txn| {
-                txn.open_table(FORWARDS)?.insert((dest, seq), value.as_slice())?;
+                txn.open_table(FORWARDS)?
+                    .insert((dest, seq), value.as_slice())?;
                 Ok(())
             }),
             Err(e) => self.fail(CONTEXT, e),

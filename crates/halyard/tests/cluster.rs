@@ -147,7 +147,10 @@ async fn forwards_acknowledged_while_their_node_is_down_survive_a_crash_of_the_s
     let mut publisher = RawClient::connect_v5(cluster.addr(1), "pub9", true).await;
     const COUNT: u16 = 20;
     publish_qos1(&mut publisher, "c9/x", "m", COUNT).await;
-    assert!(cluster.unacked(1, 2) > 0, "node 2 is down: nothing acknowledged yet");
+    assert!(
+        cluster.unacked(1, 2) > 0,
+        "node 2 is down: nothing acknowledged yet"
+    );
     // Node 1's link queue is in memory: only its outbox on disk holds the messages now.
     cluster.kill9(1);
     cluster.restart(2);
@@ -163,6 +166,34 @@ async fn forwards_acknowledged_while_their_node_is_down_survive_a_crash_of_the_s
         );
     }
     resumed.expect_nothing(500).await;
+}
+
+/// A clean start on node 2 ends the session that node 1 held for the client id, so the
+/// will node 1 held back for its Will Delay Interval is published now, once, wherever its
+/// subscribers are [MQTT-3.1.3-9].
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_start_on_another_node_publishes_the_delayed_will_of_the_old_session() {
+    let cluster = Cluster::start();
+    let mut watcher = RawClient::connect_v5(cluster.addr(3), "watcher", true).await;
+    watcher
+        .subscribe(1, &[("c10/will", QoS::AtLeastOnce)])
+        .await;
+    let mut connect = connect_packet(ProtocolVersion::V5, "willer", false);
+    connect.properties.session_expiry_interval = Some(300);
+    let mut last_words = will("c10/will", b"gone", QoS::AtLeastOnce, false);
+    last_words.properties.will_delay_interval = Some(600);
+    connect.will = Some(last_words);
+    let (client, ack) = RawClient::handshake(cluster.addr(1), connect).await;
+    assert_eq!(ack.code, ReasonCode::SUCCESS);
+    // Gone without DISCONNECT: the will waits out its delay on node 1.
+    drop(client);
+    watcher.expect_nothing(500).await;
+    let (_fresh, present) = persistent_v5(cluster.addr(2), "willer", true).await;
+    assert!(!present, "clean start: a new session");
+    let publish = watcher.recv_publish_ack().await;
+    assert_eq!(publish.topic, "c10/will");
+    assert_eq!(&publish.payload[..], b"gone");
+    watcher.expect_nothing(500).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -125,7 +125,9 @@ impl PeerLink {
     /// Whether `send` to `dest` would queue a frame now rather than fail with `QueueFull`:
     /// an app with a durable outbox keeps frames there instead of losing them.
     pub fn has_room(&self, dest: NodeId) -> bool {
-        self.outbound.get(&dest).is_some_and(|queue| queue.has_room())
+        self.outbound
+            .get(&dest)
+            .is_some_and(|queue| queue.has_room())
     }
 
     /// The app has stored every frame from `origin` up to `seq`; tells the sender.

@@ -97,6 +97,8 @@ pub(crate) enum ClusterEvent {
     },
     /// A retained message set or cleared through raft (possibly by this node).
     Retained(Message),
+    /// A session another node ended because a clean-start claim here took its client id.
+    EndedSession(Box<SessionState>),
     /// A session handed over after its claim here stopped waiting for it.
     LateSession {
         /// The claim it was sent for.
@@ -116,6 +118,17 @@ struct Transfers {
     /// Claims that stopped waiting (the client resumed from raft's state), with when: a
     /// session arriving for one of them is merged into the live session.
     gave_up: HashMap<(String, u64), Instant>,
+    /// Clean-start claims that took a client id from another node, with when: the session
+    /// the old owner hands over is ended here (its delayed will published).
+    ended: HashMap<(String, u64), Instant>,
+}
+
+/// What to do with a session handed over after its claim was settled.
+enum Arrival {
+    /// The claim resumed without it: merge it into the live session.
+    Late(Box<SessionState>),
+    /// The claim started clean: the session is over.
+    Ended(Box<SessionState>),
 }
 
 /// How long a claim that stopped waiting still takes a late hand-over.
@@ -125,13 +138,16 @@ impl Transfers {
     /// Keeps a session until its claim asks for it, or returns it if its claim already gave
     /// up waiting, to be merged into the resumed session. One that arrives before a claim
     /// that never comes is dropped after twice `TRANSFER_TIMEOUT`, with a warning.
-    fn arrive(&mut self, key: (String, u64), state: Box<SessionState>) -> Option<Box<SessionState>> {
+    fn arrive(&mut self, key: (String, u64), state: Box<SessionState>) -> Option<Arrival> {
         if let Some(waiter) = self.waiting.remove(&key) {
             let _ = waiter.send(state);
             return None;
         }
         if self.gave_up.remove(&key).is_some() {
-            return Some(state);
+            return Some(Arrival::Late(state));
+        }
+        if self.ended.remove(&key).is_some() {
+            return Some(Arrival::Ended(state));
         }
         let now = Instant::now();
         self.arrived.retain(|(client_id, _), (at, state)| {
@@ -155,6 +171,14 @@ impl Transfers {
         self.gave_up
             .retain(|_, since| now.duration_since(*since) < LATE_TRANSFER_WINDOW);
         self.gave_up.insert(key, now);
+    }
+
+    /// The clean-start claim of `key` ended the session another node held.
+    fn end(&mut self, key: (String, u64)) {
+        let now = Instant::now();
+        self.ended
+            .retain(|_, since| now.duration_since(*since) < LATE_TRANSFER_WINDOW);
+        self.ended.insert(key, now);
     }
 }
 
@@ -479,6 +503,12 @@ impl ClusterDriver {
                 }
             }
             ClusterEvent::Retained(message) => broker.apply_retained(message),
+            ClusterEvent::EndedSession(state) => {
+                let client_id = state.client_id.clone();
+                if broker.end_moved_session(clocks.now, *state) {
+                    debug!(%client_id, "the will of a session ended by a clean start was published");
+                }
+            }
             ClusterEvent::LateSession { epoch, state } => {
                 let client_id = state.client_id.clone();
                 let queued = broker.merge_late_session(clocks.now, clocks.wall, epoch, *state);
@@ -525,6 +555,10 @@ impl ClusterDriver {
                                     );
                                 }
                                 state
+                            }
+                            Some((from, _)) if from != node => {
+                                lock(&transfers).end((request.client_id.clone(), epoch));
+                                None
                             }
                             _ => None,
                         };
@@ -803,13 +837,15 @@ async fn follow_link(
                 }
             }
             Ok(Received::Session { epoch, state }) => {
-                let late = lock(&transfers).arrive((state.client_id.clone(), epoch), state);
+                let arrival = lock(&transfers).arrive((state.client_id.clone(), epoch), state);
                 coordinator.link().ack(delivery.origin, delivery.seq);
-                if let Some(state) = late {
-                    let event = ClusterEvent::LateSession { epoch, state };
-                    if events.send(Event::Cluster(event)).await.is_err() {
-                        return;
-                    }
+                let event = match arrival {
+                    Some(Arrival::Late(state)) => ClusterEvent::LateSession { epoch, state },
+                    Some(Arrival::Ended(state)) => ClusterEvent::EndedSession(state),
+                    None => continue,
+                };
+                if events.send(Event::Cluster(event)).await.is_err() {
+                    return;
                 }
             }
             Err(error) => {
