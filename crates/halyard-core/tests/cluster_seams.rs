@@ -46,6 +46,9 @@ fn cluster_parts() -> BrokerParts {
     }
 }
 
+/// An `Output::Forward`: (node, message, share groups, outbox sequence number).
+type Forwarded = (u64, Arc<Message>, Vec<Arc<str>>, Option<u64>);
+
 /// One node's core on a real store, with what it emitted sorted by kind.
 struct Node {
     broker: Broker,
@@ -53,8 +56,7 @@ struct Node {
     inbox: HashMap<ConnectionId, Vec<Packet>>,
     closed: Vec<ConnectionId>,
     claims: VecDeque<ClaimRequest>,
-    /// (node, message, share groups, outbox sequence number).
-    forwards: Vec<(u64, Arc<Message>, Vec<Arc<str>>, Option<u64>)>,
+    forwards: Vec<Forwarded>,
     releases: Vec<(String, u64)>,
     replications: Vec<(Option<u64>, String, u64, Vec<SubscriptionUpdate>)>,
     retains: Vec<Arc<Message>>,
