@@ -196,6 +196,40 @@ async fn a_clean_start_on_another_node_publishes_the_delayed_will_of_the_old_ses
     watcher.expect_nothing(500).await;
 }
 
+/// A persistent session whose node dies resumes on another node from raft (its
+/// subscriptions, no queue); once the dead node is back with its data directory, it hands
+/// the queue it held over to the new owner, and the client gets those messages too, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_hands_the_queue_of_a_session_that_moved_to_its_new_owner() {
+    let mut cluster = Cluster::start();
+    let (mut session, _) = persistent_v5(cluster.addr(1), "mover2", true).await;
+    session.subscribe(1, &[("c11/#", QoS::AtLeastOnce)]).await;
+    session.disconnect().await;
+    let mut publisher = RawClient::connect_v5(cluster.addr(3), "pub11", true).await;
+    publish_qos1(&mut publisher, "c11/x", "queued", 10).await;
+    cluster.wait_link_drained(3, 1);
+    cluster.kill9(1);
+    let (mut resumed, present) = persistent_v5(cluster.addr(2), "mover2", false).await;
+    assert!(present, "subscriptions resume from raft");
+    publish_qos1(&mut publisher, "c11/x", "live", 5).await;
+    let mut got = Vec::new();
+    for _ in 0..5 {
+        got.push(String::from_utf8_lossy(&resumed.recv_publish_ack().await.payload).into_owned());
+    }
+    cluster.restart(1);
+    for _ in 0..10 {
+        got.push(String::from_utf8_lossy(&resumed.recv_publish_ack().await.payload).into_owned());
+    }
+    resumed.expect_nothing(500).await;
+    got.sort();
+    let mut expected: Vec<String> = (0..10)
+        .map(|i| format!("queued-{i}"))
+        .chain((0..5).map(|i| format!("live-{i}")))
+        .collect();
+    expected.sort();
+    assert_eq!(got, expected, "every message once");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connecting_again_on_node_2_takes_the_session_over_from_node_1() {
     let cluster = Cluster::start();

@@ -112,8 +112,8 @@ pub(crate) enum ClusterEvent {
 /// comes second completes the pair.
 #[derive(Default)]
 struct Transfers {
-    /// Sessions that came before their claim's outcome, with when they came.
-    arrived: HashMap<(String, u64), (Instant, Box<SessionState>)>,
+    /// Sessions that came before their claim waited for them.
+    arrived: HashMap<(String, u64), Box<SessionState>>,
     waiting: HashMap<(String, u64), oneshot::Sender<Box<SessionState>>>,
     /// Claims that stopped waiting (the client resumed from raft's state), with when: a
     /// session arriving for one of them is merged into the live session.
@@ -123,8 +123,13 @@ struct Transfers {
     ended: HashMap<(String, u64), Instant>,
 }
 
-/// What to do with a session handed over after its claim was settled.
+/// What to do with a session handed over.
 enum Arrival {
+    /// Its claim was waiting and has it now.
+    Taken,
+    /// Kept for a claim that has not asked yet; if none does, it is merged like a late one
+    /// (a restarted node hands over the sessions that moved while it was down).
+    Kept,
     /// The claim resumed without it: merge it into the live session.
     Late(Box<SessionState>),
     /// The claim started clean: the session is over.
@@ -135,34 +140,20 @@ enum Arrival {
 const LATE_TRANSFER_WINDOW: Duration = Duration::from_secs(60);
 
 impl Transfers {
-    /// Keeps a session until its claim asks for it, or returns it if its claim already gave
-    /// up waiting, to be merged into the resumed session. One that arrives before a claim
-    /// that never comes is dropped after twice `TRANSFER_TIMEOUT`, with a warning.
-    fn arrive(&mut self, key: (String, u64), state: Box<SessionState>) -> Option<Arrival> {
+    /// Gives a session to the claim waiting for it, or says what to do with it.
+    fn arrive(&mut self, key: (String, u64), state: Box<SessionState>) -> Arrival {
         if let Some(waiter) = self.waiting.remove(&key) {
             let _ = waiter.send(state);
-            return None;
+            return Arrival::Taken;
         }
         if self.gave_up.remove(&key).is_some() {
-            return Some(Arrival::Late(state));
+            return Arrival::Late(state);
         }
         if self.ended.remove(&key).is_some() {
-            return Some(Arrival::Ended(state));
+            return Arrival::Ended(state);
         }
-        let now = Instant::now();
-        self.arrived.retain(|(client_id, _), (at, state)| {
-            let keep = now.duration_since(*at) < 2 * TRANSFER_TIMEOUT;
-            if !keep {
-                warn!(
-                    %client_id,
-                    queued = state.pending.len() + state.inflight.len(),
-                    "a session handed over after its claim stopped waiting was dropped"
-                );
-            }
-            keep
-        });
-        self.arrived.insert(key, (now, state));
-        None
+        self.arrived.insert(key, state);
+        Arrival::Kept
     }
 
     /// The claim of `key` stopped waiting for its session.
@@ -511,8 +502,13 @@ impl ClusterDriver {
             }
             ClusterEvent::LateSession { epoch, state } => {
                 let client_id = state.client_id.clone();
+                let carried = state.pending.len() + state.inflight.len();
                 let queued = broker.merge_late_session(clocks.now, clocks.wall, epoch, *state);
-                info!(%client_id, queued, "a session handed over late joined the resumed session");
+                if queued > 0 {
+                    info!(%client_id, queued, "a session handed over late joined the resumed session");
+                } else if carried > 0 {
+                    warn!(%client_id, epoch, carried, "a session handed over late found no session held under its claim here; its messages are dropped");
+                }
             }
         }
     }
@@ -551,10 +547,12 @@ impl ClusterDriver {
                                     warn!(
                                         client_id = %request.client_id,
                                         from,
-                                        "previous owner handed no session over in time"
+                                        "previous owner handed no session over in time; resuming from raft"
                                     );
                                 }
-                                state
+                                state.or_else(|| {
+                                    session_from_raft(&coordinator, &request.client_id, epoch)
+                                })
                             }
                             Some((from, _)) if from != node => {
                                 lock(&transfers).end((request.client_id.clone(), epoch));
@@ -664,6 +662,45 @@ impl ClusterDriver {
 /// `OwnerChanged` found no session to fence (the connection was still waiting for this
 /// grant), so taking the grant would leave two live connections for one client id. A newer
 /// claim applied after this check still fences it: its event follows this one.
+/// The part of a persistent session raft holds (its subscriptions), for a client that
+/// resumes while its previous owner cannot hand the session over; what that node had queued
+/// follows if it comes back (see `merge_if_unclaimed`). `None` if raft holds no
+/// subscription for it.
+fn session_from_raft(
+    coordinator: &Coordinator,
+    client_id: &str,
+    epoch: u64,
+) -> Option<Box<SessionState>> {
+    let subscriptions: Vec<_> = coordinator
+        .subscriptions(client_id)
+        .into_iter()
+        .filter_map(|(filter, subscription)| match wire::decode_entry(&subscription.options) {
+            Ok(entry) => Some((filter, entry)),
+            Err(error) => {
+                warn!(%client_id, %filter, %error, "subscription in raft not decodable; skipped");
+                None
+            }
+        })
+        .collect();
+    if subscriptions.is_empty() {
+        return None;
+    }
+    let expiry_interval = coordinator
+        .owner(client_id)
+        .map_or(0, |owner| owner.session_expiry_secs);
+    Some(Box::new(SessionState {
+        client_id: client_id.to_owned(),
+        epoch,
+        expiry_interval,
+        subscriptions,
+        inflight: Vec::new(),
+        pending: Vec::new(),
+        inbound_qos2: Vec::new(),
+        delayed_will: None,
+        username: None,
+    }))
+}
+
 fn superseded(outcome: &ClaimOutcome, current_epoch: Option<u64>) -> bool {
     match outcome {
         ClaimOutcome::Granted { epoch, .. } => {
@@ -681,7 +718,7 @@ async fn wait_for_transfer(
     let key = (client_id.to_owned(), epoch);
     let receiver = {
         let mut transfers = lock(transfers);
-        if let Some((_, state)) = transfers.arrived.remove(&key) {
+        if let Some(state) = transfers.arrived.remove(&key) {
             return Some(state);
         }
         let (sender, receiver) = oneshot::channel();
@@ -698,6 +735,26 @@ async fn wait_for_transfer(
         transfers.give_up(key);
     }
     state
+}
+
+/// A session kept for a claim that has not asked for it: if none has after twice the time a
+/// claim waits, it goes to the broker as a late hand-over, which joins the session this node
+/// holds under that claim (a node that restarts hands over the queues of the sessions that
+/// moved while it was down, long after their clients resumed here).
+async fn merge_if_unclaimed(
+    transfers: SharedTransfers,
+    key: (String, u64),
+    events: mpsc::Sender<Event>,
+) {
+    tokio::time::sleep(2 * TRANSFER_TIMEOUT).await;
+    let Some(state) = lock(&transfers).arrived.remove(&key) else {
+        return;
+    };
+    let event = ClusterEvent::LateSession {
+        epoch: key.1,
+        state,
+    };
+    let _ = events.send(Event::Cluster(event)).await;
 }
 
 /// Mirrors the route index and ownership changes into broker-task events.
@@ -837,12 +894,21 @@ async fn follow_link(
                 }
             }
             Ok(Received::Session { epoch, state }) => {
-                let arrival = lock(&transfers).arrive((state.client_id.clone(), epoch), state);
+                let key = (state.client_id.clone(), epoch);
+                let arrival = lock(&transfers).arrive(key.clone(), state);
                 coordinator.link().ack(delivery.origin, delivery.seq);
                 let event = match arrival {
-                    Some(Arrival::Late(state)) => ClusterEvent::LateSession { epoch, state },
-                    Some(Arrival::Ended(state)) => ClusterEvent::EndedSession(state),
-                    None => continue,
+                    Arrival::Late(state) => ClusterEvent::LateSession { epoch, state },
+                    Arrival::Ended(state) => ClusterEvent::EndedSession(state),
+                    Arrival::Kept => {
+                        tokio::spawn(merge_if_unclaimed(
+                            Arc::clone(&transfers),
+                            key,
+                            events.clone(),
+                        ));
+                        continue;
+                    }
+                    Arrival::Taken => continue,
                 };
                 if events.send(Event::Cluster(event)).await.is_err() {
                     return;
