@@ -38,10 +38,9 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::BytesMut;
 use halyard_codec::{
-    decode, encode, DecodeContext, DecodeError, EncodeError, Packet, ProtocolVersion, Publish, QoS,
-    SubscriptionOptions, Will,
+    decode_standalone, encode_standalone, standalone_publish, DecodeError, EncodeError, Publish,
+    QoS, StandaloneError, SubscriptionOptions, Will,
 };
 use halyard_core::store::{
     DeliveryState, SessionRecord, StoredDelivery, StoredForward, StoredMessage,
@@ -270,50 +269,24 @@ fn put_time(out: &mut Vec<u8>, time: Option<SystemTime>) {
 
 /// Appends topic, payload, QoS, RETAIN and properties as an MQTT 5 PUBLISH.
 fn put_publish(out: &mut Vec<u8>, publish: Publish) -> Result<(), EncodeFailure> {
-    let mut buf = BytesMut::new();
-    encode(&Packet::Publish(publish), ProtocolVersion::V5, &mut buf)?;
-    out.extend_from_slice(&buf);
-    Ok(())
+    Ok(encode_standalone(publish, out)?)
 }
 
 /// Decodes the rest of the body as exactly one MQTT 5 PUBLISH.
 fn take_publish(r: Reader<'_>) -> Result<Publish, FormatError> {
-    let mut buf = BytesMut::from(r.0);
-    let ctx = DecodeContext {
-        version: Some(ProtocolVersion::V5),
-        max_packet_size: u32::MAX,
-    };
-    match decode(&mut buf, &ctx)? {
-        Some(Packet::Publish(publish)) if buf.is_empty() => Ok(publish),
-        Some(Packet::Publish(_)) => Err(FormatError::Trailing(buf.len())),
-        Some(_) => Err(FormatError::Invalid("embedded packet type")),
-        None => Err(FormatError::Truncated),
-    }
-}
-
-fn publish_of(
-    topic: &str,
-    payload: &bytes::Bytes,
-    qos: QoS,
-    retain: bool,
-    properties: &halyard_codec::Properties,
-) -> Publish {
-    Publish {
-        dup: false,
-        qos,
-        retain,
-        topic: topic.to_owned(),
-        packet_id: (qos != QoS::AtMostOnce).then_some(1),
-        payload: payload.clone(),
-        properties: properties.clone(),
-    }
+    decode_standalone(r.0).map_err(|e| match e {
+        StandaloneError::Decode(e) => FormatError::Publish(e),
+        StandaloneError::Truncated => FormatError::Truncated,
+        StandaloneError::Trailing(n) => FormatError::Trailing(n),
+        StandaloneError::NotPublish => FormatError::Invalid("embedded packet type"),
+    })
 }
 
 fn put_message(out: &mut Vec<u8>, message: &StoredMessage) -> Result<(), EncodeFailure> {
     put_time(out, message.expires_at);
     put_publish(
         out,
-        publish_of(
+        standalone_publish(
             &message.topic,
             &message.payload,
             message.qos,
@@ -357,7 +330,7 @@ pub(crate) fn encode_session(record: &SessionRecord) -> Result<Vec<u8>, EncodeFa
             }
             put_publish(
                 &mut out,
-                publish_of(
+                standalone_publish(
                     &will.topic,
                     &will.payload,
                     will.qos,

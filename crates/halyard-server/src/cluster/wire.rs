@@ -8,9 +8,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use halyard_codec::{
-    decode, encode, DecodeContext, Packet, Properties, ProtocolVersion, Publish, QoS,
+    decode_standalone, encode_standalone, standalone_publish, Properties, Publish, QoS,
     SubscriptionOptions, Will,
 };
 use halyard_core::store::{DeliveryState, StoredDelivery, StoredMessage};
@@ -156,35 +156,20 @@ impl WireMessage {
         properties: &Properties,
         expires_at_ms: Option<u64>,
     ) -> Result<WireMessage, WireError> {
-        let publish = Publish {
-            dup: false,
-            qos,
-            retain,
-            topic: topic.to_owned(),
-            packet_id: (qos != QoS::AtMostOnce).then_some(1),
-            payload: payload.clone(),
-            properties: properties.clone(),
-        };
-        let mut buf = BytesMut::new();
-        encode(&Packet::Publish(publish), ProtocolVersion::V5, &mut buf)
-            .map_err(|e| WireError::Message(e.to_string()))?;
+        let mut publish = Vec::new();
+        encode_standalone(
+            standalone_publish(topic, payload, qos, retain, properties),
+            &mut publish,
+        )
+        .map_err(|e| WireError::Message(e.to_string()))?;
         Ok(WireMessage {
-            publish: buf.to_vec(),
+            publish,
             expires_at_ms,
         })
     }
 
     fn publish(&self) -> Result<Publish, WireError> {
-        let mut buf = BytesMut::from(self.publish.as_slice());
-        let ctx = DecodeContext {
-            version: Some(ProtocolVersion::V5),
-            max_packet_size: u32::MAX,
-        };
-        match decode(&mut buf, &ctx) {
-            Ok(Some(Packet::Publish(publish))) if buf.is_empty() => Ok(publish),
-            Ok(_) => Err(WireError::Message("not exactly one PUBLISH".into())),
-            Err(e) => Err(WireError::Message(e.to_string())),
-        }
+        decode_standalone(&self.publish).map_err(|e| WireError::Message(e.to_string()))
     }
 
     fn of_message(message: &Message, clocks: Clocks) -> Result<WireMessage, WireError> {
