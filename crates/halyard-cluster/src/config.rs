@@ -23,7 +23,8 @@ pub struct ClusterConfig {
     /// This node's 1-based position in `peers`.
     pub node_id: NodeId,
     pub listen: Listen,
-    /// Every voter's cluster address (`host:port`), this node included.
+    /// Every voter's cluster address (`host:port`, the host a name or an IP), this node
+    /// included; names are resolved on every connection attempt.
     pub peers: Vec<String>,
     /// Holds `raft.redb` (log, snapshot, identity).
     pub data_dir: PathBuf,
@@ -71,11 +72,21 @@ impl ClusterConfig {
         }
     }
 
-    /// Checks what openraft and the node-id rules need.
-    pub(crate) fn validate(&self) -> Result<(), ClusterError> {
+    /// Checks what openraft, the node-id rules and the peer addresses need (also done by
+    /// [`crate::Coordinator::start`]).
+    pub fn validate(&self) -> Result<(), ClusterError> {
         let bad = |why: &str| Err(ClusterError::Config(why.to_owned()));
         if self.peers.is_empty() {
             return bad("peers must list every voter, this node included");
+        }
+        if let Some(peer) = self
+            .peers
+            .iter()
+            .find(|peer| !crate::dial::is_host_port(peer))
+        {
+            return Err(ClusterError::Config(format!(
+                "peer {peer:?} is not host:port (a name or an IP, and a port)"
+            )));
         }
         if self.node_id == 0 || self.node_id > self.peers.len() as u64 {
             return bad("node id must be this node's 1-based position in peers");

@@ -23,6 +23,7 @@ mod batcher;
 mod command;
 mod config;
 mod coordinator;
+mod dial;
 mod error;
 mod frame;
 mod identity;

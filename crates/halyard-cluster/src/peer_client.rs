@@ -8,7 +8,6 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::frame::{self, Channel, FramedStream, Hello, RaftReply, RaftRequest, Welcome};
@@ -127,7 +126,7 @@ impl PeerClient {
     }
 
     async fn handshake(&mut self, limit: Duration) -> io::Result<FramedStream> {
-        let stream = TcpStream::connect(&self.addr).await?;
+        let stream = crate::dial::connect(&self.addr).await?;
         let mut connection = frame::framed(stream);
         let hello = Hello {
             channel: Channel::Raft,

@@ -192,6 +192,12 @@ fn check_config(file: &Path, show: bool) -> Result<()> {
     // The password and ACL files are part of the configuration: a bad line there must fail
     // the check as it would fail `serve`.
     security_config::Prepared::load(&config)?;
+    // So are the cluster's node id (from the hostname, if so configured) and peers.
+    cluster_config::cluster_config(
+        &config.cluster,
+        cluster_config::ClusterArgs::default(),
+        &config.storage.data_dir,
+    )?;
     println!("ok");
     if show {
         let text = std::fs::read_to_string(file)

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::SinkExt;
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
 
 use super::{Acked, LinkFrame};
@@ -142,7 +141,7 @@ impl Sender {
     }
 
     async fn connect(&self) -> io::Result<FramedStream> {
-        let mut connection = frame::framed(TcpStream::connect(&self.addr).await?);
+        let mut connection = frame::framed(crate::dial::connect(&self.addr).await?);
         let hello = Hello {
             channel: Channel::Link,
             from: self.local.id,
