@@ -10,11 +10,11 @@ use super::{http, Broker};
 
 /// How long a fresh cluster may take to elect a leader and have every node ready (three
 /// debug processes share two cores).
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Start attempts before giving up: a cluster port picked free may be taken again before
 /// the node binds it (rare), which shows as a node that never comes up.
-const START_ATTEMPTS: usize = 3;
+pub const START_ATTEMPTS: usize = 3;
 
 /// Three running nodes, ids 1..=3 at indexes 0..=2.
 pub struct Cluster {
@@ -22,7 +22,7 @@ pub struct Cluster {
 }
 
 /// `n` distinct free loopback ports, found by binding port 0 and releasing it.
-fn free_ports(n: usize) -> Vec<u16> {
+pub fn free_ports(n: usize) -> Vec<u16> {
     let listeners: Vec<TcpListener> = (0..n)
         .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port"))
         .collect();
@@ -47,7 +47,7 @@ pub fn cluster_args(node_id: Option<usize>, listen: &str, peers: &str) -> Vec<St
 }
 
 /// Polls `/readyz` of `node` until it answers 200 or `deadline` passes.
-fn wait_ready(node: &Broker, deadline: Instant) -> bool {
+pub fn wait_ready(node: &Broker, deadline: Instant) -> bool {
     loop {
         if readyz(node) == 200 {
             return true;
