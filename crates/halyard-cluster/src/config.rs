@@ -20,7 +20,8 @@ pub enum Listen {
 /// the same order) and the same `retained_cap_bytes`.
 #[derive(Debug)]
 pub struct ClusterConfig {
-    /// This node's 1-based position in `peers`.
+    /// This node's 1-based position in `peers`; a larger id is a node that joins a running
+    /// cluster at run time ([`crate::Coordinator::add_member`]) and never initializes one.
     pub node_id: NodeId,
     pub listen: Listen,
     /// Every voter's cluster address (`host:port`, the host a name or an IP), this node
@@ -88,8 +89,8 @@ impl ClusterConfig {
                 "peer {peer:?} is not host:port (a name or an IP, and a port)"
             )));
         }
-        if self.node_id == 0 || self.node_id > self.peers.len() as u64 {
-            return bad("node id must be this node's 1-based position in peers");
+        if self.node_id == 0 {
+            return bad("node ids start at 1 (a voter's 1-based position in peers)");
         }
         if self.election_timeout_min <= self.heartbeat_interval
             || self.election_timeout_max <= self.election_timeout_min

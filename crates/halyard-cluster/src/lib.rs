@@ -28,6 +28,7 @@ mod error;
 mod frame;
 mod identity;
 mod log_store;
+mod membership;
 mod metrics;
 mod peer_client;
 mod peer_link;

@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClusterSection {
-    /// This node's id: its 1-based position in `peers`.
+    /// This node's id: its 1-based position in `peers`; a larger id is a node added to a
+    /// running cluster with `halyard cluster join` (it never initializes a cluster).
     pub node_id: Option<u64>,
     /// Take the node id from the hostname instead of `node_id`: a hostname ending in `-N`
     /// (a StatefulSet's pod N, such as `halyard-0`) is node N+1. Stable across restarts, as a
@@ -32,7 +33,8 @@ pub struct ClusterSection {
 /// The command line's cluster flags, which override the table.
 #[derive(Debug, Default, Clone, clap::Args)]
 pub struct ClusterArgs {
-    /// This node's id in the cluster: its 1-based position in --peers.
+    /// This node's id in the cluster: its 1-based position in --peers, or a larger id for a
+    /// node added at run time with `halyard cluster join`.
     #[arg(long, value_name = "N", conflicts_with = "node_id_from_hostname")]
     pub node_id: Option<u64>,
     /// Take the node id from the hostname: `NAME-N` (a StatefulSet's pod N) is node N+1;
@@ -82,11 +84,8 @@ pub fn cluster_config(
     let Some(listen) = listen else {
         bail!("a cluster node needs cluster.listen (--cluster-listen)");
     };
-    if node_id == 0 || node_id > peers.len() as u64 {
-        bail!(
-            "cluster.node_id {node_id} is not a position in cluster.peers (1 to {})",
-            peers.len()
-        );
+    if node_id == 0 {
+        bail!("cluster.node_id 0: node ids start at 1");
     }
     let config = ClusterConfig::new(node_id, Listen::Addr(listen), peers, data_dir.to_path_buf());
     config.validate()?;
@@ -158,13 +157,17 @@ mod tests {
         .expect("valid")
         .expect("a cluster");
         assert_eq!((config.node_id, config.peers.len()), (2, 3));
-        let error = cluster_config(
+        let joiner = cluster_config(
             &section,
             args(Some(4), None, &["a:1", "b:2"]),
             Path::new("d"),
         )
-        .expect_err("node 4 of 2");
-        assert!(error.to_string().contains("cluster.node_id 4"), "{error}");
+        .expect("node 4 of 2 joins at run time")
+        .expect("a cluster");
+        assert_eq!(joiner.node_id, 4);
+        let error = cluster_config(&section, args(Some(0), None, &["a:1"]), Path::new("d"))
+            .expect_err("node 0");
+        assert!(error.to_string().contains("cluster.node_id 0"), "{error}");
         let error = cluster_config(
             &ClusterSection::default(),
             args(Some(1), None, &["a:1"]),

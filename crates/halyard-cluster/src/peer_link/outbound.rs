@@ -154,7 +154,7 @@ impl Sender {
                 io::ErrorKind::ConnectionRefused,
                 format!("{} is node {node}, not node {}", self.addr, self.dest),
             )),
-            Welcome::Rejected(reason) => {
+            Welcome::Rejected(reason) | Welcome::Fenced(reason) => {
                 Err(io::Error::new(io::ErrorKind::ConnectionRefused, reason))
             }
         }

@@ -19,6 +19,8 @@ pub const START_ATTEMPTS: usize = 3;
 /// Three running nodes, ids 1..=3 at indexes 0..=2.
 pub struct Cluster {
     nodes: Vec<Broker>,
+    /// Each node's cluster address, node 1 first.
+    peers: Vec<String>,
 }
 
 /// `n` distinct free loopback ports, found by binding port 0 and releasing it.
@@ -99,12 +101,35 @@ impl Cluster {
                 ));
             }
         }
-        Ok(Cluster { nodes })
+        Ok(Cluster { nodes, peers })
     }
 
     /// Node `id` (1-based, as in `--node-id`).
     pub fn node(&self, id: usize) -> &Broker {
         &self.nodes[id - 1]
+    }
+
+    /// Node `id`, to kill or signal it.
+    pub fn node_mut(&mut self, id: usize) -> &mut Broker {
+        &mut self.nodes[id - 1]
+    }
+
+    /// The cluster address of node `id`.
+    pub fn cluster_addr(&self, id: usize) -> &str {
+        &self.peers[id - 1]
+    }
+
+    /// The `--peers` list every node was started with.
+    pub fn peer_list(&self) -> String {
+        self.peers.join(",")
+    }
+
+    /// Replaces node `id` by a new process with the same id and addresses and a new, empty
+    /// data directory (the old one is removed with the old process).
+    pub fn restart_with_empty_data(&mut self, id: usize) {
+        let args = cluster_args(Some(id), self.cluster_addr(id), &self.peer_list());
+        self.nodes[id - 1].kill9();
+        self.nodes[id - 1] = Broker::try_start_with_args(&args).unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// The MQTT address of node `id`.
