@@ -28,7 +28,6 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// What the accept loop needs to judge and serve a connection.
 pub(crate) struct Acceptor {
     pub(crate) local: LocalNode,
-    pub(crate) peer_count: u64,
     /// None when only the peer link is served (link tests).
     pub(crate) raft: Option<Raft>,
     pub(crate) link: Option<LinkInbound>,
@@ -101,19 +100,17 @@ fn note_error(counters: &Counters, error: &io::Error) {
 }
 
 impl Acceptor {
-    /// A member (before the membership is known here: a node of `peers`), and on the raft
-    /// channel the incarnation the membership records. A refusal is the [`Welcome`] to send.
+    /// A member, and on the raft channel the incarnation the membership records. Before
+    /// the membership is known here (a voter before the first start's initialization, a node
+    /// waiting to be added with `halyard cluster join`), any other node: the one that adds
+    /// it may itself have been added at run time. A refusal is the [`Welcome`] to send.
     fn check(&self, hello: &Hello) -> Result<(), Welcome> {
         let members = self
             .raft
             .as_ref()
             .map(membership::members)
             .unwrap_or_default();
-        let known = if members.is_empty() {
-            hello.from <= self.peer_count
-        } else {
-            members.contains_key(&hello.from)
-        };
+        let known = members.is_empty() || members.contains_key(&hello.from);
         if hello.from == 0 || !known || hello.from == self.local.id {
             return Err(Welcome::Rejected(format!(
                 "node {} is not a member of node {}'s cluster",

@@ -133,7 +133,6 @@ impl Coordinator {
         let mut tasks = Vec::new();
         let acceptor = Arc::new(Acceptor {
             local,
-            peer_count: config.peers.len() as u64,
             raft: Some(raft.clone()),
             link: Some(link.inbound()),
             counters: counters.clone(),
