@@ -16,6 +16,7 @@ use crate::consumption::Consumption;
 use crate::frame::{
     self, Channel, FramedStream, Hello, ProposeError, RaftReply, RaftRequest, Welcome,
 };
+use crate::membership;
 use crate::metrics::{bump, Counters};
 use crate::peer_client::LocalNode;
 use crate::peer_link::LinkInbound;
@@ -28,7 +29,6 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// What the accept loop needs to judge and serve a connection.
 pub(crate) struct Acceptor {
     pub(crate) local: LocalNode,
-    pub(crate) peer_count: u64,
     /// None when only the peer link is served (link tests).
     pub(crate) raft: Option<Raft>,
     pub(crate) link: Option<LinkInbound>,
@@ -65,10 +65,15 @@ async fn serve(stream: TcpStream, acceptor: Arc<Acceptor>) {
             return;
         }
     };
-    if let Err(reason) = acceptor.check(&hello) {
+    if let Err(refusal) = acceptor.check(&hello) {
         bump(&acceptor.counters.rejected_peers);
-        tracing::warn!(from = hello.from, reason, "cluster peer rejected");
-        let _ = frame::send(&mut connection, &Welcome::Rejected(reason)).await;
+        match &refusal {
+            Welcome::Fenced(reason) => {
+                tracing::warn!(from = hello.from, reason, "cluster peer fenced")
+            }
+            other => tracing::warn!(from = hello.from, reason = ?other, "cluster peer rejected"),
+        }
+        let _ = frame::send(&mut connection, &refusal).await;
         return;
     }
     let welcome = Welcome::Accepted {
@@ -100,34 +105,37 @@ fn note_error(counters: &Counters, error: &io::Error) {
 }
 
 impl Acceptor {
-    /// A known node id, and on the raft channel the incarnation the membership records.
-    fn check(&self, hello: &Hello) -> Result<(), String> {
-        if hello.from == 0 || hello.from > self.peer_count || hello.from == self.local.id {
-            return Err(format!(
-                "node {} is not a peer of node {}",
+    /// A member, and on the raft channel the incarnation the membership records. Before
+    /// the membership is known here (a voter before the first start's initialization, a node
+    /// waiting to be added with `halyard cluster join`), any other node: the one that adds
+    /// it may itself have been added at run time. A refusal is the [`Welcome`] to send.
+    fn check(&self, hello: &Hello) -> Result<(), Welcome> {
+        let members = self
+            .raft
+            .as_ref()
+            .map(membership::members)
+            .unwrap_or_default();
+        let known = members.is_empty() || members.contains_key(&hello.from);
+        if hello.from == 0 || !known || hello.from == self.local.id {
+            return Err(Welcome::Rejected(format!(
+                "node {} is not a member of node {}'s cluster",
                 hello.from, self.local.id
-            ));
+            )));
         }
         let served = match hello.channel {
             Channel::Raft => self.raft.is_some(),
             Channel::Link => self.link.is_some(),
         };
         if !served {
-            return Err("channel not served".to_owned());
+            return Err(Welcome::Rejected("channel not served".to_owned()));
         }
-        if let (Channel::Raft, Some(raft)) = (hello.channel, &self.raft) {
-            let metrics = raft.metrics();
-            let recorded = metrics
-                .borrow()
-                .membership_config
-                .membership()
-                .get_node(&hello.from)
-                .map_or(0, |node| node.incarnation);
+        if hello.channel == Channel::Raft && self.raft.is_some() {
+            let recorded = members.get(&hello.from).map_or(0, |node| node.incarnation);
             if recorded != 0 && recorded != hello.incarnation {
-                return Err(format!(
-                    "node {} is incarnation {recorded:016x}, not {:016x}: a node with a new data directory needs a new id",
-                    hello.from, hello.incarnation
-                ));
+                return Err(Welcome::Fenced(format!(
+                    "node {} is a member as incarnation {recorded:016x}, not {:016x}: its data directory was lost or replaced; remove it (`halyard cluster leave {}`) and add it again (`halyard cluster join`), or give it its old data directory",
+                    hello.from, hello.incarnation, hello.from
+                )));
             }
         }
         Ok(())
@@ -159,6 +167,9 @@ async fn serve_raft(
                     Err(_) => return Ok(()),
                 }
             }
+            RaftRequest::Membership(change) => {
+                RaftReply::Membership(membership::change(raft, change).await)
+            }
         };
         frame::send(connection, &reply).await?;
     }
@@ -176,7 +187,9 @@ pub(crate) async fn propose_here(
         .map_err(propose_error)
 }
 
-fn propose_error(error: RaftError<NodeId, ClientWriteError<NodeId, NodeInfo>>) -> ProposeError {
+pub(crate) fn propose_error(
+    error: RaftError<NodeId, ClientWriteError<NodeId, NodeInfo>>,
+) -> ProposeError {
     match error {
         RaftError::APIError(ClientWriteError::ForwardToLeader(forward)) => {
             ProposeError::NotLeader {

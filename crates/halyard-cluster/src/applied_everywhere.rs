@@ -9,7 +9,7 @@
 //! and waited for again as soon as it answers.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -19,6 +19,7 @@ use tokio::time::Instant;
 use crate::consumption::Consumption;
 use crate::error::ClusterError;
 use crate::frame::{RaftReply, RaftRequest};
+use crate::membership;
 use crate::metrics::{bump, Counters};
 use crate::peer_client::{LocalNode, PeerClient};
 use crate::raft_types::{NodeInfo, Raft};
@@ -32,11 +33,14 @@ const MAX_SERVED_WAIT: Duration = Duration::from_secs(60);
 
 /// Every other voter of this node, as the applied-index waiter sees them.
 pub(crate) struct AppliedEverywhere {
-    local: NodeId,
+    local: LocalNode,
     raft: Raft,
     consumption: Consumption,
     counters: Arc<Counters>,
-    peers: BTreeMap<NodeId, Arc<Peer>>,
+    /// The `peers` list, for the addresses of voters the membership does not name yet.
+    addrs: Vec<String>,
+    /// Made on first use, so that a voter added at run time is waited for too.
+    peers: Mutex<BTreeMap<NodeId, Arc<Peer>>>,
 }
 
 /// One peer: its own connection (so waits never queue behind raft or proposals), the
@@ -45,6 +49,10 @@ struct Peer {
     client: tokio::sync::Mutex<PeerClient>,
     applied: AtomicU64,
     unreachable_since: Mutex<Option<Instant>>,
+    /// The last call found another incarnation at this id (a node back with an empty data
+    /// directory, fenced until an operator removes it): it serves no client as this member,
+    /// so it is skipped at once.
+    stale: AtomicBool,
 }
 
 impl Peer {
@@ -87,8 +95,15 @@ impl Peer {
                 tracing::warn!(peer = client.target(), ?other, "reply of the wrong kind");
                 None
             }
-            Err(_) => None,
+            Err(error) => {
+                let stale = error.kind() == std::io::ErrorKind::PermissionDenied;
+                self.stale.store(stale, Ordering::Relaxed);
+                None
+            }
         };
+        if reply.is_some() {
+            self.stale.store(false, Ordering::Relaxed);
+        }
         self.record(started, reply);
         reply
     }
@@ -102,26 +117,33 @@ impl AppliedEverywhere {
         consumption: Consumption,
         counters: Arc<Counters>,
     ) -> Self {
-        let peers = (1..)
-            .zip(peers)
-            .filter(|(id, _)| *id != local.id)
-            .map(|(id, addr)| {
-                let client = PeerClient::new(local, id, addr.clone(), 0, counters.clone());
-                let peer = Peer {
-                    client: tokio::sync::Mutex::new(client),
-                    applied: AtomicU64::new(0),
-                    unreachable_since: Mutex::new(None),
-                };
-                (id, Arc::new(peer))
-            })
-            .collect();
         Self {
-            local: local.id,
+            local,
             raft,
             consumption,
             counters,
-            peers,
+            addrs: peers.to_vec(),
+            peers: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// The waiter's view of voter `id`, made on first use.
+    fn peer(&self, id: NodeId) -> Result<Arc<Peer>, ClusterError> {
+        let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(peer) = peers.get(&id) {
+            return Ok(peer.clone());
+        }
+        let addr =
+            membership::addr(&self.raft, &self.addrs, id).ok_or(ClusterError::UnknownNode(id))?;
+        let client = PeerClient::new(self.local, id, addr, 0, self.counters.clone());
+        let peer = Arc::new(Peer {
+            client: tokio::sync::Mutex::new(client),
+            applied: AtomicU64::new(0),
+            unreachable_since: Mutex::new(None),
+            stale: AtomicBool::new(false),
+        });
+        peers.insert(id, peer.clone());
+        Ok(peer)
     }
 
     /// Returns once this node and every reachable voter have applied `index`; `Timeout`
@@ -135,7 +157,7 @@ impl AppliedEverywhere {
             .membership_config
             .membership()
             .voter_ids()
-            .filter(|id| *id != self.local)
+            .filter(|id| *id != self.local.id)
             .collect();
         let peers = voters
             .into_iter()
@@ -155,7 +177,8 @@ impl AppliedEverywhere {
         deadline: Instant,
         skip_after: Duration,
     ) -> Result<(), ClusterError> {
-        let peer = self.peers.get(&id).ok_or(ClusterError::UnknownNode(id))?;
+        let peer = self.peer(id)?;
+        let peer = &peer;
         loop {
             if peer.applied.load(Ordering::Relaxed) >= index {
                 return Ok(());
@@ -164,11 +187,12 @@ impl AppliedEverywhere {
             if now >= deadline {
                 return Err(ClusterError::Timeout);
             }
-            if peer.unreachable_for(now) >= Some(skip_after) {
+            if peer.stale.load(Ordering::Relaxed) || peer.unreachable_for(now) >= Some(skip_after) {
                 self.skip(id, peer, index, skip_after);
                 return Ok(());
             }
             let mut client = peer.client.lock().await;
+            client.expect_incarnation(self.recorded_incarnation(id));
             // Another wait may have had its answer (or given up on the peer) meanwhile.
             let now = Instant::now();
             if peer.applied.load(Ordering::Relaxed) >= index
@@ -185,16 +209,29 @@ impl AppliedEverywhere {
         }
     }
 
+    /// The incarnation the membership records for `id` (0: not announced yet).
+    fn recorded_incarnation(&self, id: NodeId) -> u64 {
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .map_or(0, |node| node.incarnation)
+    }
+
     /// Counts a skipped peer and, unless a call to it is under way, probes it in the
     /// background so that it is waited for again once it answers.
     fn skip(&self, id: NodeId, peer: &Arc<Peer>, index: u64, limit: Duration) {
         bump(&self.counters.unreachable_peers_skipped);
         tracing::debug!(peer = id, index, "unreachable peer skipped");
         let peer = Arc::clone(peer);
+        let incarnation = self.recorded_incarnation(id);
         tokio::spawn(async move {
             let Ok(mut client) = peer.client.try_lock() else {
                 return;
             };
+            client.expect_incarnation(incarnation);
             peer.ask(&mut client, index, limit).await;
         });
     }

@@ -20,10 +20,12 @@ pub enum Listen {
 /// the same order) and the same `retained_cap_bytes`.
 #[derive(Debug)]
 pub struct ClusterConfig {
-    /// This node's 1-based position in `peers`.
+    /// This node's 1-based position in `peers`; a larger id is a node that joins a running
+    /// cluster at run time ([`crate::Coordinator::add_member`]) and never initializes one.
     pub node_id: NodeId,
     pub listen: Listen,
-    /// Every voter's cluster address (`host:port`), this node included.
+    /// Every voter's cluster address (`host:port`, the host a name or an IP), this node
+    /// included; names are resolved on every connection attempt.
     pub peers: Vec<String>,
     /// Holds `raft.redb` (log, snapshot, identity).
     pub data_dir: PathBuf,
@@ -71,14 +73,24 @@ impl ClusterConfig {
         }
     }
 
-    /// Checks what openraft and the node-id rules need.
-    pub(crate) fn validate(&self) -> Result<(), ClusterError> {
+    /// Checks what openraft, the node-id rules and the peer addresses need (also done by
+    /// [`crate::Coordinator::start`]).
+    pub fn validate(&self) -> Result<(), ClusterError> {
         let bad = |why: &str| Err(ClusterError::Config(why.to_owned()));
         if self.peers.is_empty() {
             return bad("peers must list every voter, this node included");
         }
-        if self.node_id == 0 || self.node_id > self.peers.len() as u64 {
-            return bad("node id must be this node's 1-based position in peers");
+        if let Some(peer) = self
+            .peers
+            .iter()
+            .find(|peer| !crate::dial::is_host_port(peer))
+        {
+            return Err(ClusterError::Config(format!(
+                "peer {peer:?} is not host:port (a name or an IP, and a port)"
+            )));
+        }
+        if self.node_id == 0 {
+            return bad("node ids start at 1 (a voter's 1-based position in peers)");
         }
         if self.election_timeout_min <= self.heartbeat_interval
             || self.election_timeout_max <= self.election_timeout_min

@@ -18,6 +18,7 @@ use crate::command::{Claim, ClaimOutcome, Command, Response, SubscriptionChange}
 use crate::config::{ClusterConfig, Listen};
 use crate::consumption::Consumption;
 use crate::error::ClusterError;
+use crate::frame::MembershipChange;
 use crate::identity;
 use crate::log_store::LogStore;
 use crate::metrics::{bump, Counters, Metrics};
@@ -30,6 +31,9 @@ use crate::raft_types::{NodeInfo, Raft};
 use crate::state_machine::{lock, SharedApplier, StateMachineStore};
 use crate::status::{Commit, MemberStatus, MirrorState, Role, Status};
 use crate::types::{Applied, ClientId, NodeId, Owner, RetainedMessage, RouteKey, Subscription};
+
+/// How long a membership change may take: adding a learner waits until it has caught up.
+const MEMBERSHIP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long `shutdown` waits for raft's tasks to drop their handles on `raft.redb`.
 const DB_CLOSE_WAIT: Duration = Duration::from_secs(5);
@@ -64,7 +68,9 @@ pub struct Coordinator {
     /// Kept so that `shutdown` can drop the last handle itself, once raft's tasks have let
     /// go: the file is closed (and its clean-shutdown write done) when `shutdown` returns.
     db: Option<Arc<RaftDb>>,
-    link: PeerLink,
+    link: Arc<PeerLink>,
+    /// The voters' addresses as configured (members added later are found in the membership).
+    peers: Vec<String>,
     link_receivers: Mutex<Option<LinkReceivers>>,
     applied_everywhere: AppliedEverywhere,
     consumption: Consumption,
@@ -126,10 +132,10 @@ impl Coordinator {
             config.peer_queue_capacity,
             counters.clone(),
         );
+        let link = Arc::new(link);
         let mut tasks = Vec::new();
         let acceptor = Arc::new(Acceptor {
             local,
-            peer_count: config.peers.len() as u64,
             raft: Some(raft.clone()),
             link: Some(link.inbound()),
             counters: counters.clone(),
@@ -141,7 +147,8 @@ impl Coordinator {
             .is_initialized()
             .await
             .map_err(|_| ClusterError::Shutdown)?;
-        if !initialized {
+        let founder = config.node_id <= config.peers.len() as u64;
+        if !initialized && founder {
             let voters: BTreeMap<NodeId, NodeInfo> = (1..)
                 .zip(&config.peers)
                 .map(|(id, addr)| {
@@ -189,6 +196,7 @@ impl Coordinator {
         tasks.push(
             tokio::spawn(count_leader_changes(raft.clone(), counters.clone())).abort_handle(),
         );
+        tasks.push(tokio::spawn(follow_membership(raft.clone(), link.clone())).abort_handle());
         let applied_everywhere = AppliedEverywhere::new(
             local,
             &config.peers,
@@ -209,6 +217,7 @@ impl Coordinator {
             tasks,
             db: Some(db_handle),
             link,
+            peers: config.peers,
             link_receivers: Mutex::new(Some(link_receivers)),
             applied_everywhere,
             consumption,
@@ -417,6 +426,42 @@ impl Coordinator {
         self.applied_everywhere.wait(index, limit).await
     }
 
+    /// Adds node `node` with its cluster port at `addr` (`host:port`) as a learner, which
+    /// replicates the log and receives routes and forwards; with `voter`, then promotes it
+    /// (also for a node that already is a learner). Done by the leader, wherever it is asked.
+    pub async fn add_member(
+        &self,
+        node: NodeId,
+        addr: String,
+        voter: bool,
+    ) -> Result<(), ClusterError> {
+        if !crate::dial::is_host_port(&addr) {
+            return Err(ClusterError::Config(format!("{addr:?} is not host:port")));
+        }
+        let change = MembershipChange::Add { node, addr, voter };
+        self.change_membership(change).await
+    }
+
+    /// Removes node `node` from the membership, demoting it first if it is a voter, so that
+    /// the voter set shrinks before the node's data is deleted. Its id may join again later,
+    /// with a new data directory.
+    pub async fn remove_member(&self, node: NodeId) -> Result<(), ClusterError> {
+        self.change_membership(MembershipChange::Remove { node })
+            .await
+    }
+
+    async fn change_membership(&self, change: MembershipChange) -> Result<(), ClusterError> {
+        crate::membership::request(
+            &self.raft,
+            self.local,
+            &self.peers,
+            &self.counters,
+            change,
+            MEMBERSHIP_TIMEOUT,
+        )
+        .await
+    }
+
     /// The publish peer link (send, ack, seed).
     pub fn link(&self) -> &PeerLink {
         &self.link
@@ -468,6 +513,7 @@ impl Coordinator {
             applied_index: metrics.last_applied.map_or(0, |id| id.index),
             members,
             links: self.link.status(),
+            fenced: self.counters.fenced(),
         }
     }
 
@@ -559,6 +605,29 @@ async fn count_leader_changes(raft: Raft, counters: Arc<Counters>) {
             bump(&counters.leader_changes);
         }
         leader = current;
+        if metrics.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Keeps the peer link's destinations equal to the members (voters and learners) once the
+/// membership is known here: a node added at run time gets forwards, a removed one no more.
+async fn follow_membership(raft: Raft, link: Arc<PeerLink>) {
+    let mut metrics = raft.metrics();
+    let mut seen = None;
+    loop {
+        let members: BTreeMap<NodeId, String> = metrics
+            .borrow_and_update()
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(id, info)| (*id, info.addr.clone()))
+            .collect();
+        if !members.is_empty() && seen.as_ref() != Some(&members) {
+            link.set_destinations(members.clone());
+            seen = Some(members);
+        }
         if metrics.changed().await.is_err() {
             return;
         }

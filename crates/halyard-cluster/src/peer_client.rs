@@ -8,7 +8,6 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::frame::{self, Channel, FramedStream, Hello, RaftReply, RaftRequest, Welcome};
@@ -59,6 +58,15 @@ impl PeerClient {
 
     pub(crate) fn target(&self) -> NodeId {
         self.target
+    }
+
+    /// From the next connection on, refuse a target whose incarnation is not `incarnation`
+    /// (0: any), as the membership now records it.
+    pub(crate) fn expect_incarnation(&mut self, incarnation: u64) {
+        if incarnation != self.expected_incarnation {
+            self.expected_incarnation = incarnation;
+            self.connection = None;
+        }
     }
 
     /// Sends one request and waits for its reply, at most `limit` in all.
@@ -127,7 +135,7 @@ impl PeerClient {
     }
 
     async fn handshake(&mut self, limit: Duration) -> io::Result<FramedStream> {
-        let stream = TcpStream::connect(&self.addr).await?;
+        let stream = crate::dial::connect(&self.addr).await?;
         let mut connection = frame::framed(stream);
         let hello = Hello {
             channel: Channel::Raft,
@@ -143,13 +151,17 @@ impl PeerClient {
                 if wrong_node || wrong_incarnation {
                     bump(&self.counters.rejected_peers);
                     return Err(io::Error::new(
-                        io::ErrorKind::ConnectionRefused,
+                        io::ErrorKind::PermissionDenied,
                         format!("{} is node {node} incarnation {incarnation:016x}, not the member we know", self.addr),
                     ));
                 }
                 Ok(connection)
             }
             Welcome::Rejected(reason) => {
+                Err(io::Error::new(io::ErrorKind::ConnectionRefused, reason))
+            }
+            Welcome::Fenced(reason) => {
+                self.counters.note_fenced(&reason);
                 Err(io::Error::new(io::ErrorKind::ConnectionRefused, reason))
             }
         }

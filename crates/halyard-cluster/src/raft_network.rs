@@ -69,9 +69,9 @@ fn transport_error<E: std::error::Error>(
     error: io::Error,
 ) -> RPCError<NodeId, NodeInfo, RaftError<NodeId, E>> {
     match error.kind() {
-        io::ErrorKind::NotConnected | io::ErrorKind::ConnectionRefused => {
-            RPCError::Unreachable(Unreachable::new(&error))
-        }
+        io::ErrorKind::NotConnected
+        | io::ErrorKind::ConnectionRefused
+        | io::ErrorKind::PermissionDenied => RPCError::Unreachable(Unreachable::new(&error)),
         _ => RPCError::Network(NetworkError::new(&error)),
     }
 }

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::SinkExt;
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
 
 use super::{Acked, LinkFrame};
@@ -147,7 +146,7 @@ impl Sender {
     }
 
     async fn connect(&self) -> io::Result<FramedStream> {
-        let mut connection = frame::framed(TcpStream::connect(&self.addr).await?);
+        let mut connection = frame::framed(crate::dial::connect(&self.addr).await?);
         let hello = Hello {
             channel: Channel::Link,
             from: self.local.id,
@@ -160,7 +159,7 @@ impl Sender {
                 io::ErrorKind::ConnectionRefused,
                 format!("{} is node {node}, not node {}", self.addr, self.dest),
             )),
-            Welcome::Rejected(reason) => {
+            Welcome::Rejected(reason) | Welcome::Fenced(reason) => {
                 Err(io::Error::new(io::ErrorKind::ConnectionRefused, reason))
             }
         }

@@ -38,7 +38,6 @@ fn serve(
 ) -> JoinHandle<()> {
     let acceptor = Arc::new(Acceptor {
         local: local(id),
-        peer_count: 2,
         raft: None,
         link: Some(inbound),
         counters,

@@ -6,10 +6,16 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde_json::{json, Value};
 
-/// Whether this node has joined its cluster: a leader is known and this node is a member.
+/// Whether this node has joined its cluster: a leader is known and this node is a member
+/// whose incarnation the membership records (from then on, a restart with an empty data
+/// directory under this id is fenced).
 pub(crate) fn joined(coordinator: &Coordinator) -> bool {
     let status = coordinator.status();
-    status.leader.is_some() && status.members.iter().any(|m| m.id == status.node_id)
+    status.leader.is_some()
+        && status
+            .members
+            .iter()
+            .any(|m| m.id == status.node_id && m.incarnation == status.incarnation)
 }
 
 fn role_name(role: Role) -> &'static str {
@@ -41,6 +47,7 @@ pub(crate) fn status_json(coordinator: &Coordinator) -> Value {
             "voter": member.voter,
             "matched_index": member.matched_index,
         })).collect::<Vec<_>>(),
+        "fenced": status.fenced,
         "links": status.links.iter().map(|link| json!({
             "node": link.node,
             "connected": link.connected,

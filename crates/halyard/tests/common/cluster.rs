@@ -10,21 +10,23 @@ use super::{http, Broker};
 
 /// How long a fresh cluster may take to elect a leader and have every node ready (three
 /// debug processes share two cores).
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Start attempts before giving up: a cluster port picked free may be taken again before
 /// the node binds it (rare), which shows as a node that never comes up.
-const START_ATTEMPTS: usize = 3;
+pub const START_ATTEMPTS: usize = 3;
 
 /// Three running nodes, ids 1..=3 at indexes 0..=2.
 pub struct Cluster {
     nodes: Vec<Broker>,
     /// Each node's cluster arguments, to restart it as itself.
     args: Vec<Vec<String>>,
+    /// Each node's cluster address, node 1 first.
+    peers: Vec<String>,
 }
 
 /// `n` distinct free loopback ports, found by binding port 0 and releasing it.
-fn free_ports(n: usize) -> Vec<u16> {
+pub fn free_ports(n: usize) -> Vec<u16> {
     let listeners: Vec<TcpListener> = (0..n)
         .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port"))
         .collect();
@@ -49,7 +51,7 @@ pub fn cluster_args(node_id: Option<usize>, listen: &str, peers: &str) -> Vec<St
 }
 
 /// Polls `/readyz` of `node` until it answers 200 or `deadline` passes.
-fn wait_ready(node: &Broker, deadline: Instant) -> bool {
+pub fn wait_ready(node: &Broker, deadline: Instant) -> bool {
     loop {
         if readyz(node) == 200 {
             return true;
@@ -106,6 +108,7 @@ impl Cluster {
         Ok(Cluster {
             nodes,
             args: node_args,
+            peers,
         })
     }
 
@@ -131,6 +134,29 @@ impl Cluster {
     /// Node `id` (1-based, as in `--node-id`).
     pub fn node(&self, id: usize) -> &Broker {
         &self.nodes[id - 1]
+    }
+
+    /// Node `id`, to kill or signal it.
+    pub fn node_mut(&mut self, id: usize) -> &mut Broker {
+        &mut self.nodes[id - 1]
+    }
+
+    /// The cluster address of node `id`.
+    pub fn cluster_addr(&self, id: usize) -> &str {
+        &self.peers[id - 1]
+    }
+
+    /// The `--peers` list every node was started with.
+    pub fn peer_list(&self) -> String {
+        self.peers.join(",")
+    }
+
+    /// Replaces node `id` by a new process with the same id and addresses and a new, empty
+    /// data directory (the old one is removed with the old process).
+    pub fn restart_with_empty_data(&mut self, id: usize) {
+        let args = cluster_args(Some(id), self.cluster_addr(id), &self.peer_list());
+        self.nodes[id - 1].kill9();
+        self.nodes[id - 1] = Broker::try_start_with_args(&args).unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// The MQTT address of node `id`.

@@ -171,9 +171,19 @@ impl Broker {
     /// for tests of shipped command lines: the config they name must listen on 127.0.0.1
     /// port 0 and serve HTTP. `data_dir` is removed when the broker is dropped.
     pub fn start_with_args(args: &[&str], env: &[(&str, &str)], data_dir: PathBuf) -> Broker {
+        Self::try_start_exact(args, env, data_dir).unwrap_or_else(|error| panic!("{error}"))
+    }
+
+    /// [`Broker::start_with_args`], with an error (and the broker's stderr) instead of a
+    /// panic when it does not come up, so a caller can retry after a port collision.
+    pub fn try_start_exact(
+        args: &[&str],
+        env: &[(&str, &str)],
+        data_dir: PathBuf,
+    ) -> Result<Broker, String> {
         let mut cmd = halyard_cmd();
         cmd.args(args).envs(env.iter().copied());
-        Self::launch(cmd, None, data_dir, true)
+        Self::try_launch(cmd, None, data_dir, true)
     }
 
     fn launch(
