@@ -1,10 +1,24 @@
 //! redb's errors, and the panics it raises on some damaged pages, as the store reports them.
 
-use halyard_core::store::StoreError;
+use halyard_core::store::{io_is_no_space, StoreError};
 
-/// Turns a redb error into the store's, saying what was being done.
+/// Turns a redb error into the store's, saying what was being done; a full file system
+/// (ENOSPC, EDQUOT) becomes a `NoSpace` error, which degrades the broker instead of
+/// stopping it.
 pub(crate) fn failed(context: &'static str) -> impl FnOnce(redb::Error) -> StoreError {
-    move |e| StoreError(format!("{context}: {e}"))
+    move |e| {
+        let message = format!("{context}: {e}");
+        if is_no_space(&e) {
+            StoreError::no_space(message)
+        } else {
+            StoreError::new(message)
+        }
+    }
+}
+
+/// Whether redb failed because the file system has no space (or quota) left.
+fn is_no_space(error: &redb::Error) -> bool {
+    matches!(error, redb::Error::Io(io) if io_is_no_space(io))
 }
 
 /// Converts any redb error to [`redb::Error`], the type [`failed`] and [`is_corruption`] read.

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use halyard_core::retained::{retained_key, RetainedScan, ScanStep};
 use halyard_core::store::{
-    DeliveryState, LoadedSession, LoadedState, RetainedPage, SessionRecord, Store, StoreError,
-    StoredDelivery, StoredMessage,
+    io_is_no_space, DeliveryState, LoadedSession, LoadedState, RetainedPage, SessionRecord,
+    Store, StoreError, StoredDelivery, StoredMessage,
 };
 use halyard_core::SubscriptionEntry;
 use redb::{
@@ -37,6 +37,14 @@ use crate::tables::{
 
 /// Name of the data file inside the configured directory.
 pub const FILE_NAME: &str = "halyard.redb";
+
+/// File written and removed next to the data file by [`Store::probe`] to see whether the
+/// file system has room again.
+const PROBE_FILE: &str = "halyard.space-probe";
+
+/// Room a probe asks for: more than a typical batch needs, so that the broker does not leave
+/// degraded mode on the few bytes a deletion freed only to fail its next commit.
+const PROBE_BYTES: usize = 1 << 20;
 
 /// At most this many non-durable commits in a row, whatever the policy. redb reuses the pages
 /// a transaction freed only after a durable commit, so every non-durable commit grows the
@@ -125,7 +133,8 @@ impl fmt::Display for LoadReport {
 /// Writes between two commits go into one open redb write transaction, begun at the first
 /// write, so a batch costs one commit (group commit); reads see that transaction's writes.
 /// Because the trait's write methods cannot fail, a write error is remembered and returned by
-/// the next [`Store::commit`], which the server treats as fatal.
+/// the next [`Store::commit`], which the server treats as fatal, unless the file system is out
+/// of space: then the store is *out of space* (see [`Store::probe`]) until a probe finds room.
 ///
 /// Dropping the store discards uncommitted writes, as a crash would, then makes earlier
 /// non-durable commits durable.
@@ -142,6 +151,10 @@ pub struct RedbStore {
     last_durable: Instant,
     /// The first write error of the current batch.
     failure: Option<StoreError>,
+    /// Set by a write or commit that failed for want of space. redb refuses every
+    /// operation after an I/O error until the file is reopened, so until a probe reopens it,
+    /// writes are discarded and commits and reads fail at once.
+    out_of_space: bool,
     set_aside: Option<PathBuf>,
     last_load: Option<LoadReport>,
 }
@@ -255,7 +268,7 @@ fn migrate_retained(txn: &WriteTransaction) -> Result<u64, redb::Error> {
 /// The error of [`OnCorruption::Refuse`]: what is damaged, and that nothing was changed.
 fn refused(path: &Path, reason: &str) -> StoreError {
     error!(file = %path.display(), %reason, "data file is damaged; refusing to use it (on_corruption = refuse): nothing was changed");
-    StoreError(format!(
+    StoreError::new(format!(
         "{} is damaged ({reason}); refusing to use it (on_corruption = refuse): nothing was \
          changed; restore it from a backup, move it aside to start empty, or set \
          on_corruption = \"salvage\" to keep every intact record",
@@ -603,7 +616,7 @@ impl RedbStore {
         on_corruption: OnCorruption,
     ) -> Result<RedbStore, StoreError> {
         std::fs::create_dir_all(dir)
-            .map_err(|e| StoreError(format!("creating {}: {e}", dir.display())))?;
+            .map_err(|e| StoreError::new(format!("creating {}: {e}", dir.display())))?;
         let path = dir.join(FILE_NAME);
         let (db, set_aside) = match open_database(&path) {
             Ok(db) => (db, None),
@@ -614,7 +627,7 @@ impl RedbStore {
             Err(OpenError::Corrupt(reason)) => {
                 let aside = set_aside_path(dir);
                 std::fs::rename(&path, &aside).map_err(|e| {
-                    StoreError(format!(
+                    StoreError::new(format!(
                         "{} is corrupt ({reason}) and could not be moved aside: {e}",
                         path.display()
                     ))
@@ -627,8 +640,8 @@ impl RedbStore {
                      readable in it is copied to a new file"
                 );
                 let db = open_database(&path).map_err(|e| match e {
-                    OpenError::Corrupt(reason) | OpenError::Other(StoreError(reason)) => {
-                        StoreError(format!("creating a new {}: {reason}", path.display()))
+                    OpenError::Corrupt(reason) | OpenError::Other(StoreError { message: reason, .. }) => {
+                        StoreError::new(format!("creating a new {}: {reason}", path.display()))
                     }
                 })?;
                 recover_unopenable(&aside, &db)?;
@@ -644,6 +657,7 @@ impl RedbStore {
             unsynced: 0,
             last_durable: Instant::now(),
             failure: None,
+            out_of_space: false,
             set_aside,
             last_load: None,
         })
@@ -693,20 +707,74 @@ impl RedbStore {
         context: &'static str,
         op: impl FnOnce(&WriteTransaction) -> Result<(), redb::Error>,
     ) {
-        if self.failure.is_some() {
+        if self.failure.is_some() || self.out_of_space {
             return; // The batch is lost already; the next commit reports why.
         }
         if let Err(e) = self.batch().and_then(|txn| op(txn).or_store(context)) {
-            self.fail(context, e);
+            self.remember(e);
         }
     }
 
-    /// Remembers the first failure of the batch for the next commit.
+    /// Remembers a failure that is not redb's (a record that does not encode).
     fn fail(&mut self, context: &'static str, error: impl fmt::Display) {
-        error!(%error, "{context} failed; the next commit fails");
-        if self.failure.is_none() {
-            self.failure = Some(StoreError(format!("{context}: {error}")));
+        self.remember(StoreError::new(format!("{context}: {error}")));
+    }
+
+    /// Remembers the first failure of the batch for the next commit. A full disk is logged
+    /// once, by the server, as the start of degraded mode, not here per write.
+    fn remember(&mut self, error: StoreError) {
+        if error.is_no_space() {
+            self.out_of_space = true;
+            self.txn = None;
+        } else {
+            error!(%error, "a write failed; the next commit fails");
         }
+        if self.failure.is_none() {
+            self.failure = Some(error);
+        }
+    }
+
+    /// The error of a commit or read refused because the store is out of space.
+    fn no_space_error() -> StoreError {
+        StoreError::no_space("the file system is full; writes wait for a probe to find room")
+    }
+
+    /// Whether `dir` has [`PROBE_BYTES`] free: written, synced and removed again.
+    fn probe_space(&self) -> Result<(), StoreError> {
+        let probe = self.path.with_file_name(PROBE_FILE);
+        let written = std::fs::File::create(&probe).and_then(|mut file| {
+            std::io::Write::write_all(&mut file, &vec![0u8; PROBE_BYTES])?;
+            file.sync_all()
+        });
+        let removed = std::fs::remove_file(&probe);
+        let describe = |e: std::io::Error| {
+            let message = format!("probing for free space with {}: {e}", probe.display());
+            if io_is_no_space(&e) {
+                StoreError::no_space(message)
+            } else {
+                StoreError::new(message)
+            }
+        };
+        written.map_err(describe)?;
+        removed.map_err(describe)
+    }
+
+    /// Closes the poisoned database and opens the file again (redb repairs it, as after a
+    /// crash), which also commits durably: the proof that writes work again.
+    fn reopen(&mut self) -> Result<(), StoreError> {
+        // The file is locked while open, so the old handle must go before the new one;
+        // an empty in-memory database stands in meanwhile (and stays if opening fails).
+        let placeholder = Builder::new()
+            .create_with_backend(redb::backends::InMemoryBackend::new())
+            .or_store("opening a placeholder")?;
+        drop(std::mem::replace(&mut self.db, placeholder));
+        self.db = open_database(&self.path).map_err(|e| match e {
+            OpenError::Other(error) => error,
+            OpenError::Corrupt(reason) => {
+                StoreError::new(format!("reopening {}: {reason}", self.path.display()))
+            }
+        })?;
+        Ok(())
     }
 
     /// Scans the committed data through a read transaction, catching the panics redb raises
@@ -743,7 +811,7 @@ impl RedbStore {
         let dir = self.path.parent().unwrap_or(Path::new("."));
         let aside = set_aside_path(dir);
         std::fs::rename(&self.path, &aside).map_err(|e| {
-            StoreError(format!(
+            StoreError::new(format!(
                 "{} is damaged ({reason}) and could not be moved aside: {e}",
                 self.path.display()
             ))
@@ -756,8 +824,8 @@ impl RedbStore {
              new file"
         );
         let fresh = open_database(&self.path).map_err(|e| match e {
-            OpenError::Corrupt(reason) | OpenError::Other(StoreError(reason)) => {
-                StoreError(format!("creating a new {}: {reason}", self.path.display()))
+            OpenError::Corrupt(reason) | OpenError::Other(StoreError { message: reason, .. }) => {
+                StoreError::new(format!("creating a new {}: {reason}", self.path.display()))
             }
         })?;
         let damaged = std::mem::replace(&mut self.db, fresh);
@@ -834,7 +902,7 @@ impl Store for RedbStore {
                         Ok(state) => state,
                         Err(ScanFailure::Failed(e)) => return Err(e),
                         Err(ScanFailure::Damaged(reason)) => {
-                            return Err(StoreError(format!("loading salvaged data: {reason}")))
+                            return Err(StoreError::new(format!("loading salvaged data: {reason}")))
                         }
                     }
                 }
@@ -982,6 +1050,9 @@ impl Store for RedbStore {
         limit: usize,
     ) -> Result<Vec<(u64, StoredDelivery)>, StoreError> {
         const CONTEXT: &str = "reading a queue";
+        if self.out_of_space {
+            return Err(Self::no_space_error());
+        }
         let mut bad = Vec::new();
         let mut read = || -> Result<_, redb::Error> {
             match &self.txn {
@@ -1040,6 +1111,9 @@ impl Store for RedbStore {
         limit: usize,
     ) -> Result<RetainedPage<StoredMessage>, StoreError> {
         const CONTEXT: &str = "reading retained messages";
+        if self.out_of_space {
+            return Err(Self::no_space_error());
+        }
         let mut bad = Vec::new();
         let page = match &self.txn {
             Some(txn) => {
@@ -1086,6 +1160,9 @@ impl Store for RedbStore {
             self.txn = None;
             return Err(e);
         }
+        if self.out_of_space {
+            return Err(Self::no_space_error());
+        }
         let now = Instant::now();
         let durable = self.durable_due(now);
         let mut txn = match self.txn.take() {
@@ -1098,7 +1175,10 @@ impl Store for RedbStore {
         } else {
             Durability::None
         });
-        txn.commit().or_store("committing")?;
+        if let Err(e) = txn.commit().or_store("committing") {
+            self.out_of_space |= e.is_no_space();
+            return Err(e);
+        }
         if durable {
             self.last_durable = now;
             self.unsynced = 0;
@@ -1109,8 +1189,25 @@ impl Store for RedbStore {
     }
 
     fn commit_may_block(&self) -> bool {
-        // Nothing written and nothing left to make durable: `commit` returns at once.
-        self.txn.is_some() || self.unsynced > 0 || self.failure.is_some()
+        // Nothing written and nothing left to make durable, or out of space: `commit`
+        // returns at once.
+        !self.out_of_space && (self.txn.is_some() || self.unsynced > 0 || self.failure.is_some())
+    }
+
+    /// Checks that [`PROBE_BYTES`] fit on the file system, then reopens the database. Commits
+    /// made with `fsync = "interval"` or `"never"` that were not yet durable are lost with
+    /// the old handle, as in a crash.
+    fn probe(&mut self) -> Result<(), StoreError> {
+        if !self.out_of_space {
+            return self.commit();
+        }
+        self.probe_space()?;
+        self.reopen()?;
+        self.out_of_space = false;
+        self.failure = None;
+        self.unsynced = 0;
+        self.last_durable = Instant::now();
+        Ok(())
     }
 }
 
