@@ -97,7 +97,11 @@ impl Broker {
     }
 
     /// Answers a CONNECT refused by [`Broker::refuses_persistent_session`].
-    pub(crate) fn refuse_persistent_session(&mut self, conn: ConnectionId, version: ProtocolVersion) {
+    pub(crate) fn refuse_persistent_session(
+        &mut self,
+        conn: ConnectionId,
+        version: ProtocolVersion,
+    ) {
         self.out.stats.disk_full_refusals += 1;
         // [MQTT-3.2.2-6], [MQTT-3.2.2-7]: no session present, and the connection closes.
         self.out.send(

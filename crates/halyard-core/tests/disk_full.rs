@@ -156,7 +156,13 @@ impl Harness {
         assert_eq!(connack_code(&outputs, conn), Some(ReasonCode::SUCCESS));
     }
 
-    fn publish(&mut self, conn: ConnectionId, qos: QoS, packet_id: u16, payload: &str) -> Vec<Output> {
+    fn publish(
+        &mut self,
+        conn: ConnectionId,
+        qos: QoS,
+        packet_id: u16,
+        payload: &str,
+    ) -> Vec<Output> {
         let publish = Publish {
             dup: false,
             qos,

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use halyard_core::retained::{retained_key, RetainedScan, ScanStep};
 use halyard_core::store::{
-    io_is_no_space, DeliveryState, LoadedSession, LoadedState, RetainedPage, SessionRecord,
-    Store, StoreError, StoredDelivery, StoredMessage,
+    io_is_no_space, DeliveryState, LoadedSession, LoadedState, RetainedPage, SessionRecord, Store,
+    StoreError, StoredDelivery, StoredMessage,
 };
 use halyard_core::SubscriptionEntry;
 use redb::{
@@ -640,9 +640,10 @@ impl RedbStore {
                      readable in it is copied to a new file"
                 );
                 let db = open_database(&path).map_err(|e| match e {
-                    OpenError::Corrupt(reason) | OpenError::Other(StoreError { message: reason, .. }) => {
-                        StoreError::new(format!("creating a new {}: {reason}", path.display()))
-                    }
+                    OpenError::Corrupt(reason)
+                    | OpenError::Other(StoreError {
+                        message: reason, ..
+                    }) => StoreError::new(format!("creating a new {}: {reason}", path.display())),
                 })?;
                 recover_unopenable(&aside, &db)?;
                 (db, Some(aside))
@@ -824,9 +825,10 @@ impl RedbStore {
              new file"
         );
         let fresh = open_database(&self.path).map_err(|e| match e {
-            OpenError::Corrupt(reason) | OpenError::Other(StoreError { message: reason, .. }) => {
-                StoreError::new(format!("creating a new {}: {reason}", self.path.display()))
-            }
+            OpenError::Corrupt(reason)
+            | OpenError::Other(StoreError {
+                message: reason, ..
+            }) => StoreError::new(format!("creating a new {}: {reason}", self.path.display())),
         })?;
         let damaged = std::mem::replace(&mut self.db, fresh);
         self.txn = None;
