@@ -71,10 +71,28 @@ impl Broker {
                 self.disk_full = None;
                 self.pushback.note_maybe_room();
                 self.retry_paused(now);
+                self.pump_stalled_queues(now);
                 Ok(true)
             }
             Err(error) if error.is_no_space() => Ok(false),
             Err(error) => Err(error),
+        }
+    }
+
+    /// Reads of on-disk queues failed while the store was full; a connected session whose
+    /// queue stalled on one may have no acknowledgement coming to retry it, so it is pumped
+    /// now.
+    fn pump_stalled_queues(&mut self, now: Instant) {
+        let stalled: Vec<_> = self
+            .sessions
+            .iter()
+            .filter(|(_, session)| {
+                session.link.is_some() && session.spilled > 0 && session.pending.is_empty()
+            })
+            .map(|(&key, _)| key)
+            .collect();
+        for key in stalled {
+            self.pump(now, key);
         }
     }
 

@@ -24,6 +24,7 @@ use redb::{
 };
 use tracing::{error, info, warn};
 
+use crate::deferred::{DeferredWrite, DeferredWrites};
 use crate::format::{
     decode_delivery, decode_retained, decode_session, decode_subscription, delivery_state,
     encode_delivery, encode_retained, encode_session, encode_subscription, patch_delivery_state,
@@ -153,8 +154,10 @@ pub struct RedbStore {
     failure: Option<StoreError>,
     /// Set by a write or commit that failed for want of space. redb refuses every
     /// operation after an I/O error until the file is reopened, so until a probe reopens it,
-    /// writes are discarded and commits and reads fail at once.
+    /// writes are kept aside (`deferred`) and commits and reads fail at once.
     out_of_space: bool,
+    /// What was written while out of space, for the probe that finds room to apply.
+    deferred: DeferredWrites,
     set_aside: Option<PathBuf>,
     last_load: Option<LoadReport>,
 }
@@ -659,6 +662,7 @@ impl RedbStore {
             last_durable: Instant::now(),
             failure: None,
             out_of_space: false,
+            deferred: DeferredWrites::default(),
             set_aside,
             last_load: None,
         })
@@ -732,6 +736,14 @@ impl RedbStore {
         }
         if self.failure.is_none() {
             self.failure = Some(error);
+        }
+    }
+
+    /// Keeps a write made while out of space for the probe to apply; a write of the batch
+    /// whose commit is about to fail goes with that batch.
+    fn defer(&mut self, write: DeferredWrite) {
+        if self.failure.is_none() {
+            self.deferred.push(write);
         }
     }
 
@@ -933,6 +945,9 @@ impl Store for RedbStore {
     }
 
     fn put_session(&mut self, record: &SessionRecord) {
+        if self.out_of_space {
+            return self.defer(DeferredWrite::PutSession(Box::new(record.clone())));
+        }
         const CONTEXT: &str = "writing a session";
         match encode_session(record) {
             Ok(value) => self.write(CONTEXT, |txn| {
@@ -945,6 +960,9 @@ impl Store for RedbStore {
     }
 
     fn delete_session(&mut self, client_id: &str) {
+        if self.out_of_space {
+            return self.defer(DeferredWrite::DeleteSession(client_id.to_owned()));
+        }
         self.write("deleting a session", |txn| {
             txn.open_table(SESSIONS)?.remove(client_id)?;
             let mut subscriptions = txn.open_table(SUBSCRIPTIONS)?;
@@ -969,6 +987,13 @@ impl Store for RedbStore {
     }
 
     fn put_subscription(&mut self, client_id: &str, filter: &str, entry: &SubscriptionEntry) {
+        if self.out_of_space {
+            return self.defer(DeferredWrite::PutSubscription(
+                client_id.to_owned(),
+                filter.to_owned(),
+                *entry,
+            ));
+        }
         let value = encode_subscription(client_id, filter, entry);
         self.write("writing a subscription", |txn| {
             let mut table = txn.open_table(SUBSCRIPTIONS)?;
@@ -978,6 +1003,12 @@ impl Store for RedbStore {
     }
 
     fn delete_subscription(&mut self, client_id: &str, filter: &str) {
+        if self.out_of_space {
+            return self.defer(DeferredWrite::DeleteSubscription(
+                client_id.to_owned(),
+                filter.to_owned(),
+            ));
+        }
         self.write("deleting a subscription", |txn| {
             txn.open_table(SUBSCRIPTIONS)?.remove((client_id, filter))?;
             Ok(())
@@ -985,6 +1016,12 @@ impl Store for RedbStore {
     }
 
     fn put_inbound_qos2(&mut self, client_id: &str, packet_id: u16) {
+        if self.out_of_space {
+            return self.defer(DeferredWrite::PutInboundQos2(
+                client_id.to_owned(),
+                packet_id,
+            ));
+        }
         self.write("writing an inbound QoS 2 id", |txn| {
             txn.open_table(INBOUND_QOS2)?
                 .insert((client_id, packet_id), ())?;
@@ -993,6 +1030,12 @@ impl Store for RedbStore {
     }
 
     fn delete_inbound_qos2(&mut self, client_id: &str, packet_id: u16) {
+        if self.out_of_space {
+            return self.defer(DeferredWrite::DeleteInboundQos2(
+                client_id.to_owned(),
+                packet_id,
+            ));
+        }
         self.write("deleting an inbound QoS 2 id", |txn| {
             txn.open_table(INBOUND_QOS2)?
                 .remove((client_id, packet_id))?;
@@ -1008,6 +1051,14 @@ impl Store for RedbStore {
         state: DeliveryState,
     ) {
         const CONTEXT: &str = "writing a delivery";
+        if self.out_of_space {
+            return self.defer(DeferredWrite::PutDelivery(
+                client_id.to_owned(),
+                seq,
+                Box::new(delivery.clone()),
+                state,
+            ));
+        }
         match encode_delivery(client_id, seq, delivery, state) {
             Ok(value) => self.write(CONTEXT, |txn| {
                 let mut table = txn.open_table(DELIVERIES)?;
@@ -1019,6 +1070,13 @@ impl Store for RedbStore {
     }
 
     fn set_delivery_state(&mut self, client_id: &str, seq: u64, state: DeliveryState) {
+        if self.out_of_space {
+            return self.defer(DeferredWrite::SetDeliveryState(
+                client_id.to_owned(),
+                seq,
+                state,
+            ));
+        }
         self.write("updating a delivery", |txn| {
             let mut table = txn.open_table(DELIVERIES)?;
             let patched = match table.get((client_id, seq))? {
@@ -1039,6 +1097,9 @@ impl Store for RedbStore {
     }
 
     fn delete_delivery(&mut self, client_id: &str, seq: u64) {
+        if self.out_of_space {
+            return self.defer(DeferredWrite::DeleteDelivery(client_id.to_owned(), seq));
+        }
         self.write("deleting a delivery", |txn| {
             txn.open_table(DELIVERIES)?.remove((client_id, seq))?;
             Ok(())
@@ -1086,6 +1147,9 @@ impl Store for RedbStore {
     }
 
     fn put_retained(&mut self, message: &StoredMessage) {
+        if self.out_of_space {
+            return self.defer(DeferredWrite::PutRetained(Box::new(message.clone())));
+        }
         const CONTEXT: &str = "writing a retained message";
         let key = retained_key(&message.topic);
         match encode_retained(&key, message) {
@@ -1099,6 +1163,9 @@ impl Store for RedbStore {
     }
 
     fn delete_retained(&mut self, topic: &str) {
+        if self.out_of_space {
+            return self.defer(DeferredWrite::DeleteRetained(topic.to_owned()));
+        }
         self.write("deleting a retained message", |txn| {
             txn.open_table(RETAINED)?
                 .remove(retained_key(topic).as_str())?;
@@ -1196,9 +1263,10 @@ impl Store for RedbStore {
         !self.out_of_space && (self.txn.is_some() || self.unsynced > 0 || self.failure.is_some())
     }
 
-    /// Checks that [`PROBE_BYTES`] fit on the file system, then reopens the database. Commits
-    /// made with `fsync = "interval"` or `"never"` that were not yet durable are lost with
-    /// the old handle, as in a crash.
+    /// Checks that [`PROBE_BYTES`] fit on the file system, reopens the database and commits
+    /// the writes made meanwhile. Commits made with `fsync = "interval"` or `"never"` that
+    /// were not yet durable are lost with the old handle, as in a crash; so are the writes of
+    /// the batch whose commit failed (the broker acknowledged none of them).
     fn probe(&mut self) -> Result<(), StoreError> {
         if !self.out_of_space {
             return self.commit();
@@ -1209,6 +1277,25 @@ impl Store for RedbStore {
         self.failure = None;
         self.unsynced = 0;
         self.last_durable = Instant::now();
+        let deferred = std::mem::take(&mut self.deferred);
+        deferred.apply(self);
+        if let Err(error) = self.commit() {
+            // Kept for the next probe (what `apply` deferred again is in it already).
+            self.deferred = deferred;
+            return Err(error);
+        }
+        info!(
+            writes = deferred.len(),
+            "store writable again: the writes made while it was full are committed"
+        );
+        if deferred.dropped > 0 {
+            error!(
+                lost = deferred.dropped,
+                "writes made while the disk was full did not fit in memory and were not kept: \
+                 after a restart the store may lack recent subscriptions or session changes, and \
+                 deliver some acknowledged messages again"
+            );
+        }
         Ok(())
     }
 }

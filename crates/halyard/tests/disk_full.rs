@@ -80,8 +80,8 @@ impl Drop for SmallFs {
     }
 }
 
-fn persistent_connect(version: ProtocolVersion, id: &str) -> halyard_codec::Connect {
-    let mut connect = connect_packet(version, id, true);
+fn persistent_connect(version: ProtocolVersion, id: &str, clean: bool) -> halyard_codec::Connect {
+    let mut connect = connect_packet(version, id, clean);
     connect.properties.session_expiry_interval = Some(3600);
     connect
 }
@@ -129,7 +129,12 @@ async fn a_full_data_directory_degrades_then_recovers() {
     let mut broker = common::Broker::start_durable(&data_dir, CONFIG);
     let addr = broker.addr();
     // A persistent subscriber away: every QoS 1 message to "t" is written to its queue.
-    offline_subscriber(addr, persistent_connect(ProtocolVersion::V5, "logger"), "t").await;
+    offline_subscriber(
+        addr,
+        persistent_connect(ProtocolVersion::V5, "logger", true),
+        "t",
+    )
+    .await;
     let mut publisher = RawClient::connect_v5(addr, "publisher", true).await;
     assert_eq!(
         publish1(&mut publisher, 1, b"before").await,
@@ -171,12 +176,30 @@ async fn a_full_data_directory_degrades_then_recovers() {
     assert_eq!(qos0.payload.as_ref(), b"qos0");
     assert_eq!(qos0.qos, QoS::AtMostOnce);
     // ... and a new persistent session is refused: 0x88, and 0x03 in 3.1.1.
-    let (_, ack) = RawClient::handshake(addr, persistent_connect(ProtocolVersion::V5, "new")).await;
+    let (_, ack) =
+        RawClient::handshake(addr, persistent_connect(ProtocolVersion::V5, "new", true)).await;
     assert_eq!(ack.code, ReasonCode::SERVER_UNAVAILABLE);
     assert!(!ack.session_present, "[MQTT-3.2.2-6]");
     let (_, ack) =
         RawClient::handshake(addr, connect_packet(ProtocolVersion::V3_1_1, "new3", false)).await;
     assert_eq!(ack.code, ReasonCode::V3_SERVER_UNAVAILABLE);
+    // A stored persistent session resumes, and what it changes is kept aside for the disk.
+    let (mut logger, ack) = RawClient::handshake(
+        addr,
+        persistent_connect(ProtocolVersion::V5, "logger", false),
+    )
+    .await;
+    assert!(ack.session_present);
+    logger
+        .send(&halyard_codec::Packet::Subscribe(subscribe_packet(
+            9,
+            &[("later", QoS::AtLeastOnce)],
+        )))
+        .await;
+    logger
+        .recv_where("SUBACK", |p| matches!(p, halyard_codec::Packet::SubAck(_)))
+        .await;
+    logger.disconnect().await;
     let (status, body) = readyz(&broker);
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("data directory is full"), "{body}");
@@ -209,7 +232,8 @@ async fn a_full_data_directory_degrades_then_recovers() {
     let (status, body) = readyz(&broker);
     assert_eq!(status, 200, "{body}");
     assert_eq!(metric(&broker, "halyard_disk_full"), 0.0);
-    let (_, ack) = RawClient::handshake(addr, persistent_connect(ProtocolVersion::V5, "new")).await;
+    let (_, ack) =
+        RawClient::handshake(addr, persistent_connect(ProtocolVersion::V5, "new", true)).await;
     assert_eq!(ack.code, ReasonCode::SUCCESS, "persistent sessions again");
     assert!(
         broker.wait_exit(Duration::ZERO).is_none(),
@@ -222,6 +246,32 @@ async fn a_full_data_directory_degrades_then_recovers() {
         "{logs}"
     );
     assert_eq!(logs.matches("has space again").count(), 1, "{logs}");
+
+    // The subscription made while degraded reached the disk: it survives a crash.
+    broker.kill9();
+    drop(broker);
+    let broker = common::Broker::start_durable(&data_dir, CONFIG);
+    let addr = broker.addr();
+    let (mut logger, ack) = RawClient::handshake(
+        addr,
+        persistent_connect(ProtocolVersion::V5, "logger", false),
+    )
+    .await;
+    assert!(ack.session_present);
+    let mut publisher = RawClient::connect_v5(addr, "publisher", true).await;
+    assert_eq!(
+        publisher
+            .publish(publish_packet(
+                "later",
+                b"later",
+                QoS::AtLeastOnce,
+                false,
+                Some(1)
+            ))
+            .await,
+        ReasonCode::SUCCESS
+    );
+    expect_payload(&mut logger, b"later").await;
     drop(broker);
     drop(fs);
 }
