@@ -333,6 +333,8 @@ async fn broker_info(State(state): State<AppState>, headers: HeaderMap) -> ApiRe
         "dropped_queue_full": stats.dropped_queue_full,
         "dropped_slow_consumer": state.metrics.dropped_slow_consumer.get(),
         "refused_quota": stats.refused_quota,
+        "disk_full": stats.disk_full,
+        "disk_full_refusals": stats.disk_full_refusals,
     }))
     .into_response())
 }
