@@ -102,3 +102,47 @@ impl DeferredWrites {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MemoryStore;
+    use bytes::Bytes;
+    use halyard_codec::{Properties, QoS};
+
+    fn retained(topic: &str, len: usize) -> DeferredWrite {
+        DeferredWrite::PutRetained(Box::new(StoredMessage {
+            topic: topic.into(),
+            payload: Bytes::from(vec![0u8; len]),
+            qos: QoS::AtMostOnce,
+            retain: true,
+            properties: Properties::default(),
+            expires_at: None,
+        }))
+    }
+
+    #[test]
+    fn writes_beyond_the_bounds_are_counted_not_kept() {
+        let mut writes = DeferredWrites::default();
+        writes.push(retained("a", MAX_PAYLOAD_BYTES));
+        writes.push(retained("b", 1));
+        assert_eq!((writes.len(), writes.dropped), (1, 1));
+        for seq in 1..MAX_WRITES as u64 {
+            writes.push(DeferredWrite::DeleteDelivery("c".into(), seq));
+        }
+        writes.push(DeferredWrite::DeleteRetained("a".into()));
+        assert_eq!((writes.len(), writes.dropped), (MAX_WRITES, 2));
+    }
+
+    #[test]
+    fn applied_in_order() {
+        let mut writes = DeferredWrites::default();
+        writes.push(retained("a", 3));
+        writes.push(DeferredWrite::DeleteRetained("a".into()));
+        writes.push(retained("b", 3));
+        let mut store = MemoryStore::new();
+        writes.apply(&mut store);
+        store.commit().expect("commit");
+        assert_eq!(store.retained_len(), 1, "a put then deleted, b put");
+    }
+}

@@ -52,3 +52,25 @@ pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn classified(errno: i32) -> StoreError {
+        failed("committing")(redb::Error::Io(std::io::Error::from_raw_os_error(errno)))
+    }
+
+    #[test]
+    fn a_full_disk_or_quota_is_no_space_and_other_io_errors_are_not() {
+        const ENOSPC: i32 = 28;
+        const EDQUOT: i32 = 122;
+        const EACCES: i32 = 13;
+        const EIO: i32 = 5;
+        assert!(classified(ENOSPC).is_no_space());
+        assert!(classified(EDQUOT).is_no_space());
+        assert!(!classified(EACCES).is_no_space());
+        assert!(!classified(EIO).is_no_space());
+        assert!(!failed("committing")(redb::Error::PreviousIo).is_no_space());
+    }
+}

@@ -688,6 +688,12 @@ impl RedbStore {
     fn shut_down(&mut self) -> Result<(), StoreError> {
         self.txn = None;
         self.failure = None;
+        if self.out_of_space {
+            let lost = self.deferred.len() as u64 + self.deferred.dropped;
+            return Err(StoreError::no_space(format!(
+                "the disk is still full: {lost} writes made since it filled are not stored"
+            )));
+        }
         if self.unsynced > 0 {
             let mut txn = self.db.begin_write().or_store("closing")?;
             txn.set_durability(Durability::Immediate);
