@@ -212,7 +212,25 @@ async fn a_full_data_directory_degrades_then_recovers() {
     );
     assert!(refusals >= 4.0, "refusals counted: {refusals}");
 
+    // A 3.1.1 publisher cannot be told: its QoS 1 publish is held unacknowledged.
+    let mut v3 = RawClient::connect_v311(addr, "publisher-3", true).await;
+    v3.send(&halyard_codec::Packet::Publish(publish_packet(
+        "t",
+        b"from 3.1.1",
+        QoS::AtLeastOnce,
+        false,
+        Some(1),
+    )))
+    .await;
+    v3.expect_nothing(300).await;
+
     std::fs::remove_file(&filler).expect("remove filler");
+    // Once space is back the held publish is routed and acknowledged.
+    match v3.try_recv(Duration::from_secs(20)).await {
+        Ok(halyard_codec::Packet::PubAck(ack)) => assert_eq!(ack.packet_id, 1),
+        other => panic!("expected the held publish's PUBACK, got {other:?}"),
+    }
+    expect_payload(&mut live, b"from 3.1.1").await;
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut id = refused_at + 2;
     loop {
