@@ -9,8 +9,10 @@ use halyard_core::{Broker, DropReport};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
+use crate::blocking::blocking;
 use crate::cluster::ClusterDriver;
 use crate::connection_log::ConnectionLog;
+use crate::disk_probe::DiskFullProbe;
 use crate::dispatch::{Dispatcher, SWEEP_SLICES};
 use crate::event::Event;
 use crate::metrics::Metrics;
@@ -215,63 +217,5 @@ fn commit(broker: &mut Broker, disk_probe: &mut DiskFullProbe) -> Result<(), Sto
             error!(%error, "commit failed; stopping without sending the uncommitted acknowledgements");
             Err(error)
         }
-    }
-}
-
-/// Runs `f`, which may block on I/O, handing the worker over on a multi-threaded runtime.
-fn blocking<T>(may_block: bool, f: impl FnOnce() -> T) -> T {
-    let flavor = tokio::runtime::Handle::current().runtime_flavor();
-    if may_block && flavor == tokio::runtime::RuntimeFlavor::MultiThread {
-        tokio::task::block_in_place(f)
-    } else {
-        f()
-    }
-}
-
-/// First wait between probes of a full store; doubled after each failed probe.
-const FIRST_PROBE_DELAY: Duration = Duration::from_millis(250);
-
-/// Longest wait between probes: space freed is noticed within this, and a probe (which
-/// reopens the data file) costs little at this rate.
-const MAX_PROBE_DELAY: Duration = Duration::from_secs(5);
-
-/// When the broker task next probes a full store, with exponential backoff.
-#[derive(Debug, Default)]
-struct DiskFullProbe {
-    next: Option<Instant>,
-    delay: Duration,
-}
-
-impl DiskFullProbe {
-    /// A degraded episode began: the first probe comes soon.
-    fn start(&mut self) {
-        self.delay = FIRST_PROBE_DELAY;
-        self.next = Some(Instant::now() + self.delay);
-    }
-
-    /// When to probe, if the broker is degraded.
-    fn due(&self, broker: &Broker) -> Option<Instant> {
-        self.next.filter(|_| broker.is_disk_full())
-    }
-
-    /// Probes once; on success degraded mode ends (logged once), otherwise the wait doubles.
-    fn probe(&mut self, broker: &mut Broker) -> Result<(), StoreError> {
-        let since = broker.disk_full_since();
-        let probed = blocking(true, || broker.probe_store(Instant::now()));
-        let recovered = probed.inspect_err(|error| {
-            error!(%error, "probing the full store failed otherwise; stopping");
-        })?;
-        if recovered {
-            let degraded_secs = since.map_or(0, |at| at.elapsed().as_secs());
-            info!(
-                degraded_secs,
-                "the data directory has space again: degraded mode ended"
-            );
-            self.next = None;
-        } else {
-            self.delay = (self.delay * 2).min(MAX_PROBE_DELAY);
-            self.next = Some(Instant::now() + self.delay);
-        }
-        Ok(())
     }
 }
