@@ -89,6 +89,8 @@ pub struct Broker {
     pub(crate) route_scratch: Vec<RouteMatch>,
     /// Publishers paused because a subscriber's queue is full (see `pushback`).
     pub(crate) pushback: Pushback,
+    /// Since when the store has been out of space (degraded mode, see `disk_full`).
+    pub(crate) disk_full: Option<Instant>,
     /// Topic access rules; [`AllowAll`] unless the server installs others (see `authz`).
     pub(crate) authorizer: Arc<dyn Authorizer>,
     /// Forwards to other nodes kept until they are stored there (see `forward_outbox`).
@@ -129,6 +131,7 @@ impl Broker {
             subscription_count: 0,
             route_scratch: Vec::new(),
             pushback: Pushback::default(),
+            disk_full: None,
             authorizer: Arc::new(AllowAll),
             outboxes: ForwardOutboxes::default(),
         }
@@ -152,6 +155,7 @@ impl Broker {
                     .journal
                     .as_ref()
                     .map_or(0, |journal| journal.store.retained_len()),
+            disk_full: self.disk_full.is_some(),
             ..self.out.stats
         }
     }

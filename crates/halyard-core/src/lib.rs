@@ -15,6 +15,7 @@ mod broker_topics;
 mod close;
 mod config;
 mod connect;
+mod disk_full;
 mod enhanced_auth;
 mod forward_outbox;
 mod lazy;

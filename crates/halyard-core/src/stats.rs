@@ -66,6 +66,12 @@ pub struct BrokerStats {
     /// are read again later, never dropped (a session moved to another node goes without
     /// them, counted here too).
     pub store_read_failures: u64,
+    /// Whether the store is out of space: the broker is degraded (see `Broker::is_disk_full`).
+    pub disk_full: bool,
+    /// What degraded mode refused: QoS 1/2 publishes (MQTT 5: 0x97; 3.x: paused, or closed
+    /// unacknowledged when their batch failed to commit) and new persistent sessions
+    /// (CONNACK 0x88 / 0x03).
+    pub disk_full_refusals: u64,
 }
 
 /// Why a message was dropped for one subscriber whose queue was full.

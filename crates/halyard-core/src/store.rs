@@ -165,11 +165,59 @@ pub struct LoadedState {
     pub peer_marks: Vec<PeerMark>,
 }
 
-/// A storage failure. The server treats a failed commit as fatal: it stops without releasing
-/// the acknowledgements of the failed batch, so nothing is acknowledged that is not durable.
+/// A storage failure. Either way the server releases no acknowledgement of the failed
+/// batch, so nothing is acknowledged that is not durable. A [`StoreErrorKind::NoSpace`]
+/// failure puts the broker in degraded mode until a [`Store::probe`] succeeds (see
+/// `disk_full`); any other failed commit stops the broker.
 #[derive(Debug, thiserror::Error)]
-#[error("storage error: {0}")]
-pub struct StoreError(pub String);
+#[error("storage error: {message}")]
+pub struct StoreError {
+    /// What failed, for the log.
+    pub message: String,
+    /// Whether waiting can cure it.
+    pub kind: StoreErrorKind,
+}
+
+/// What kind of storage failure happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreErrorKind {
+    /// The file system is full or the quota is used up (ENOSPC, EDQUOT): it passes when
+    /// space is freed, without a restart.
+    NoSpace,
+    /// Anything else.
+    Other,
+}
+
+impl StoreError {
+    /// A failure of kind [`StoreErrorKind::Other`].
+    pub fn new(message: impl Into<String>) -> StoreError {
+        StoreError {
+            message: message.into(),
+            kind: StoreErrorKind::Other,
+        }
+    }
+
+    /// A failure of kind [`StoreErrorKind::NoSpace`].
+    pub fn no_space(message: impl Into<String>) -> StoreError {
+        StoreError {
+            message: message.into(),
+            kind: StoreErrorKind::NoSpace,
+        }
+    }
+
+    /// Whether the file system is out of space (or quota).
+    pub fn is_no_space(&self) -> bool {
+        self.kind == StoreErrorKind::NoSpace
+    }
+}
+
+/// Whether an I/O error means "out of space": ENOSPC or EDQUOT.
+pub fn io_is_no_space(error: &std::io::Error) -> bool {
+    matches!(
+        error.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
+}
 
 /// A durable backend.
 pub trait Store: Send {
@@ -243,6 +291,13 @@ pub trait Store: Send {
     fn put_peer_mark(&mut self, mark: &PeerMark);
     /// Makes every write so far durable (per the backend's fsync policy).
     fn commit(&mut self) -> Result<(), StoreError>;
+    /// After a [`StoreErrorKind::NoSpace`] failure: tries a small durable write and returns
+    /// `Ok` once the store takes writes again. Until then a backend may refuse writes and
+    /// reads cheaply (its commits failing with `NoSpace` at once), since a full disk fails
+    /// them anyway. The default commits.
+    fn probe(&mut self) -> Result<(), StoreError> {
+        self.commit()
+    }
     /// Whether [`Store::commit`] could do I/O now (write or fsync), so that an async caller
     /// should run it where blocking is allowed. `false` promises a commit that returns at
     /// once; the default is the safe answer.

@@ -74,7 +74,7 @@ impl<S: Store> Store for FailingReads<S> {
         limit: usize,
     ) -> Result<Vec<(u64, StoredDelivery)>, StoreError> {
         if self.failing.load(Ordering::Relaxed) {
-            return Err(StoreError("injected read failure".into()));
+            return Err(StoreError::new("injected read failure"));
         }
         self.inner.read_pending(client_id, from, limit)
     }
@@ -108,7 +108,7 @@ impl<S: Store> Store for FailingReads<S> {
         limit: usize,
     ) -> Result<Vec<(u64, StoredForward)>, StoreError> {
         if self.failing.load(Ordering::Relaxed) {
-            return Err(StoreError("injected read failure".into()));
+            return Err(StoreError::new("injected read failure"));
         }
         self.inner.read_forwards(dest, after, limit)
     }

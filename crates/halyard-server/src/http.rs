@@ -245,7 +245,7 @@ async fn livez() -> &'static str {
 }
 
 /// Ready when every listener is bound, the node has joined its cluster (if it is in one),
-/// and the broker task answers.
+/// the broker task answers and the store is not out of space.
 async fn readyz(State(state): State<AppState>) -> Response {
     if !state.ready.load(Ordering::Acquire) {
         return (StatusCode::SERVICE_UNAVAILABLE, "starting or stopping\n").into_response();
@@ -263,8 +263,16 @@ async fn readyz(State(state): State<AppState>) -> Response {
                 .into_response();
         }
     }
-    match call(&state, |_, _| ()).await {
-        Ok(()) => "ready\n".into_response(),
+    match call(&state, |broker, _| broker.is_disk_full()).await {
+        // Out of the Service's endpoints, so new clients go to pods that can store their
+        // sessions, but `/livez` stays 200: a restart frees no space.
+        Ok(true) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "degraded: the data directory is full (QoS 1/2 publishes and new persistent \
+             sessions are refused)\n",
+        )
+            .into_response(),
+        Ok(false) => "ready\n".into_response(),
         Err(_) => (
             StatusCode::SERVICE_UNAVAILABLE,
             "broker task not answering\n",
@@ -329,6 +337,8 @@ async fn broker_info(State(state): State<AppState>, headers: HeaderMap) -> ApiRe
         "dropped_queue_full": stats.dropped_queue_full,
         "dropped_slow_consumer": state.metrics.dropped_slow_consumer.get(),
         "refused_quota": stats.refused_quota,
+        "disk_full": stats.disk_full,
+        "disk_full_refusals": stats.disk_full_refusals,
     }))
     .into_response())
 }

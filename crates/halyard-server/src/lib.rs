@@ -26,6 +26,7 @@
 mod auth;
 mod auth_chain;
 mod auth_session;
+mod blocking;
 mod broker_task;
 mod claim_acl;
 pub mod cluster;
@@ -35,6 +36,7 @@ mod connection_io;
 mod connection_log;
 mod connection_settings;
 mod constant_time;
+mod disk_probe;
 mod dispatch;
 mod enhanced_auth;
 mod event;

@@ -386,7 +386,7 @@ fn has_table<K: Key + 'static, V: Value + 'static>(
 /// Copies every readable record of every table from a damaged database into `to`.
 pub(crate) fn copy_all(damaged: &Database, to: &Database) -> Result<(), StoreError> {
     let from = catch_unwind(AssertUnwindSafe(|| damaged.begin_read()))
-        .map_err(|panic| StoreError(format!("salvaging: {}", panic_message(&*panic))))?
+        .map_err(|panic| StoreError::new(format!("salvaging: {}", panic_message(&*panic))))?
         .or_store("salvaging")?;
     let mut to = to.begin_write().or_store("salvaging")?;
     to.set_durability(Durability::Immediate);
