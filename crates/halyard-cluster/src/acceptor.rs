@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::error::{ClientWriteError, RaftError};
+use openraft::raft::AppendEntriesResponse;
 use openraft::ChangeMembers;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
@@ -15,6 +16,7 @@ use crate::command::{Command, Response};
 use crate::frame::{
     self, Channel, FramedStream, Hello, ProposeError, RaftReply, RaftRequest, Welcome,
 };
+use crate::lease::Lease;
 use crate::metrics::{bump, Counters};
 use crate::peer_client::LocalNode;
 use crate::peer_link::LinkInbound;
@@ -32,6 +34,8 @@ pub(crate) struct Acceptor {
     pub(crate) raft: Option<Raft>,
     pub(crate) link: Option<LinkInbound>,
     pub(crate) counters: Arc<Counters>,
+    /// Stamped when the leader's AppendEntries brings this node up to its commit.
+    pub(crate) lease: Arc<Lease>,
 }
 
 /// Accepts until the task is aborted; aborting it also ends every connection it serves.
@@ -76,7 +80,7 @@ async fn serve(stream: TcpStream, acceptor: Arc<Acceptor>) {
         return;
     }
     let result = match (hello.channel, &acceptor.raft, &acceptor.link) {
-        (Channel::Raft, Some(raft), _) => serve_raft(&mut connection, raft).await,
+        (Channel::Raft, Some(raft), _) => serve_raft(&mut connection, raft, &acceptor.lease).await,
         (Channel::Link, _, Some(link)) => {
             link.serve(connection, hello.from, hello.incarnation).await
         }
@@ -129,11 +133,24 @@ impl Acceptor {
     }
 }
 
-async fn serve_raft(connection: &mut FramedStream, raft: &Raft) -> io::Result<()> {
+async fn serve_raft(connection: &mut FramedStream, raft: &Raft, lease: &Lease) -> io::Result<()> {
     while let Some(request) = frame::receive::<RaftRequest>(connection).await? {
         let reply = match request {
             RaftRequest::AppendEntries(rpc) => {
-                RaftReply::AppendEntries(raft.append_entries(rpc).await)
+                let received = tokio::time::Instant::now();
+                // Only a request that shows every entry the leader has committed proves that
+                // this node knows of every claim committed before it was sent.
+                let last = rpc
+                    .entries
+                    .last()
+                    .map(|entry| entry.log_id)
+                    .or(rpc.prev_log_id);
+                let covers_commit = rpc.leader_commit <= last;
+                let result = raft.append_entries(rpc).await;
+                if covers_commit && matches!(result, Ok(AppendEntriesResponse::Success)) {
+                    lease.heard_leader(received);
+                }
+                RaftReply::AppendEntries(result)
             }
             RaftRequest::Vote(rpc) => RaftReply::Vote(raft.vote(rpc).await),
             RaftRequest::InstallSnapshot(rpc) => {

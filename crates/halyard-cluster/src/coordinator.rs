@@ -18,6 +18,7 @@ use crate::command::{Claim, ClaimOutcome, Command, Response, SubscriptionChange}
 use crate::config::{ClusterConfig, Listen};
 use crate::error::ClusterError;
 use crate::identity;
+use crate::lease::Lease;
 use crate::log_store::LogStore;
 use crate::metrics::{bump, Counters, Metrics};
 use crate::peer_client::LocalNode;
@@ -66,6 +67,7 @@ pub struct Coordinator {
     link: PeerLink,
     link_receivers: Mutex<Option<LinkReceivers>>,
     applied_everywhere: AppliedEverywhere,
+    lease: Arc<Lease>,
 }
 
 impl Coordinator {
@@ -103,9 +105,12 @@ impl Coordinator {
         }
         .validate()
         .map_err(|e| ClusterError::Config(e.to_string()))?;
+        let lease = Arc::new(Lease::new(config.lease, config.peers.len()));
         let network = NetworkFactory {
             local,
+            peers: config.peers.clone(),
             counters: counters.clone(),
+            lease: lease.clone(),
         };
         let raft = Raft::new(
             local.id,
@@ -130,6 +135,7 @@ impl Coordinator {
             raft: Some(raft.clone()),
             link: Some(link.inbound()),
             counters: counters.clone(),
+            lease: lease.clone(),
         });
         tasks.push(tokio::spawn(acceptor::run(listener, acceptor)).abort_handle());
 
@@ -202,12 +208,19 @@ impl Coordinator {
             link,
             link_receivers: Mutex::new(Some(link_receivers)),
             applied_everywhere,
+            lease,
         })
     }
 
     /// This node's id.
     pub fn node_id(&self) -> NodeId {
         self.local.id
+    }
+
+    /// Whether this node has heard from a quorum within its lease, and so may serve the
+    /// sessions it owns; see the lease module for why that is safe.
+    pub fn lease_held(&self) -> bool {
+        self.lease.held(tokio::time::Instant::now())
     }
 
     /// This node's incarnation (kept in the data directory).

@@ -26,6 +26,7 @@ mod coordinator;
 mod error;
 mod frame;
 mod identity;
+mod lease;
 mod log_store;
 mod metrics;
 mod peer_client;

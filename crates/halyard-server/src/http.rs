@@ -242,7 +242,8 @@ async fn livez() -> &'static str {
     "ok\n"
 }
 
-/// Ready when every listener is bound, the node has joined its cluster (if it is in one),
+/// Ready when every listener is bound, the node has joined its cluster (if it is in one)
+/// and holds its lease (is not fenced),
 /// and the broker task answers.
 async fn readyz(State(state): State<AppState>) -> Response {
     if !state.ready.load(Ordering::Acquire) {
@@ -256,6 +257,13 @@ async fn readyz(State(state): State<AppState>) -> Response {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "not joined to the cluster\n",
+        )
+            .into_response();
+    }
+    if state.cluster.as_deref().is_some_and(cluster::fenced) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "fenced: no contact with the cluster's quorum\n",
         )
             .into_response();
     }

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::{bail, Result};
 use halyard_cluster::{ClusterConfig, Listen};
@@ -19,7 +20,13 @@ pub struct ClusterSection {
     /// Every voter's cluster address (`host:port`), this node included, in the same order
     /// on every node. Empty: a single node.
     pub peers: Vec<String>,
+    /// Milliseconds this node keeps serving its sessions without contact with a quorum
+    /// (the lease); must be at most the takeover timeout (2000) minus 500. Default 1500.
+    pub lease_ms: Option<u64>,
 }
+
+/// What the lease must leave below the takeover timeout for network delay and clock drift.
+const LEASE_MARGIN: Duration = Duration::from_millis(500);
 
 /// The command line's cluster flags, which override the table.
 #[derive(Debug, Default, Clone, clap::Args)]
@@ -67,12 +74,21 @@ pub fn cluster_config(
             peers.len()
         );
     }
-    Ok(Some(ClusterConfig::new(
-        node_id,
-        Listen::Addr(listen),
-        peers,
-        data_dir.to_path_buf(),
-    )))
+    let mut config =
+        ClusterConfig::new(node_id, Listen::Addr(listen), peers, data_dir.to_path_buf());
+    if let Some(lease_ms) = section.lease_ms {
+        config.lease = Duration::from_millis(lease_ms);
+    }
+    let takeover = halyard_server::cluster::TRANSFER_TIMEOUT;
+    if config.lease + LEASE_MARGIN > takeover {
+        bail!(
+            "cluster.lease_ms {} must be at most {} ms (the takeover timeout less {} ms), or a fenced node could still serve a session taken over elsewhere",
+            config.lease.as_millis(),
+            (takeover - LEASE_MARGIN).as_millis(),
+            LEASE_MARGIN.as_millis()
+        );
+    }
+    Ok(Some(config))
 }
 
 #[cfg(test)]
@@ -104,6 +120,7 @@ mod tests {
             node_id: Some(1),
             listen: Some("127.0.0.1:7001".parse().expect("addr")),
             peers: vec!["a:1".into()],
+            lease_ms: None,
         };
         let config = cluster_config(
             &section,
@@ -134,5 +151,23 @@ mod tests {
         )
         .expect_err("no peers");
         assert!(error.to_string().contains("cluster.peers"), "{error}");
+    }
+
+    #[test]
+    fn a_lease_too_close_to_the_takeover_timeout_is_refused() {
+        let section = |lease_ms| ClusterSection {
+            lease_ms: Some(lease_ms),
+            ..ClusterSection::default()
+        };
+        let flags = || args(Some(1), Some("127.0.0.1:1"), &["a:1"]);
+        let config = cluster_config(&section(1000), flags(), Path::new("d"))
+            .expect("valid")
+            .expect("a cluster");
+        assert_eq!(config.lease, Duration::from_millis(1000));
+        let error = cluster_config(&section(1600), flags(), Path::new("d")).expect_err("too long");
+        assert!(
+            error.to_string().contains("cluster.lease_ms 1600"),
+            "{error}"
+        );
     }
 }

@@ -6,23 +6,35 @@
 //! Raft calls run in tasks of their own, so the broker task never waits on the network.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use halyard_cluster::{Change, ClaimOutcome as RaftClaim, Coordinator, RouteKey};
+use halyard_codec::ReasonCode;
 use halyard_core::{
     Broker, ClaimOutcome, ClaimRequest, ConnectionId, Message, NodeId, Output, SessionState,
     SubscriptionUpdate,
 };
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::cluster::wire::{self, Clocks, Received};
 use crate::event::Event;
 
 /// How long a node that won a claim waits for the previous owner to hand the session over
-/// before it resumes with what raft holds (the subscriptions of a persistent session).
-const TRANSFER_TIMEOUT: Duration = Duration::from_secs(2);
+/// before it resumes with what raft holds (the subscriptions of a persistent session). The
+/// cluster lease must be shorter, with a margin (see `halyard_cluster`'s lease module).
+pub const TRANSFER_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How often the lease is checked: the lease plus this bounds how long a node cut off from
+/// the quorum keeps its clients.
+const LEASE_POLL: Duration = Duration::from_millis(50);
+
+/// Why a fenced node drops its clients. 0x9C (Use another server) says that this node
+/// cannot serve now but the cluster can; without a Server Reference the client picks
+/// another address from its own list.
+const FENCED_REASON: ReasonCode = ReasonCode::USE_ANOTHER_SERVER;
 
 /// How long a SUBACK waits for its routes to be applied by every reachable node once
 /// committed, so that a publish made after it on any node reaches the subscriber.
@@ -78,6 +90,8 @@ pub(crate) enum ClusterEvent {
     },
     /// A retained message set or cleared through raft (possibly by this node).
     Retained(Message),
+    /// This node lost its lease: it must stop serving its sessions.
+    Fenced,
 }
 
 /// Sessions handed over by a previous owner, and claims waiting for them; whichever
@@ -134,6 +148,8 @@ pub(crate) struct ClusterDriver {
     /// Forwards handed to the core since the last commit: acknowledged to their senders
     /// once it is durable.
     to_ack: Vec<(NodeId, u64)>,
+    /// Set while the node is without its lease: claims are refused meanwhile.
+    fenced: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for ClusterDriver {
@@ -174,6 +190,12 @@ impl ClusterDriver {
             ));
             tokio::spawn(drain_acks(receivers.acked));
         }
+        let fenced = Arc::new(AtomicBool::new(true));
+        tokio::spawn(watch_lease(
+            Arc::clone(&coordinator),
+            Arc::clone(&fenced),
+            events.clone(),
+        ));
         let seq_base = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(1, |since| u64::try_from(since.as_micros()).unwrap_or(1));
@@ -185,6 +207,7 @@ impl ClusterDriver {
             seq_base,
             transfers,
             to_ack: Vec::new(),
+            fenced,
         }
     }
 
@@ -244,6 +267,9 @@ impl ClusterDriver {
                 let outcome = if superseded(&outcome, current) {
                     debug!(%client_id, "a newer claim was applied before this grant; refused");
                     ClaimOutcome::Refused
+                } else if self.fenced.load(Ordering::Acquire) {
+                    debug!(%client_id, "the lease lapsed before this grant; refused");
+                    ClaimOutcome::Refused
                 } else {
                     outcome
                 };
@@ -293,6 +319,11 @@ impl ClusterDriver {
                 self.to_ack.push((origin, seq));
             }
             ClusterEvent::Retained(message) => broker.apply_retained(message),
+            ClusterEvent::Fenced => broker.disconnect_all(
+                clocks.now,
+                FENCED_REASON,
+                "this cluster node lost contact with the quorum",
+            ),
         }
     }
 
@@ -308,7 +339,19 @@ impl ClusterDriver {
         let events = self.events.clone();
         let transfers = Arc::clone(&self.transfers);
         let node = self.node;
+        let fenced = Arc::clone(&self.fenced);
         tokio::spawn(async move {
+            if fenced.load(Ordering::Acquire) {
+                // Refused without asking raft: a node cut off from the quorum takes no
+                // sessions (CONNACK 0x88 / 0x03).
+                let event = ClusterEvent::ClaimSettled {
+                    conn: request.conn,
+                    client_id: request.client_id,
+                    outcome: ClaimOutcome::Refused,
+                };
+                let _ = events.send(Event::Cluster(event)).await;
+                return;
+            }
             let raft_request = halyard_cluster::ClaimRequest {
                 client_id: request.client_id.clone(),
                 expected_epoch: None,
@@ -321,17 +364,24 @@ impl ClusterDriver {
                 Ok(commit) => match commit.value {
                     RaftClaim::Granted { epoch, previous } => {
                         let moved = match previous {
-                            Some((from, _)) if from != node && !request.clean_start => {
-                                let state =
-                                    wait_for_transfer(&transfers, &request.client_id, epoch).await;
-                                if state.is_none() {
-                                    warn!(
-                                        client_id = %request.client_id,
-                                        from,
-                                        "previous owner handed no session over in time"
-                                    );
+                            Some((from, previous_epoch))
+                                if from != node && !request.clean_start =>
+                            {
+                                match wait_for_transfer(&transfers, &request.client_id, epoch).await
+                                {
+                                    Some(state) => Some(state),
+                                    None => {
+                                        warn!(
+                                            client_id = %request.client_id,
+                                            from,
+                                            "previous owner handed no session over in time; resuming from raft"
+                                        );
+                                        let _ = coordinator
+                                            .wait_applied(commit.index, APPLY_TIMEOUT)
+                                            .await;
+                                        session_from_raft(&coordinator, &request, previous_epoch)
+                                    }
                                 }
-                                state
                             }
                             _ => None,
                         };
@@ -446,6 +496,39 @@ fn superseded(outcome: &ClaimOutcome, current_epoch: Option<u64>) -> bool {
     }
 }
 
+/// The session as raft holds it, for a claim whose previous owner handed nothing over (it
+/// is down or cut off): the subscriptions, without the messages queued on the old owner.
+/// `None` when raft holds no subscription for the client id (nothing to resume).
+fn session_from_raft(
+    coordinator: &Coordinator,
+    request: &ClaimRequest,
+    previous_epoch: u64,
+) -> Option<Box<SessionState>> {
+    let mut subscriptions = Vec::new();
+    for (filter, subscription) in coordinator.subscriptions(&request.client_id) {
+        match wire::decode_entry(&subscription.options) {
+            Ok(entry) => subscriptions.push((filter, entry)),
+            Err(error) => {
+                warn!(client_id = %request.client_id, %filter, %error, "undecodable subscription in raft; skipped")
+            }
+        }
+    }
+    if subscriptions.is_empty() {
+        return None;
+    }
+    Some(Box::new(SessionState {
+        client_id: request.client_id.clone(),
+        epoch: previous_epoch,
+        expiry_interval: request.expiry_interval,
+        subscriptions,
+        inflight: Vec::new(),
+        pending: Vec::new(),
+        inbound_qos2: Vec::new(),
+        delayed_will: None,
+        username: None,
+    }))
+}
+
 async fn wait_for_transfer(
     transfers: &SharedTransfers,
     client_id: &str,
@@ -467,6 +550,34 @@ async fn wait_for_transfer(
         .and_then(Result::ok);
     lock(transfers).waiting.remove(&key);
     state
+}
+
+/// Follows the lease: on losing it the node is fenced (its clients dropped, claims refused)
+/// until it has it again.
+async fn watch_lease(
+    coordinator: Arc<Coordinator>,
+    fenced: Arc<AtomicBool>,
+    events: mpsc::Sender<Event>,
+) {
+    let mut ticker = tokio::time::interval(LEASE_POLL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let held = coordinator.lease_held();
+        let was_fenced = fenced.swap(!held, Ordering::AcqRel);
+        if !held && !was_fenced {
+            warn!("cluster lease lapsed: no quorum contact; clients disconnected, claims refused");
+            if events
+                .send(Event::Cluster(ClusterEvent::Fenced))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        } else if held && was_fenced {
+            info!("cluster lease held: serving sessions");
+        }
+    }
 }
 
 /// Mirrors the route index and ownership changes into broker-task events.

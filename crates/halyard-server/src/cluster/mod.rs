@@ -7,7 +7,8 @@ mod registry;
 mod status;
 mod wire;
 
+pub use driver::TRANSFER_TIMEOUT;
 pub(crate) use driver::{ClusterDriver, ClusterEvent};
 pub use registry::{cluster_parts, ClusterRegistry};
-pub(crate) use status::{joined, registry, status_json};
+pub(crate) use status::{fenced, joined, registry, status_json};
 pub use wire::WireError;
