@@ -360,6 +360,16 @@ impl Coordinator {
         lock(&self.applier).state.owner(client_id).cloned()
     }
 
+    /// How many persistent sessions this node owns, as applied here.
+    pub fn persistent_sessions_owned(&self) -> usize {
+        lock(&self.applier)
+            .state
+            .owners()
+            .values()
+            .filter(|owner| owner.node == self.local.id && owner.persistent)
+            .count()
+    }
+
     /// A client's subscriptions (filter as written) as applied on this node.
     pub fn subscriptions(&self, client_id: &str) -> BTreeMap<String, Subscription> {
         lock(&self.applier)

@@ -6,7 +6,6 @@
 //! Raft calls run in tasks of their own, so the broker task never waits on the network.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -35,6 +34,9 @@ const LEASE_POLL: Duration = Duration::from_millis(50);
 /// cannot serve now but the cluster can; without a Server Reference the client picks
 /// another address from its own list.
 const FENCED_REASON: ReasonCode = ReasonCode::USE_ANOTHER_SERVER;
+
+/// The Reason String sent with [`FENCED_REASON`].
+const FENCED_WHY: &str = "this cluster node lost contact with the quorum";
 
 /// How long a SUBACK waits for its routes to be applied by every reachable node once
 /// committed, so that a publish made after it on any node reaches the subscriber.
@@ -148,8 +150,6 @@ pub(crate) struct ClusterDriver {
     /// Forwards handed to the core since the last commit: acknowledged to their senders
     /// once it is durable.
     to_ack: Vec<(NodeId, u64)>,
-    /// Set while the node is without its lease: claims are refused meanwhile.
-    fenced: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for ClusterDriver {
@@ -190,12 +190,7 @@ impl ClusterDriver {
             ));
             tokio::spawn(drain_acks(receivers.acked));
         }
-        let fenced = Arc::new(AtomicBool::new(true));
-        tokio::spawn(watch_lease(
-            Arc::clone(&coordinator),
-            Arc::clone(&fenced),
-            events.clone(),
-        ));
+        tokio::spawn(watch_lease(Arc::clone(&coordinator), events.clone()));
         let seq_base = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(1, |since| u64::try_from(since.as_micros()).unwrap_or(1));
@@ -207,7 +202,6 @@ impl ClusterDriver {
             seq_base,
             transfers,
             to_ack: Vec::new(),
-            fenced,
         }
     }
 
@@ -267,13 +261,17 @@ impl ClusterDriver {
                 let outcome = if superseded(&outcome, current) {
                     debug!(%client_id, "a newer claim was applied before this grant; refused");
                     ClaimOutcome::Refused
-                } else if self.fenced.load(Ordering::Acquire) {
-                    debug!(%client_id, "the lease lapsed before this grant; refused");
-                    ClaimOutcome::Refused
                 } else {
                     outcome
                 };
-                broker.handle_claim(clocks.now, clocks.wall, conn, outcome)
+                let granted = matches!(outcome, ClaimOutcome::Granted { .. });
+                broker.handle_claim(clocks.now, clocks.wall, conn, outcome);
+                if granted && !self.coordinator.lease_held() {
+                    // The lease lapsed while the claim was out: the session (and what its
+                    // old owner handed over) is kept here, but no connection is served.
+                    debug!(%client_id, "the lease lapsed before this grant; disconnecting");
+                    broker.disconnect_all(clocks.now, FENCED_REASON, FENCED_WHY);
+                }
             }
             ClusterEvent::RoutesCommitted { ticket, committed } => {
                 broker.handle_routes_committed(clocks.now, ticket, committed)
@@ -319,11 +317,7 @@ impl ClusterDriver {
                 self.to_ack.push((origin, seq));
             }
             ClusterEvent::Retained(message) => broker.apply_retained(message),
-            ClusterEvent::Fenced => broker.disconnect_all(
-                clocks.now,
-                FENCED_REASON,
-                "this cluster node lost contact with the quorum",
-            ),
+            ClusterEvent::Fenced => broker.disconnect_all(clocks.now, FENCED_REASON, FENCED_WHY),
         }
     }
 
@@ -339,9 +333,10 @@ impl ClusterDriver {
         let events = self.events.clone();
         let transfers = Arc::clone(&self.transfers);
         let node = self.node;
-        let fenced = Arc::clone(&self.fenced);
         tokio::spawn(async move {
-            if fenced.load(Ordering::Acquire) {
+            // The lease itself, not the watcher's last look at it, so that claims and
+            // `/readyz` agree.
+            if !coordinator.lease_held() {
                 // Refused without asking raft: a node cut off from the quorum takes no
                 // sessions (CONNACK 0x88 / 0x03).
                 let event = ClusterEvent::ClaimSettled {
@@ -552,19 +547,16 @@ async fn wait_for_transfer(
     state
 }
 
-/// Follows the lease: on losing it the node is fenced (its clients dropped, claims refused)
-/// until it has it again.
-async fn watch_lease(
-    coordinator: Arc<Coordinator>,
-    fenced: Arc<AtomicBool>,
-    events: mpsc::Sender<Event>,
-) {
+/// Follows the lease: when it lapses the node drops its clients (claims are refused while
+/// it lacks the lease, see `claim`), and says so again when it has it back.
+async fn watch_lease(coordinator: Arc<Coordinator>, events: mpsc::Sender<Event>) {
     let mut ticker = tokio::time::interval(LEASE_POLL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut fenced = true;
     loop {
         ticker.tick().await;
         let held = coordinator.lease_held();
-        let was_fenced = fenced.swap(!held, Ordering::AcqRel);
+        let was_fenced = std::mem::replace(&mut fenced, !held);
         if !held && !was_fenced {
             warn!("cluster lease lapsed: no quorum contact; clients disconnected, claims refused");
             if events
