@@ -106,7 +106,7 @@ async fn a_node_cut_off_from_the_quorum_fences_itself_and_serves_again_after_hea
     }
     victim.expect_closed().await;
     eprintln!(
-        "client on the cut-off node disconnected after {:?}",
+        "client on the cut-off node disconnected after: {:?}",
         cut_at.elapsed()
     );
     assert_eq!(readyz(cluster.node(3)), 503, "/readyz while fenced");
