@@ -20,8 +20,9 @@ pub struct ClusterSection {
     /// Every voter's cluster address (`host:port`), this node included, in the same order
     /// on every node. Empty: a single node.
     pub peers: Vec<String>,
-    /// Milliseconds this node keeps serving its sessions without contact with a quorum
-    /// (the lease); must be at most the takeover timeout (2000) minus 500. Default 1500.
+    /// Milliseconds this node keeps serving its sessions without contact with a quorum;
+    /// then it fences itself (see "Running a cluster"). Default 1500, which is also the most
+    /// allowed: the takeover timeout (2000) less a 500 ms margin, checked at start.
     pub lease_ms: Option<u64>,
 }
 

@@ -12,6 +12,11 @@ use common::cluster::{readyz, Cluster};
 use common::*;
 use halyard_codec::{Packet, ProtocolVersion, QoS, ReasonCode};
 
+/// One fault test at a time: each runs three debug nodes, and several clusters at once on a
+/// small machine starve raft of CPU and disk long enough to lapse the leases of healthy
+/// nodes (which then fence themselves, as they should), failing tests at random.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// How long the polls below wait for a replicated or fault effect before failing (debug
 /// builds of three nodes share two cores).
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -71,6 +76,7 @@ async fn carries(cluster: &Cluster, publ: usize, sub: usize, topic: &str) -> usi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fault_proxy_carries_cluster_traffic_and_cuts_and_heals_one_pair() {
+    let _serial = SERIAL.lock().await;
     let cluster = Cluster::start_with_proxies();
     carries(&cluster, 3, 1, "p/1").await;
     wait_until("node 1 links to node 3", || link_connected(&cluster, 1, 3));
@@ -93,6 +99,7 @@ async fn the_fault_proxy_carries_cluster_traffic_and_cuts_and_heals_one_pair() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_cut_off_from_the_quorum_fences_itself_and_serves_again_after_heal() {
+    let _serial = SERIAL.lock().await;
     let cluster = Cluster::start_with_proxies();
     let (mut victim, _) = persistent_v5(cluster.addr(3), "fenced-client", true).await;
     victim.subscribe(1, &[("f/#", QoS::AtLeastOnce)]).await;
@@ -159,6 +166,7 @@ async fn a_node_cut_off_from_the_quorum_fences_itself_and_serves_again_after_hea
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_kill_9_survivors_serve_and_the_lost_nodes_session_resumes_elsewhere() {
+    let _serial = SERIAL.lock().await;
     let mut cluster = Cluster::start();
     // A follower dies (node 3 unless it leads): killing the leader adds an election, which,
     // if it outlasts the lease, fences the survivors for a moment (see README).
@@ -210,6 +218,7 @@ async fn after_kill_9_survivors_serve_and_the_lost_nodes_session_resumes_elsewhe
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_node_restarted_on_its_data_rejoins_as_itself_and_carries_traffic() {
+    let _serial = SERIAL.lock().await;
     let mut cluster = Cluster::start();
     let incarnation = cluster.status(3)["incarnation"].as_u64();
     assert!(incarnation.is_some_and(|i| i != 0));
@@ -385,6 +394,7 @@ async fn rolling_subscriber(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "takeover race: forwards reaching the old owner after the handover are dropped"]
 async fn a_rolling_restart_under_qos1_traffic_loses_no_acknowledged_message() {
+    let _serial = SERIAL.lock().await;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
     let mut cluster = Cluster::start();
@@ -448,6 +458,7 @@ async fn a_rolling_restart_under_qos1_traffic_loses_no_acknowledged_message() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_a_node_and_its_persistent_session_moves_with_its_queue() {
+    let _serial = SERIAL.lock().await;
     let mut cluster = Cluster::start();
     let (mut subscriber, _) = persistent_v5(cluster.addr(1), "drain-sub", true).await;
     subscriber.subscribe(1, &[("d/#", QoS::AtLeastOnce)]).await;
