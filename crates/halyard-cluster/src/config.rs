@@ -16,8 +16,9 @@ pub enum Listen {
     Bound(std::net::TcpListener),
 }
 
-/// Configuration of one cluster node. Every voter must be given the same `peers` list (in
-/// the same order) and the same `retained_cap_bytes`.
+/// Configuration of one cluster node. Every voter must be given the same nodes in `peers`
+/// (in the same order) and the same `retained_cap_bytes`; the addresses are where this node
+/// reaches each peer and may differ from node to node (a proxy, NAT).
 #[derive(Debug)]
 pub struct ClusterConfig {
     /// This node's 1-based position in `peers`.
