@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::error::{ClientWriteError, RaftError};
+use openraft::raft::AppendEntriesResponse;
 use openraft::ChangeMembers;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
@@ -16,6 +17,7 @@ use crate::consumption::Consumption;
 use crate::frame::{
     self, Channel, FramedStream, Hello, ProposeError, RaftReply, RaftRequest, Welcome,
 };
+use crate::lease::Lease;
 use crate::membership;
 use crate::metrics::{bump, Counters};
 use crate::peer_client::LocalNode;
@@ -35,6 +37,8 @@ pub(crate) struct Acceptor {
     pub(crate) counters: Arc<Counters>,
     /// What this node's app has taken from the change feed.
     pub(crate) consumption: Consumption,
+    /// Stamped when the leader's AppendEntries brings this node up to its commit.
+    pub(crate) lease: Arc<Lease>,
 }
 
 /// Accepts until the task is aborted; aborting it also ends every connection it serves.
@@ -85,7 +89,13 @@ async fn serve(stream: TcpStream, acceptor: Arc<Acceptor>) {
     }
     let result = match (hello.channel, &acceptor.raft, &acceptor.link) {
         (Channel::Raft, Some(raft), _) => {
-            serve_raft(&mut connection, raft, &acceptor.consumption).await
+            serve_raft(
+                &mut connection,
+                raft,
+                &acceptor.consumption,
+                &acceptor.lease,
+            )
+            .await
         }
         (Channel::Link, _, Some(link)) => {
             link.serve(connection, hello.from, hello.incarnation).await
@@ -146,11 +156,25 @@ async fn serve_raft(
     connection: &mut FramedStream,
     raft: &Raft,
     consumption: &Consumption,
+    lease: &Lease,
 ) -> io::Result<()> {
     while let Some(request) = frame::receive::<RaftRequest>(connection).await? {
         let reply = match request {
             RaftRequest::AppendEntries(rpc) => {
-                RaftReply::AppendEntries(raft.append_entries(rpc).await)
+                let received = tokio::time::Instant::now();
+                // Only a request that shows every entry the leader has committed proves that
+                // this node knows of every claim committed before it was sent.
+                let last = rpc
+                    .entries
+                    .last()
+                    .map(|entry| entry.log_id)
+                    .or(rpc.prev_log_id);
+                let covers_commit = rpc.leader_commit <= last;
+                let result = raft.append_entries(rpc).await;
+                if covers_commit && matches!(result, Ok(AppendEntriesResponse::Success)) {
+                    lease.heard_leader(received);
+                }
+                RaftReply::AppendEntries(result)
             }
             RaftRequest::Vote(rpc) => RaftReply::Vote(raft.vote(rpc).await),
             RaftRequest::InstallSnapshot(rpc) => {

@@ -16,8 +16,9 @@ pub enum Listen {
     Bound(std::net::TcpListener),
 }
 
-/// Configuration of one cluster node. Every voter must be given the same `peers` list (in
-/// the same order) and the same `retained_cap_bytes`.
+/// Configuration of one cluster node. Every voter must be given the same nodes in `peers`
+/// (in the same order) and the same `retained_cap_bytes`; the addresses are where this node
+/// reaches each peer and may differ from node to node (a proxy, NAT).
 #[derive(Debug)]
 pub struct ClusterConfig {
     /// This node's 1-based position in `peers`; a larger id is a node that joins a running
@@ -48,11 +49,15 @@ pub struct ClusterConfig {
     pub snapshot_every_entries: u64,
     /// fsync every raft.redb commit; turn off only in tests.
     pub fsync: bool,
+    /// How long this node keeps serving its sessions without hearing from a quorum (see
+    /// the lease module); must stay below the takeover timeout with a margin.
+    pub lease: Duration,
 }
 
 impl ClusterConfig {
     /// A configuration with the defaults: 100 ms heartbeat, 500-1000 ms elections, 5 s
-    /// proposal timeout, 1 ms batch window, 64 MiB retained cap, 10,000 frames per peer.
+    /// proposal timeout, 1 ms batch window, 64 MiB retained cap, 10,000 frames per peer,
+    /// 1.5 s lease.
     pub fn new(node_id: NodeId, listen: Listen, peers: Vec<String>, data_dir: PathBuf) -> Self {
         Self {
             node_id,
@@ -70,6 +75,7 @@ impl ClusterConfig {
             change_feed_capacity: 4096,
             snapshot_every_entries: 5000,
             fsync: true,
+            lease: Duration::from_millis(1500),
         }
     }
 
@@ -96,6 +102,9 @@ impl ClusterConfig {
             || self.election_timeout_max <= self.election_timeout_min
         {
             return bad("need heartbeat < election timeout min < election timeout max");
+        }
+        if self.lease <= self.heartbeat_interval {
+            return bad("the lease must be longer than the heartbeat interval");
         }
         if self.max_batch == 0 || self.peer_queue_capacity == 0 || self.change_feed_capacity == 0 {
             return bad("max_batch, peer_queue_capacity and change_feed_capacity must be positive");

@@ -20,6 +20,7 @@ use crate::consumption::Consumption;
 use crate::error::ClusterError;
 use crate::frame::MembershipChange;
 use crate::identity;
+use crate::lease::Lease;
 use crate::log_store::LogStore;
 use crate::metrics::{bump, Counters, Metrics};
 use crate::peer_client::LocalNode;
@@ -74,6 +75,7 @@ pub struct Coordinator {
     link_receivers: Mutex<Option<LinkReceivers>>,
     applied_everywhere: AppliedEverywhere,
     consumption: Consumption,
+    lease: Arc<Lease>,
 }
 
 impl Coordinator {
@@ -112,9 +114,12 @@ impl Coordinator {
         }
         .validate()
         .map_err(|e| ClusterError::Config(e.to_string()))?;
+        let lease = Arc::new(Lease::new(config.lease, config.peers.len()));
         let network = NetworkFactory {
             local,
+            peers: config.peers.clone(),
             counters: counters.clone(),
+            lease: lease.clone(),
         };
         let raft = Raft::new(
             local.id,
@@ -140,6 +145,7 @@ impl Coordinator {
             link: Some(link.inbound()),
             counters: counters.clone(),
             consumption: consumption.clone(),
+            lease: lease.clone(),
         });
         tasks.push(tokio::spawn(acceptor::run(listener, acceptor)).abort_handle());
 
@@ -221,12 +227,19 @@ impl Coordinator {
             link_receivers: Mutex::new(Some(link_receivers)),
             applied_everywhere,
             consumption,
+            lease,
         })
     }
 
     /// This node's id.
     pub fn node_id(&self) -> NodeId {
         self.local.id
+    }
+
+    /// Whether this node has heard from a quorum within its lease, and so may serve the
+    /// sessions it owns; see the lease module for why that is safe.
+    pub fn lease_held(&self) -> bool {
+        self.lease.held(tokio::time::Instant::now())
     }
 
     /// This node's incarnation (kept in the data directory).
@@ -364,6 +377,16 @@ impl Coordinator {
     /// The owner of a client id as applied on this node.
     pub fn owner(&self, client_id: &str) -> Option<Owner> {
         lock(&self.applier).state.owner(client_id).cloned()
+    }
+
+    /// How many persistent sessions this node owns, as applied here.
+    pub fn persistent_sessions_owned(&self) -> usize {
+        lock(&self.applier)
+            .state
+            .owners()
+            .values()
+            .filter(|owner| owner.node == self.local.id && owner.persistent)
+            .count()
     }
 
     /// A client's subscriptions (filter as written) as applied on this node.

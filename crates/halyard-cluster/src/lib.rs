@@ -28,6 +28,7 @@ mod dial;
 mod error;
 mod frame;
 mod identity;
+mod lease;
 mod log_store;
 mod membership;
 mod metrics;

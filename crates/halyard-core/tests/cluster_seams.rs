@@ -855,3 +855,50 @@ fn a_session_handed_over_late_joins_the_resumed_session() {
     }
     assert_eq!(received, 40, "every message of the old owner, once");
 }
+
+/// A fenced cluster node drops every client: MQTT 5 ones hear the reason, persistent
+/// sessions stay for a later resume or handover, and no will is published (as on shutdown).
+#[test]
+fn disconnect_all_closes_every_client_keeps_persistent_sessions_and_publishes_no_will() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut node = Node::open(dir.path(), cluster_parts(), Instant::now());
+    let mut with_will = match connect(V5, "persistent", false, Some(300)) {
+        Packet::Connect(connect) => connect,
+        _ => unreachable!(),
+    };
+    with_will.will = Some(Will {
+        topic: "wills/persistent".into(),
+        payload: Bytes::from_static(b"gone"),
+        qos: QoS::AtLeastOnce,
+        retain: true,
+        properties: Properties::default(),
+    });
+    node.send(1, Packet::Connect(with_will));
+    node.granted(1, 10);
+    node.send(2, connect(V3, "passing", true, None));
+    node.granted(2, 11);
+    node.take(1);
+    node.take(2);
+
+    node.broker
+        .disconnect_all(node.now, ReasonCode::USE_ANOTHER_SERVER, "fenced");
+    node.drain();
+
+    match node.take(1).as_slice() {
+        [Packet::Disconnect(d)] => assert_eq!(d.reason, ReasonCode::USE_ANOTHER_SERVER),
+        other => panic!("expected one DISCONNECT 0x9C, got {other:?}"),
+    }
+    assert!(node.take(2).is_empty(), "3.1.1 has no server DISCONNECT");
+    node.closed.sort_unstable();
+    assert_eq!(node.closed, vec![1, 2]);
+    assert!(
+        node.retains.is_empty(),
+        "the retained will was not published"
+    );
+    assert_eq!(
+        node.broker.stats().sessions,
+        1,
+        "the persistent session stays"
+    );
+    assert_eq!(node.releases, vec![("passing".to_owned(), 11)]);
+}

@@ -244,8 +244,9 @@ async fn livez() -> &'static str {
     "ok\n"
 }
 
-/// Ready when every listener is bound, the node has joined its cluster (if it is in one),
-/// the broker task answers and the store is not out of space.
+/// Ready when every listener is bound, the node has joined its cluster (if it is in one)
+/// and holds its lease (is not fenced), the broker task answers and the store is not out of
+/// space.
 async fn readyz(State(state): State<AppState>) -> Response {
     if !state.ready.load(Ordering::Acquire) {
         return (StatusCode::SERVICE_UNAVAILABLE, "starting or stopping\n").into_response();
@@ -262,6 +263,13 @@ async fn readyz(State(state): State<AppState>) -> Response {
             )
                 .into_response();
         }
+    }
+    if state.cluster.as_deref().is_some_and(cluster::fenced) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "fenced: no contact with the cluster's quorum\n",
+        )
+            .into_response();
     }
     match call(&state, |broker, _| broker.is_disk_full()).await {
         // Out of the Service's endpoints, so new clients go to pods that can store their

@@ -229,7 +229,8 @@ impl Server {
 
     /// Serves clients until `shutdown` completes, then shuts down gracefully: the broker tells
     /// MQTT 5 clients it is going away (DISCONNECT 0x8B), every connection is flushed and
-    /// closed, waiting at most about two seconds, and the future returns.
+    /// closed, waiting at most about two seconds, and the future returns. A cluster node
+    /// drains first (sessions moved, forwards acknowledged; see `cluster::drain`).
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
         let Server {
             listeners,
@@ -322,6 +323,9 @@ impl Server {
             return Err(error);
         }
 
+        if let Some(coordinator) = ops.cluster.as_deref() {
+            cluster::drain(coordinator, &event_tx).await;
+        }
         info!("shutting down");
         // Ignored error: the broker task can only be gone here if it just failed, which the
         // join below reports.

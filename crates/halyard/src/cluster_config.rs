@@ -6,6 +6,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use halyard_cluster::{ClusterConfig, Listen};
@@ -28,7 +29,14 @@ pub struct ClusterSection {
     /// included, in the same order on every node. Names are resolved on every connection
     /// attempt and retried until they resolve. Empty: a single node.
     pub peers: Vec<String>,
+    /// Milliseconds this node keeps serving its sessions without contact with a quorum;
+    /// then it fences itself (see "Running a cluster"). Default 1500, which is also the most
+    /// allowed: the takeover timeout (2000) less a 500 ms margin, checked at start.
+    pub lease_ms: Option<u64>,
 }
+
+/// What the lease must leave below the takeover timeout for network delay and clock drift.
+const LEASE_MARGIN: Duration = Duration::from_millis(500);
 
 /// The command line's cluster flags, which override the table.
 #[derive(Debug, Default, Clone, clap::Args)]
@@ -87,7 +95,20 @@ pub fn cluster_config(
     if node_id == 0 {
         bail!("cluster.node_id 0: node ids start at 1");
     }
-    let config = ClusterConfig::new(node_id, Listen::Addr(listen), peers, data_dir.to_path_buf());
+    let mut config =
+        ClusterConfig::new(node_id, Listen::Addr(listen), peers, data_dir.to_path_buf());
+    if let Some(lease_ms) = section.lease_ms {
+        config.lease = Duration::from_millis(lease_ms);
+    }
+    let takeover = halyard_server::cluster::TRANSFER_TIMEOUT;
+    if config.lease + LEASE_MARGIN > takeover {
+        bail!(
+            "cluster.lease_ms {} must be at most {} ms (the takeover timeout less {} ms), or a fenced node could still serve a session taken over elsewhere",
+            config.lease.as_millis(),
+            (takeover - LEASE_MARGIN).as_millis(),
+            LEASE_MARGIN.as_millis()
+        );
+    }
     config.validate()?;
     Ok(Some(config))
 }
@@ -148,6 +169,7 @@ mod tests {
             node_id_from_hostname: false,
             listen: Some("127.0.0.1:7001".parse().expect("addr")),
             peers: vec!["a:1".into()],
+            lease_ms: None,
         };
         let config = cluster_config(
             &section,
@@ -185,6 +207,24 @@ mod tests {
     }
 
     #[test]
+    fn a_lease_too_close_to_the_takeover_timeout_is_refused() {
+        let section = |lease_ms| ClusterSection {
+            lease_ms: Some(lease_ms),
+            ..ClusterSection::default()
+        };
+        let flags = || args(Some(1), Some("127.0.0.1:1"), &["a:1"]);
+        let config = cluster_config(&section(1000), flags(), Path::new("d"))
+            .expect("valid")
+            .expect("a cluster");
+        assert_eq!(config.lease, Duration::from_millis(1000));
+        let error = cluster_config(&section(1600), flags(), Path::new("d")).expect_err("too long");
+        assert!(
+            error.to_string().contains("cluster.lease_ms 1600"),
+            "{error}"
+        );
+    }
+
+    #[test]
     fn a_statefulset_ordinal_is_the_node_id_plus_one() {
         assert_eq!(node_id_from_hostname("halyard-0").expect("pod 0"), 1);
         assert_eq!(node_id_from_hostname("my-broker-12").expect("pod 12"), 13);
@@ -197,6 +237,7 @@ mod tests {
             node_id_from_hostname: true,
             listen: Some("127.0.0.1:7001".parse().expect("addr")),
             peers: vec!["a:1".into()],
+            lease_ms: None,
         };
         let error =
             cluster_config(&section, args(None, None, &[]), Path::new("d")).expect_err("both set");

@@ -42,6 +42,7 @@ fn serve(
         link: Some(inbound),
         counters,
         consumption: Default::default(),
+        lease: Arc::new(crate::lease::Lease::new(Duration::from_secs(1), 2)),
     });
     tokio::spawn(acceptor::run(listener, acceptor))
 }

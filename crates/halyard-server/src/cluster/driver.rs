@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use halyard_cluster::{Change, ClaimOutcome as RaftClaim, Coordinator, RouteKey};
+use halyard_codec::ReasonCode;
 use halyard_core::{
     Broker, ClaimOutcome, ClaimRequest, ConnectionId, Message, NodeId, Output, SessionState,
     SubscriptionUpdate,
@@ -21,8 +22,21 @@ use crate::cluster::wire::{self, Clocks, Received};
 use crate::event::Event;
 
 /// How long a node that won a claim waits for the previous owner to hand the session over
-/// before it resumes with what raft holds (the subscriptions of a persistent session).
-const TRANSFER_TIMEOUT: Duration = Duration::from_secs(2);
+/// before it resumes with what raft holds (the subscriptions of a persistent session). The
+/// cluster lease must be shorter, with a margin (see `halyard_cluster`'s lease module).
+pub const TRANSFER_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How often the lease is checked: the lease plus this bounds how long a node cut off from
+/// the quorum keeps its clients.
+const LEASE_POLL: Duration = Duration::from_millis(50);
+
+/// Why a fenced node drops its clients. 0x9C (Use another server) says that this node
+/// cannot serve now but the cluster can; without a Server Reference the client picks
+/// another address from its own list.
+const FENCED_REASON: ReasonCode = ReasonCode::USE_ANOTHER_SERVER;
+
+/// The Reason String sent with [`FENCED_REASON`].
+const FENCED_WHY: &str = "this cluster node lost contact with the quorum";
 
 /// Stored forwards read from the store at a time when a destination's lane catches up.
 const REFILL_BATCH: usize = 256;
@@ -106,6 +120,8 @@ pub(crate) enum ClusterEvent {
         /// The session.
         state: Box<SessionState>,
     },
+    /// This node lost its lease: it must stop serving its sessions.
+    Fenced,
 }
 
 /// Sessions handed over by a previous owner, and claims waiting for them; whichever
@@ -254,6 +270,7 @@ impl ClusterDriver {
             ));
             tokio::spawn(follow_acks(receivers.acked, events.clone()));
         }
+        tokio::spawn(watch_lease(Arc::clone(&coordinator), events.clone()));
         let seq_base = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(1, |since| u64::try_from(since.as_micros()).unwrap_or(1));
@@ -432,7 +449,14 @@ impl ClusterDriver {
                 } else {
                     outcome
                 };
-                broker.handle_claim(clocks.now, clocks.wall, conn, outcome)
+                let granted = matches!(outcome, ClaimOutcome::Granted { .. });
+                broker.handle_claim(clocks.now, clocks.wall, conn, outcome);
+                if granted && !self.coordinator.lease_held() {
+                    // The lease lapsed while the claim was out: the session (and what its
+                    // old owner handed over) is kept here, but no connection is served.
+                    debug!(%client_id, "the lease lapsed before this grant; disconnecting");
+                    broker.disconnect_all(clocks.now, FENCED_REASON, FENCED_WHY);
+                }
             }
             ClusterEvent::RoutesCommitted { ticket, committed } => {
                 broker.handle_routes_committed(clocks.now, ticket, committed)
@@ -510,6 +534,7 @@ impl ClusterDriver {
                     warn!(%client_id, epoch, carried, "a session handed over late found no session held under its claim here; its messages are dropped");
                 }
             }
+            ClusterEvent::Fenced => broker.disconnect_all(clocks.now, FENCED_REASON, FENCED_WHY),
         }
     }
 
@@ -528,6 +553,19 @@ impl ClusterDriver {
         let transfers = Arc::clone(&self.transfers);
         let node = self.node;
         tokio::spawn(async move {
+            // The lease itself, not the watcher's last look at it, so that claims and
+            // `/readyz` agree.
+            if !coordinator.lease_held() {
+                // Refused without asking raft: a node cut off from the quorum takes no
+                // sessions (CONNACK 0x88 / 0x03).
+                let event = ClusterEvent::ClaimSettled {
+                    conn: request.conn,
+                    client_id: request.client_id,
+                    outcome: ClaimOutcome::Refused,
+                };
+                let _ = events.send(Event::Cluster(event)).await;
+                return;
+            }
             let raft_request = halyard_cluster::ClaimRequest {
                 client_id: request.client_id.clone(),
                 expected_epoch: None,
@@ -540,19 +578,24 @@ impl ClusterDriver {
                 Ok(commit) => match commit.value {
                     RaftClaim::Granted { epoch, previous } => {
                         let moved = match previous {
-                            Some((from, _)) if from != node && !request.clean_start => {
-                                let state =
-                                    wait_for_transfer(&transfers, &request.client_id, epoch).await;
-                                if state.is_none() {
-                                    warn!(
-                                        client_id = %request.client_id,
-                                        from,
-                                        "previous owner handed no session over in time; resuming from raft"
-                                    );
+                            Some((from, previous_epoch))
+                                if from != node && !request.clean_start =>
+                            {
+                                match wait_for_transfer(&transfers, &request.client_id, epoch).await
+                                {
+                                    Some(state) => Some(state),
+                                    None => {
+                                        warn!(
+                                            client_id = %request.client_id,
+                                            from,
+                                            "previous owner handed no session over in time; resuming from raft"
+                                        );
+                                        let _ = coordinator
+                                            .wait_applied(commit.index, APPLY_TIMEOUT)
+                                            .await;
+                                        session_from_raft(&coordinator, &request, previous_epoch)
+                                    }
                                 }
-                                state.or_else(|| {
-                                    session_from_raft(&coordinator, &request.client_id, epoch)
-                                })
                             }
                             Some((from, _)) if from != node => {
                                 lock(&transfers).end((request.client_id.clone(), epoch));
@@ -662,45 +705,6 @@ impl ClusterDriver {
 /// `OwnerChanged` found no session to fence (the connection was still waiting for this
 /// grant), so taking the grant would leave two live connections for one client id. A newer
 /// claim applied after this check still fences it: its event follows this one.
-/// The part of a persistent session raft holds (its subscriptions), for a client that
-/// resumes while its previous owner cannot hand the session over; what that node had queued
-/// follows if it comes back (see `merge_if_unclaimed`). `None` if raft holds no
-/// subscription for it.
-fn session_from_raft(
-    coordinator: &Coordinator,
-    client_id: &str,
-    epoch: u64,
-) -> Option<Box<SessionState>> {
-    let subscriptions: Vec<_> = coordinator
-        .subscriptions(client_id)
-        .into_iter()
-        .filter_map(|(filter, subscription)| match wire::decode_entry(&subscription.options) {
-            Ok(entry) => Some((filter, entry)),
-            Err(error) => {
-                warn!(%client_id, %filter, %error, "subscription in raft not decodable; skipped");
-                None
-            }
-        })
-        .collect();
-    if subscriptions.is_empty() {
-        return None;
-    }
-    let expiry_interval = coordinator
-        .owner(client_id)
-        .map_or(0, |owner| owner.session_expiry_secs);
-    Some(Box::new(SessionState {
-        client_id: client_id.to_owned(),
-        epoch,
-        expiry_interval,
-        subscriptions,
-        inflight: Vec::new(),
-        pending: Vec::new(),
-        inbound_qos2: Vec::new(),
-        delayed_will: None,
-        username: None,
-    }))
-}
-
 fn superseded(outcome: &ClaimOutcome, current_epoch: Option<u64>) -> bool {
     match outcome {
         ClaimOutcome::Granted { epoch, .. } => {
@@ -708,6 +712,40 @@ fn superseded(outcome: &ClaimOutcome, current_epoch: Option<u64>) -> bool {
         }
         ClaimOutcome::Refused => false,
     }
+}
+
+/// The session as raft holds it, for a claim whose previous owner handed nothing over (it
+/// is down or cut off): the subscriptions, without the messages queued on the old owner
+/// (those follow if it comes back, see `merge_if_unclaimed`). `None` when raft holds no
+/// subscription for the client id (nothing to resume).
+fn session_from_raft(
+    coordinator: &Coordinator,
+    request: &ClaimRequest,
+    previous_epoch: u64,
+) -> Option<Box<SessionState>> {
+    let mut subscriptions = Vec::new();
+    for (filter, subscription) in coordinator.subscriptions(&request.client_id) {
+        match wire::decode_entry(&subscription.options) {
+            Ok(entry) => subscriptions.push((filter, entry)),
+            Err(error) => {
+                warn!(client_id = %request.client_id, %filter, %error, "undecodable subscription in raft; skipped")
+            }
+        }
+    }
+    if subscriptions.is_empty() {
+        return None;
+    }
+    Some(Box::new(SessionState {
+        client_id: request.client_id.clone(),
+        epoch: previous_epoch,
+        expiry_interval: request.expiry_interval,
+        subscriptions,
+        inflight: Vec::new(),
+        pending: Vec::new(),
+        inbound_qos2: Vec::new(),
+        delayed_will: None,
+        username: None,
+    }))
 }
 
 async fn wait_for_transfer(
@@ -755,6 +793,31 @@ async fn merge_if_unclaimed(
         state,
     };
     let _ = events.send(Event::Cluster(event)).await;
+}
+
+/// Follows the lease: when it lapses the node drops its clients (claims are refused while
+/// it lacks the lease, see `claim`), and says so again when it has it back.
+async fn watch_lease(coordinator: Arc<Coordinator>, events: mpsc::Sender<Event>) {
+    let mut ticker = tokio::time::interval(LEASE_POLL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut fenced = true;
+    loop {
+        ticker.tick().await;
+        let held = coordinator.lease_held();
+        let was_fenced = std::mem::replace(&mut fenced, !held);
+        if !held && !was_fenced {
+            warn!("cluster lease lapsed: no quorum contact; clients disconnected, claims refused");
+            if events
+                .send(Event::Cluster(ClusterEvent::Fenced))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        } else if held && was_fenced {
+            info!("cluster lease held: serving sessions");
+        }
+    }
 }
 
 /// Mirrors the route index and ownership changes into broker-task events.

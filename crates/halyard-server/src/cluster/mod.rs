@@ -2,12 +2,16 @@
 //! node whose claims, subscriptions and retained messages are decided by raft, and the
 //! driver that connects the broker task to the coordinator and the peer link.
 
+mod drain;
 mod driver;
 mod registry;
 mod status;
 mod wire;
 
+pub(crate) use drain::drain;
+pub use drain::DRAIN_TIMEOUT;
+pub use driver::TRANSFER_TIMEOUT;
 pub(crate) use driver::{ClusterDriver, ClusterEvent};
 pub use registry::{cluster_parts, ClusterRegistry};
-pub(crate) use status::{joined, registry, status_json};
+pub(crate) use status::{fenced, joined, registry, status_json};
 pub use wire::WireError;

@@ -18,6 +18,11 @@ pub(crate) fn joined(coordinator: &Coordinator) -> bool {
             .any(|m| m.id == status.node_id && m.incarnation == status.incarnation)
 }
 
+/// Whether this node is fenced: without its lease it serves no sessions.
+pub(crate) fn fenced(coordinator: &Coordinator) -> bool {
+    !coordinator.lease_held()
+}
+
 fn role_name(role: Role) -> &'static str {
     match role {
         Role::Leader => "leader",
@@ -40,6 +45,7 @@ pub(crate) fn status_json(coordinator: &Coordinator) -> Value {
         "last_log_index": status.last_log_index,
         "commit_index": status.commit_index,
         "applied_index": status.applied_index,
+        "fenced": fenced(coordinator),
         "members": status.members.iter().map(|member| json!({
             "id": member.id,
             "addr": member.addr,
@@ -80,6 +86,11 @@ pub(crate) fn registry(coordinator: &Coordinator) -> Registry {
         "raft_leader_changes",
         "Leader changes seen since start",
         metrics.leader_changes,
+    );
+    gauge(
+        "fenced",
+        "1 while this node lacks its lease (no quorum contact) and serves no sessions",
+        u64::from(fenced(coordinator)),
     );
     gauge(
         "claims_committed",

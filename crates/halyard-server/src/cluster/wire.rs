@@ -458,7 +458,7 @@ pub(crate) fn encode_entry(entry: &SubscriptionEntry) -> Result<Bytes, WireError
     Ok(postcard::to_stdvec(&WireEntry::of(entry))?.into())
 }
 
-/// A subscription's options from raft.
+/// A subscription's options from raft, as [`encode_entry`] wrote them.
 pub(crate) fn decode_entry(options: &[u8]) -> Result<SubscriptionEntry, WireError> {
     postcard::from_bytes::<WireEntry>(options)?.to_entry()
 }

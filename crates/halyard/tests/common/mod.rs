@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod fault_proxy;
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -140,31 +141,19 @@ impl Broker {
     /// directory; an error (with the broker's stderr) instead of a panic when it does not come
     /// up, so a caller can retry, e.g. after a port collision.
     pub fn try_start_with_args(extra_args: &[String]) -> Result<Broker, String> {
-        let mut cmd = halyard_cmd();
-        let data_dir = unique_temp_path("data", "d");
-        cmd.arg("serve").arg("--listen").arg("127.0.0.1:0");
-        cmd.arg("--http-listen").arg("127.0.0.1:0");
-        cmd.arg("--data-dir").arg(&data_dir);
-        cmd.args(extra_args);
-        Self::try_launch(cmd, None, data_dir, true)
+        Self::try_start_in(extra_args, unique_temp_path("data", "d"))
     }
 
-    /// [`Broker::try_start_with_args`] on `data_dir` (a restarted node's), which the new
-    /// broker then owns.
-    pub fn try_start_in(data_dir: PathBuf, extra_args: &[String]) -> Result<Broker, String> {
+    /// Like [`Broker::try_start_with_args`] on `data_dir`, which the new broker owns (and
+    /// removes on drop): for restarting a node on the directory of one that died (see
+    /// [`Broker::disown_data_dir`]).
+    pub fn try_start_in(extra_args: &[String], data_dir: PathBuf) -> Result<Broker, String> {
         let mut cmd = halyard_cmd();
         cmd.arg("serve").arg("--listen").arg("127.0.0.1:0");
         cmd.arg("--http-listen").arg("127.0.0.1:0");
         cmd.arg("--data-dir").arg(&data_dir);
         cmd.args(extra_args);
         Self::try_launch(cmd, None, data_dir, true)
-    }
-
-    /// Hands the data directory over to whoever restarts this broker: it is no longer
-    /// removed when this one is dropped.
-    pub fn release_data_dir(&mut self) -> PathBuf {
-        self.owns_data_dir = false;
-        self.data_dir.clone()
     }
 
     /// A broker started with exactly `args` and `env` (on top of a hermetic environment),
@@ -313,6 +302,13 @@ impl Broker {
     /// Address of the operations HTTP listener (metrics, admin API, status page).
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
+    }
+
+    /// Keeps the data directory when this broker is dropped and returns it, for a successor
+    /// started on it.
+    pub fn disown_data_dir(&mut self) -> PathBuf {
+        self.owns_data_dir = false;
+        self.data_dir.clone()
     }
 
     pub fn pid(&self) -> u32 {
