@@ -126,6 +126,9 @@ async fn slow_subscriber_reports_the_healthy_rate_both_ways_and_the_stuck_one_s_
     let report = run(
         Params {
             payload: 1024,
+            // Slower than the healthy subscriber reads, so that only the stuck one's queue
+            // fills (1,000 messages take half the window).
+            rate: Some(2_000.0),
             ..params(Scenario::SlowSubscriber, &broker)
         },
         broker.addr,
