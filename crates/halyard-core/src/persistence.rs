@@ -232,15 +232,14 @@ impl Broker {
 /// session gets at most one delayed will per connection (epoch), due at one instant. Never 0,
 /// which means "nothing written". `failed_commits` changes it after a commit failed.
 fn record_fingerprint(session: &Session, failed_commits: u64) -> u64 {
-    use std::hash::{BuildHasher, Hash, Hasher};
-    let mut hasher = foldhash::quality::FixedState::default().build_hasher();
-    (
-        session.epoch,
-        session.expiry_interval,
-        session.expires_at,
-        session.delayed_will.as_deref().map(|(due, _)| *due),
-        failed_commits,
-    )
-        .hash(&mut hasher);
-    hasher.finish().max(1)
+    use std::hash::BuildHasher;
+    foldhash::quality::FixedState::default()
+        .hash_one((
+            session.epoch,
+            session.expiry_interval,
+            session.expires_at,
+            session.delayed_will.as_deref().map(|(due, _)| *due),
+            failed_commits,
+        ))
+        .max(1)
 }
