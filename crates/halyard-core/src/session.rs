@@ -21,6 +21,9 @@ use crate::time::ClockAnchor;
 pub(crate) struct Journal {
     pub store: Box<dyn Store>,
     pub clock: ClockAnchor,
+    /// Failed commits so far: a batch that failed was discarded, so what a session noted as
+    /// written before the failure may not be in the store (see `Session::recorded`).
+    pub failed_commits: u64,
 }
 use crate::stats::{BrokerStats, DropReason, DropReport};
 
@@ -188,6 +191,10 @@ pub(crate) struct Session {
     pub delayed_will: Option<Box<(Instant, Will)>>,
     /// When an offline session expires.
     pub expires_at: Option<Instant>,
+    /// Fingerprint of the session record last handed to the store (0: none), so that a
+    /// record that did not change is not written again: a persistent session that never
+    /// expires disconnects without a write, hence without a commit (an fsync).
+    pub recorded: u64,
     /// User name of the last connection (`Some(None)`: anonymous), so messages queued
     /// while the client is offline are still authorized for it; `None` while unknown
     /// (restored from the store, not connected since the broker started).
@@ -253,6 +260,7 @@ impl Session {
             next_packet_id: 1,
             delayed_will: None,
             expires_at: None,
+            recorded: 0,
             username: None,
             retained: None,
         }
