@@ -17,6 +17,7 @@ use crate::config::BrokerConfig;
 use crate::connect::AdmittedConnect;
 use crate::forward_outbox::ForwardOutboxes;
 use crate::message::SessionKey;
+use crate::move_window::MoveWindow;
 use crate::output::Output;
 use crate::pushback::Pushback;
 use crate::registry::{LocalSessionRegistry, SessionRegistry};
@@ -95,6 +96,8 @@ pub struct Broker {
     pub(crate) authorizer: Arc<dyn Authorizer>,
     /// Forwards to other nodes kept until they are stored there (see `forward_outbox`).
     pub(crate) outboxes: ForwardOutboxes,
+    /// Messages caught while sessions move between nodes (see `move_window`).
+    pub(crate) move_window: MoveWindow,
 }
 
 impl Broker {
@@ -134,6 +137,7 @@ impl Broker {
             disk_full: None,
             authorizer: Arc::new(AllowAll),
             outboxes: ForwardOutboxes::default(),
+            move_window: MoveWindow::default(),
         }
     }
 
