@@ -18,6 +18,7 @@ mod connect;
 mod enhanced_auth;
 mod lazy;
 mod limits;
+mod memory_meter;
 mod message;
 mod output;
 mod persistence;

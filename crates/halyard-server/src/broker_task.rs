@@ -13,7 +13,9 @@ use crate::cluster::ClusterDriver;
 use crate::connection_log::ConnectionLog;
 use crate::dispatch::{Dispatcher, SWEEP_SLICES};
 use crate::event::Event;
+use crate::inbound_budget::InboundBudget;
 use crate::metrics::Metrics;
+use crate::pacing::Pacing;
 use crate::park::Parker;
 use halyard_core::sys::{SysTopics, SysTraffic};
 
@@ -42,6 +44,10 @@ pub(crate) struct TaskOps {
     pub(crate) cluster: Option<ClusterDriver>,
     /// See [`crate::ServerConfig::log_connections`].
     pub(crate) log_connections: bool,
+    /// The event channel's byte bound, given back to as events are handled.
+    pub(crate) inbound: Arc<InboundBudget>,
+    /// See [`crate::ServerConfig::memory_budget`].
+    pub(crate) memory_budget: usize,
 }
 
 /// Runs the broker until `stop` fires (or the server is dropped), then shuts it down and
@@ -59,6 +65,8 @@ pub(crate) async fn run(
     let mut dispatcher = Dispatcher::new(max_outbound_buffer);
     dispatcher.metrics = Arc::clone(&ops.metrics);
     dispatcher.written = ops.written;
+    dispatcher.inbound = ops.inbound;
+    dispatcher.pacing = Pacing::new(ops.memory_budget, ops.metrics.paced_seconds.clone());
     dispatcher.log = ConnectionLog::new(ops.log_connections);
     let mut sys = ops
         .sys_interval
@@ -137,6 +145,7 @@ pub(crate) async fn run(
         commit(&mut broker)?;
         dispatcher.committed();
         broker.take_outputs_with(|outputs| dispatcher.dispatch(outputs));
+        dispatcher.update_memory(broker.held_bytes());
         if broker.has_drops_to_report()
             && drops_logged.is_none_or(|at| at.elapsed() >= DROP_LOG_PERIOD)
         {

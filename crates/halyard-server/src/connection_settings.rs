@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::auth::Security;
+use crate::inbound_budget::InboundBudget;
 use crate::park::Parker;
 
 /// Per-listener settings every connection task needs.
@@ -18,4 +19,6 @@ pub(crate) struct ConnectionSettings {
     pub(crate) security: Arc<Security>,
     /// Where idle plain TCP connections park; `None` = they never park.
     pub(crate) parker: Option<Arc<Parker>>,
+    /// The byte bound of the event channel to the broker task, shared with it.
+    pub(crate) inbound: Arc<InboundBudget>,
 }

@@ -26,6 +26,9 @@ pub(crate) enum Event {
         conn: ConnectionId,
         /// The packets.
         packets: Vec<Packet>,
+        /// Bytes taken from the [`InboundBudget`](crate::inbound_budget::InboundBudget) for
+        /// this event, given back when the broker task has handled it (0: none taken).
+        weight: u32,
     },
     /// The decoder rejected the connection's bytes; the connection reads no more.
     DecodeError {

@@ -111,8 +111,7 @@ pub(crate) async fn scram_exchange<R: AsyncRead + Unpin>(
     if let Some(reply) = &auth.reply {
         let _ = reply.send(Batch {
             wire,
-            written: None,
-            close: false,
+            ..Batch::default()
         });
     }
     let abandoned = Refused::not_authorized("scram_abandoned");
@@ -162,8 +161,8 @@ pub(crate) fn refuse(
     if let Some(reply) = auth.reply.take() {
         let _ = reply.send(Batch {
             wire,
-            written: None,
             close: true,
+            ..Batch::default()
         });
     }
     None
@@ -197,6 +196,7 @@ pub(crate) async fn take_reauth(
                 Event::Packets {
                     conn,
                     packets: before,
+                    weight: 0,
                 },
             )
             .await;
@@ -247,7 +247,9 @@ pub(crate) async fn read_connect<R: AsyncRead + Unpin>(
     let mut buf = BytesMut::new();
     let mut room = IDLE_READ;
     loop {
-        shared.wait_unpaused().await;
+        shared
+            .wait_readable(settings.inbound.per_connection())
+            .await;
         timeout_at(connect_deadline, read_some(reader, &mut buf, &mut room))
             .await
             .map_err(|_elapsed| ReadEnd::ConnectTimeout)??;
@@ -295,7 +297,16 @@ pub(crate) async fn read_connect<R: AsyncRead + Unpin>(
                 Err(error) => break Some(error),
             }
         };
-        if !packets.is_empty() && events.send(Event::Packets { conn, packets }).await.is_err() {
+        if !packets.is_empty()
+            && events
+                .send(Event::Packets {
+                    conn,
+                    packets,
+                    weight: 0,
+                })
+                .await
+                .is_err()
+        {
             return pending().await;
         }
         if let Some(error) = failure {

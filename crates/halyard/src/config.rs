@@ -58,6 +58,21 @@ pub struct FileConfig {
     /// `queue_full_policy`'s.
     #[schemars(range(min = 1))]
     pub max_outbound_buffer: usize,
+    /// Bytes of decoded packets that connections may have handed to the broker task and it has
+    /// not handled yet (each counted with what its event costs in memory, not only its wire size:
+    /// a 2-byte PINGREQ weighs about 500 bytes). One connection may hold a sixteenth of it (at
+    /// least 16 KiB) before the broker stops reading from it, so one flooding client waits and the
+    /// others keep their turn.
+    #[schemars(range(min = 16384))]
+    pub event_queue_bytes: usize,
+    /// Bytes of messages held in memory by all sessions together, queued and in flight (topic,
+    /// payload and per-message bookkeeping; a persistent session's queue counts only the part in
+    /// memory, not what is on disk). Above it publishers are paced, not refused: the broker stops
+    /// reading from connections that publish (except those with deliveries in flight, whose
+    /// acknowledgements may be what frees memory) until the total is back under three quarters of
+    /// it. `halyard_memory_held_bytes` shows the total, `halyard_publishers_paced_seconds_total`
+    /// the time publishers spent paced. 0 = no budget.
+    pub memory_budget: usize,
     /// Largest keep-alive (seconds) a client may ask for; 0 = no maximum. MQTT 5 clients asking for
     /// more (or for 0) are told this value as Server Keep Alive; MQTT 3.x clients asking for more
     /// are refused (identifier rejected), as Mosquitto does.
@@ -287,6 +302,8 @@ impl Default for FileConfig {
                 u64::try_from(after.as_millis()).unwrap_or(u64::MAX)
             }),
             max_outbound_buffer: server.max_outbound_buffer,
+            event_queue_bytes: server.event_queue_bytes,
+            memory_budget: server.memory_budget,
             max_keepalive: broker.max_keepalive,
             max_inflight: broker.max_inflight,
             receive_maximum: broker.receive_maximum,
@@ -324,6 +341,8 @@ impl From<FileConfig> for ServerConfig {
             connect_timeout_ms,
             park_idle_after_ms,
             max_outbound_buffer,
+            event_queue_bytes,
+            memory_budget,
             max_keepalive,
             max_inflight,
             receive_maximum,
@@ -358,6 +377,8 @@ impl From<FileConfig> for ServerConfig {
             park_idle_after: (park_idle_after_ms > 0)
                 .then(|| Duration::from_millis(park_idle_after_ms)),
             max_outbound_buffer,
+            event_queue_bytes,
+            memory_budget,
             broker: BrokerConfig {
                 max_keepalive,
                 max_inflight,
@@ -619,6 +640,8 @@ mod tests {
             connect_timeout_ms = 2500
             park_idle_after_ms = 500
             max_outbound_buffer = 4096
+            event_queue_bytes = 65536
+            memory_budget = 1048576
             max_keepalive = 60
             max_inflight = 7
             receive_maximum = 9
@@ -645,6 +668,8 @@ mod tests {
             connect_timeout: Duration::from_millis(2500),
             park_idle_after: Some(Duration::from_millis(500)),
             max_outbound_buffer: 4096,
+            event_queue_bytes: 65536,
+            memory_budget: 1048576,
             log_connections: false,
             broker: BrokerConfig {
                 max_keepalive: 60,
@@ -670,6 +695,8 @@ mod tests {
         assert_ne!(config.listeners, defaults.listeners);
         assert_ne!(config.connect_timeout, defaults.connect_timeout);
         assert_ne!(config.max_outbound_buffer, defaults.max_outbound_buffer);
+        assert_ne!(config.event_queue_bytes, defaults.event_queue_bytes);
+        assert_ne!(config.memory_budget, defaults.memory_budget);
         assert_ne!(config.log_connections, defaults.log_connections);
         let (b, d) = (&config.broker, &defaults.broker);
         assert_ne!(b.max_keepalive, d.max_keepalive);
