@@ -22,7 +22,7 @@ use crate::connection_io::{
 };
 pub(crate) use crate::connection_settings::ConnectionSettings;
 use crate::dispatch::packet_name;
-use crate::event::Event;
+use crate::event::{takes_ack_lane, Event};
 use crate::handshake::{malformed, read_connect, take_reauth, Auth, Connected};
 use crate::inbound_budget::event_weight;
 use crate::link::{batch_channel, BatchReceiver, Link, Shared};
@@ -373,14 +373,21 @@ fn read_side<'a, R: AsyncRead + Unpin>(
                 Box::pin(settings.security.prefetch_acl(conn, &packets)).await;
             }
             if !packets.is_empty() {
+                // Decided before this event counts as outstanding; a flag, not the sender: a
+                // reference kept across the wait would size every reader's future.
+                let ack_lane = takes_ack_lane(&packets, shared.over_event_share(0));
                 let weight = event_weight(&packets, unread - buf.len());
                 let weight = settings.inbound.take(shared, weight).await;
+                let lane = match &settings.acks {
+                    Some(acks) if ack_lane => acks,
+                    _ => events,
+                };
                 let event = Event::Packets {
                     conn,
                     packets,
                     weight,
                 };
-                if forward(events, event).await.is_err() {
+                if forward(lane, event).await.is_err() {
                     return pending().await;
                 }
             }
@@ -428,6 +435,7 @@ mod tests {
             security: Arc::default(),
             parker: None,
             inbound: Arc::default(),
+            acks: None,
         });
         let task = tokio::spawn(run(server, 7, settings, events_tx, Box::new(())));
         Harness {
@@ -590,6 +598,7 @@ mod tests {
             security: Arc::default(),
             parker: None,
             inbound: Arc::clone(&inbound),
+            acks: None,
         });
         let mut clients = Vec::new();
         let mut shared = HashMap::new();
@@ -612,10 +621,10 @@ mod tests {
                 ))
                 .await
                 .expect("write");
-            assert!(matches!(
-                next_event(&mut events).await,
-                Event::Packets { weight: 0, .. }
-            ));
+            let Event::Packets { weight, .. } = next_event(&mut events).await else {
+                panic!("the CONNECT");
+            };
+            inbound.release(Some(link.shared()), weight);
             shared.insert(conn, link);
             clients.push(client);
         }
@@ -678,6 +687,71 @@ mod tests {
         assert!(flood.await.is_ok());
         assert_eq!(inbound.held(), 0, "every byte taken is given back");
         assert!(!link.shared().over_event_share(0));
+    }
+
+    #[tokio::test]
+    async fn acknowledgements_take_their_lane_only_with_nothing_of_the_connection_outstanding() {
+        let (events_tx, mut events) = mpsc::channel(16);
+        let (acks_tx, mut acks) = mpsc::channel(16);
+        let inbound = Arc::new(crate::inbound_budget::InboundBudget::default());
+        let settings = Arc::new(ConnectionSettings {
+            connect_timeout: Duration::from_secs(10),
+            max_packet_size: 1024,
+            security: Arc::default(),
+            parker: None,
+            inbound: Arc::clone(&inbound),
+            acks: Some(acks_tx),
+        });
+        let (mut client, server) = socket_pair().await;
+        tokio::spawn(run(server, 1, settings, events_tx, Box::new(())));
+        let Event::Open { link, .. } = next_event(&mut events).await else {
+            panic!("Open must come first");
+        };
+        let shared = Arc::clone(link.shared());
+        let v5 = ProtocolVersion::V5;
+        client
+            .write_all(&bytes_of(&[connect(v5)], v5))
+            .await
+            .expect("write");
+        // The CONNECT is weighed, so nothing can overtake it.
+        let Event::Packets { weight, .. } = next_event(&mut events).await else {
+            panic!("the CONNECT");
+        };
+        assert!(weight > 0);
+        inbound.release(Some(&shared), weight);
+        let puback = Packet::PubAck(halyard_codec::PubResponse {
+            packet_id: 1,
+            ..Default::default()
+        });
+        client
+            .write_all(&bytes_of(std::slice::from_ref(&puback), v5))
+            .await
+            .expect("write");
+        let Event::Packets {
+            packets, weight, ..
+        } = next_event(&mut acks).await
+        else {
+            panic!("the PUBACK, in the acknowledgement lane");
+        };
+        assert_eq!(packets, [puback]);
+        // While it is outstanding, the next PINGREQ keeps the connection's order.
+        client
+            .write_all(&bytes_of(&[Packet::PingReq], v5))
+            .await
+            .expect("write");
+        let Event::Packets {
+            packets,
+            weight: second,
+            ..
+        } = next_event(&mut events).await
+        else {
+            panic!("the PINGREQ, in the main lane");
+        };
+        assert_eq!(packets, [Packet::PingReq]);
+        inbound.release(Some(&shared), weight);
+        inbound.release(Some(&shared), second);
+        assert_eq!(inbound.held(), 0);
+        assert!(acks.try_recv().is_err());
     }
 
     /// A connected pair: (client, server side).
@@ -793,6 +867,7 @@ mod size_tests {
             security: Arc::default(),
             parker: None,
             inbound: Arc::default(),
+            acks: None,
         });
         let shared = Arc::new(Shared::default());
         let (tx, rx) = batch_channel(&shared);

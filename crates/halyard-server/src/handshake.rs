@@ -21,6 +21,7 @@ use crate::connection_io::{forward, read_some, ReadEnd, IDLE_READ, MAX_RETAINED_
 use crate::connection_settings::ConnectionSettings;
 use crate::dispatch::packet_name;
 use crate::event::Event;
+use crate::inbound_budget::event_weight;
 use crate::link::{Batch, BatchSender, Shared};
 
 /// What the reader needs to authenticate the CONNECT.
@@ -297,17 +298,19 @@ pub(crate) async fn read_connect<R: AsyncRead + Unpin>(
                 Err(error) => break Some(error),
             }
         };
-        if !packets.is_empty()
-            && events
-                .send(Event::Packets {
-                    conn,
-                    packets,
-                    weight: 0,
-                })
-                .await
-                .is_err()
-        {
-            return pending().await;
+        if !packets.is_empty() {
+            // Weighed like every later event, so that the connection's acknowledgements
+            // cannot overtake its CONNECT (see `takes_ack_lane`).
+            let weight = event_weight(&packets, 0);
+            let weight = settings.inbound.take(shared, weight).await;
+            let event = Event::Packets {
+                conn,
+                packets,
+                weight,
+            };
+            if events.send(event).await.is_err() {
+                return pending().await;
+            }
         }
         if let Some(error) = failure {
             return Err(malformed(conn, events, error).await);

@@ -256,6 +256,7 @@ impl Server {
         } = self;
         let mqtt_addrs: Vec<SocketAddr> = listeners.iter().map(|(_, addr)| *addr).collect();
         let (event_tx, event_rx) = mpsc::channel(EVENT_CHANNEL_CAPACITY);
+        let (acks_tx, acks_rx) = mpsc::channel(EVENT_CHANNEL_CAPACITY);
         let inbound = Arc::new(inbound_budget::InboundBudget::new(config.event_queue_bytes));
         let parker = config.park_idle_after.and_then(|after| {
             let gauge = ops.metrics.connections_parked.clone();
@@ -283,7 +284,10 @@ impl Server {
         let mut broker_task = tokio::spawn(
             broker_task::run(
                 broker,
-                event_rx,
+                broker_task::Lanes {
+                    acks: acks_rx,
+                    main: event_rx,
+                },
                 stop_rx,
                 config.max_outbound_buffer,
                 task_ops,
@@ -300,6 +304,7 @@ impl Server {
             security: Arc::clone(&transports.security),
             parker: parker.clone(),
             inbound,
+            acks: Some(acks_tx),
         });
         if let Some(parker) = &parker {
             parker.set_settings(&settings);

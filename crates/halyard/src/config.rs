@@ -52,8 +52,11 @@ pub struct FileConfig {
     /// `halyard_connections_parked` counts them. 0 = never park. TLS and WebSocket connections do
     /// not park.
     pub park_idle_after_ms: u64,
-    /// Bytes queued for one connection but not yet written above which QoS 0 messages to it are
-    /// dropped (slow consumer). QoS 1/2 messages are bounded by `max_inflight`,
+    /// Memory that bytes queued for one connection but not yet written may hold (the capacity of
+    /// their buffers, not only their length); a QoS 0 message that would take it beyond is dropped
+    /// for that connection (slow consumer), counted in
+    /// `halyard_messages_dropped_total{reason="slow_consumer"}` and logged at the first drop per
+    /// connection. `halyard_outbound_buffer_bytes` sums it over connections. QoS 1/2 messages are bounded by `max_inflight`,
     /// `max_queued_messages` and `max_queued_bytes`, and what a full queue does is
     /// `queue_full_policy`'s.
     #[schemars(range(min = 1))]
@@ -71,7 +74,10 @@ pub struct FileConfig {
     /// reading from connections that publish (except those with deliveries in flight, whose
     /// acknowledgements may be what frees memory) until the total is back under three quarters of
     /// it. `halyard_memory_held_bytes` shows the total, `halyard_publishers_paced_seconds_total`
-    /// the time publishers spent paced. 0 = no budget.
+    /// the time publishers spent paced. 0 = no budget. Why 256 MiB: it holds about a million
+    /// small queued messages, far beyond what a healthy broker queues, and stays well inside a
+    /// small VM or container; a fixed figure rather than a share of the machine's memory, so the
+    /// broker behaves the same on every host (in a container the host's figure misleads).
     pub memory_budget: usize,
     /// Largest keep-alive (seconds) a client may ask for; 0 = no maximum. MQTT 5 clients asking for
     /// more (or for 0) are told this value as Server Keep Alive; MQTT 3.x clients asking for more
