@@ -97,7 +97,7 @@ mod tests {
     fn only_acknowledgements_and_pings_with_nothing_outstanding_take_the_ack_lane() {
         let ack = Packet::PubAck(PubResponse::default());
         assert!(takes_ack_lane(&[ack.clone(), Packet::PingReq], false));
-        assert!(!takes_ack_lane(&[ack.clone()], true));
+        assert!(!takes_ack_lane(std::slice::from_ref(&ack), true));
         assert!(!takes_ack_lane(
             &[ack, Packet::Publish(Publish::default())],
             false
