@@ -971,7 +971,8 @@ mod tests {
             // A value of the key's kind that differs from the default; texts try the forms
             // the text keys take (address, enumerations, path or name).
             let candidates: &[&str] = match key.kind {
-                crate::keys::Kind::Integer { .. } => &["3"],
+                // A byte count with a floor (`event_queue_bytes`) takes the larger one.
+                crate::keys::Kind::Integer { .. } => &["3", "65536"],
                 crate::keys::Kind::Boolean => &["false", "true"],
                 crate::keys::Kind::Text => {
                     &["127.0.0.1:9", "pushback", "memory", "never", "refuse", "x"]
