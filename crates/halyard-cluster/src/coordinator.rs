@@ -203,8 +203,12 @@ impl Coordinator {
             tokio::spawn(count_leader_changes(raft.clone(), counters.clone())).abort_handle(),
         );
         tasks.push(
-            tokio::spawn(follow_membership(raft.clone(), link.clone(), config.peers.clone()))
-                .abort_handle(),
+            tokio::spawn(follow_membership(
+                raft.clone(),
+                link.clone(),
+                config.peers.clone(),
+            ))
+            .abort_handle(),
         );
         let applied_everywhere = AppliedEverywhere::new(
             local,

@@ -317,7 +317,12 @@ impl Broker {
                 self.next_session_key += 1;
                 self.sessions.insert(
                     key,
-                    Box::new(Session::new(client_id.clone(), epoch, expiry_interval)),
+                    Box::new(Session::new(
+                        client_id.clone(),
+                        epoch,
+                        expiry_interval,
+                        &self.memory,
+                    )),
                 );
                 self.client_ids.insert(client_id.clone(), key);
                 (key, false)

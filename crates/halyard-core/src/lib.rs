@@ -20,6 +20,7 @@ mod enhanced_auth;
 mod forward_outbox;
 mod lazy;
 mod limits;
+mod memory_meter;
 mod message;
 mod move_window;
 mod output;

@@ -60,7 +60,12 @@ impl Broker {
         // client connects again.
         let epoch = record.epoch;
         self.registry.restored(epoch);
-        let mut session = Session::new(record.client_id.clone(), epoch, record.expiry_interval);
+        let mut session = Session::new(
+            record.client_id.clone(),
+            epoch,
+            record.expiry_interval,
+            &self.memory,
+        );
         session.persistent = true;
         session.next_seq = loaded.next_seq;
         session.spilled = loaded.pending_count;
