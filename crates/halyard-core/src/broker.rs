@@ -99,6 +99,8 @@ pub struct Broker {
     pub(crate) outboxes: ForwardOutboxes,
     /// Messages caught while sessions move between nodes (see `move_window`).
     pub(crate) move_window: MoveWindow,
+    /// The nodes the last routed message was forwarded to.
+    pub(crate) forwarded_to: Vec<crate::message::NodeId>,
     /// Bytes the sessions' queues and in-flight windows hold in memory.
     pub(crate) memory: MemoryMeter,
 }
@@ -141,6 +143,7 @@ impl Broker {
             authorizer: Arc::new(AllowAll),
             outboxes: ForwardOutboxes::default(),
             move_window: MoveWindow::default(),
+            forwarded_to: Vec::new(),
             memory: MemoryMeter::default(),
         }
     }

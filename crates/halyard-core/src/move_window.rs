@@ -5,12 +5,13 @@
 //! owner sees them before it has the session (it waits for the old owner's hand-over). Each
 //! side bridges its half of that window:
 //! - the old owner, once it has handed the session over, passes on what other nodes still
-//!   forward to it for the session's subscriptions, to the new owner, for [`RELAY_WINDOW`]
+//!   forward to it for the session's subscriptions, and what is published on it before its
+//!   routes point to the new owner, to the new owner, for [`RELAY_WINDOW`]
 //!   ([`Broker::relay_moved_session`]);
-//! - the new owner holds forwarded messages that match no session here while a claim that
-//!   resumes a session is pending, and routes them again once the claim is settled and the
-//!   session imported (at most [`MAX_HELD`]; beyond that they are dropped, counted in
-//!   `move_window_dropped`).
+//! - the new owner holds messages (forwarded or published here) that match no session here
+//!   while a claim that resumes a session is pending, and routes them again once the claim is
+//!   settled and the session imported (at most [`MAX_HELD`]; beyond that they are dropped,
+//!   counted in `move_window_dropped`).
 //!
 //! Held messages are in memory only: a crash of the new owner inside the window can lose
 //! them, although their sender's outbox has let them go.
@@ -81,8 +82,32 @@ impl Broker {
         });
     }
 
+    /// Passes a message published here on to the nodes moved sessions went to, except those
+    /// the routes already forwarded it to; how many.
+    pub(crate) fn relay_local(&mut self, now: Instant, message: &Arc<Message>) -> usize {
+        if self.move_window.relays.is_empty() {
+            return 0;
+        }
+        let already = std::mem::take(&mut self.forwarded_to);
+        let relayed = self.relay_except(now, message, &already);
+        self.forwarded_to = already;
+        relayed
+    }
+
+    /// A message published here matched nothing while a resuming claim is pending: held.
+    pub(crate) fn hold_local_while_moving(&mut self, message: Arc<Message>) {
+        self.hold_while_moving(Held {
+            message,
+            groups: Vec::new(),
+        });
+    }
+
     /// Passes a forwarded message on to the nodes moved sessions went to; how many.
     fn relay_forward(&mut self, now: Instant, message: &Arc<Message>) -> usize {
+        self.relay_except(now, message, &[])
+    }
+
+    fn relay_except(&mut self, now: Instant, message: &Arc<Message>, except: &[NodeId]) -> usize {
         self.move_window.relays.retain(|relay| relay.until > now);
         let mut nodes: Vec<NodeId> = self
             .move_window
@@ -95,6 +120,7 @@ impl Broker {
                     .any(|filter| matches(filter, &message.topic))
             })
             .map(|relay| relay.node)
+            .filter(|node| !except.contains(node))
             .collect();
         nodes.sort_unstable();
         nodes.dedup();

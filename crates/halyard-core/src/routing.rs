@@ -21,13 +21,29 @@ impl Broker {
     /// `atomic`, a QoS 1/2 message that some local subscriber has no room for is delivered
     /// to nobody, so the publisher can be told (0x97) and retry without creating duplicates
     /// elsewhere.
+    ///
+    /// While a session that moved away is relayed (see `move_window`), a message for it goes
+    /// to its new node too, unless the routes already sent it there; while a claim that
+    /// resumes a session is pending, a message that matches nothing here is held for it.
     pub(crate) fn route(
         &mut self,
         now: Instant,
         message: Arc<Message>,
         atomic: bool,
     ) -> RouteOutcome {
-        self.route_within(now, message, atomic, RouteScope::Everywhere)
+        let outcome = self.route_within(now, Arc::clone(&message), atomic, RouteScope::Everywhere);
+        if matches!(outcome, RouteOutcome::QuotaExceeded) {
+            return outcome;
+        }
+        let relayed = self.relay_local(now, &message);
+        match outcome {
+            RouteOutcome::NoSubscribers if relayed > 0 => RouteOutcome::Delivered,
+            RouteOutcome::NoSubscribers => {
+                self.hold_local_while_moving(message);
+                outcome
+            }
+            other => other,
+        }
     }
 
     /// A message another node forwarded here: it goes to this node's matching sessions (and
@@ -179,6 +195,8 @@ impl Broker {
                 });
             }
         }
+        self.forwarded_to.clear();
+        self.forwarded_to.extend(forwards.iter().map(|(node, _)| *node));
         if deliveries.is_empty() && forwards.is_empty() {
             return RouteOutcome::NoSubscribers;
         }
