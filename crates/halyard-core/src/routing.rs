@@ -196,7 +196,8 @@ impl Broker {
             }
         }
         self.forwarded_to.clear();
-        self.forwarded_to.extend(forwards.iter().map(|(node, _)| *node));
+        self.forwarded_to
+            .extend(forwards.iter().map(|(node, _)| *node));
         if deliveries.is_empty() && forwards.is_empty() {
             return RouteOutcome::NoSubscribers;
         }

@@ -98,6 +98,8 @@ struct LinkState {
     /// Bytes in this connection's previous batch: the next batch's buffer starts with this
     /// capacity, instead of growing by doubling.
     batch_hint: u32,
+    /// The client id its CONNECT named, for the drop log.
+    client_id: Option<Box<str>>,
 }
 
 /// Largest [`LinkState::batch_hint`], so one burst does not make every later batch of the
@@ -142,6 +144,7 @@ impl Dispatcher {
                         link,
                         dropped_qos0: 0,
                         batch_hint: 0,
+                        client_id: None,
                     },
                 );
             }
@@ -159,6 +162,11 @@ impl Dispatcher {
                 for packet in packets {
                     if matches!(packet, Packet::Connect(_) | Packet::Disconnect(_)) {
                         self.log.received(conn, &packet);
+                    }
+                    if let Packet::Connect(connect) = &packet {
+                        if let Some(state) = self.links.get_mut(&conn) {
+                            state.client_id = Some(connect.client_id.as_str().into());
+                        }
                     }
                     broker.handle_packet(now, conn, packet);
                 }
@@ -390,10 +398,17 @@ impl Dispatcher {
             self.dropped_qos0 += 1;
             self.metrics.dropped_slow_consumer.inc();
             state.dropped_qos0 = state.dropped_qos0.saturating_add(1);
+            let client_id = state.client_id.as_deref().unwrap_or("");
             if state.dropped_qos0 == 1 {
-                warn!(conn, queued, "slow consumer: dropping QoS 0 messages");
+                warn!(
+                    conn,
+                    client_id, queued, "slow consumer: dropping QoS 0 messages"
+                );
             } else {
-                debug!(conn, queued, "slow consumer: dropped a QoS 0 message");
+                debug!(
+                    conn,
+                    client_id, queued, "slow consumer: dropped a QoS 0 message"
+                );
             }
             return;
         }
@@ -610,6 +625,7 @@ mod tests {
                 link,
                 dropped_qos0: 0,
                 batch_hint: 0,
+                client_id: None,
             },
         );
     }
