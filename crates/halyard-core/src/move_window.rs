@@ -46,6 +46,8 @@ pub(crate) struct MoveWindow {
 
 #[derive(Debug)]
 struct Relay {
+    /// The moved session's client id: no relay once it is back on this node.
+    client_id: String,
     node: NodeId,
     /// The moved session's filters (shared ones as their inner filter).
     filters: Vec<String>,
@@ -76,6 +78,7 @@ impl Broker {
         }
         self.move_window.relays.retain(|relay| relay.until > now);
         self.move_window.relays.push(Relay {
+            client_id: state.client_id.clone(),
             node,
             filters,
             until: now + RELAY_WINDOW,
@@ -89,7 +92,7 @@ impl Broker {
             return 0;
         }
         let already = std::mem::take(&mut self.forwarded_to);
-        let relayed = self.relay_except(now, message, &already);
+        let relayed = self.relay_except(now, message, None, &already);
         self.forwarded_to = already;
         relayed
     }
@@ -102,13 +105,25 @@ impl Broker {
         });
     }
 
-    /// Passes a forwarded message on to the nodes moved sessions went to; how many.
-    fn relay_forward(&mut self, now: Instant, message: &Arc<Message>) -> usize {
-        self.relay_except(now, message, &[])
+    /// Passes a message forwarded by `origin` on to the nodes moved sessions went to (never
+    /// back to `origin`, so two nodes relaying to each other do not pass a message back and
+    /// forth); how many.
+    fn relay_forward(&mut self, now: Instant, origin: NodeId, message: &Arc<Message>) -> usize {
+        self.relay_except(now, message, Some(origin), &[])
     }
 
-    fn relay_except(&mut self, now: Instant, message: &Arc<Message>, except: &[NodeId]) -> usize {
-        self.move_window.relays.retain(|relay| relay.until > now);
+    fn relay_except(
+        &mut self,
+        now: Instant,
+        message: &Arc<Message>,
+        origin: Option<NodeId>,
+        except: &[NodeId],
+    ) -> usize {
+        // A session that came back here is served here: its relay ends.
+        let client_ids = &self.client_ids;
+        self.move_window
+            .relays
+            .retain(|relay| relay.until > now && !client_ids.contains_key(&relay.client_id));
         let mut nodes: Vec<NodeId> = self
             .move_window
             .relays
@@ -120,7 +135,7 @@ impl Broker {
                     .any(|filter| matches(filter, &message.topic))
             })
             .map(|relay| relay.node)
-            .filter(|node| !except.contains(node))
+            .filter(|node| !except.contains(node) && Some(*node) != origin)
             .collect();
         nodes.sort_unstable();
         nodes.dedup();
@@ -143,10 +158,11 @@ impl Broker {
     pub(crate) fn route_forward(
         &mut self,
         now: Instant,
+        origin: NodeId,
         message: Arc<Message>,
         groups: Vec<Arc<str>>,
     ) {
-        let relayed = self.relay_forward(now, &message);
+        let relayed = self.relay_forward(now, origin, &message);
         let outcome = self.route_within(
             now,
             Arc::clone(&message),

@@ -70,7 +70,7 @@ impl Broker {
             self.outboxes.note_received(origin, incarnation, seq);
         }
         message.publisher = None;
-        self.route_forward(now, Arc::new(message), groups.to_vec());
+        self.route_forward(now, origin, Arc::new(message), groups.to_vec());
     }
 
     /// Another node has subscribers to `filter` (a share group's as `$share/{group}/...`):

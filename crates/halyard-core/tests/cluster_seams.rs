@@ -934,6 +934,19 @@ fn messages_forwarded_during_a_move_reach_the_session_on_its_new_node() {
     let relayed: Vec<_> = a.forwards.iter().filter(|f| f.0 == 2).collect();
     assert_eq!(relayed.len(), 1, "passed on to the new owner");
     assert!(relayed[0].3.is_some(), "through the outbox");
+    a.forwards.clear();
+    a.broker.handle_forward(
+        a.now,
+        2,
+        Some((8, 1)),
+        message("mv/from-new-owner", b"x", QoS::AtLeastOnce),
+        &[],
+    );
+    a.drain();
+    assert!(
+        a.forwards.is_empty(),
+        "never relayed back to where it came from"
+    );
     a.now += RELAY_WINDOW + Duration::from_secs(1);
     a.forwards.clear();
     a.broker.handle_forward(
