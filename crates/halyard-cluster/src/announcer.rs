@@ -14,12 +14,19 @@ use crate::frame::{ProposeError, RaftReply, RaftRequest};
 use crate::metrics::Counters;
 use crate::peer_client::{LocalNode, PeerClient};
 use crate::raft_types::Raft;
+use crate::transport::Transport;
 use crate::types::NodeId;
 
 const POLL: Duration = Duration::from_millis(100);
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 
-pub(crate) async fn run(raft: Raft, local: LocalNode, peers: Vec<String>, counters: Arc<Counters>) {
+pub(crate) async fn run(
+    raft: Raft,
+    local: LocalNode,
+    peers: Vec<String>,
+    counters: Arc<Counters>,
+    transport: Arc<dyn Transport>,
+) {
     let mut client: Option<PeerClient> = None;
     loop {
         tokio::time::sleep(POLL).await;
@@ -46,7 +53,7 @@ pub(crate) async fn run(raft: Raft, local: LocalNode, peers: Vec<String>, counte
                 .as_ref()
                 .is_none_or(|client| client.target() != leader)
             {
-                client = new_client(local, leader, &peers, &counters);
+                client = new_client(local, leader, &peers, &counters, &transport);
             }
             let Some(client) = client.as_mut() else {
                 continue;
@@ -74,6 +81,7 @@ fn new_client(
     leader: NodeId,
     peers: &[String],
     counters: &Arc<Counters>,
+    transport: &Arc<dyn Transport>,
 ) -> Option<PeerClient> {
     let addr = peer_addr(peers, leader)?;
     Some(PeerClient::new(
@@ -82,5 +90,6 @@ fn new_client(
         addr.clone(),
         0,
         counters.clone(),
+        transport.clone(),
     ))
 }

@@ -21,6 +21,7 @@ use crate::frame::{RaftReply, RaftRequest};
 use crate::metrics::{bump, Counters};
 use crate::peer_client::{LocalNode, PeerClient};
 use crate::raft_types::{NodeInfo, Raft};
+use crate::transport::Transport;
 use crate::types::NodeId;
 
 /// Pause before asking a peer again after a failed call.
@@ -98,12 +99,20 @@ impl AppliedEverywhere {
         peers: &[String],
         raft: Raft,
         counters: Arc<Counters>,
+        transport: Arc<dyn Transport>,
     ) -> Self {
         let peers = (1..)
             .zip(peers)
             .filter(|(id, _)| *id != local.id)
             .map(|(id, addr)| {
-                let client = PeerClient::new(local, id, addr.clone(), 0, counters.clone());
+                let client = PeerClient::new(
+                    local,
+                    id,
+                    addr.clone(),
+                    0,
+                    counters.clone(),
+                    transport.clone(),
+                );
                 let peer = Peer {
                     client: tokio::sync::Mutex::new(client),
                     applied: AtomicU64::new(0),

@@ -28,6 +28,7 @@ use crate::raft_network::NetworkFactory;
 use crate::raft_types::{NodeInfo, Raft};
 use crate::state_machine::{lock, SharedApplier, StateMachineStore};
 use crate::status::{Commit, MemberStatus, MirrorState, Role, Status};
+use crate::transport::{Incoming, TcpIncoming};
 use crate::types::{Applied, ClientId, NodeId, Owner, RetainedMessage, RouteKey, Subscription};
 
 /// How long `shutdown` waits for raft's tasks to drop their handles on `raft.redb`.
@@ -76,7 +77,7 @@ impl Coordinator {
         let listener = bind(config.listen).await?;
         let db = crate::raft_db::open(&config.data_dir, config.fsync)
             .map_err(|e| ClusterError::Storage(e.to_string()))?;
-        let identity = identity::load_or_create(&db, config.node_id)?;
+        let identity = identity::load_or_create(&db, config.node_id, config.entropy)?;
         let local = LocalNode {
             id: identity.node_id,
             incarnation: identity.incarnation,
@@ -106,6 +107,7 @@ impl Coordinator {
         let network = NetworkFactory {
             local,
             counters: counters.clone(),
+            transport: config.transport.clone(),
         };
         let raft = Raft::new(
             local.id,
@@ -122,6 +124,7 @@ impl Coordinator {
             &config.peers,
             config.peer_queue_capacity,
             counters.clone(),
+            config.transport.clone(),
         );
         let mut tasks = Vec::new();
         let acceptor = Arc::new(Acceptor {
@@ -164,6 +167,7 @@ impl Coordinator {
             timeout: config.proposal_timeout,
             quorum_silence: config.election_timeout_max * 2,
             clients: BTreeMap::new(),
+            transport: config.transport.clone(),
         };
         let batcher = Batcher {
             inbox,
@@ -179,14 +183,20 @@ impl Coordinator {
                 local,
                 config.peers.clone(),
                 counters.clone(),
+                config.transport.clone(),
             ))
             .abort_handle(),
         );
         tasks.push(
             tokio::spawn(count_leader_changes(raft.clone(), counters.clone())).abort_handle(),
         );
-        let applied_everywhere =
-            AppliedEverywhere::new(local, &config.peers, raft.clone(), counters.clone());
+        let applied_everywhere = AppliedEverywhere::new(
+            local,
+            &config.peers,
+            raft.clone(),
+            counters.clone(),
+            config.transport.clone(),
+        );
 
         Ok(Coordinator {
             local,
@@ -195,7 +205,10 @@ impl Coordinator {
             counters,
             committed_index,
             proposals,
-            next_request_id: AtomicU64::new(random_u64()? >> 1),
+            next_request_id: AtomicU64::new(match config.entropy {
+                Some(seed) => seed >> 1,
+                None => random_u64()? >> 1,
+            }),
             change_feed_capacity: config.change_feed_capacity,
             tasks,
             db: Some(db_handle),
@@ -521,15 +534,17 @@ fn random_u64() -> Result<u64, ClusterError> {
     Ok(u64::from_le_bytes(bytes))
 }
 
-async fn bind(listen: Listen) -> Result<TcpListener, ClusterError> {
+async fn bind(listen: Listen) -> Result<Box<dyn Incoming>, ClusterError> {
     let io = |e: std::io::Error| ClusterError::Io(e.to_string());
-    match listen {
-        Listen::Addr(addr) => TcpListener::bind(addr).await.map_err(io),
+    let listener = match listen {
+        Listen::Addr(addr) => TcpListener::bind(addr).await.map_err(io)?,
         Listen::Bound(listener) => {
             listener.set_nonblocking(true).map_err(io)?;
-            TcpListener::from_std(listener).map_err(io)
+            TcpListener::from_std(listener).map_err(io)?
         }
-    }
+        Listen::Incoming(incoming) => return Ok(incoming),
+    };
+    Ok(Box::new(TcpIncoming(listener)))
 }
 
 async fn count_leader_changes(raft: Raft, counters: Arc<Counters>) {

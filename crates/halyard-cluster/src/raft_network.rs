@@ -17,12 +17,14 @@ use crate::frame::{RaftReply, RaftRequest};
 use crate::metrics::Counters;
 use crate::peer_client::{LocalNode, PeerClient};
 use crate::raft_types::{NodeInfo, TypeConfig};
+use crate::transport::Transport;
 use crate::types::NodeId;
 
 /// Makes one [`RaftPeer`] per replication stream or election.
 pub(crate) struct NetworkFactory {
     pub(crate) local: LocalNode,
     pub(crate) counters: Arc<Counters>,
+    pub(crate) transport: Arc<dyn Transport>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -36,6 +38,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
                 node.addr.clone(),
                 node.incarnation,
                 self.counters.clone(),
+                self.transport.clone(),
             ),
         }
     }

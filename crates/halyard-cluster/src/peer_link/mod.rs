@@ -29,6 +29,7 @@ use crate::error::ClusterError;
 use crate::metrics::{bump, Counters};
 use crate::peer_client::LocalNode;
 use crate::status::LinkStatus;
+use crate::transport::Transport;
 use crate::types::NodeId;
 use outbound::Outbound;
 
@@ -71,6 +72,7 @@ impl PeerLink {
         peers: &[String],
         capacity: usize,
         counters: Arc<Counters>,
+        transport: Arc<dyn Transport>,
     ) -> (PeerLink, LinkReceivers) {
         let (acked_tx, acked) = mpsc::channel(capacity);
         let (deliveries_tx, deliveries) = mpsc::channel(capacity);
@@ -88,6 +90,7 @@ impl PeerLink {
                 queue: queue.clone(),
                 counters: counters.clone(),
                 acked: acked_tx.clone(),
+                transport: transport.clone(),
             };
             tasks.push(tokio::spawn(sender.run()).abort_handle());
             outbound.insert(dest, queue);

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::SinkExt;
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
 
 use super::{Acked, LinkFrame};
@@ -18,6 +17,7 @@ use crate::frame::{self, Channel, FramedStream, Hello, Welcome};
 use crate::metrics::{bump, Counters};
 use crate::peer_client::LocalNode;
 use crate::status::LinkStatus;
+use crate::transport::Transport;
 use crate::types::NodeId;
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(20);
@@ -111,6 +111,7 @@ pub(crate) struct Sender {
     pub(crate) queue: Arc<Outbound>,
     pub(crate) counters: Arc<Counters>,
     pub(crate) acked: mpsc::Sender<Acked>,
+    pub(crate) transport: Arc<dyn Transport>,
 }
 
 impl Sender {
@@ -142,7 +143,7 @@ impl Sender {
     }
 
     async fn connect(&self) -> io::Result<FramedStream> {
-        let mut connection = frame::framed(TcpStream::connect(&self.addr).await?);
+        let mut connection = frame::framed(self.transport.connect(&self.addr).await?);
         let hello = Hello {
             channel: Channel::Link,
             from: self.local.id,
@@ -187,7 +188,9 @@ impl Sender {
             if wrote {
                 SinkExt::<Bytes>::flush(connection).await?;
             }
+            // Biased, so that a simulation replays (see the acceptor).
             tokio::select! {
+                biased;
                 _ = self.queue.wake.notified() => {}
                 received = frame::receive::<LinkFrame>(connection) => match received? {
                     Some(LinkFrame::Ack { seq }) => self.apply_ack(seq).await,
