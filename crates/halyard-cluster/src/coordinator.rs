@@ -374,6 +374,14 @@ impl Coordinator {
         lock(&self.applier).state.routes()
     }
 
+    /// The applied index and the route index at it, read together (a simulation compares
+    /// nodes' route tables at equal indexes).
+    pub fn applied_routes(&self) -> (u64, BTreeMap<RouteKey, BTreeSet<NodeId>>) {
+        let applier = lock(&self.applier);
+        let index = applier.last_applied.map_or(0, |id| id.index);
+        (index, applier.state.routes())
+    }
+
     /// Retained messages matching a (non-shared) topic filter.
     pub fn retained(&self, filter: &str) -> Vec<(String, RetainedMessage)> {
         lock(&self.applier).state.retained_matching(filter)

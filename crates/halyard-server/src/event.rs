@@ -63,3 +63,9 @@ impl std::fmt::Debug for AdminCall {
         f.write_str("AdminCall")
     }
 }
+
+impl From<ClusterEvent> for Event {
+    fn from(event: ClusterEvent) -> Self {
+        Event::Cluster(event)
+    }
+}

@@ -252,10 +252,13 @@ impl Server {
             sys_interval: ops.sys_interval,
             written: Some(event_tx.downgrade()),
             parker: parker.clone(),
-            cluster: ops
-                .cluster
-                .clone()
-                .map(|coordinator| cluster::ClusterDriver::start(coordinator, event_tx.clone())),
+            cluster: ops.cluster.clone().map(|coordinator| {
+                cluster::ClusterDriver::start(
+                    coordinator,
+                    event_tx.clone(),
+                    Arc::new(cluster::SystemClock),
+                )
+            }),
             log_connections: config.log_connections,
         };
         let (stop_tx, stop_rx) = oneshot::channel();

@@ -4,8 +4,12 @@
 //! hands to the core between packets, like any other event.
 //!
 //! Raft calls run in tasks of their own, so the broker task never waits on the network.
+//! The driver is generic over the event type it sends (the server's broker-task event, or a
+//! simulation's) and reads time through a [`DriverClock`], so that the deterministic
+//! simulation (`halyard-sim`) runs this same glue.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -15,10 +19,11 @@ use halyard_core::{
     SubscriptionUpdate,
 };
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::cluster::clock::DriverClock;
 use crate::cluster::wire::{self, Clocks, Received};
-use crate::event::Event;
 
 /// How long a node that won a claim waits for the previous owner to hand the session over
 /// before it resumes with what raft holds (the subscriptions of a persistent session).
@@ -30,7 +35,7 @@ const APPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the cluster tells the broker task.
 #[derive(Debug)]
-pub(crate) enum ClusterEvent {
+pub enum ClusterEvent {
     /// A claim emitted as `Output::Claim` was decided.
     ClaimSettled {
         /// The waiting connection.
@@ -93,12 +98,11 @@ impl Transfers {
     /// Keeps a session until its claim asks for it. One whose claim gave up waiting
     /// (`TRANSFER_TIMEOUT`) is dropped after twice that, with a warning: the client resumed
     /// without what it had queued on the old owner.
-    fn arrive(&mut self, key: (String, u64), state: Box<SessionState>) {
+    fn arrive(&mut self, now: Instant, key: (String, u64), state: Box<SessionState>) {
         if let Some(waiter) = self.waiting.remove(&key) {
             let _ = waiter.send(state);
             return;
         }
-        let now = Instant::now();
         self.arrived.retain(|(client_id, _), (at, state)| {
             let keep = now.duration_since(*at) < 2 * TRANSFER_TIMEOUT;
             if !keep {
@@ -120,10 +124,14 @@ fn lock(transfers: &SharedTransfers) -> std::sync::MutexGuard<'_, Transfers> {
     transfers.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// The cluster as the broker task uses it.
-pub(crate) struct ClusterDriver {
+/// The cluster as the broker task uses it; `E` is the broker task's event type.
+pub struct ClusterDriver<E> {
     coordinator: Arc<Coordinator>,
-    events: mpsc::Sender<Event>,
+    events: mpsc::Sender<E>,
+    clock: Arc<dyn DriverClock>,
+    /// Ends every task the driver spawned when it stops or is dropped, so that they let go
+    /// of the coordinator (a simulated node that is killed shuts its coordinator down).
+    stop: CancellationToken,
     node: NodeId,
     /// Next peer-link sequence number per destination. Seeded from the wall clock in
     /// microseconds, so that a restarted node (same incarnation) continues above what its
@@ -136,7 +144,7 @@ pub(crate) struct ClusterDriver {
     to_ack: Vec<(NodeId, u64)>,
 }
 
-impl std::fmt::Debug for ClusterDriver {
+impl<E> std::fmt::Debug for ClusterDriver<E> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClusterDriver")
             .field("node", &self.node)
@@ -144,12 +152,22 @@ impl std::fmt::Debug for ClusterDriver {
     }
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |since| {
-            u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
-        })
+fn wall_ms(wall: SystemTime) -> u64 {
+    wall.duration_since(UNIX_EPOCH).map_or(0, |since| {
+        u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+    })
+}
+
+/// Runs `task` until it ends or `stop` is cancelled.
+fn spawn_until(stop: &CancellationToken, task: impl Future<Output = ()> + Send + 'static) {
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => {}
+            () = task => {}
+        }
+    });
 }
 
 fn raw_filter(key: &RouteKey) -> String {
@@ -159,27 +177,43 @@ fn raw_filter(key: &RouteKey) -> String {
     }
 }
 
-impl ClusterDriver {
+impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
     /// Starts following the coordinator's change feed and peer link, feeding `events`.
-    pub(crate) fn start(coordinator: Arc<Coordinator>, events: mpsc::Sender<Event>) -> Self {
+    pub fn start(
+        coordinator: Arc<Coordinator>,
+        events: mpsc::Sender<E>,
+        clock: Arc<dyn DriverClock>,
+    ) -> Self {
         let node = coordinator.node_id();
         let transfers = SharedTransfers::default();
-        tokio::spawn(follow_changes(Arc::clone(&coordinator), events.clone()));
+        let stop = CancellationToken::new();
+        spawn_until(
+            &stop,
+            follow_changes(Arc::clone(&coordinator), events.clone(), clock.clone()),
+        );
         if let Some(receivers) = coordinator.take_link_receivers() {
-            tokio::spawn(follow_link(
-                Arc::clone(&coordinator),
-                receivers.deliveries,
-                events.clone(),
-                Arc::clone(&transfers),
-            ));
-            tokio::spawn(drain_acks(receivers.acked));
+            spawn_until(
+                &stop,
+                follow_link(
+                    Arc::clone(&coordinator),
+                    receivers.deliveries,
+                    events.clone(),
+                    Arc::clone(&transfers),
+                    clock.clone(),
+                ),
+            );
+            spawn_until(&stop, drain_acks(receivers.acked));
         }
-        let seq_base = SystemTime::now()
+        let seq_base = clock
+            .clocks()
+            .wall
             .duration_since(UNIX_EPOCH)
             .map_or(1, |since| u64::try_from(since.as_micros()).unwrap_or(1));
         ClusterDriver {
             coordinator,
             events,
+            clock,
+            stop,
             node,
             next_seq: HashMap::new(),
             seq_base,
@@ -194,14 +228,19 @@ impl ClusterDriver {
         *next
     }
 
+    /// Ends the tasks the driver spawned (also done when it is dropped).
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+
     /// Takes one of the core's cluster outputs.
-    pub(crate) fn handle_output(&mut self, output: &Output) {
+    pub fn handle_output(&mut self, output: &Output) {
         match output {
             Output::Claim(request) => self.claim(request.clone()),
             Output::Release { client_id, epoch } => {
                 let coordinator = Arc::clone(&self.coordinator);
                 let (client_id, epoch) = (client_id.clone(), *epoch);
-                tokio::spawn(async move {
+                spawn_until(&self.stop, async move {
                     if let Err(error) = coordinator.release(&client_id, epoch).await {
                         warn!(%client_id, %error, "cannot release the session's claim");
                     }
@@ -218,7 +257,7 @@ impl ClusterDriver {
                 node,
                 message,
                 groups,
-            } => match wire::encode_forward(message, groups, Clocks::now()) {
+            } => match wire::encode_forward(message, groups, self.clock.clocks()) {
                 Ok(payload) => {
                     let seq = self.seq_for(*node);
                     if let Err(error) = self.coordinator.link().send(*node, seq, payload) {
@@ -232,8 +271,8 @@ impl ClusterDriver {
     }
 
     /// Hands a cluster event to the core.
-    pub(crate) fn handle_event(&mut self, broker: &mut Broker, event: ClusterEvent) {
-        let clocks = Clocks::now();
+    pub fn handle_event(&mut self, broker: &mut Broker, event: ClusterEvent) {
+        let clocks = self.clock.clocks();
         match event {
             ClusterEvent::ClaimSettled {
                 conn,
@@ -297,7 +336,7 @@ impl ClusterDriver {
     }
 
     /// The broker's state is durable: acknowledge the forwards it took.
-    pub(crate) fn committed(&mut self) {
+    pub fn committed(&mut self) {
         for (origin, seq) in self.to_ack.drain(..) {
             self.coordinator.link().ack(origin, seq);
         }
@@ -308,14 +347,15 @@ impl ClusterDriver {
         let events = self.events.clone();
         let transfers = Arc::clone(&self.transfers);
         let node = self.node;
-        tokio::spawn(async move {
+        let now_ms = wall_ms(self.clock.clocks().wall);
+        spawn_until(&self.stop, async move {
             let raft_request = halyard_cluster::ClaimRequest {
                 client_id: request.client_id.clone(),
                 expected_epoch: None,
                 session_expiry_secs: request.expiry_interval,
                 persistent: request.expiry_interval > 0,
                 clean_start: request.clean_start,
-                now_ms: now_ms(),
+                now_ms,
             };
             let outcome = match coordinator.claim(raft_request).await {
                 Ok(commit) => match commit.value {
@@ -352,7 +392,7 @@ impl ClusterDriver {
                 client_id: request.client_id,
                 outcome,
             };
-            let _ = events.send(Event::Cluster(event)).await;
+            let _ = events.send(E::from(event)).await;
         });
     }
 
@@ -385,7 +425,7 @@ impl ClusterDriver {
         }
         let coordinator = Arc::clone(&self.coordinator);
         let events = self.events.clone();
-        tokio::spawn(async move {
+        spawn_until(&self.stop, async move {
             let committed = match coordinator
                 .update_subscriptions(&client_id, epoch, raft_changes)
                 .await
@@ -405,24 +445,26 @@ impl ClusterDriver {
             };
             if let Some(ticket) = ticket {
                 let event = ClusterEvent::RoutesCommitted { ticket, committed };
-                let _ = events.send(Event::Cluster(event)).await;
+                let _ = events.send(E::from(event)).await;
             }
         });
     }
 
     fn replicate_retained(&self, message: &Message) {
-        let blob = match wire::encode_retained(message, Clocks::now()) {
+        let clocks = self.clock.clocks();
+        let blob = match wire::encode_retained(message, clocks) {
             Ok(blob) => blob,
             Err(error) => return warn!(%error, topic = %message.topic, "retained not encoded"),
         };
         let coordinator = Arc::clone(&self.coordinator);
         let topic = message.topic.clone();
         let clear = message.payload.is_empty();
-        tokio::spawn(async move {
+        let now_ms = wall_ms(clocks.wall);
+        spawn_until(&self.stop, async move {
             let stored = if clear {
-                coordinator.delete_retained(&topic, now_ms()).await
+                coordinator.delete_retained(&topic, now_ms).await
             } else {
-                coordinator.set_retained(&topic, blob, now_ms()).await
+                coordinator.set_retained(&topic, blob, now_ms).await
             };
             match stored {
                 Ok(commit) if commit.value => {}
@@ -469,8 +511,18 @@ async fn wait_for_transfer(
     state
 }
 
+impl<E> Drop for ClusterDriver<E> {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
 /// Mirrors the route index and ownership changes into broker-task events.
-async fn follow_changes(coordinator: Arc<Coordinator>, events: mpsc::Sender<Event>) {
+async fn follow_changes<E: From<ClusterEvent>>(
+    coordinator: Arc<Coordinator>,
+    events: mpsc::Sender<E>,
+    clock: Arc<dyn DriverClock>,
+) {
     let node = coordinator.node_id();
     loop {
         let (mirror, mut feed) = coordinator.changes();
@@ -481,7 +533,7 @@ async fn follow_changes(coordinator: Arc<Coordinator>, events: mpsc::Sender<Even
                     filter: raw_filter(key),
                     added: true,
                 };
-                if events.send(Event::Cluster(event)).await.is_err() {
+                if events.send(E::from(event)).await.is_err() {
                     return;
                 }
             }
@@ -493,17 +545,17 @@ async fn follow_changes(coordinator: Arc<Coordinator>, events: mpsc::Sender<Even
                     epoch: owner.epoch,
                     new_owner: owner.node,
                 };
-                if events.send(Event::Cluster(event)).await.is_err() {
+                if events.send(E::from(event)).await.is_err() {
                     return;
                 }
             }
         }
         while let Some(applied) = feed.recv().await {
             for change in applied.changes {
-                let Some(event) = cluster_event(&coordinator, node, change) else {
+                let Some(event) = cluster_event(&coordinator, node, change, clock.clocks()) else {
                     continue;
                 };
-                if events.send(Event::Cluster(event)).await.is_err() {
+                if events.send(E::from(event)).await.is_err() {
                     return;
                 }
             }
@@ -514,7 +566,12 @@ async fn follow_changes(coordinator: Arc<Coordinator>, events: mpsc::Sender<Even
     }
 }
 
-fn cluster_event(coordinator: &Coordinator, node: NodeId, change: Change) -> Option<ClusterEvent> {
+fn cluster_event(
+    coordinator: &Coordinator,
+    node: NodeId,
+    change: Change,
+    clocks: Clocks,
+) -> Option<ClusterEvent> {
     let added = matches!(change, Change::RouteAdded { .. });
     match change {
         Change::RouteAdded {
@@ -546,7 +603,7 @@ fn cluster_event(coordinator: &Coordinator, node: NodeId, change: Change) -> Opt
                 .retained(&topic)
                 .into_iter()
                 .find(|(name, _)| *name == topic)?;
-            match wire::decode_retained(&stored.1.payload, Clocks::now()) {
+            match wire::decode_retained(&stored.1.payload, clocks) {
                 Ok(message) => Some(ClusterEvent::Retained(message)),
                 Err(error) => {
                     warn!(%topic, %error, "undecodable retained message in raft");
@@ -569,14 +626,16 @@ fn cluster_event(coordinator: &Coordinator, node: NodeId, change: Change) -> Opt
 
 /// Decodes what peers send: forwards go to the broker task, sessions to the claims
 /// waiting for them.
-async fn follow_link(
+async fn follow_link<E: From<ClusterEvent>>(
     coordinator: Arc<Coordinator>,
     mut deliveries: mpsc::Receiver<halyard_cluster::Delivery>,
-    events: mpsc::Sender<Event>,
+    events: mpsc::Sender<E>,
     transfers: SharedTransfers,
+    clock: Arc<dyn DriverClock>,
 ) {
     while let Some(delivery) = deliveries.recv().await {
-        match wire::decode_peer(&delivery.payload, Clocks::now()) {
+        let clocks = clock.clocks();
+        match wire::decode_peer(&delivery.payload, clocks) {
             Ok(Received::Forward { message, groups }) => {
                 let event = ClusterEvent::Forwarded {
                     origin: delivery.origin,
@@ -584,12 +643,12 @@ async fn follow_link(
                     message,
                     groups,
                 };
-                if events.send(Event::Cluster(event)).await.is_err() {
+                if events.send(E::from(event)).await.is_err() {
                     return;
                 }
             }
             Ok(Received::Session { epoch, state }) => {
-                lock(&transfers).arrive((state.client_id.clone(), epoch), state);
+                lock(&transfers).arrive(clocks.now, (state.client_id.clone(), epoch), state);
                 coordinator.link().ack(delivery.origin, delivery.seq);
             }
             Err(error) => {

@@ -2,12 +2,14 @@
 //! node whose claims, subscriptions and retained messages are decided by raft, and the
 //! driver that connects the broker task to the coordinator and the peer link.
 
+mod clock;
 mod driver;
 mod registry;
 mod status;
 mod wire;
 
-pub(crate) use driver::{ClusterDriver, ClusterEvent};
+pub use clock::{DriverClock, SystemClock};
+pub use driver::{ClusterDriver, ClusterEvent};
 pub use registry::{cluster_parts, ClusterRegistry};
 pub(crate) use status::{joined, registry, status_json};
-pub use wire::WireError;
+pub use wire::{Clocks, WireError};

@@ -1,0 +1,66 @@
+//! Runs seeds of the cluster simulation: `halyard-sim --seeds N [--seed S]`.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use halyard_sim::{replay_command, run, Options};
+
+/// Runs the deterministic cluster simulation.
+#[derive(Parser)]
+struct Cli {
+    /// How many seeds to run, from `--seed` on.
+    #[arg(long, default_value_t = 1)]
+    seeds: u64,
+    /// The first seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Steps (10 ms each) of traffic and faults per seed.
+    #[arg(long, default_value_t = Options::default().steps)]
+    steps: u64,
+    /// Run each seed twice and check that the traces match.
+    #[arg(long)]
+    check_determinism: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let options = Options {
+        steps: cli.steps,
+        ..Options::default()
+    };
+    let mut failed = 0;
+    for seed in cli.seed..cli.seed.saturating_add(cli.seeds) {
+        let outcome = run(seed, options);
+        println!(
+            "seed {seed}: trace {:016x} ({} events), {} acked, {} delivered, {} faults, excused {} losses and {} owners",
+            outcome.trace,
+            outcome.events,
+            outcome.acked,
+            outcome.delivered,
+            outcome.faults,
+            outcome.excused_losses,
+            outcome.excused_owners
+        );
+        let mut bad = !outcome.violations.is_empty();
+        for violation in &outcome.violations {
+            println!("  violation: {violation}");
+        }
+        if cli.check_determinism {
+            let again = run(seed, options);
+            if again.trace != outcome.trace {
+                println!("  not deterministic: second trace {:016x}", again.trace);
+                bad = true;
+            }
+        }
+        if bad {
+            failed += 1;
+            println!("  replay: {}", replay_command(seed));
+        }
+    }
+    if failed > 0 {
+        println!("{failed} of {} seeds failed", cli.seeds);
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
