@@ -38,6 +38,8 @@ pub struct Options {
     pub settle_steps: u64,
     /// Draw partitions, kills and restarts.
     pub faults: bool,
+    /// Subscribers disconnect, reconnect and take over on other nodes.
+    pub moves: bool,
     /// Longest delay of one chunk on a peer connection.
     pub max_delay: Duration,
     /// Break one invariant on purpose (tests of the checker).
@@ -51,6 +53,7 @@ impl Default for Options {
             steps: 600,
             settle_steps: 500,
             faults: true,
+            moves: true,
             max_delay: Duration::from_millis(15),
             sabotage: None,
         }
@@ -71,6 +74,7 @@ pub struct Outcome {
     /// Losses and double owners excused by the checker's temporary switches.
     pub excused_losses: u64,
     pub excused_owners: u64,
+    pub excused_moves: u64,
 }
 
 struct Node {
@@ -103,6 +107,9 @@ struct World {
     sabotaged: bool,
     /// The last step at which each node could not reach a quorum.
     last_cut: BTreeMap<NodeId, u64>,
+    /// Per client: the step of its last CONNECT, and the node its session was last on.
+    last_connect: BTreeMap<usize, u64>,
+    session_node: BTreeMap<usize, NodeId>,
 }
 
 /// Runs one seed on a fresh current-thread runtime with paused time.
@@ -159,6 +166,8 @@ async fn simulate(seed: u64, options: Options) -> Outcome {
         faults: 0,
         sabotaged: false,
         last_cut: BTreeMap::new(),
+        last_connect: BTreeMap::new(),
+        session_node: BTreeMap::new(),
     };
     for index in 0..world.nodes.len() {
         world.start_node(index, true).await;
@@ -188,6 +197,7 @@ async fn simulate(seed: u64, options: Options) -> Outcome {
         faults: world.faults,
         excused_losses: world.checker.excused_losses,
         excused_owners: world.checker.excused_owners,
+        excused_moves: world.checker.excused_moves,
     }
 }
 
@@ -265,8 +275,12 @@ impl World {
                         self.send_from(index, packet);
                     }
                 }
-                Role::Subscriber { .. } if roll < 0.004 => self.connect_client(index),
-                Role::Subscriber { .. } if roll < 0.008 => self.disconnect_client(index),
+                Role::Subscriber { .. } if self.options.moves && roll < 0.004 => {
+                    self.connect_client(index)
+                }
+                Role::Subscriber { .. } if self.options.moves && roll < 0.008 => {
+                    self.disconnect_client(index)
+                }
                 _ => {}
             }
         }
@@ -308,6 +322,7 @@ impl World {
         let conn = self.next_conn;
         self.next_conn += 1;
         self.conns.insert(conn, (index, node));
+        self.last_connect.insert(index, self.step);
         let packet = self.clients[index].connect(node, conn);
         self.trace.record((self.step, "connect", index, node, conn));
         self.inbound.push((node, conn, packet));
@@ -411,6 +426,7 @@ impl World {
 
     fn observe(&mut self, index: usize, node: NodeId, observation: Observation) {
         let client_id = self.clients[index].client_id.clone();
+
         let persistent = matches!(
             self.clients[index].role,
             Role::Subscriber { persistent: true }
@@ -433,7 +449,14 @@ impl World {
                 }
             }
             Observation::Subscribed if persistent => self.checker.subscribed(self.step, &client_id),
-            Observation::Connected { .. } if persistent => self.checker.connected(&client_id, node),
+            Observation::Connected { .. } if persistent => {
+                self.checker.connected(&client_id, node);
+                let previous = self.session_node.insert(index, node);
+                if previous.is_some_and(|previous| previous != node) {
+                    let from = self.last_connect.get(&index).copied().unwrap_or(self.step);
+                    self.checker.moved(&client_id, from, self.step);
+                }
+            }
             _ => {}
         }
     }

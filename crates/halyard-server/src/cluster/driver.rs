@@ -360,8 +360,12 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
             let outcome = match coordinator.claim(raft_request).await {
                 Ok(commit) => match commit.value {
                     RaftClaim::Granted { epoch, previous } => {
+                        // A clean start waits for the hand-over too, and drops it: the
+                        // hand-over says the previous owner has fenced its connection, so
+                        // the client never has live connections on two nodes (found by
+                        // the simulation, halyard-sim).
                         let moved = match previous {
-                            Some((from, _)) if from != node && !request.clean_start => {
+                            Some((from, _)) if from != node => {
                                 let state =
                                     wait_for_transfer(&transfers, &request.client_id, epoch).await;
                                 if state.is_none() {
@@ -371,7 +375,7 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
                                         "previous owner handed no session over in time"
                                     );
                                 }
-                                state
+                                state.filter(|_| !request.clean_start)
                             }
                             _ => None,
                         };

@@ -20,25 +20,34 @@ struct Cli {
     /// Run each seed twice and check that the traces match.
     #[arg(long)]
     check_determinism: bool,
+    /// No partitions, kills or restarts (clients still reconnect and take over).
+    #[arg(long)]
+    no_faults: bool,
+    /// Subscribers stay on their first node.
+    #[arg(long)]
+    no_moves: bool,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let options = Options {
         steps: cli.steps,
+        faults: !cli.no_faults,
+        moves: !cli.no_moves,
         ..Options::default()
     };
     let mut failed = 0;
     for seed in cli.seed..cli.seed.saturating_add(cli.seeds) {
         let outcome = run(seed, options);
         println!(
-            "seed {seed}: trace {:016x} ({} events), {} acked, {} delivered, {} faults, excused {} losses and {} owners",
+            "seed {seed}: trace {:016x} ({} events), {} acked, {} delivered, {} faults, excused {} losses, {} in moves, {} owners",
             outcome.trace,
             outcome.events,
             outcome.acked,
             outcome.delivered,
             outcome.faults,
             outcome.excused_losses,
+            outcome.excused_moves,
             outcome.excused_owners
         );
         let mut bad = !outcome.violations.is_empty();
