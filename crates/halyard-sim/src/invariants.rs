@@ -32,6 +32,13 @@ pub const EXCUSE_MESSAGES_PUBLISHED_DURING_A_SESSION_MOVE: bool = true;
 /// time for the slowest node to apply the claim.
 pub const MOVE_MARGIN_STEPS: u64 = 50;
 
+/// Also for want of the lease: a node cut from the quorum keeps acknowledging publishes
+/// with the route index it had, so a subscription committed by the majority meanwhile gets
+/// nothing the cut-off node took until it catches up. With this switch on, a message
+/// acknowledged by a node cut from the quorum (or just healed) does not count as lost; the
+/// number excused is reported. Remove it with the lease.
+pub const EXCUSE_PUBLISHES_ACKED_BY_A_NODE_CUT_FROM_QUORUM: bool = true;
+
 /// A broken invariant.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Violation {
@@ -87,6 +94,8 @@ impl fmt::Display for Violation {
 struct Ack {
     step: u64,
     origin: NodeId,
+    /// The origin was cut from the quorum (or just healed) when it acknowledged.
+    origin_cut: bool,
 }
 
 /// What the checker has been told, and what it found.
@@ -95,8 +104,8 @@ pub struct Checker {
     acked: BTreeMap<u64, Ack>,
     /// Persistent subscribers: the step of their first SUBACK.
     subscribed_since: BTreeMap<String, u64>,
-    /// Nodes each persistent subscriber's session was ever connected to.
-    session_nodes: BTreeMap<String, BTreeSet<NodeId>>,
+    /// Each persistent subscriber's CONNACKs: (step, node).
+    session_nodes: BTreeMap<String, Vec<(u64, NodeId)>>,
     delivered: BTreeMap<String, BTreeMap<u64, u32>>,
     qos2: BTreeSet<u64>,
     kills: Vec<(NodeId, u64)>,
@@ -108,6 +117,8 @@ pub struct Checker {
     pub violations: Vec<Violation>,
     /// Losses not counted under [`EXCUSE_FORWARDS_LOST_WITH_A_KILLED_ORIGIN`].
     pub excused_losses: u64,
+    /// Losses not counted under [`EXCUSE_PUBLISHES_ACKED_BY_A_NODE_CUT_FROM_QUORUM`].
+    pub excused_cut_publishes: u64,
     /// Losses not counted under [`EXCUSE_MESSAGES_PUBLISHED_DURING_A_SESSION_MOVE`].
     pub excused_moves: u64,
     /// Double owners not counted under [`EXCUSE_UNFENCED_OWNER_CUT_FROM_QUORUM`].
@@ -115,8 +126,14 @@ pub struct Checker {
 }
 
 impl Checker {
-    pub fn acked(&mut self, step: u64, origin: NodeId, message: u64, qos2: bool) {
-        self.acked.entry(message).or_insert(Ack { step, origin });
+    /// A publish acknowledged by `origin`; `origin_cut` when that node was cut from the
+    /// quorum (see [`EXCUSE_PUBLISHES_ACKED_BY_A_NODE_CUT_FROM_QUORUM`]).
+    pub fn acked(&mut self, step: u64, origin: NodeId, origin_cut: bool, message: u64, qos2: bool) {
+        self.acked.entry(message).or_insert(Ack {
+            step,
+            origin,
+            origin_cut,
+        });
         if qos2 {
             self.qos2.insert(message);
         }
@@ -128,11 +145,11 @@ impl Checker {
             .or_insert(step);
     }
 
-    pub fn connected(&mut self, subscriber: &str, node: NodeId) {
+    pub fn connected(&mut self, step: u64, subscriber: &str, node: NodeId) {
         self.session_nodes
             .entry(subscriber.to_owned())
             .or_default()
-            .insert(node);
+            .push((step, node));
     }
 
     /// A delivery to a subscriber's application; `exactly_once` when both the publish and
@@ -231,10 +248,14 @@ impl Checker {
                     continue;
                 }
                 let disk_lost = self.wipes.iter().any(|&(node, at)| {
-                    at >= ack.step
-                        && (node == ack.origin || nodes.is_some_and(|n| n.contains(&node)))
+                    let origin_lost = node == ack.origin && at >= ack.step;
+                    origin_lost || nodes.is_some_and(|n| session_lost(n, node, at, ack.step))
                 });
                 if disk_lost {
+                    continue;
+                }
+                if EXCUSE_PUBLISHES_ACKED_BY_A_NODE_CUT_FROM_QUORUM && ack.origin_cut {
+                    self.excused_cut_publishes += 1;
                     continue;
                 }
                 let while_moving = self.moves.get(subscriber).is_some_and(|moves| {
@@ -264,6 +285,18 @@ impl Checker {
     }
 }
 
+/// Whether the subscriber's session was on `node` when its disk was lost at `wiped`, with
+/// the message acknowledged before the session's next CONNACK (elsewhere or anew).
+fn session_lost(connacks: &[(u64, NodeId)], node: NodeId, wiped: u64, acked: u64) -> bool {
+    let on_node = connacks
+        .iter()
+        .rev()
+        .find(|(step, _)| *step <= wiped)
+        .is_some_and(|&(_, at)| at == node);
+    let next = connacks.iter().find(|(step, _)| *step > wiped);
+    on_node && next.is_none_or(|&(step, _)| acked <= step)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -283,10 +316,10 @@ mod tests {
     #[test]
     fn an_acked_message_missing_after_the_suback_is_lost() {
         let mut checker = Checker::default();
-        checker.acked(1, 1, 10, false);
+        checker.acked(1, 1, false, 10, false);
         checker.subscribed(2, "s");
-        checker.acked(3, 1, 11, true);
-        checker.acked(4, 1, 12, true);
+        checker.acked(3, 1, false, 11, true);
+        checker.acked(4, 1, false, 12, true);
         checker.delivered("s", 11, true);
         checker.check_losses();
         assert_eq!(
@@ -303,7 +336,7 @@ mod tests {
     fn a_lost_disk_excuses_a_loss() {
         let mut checker = Checker::default();
         checker.subscribed(1, "s");
-        checker.acked(2, 3, 10, false);
+        checker.acked(2, 3, false, 10, false);
         checker.wiped(3, 5);
         checker.check_losses();
         assert!(checker.violations.is_empty());

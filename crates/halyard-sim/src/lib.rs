@@ -23,7 +23,8 @@ pub use invariants::Violation;
 pub use sabotage::Sabotage;
 pub use scenario::{run, Options, Outcome};
 
-/// The command that replays `seed`.
-pub fn replay_command(seed: u64) -> String {
-    format!("scripts/sim --seed {seed}")
+/// The command that replays `seed`; `ci` for the CI profile ([`Options::ci`]).
+pub fn replay_command(seed: u64, ci: bool) -> String {
+    let profile = if ci { " --ci" } else { "" };
+    format!("scripts/sim{profile} --seed {seed}")
 }

@@ -20,9 +20,15 @@ struct Cli {
     /// Run each seed twice and check that the traces match.
     #[arg(long)]
     check_determinism: bool,
-    /// No partitions, kills or restarts (clients still reconnect and take over).
+    /// The CI profile: partitions and delays, no kills, subscribers stay on their node.
     #[arg(long)]
-    no_faults: bool,
+    ci: bool,
+    /// No partitions.
+    #[arg(long)]
+    no_partitions: bool,
+    /// No kills or restarts.
+    #[arg(long)]
+    no_kills: bool,
     /// Subscribers stay on their first node.
     #[arg(long)]
     no_moves: bool,
@@ -30,17 +36,23 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let base = if cli.ci {
+        Options::ci()
+    } else {
+        Options::default()
+    };
     let options = Options {
         steps: cli.steps,
-        faults: !cli.no_faults,
-        moves: !cli.no_moves,
-        ..Options::default()
+        partitions: base.partitions && !cli.no_partitions,
+        kills: base.kills && !cli.no_kills,
+        moves: base.moves && !cli.no_moves,
+        ..base
     };
     let mut failed = 0;
     for seed in cli.seed..cli.seed.saturating_add(cli.seeds) {
         let outcome = run(seed, options);
         println!(
-            "seed {seed}: trace {:016x} ({} events), {} acked, {} delivered, {} faults, excused {} losses, {} in moves, {} owners",
+            "seed {seed}: trace {:016x} ({} events), {} acked, {} delivered, {} faults, excused {} losses, {} in moves, {} cut-off publishes, {} owners",
             outcome.trace,
             outcome.events,
             outcome.acked,
@@ -48,6 +60,7 @@ fn main() -> ExitCode {
             outcome.faults,
             outcome.excused_losses,
             outcome.excused_moves,
+            outcome.excused_cut_publishes,
             outcome.excused_owners
         );
         let mut bad = !outcome.violations.is_empty();
@@ -63,7 +76,7 @@ fn main() -> ExitCode {
         }
         if bad {
             failed += 1;
-            println!("  replay: {}", replay_command(seed));
+            println!("  replay: {}", replay_command(seed, cli.ci));
         }
     }
     if failed > 0 {
