@@ -6,14 +6,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::error::{ClientWriteError, RaftError};
+use openraft::raft::AppendEntriesResponse;
 use openraft::ChangeMembers;
 use tokio::task::JoinSet;
 
 use crate::applied_everywhere::serve_wait_applied;
 use crate::command::{Command, Response};
+use crate::consumption::Consumption;
 use crate::frame::{
     self, Channel, FramedStream, Hello, ProposeError, RaftReply, RaftRequest, Welcome,
 };
+use crate::lease::Lease;
+use crate::membership;
 use crate::metrics::{bump, Counters};
 use crate::peer_client::LocalNode;
 use crate::peer_link::LinkInbound;
@@ -27,11 +31,14 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// What the accept loop needs to judge and serve a connection.
 pub(crate) struct Acceptor {
     pub(crate) local: LocalNode,
-    pub(crate) peer_count: u64,
     /// None when only the peer link is served (link tests).
     pub(crate) raft: Option<Raft>,
     pub(crate) link: Option<LinkInbound>,
     pub(crate) counters: Arc<Counters>,
+    /// What this node's app has taken from the change feed.
+    pub(crate) consumption: Consumption,
+    /// Stamped when the leader's AppendEntries brings this node up to its commit.
+    pub(crate) lease: Arc<Lease>,
 }
 
 /// Accepts until the task is aborted; aborting it also ends every connection it serves.
@@ -65,10 +72,15 @@ async fn serve(stream: BoxStream, acceptor: Arc<Acceptor>) {
             return;
         }
     };
-    if let Err(reason) = acceptor.check(&hello) {
+    if let Err(refusal) = acceptor.check(&hello) {
         bump(&acceptor.counters.rejected_peers);
-        tracing::warn!(from = hello.from, reason, "cluster peer rejected");
-        let _ = frame::send(&mut connection, &Welcome::Rejected(reason)).await;
+        match &refusal {
+            Welcome::Fenced(reason) => {
+                tracing::warn!(from = hello.from, reason, "cluster peer fenced")
+            }
+            other => tracing::warn!(from = hello.from, reason = ?other, "cluster peer rejected"),
+        }
+        let _ = frame::send(&mut connection, &refusal).await;
         return;
     }
     let welcome = Welcome::Accepted {
@@ -79,7 +91,15 @@ async fn serve(stream: BoxStream, acceptor: Arc<Acceptor>) {
         return;
     }
     let result = match (hello.channel, &acceptor.raft, &acceptor.link) {
-        (Channel::Raft, Some(raft), _) => serve_raft(&mut connection, raft).await,
+        (Channel::Raft, Some(raft), _) => {
+            serve_raft(
+                &mut connection,
+                raft,
+                &acceptor.consumption,
+                &acceptor.lease,
+            )
+            .await
+        }
         (Channel::Link, _, Some(link)) => {
             link.serve(connection, hello.from, hello.incarnation).await
         }
@@ -98,45 +118,66 @@ fn note_error(counters: &Counters, error: &io::Error) {
 }
 
 impl Acceptor {
-    /// A known node id, and on the raft channel the incarnation the membership records.
-    fn check(&self, hello: &Hello) -> Result<(), String> {
-        if hello.from == 0 || hello.from > self.peer_count || hello.from == self.local.id {
-            return Err(format!(
-                "node {} is not a peer of node {}",
+    /// A member, and on the raft channel the incarnation the membership records. Before
+    /// the membership is known here (a voter before the first start's initialization, a node
+    /// waiting to be added with `halyard cluster join`), any other node: the one that adds
+    /// it may itself have been added at run time. A refusal is the [`Welcome`] to send.
+    fn check(&self, hello: &Hello) -> Result<(), Welcome> {
+        let members = self
+            .raft
+            .as_ref()
+            .map(membership::members)
+            .unwrap_or_default();
+        let known = members.is_empty() || members.contains_key(&hello.from);
+        if hello.from == 0 || !known || hello.from == self.local.id {
+            return Err(Welcome::Rejected(format!(
+                "node {} is not a member of node {}'s cluster",
                 hello.from, self.local.id
-            ));
+            )));
         }
         let served = match hello.channel {
             Channel::Raft => self.raft.is_some(),
             Channel::Link => self.link.is_some(),
         };
         if !served {
-            return Err("channel not served".to_owned());
+            return Err(Welcome::Rejected("channel not served".to_owned()));
         }
-        if let (Channel::Raft, Some(raft)) = (hello.channel, &self.raft) {
-            let metrics = raft.metrics();
-            let recorded = metrics
-                .borrow()
-                .membership_config
-                .membership()
-                .get_node(&hello.from)
-                .map_or(0, |node| node.incarnation);
+        if hello.channel == Channel::Raft && self.raft.is_some() {
+            let recorded = members.get(&hello.from).map_or(0, |node| node.incarnation);
             if recorded != 0 && recorded != hello.incarnation {
-                return Err(format!(
-                    "node {} is incarnation {recorded:016x}, not {:016x}: a node with a new data directory needs a new id",
-                    hello.from, hello.incarnation
-                ));
+                return Err(Welcome::Fenced(format!(
+                    "node {} is a member as incarnation {recorded:016x}, not {:016x}: its data directory was lost or replaced; remove it (`halyard cluster leave {}`) and add it again (`halyard cluster join`), or give it its old data directory",
+                    hello.from, hello.incarnation, hello.from
+                )));
             }
         }
         Ok(())
     }
 }
 
-async fn serve_raft(connection: &mut FramedStream, raft: &Raft) -> io::Result<()> {
+async fn serve_raft(
+    connection: &mut FramedStream,
+    raft: &Raft,
+    consumption: &Consumption,
+    lease: &Lease,
+) -> io::Result<()> {
     while let Some(request) = frame::receive::<RaftRequest>(connection).await? {
         let reply = match request {
             RaftRequest::AppendEntries(rpc) => {
-                RaftReply::AppendEntries(raft.append_entries(rpc).await)
+                let received = tokio::time::Instant::now();
+                // Only a request that shows every entry the leader has committed proves that
+                // this node knows of every claim committed before it was sent.
+                let last = rpc
+                    .entries
+                    .last()
+                    .map(|entry| entry.log_id)
+                    .or(rpc.prev_log_id);
+                let covers_commit = rpc.leader_commit <= last;
+                let result = raft.append_entries(rpc).await;
+                if covers_commit && matches!(result, Ok(AppendEntriesResponse::Success)) {
+                    lease.heard_leader(received);
+                }
+                RaftReply::AppendEntries(result)
             }
             RaftRequest::Vote(rpc) => RaftReply::Vote(raft.vote(rpc).await),
             RaftRequest::InstallSnapshot(rpc) => {
@@ -147,11 +188,14 @@ async fn serve_raft(connection: &mut FramedStream, raft: &Raft) -> io::Result<()
                 RaftReply::Announced(record_incarnation(raft, node, incarnation).await)
             }
             RaftRequest::WaitApplied { index, wait_ms } => {
-                match serve_wait_applied(raft, index, wait_ms).await {
+                match serve_wait_applied(raft, consumption, index, wait_ms).await {
                     Ok(applied) => RaftReply::Applied(applied),
                     // Shutting down: the caller takes a closed connection as unreachable.
                     Err(_) => return Ok(()),
                 }
+            }
+            RaftRequest::Membership(change) => {
+                RaftReply::Membership(membership::change(raft, change).await)
             }
         };
         frame::send(connection, &reply).await?;
@@ -170,7 +214,9 @@ pub(crate) async fn propose_here(
         .map_err(propose_error)
 }
 
-fn propose_error(error: RaftError<NodeId, ClientWriteError<NodeId, NodeInfo>>) -> ProposeError {
+pub(crate) fn propose_error(
+    error: RaftError<NodeId, ClientWriteError<NodeId, NodeInfo>>,
+) -> ProposeError {
     match error {
         RaftError::APIError(ClientWriteError::ForwardToLeader(forward)) => {
             ProposeError::NotLeader {

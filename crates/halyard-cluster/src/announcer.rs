@@ -9,13 +9,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::acceptor::record_incarnation;
-use crate::config::peer_addr;
 use crate::frame::{ProposeError, RaftReply, RaftRequest};
+use crate::membership;
 use crate::metrics::Counters;
 use crate::peer_client::{LocalNode, PeerClient};
 use crate::raft_types::Raft;
 use crate::transport::Transport;
-use crate::types::NodeId;
 
 const POLL: Duration = Duration::from_millis(100);
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
@@ -41,6 +40,7 @@ pub(crate) async fn run(
             (recorded, metrics.current_leader)
         };
         if recorded == Some(local.incarnation) {
+            counters.clear_fenced();
             return;
         }
         let Some(leader) = leader else {
@@ -53,7 +53,9 @@ pub(crate) async fn run(
                 .as_ref()
                 .is_none_or(|client| client.target() != leader)
             {
-                client = new_client(local, leader, &peers, &counters, &transport);
+                client = membership::addr(&raft, &peers, leader).map(|addr| {
+                    PeerClient::new(local, leader, addr, 0, counters.clone(), transport.clone())
+                });
             }
             let Some(client) = client.as_mut() else {
                 continue;
@@ -74,22 +76,4 @@ pub(crate) async fn run(
             );
         }
     }
-}
-
-fn new_client(
-    local: LocalNode,
-    leader: NodeId,
-    peers: &[String],
-    counters: &Arc<Counters>,
-    transport: &Arc<dyn Transport>,
-) -> Option<PeerClient> {
-    let addr = peer_addr(peers, leader)?;
-    Some(PeerClient::new(
-        local,
-        leader,
-        addr.clone(),
-        0,
-        counters.clone(),
-        transport.clone(),
-    ))
 }

@@ -9,15 +9,17 @@
 //! and waited for again as soon as it answers.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use openraft::RaftMetrics;
 use tokio::time::Instant;
 
+use crate::consumption::Consumption;
 use crate::error::ClusterError;
 use crate::frame::{RaftReply, RaftRequest};
+use crate::membership;
 use crate::metrics::{bump, Counters};
 use crate::peer_client::{LocalNode, PeerClient};
 use crate::raft_types::{NodeInfo, Raft};
@@ -32,10 +34,15 @@ const MAX_SERVED_WAIT: Duration = Duration::from_secs(60);
 
 /// Every other voter of this node, as the applied-index waiter sees them.
 pub(crate) struct AppliedEverywhere {
-    local: NodeId,
+    local: LocalNode,
     raft: Raft,
+    consumption: Consumption,
     counters: Arc<Counters>,
-    peers: BTreeMap<NodeId, Arc<Peer>>,
+    transport: Arc<dyn Transport>,
+    /// The `peers` list, for the addresses of voters the membership does not name yet.
+    addrs: Vec<String>,
+    /// Made on first use, so that a voter added at run time is waited for too.
+    peers: Mutex<BTreeMap<NodeId, Arc<Peer>>>,
 }
 
 /// One peer: its own connection (so waits never queue behind raft or proposals), the
@@ -44,6 +51,10 @@ struct Peer {
     client: tokio::sync::Mutex<PeerClient>,
     applied: AtomicU64,
     unreachable_since: Mutex<Option<Instant>>,
+    /// The last call found another incarnation at this id (a node back with an empty data
+    /// directory, fenced until an operator removes it): it serves no client as this member,
+    /// so it is skipped at once.
+    stale: AtomicBool,
 }
 
 impl Peer {
@@ -86,8 +97,15 @@ impl Peer {
                 tracing::warn!(peer = client.target(), ?other, "reply of the wrong kind");
                 None
             }
-            Err(_) => None,
+            Err(error) => {
+                let stale = error.kind() == std::io::ErrorKind::PermissionDenied;
+                self.stale.store(stale, Ordering::Relaxed);
+                None
+            }
         };
+        if reply.is_some() {
+            self.stale.store(false, Ordering::Relaxed);
+        }
         self.record(started, reply);
         reply
     }
@@ -98,35 +116,45 @@ impl AppliedEverywhere {
         local: LocalNode,
         peers: &[String],
         raft: Raft,
+        consumption: Consumption,
         counters: Arc<Counters>,
         transport: Arc<dyn Transport>,
     ) -> Self {
-        let peers = (1..)
-            .zip(peers)
-            .filter(|(id, _)| *id != local.id)
-            .map(|(id, addr)| {
-                let client = PeerClient::new(
-                    local,
-                    id,
-                    addr.clone(),
-                    0,
-                    counters.clone(),
-                    transport.clone(),
-                );
-                let peer = Peer {
-                    client: tokio::sync::Mutex::new(client),
-                    applied: AtomicU64::new(0),
-                    unreachable_since: Mutex::new(None),
-                };
-                (id, Arc::new(peer))
-            })
-            .collect();
         Self {
-            local: local.id,
+            local,
             raft,
+            consumption,
             counters,
-            peers,
+            transport,
+            addrs: peers.to_vec(),
+            peers: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// The waiter's view of voter `id`, made on first use.
+    fn peer(&self, id: NodeId) -> Result<Arc<Peer>, ClusterError> {
+        let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(peer) = peers.get(&id) {
+            return Ok(peer.clone());
+        }
+        let addr =
+            membership::addr(&self.raft, &self.addrs, id).ok_or(ClusterError::UnknownNode(id))?;
+        let client = PeerClient::new(
+            self.local,
+            id,
+            addr,
+            0,
+            self.counters.clone(),
+            self.transport.clone(),
+        );
+        let peer = Arc::new(Peer {
+            client: tokio::sync::Mutex::new(client),
+            applied: AtomicU64::new(0),
+            unreachable_since: Mutex::new(None),
+            stale: AtomicBool::new(false),
+        });
+        peers.insert(id, peer.clone());
+        Ok(peer)
     }
 
     /// Returns once this node and every reachable voter have applied `index`; `Timeout`
@@ -140,13 +168,13 @@ impl AppliedEverywhere {
             .membership_config
             .membership()
             .voter_ids()
-            .filter(|id| *id != self.local)
+            .filter(|id| *id != self.local.id)
             .collect();
         let peers = voters
             .into_iter()
             .map(|id| self.wait_peer(id, index, deadline, limit / 2));
         let (local, peers) = tokio::join!(
-            wait_applied(&self.raft, index, limit),
+            wait_applied(&self.raft, &self.consumption, index, limit),
             futures_util::future::join_all(peers)
         );
         local?;
@@ -160,7 +188,8 @@ impl AppliedEverywhere {
         deadline: Instant,
         skip_after: Duration,
     ) -> Result<(), ClusterError> {
-        let peer = self.peers.get(&id).ok_or(ClusterError::UnknownNode(id))?;
+        let peer = self.peer(id)?;
+        let peer = &peer;
         loop {
             if peer.applied.load(Ordering::Relaxed) >= index {
                 return Ok(());
@@ -169,11 +198,12 @@ impl AppliedEverywhere {
             if now >= deadline {
                 return Err(ClusterError::Timeout);
             }
-            if peer.unreachable_for(now) >= Some(skip_after) {
+            if peer.stale.load(Ordering::Relaxed) || peer.unreachable_for(now) >= Some(skip_after) {
                 self.skip(id, peer, index, skip_after);
                 return Ok(());
             }
             let mut client = peer.client.lock().await;
+            client.expect_incarnation(self.recorded_incarnation(id));
             // Another wait may have had its answer (or given up on the peer) meanwhile.
             let now = Instant::now();
             if peer.applied.load(Ordering::Relaxed) >= index
@@ -190,28 +220,43 @@ impl AppliedEverywhere {
         }
     }
 
+    /// The incarnation the membership records for `id` (0: not announced yet).
+    fn recorded_incarnation(&self, id: NodeId) -> u64 {
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .map_or(0, |node| node.incarnation)
+    }
+
     /// Counts a skipped peer and, unless a call to it is under way, probes it in the
     /// background so that it is waited for again once it answers.
     fn skip(&self, id: NodeId, peer: &Arc<Peer>, index: u64, limit: Duration) {
         bump(&self.counters.unreachable_peers_skipped);
         tracing::debug!(peer = id, index, "unreachable peer skipped");
         let peer = Arc::clone(peer);
+        let incarnation = self.recorded_incarnation(id);
         tokio::spawn(async move {
             let Ok(mut client) = peer.client.try_lock() else {
                 return;
             };
+            client.expect_incarnation(incarnation);
             peer.ask(&mut client, index, limit).await;
         });
     }
 }
 
-/// Waits until this node has applied `index`.
+/// Waits until this node has applied `index` (and its app has taken it in, see
+/// `consumption`).
 pub(crate) async fn wait_applied(
     raft: &Raft,
+    consumption: &Consumption,
     index: u64,
     limit: Duration,
 ) -> Result<(), ClusterError> {
-    match applied_within(raft, index, limit).await? {
+    match applied_within(raft, consumption, index, limit).await? {
         applied if applied >= index => Ok(()),
         _ => Err(ClusterError::Timeout),
     }
@@ -221,15 +266,42 @@ pub(crate) async fn wait_applied(
 /// or when `wait_ms` (capped) has passed.
 pub(crate) async fn serve_wait_applied(
     raft: &Raft,
+    consumption: &Consumption,
     index: u64,
     wait_ms: u64,
 ) -> Result<u64, ClusterError> {
     let limit = Duration::from_millis(wait_ms).min(MAX_SERVED_WAIT);
-    applied_within(raft, index, limit).await
+    applied_within(raft, consumption, index, limit).await
 }
 
-/// The applied index once it reaches `index`, or as it is when `limit` has passed.
-async fn applied_within(raft: &Raft, index: u64, limit: Duration) -> Result<u64, ClusterError> {
+/// The applied index once it reaches `index` and the app has taken in every change up to
+/// it, or when `limit` has passed, the applied index as it is (below `index` if the app
+/// still lags).
+async fn applied_within(
+    raft: &Raft,
+    consumption: &Consumption,
+    index: u64,
+    limit: Duration,
+) -> Result<u64, ClusterError> {
+    let started = Instant::now();
+    let applied = raft_applied_within(raft, index, limit).await?;
+    if applied < index {
+        return Ok(applied);
+    }
+    let left = limit.saturating_sub(started.elapsed());
+    if consumption.wait_caught_up(index, left).await {
+        Ok(applied)
+    } else {
+        Ok(index - 1)
+    }
+}
+
+/// Raft's applied index once it reaches `index`, or as it is when `limit` has passed.
+async fn raft_applied_within(
+    raft: &Raft,
+    index: u64,
+    limit: Duration,
+) -> Result<u64, ClusterError> {
     let mut metrics = raft.metrics();
     let wait = async {
         loop {

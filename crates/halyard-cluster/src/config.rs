@@ -20,14 +20,17 @@ pub enum Listen {
     Incoming(Box<dyn Incoming>),
 }
 
-/// Configuration of one cluster node. Every voter must be given the same `peers` list (in
-/// the same order) and the same `retained_cap_bytes`.
+/// Configuration of one cluster node. Every voter must be given the same nodes in `peers`
+/// (in the same order) and the same `retained_cap_bytes`; the addresses are where this node
+/// reaches each peer and may differ from node to node (a proxy, NAT).
 #[derive(Debug)]
 pub struct ClusterConfig {
-    /// This node's 1-based position in `peers`.
+    /// This node's 1-based position in `peers`; a larger id is a node that joins a running
+    /// cluster at run time ([`crate::Coordinator::add_member`]) and never initializes one.
     pub node_id: NodeId,
     pub listen: Listen,
-    /// Every voter's cluster address (`host:port`), this node included.
+    /// Every voter's cluster address (`host:port`, the host a name or an IP), this node
+    /// included; names are resolved on every connection attempt.
     pub peers: Vec<String>,
     /// Holds `raft.redb` (log, snapshot, identity).
     pub data_dir: PathBuf,
@@ -55,11 +58,15 @@ pub struct ClusterConfig {
     /// Seeds the incarnation id of a new data directory and the proposal ids instead of the
     /// OS's randomness; only a simulation sets it, so that a seed replays.
     pub entropy: Option<u64>,
+    /// How long this node keeps serving its sessions without hearing from a quorum (see
+    /// the lease module); must stay below the takeover timeout with a margin.
+    pub lease: Duration,
 }
 
 impl ClusterConfig {
     /// A configuration with the defaults: 100 ms heartbeat, 500-1000 ms elections, 5 s
-    /// proposal timeout, 1 ms batch window, 64 MiB retained cap, 10,000 frames per peer.
+    /// proposal timeout, 1 ms batch window, 64 MiB retained cap, 10,000 frames per peer,
+    /// 1.5 s lease.
     pub fn new(node_id: NodeId, listen: Listen, peers: Vec<String>, data_dir: PathBuf) -> Self {
         Self {
             node_id,
@@ -79,22 +86,36 @@ impl ClusterConfig {
             fsync: true,
             transport: Arc::new(TcpTransport),
             entropy: None,
+            lease: Duration::from_millis(1500),
         }
     }
 
-    /// Checks what openraft and the node-id rules need.
-    pub(crate) fn validate(&self) -> Result<(), ClusterError> {
+    /// Checks what openraft, the node-id rules and the peer addresses need (also done by
+    /// [`crate::Coordinator::start`]).
+    pub fn validate(&self) -> Result<(), ClusterError> {
         let bad = |why: &str| Err(ClusterError::Config(why.to_owned()));
         if self.peers.is_empty() {
             return bad("peers must list every voter, this node included");
         }
-        if self.node_id == 0 || self.node_id > self.peers.len() as u64 {
-            return bad("node id must be this node's 1-based position in peers");
+        if let Some(peer) = self
+            .peers
+            .iter()
+            .find(|peer| !crate::dial::is_host_port(peer))
+        {
+            return Err(ClusterError::Config(format!(
+                "peer {peer:?} is not host:port (a name or an IP, and a port)"
+            )));
+        }
+        if self.node_id == 0 {
+            return bad("node ids start at 1 (a voter's 1-based position in peers)");
         }
         if self.election_timeout_min <= self.heartbeat_interval
             || self.election_timeout_max <= self.election_timeout_min
         {
             return bad("need heartbeat < election timeout min < election timeout max");
+        }
+        if self.lease <= self.heartbeat_interval {
+            return bad("the lease must be longer than the heartbeat interval");
         }
         if self.max_batch == 0 || self.peer_queue_capacity == 0 || self.change_feed_capacity == 0 {
             return bad("max_batch, peer_queue_capacity and change_feed_capacity must be positive");

@@ -16,8 +16,11 @@ use crate::applied_everywhere::{wait_applied, AppliedEverywhere};
 use crate::batcher::{Batcher, Pending};
 use crate::command::{Claim, ClaimOutcome, Command, Response, SubscriptionChange};
 use crate::config::{ClusterConfig, Listen};
+use crate::consumption::Consumption;
 use crate::error::ClusterError;
+use crate::frame::MembershipChange;
 use crate::identity;
+use crate::lease::Lease;
 use crate::log_store::LogStore;
 use crate::metrics::{bump, Counters, Metrics};
 use crate::peer_client::LocalNode;
@@ -28,8 +31,11 @@ use crate::raft_network::NetworkFactory;
 use crate::raft_types::{NodeInfo, Raft};
 use crate::state_machine::{lock, SharedApplier, StateMachineStore};
 use crate::status::{Commit, MemberStatus, MirrorState, Role, Status};
-use crate::transport::{Incoming, TcpIncoming};
+use crate::transport::{Incoming, TcpIncoming, Transport};
 use crate::types::{Applied, ClientId, NodeId, Owner, RetainedMessage, RouteKey, Subscription};
+
+/// How long a membership change may take: adding a learner waits until it has caught up.
+const MEMBERSHIP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long `shutdown` waits for raft's tasks to drop their handles on `raft.redb`.
 const DB_CLOSE_WAIT: Duration = Duration::from_secs(5);
@@ -64,9 +70,15 @@ pub struct Coordinator {
     /// Kept so that `shutdown` can drop the last handle itself, once raft's tasks have let
     /// go: the file is closed (and its clean-shutdown write done) when `shutdown` returns.
     db: Option<Arc<RaftDb>>,
-    link: PeerLink,
+    link: Arc<PeerLink>,
+    /// The voters' addresses as configured (members added later are found in the membership).
+    peers: Vec<String>,
+    /// How this node dials its peers (for membership requests to the leader).
+    transport: Arc<dyn Transport>,
     link_receivers: Mutex<Option<LinkReceivers>>,
     applied_everywhere: AppliedEverywhere,
+    consumption: Consumption,
+    lease: Arc<Lease>,
 }
 
 impl Coordinator {
@@ -89,6 +101,7 @@ impl Coordinator {
         let state_machine = StateMachineStore::open(db, config.retained_cap_bytes)
             .map_err(|e| ClusterError::Storage(e.to_string()))?;
         let applier = state_machine.applier();
+        let consumption = lock(&applier).consumption.clone();
 
         let raft_config = openraft::Config {
             cluster_name: "halyard".into(),
@@ -104,10 +117,13 @@ impl Coordinator {
         }
         .validate()
         .map_err(|e| ClusterError::Config(e.to_string()))?;
+        let lease = Arc::new(Lease::new(config.lease, config.peers.len()));
         let network = NetworkFactory {
             local,
+            peers: config.peers.clone(),
             counters: counters.clone(),
             transport: config.transport.clone(),
+            lease: lease.clone(),
         };
         let raft = Raft::new(
             local.id,
@@ -126,13 +142,15 @@ impl Coordinator {
             counters.clone(),
             config.transport.clone(),
         );
+        let link = Arc::new(link);
         let mut tasks = Vec::new();
         let acceptor = Arc::new(Acceptor {
             local,
-            peer_count: config.peers.len() as u64,
             raft: Some(raft.clone()),
             link: Some(link.inbound()),
             counters: counters.clone(),
+            consumption: consumption.clone(),
+            lease: lease.clone(),
         });
         tasks.push(tokio::spawn(acceptor::run(listener, acceptor)).abort_handle());
 
@@ -140,7 +158,8 @@ impl Coordinator {
             .is_initialized()
             .await
             .map_err(|_| ClusterError::Shutdown)?;
-        if !initialized {
+        let founder = config.node_id <= config.peers.len() as u64;
+        if !initialized && founder {
             let voters: BTreeMap<NodeId, NodeInfo> = (1..)
                 .zip(&config.peers)
                 .map(|(id, addr)| {
@@ -190,10 +209,12 @@ impl Coordinator {
         tasks.push(
             tokio::spawn(count_leader_changes(raft.clone(), counters.clone())).abort_handle(),
         );
+        tasks.push(tokio::spawn(follow_membership(raft.clone(), link.clone())).abort_handle());
         let applied_everywhere = AppliedEverywhere::new(
             local,
             &config.peers,
             raft.clone(),
+            consumption.clone(),
             counters.clone(),
             config.transport.clone(),
         );
@@ -213,14 +234,24 @@ impl Coordinator {
             tasks,
             db: Some(db_handle),
             link,
+            peers: config.peers,
+            transport: config.transport,
             link_receivers: Mutex::new(Some(link_receivers)),
             applied_everywhere,
+            consumption,
+            lease,
         })
     }
 
     /// This node's id.
     pub fn node_id(&self) -> NodeId {
         self.local.id
+    }
+
+    /// Whether this node has heard from a quorum within its lease, and so may serve the
+    /// sessions it owns; see the lease module for why that is safe.
+    pub fn lease_held(&self) -> bool {
+        self.lease.held(tokio::time::Instant::now())
     }
 
     /// This node's incarnation (kept in the data directory).
@@ -360,6 +391,16 @@ impl Coordinator {
         lock(&self.applier).state.owner(client_id).cloned()
     }
 
+    /// How many persistent sessions this node owns, as applied here.
+    pub fn persistent_sessions_owned(&self) -> usize {
+        lock(&self.applier)
+            .state
+            .owners()
+            .values()
+            .filter(|owner| owner.node == self.local.id && owner.persistent)
+            .count()
+    }
+
     /// A client's subscriptions (filter as written) as applied on this node.
     pub fn subscriptions(&self, client_id: &str) -> BTreeMap<String, Subscription> {
         lock(&self.applier)
@@ -404,7 +445,15 @@ impl Coordinator {
 
     /// Waits until this node has applied `index` (e.g. a commit made through another node).
     pub async fn wait_applied(&self, index: u64, limit: Duration) -> Result<(), ClusterError> {
-        wait_applied(&self.raft, index, limit).await
+        wait_applied(&self.raft, &self.consumption, index, limit).await
+    }
+
+    /// The app has handled every change of the feed up to `index` (or resynced from a mirror
+    /// of that index). From the first report on, the applied-index waits here and on other
+    /// nodes count an entry as applied on this node only once its changes are consumed, so a
+    /// SUBACK waits until every broker routes the new subscription, not merely every raft.
+    pub fn consumed(&self, index: u64) {
+        self.consumption.consumed(index);
     }
 
     /// Waits until this node and every reachable voter have applied `index`, so that what
@@ -418,6 +467,43 @@ impl Coordinator {
         limit: Duration,
     ) -> Result<(), ClusterError> {
         self.applied_everywhere.wait(index, limit).await
+    }
+
+    /// Adds node `node` with its cluster port at `addr` (`host:port`) as a learner, which
+    /// replicates the log and receives routes and forwards; with `voter`, then promotes it
+    /// (also for a node that already is a learner). Done by the leader, wherever it is asked.
+    pub async fn add_member(
+        &self,
+        node: NodeId,
+        addr: String,
+        voter: bool,
+    ) -> Result<(), ClusterError> {
+        if !crate::dial::is_host_port(&addr) {
+            return Err(ClusterError::Config(format!("{addr:?} is not host:port")));
+        }
+        let change = MembershipChange::Add { node, addr, voter };
+        self.change_membership(change).await
+    }
+
+    /// Removes node `node` from the membership, demoting it first if it is a voter, so that
+    /// the voter set shrinks before the node's data is deleted. Its id may join again later,
+    /// with a new data directory.
+    pub async fn remove_member(&self, node: NodeId) -> Result<(), ClusterError> {
+        self.change_membership(MembershipChange::Remove { node })
+            .await
+    }
+
+    async fn change_membership(&self, change: MembershipChange) -> Result<(), ClusterError> {
+        crate::membership::request(
+            &self.raft,
+            self.local,
+            &self.peers,
+            &self.counters,
+            &self.transport,
+            change,
+            MEMBERSHIP_TIMEOUT,
+        )
+        .await
     }
 
     /// The publish peer link (send, ack, seed).
@@ -471,6 +557,7 @@ impl Coordinator {
             applied_index: metrics.last_applied.map_or(0, |id| id.index),
             members,
             links: self.link.status(),
+            fenced: self.counters.fenced(),
         }
     }
 
@@ -564,6 +651,29 @@ async fn count_leader_changes(raft: Raft, counters: Arc<Counters>) {
             bump(&counters.leader_changes);
         }
         leader = current;
+        if metrics.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Keeps the peer link's destinations equal to the members (voters and learners) once the
+/// membership is known here: a node added at run time gets forwards, a removed one no more.
+async fn follow_membership(raft: Raft, link: Arc<PeerLink>) {
+    let mut metrics = raft.metrics();
+    let mut seen = None;
+    loop {
+        let members: BTreeMap<NodeId, String> = metrics
+            .borrow_and_update()
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(id, info)| (*id, info.addr.clone()))
+            .collect();
+        if !members.is_empty() && seen.as_ref() != Some(&members) {
+            link.set_destinations(members.clone());
+            seen = Some(members);
+        }
         if metrics.changed().await.is_err() {
             return;
         }

@@ -33,6 +33,9 @@ pub enum ClusterError {
     /// Peer link seqs must increase per destination.
     #[error("peer link seq {seq} to node {dest} is not above the last one")]
     SeqNotIncreasing { dest: NodeId, seq: u64 },
+    /// The leader refused a membership change (`halyard cluster join|leave`).
+    #[error("membership change refused: {0}")]
+    Membership(String),
     #[error("unknown node {0}")]
     UnknownNode(NodeId),
     /// openraft refused the request for another reason.

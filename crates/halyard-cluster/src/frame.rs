@@ -55,8 +55,14 @@ pub(crate) enum Channel {
 /// The acceptor's answer to a hello.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) enum Welcome {
-    Accepted { node: NodeId, incarnation: u64 },
+    Accepted {
+        node: NodeId,
+        incarnation: u64,
+    },
     Rejected(String),
+    /// The caller's id is a member under another incarnation: it lost its data directory
+    /// and must not pass for its old self until an operator removed it.
+    Fenced(String),
 }
 
 /// A request on the raft channel.
@@ -78,6 +84,21 @@ pub(crate) enum RaftRequest {
         index: u64,
         wait_ms: u64,
     },
+    /// A membership change (`halyard cluster join|leave`) forwarded to the leader.
+    Membership(MembershipChange),
+}
+
+/// A run-time membership change, as asked of the leader.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum MembershipChange {
+    /// Add `node` at `addr` as a learner, then promote it to voter if `voter`.
+    Add {
+        node: NodeId,
+        addr: String,
+        voter: bool,
+    },
+    /// Demote `node` if it is a voter, then remove it.
+    Remove { node: NodeId },
 }
 
 /// The reply to a [`RaftRequest`] of the same kind.
@@ -94,6 +115,7 @@ pub(crate) enum RaftReply {
     Announced(Result<(), ProposeError>),
     /// The replier's applied index (below the asked index when its wait ran out).
     Applied(u64),
+    Membership(Result<(), ProposeError>),
 }
 
 /// Why the leader did not take a forwarded proposal.

@@ -1,6 +1,7 @@
 //! Counters of the cluster, shared by its tasks; read as a [`Metrics`] snapshot.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
 
 /// Monotonic counters (and the link's queued gauge), updated lock-free.
 #[derive(Debug, Default)]
@@ -19,6 +20,37 @@ pub(crate) struct Counters {
     pub(crate) link_duplicates: AtomicU64,
     pub(crate) link_delivered: AtomicU64,
     pub(crate) unreachable_peers_skipped: AtomicU64,
+    /// Why a peer fenced this node (its id is a member under another incarnation), until
+    /// the membership records this node's incarnation (an operator removed and re-added it).
+    pub(crate) fenced: Mutex<Option<String>>,
+}
+
+impl Counters {
+    /// A peer refused this node as a stale incarnation of its id: logged once, kept for the
+    /// status (`/readyz` says why the node never joins).
+    pub(crate) fn note_fenced(&self, reason: &str) {
+        let mut fenced = self.fenced.lock().unwrap_or_else(PoisonError::into_inner);
+        if fenced.is_none() {
+            *fenced = Some(reason.to_owned());
+            tracing::error!(
+                reason,
+                "cluster: this node is fenced and cannot join: a peer knows its node id under another incarnation"
+            );
+        }
+    }
+
+    /// Why this node is fenced, if it is.
+    pub(crate) fn fenced(&self) -> Option<String> {
+        self.fenced
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The membership records this node's incarnation: it is not fenced (any more).
+    pub(crate) fn clear_fenced(&self) {
+        *self.fenced.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    }
 }
 
 pub(crate) fn bump(counter: &AtomicU64) {

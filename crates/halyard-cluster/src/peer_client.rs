@@ -64,6 +64,15 @@ impl PeerClient {
         self.target
     }
 
+    /// From the next connection on, refuse a target whose incarnation is not `incarnation`
+    /// (0: any), as the membership now records it.
+    pub(crate) fn expect_incarnation(&mut self, incarnation: u64) {
+        if incarnation != self.expected_incarnation {
+            self.expected_incarnation = incarnation;
+            self.connection = None;
+        }
+    }
+
     /// Sends one request and waits for its reply, at most `limit` in all.
     pub(crate) async fn call(
         &mut self,
@@ -146,13 +155,17 @@ impl PeerClient {
                 if wrong_node || wrong_incarnation {
                     bump(&self.counters.rejected_peers);
                     return Err(io::Error::new(
-                        io::ErrorKind::ConnectionRefused,
+                        io::ErrorKind::PermissionDenied,
                         format!("{} is node {node} incarnation {incarnation:016x}, not the member we know", self.addr),
                     ));
                 }
                 Ok(connection)
             }
             Welcome::Rejected(reason) => {
+                Err(io::Error::new(io::ErrorKind::ConnectionRefused, reason))
+            }
+            Welcome::Fenced(reason) => {
+                self.counters.note_fenced(&reason);
                 Err(io::Error::new(io::ErrorKind::ConnectionRefused, reason))
             }
         }

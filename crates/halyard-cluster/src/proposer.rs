@@ -9,9 +9,9 @@ use tokio::time::Instant;
 
 use crate::acceptor::propose_here;
 use crate::command::{Command, Response};
-use crate::config::peer_addr;
 use crate::error::ClusterError;
 use crate::frame::{ProposeError, RaftReply, RaftRequest};
+use crate::membership;
 use crate::metrics::Counters;
 use crate::peer_client::{LocalNode, PeerClient};
 use crate::raft_types::Raft;
@@ -97,11 +97,12 @@ impl Proposer {
 
     fn client(&mut self, leader: NodeId) -> Result<&mut PeerClient, ClusterError> {
         if !self.clients.contains_key(&leader) {
-            let addr = peer_addr(&self.peers, leader).ok_or(ClusterError::UnknownNode(leader))?;
+            let addr = membership::addr(&self.raft, &self.peers, leader)
+                .ok_or(ClusterError::UnknownNode(leader))?;
             let client = PeerClient::new(
                 self.local,
                 leader,
-                addr.clone(),
+                addr,
                 0,
                 self.counters.clone(),
                 self.transport.clone(),

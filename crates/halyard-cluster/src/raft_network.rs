@@ -13,7 +13,9 @@ use openraft::raft::{
     VoteRequest, VoteResponse,
 };
 
+use crate::config::peer_addr;
 use crate::frame::{RaftReply, RaftRequest};
+use crate::lease::Lease;
 use crate::metrics::Counters;
 use crate::peer_client::{LocalNode, PeerClient};
 use crate::raft_types::{NodeInfo, TypeConfig};
@@ -23,29 +25,37 @@ use crate::types::NodeId;
 /// Makes one [`RaftPeer`] per replication stream or election.
 pub(crate) struct NetworkFactory {
     pub(crate) local: LocalNode,
+    /// This node's own `peers` list: a peer is dialled where this node's configuration
+    /// says, like the peer link and the proposer do, not at the address the membership was
+    /// initialized with (another node's list, which may route differently).
+    pub(crate) peers: Vec<String>,
     pub(crate) counters: Arc<Counters>,
     pub(crate) transport: Arc<dyn Transport>,
+    pub(crate) lease: Arc<Lease>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = RaftPeer;
 
     async fn new_client(&mut self, target: NodeId, node: &NodeInfo) -> RaftPeer {
+        let addr = peer_addr(&self.peers, target).unwrap_or(&node.addr);
         RaftPeer {
             client: PeerClient::new(
                 self.local,
                 target,
-                node.addr.clone(),
+                addr.clone(),
                 node.incarnation,
                 self.counters.clone(),
                 self.transport.clone(),
             ),
+            lease: self.lease.clone(),
         }
     }
 }
 
 pub(crate) struct RaftPeer {
     client: PeerClient,
+    lease: Arc<Lease>,
 }
 
 type RpcResult<T, E = openraft::error::Infallible> =
@@ -72,9 +82,9 @@ fn transport_error<E: std::error::Error>(
     error: io::Error,
 ) -> RPCError<NodeId, NodeInfo, RaftError<NodeId, E>> {
     match error.kind() {
-        io::ErrorKind::NotConnected | io::ErrorKind::ConnectionRefused => {
-            RPCError::Unreachable(Unreachable::new(&error))
-        }
+        io::ErrorKind::NotConnected
+        | io::ErrorKind::ConnectionRefused
+        | io::ErrorKind::PermissionDenied => RPCError::Unreachable(Unreachable::new(&error)),
         _ => RPCError::Network(NetworkError::new(&error)),
     }
 }
@@ -90,11 +100,17 @@ impl RaftNetwork<TypeConfig> for RaftPeer {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>> {
+        let sent = tokio::time::Instant::now();
         match self
             .call(RaftRequest::AppendEntries(rpc), option.hard_ttl())
             .await
         {
-            Ok(RaftReply::AppendEntries(result)) => result.map_err(|e| self.remote(e)),
+            Ok(RaftReply::AppendEntries(result)) => {
+                if matches!(result, Ok(AppendEntriesResponse::Success)) {
+                    self.lease.acked(self.client.target(), sent);
+                }
+                result.map_err(|e| self.remote(e))
+            }
             Ok(_) => Err(wrong_reply()),
             Err(error) => Err(transport_error(error)),
         }

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::command::Response;
+use crate::consumption::Consumption;
 use crate::raft_db::{read_meta, storage_error, write_meta, RaftDb, KEY_SNAPSHOT};
 use crate::raft_types::{Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
 use crate::state::ClusterState;
@@ -42,6 +43,8 @@ pub(crate) struct Applier {
     pub(crate) entries_applied: u64,
     /// Snapshots received from a leader and installed since start.
     pub(crate) snapshots_installed: u64,
+    /// What the app has taken from the feeds.
+    pub(crate) consumption: Consumption,
 }
 
 impl Applier {
@@ -51,6 +54,9 @@ impl Applier {
     }
 
     fn publish(&mut self, applied: Applied) {
+        if !self.feeds.is_empty() {
+            self.consumption.published(applied.index);
+        }
         self.feeds
             .retain(|feed| feed.try_send(applied.clone()).is_ok());
     }
@@ -84,6 +90,7 @@ impl StateMachineStore {
             feeds: Vec::new(),
             entries_applied: 0,
             snapshots_installed: 0,
+            consumption: Consumption::default(),
         };
         if let Some(stored) =
             read_meta::<StoredSnapshot>(&db, KEY_SNAPSHOT, ErrorSubject::Snapshot(None))?

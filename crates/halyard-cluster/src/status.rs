@@ -18,6 +18,8 @@ pub struct Status {
     pub members: Vec<MemberStatus>,
     /// The publish peer link to each other node.
     pub links: Vec<LinkStatus>,
+    /// Why a peer refused this node as a stale incarnation of its id (lost data directory).
+    pub fenced: Option<String>,
 }
 
 /// This node's raft role.

@@ -9,7 +9,7 @@ use std::io;
 use std::pin::Pin;
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 /// A byte stream to or from a peer.
 pub trait PeerStream: AsyncRead + AsyncWrite + Send + Sync + Unpin {}
@@ -34,7 +34,8 @@ pub trait Incoming: Debug + Send + 'static {
     fn accept(&mut self) -> BoxFuture<'_, io::Result<BoxStream>>;
 }
 
-/// Connects over TCP with `TCP_NODELAY`.
+/// Connects over TCP with `TCP_NODELAY`, resolving a DNS name on every attempt (see
+/// [`crate::dial`]).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct TcpTransport;
 
@@ -42,7 +43,7 @@ impl Transport for TcpTransport {
     fn connect(&self, addr: &str) -> BoxFuture<'static, io::Result<BoxStream>> {
         let addr = addr.to_owned();
         Box::pin(async move {
-            let stream = TcpStream::connect(addr).await?;
+            let stream = crate::dial::connect(&addr).await?;
             let _ = stream.set_nodelay(true);
             Ok(Box::new(stream) as BoxStream)
         })

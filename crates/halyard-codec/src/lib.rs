@@ -6,6 +6,8 @@
 //!
 //! - [`decode`] / [`DecodeContext`]: bytes to [`Packet`], with strict validation.
 //! - [`encode`] / [`encoded_len`]: [`Packet`] to bytes for one [`ProtocolVersion`].
+//! - [`encode_standalone`] / [`decode_standalone`]: one PUBLISH as a value of its own
+//!   (stored messages, cluster frames).
 //! - [`topic`]: topic name / filter validity and matching, shared with the broker core.
 //! - [`DecodeError::reason_code`]: the one place protocol errors become reason codes.
 
@@ -16,6 +18,7 @@ mod encode;
 mod error;
 mod packet;
 mod properties;
+mod standalone;
 pub mod topic;
 mod wire;
 
@@ -23,3 +26,4 @@ pub use decode::{decode, DecodeContext};
 pub use encode::{encode, encoded_len, encoded_publish_topic, publish_packet_id_offset};
 pub use error::{DecodeError, EncodeError};
 pub use packet::*;
+pub use standalone::{decode_standalone, encode_standalone, standalone_publish, StandaloneError};

@@ -3,7 +3,8 @@
 //! Each concern lives in a module of its own that extends [`Broker`] with an `impl` block:
 //! `connect` (CONNECT, claims, takeover), `close` (disconnects, wills, session end),
 //! `publish` (inbound PUBLISH and QoS handshakes), `routing` (fan-out to sessions and
-//! nodes), `subscribe`, `retained_delivery`, `timers` and `persistence`.
+//! nodes), `forward_outbox` (what other nodes have yet to store), `subscribe`,
+//! `retained_delivery`, `timers` and `persistence`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use halyard_codec::Packet;
 use crate::authz::{AllowAll, Authorizer};
 use crate::config::BrokerConfig;
 use crate::connect::AdmittedConnect;
+use crate::forward_outbox::ForwardOutboxes;
 use crate::message::SessionKey;
 use crate::output::Output;
 use crate::pushback::Pushback;
@@ -87,8 +89,12 @@ pub struct Broker {
     pub(crate) route_scratch: Vec<RouteMatch>,
     /// Publishers paused because a subscriber's queue is full (see `pushback`).
     pub(crate) pushback: Pushback,
+    /// Since when the store has been out of space (degraded mode, see `disk_full`).
+    pub(crate) disk_full: Option<Instant>,
     /// Topic access rules; [`AllowAll`] unless the server installs others (see `authz`).
     pub(crate) authorizer: Arc<dyn Authorizer>,
+    /// Forwards to other nodes kept until they are stored there (see `forward_outbox`).
+    pub(crate) outboxes: ForwardOutboxes,
 }
 
 impl Broker {
@@ -125,7 +131,9 @@ impl Broker {
             subscription_count: 0,
             route_scratch: Vec::new(),
             pushback: Pushback::default(),
+            disk_full: None,
             authorizer: Arc::new(AllowAll),
+            outboxes: ForwardOutboxes::default(),
         }
     }
 
@@ -147,6 +155,7 @@ impl Broker {
                     .journal
                     .as_ref()
                     .map_or(0, |journal| journal.store.retained_len()),
+            disk_full: self.disk_full.is_some(),
             ..self.out.stats
         }
     }

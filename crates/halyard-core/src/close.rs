@@ -82,6 +82,21 @@ impl Broker {
         }
     }
 
+    /// Closes every client connection, telling MQTT 5 clients `reason` and `why`: this node
+    /// may no longer serve them (a cluster node that lost its lease). Sessions stay, to be
+    /// resumed here or handed to a new owner; wills are not published, as on shutdown: the
+    /// clients did nothing wrong, and their sessions may go on elsewhere.
+    pub fn disconnect_all(&mut self, now: Instant, reason: ReasonCode, why: &str) {
+        let keys: Vec<SessionKey> = self.conns.values().copied().collect();
+        for key in keys {
+            if let Some(session) = self.sessions.get(&key) {
+                session.send_disconnect(reason, Some(why), &mut self.out);
+            }
+            self.close_link(now, key, CloseKind::Normal);
+        }
+        self.retry_paused(now);
+    }
+
     pub(crate) fn protocol_error(&mut self, now: Instant, key: SessionKey, why: &str) {
         self.close_with(now, key, ReasonCode::PROTOCOL_ERROR, why);
     }

@@ -134,6 +134,9 @@ impl Broker {
             u32::MAX
         };
         let expiry_interval = requested_expiry.min(self.config.max_session_expiry);
+        if self.refuses_persistent_session(&client_id, connect.clean_start, expiry_interval) {
+            return self.refuse_persistent_session(conn, version);
+        }
 
         connect.client_id = client_id;
         let admitted = AdmittedConnect {

@@ -61,6 +61,10 @@ pub enum Output {
         /// Share groups (`$share/{group}/{filter}`) this node was picked to serve for this
         /// message; its ordinary subscribers get the message in any case.
         groups: Vec<Arc<str>>,
+        /// For QoS 1/2, its sequence number in the destination's outbox, where it is stored
+        /// until [`Broker::forwards_acked`](crate::Broker::forwards_acked); QoS 0 forwards
+        /// are not stored.
+        seq: Option<u64>,
     },
     /// Settle this claim, then call [`Broker::handle_claim`](crate::Broker::handle_claim)
     /// with its outcome: the CONNECT waits for it (see `registry`).

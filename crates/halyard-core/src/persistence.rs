@@ -4,6 +4,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::broker::{Broker, BrokerParts};
 use crate::config::BrokerConfig;
+use crate::forward_outbox::ForwardOutboxes;
 use crate::message::SessionKey;
 use crate::router::FilterRef;
 use crate::session::{Awaiting, Inflight, Journal, Session};
@@ -37,6 +38,7 @@ impl Broker {
         let clock = ClockAnchor { instant: now, wall };
         let mut broker = Broker::with_parts(config, parts);
         broker.out.journal = Some(Journal { store, clock });
+        broker.outboxes = ForwardOutboxes::restore(loaded.outboxes, loaded.peer_marks);
         for session in loaded.sessions {
             broker.restore_session(now, session);
         }
@@ -105,6 +107,7 @@ impl Broker {
     /// before it writes the packets those events produced, so no acknowledgement goes out
     /// for a message that is not yet stored. Without a store it does nothing.
     pub fn commit(&mut self) -> Result<(), StoreError> {
+        self.write_peer_marks();
         match self.out.journal.as_mut() {
             Some(journal) => journal.store.commit(),
             None => Ok(()),

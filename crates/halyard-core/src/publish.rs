@@ -8,7 +8,7 @@ use halyard_codec::{Packet, Properties, PubResponse, Publish, QoS, ReasonCode};
 use crate::broker::{Broker, ConnectionId};
 use crate::close::CloseKind;
 use crate::message::{boxed_properties, Message, SessionKey};
-use crate::pushback::{PendingPublish, QueueFullPolicy};
+use crate::pushback::{PendingPublish, QueueFullPolicy, WaitingFor};
 
 /// How a publish fared when routed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,8 +135,8 @@ impl Broker {
         self.finish_publish(now, key, conn, publish);
     }
 
-    /// Routes a validated publish and acknowledges it, or, when a subscriber's queue has no
-    /// room for it, pushes the publisher back (MQTT 3.x, or MQTT 5 with
+    /// Routes a validated publish and acknowledges it, or, while the disk is full, refuses a
+    /// QoS 1/2 one (see `disk_full`), or, when a subscriber's queue has no room for it, pushes the publisher back (MQTT 3.x, or MQTT 5 with
     /// `queue_full_policy = "pushback"`) or refuses it with 0x97 (MQTT 5 by default).
     pub(crate) fn finish_publish(
         &mut self,
@@ -146,6 +146,9 @@ impl Broker {
         publish: PendingPublish,
     ) {
         let (qos, packet_id, v5) = (publish.qos, publish.packet_id, publish.v5);
+        if qos != QoS::AtMostOnce && self.disk_full.is_some() {
+            return self.refuse_for_disk_full(now, conn, publish);
+        }
         let outcome = self.route(now, Arc::clone(&publish.message), true);
         let blocked_by = self.pushback.blocked_by.take();
         if outcome == RouteOutcome::QuotaExceeded && qos != QoS::AtMostOnce {
@@ -154,7 +157,12 @@ impl Broker {
                 Some(waiting_on) if push_back && waiting_on != key => {
                     // Not refused after all: it waits (see `pushback`).
                     self.out.stats.refused_quota = self.out.stats.refused_quota.saturating_sub(1);
-                    return self.push_back_publish(now, conn, publish, waiting_on);
+                    return self.push_back_publish(
+                        now,
+                        conn,
+                        publish,
+                        WaitingFor::Room(waiting_on),
+                    );
                 }
                 // The publisher's own queue is full: pausing it would stop us reading the
                 // PUBACKs that empty that queue. MQTT 3.x cannot refuse a publish: withhold

@@ -109,13 +109,20 @@ pub(crate) enum Held {
     Packet(Packet),
 }
 
+/// What a paused publish waits for; a retry is only worth routing once it is there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WaitingFor {
+    /// Room in this session's full queue (or the session gone).
+    Room(SessionKey),
+    /// Space on the disk (see `disk_full`).
+    Disk,
+}
+
 /// One paused connection.
 #[derive(Debug)]
 struct Paused {
     held: VecDeque<Held>,
-    /// The session whose full queue the front publish waits for; a retry is only worth
-    /// routing once it has room (or is gone).
-    waiting_on: SessionKey,
+    waiting_on: WaitingFor,
     since: Instant,
 }
 
@@ -188,13 +195,13 @@ impl Broker {
     }
 
     /// Makes `publish` the front of `conn`'s held packets, pausing the connection if it was
-    /// not paused yet. `waiting_on` is the session that had no room.
+    /// not paused yet, until `waiting_on` is there.
     pub(crate) fn push_back_publish(
         &mut self,
         now: Instant,
         conn: ConnectionId,
         publish: PendingPublish,
-        waiting_on: SessionKey,
+        waiting_on: WaitingFor,
     ) {
         if let Some(paused) = self.pushback.paused.get_mut(&conn) {
             // Re-blocked while its held packets were being replayed.
@@ -250,12 +257,14 @@ impl Broker {
             let Some(paused) = self.pushback.paused.get(&conn) else {
                 continue; // closed meanwhile
             };
-            let waiting_on = paused.waiting_on;
-            if self
-                .sessions
-                .get(&waiting_on)
-                .is_some_and(|session| !session.has_room(limits, 0))
-            {
+            let still_waiting = match paused.waiting_on {
+                WaitingFor::Room(waiting_on) => self
+                    .sessions
+                    .get(&waiting_on)
+                    .is_some_and(|session| !session.has_room(limits, 0)),
+                WaitingFor::Disk => self.disk_full.is_some(),
+            };
+            if still_waiting {
                 self.pushback.order.push_back(conn);
                 continue;
             }

@@ -33,14 +33,26 @@ impl Broker {
     /// A message another node forwarded here: it goes to this node's matching sessions (and
     /// to the share groups the sender picked this node for), and never to another node.
     /// Retained state is not touched: the node that took the publish keeps it.
+    ///
+    /// `stored_as` is the sender's (incarnation, outbox sequence number) of a QoS 1/2
+    /// forward: one at or below the newest already stored from that incarnation is a replay
+    /// and is dropped (counted in `duplicate_forwards`); the newest is written with the
+    /// deliveries, in the same commit.
     pub fn handle_forward(
         &mut self,
         now: Instant,
         origin: NodeId,
+        stored_as: Option<(u64, u64)>,
         mut message: Message,
         groups: &[Arc<str>],
     ) {
-        let _ = origin;
+        if let Some((incarnation, seq)) = stored_as {
+            if self.outboxes.is_duplicate(origin, incarnation, seq) {
+                self.out.stats.duplicate_forwards += 1;
+                return;
+            }
+            self.outboxes.note_received(origin, incarnation, seq);
+        }
         message.publisher = None;
         self.route_within(
             now,
@@ -177,10 +189,12 @@ impl Broker {
         }
         for (node, groups) in forwards {
             self.out.stats.forwarded += 1;
+            let seq = queued.then(|| self.store_forward(node, &message, &groups));
             self.out.outputs.push_back(Output::Forward {
                 node,
                 message: Arc::clone(&message),
                 groups,
+                seq,
             });
         }
         let mut too_slow = Vec::new();

@@ -54,12 +54,24 @@ pub struct BrokerStats {
     ///
     /// [`Output::Forward`]: crate::Output::Forward
     pub forwarded: u64,
+    /// Messages of a session handed over too late (after its new owner resumed without it)
+    /// that found no room in the resumed session's queue.
+    pub late_transfer_dropped: u64,
+    /// Forwards from other nodes dropped because this node had already stored them (a
+    /// replay after a reconnect or a restart).
+    pub duplicate_forwards: u64,
     /// Claims of a client id that were refused (CONNACK 0x88 / 0x03).
     pub claims_refused: u64,
     /// Reads of a queue from the store that failed; the messages stay queued on disk and
     /// are read again later, never dropped (a session moved to another node goes without
     /// them, counted here too).
     pub store_read_failures: u64,
+    /// Whether the store is out of space: the broker is degraded (see `Broker::is_disk_full`).
+    pub disk_full: bool,
+    /// What degraded mode refused: QoS 1/2 publishes (MQTT 5: 0x97; 3.x: paused, or closed
+    /// unacknowledged when their batch failed to commit) and new persistent sessions
+    /// (CONNACK 0x88 / 0x03).
+    pub disk_full_refusals: u64,
 }
 
 /// Why a message was dropped for one subscriber whose queue was full.

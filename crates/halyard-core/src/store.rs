@@ -16,6 +16,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use halyard_codec::{Properties, QoS, Will};
 
+use crate::message::NodeId;
 pub use crate::retained::RetainedPage;
 use crate::router::SubscriptionEntry;
 
@@ -116,6 +117,41 @@ impl LoadedSession {
     }
 }
 
+/// A QoS 1/2 publish on its way to another node of a cluster, kept in that node's outbox
+/// from before the publisher's acknowledgement until the node has stored it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredForward {
+    /// The message as published.
+    pub message: StoredMessage,
+    /// Share groups (`$share/{group}/{filter}`) the destination was picked to serve.
+    pub groups: Vec<String>,
+}
+
+/// One destination's outbox as found at start-up: its forwards stay on disk and are read
+/// with [`Store::read_forwards`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadedOutbox {
+    /// Every forward up to this sequence number was acknowledged by the destination.
+    pub acked_through: u64,
+    /// The highest sequence number stored (0 if none).
+    pub last_seq: u64,
+    /// Forwards waiting.
+    pub pending: u64,
+}
+
+/// The newest forward from `origin`, under its `incarnation`, that this node has stored:
+/// the receiving side's duplicate filter, kept in the same commit as what the forward
+/// delivered so that a replay after a crash on either side delivers nothing twice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerMark {
+    /// The sending node.
+    pub origin: NodeId,
+    /// Its incarnation (a node that lost its disk comes back as a new one).
+    pub incarnation: u64,
+    /// Its outbox sequence number.
+    pub seq: u64,
+}
+
 /// Everything loaded at start-up. Retained messages are not loaded: the broker reads them
 /// in pages with [`Store::read_retained`] as subscribers need them, so millions of them cost
 /// no memory.
@@ -123,13 +159,65 @@ impl LoadedSession {
 pub struct LoadedState {
     /// Persistent sessions.
     pub sessions: Vec<LoadedSession>,
+    /// Forward outboxes by destination node (only nodes with an outbox record).
+    pub outboxes: std::collections::BTreeMap<NodeId, LoadedOutbox>,
+    /// Duplicate filters of the nodes that forwarded to this one.
+    pub peer_marks: Vec<PeerMark>,
 }
 
-/// A storage failure. The server treats a failed commit as fatal: it stops without releasing
-/// the acknowledgements of the failed batch, so nothing is acknowledged that is not durable.
+/// A storage failure. Either way the server releases no acknowledgement of the failed
+/// batch, so nothing is acknowledged that is not durable. A [`StoreErrorKind::NoSpace`]
+/// failure puts the broker in degraded mode until a [`Store::probe`] succeeds (see
+/// `disk_full`); any other failed commit stops the broker.
 #[derive(Debug, thiserror::Error)]
-#[error("storage error: {0}")]
-pub struct StoreError(pub String);
+#[error("storage error: {message}")]
+pub struct StoreError {
+    /// What failed, for the log.
+    pub message: String,
+    /// Whether waiting can cure it.
+    pub kind: StoreErrorKind,
+}
+
+/// What kind of storage failure happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreErrorKind {
+    /// The file system is full or the quota is used up (ENOSPC, EDQUOT): it passes when
+    /// space is freed, without a restart.
+    NoSpace,
+    /// Anything else.
+    Other,
+}
+
+impl StoreError {
+    /// A failure of kind [`StoreErrorKind::Other`].
+    pub fn new(message: impl Into<String>) -> StoreError {
+        StoreError {
+            message: message.into(),
+            kind: StoreErrorKind::Other,
+        }
+    }
+
+    /// A failure of kind [`StoreErrorKind::NoSpace`].
+    pub fn no_space(message: impl Into<String>) -> StoreError {
+        StoreError {
+            message: message.into(),
+            kind: StoreErrorKind::NoSpace,
+        }
+    }
+
+    /// Whether the file system is out of space (or quota).
+    pub fn is_no_space(&self) -> bool {
+        self.kind == StoreErrorKind::NoSpace
+    }
+}
+
+/// Whether an I/O error means "out of space": ENOSPC or EDQUOT.
+pub fn io_is_no_space(error: &std::io::Error) -> bool {
+    matches!(
+        error.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
+}
 
 /// A durable backend.
 pub trait Store: Send {
@@ -185,8 +273,31 @@ pub trait Store: Send {
     ) -> Result<RetainedPage<StoredMessage>, StoreError>;
     /// Number of retained messages stored (for statistics; must not read the messages).
     fn retained_len(&self) -> usize;
+    /// Puts a forward in the outbox of node `dest` at `seq` (increasing per destination).
+    fn put_forward(&mut self, dest: NodeId, seq: u64, forward: &StoredForward);
+    /// Node `dest` has stored every forward up to `through`: removes them and remembers
+    /// `through`, so sequence numbers keep rising after a restart with an empty outbox.
+    fn ack_forwards(&mut self, dest: NodeId, through: u64);
+    /// Up to `limit` forwards for `dest` with sequence numbers > `after`, in order. Like
+    /// [`Store::read_pending`], a failure is logged by the backend and the caller tries again
+    /// later; undecodable records are logged and removed.
+    fn read_forwards(
+        &mut self,
+        dest: NodeId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, StoredForward)>, StoreError>;
+    /// Records the newest forward stored from a node (replacing its previous mark).
+    fn put_peer_mark(&mut self, mark: &PeerMark);
     /// Makes every write so far durable (per the backend's fsync policy).
     fn commit(&mut self) -> Result<(), StoreError>;
+    /// After a [`StoreErrorKind::NoSpace`] failure: tries a small durable write and returns
+    /// `Ok` once the store takes writes again. Until then a backend may refuse writes and
+    /// reads cheaply (its commits failing with `NoSpace` at once), since a full disk fails
+    /// them anyway. The default commits.
+    fn probe(&mut self) -> Result<(), StoreError> {
+        self.commit()
+    }
     /// Whether [`Store::commit`] could do I/O now (write or fsync), so that an async caller
     /// should run it where blocking is allowed. `false` promises a commit that returns at
     /// once; the default is the safe answer.

@@ -178,3 +178,61 @@ impl Broker {
         key
     }
 }
+
+impl Broker {
+    /// A session handed over only after this node's claim (under `epoch`) stopped waiting for
+    /// it, so the client already resumed from what raft holds: the messages it had queued or
+    /// in flight on the old owner join the live session's queue, and the move loses nothing.
+    /// A QoS 2 message the client already received (PUBREC sent, awaiting PUBCOMP) is not
+    /// sent again. A message with no room left is counted in `late_transfer_dropped`.
+    /// Nothing happens if this node no longer holds the session under `epoch`; returns the
+    /// number of messages queued.
+    pub fn merge_late_session(
+        &mut self,
+        now: Instant,
+        wall: SystemTime,
+        epoch: u64,
+        state: SessionState,
+    ) -> usize {
+        let Some(&key) = self.client_ids.get(&state.client_id) else {
+            return 0;
+        };
+        let clock = ClockAnchor { instant: now, wall };
+        let limits = self.limits();
+        let Some(session) = self.sessions.get_mut(&key) else {
+            return 0;
+        };
+        if session.epoch != epoch {
+            return 0;
+        }
+        let unsent = state
+            .inflight
+            .into_iter()
+            .filter(|(_, at)| !matches!(at, DeliveryState::AwaitingCompletion(_)))
+            .map(|(stored, _)| stored)
+            .chain(state.pending);
+        let mut queued = 0;
+        for stored in unsent {
+            if session.push(clock.delivery(0, stored), now, limits, &mut self.out) {
+                queued += 1;
+            } else {
+                self.out.stats.late_transfer_dropped += 1;
+            }
+        }
+        self.update_persistence(key);
+        queued
+    }
+
+    /// The state of a session that another node ended because this node's clean-start claim
+    /// took its client id: the old session is over, so the will it held back for its delay is
+    /// published now [MQTT-3.1.3-9], as it is when a clean start ends a session held here.
+    /// The rest of it is discarded. True if a will was published.
+    pub fn end_moved_session(&mut self, now: Instant, state: SessionState) -> bool {
+        let Some((_, will)) = state.delayed_will else {
+            return false;
+        };
+        // No session here published it: key 0 is never a session's, so No Local skips nobody.
+        self.publish_will(now, 0, will);
+        true
+    }
+}

@@ -46,6 +46,9 @@ fn cluster_parts() -> BrokerParts {
     }
 }
 
+/// An `Output::Forward`: (node, message, share groups, outbox sequence number).
+type Forwarded = (u64, Arc<Message>, Vec<Arc<str>>, Option<u64>);
+
 /// One node's core on a real store, with what it emitted sorted by kind.
 struct Node {
     broker: Broker,
@@ -53,7 +56,7 @@ struct Node {
     inbox: HashMap<ConnectionId, Vec<Packet>>,
     closed: Vec<ConnectionId>,
     claims: VecDeque<ClaimRequest>,
-    forwards: Vec<(u64, Arc<Message>, Vec<Arc<str>>)>,
+    forwards: Vec<Forwarded>,
     releases: Vec<(String, u64)>,
     replications: Vec<(Option<u64>, String, u64, Vec<SubscriptionUpdate>)>,
     retains: Vec<Arc<Message>>,
@@ -119,7 +122,8 @@ impl Node {
                     node,
                     message,
                     groups,
-                } => self.forwards.push((node, message, groups)),
+                    seq,
+                } => self.forwards.push((node, message, groups, seq)),
                 Output::Release { client_id, epoch } => self.releases.push((client_id, epoch)),
                 Output::Subscriptions {
                     ticket,
@@ -424,7 +428,7 @@ fn publishes_go_once_to_each_remote_node_and_forwards_never_go_on() {
     node.take(4);
 
     node.send(4, publish("plant/line3/temp", b"21", QoS::AtLeastOnce, 10));
-    let mut targets: Vec<u64> = node.forwards.iter().map(|(to, _, _)| *to).collect();
+    let mut targets: Vec<u64> = node.forwards.iter().map(|(to, ..)| *to).collect();
     targets.sort_unstable();
     assert_eq!(
         targets,
@@ -447,6 +451,7 @@ fn publishes_go_once_to_each_remote_node_and_forwards_never_go_on() {
     node.broker.handle_forward(
         node.now,
         2,
+        None,
         message("plant/line1/temp", b"19", QoS::AtLeastOnce),
         &[],
     );
@@ -461,7 +466,7 @@ fn publishes_go_once_to_each_remote_node_and_forwards_never_go_on() {
 
     assert!(node.broker.remove_remote_route(3, "plant/line3/temp"));
     node.send(4, publish("plant/line3/temp", b"22", QoS::AtMostOnce, 0));
-    let targets: Vec<u64> = node.forwards.iter().map(|(to, _, _)| *to).collect();
+    let targets: Vec<u64> = node.forwards.iter().map(|(to, ..)| *to).collect();
     assert_eq!(targets, vec![2]);
 }
 
@@ -483,7 +488,7 @@ fn a_share_group_across_nodes_gives_each_message_to_one_member() {
     let remote: Vec<_> = node
         .forwards
         .iter()
-        .filter(|(to, _, groups)| *to == 2 && groups.iter().any(|g| &**g == "$share/g/jobs"))
+        .filter(|(to, _, groups, _)| *to == 2 && groups.iter().any(|g| &**g == "$share/g/jobs"))
         .collect();
     assert_eq!(
         local + remote.len(),
@@ -497,14 +502,20 @@ fn a_share_group_across_nodes_gives_each_message_to_one_member() {
     );
 
     // On the receiving side the group is served only when the sender picked this node.
-    node.broker
-        .handle_forward(node.now, 2, message("jobs", b"a", QoS::AtLeastOnce), &[]);
+    node.broker.handle_forward(
+        node.now,
+        2,
+        None,
+        message("jobs", b"a", QoS::AtLeastOnce),
+        &[],
+    );
     node.drain();
     assert!(publishes(&node.take(1)).is_empty());
     let picked: Vec<Arc<str>> = vec!["$share/g/jobs".into()];
     node.broker.handle_forward(
         node.now,
         2,
+        None,
         message("jobs", b"b", QoS::AtLeastOnce),
         &picked,
     );
@@ -659,4 +670,235 @@ fn assert_check_state(state: &SessionState) {
             .is_some_and(|(_, will)| will.topic == "wills/mover"),
         "the delayed will moves with the session"
     );
+}
+
+/// A QoS 1/2 publish bound for another node is put in that node's outbox in the commit that
+/// lets its PUBACK out; it is read back after a restart and leaves only when the node
+/// acknowledges it. QoS 0 is not stored. Sequence numbers keep rising across restarts.
+#[test]
+fn a_forward_stays_in_the_outbox_across_restarts_until_acknowledged() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let seqs: Vec<Option<u64>> = {
+        let mut node = Node::open(dir.path(), cluster_parts(), Instant::now());
+        node.broker.add_remote_route(2, "t/#");
+        node.send(4, connect(V5, "pub", true, None));
+        node.granted(4, 1);
+        node.take(4);
+        node.send(4, publish("t/1", b"a", QoS::AtLeastOnce, 1));
+        node.send(4, publish("t/2", b"b", QoS::ExactlyOnce, 2));
+        node.send(4, publish("t/3", b"c", QoS::AtMostOnce, 0));
+        let acks = node.take(4);
+        assert_eq!(acks.len(), 2, "PUBACK and PUBREC: {acks:?}");
+        let seqs: Vec<Option<u64>> = node.forwards.iter().map(|f| f.3).collect();
+        node.broker.forwards_acked(2, seqs[0].expect("stored"));
+        node.drain();
+        seqs
+    };
+    let (first, second) = (seqs[0].expect("stored"), seqs[1].expect("stored"));
+    assert_eq!(second, first + 1);
+    assert_eq!(seqs[2], None, "QoS 0 is not stored");
+
+    let mut node = Node::open(dir.path(), cluster_parts(), Instant::now());
+    assert_eq!(node.broker.outbox_backlogs(), vec![(2, first)]);
+    let pending = node.broker.read_forwards(2, first, 10).expect("reads");
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].seq, second);
+    assert_eq!(pending[0].message.payload, Bytes::from_static(b"b"));
+    assert_eq!(pending[0].message.qos, QoS::ExactlyOnce);
+    node.broker.forwards_acked(2, second);
+    node.drain();
+    drop(node);
+
+    let mut node = Node::open(dir.path(), cluster_parts(), Instant::now());
+    assert!(node.broker.outbox_backlogs().is_empty());
+    assert!(node
+        .broker
+        .read_forwards(2, 0, 10)
+        .expect("reads")
+        .is_empty());
+    node.broker.add_remote_route(2, "t/#");
+    node.send(4, connect(V5, "pub", true, None));
+    node.granted(4, 2);
+    node.send(4, publish("t/4", b"d", QoS::AtLeastOnce, 3));
+    let next = node.forwards.last().and_then(|f| f.3).expect("stored");
+    assert!(next > second, "{next} continues above {second}");
+}
+
+/// The receiving side keeps the newest stored forward of each sender in the same commit as
+/// what it delivered: a replay after a restart is dropped and counted, a newer forward and a
+/// forward of a new incarnation (a sender that lost its disk) are delivered.
+#[test]
+fn a_replayed_forward_is_dropped_after_the_receiver_restarts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let subscribe_persistent = |node: &mut Node, epoch: u64| {
+        node.send(1, connect(V5, "logger", false, Some(3600)));
+        node.granted(1, epoch);
+        node.take(1);
+    };
+    {
+        let mut node = Node::open(dir.path(), cluster_parts(), Instant::now());
+        subscribe_persistent(&mut node, 1);
+        node.send(1, subscribe("log/#", QoS::AtLeastOnce, 1));
+        node.take(1);
+        node.broker.handle_forward(
+            node.now,
+            2,
+            Some((7, 5)),
+            message("log/a", b"first", QoS::AtLeastOnce),
+            &[],
+        );
+        node.drain();
+        assert_eq!(publishes(&node.take(1)).len(), 1);
+    }
+    let mut node = Node::open(dir.path(), cluster_parts(), Instant::now());
+    subscribe_persistent(&mut node, 2);
+    let replays = [
+        (Some((7, 5)), "replay", false),
+        (Some((7, 4)), "older", false),
+        (Some((7, 6)), "newer", true),
+        (Some((8, 1)), "new incarnation", true),
+        (None, "QoS 0 copy", true),
+    ];
+    for (stored_as, payload, delivered) in replays {
+        node.broker.handle_forward(
+            node.now,
+            2,
+            stored_as,
+            message("log/a", payload.as_bytes(), QoS::AtLeastOnce),
+            &[],
+        );
+        node.drain();
+        let got = publishes(&node.take(1));
+        let got: Vec<&[u8]> = got.iter().map(|p| &p.payload[..]).collect();
+        assert_eq!(
+            got.contains(&payload.as_bytes()),
+            delivered,
+            "{payload}: {got:?}"
+        );
+    }
+    assert_eq!(node.broker.stats().duplicate_forwards, 2);
+}
+
+/// A session handed over only after the new owner gave up waiting (the client resumed from
+/// what raft holds) joins the live session: every message queued or unacknowledged on the
+/// old owner reaches the client, once.
+#[test]
+fn a_session_handed_over_late_joins_the_resumed_session() {
+    let dir_a = tempfile::tempdir().expect("tempdir");
+    let dir_b = tempfile::tempdir().expect("tempdir");
+    let now = Instant::now();
+    let mut a = Node::open(dir_a.path(), cluster_parts(), now);
+    let mut b = Node::open(dir_b.path(), cluster_parts(), now);
+    a.send(1, connect(V5, "slowpoke", false, Some(3600)));
+    a.granted(1, 10);
+    a.send(1, subscribe("work/#", QoS::AtLeastOnce, 1));
+    a.send(2, connect(V5, "feeder", true, None));
+    a.granted(2, 11);
+    a.take(1);
+    for id in 1..=40u16 {
+        a.send(2, publish("work/item", b"w", QoS::AtLeastOnce, id));
+    }
+    assert_eq!(publishes(&a.take(1)).len(), 32, "the in-flight window");
+    let state = a
+        .broker
+        .fence(a.now, SystemTime::now(), "slowpoke", 12)
+        .expect("A held it under epoch 10");
+
+    // B resumed without the hand-over: only the subscription, as raft holds it.
+    b.send(5, connect(V5, "slowpoke", false, Some(3600)));
+    b.claims.pop_front().expect("claim");
+    let from_raft = SessionState {
+        inflight: Vec::new(),
+        pending: Vec::new(),
+        inbound_qos2: Vec::new(),
+        delayed_will: None,
+        ..(*state).clone()
+    };
+    b.settle(
+        5,
+        ClaimOutcome::Granted {
+            epoch: 12,
+            session: Some(Box::new(from_raft)),
+        },
+    );
+    let packets = b.take(5);
+    assert_eq!(connack(&packets), (true, ReasonCode::SUCCESS));
+    assert!(publishes(&packets).is_empty());
+
+    assert_eq!(
+        b.broker
+            .merge_late_session(b.now, SystemTime::now(), 11, (*state).clone()),
+        0,
+        "not for an older claim"
+    );
+    assert_eq!(
+        b.broker
+            .merge_late_session(b.now, SystemTime::now(), 12, *state),
+        40
+    );
+    b.drain();
+    let mut received = 0;
+    let mut batch = publishes(&b.take(5));
+    while !batch.is_empty() {
+        received += batch.len();
+        for publish in batch.drain(..) {
+            b.send(
+                5,
+                Packet::PubAck(PubResponse {
+                    packet_id: publish.packet_id.expect("QoS 1"),
+                    reason: ReasonCode::SUCCESS,
+                    properties: Properties::default(),
+                }),
+            );
+        }
+        batch = publishes(&b.take(5));
+    }
+    assert_eq!(received, 40, "every message of the old owner, once");
+}
+
+/// A fenced cluster node drops every client: MQTT 5 ones hear the reason, persistent
+/// sessions stay for a later resume or handover, and no will is published (as on shutdown).
+#[test]
+fn disconnect_all_closes_every_client_keeps_persistent_sessions_and_publishes_no_will() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut node = Node::open(dir.path(), cluster_parts(), Instant::now());
+    let mut with_will = match connect(V5, "persistent", false, Some(300)) {
+        Packet::Connect(connect) => connect,
+        _ => unreachable!(),
+    };
+    with_will.will = Some(Will {
+        topic: "wills/persistent".into(),
+        payload: Bytes::from_static(b"gone"),
+        qos: QoS::AtLeastOnce,
+        retain: true,
+        properties: Properties::default(),
+    });
+    node.send(1, Packet::Connect(with_will));
+    node.granted(1, 10);
+    node.send(2, connect(V3, "passing", true, None));
+    node.granted(2, 11);
+    node.take(1);
+    node.take(2);
+
+    node.broker
+        .disconnect_all(node.now, ReasonCode::USE_ANOTHER_SERVER, "fenced");
+    node.drain();
+
+    match node.take(1).as_slice() {
+        [Packet::Disconnect(d)] => assert_eq!(d.reason, ReasonCode::USE_ANOTHER_SERVER),
+        other => panic!("expected one DISCONNECT 0x9C, got {other:?}"),
+    }
+    assert!(node.take(2).is_empty(), "3.1.1 has no server DISCONNECT");
+    node.closed.sort_unstable();
+    assert_eq!(node.closed, vec![1, 2]);
+    assert!(
+        node.retains.is_empty(),
+        "the retained will was not published"
+    );
+    assert_eq!(
+        node.broker.stats().sessions,
+        1,
+        "the persistent session stays"
+    );
+    assert_eq!(node.releases, vec![("passing".to_owned(), 11)]);
 }

@@ -11,10 +11,10 @@ use halyard_codec::{
     Subscription, SubscriptionOptions,
 };
 use halyard_core::store::{
-    DeliveryState, LoadedState, RetainedPage, SessionRecord, Store, StoreError, StoredDelivery,
-    StoredMessage,
+    DeliveryState, LoadedState, PeerMark, RetainedPage, SessionRecord, Store, StoreError,
+    StoredDelivery, StoredForward, StoredMessage,
 };
-use halyard_core::{Broker, BrokerConfig, ConnectionId, Output, SubscriptionEntry};
+use halyard_core::{Broker, BrokerConfig, ConnectionId, NodeId, Output, SubscriptionEntry};
 use halyard_store::{FsyncPolicy, MemoryStore, RedbStore};
 
 /// More than the broker keeps of a persistent queue in memory, so most are read from disk.
@@ -24,7 +24,7 @@ const PUB: ConnectionId = 2;
 /// The subscriber's second connection.
 const SUB_AGAIN: ConnectionId = 3;
 
-/// A [`Store`] whose `read_pending` fails while `failing` is set.
+/// A [`Store`] whose reads of queues and outboxes fail while `failing` is set.
 struct FailingReads<S> {
     inner: S,
     failing: Arc<AtomicBool>,
@@ -74,7 +74,7 @@ impl<S: Store> Store for FailingReads<S> {
         limit: usize,
     ) -> Result<Vec<(u64, StoredDelivery)>, StoreError> {
         if self.failing.load(Ordering::Relaxed) {
-            return Err(StoreError("injected read failure".into()));
+            return Err(StoreError::new("injected read failure"));
         }
         self.inner.read_pending(client_id, from, limit)
     }
@@ -94,6 +94,26 @@ impl<S: Store> Store for FailingReads<S> {
     }
     fn retained_len(&self) -> usize {
         self.inner.retained_len()
+    }
+    fn put_forward(&mut self, dest: NodeId, seq: u64, forward: &StoredForward) {
+        self.inner.put_forward(dest, seq, forward);
+    }
+    fn ack_forwards(&mut self, dest: NodeId, through: u64) {
+        self.inner.ack_forwards(dest, through);
+    }
+    fn read_forwards(
+        &mut self,
+        dest: NodeId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, StoredForward)>, StoreError> {
+        if self.failing.load(Ordering::Relaxed) {
+            return Err(StoreError::new("injected read failure"));
+        }
+        self.inner.read_forwards(dest, after, limit)
+    }
+    fn put_peer_mark(&mut self, mark: &PeerMark) {
+        self.inner.put_peer_mark(mark);
     }
     fn commit(&mut self) -> Result<(), StoreError> {
         self.inner.commit()

@@ -9,8 +9,10 @@ use halyard_core::{Broker, DropReport};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
+use crate::blocking::blocking;
 use crate::cluster::ClusterDriver;
 use crate::connection_log::ConnectionLog;
+use crate::disk_probe::DiskFullProbe;
 use crate::dispatch::{Dispatcher, SWEEP_SLICES};
 use crate::event::Event;
 use crate::metrics::Metrics;
@@ -47,8 +49,9 @@ pub(crate) struct TaskOps {
 /// Runs the broker until `stop` fires (or the server is dropped), then shuts it down and
 /// dispatches its goodbyes. Each batch of events is committed to the store before its
 /// packets are dispatched, so no acknowledgement leaves before the state it confirms is
-/// durable; a failed commit ends the task with the error, and the batch's packets are
-/// never sent.
+/// durable. A commit that fails for want of space degrades the broker (see
+/// [`DiskFullProbe`]); any other failed commit ends the task with the error, and the batch's
+/// packets are never sent.
 pub(crate) async fn run(
     mut broker: Broker,
     mut events: mpsc::Receiver<Event>,
@@ -71,6 +74,7 @@ pub(crate) async fn run(
     let mut drops_logged: Option<Instant> = None;
     dispatcher.parker = ops.parker;
     dispatcher.cluster = ops.cluster;
+    let mut disk_probe = DiskFullProbe::default();
     let mut park_sweep = dispatcher.parker.as_ref().map(|parker| {
         let mut sweep = tokio::time::interval(parker.after / SWEEP_SLICES);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -87,6 +91,13 @@ pub(crate) async fn run(
         let sys_due = sys.as_ref().map(SysTopics::poll_timeout);
         let sys_timer = async {
             match sys_due {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => pending().await,
+            }
+        };
+        let probe_due = disk_probe.due(&broker);
+        let probe_timer = async {
+            match probe_due {
                 Some(at) => tokio::time::sleep_until(at.into()).await,
                 None => pending().await,
             }
@@ -127,6 +138,7 @@ pub(crate) async fn run(
                 }
             }
             _ = idle_commit.tick() => {}
+            () = probe_timer => disk_probe.probe(&mut broker)?,
             _ = async {
                 match park_sweep.as_mut() {
                     Some(sweep) => sweep.tick().await,
@@ -134,8 +146,8 @@ pub(crate) async fn run(
                 }
             } => dispatcher.sweep_idle(),
         }
-        commit(&mut broker)?;
-        dispatcher.committed();
+        commit(&mut broker, &mut disk_probe)?;
+        dispatcher.committed(&mut broker);
         broker.take_outputs_with(|outputs| dispatcher.dispatch(outputs));
         if broker.has_drops_to_report()
             && drops_logged.is_none_or(|at| at.elapsed() >= DROP_LOG_PERIOD)
@@ -154,7 +166,7 @@ pub(crate) async fn run(
         }
     }
     broker.shutdown(Instant::now());
-    commit(&mut broker)?;
+    commit(&mut broker, &mut disk_probe)?;
     broker.take_outputs_with(|outputs| dispatcher.dispatch(outputs));
     info!(dropped_qos0 = dispatcher.dropped_qos0, "broker stopped");
     Ok(())
@@ -183,17 +195,27 @@ fn log_drops(report: &DropReport) {
 
 /// Commits the broker's journal. The commit may wait for an fsync; on a multi-threaded
 /// runtime the worker is handed over meanwhile so connection tasks keep running. Events
-/// arriving during the fsync form the next batch: that is the group commit.
-fn commit(broker: &mut Broker) -> Result<(), StoreError> {
-    let flavor = tokio::runtime::Handle::current().runtime_flavor();
-    let result =
-        if flavor == tokio::runtime::RuntimeFlavor::MultiThread && broker.commit_may_block() {
-            tokio::task::block_in_place(|| broker.commit())
-        } else {
-            broker.commit()
-        };
-    if let Err(error) = &result {
-        error!(%error, "commit failed; stopping without sending the uncommitted acknowledgements");
+/// arriving during the fsync form the next batch: that is the group commit. A commit that
+/// found the disk full degrades the broker, which withholds the batch's acknowledgements.
+fn commit(broker: &mut Broker, disk_probe: &mut DiskFullProbe) -> Result<(), StoreError> {
+    let may_block = broker.commit_may_block();
+    match blocking(may_block, || broker.commit()) {
+        Ok(()) => Ok(()),
+        Err(error) if error.is_no_space() => {
+            if broker.handle_disk_full(Instant::now()) {
+                disk_probe.start();
+                error!(
+                    %error,
+                    "the data directory is full: degraded until space is freed (QoS 1/2 publishes \
+                     and new persistent sessions are refused; QoS 0 and clean sessions are served; \
+                     nothing unstored is acknowledged)"
+                );
+            }
+            Ok(())
+        }
+        Err(error) => {
+            error!(%error, "commit failed; stopping without sending the uncommitted acknowledgements");
+            Err(error)
+        }
     }
-    result
 }

@@ -181,10 +181,10 @@ impl Dispatcher {
     }
 
     /// The broker's journal was committed: what waited for that (acknowledgements of
-    /// forwards from peers) may go.
-    pub(crate) fn committed(&mut self) {
+    /// forwards from peers, stored forwards waiting for room in the link) may go.
+    pub(crate) fn committed(&mut self, broker: &mut Broker) {
         if let Some(cluster) = self.cluster.as_mut() {
-            cluster.committed();
+            cluster.committed(broker);
         }
     }
 

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
 use bytes::Bytes;
@@ -34,7 +34,7 @@ use crate::cluster;
 use crate::event::{AdminCall, Event};
 use crate::metrics::{Metrics, Snapshot};
 use crate::{Server, ServerError};
-use halyard_cluster::Coordinator;
+use halyard_cluster::{ClusterError, Coordinator};
 
 /// How long an admin request waits for the broker task before answering 503.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -173,6 +173,8 @@ fn router(state: AppState) -> Router {
         .route("/api/v1/retained", get(retained))
         .route("/api/v1/publish", post(publish))
         .route("/api/v1/cluster", get(cluster_status))
+        .route("/api/v1/cluster/members", post(cluster_join))
+        .route("/api/v1/cluster/members/{id}", delete(cluster_leave))
         .with_state(state)
 }
 
@@ -242,25 +244,43 @@ async fn livez() -> &'static str {
     "ok\n"
 }
 
-/// Ready when every listener is bound, the node has joined its cluster (if it is in one),
-/// and the broker task answers.
+/// Ready when every listener is bound, the node has joined its cluster (if it is in one)
+/// and holds its lease (is not fenced), the broker task answers and the store is not out of
+/// space.
 async fn readyz(State(state): State<AppState>) -> Response {
     if !state.ready.load(Ordering::Acquire) {
         return (StatusCode::SERVICE_UNAVAILABLE, "starting or stopping\n").into_response();
     }
-    if state
-        .cluster
-        .as_deref()
-        .is_some_and(|c| !cluster::joined(c))
-    {
+    if let Some(coordinator) = state.cluster.as_deref() {
+        if let Some(reason) = coordinator.status().fenced {
+            let text = format!("fenced by the cluster: {reason}\n");
+            return (StatusCode::SERVICE_UNAVAILABLE, text).into_response();
+        }
+        if !cluster::joined(coordinator) {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not joined to the cluster\n",
+            )
+                .into_response();
+        }
+    }
+    if state.cluster.as_deref().is_some_and(cluster::fenced) {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
-            "not joined to the cluster\n",
+            "fenced: no contact with the cluster's quorum\n",
         )
             .into_response();
     }
-    match call(&state, |_, _| ()).await {
-        Ok(()) => "ready\n".into_response(),
+    match call(&state, |broker, _| broker.is_disk_full()).await {
+        // Out of the Service's endpoints, so new clients go to pods that can store their
+        // sessions, but `/livez` stays 200: a restart frees no space.
+        Ok(true) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "degraded: the data directory is full (QoS 1/2 publishes and new persistent \
+             sessions are refused)\n",
+        )
+            .into_response(),
+        Ok(false) => "ready\n".into_response(),
         Err(_) => (
             StatusCode::SERVICE_UNAVAILABLE,
             "broker task not answering\n",
@@ -325,6 +345,8 @@ async fn broker_info(State(state): State<AppState>, headers: HeaderMap) -> ApiRe
         "dropped_queue_full": stats.dropped_queue_full,
         "dropped_slow_consumer": state.metrics.dropped_slow_consumer.get(),
         "refused_quota": stats.refused_quota,
+        "disk_full": stats.disk_full,
+        "disk_full_refusals": stats.disk_full_refusals,
     }))
     .into_response())
 }
@@ -525,6 +547,67 @@ async fn cluster_status(State(state): State<AppState>, headers: HeaderMap) -> Ap
             "this node is not part of a cluster".into(),
         )),
     }
+}
+
+/// The coordinator of a cluster node, or 404 on a single node.
+fn coordinator(state: &AppState) -> Result<&Coordinator, ApiError> {
+    state.cluster.as_deref().ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            "this node is not part of a cluster".into(),
+        )
+    })
+}
+
+/// Body of `POST /api/v1/cluster/members`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JoinBody {
+    id: u64,
+    /// The node's cluster port, `host:port`.
+    addr: String,
+    /// Promote it to voter once it is a learner.
+    #[serde(default)]
+    voter: bool,
+}
+
+/// `POST /api/v1/cluster/members`: adds a node as a learner (and promotes it with `voter`);
+/// answers once the leader has committed the change.
+async fn cluster_join(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Json(body): Json<JoinBody>,
+) -> ApiResult {
+    authorize(&state, &headers)?;
+    let coordinator = coordinator(&state)?;
+    coordinator
+        .add_member(body.id, body.addr, body.voter)
+        .await
+        .map_err(membership_error)?;
+    Ok(Json(cluster::status_json(coordinator)).into_response())
+}
+
+/// `DELETE /api/v1/cluster/members/{id}`: demotes the node if it is a voter, then removes it.
+async fn cluster_leave(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<u64>,
+) -> ApiResult {
+    authorize(&state, &headers)?;
+    let coordinator = coordinator(&state)?;
+    coordinator
+        .remove_member(id)
+        .await
+        .map_err(membership_error)?;
+    Ok(Json(cluster::status_json(coordinator)).into_response())
+}
+
+fn membership_error(error: ClusterError) -> ApiError {
+    let status = match error {
+        ClusterError::Membership(_) | ClusterError::Config(_) => StatusCode::CONFLICT,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    ApiError(status, error.to_string())
 }
 
 #[cfg(test)]

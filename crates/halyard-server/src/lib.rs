@@ -26,6 +26,7 @@
 mod auth;
 mod auth_chain;
 mod auth_session;
+mod blocking;
 mod broker_task;
 mod claim_acl;
 pub mod cluster;
@@ -35,6 +36,7 @@ mod connection_io;
 mod connection_log;
 mod connection_settings;
 mod constant_time;
+mod disk_probe;
 mod dispatch;
 mod enhanced_auth;
 mod event;
@@ -227,12 +229,13 @@ impl Server {
 
     /// Serves clients until `shutdown` completes, then shuts down gracefully: the broker tells
     /// MQTT 5 clients it is going away (DISCONNECT 0x8B), every connection is flushed and
-    /// closed, waiting at most about two seconds, and the future returns.
+    /// closed, waiting at most about two seconds, and the future returns. A cluster node
+    /// drains first (sessions moved, forwards acknowledged; see `cluster::drain`).
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
         let Server {
             listeners,
             config,
-            broker,
+            mut broker,
             mut ops,
             mut transports,
         } = self;
@@ -257,6 +260,7 @@ impl Server {
                     coordinator,
                     event_tx.clone(),
                     Arc::new(cluster::SystemClock),
+                    &mut broker,
                 )
             }),
             log_connections: config.log_connections,
@@ -324,6 +328,9 @@ impl Server {
             return Err(error);
         }
 
+        if let Some(coordinator) = ops.cluster.as_deref() {
+            cluster::drain(coordinator, &event_tx).await;
+        }
         info!("shutting down");
         // Ignored error: the broker task can only be gone here if it just failed, which the
         // join below reports.

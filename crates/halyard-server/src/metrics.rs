@@ -76,6 +76,8 @@ pub(crate) struct Metrics {
     retained: Gauge,
     queued: Gauge,
     inflight: Gauge,
+    /// 1 while the store is out of space and the broker degraded (see `disk_full` in the core).
+    disk_full: Gauge,
     /// Time from the broker task taking a batch of events with publishes to the end of its
     /// dispatch to connection writers: the broker's own share of publish latency.
     pub(crate) publish_latency: Histogram,
@@ -125,6 +127,7 @@ impl Metrics {
             retained: Gauge::default(),
             queued: Gauge::default(),
             inflight: Gauge::default(),
+            disk_full: Gauge::default(),
             publish_latency: Histogram::new(exponential_buckets(0.000_01, 2.0, 18)),
             scrape: Mutex::new(()),
             registry: Registry::default(),
@@ -176,7 +179,7 @@ impl Metrics {
         );
         registry.register(
             "requests_refused",
-            "Publishes and subscriptions refused, by reason (quota_exceeded, publish_not_authorized, sys_publish_not_authorized, subscribe_not_authorized, publish_rate, subscription_quota, pushback_timeout)",
+            "Publishes and subscriptions refused, by reason (quota_exceeded, publish_not_authorized, sys_publish_not_authorized, subscribe_not_authorized, publish_rate, subscription_quota, pushback_timeout, disk_full)",
             metrics.refused.clone(),
         );
         registry.register(
@@ -218,6 +221,11 @@ impl Metrics {
             "inflight_messages",
             "Outbound QoS 1/2 messages awaiting acknowledgement, over all sessions",
             metrics.inflight.clone(),
+        );
+        registry.register(
+            "disk_full",
+            "1 while the data directory is out of space: QoS 1/2 publishes and new persistent sessions are refused (see README)",
+            metrics.disk_full.clone(),
         );
         registry.register_with_unit(
             "publish_latency",
@@ -281,6 +289,7 @@ impl Metrics {
         gauge(&self.retained, stats.retained_messages as u64);
         gauge(&self.queued, snapshot.queued);
         gauge(&self.inflight, snapshot.inflight);
+        gauge(&self.disk_full, u64::from(stats.disk_full));
         // The core keeps running totals; a counter only goes up, by the difference.
         let catch_up = |family: &Family<ReasonLabel, Counter>, reason, total: u64| {
             let counter = family.get_or_create(&ReasonLabel { reason });
@@ -328,6 +337,7 @@ impl Metrics {
             stats.refused_subscription_quota,
         );
         catch_up(&self.refused, "pushback_timeout", stats.pushback_timeouts);
+        catch_up(&self.refused, "disk_full", stats.disk_full_refusals);
         catch_up(
             &self.dropped,
             "delivery_not_authorized",

@@ -78,7 +78,7 @@ impl Running {
         let store = RedbStore::open(&dir.join("store"), FsyncPolicy::Always)
             .map_err(|e| StartError(format!("store: {e}")))?;
         let clocks = clock.clocks();
-        let broker = Broker::with_store_and_parts(
+        let mut broker = Broker::with_store_and_parts(
             BrokerConfig::default(),
             cluster_parts(),
             Box::new(store),
@@ -87,7 +87,8 @@ impl Running {
         )
         .map_err(|e| StartError(format!("broker: {e}")))?;
         let (sender, events) = mpsc::channel(EVENT_BUFFER);
-        let driver = ClusterDriver::start(coordinator.clone(), sender, Arc::new(clock));
+        let driver =
+            ClusterDriver::start(coordinator.clone(), sender, Arc::new(clock), &mut broker);
         Ok(Running {
             coordinator,
             broker,
@@ -129,7 +130,7 @@ impl Running {
             eprintln!("store commit failed: {error}");
             return Vec::new();
         }
-        self.driver.committed();
+        self.driver.committed(&mut self.broker);
         to_clients
     }
 

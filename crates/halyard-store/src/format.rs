@@ -20,6 +20,7 @@
 //! | subscription | QoS u8, flags u8 (bit 0 no local, bit 1 retain as published), retain handling u8, identifier flag u8 + u32 |
 //! | delivery | state u8 (0 pending, 1 awaiting PUBACK, 2 awaiting PUBREC, 3 awaiting PUBCOMP), packet id u16, delivery QoS u8, delivery RETAIN u8, id count u32 + ids u32 each, message |
 //! | retained | message |
+//! | forward | group count u32, each group: length u32 + UTF-8, message |
 //! | message | expires at (time), PUBLISH packet (rest of the body) |
 //!
 //! Each kind of value has its own current version (`SESSION_VERSION`, ...). To add a field to
@@ -37,12 +38,13 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::BytesMut;
 use halyard_codec::{
-    decode, encode, DecodeContext, DecodeError, EncodeError, Packet, ProtocolVersion, Publish, QoS,
-    SubscriptionOptions, Will,
+    decode_standalone, encode_standalone, standalone_publish, DecodeError, EncodeError, Publish,
+    QoS, StandaloneError, SubscriptionOptions, Will,
 };
-use halyard_core::store::{DeliveryState, SessionRecord, StoredDelivery, StoredMessage};
+use halyard_core::store::{
+    DeliveryState, SessionRecord, StoredDelivery, StoredForward, StoredMessage,
+};
 use halyard_core::SubscriptionEntry;
 
 /// The version of values written before checksums: read, never written.
@@ -57,6 +59,7 @@ const SESSION_EPOCH_SINCE: u8 = 3;
 const SUBSCRIPTION_VERSION: u8 = 2;
 const DELIVERY_VERSION: u8 = 2;
 const RETAINED_VERSION: u8 = 2;
+const FORWARD_VERSION: u8 = 2;
 /// Length of the CRC32C that ends a checked value.
 const CHECKSUM_LEN: usize = 4;
 
@@ -110,6 +113,8 @@ pub(crate) enum RecordKey<'a> {
     Delivery(&'a str, u64),
     /// Retained key (topic levels joined by U+0000).
     Retained(&'a str),
+    /// Destination node and outbox sequence number.
+    Forward(u64, u64),
 }
 
 impl RecordKey<'_> {
@@ -131,6 +136,10 @@ impl RecordKey<'_> {
                 crc32c::crc32c_append(part(crc32c::crc32c(b"d"), client), &seq.to_be_bytes())
             }
             RecordKey::Retained(key) => part(crc32c::crc32c(b"r"), key),
+            RecordKey::Forward(dest, seq) => crc32c::crc32c_append(
+                crc32c::crc32c_append(crc32c::crc32c(b"f"), &dest.to_be_bytes()),
+                &seq.to_be_bytes(),
+            ),
         }
     }
 }
@@ -260,50 +269,24 @@ fn put_time(out: &mut Vec<u8>, time: Option<SystemTime>) {
 
 /// Appends topic, payload, QoS, RETAIN and properties as an MQTT 5 PUBLISH.
 fn put_publish(out: &mut Vec<u8>, publish: Publish) -> Result<(), EncodeFailure> {
-    let mut buf = BytesMut::new();
-    encode(&Packet::Publish(publish), ProtocolVersion::V5, &mut buf)?;
-    out.extend_from_slice(&buf);
-    Ok(())
+    Ok(encode_standalone(publish, out)?)
 }
 
 /// Decodes the rest of the body as exactly one MQTT 5 PUBLISH.
 fn take_publish(r: Reader<'_>) -> Result<Publish, FormatError> {
-    let mut buf = BytesMut::from(r.0);
-    let ctx = DecodeContext {
-        version: Some(ProtocolVersion::V5),
-        max_packet_size: u32::MAX,
-    };
-    match decode(&mut buf, &ctx)? {
-        Some(Packet::Publish(publish)) if buf.is_empty() => Ok(publish),
-        Some(Packet::Publish(_)) => Err(FormatError::Trailing(buf.len())),
-        Some(_) => Err(FormatError::Invalid("embedded packet type")),
-        None => Err(FormatError::Truncated),
-    }
-}
-
-fn publish_of(
-    topic: &str,
-    payload: &bytes::Bytes,
-    qos: QoS,
-    retain: bool,
-    properties: &halyard_codec::Properties,
-) -> Publish {
-    Publish {
-        dup: false,
-        qos,
-        retain,
-        topic: topic.to_owned(),
-        packet_id: (qos != QoS::AtMostOnce).then_some(1),
-        payload: payload.clone(),
-        properties: properties.clone(),
-    }
+    decode_standalone(r.0).map_err(|e| match e {
+        StandaloneError::Decode(e) => FormatError::Publish(e),
+        StandaloneError::Truncated => FormatError::Truncated,
+        StandaloneError::Trailing(n) => FormatError::Trailing(n),
+        StandaloneError::NotPublish => FormatError::Invalid("embedded packet type"),
+    })
 }
 
 fn put_message(out: &mut Vec<u8>, message: &StoredMessage) -> Result<(), EncodeFailure> {
     put_time(out, message.expires_at);
     put_publish(
         out,
-        publish_of(
+        standalone_publish(
             &message.topic,
             &message.payload,
             message.qos,
@@ -347,7 +330,7 @@ pub(crate) fn encode_session(record: &SessionRecord) -> Result<Vec<u8>, EncodeFa
             }
             put_publish(
                 &mut out,
-                publish_of(
+                standalone_publish(
                     &will.topic,
                     &will.payload,
                     will.qos,
@@ -589,6 +572,44 @@ pub(crate) fn decode_retained(key: &str, value: &[u8]) -> Result<StoredMessage, 
     take_message(open(RecordKey::Retained(key), value, RETAINED_VERSION)?.body)
 }
 
+/// Encodes a forward stored for node `dest` at `seq`.
+pub(crate) fn encode_forward(
+    dest: u64,
+    seq: u64,
+    forward: &StoredForward,
+) -> Result<Vec<u8>, EncodeFailure> {
+    let mut out = vec![FORWARD_VERSION];
+    let count = u32::try_from(forward.groups.len()).unwrap_or(u32::MAX);
+    out.extend_from_slice(&count.to_be_bytes());
+    for group in &forward.groups {
+        // A share group is a topic level of a filter: far below 4 GiB.
+        let len = u32::try_from(group.len()).unwrap_or(u32::MAX);
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(group.as_bytes());
+    }
+    put_message(&mut out, &forward.message)?;
+    Ok(seal(RecordKey::Forward(dest, seq), out))
+}
+
+/// Decodes a forward stored for node `dest` at `seq`.
+pub(crate) fn decode_forward(
+    dest: u64,
+    seq: u64,
+    value: &[u8],
+) -> Result<StoredForward, FormatError> {
+    let mut r = open(RecordKey::Forward(dest, seq), value, FORWARD_VERSION)?.body;
+    let count = r.u32()?;
+    let mut groups = Vec::new();
+    for _ in 0..count {
+        let len = usize::try_from(r.u32()?).map_err(|_| FormatError::Truncated)?;
+        let bytes = r.take(len)?;
+        let group = std::str::from_utf8(bytes).map_err(|_| FormatError::Invalid("share group"))?;
+        groups.push(group.to_owned());
+    }
+    let message = take_message(r)?;
+    Ok(StoredForward { message, groups })
+}
+
 #[cfg(test)]
 mod tests {
     use bytes::Bytes;
@@ -771,6 +792,24 @@ mod tests {
         let old = as_version_1(&encode_retained("k", &message()).expect("encodes"));
         verify_retained("k", &old).expect("nothing to check");
         assert_eq!(decode_retained("k", &old).expect("decodes"), message());
+    }
+
+    #[test]
+    fn forward_round_trips_and_fails_under_another_key() {
+        let forward = StoredForward {
+            message: message(),
+            groups: vec!["g1".to_owned(), "élan".to_owned()],
+        };
+        let value = encode_forward(2, 9, &forward).expect("encodes");
+        assert_eq!(decode_forward(2, 9, &value).expect("decodes"), forward);
+        assert!(
+            decode_forward(3, 9, &value).is_err(),
+            "another node's outbox"
+        );
+        assert!(decode_forward(2, 8, &value).is_err(), "another seq");
+        for cut in 0..value.len() {
+            assert!(decode_forward(2, 9, &value[..cut]).is_err(), "cut at {cut}");
+        }
     }
 
     #[test]

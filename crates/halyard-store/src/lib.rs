@@ -16,6 +16,7 @@
 
 #![forbid(unsafe_code)]
 
+mod deferred;
 mod format;
 mod memory;
 mod readable_copy;

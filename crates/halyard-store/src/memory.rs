@@ -4,10 +4,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use halyard_core::retained::{read_page, retained_key};
 use halyard_core::store::{
-    DeliveryState, LoadedSession, LoadedState, RetainedPage, SessionRecord, Store, StoreError,
-    StoredDelivery, StoredMessage,
+    DeliveryState, LoadedOutbox, LoadedSession, LoadedState, PeerMark, RetainedPage, SessionRecord,
+    Store, StoreError, StoredDelivery, StoredForward, StoredMessage,
 };
-use halyard_core::SubscriptionEntry;
+use halyard_core::{NodeId, SubscriptionEntry};
 
 /// A [`Store`] kept entirely in RAM.
 ///
@@ -23,6 +23,12 @@ pub struct MemoryStore {
     deliveries: BTreeMap<(String, u64), (StoredDelivery, DeliveryState)>,
     /// By [`retained_key`], the order every backend reads retained messages in.
     retained: BTreeMap<String, StoredMessage>,
+    /// (destination node, seq) -> forward.
+    forwards: BTreeMap<(NodeId, u64), StoredForward>,
+    /// Destination node -> acknowledged through.
+    forwards_acked: BTreeMap<NodeId, u64>,
+    /// Origin node -> its duplicate filter.
+    peer_marks: BTreeMap<NodeId, PeerMark>,
 }
 
 impl MemoryStore {
@@ -76,8 +82,26 @@ impl Store for MemoryStore {
                 session.inflight.push((*seq, delivery.clone(), *state));
             }
         }
+        let mut outboxes: BTreeMap<NodeId, LoadedOutbox> = self
+            .forwards_acked
+            .iter()
+            .map(|(dest, acked)| {
+                let outbox = LoadedOutbox {
+                    acked_through: *acked,
+                    ..LoadedOutbox::default()
+                };
+                (*dest, outbox)
+            })
+            .collect();
+        for (dest, seq) in self.forwards.keys() {
+            let outbox = outboxes.entry(*dest).or_default();
+            outbox.last_seq = *seq;
+            outbox.pending += 1;
+        }
         Ok(LoadedState {
             sessions: sessions.into_values().collect(),
+            outboxes,
+            peer_marks: self.peer_marks.values().copied().collect(),
         })
     }
 
@@ -182,6 +206,44 @@ impl Store for MemoryStore {
 
     fn retained_len(&self) -> usize {
         self.retained.len()
+    }
+
+    fn put_forward(&mut self, dest: NodeId, seq: u64, forward: &StoredForward) {
+        self.forwards.insert((dest, seq), forward.clone());
+    }
+
+    fn ack_forwards(&mut self, dest: NodeId, through: u64) {
+        let acked: Vec<_> = self
+            .forwards
+            .range((dest, 0)..=(dest, through))
+            .map(|(key, _)| *key)
+            .collect();
+        for key in acked {
+            self.forwards.remove(&key);
+        }
+        let watermark = self.forwards_acked.entry(dest).or_default();
+        *watermark = (*watermark).max(through);
+    }
+
+    fn read_forwards(
+        &mut self,
+        dest: NodeId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, StoredForward)>, StoreError> {
+        if after == u64::MAX {
+            return Ok(Vec::new());
+        }
+        Ok(self
+            .forwards
+            .range((dest, after + 1)..=(dest, u64::MAX))
+            .take(limit)
+            .map(|((_, seq), forward)| (*seq, forward.clone()))
+            .collect())
+    }
+
+    fn put_peer_mark(&mut self, mark: &PeerMark) {
+        self.peer_marks.insert(mark.origin, *mark);
     }
 
     fn commit(&mut self) -> Result<(), StoreError> {

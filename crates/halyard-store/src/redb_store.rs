@@ -14,29 +14,39 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use halyard_core::retained::{retained_key, RetainedScan, ScanStep};
 use halyard_core::store::{
-    DeliveryState, LoadedSession, LoadedState, RetainedPage, SessionRecord, Store, StoreError,
-    StoredDelivery, StoredMessage,
+    io_is_no_space, DeliveryState, LoadedOutbox, LoadedSession, LoadedState, PeerMark,
+    RetainedPage, SessionRecord, Store, StoreError, StoredDelivery, StoredForward, StoredMessage,
 };
-use halyard_core::SubscriptionEntry;
+use halyard_core::{NodeId, SubscriptionEntry};
 use redb::{
     Builder, Database, Durability, ReadableTable, ReadableTableMetadata, RepairSession,
     WriteTransaction,
 };
 use tracing::{error, info, warn};
 
+use crate::deferred::{DeferredWrite, DeferredWrites};
 use crate::format::{
-    decode_delivery, decode_retained, decode_session, decode_subscription, delivery_state,
-    encode_delivery, encode_retained, encode_session, encode_subscription, patch_delivery_state,
-    verify_retained,
+    decode_delivery, decode_forward, decode_retained, decode_session, decode_subscription,
+    delivery_state, encode_delivery, encode_forward, encode_retained, encode_session,
+    encode_subscription, patch_delivery_state, verify_retained,
 };
 use crate::redb_errors::{failed, is_corruption, panic_message, RedbResult};
 use crate::salvage::{copy_all, recover_unopenable};
 use crate::tables::{
-    CACHE_BYTES, DELIVERIES, INBOUND_QOS2, LEGACY_RETAINED, RETAINED, SESSIONS, SUBSCRIPTIONS,
+    CACHE_BYTES, DELIVERIES, FORWARDS, FORWARDS_ACKED, INBOUND_QOS2, LEGACY_RETAINED, PEER_MARKS,
+    RETAINED, SESSIONS, SUBSCRIPTIONS,
 };
 
 /// Name of the data file inside the configured directory.
 pub const FILE_NAME: &str = "halyard.redb";
+
+/// File written and removed next to the data file by [`Store::probe`] to see whether the
+/// file system has room again.
+const PROBE_FILE: &str = "halyard.space-probe";
+
+/// Room a probe asks for: more than a typical batch needs, so that the broker does not leave
+/// degraded mode on the few bytes a deletion freed only to fail its next commit.
+const PROBE_BYTES: usize = 1 << 20;
 
 /// At most this many non-durable commits in a row, whatever the policy. redb reuses the pages
 /// a transaction freed only after a durable commit, so every non-durable commit grows the
@@ -125,7 +135,8 @@ impl fmt::Display for LoadReport {
 /// Writes between two commits go into one open redb write transaction, begun at the first
 /// write, so a batch costs one commit (group commit); reads see that transaction's writes.
 /// Because the trait's write methods cannot fail, a write error is remembered and returned by
-/// the next [`Store::commit`], which the server treats as fatal.
+/// the next [`Store::commit`], which the server treats as fatal, unless the file system is out
+/// of space: then the store is *out of space* (see [`Store::probe`]) until a probe finds room.
 ///
 /// Dropping the store discards uncommitted writes, as a crash would, then makes earlier
 /// non-durable commits durable.
@@ -142,6 +153,12 @@ pub struct RedbStore {
     last_durable: Instant,
     /// The first write error of the current batch.
     failure: Option<StoreError>,
+    /// Set by a write or commit that failed for want of space. redb refuses every
+    /// operation after an I/O error until the file is reopened, so until a probe reopens it,
+    /// writes are kept aside (`deferred`) and commits and reads fail at once.
+    out_of_space: bool,
+    /// What was written while out of space, for the probe that finds room to apply.
+    deferred: DeferredWrites,
     set_aside: Option<PathBuf>,
     last_load: Option<LoadReport>,
 }
@@ -221,6 +238,9 @@ fn open_database(path: &Path) -> Result<Database, OpenError> {
         txn.open_table(INBOUND_QOS2)?;
         txn.open_table(DELIVERIES)?;
         txn.open_table(RETAINED)?;
+        txn.open_table(FORWARDS)?;
+        txn.open_table(FORWARDS_ACKED)?;
+        txn.open_table(PEER_MARKS)?;
         let moved = migrate_retained(&txn)?;
         txn.commit()?;
         Ok(moved)
@@ -255,7 +275,7 @@ fn migrate_retained(txn: &WriteTransaction) -> Result<u64, redb::Error> {
 /// The error of [`OnCorruption::Refuse`]: what is damaged, and that nothing was changed.
 fn refused(path: &Path, reason: &str) -> StoreError {
     error!(file = %path.display(), %reason, "data file is damaged; refusing to use it (on_corruption = refuse): nothing was changed");
-    StoreError(format!(
+    StoreError::new(format!(
         "{} is damaged ({reason}); refusing to use it (on_corruption = refuse): nothing was \
          changed; restore it from a backup, move it aside to start empty, or set \
          on_corruption = \"salvage\" to keep every intact record",
@@ -456,6 +476,7 @@ where
     }
     Ok(LoadedState {
         sessions: sessions.into_values().collect(),
+        ..LoadedState::default()
     })
 }
 
@@ -520,6 +541,75 @@ where
             Ok((delivery, _)) => out.push((seq, delivery)),
             Err(e) => {
                 error!(client = %client_id, seq, error = %e, "removing undecodable queued delivery: the message is lost");
+                bad.push(seq);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The outboxes and duplicate filters of the cluster's peer link, read at start-up. The
+/// forwards themselves stay on disk: only each outbox's bounds and size are taken.
+fn scan_links<F, A, M>(
+    forwards: &F,
+    acked: &A,
+    marks: &M,
+) -> Result<(BTreeMap<NodeId, LoadedOutbox>, Vec<PeerMark>), redb::Error>
+where
+    F: ReadableTable<(u64, u64), &'static [u8]>,
+    A: ReadableTable<u64, u64>,
+    M: ReadableTable<u64, (u64, u64)>,
+{
+    let mut outboxes: BTreeMap<NodeId, LoadedOutbox> = BTreeMap::new();
+    for entry in acked.iter()? {
+        let (dest, through) = entry?;
+        outboxes.entry(dest.value()).or_default().acked_through = through.value();
+    }
+    for entry in forwards.iter()? {
+        let (key, _) = entry?;
+        let (dest, seq) = key.value();
+        let outbox = outboxes.entry(dest).or_default();
+        outbox.last_seq = seq;
+        outbox.pending += 1;
+    }
+    let mut peer_marks = Vec::new();
+    for entry in marks.iter()? {
+        let (origin, mark) = entry?;
+        let (incarnation, seq) = mark.value();
+        peer_marks.push(PeerMark {
+            origin: origin.value(),
+            incarnation,
+            seq,
+        });
+    }
+    Ok((outboxes, peer_marks))
+}
+
+/// Up to `limit` decodable forwards for `dest` after `after`; undecodable ones go to `bad`.
+fn scan_forwards<T>(
+    table: &T,
+    dest: NodeId,
+    after: u64,
+    limit: usize,
+    bad: &mut Vec<u64>,
+) -> Result<Vec<(u64, StoredForward)>, redb::Error>
+where
+    T: ReadableTable<(u64, u64), &'static [u8]>,
+{
+    let mut out = Vec::new();
+    let Some(from) = after.checked_add(1) else {
+        return Ok(out);
+    };
+    for entry in table.range((dest, from)..=(dest, u64::MAX))? {
+        if out.len() >= limit {
+            break;
+        }
+        let (key, value) = entry?;
+        let seq = key.value().1;
+        match decode_forward(dest, seq, value.value()) {
+            Ok(forward) => out.push((seq, forward)),
+            Err(e) => {
+                error!(dest, seq, error = %e, "removing undecodable forward: the message is lost for that node");
                 bad.push(seq);
             }
         }
@@ -603,7 +693,7 @@ impl RedbStore {
         on_corruption: OnCorruption,
     ) -> Result<RedbStore, StoreError> {
         std::fs::create_dir_all(dir)
-            .map_err(|e| StoreError(format!("creating {}: {e}", dir.display())))?;
+            .map_err(|e| StoreError::new(format!("creating {}: {e}", dir.display())))?;
         let path = dir.join(FILE_NAME);
         let (db, set_aside) = match open_database(&path) {
             Ok(db) => (db, None),
@@ -614,7 +704,7 @@ impl RedbStore {
             Err(OpenError::Corrupt(reason)) => {
                 let aside = set_aside_path(dir);
                 std::fs::rename(&path, &aside).map_err(|e| {
-                    StoreError(format!(
+                    StoreError::new(format!(
                         "{} is corrupt ({reason}) and could not be moved aside: {e}",
                         path.display()
                     ))
@@ -627,9 +717,10 @@ impl RedbStore {
                      readable in it is copied to a new file"
                 );
                 let db = open_database(&path).map_err(|e| match e {
-                    OpenError::Corrupt(reason) | OpenError::Other(StoreError(reason)) => {
-                        StoreError(format!("creating a new {}: {reason}", path.display()))
-                    }
+                    OpenError::Corrupt(reason)
+                    | OpenError::Other(StoreError {
+                        message: reason, ..
+                    }) => StoreError::new(format!("creating a new {}: {reason}", path.display())),
                 })?;
                 recover_unopenable(&aside, &db)?;
                 (db, Some(aside))
@@ -644,6 +735,8 @@ impl RedbStore {
             unsynced: 0,
             last_durable: Instant::now(),
             failure: None,
+            out_of_space: false,
+            deferred: DeferredWrites::default(),
             set_aside,
             last_load: None,
         })
@@ -669,6 +762,12 @@ impl RedbStore {
     fn shut_down(&mut self) -> Result<(), StoreError> {
         self.txn = None;
         self.failure = None;
+        if self.out_of_space {
+            let lost = self.deferred.len() as u64 + self.deferred.dropped;
+            return Err(StoreError::no_space(format!(
+                "the disk is still full: {lost} writes made since it filled are not stored"
+            )));
+        }
         if self.unsynced > 0 {
             let mut txn = self.db.begin_write().or_store("closing")?;
             txn.set_durability(Durability::Immediate);
@@ -693,20 +792,82 @@ impl RedbStore {
         context: &'static str,
         op: impl FnOnce(&WriteTransaction) -> Result<(), redb::Error>,
     ) {
-        if self.failure.is_some() {
+        if self.failure.is_some() || self.out_of_space {
             return; // The batch is lost already; the next commit reports why.
         }
         if let Err(e) = self.batch().and_then(|txn| op(txn).or_store(context)) {
-            self.fail(context, e);
+            self.remember(e);
         }
     }
 
-    /// Remembers the first failure of the batch for the next commit.
+    /// Remembers a failure that is not redb's (a record that does not encode).
     fn fail(&mut self, context: &'static str, error: impl fmt::Display) {
-        error!(%error, "{context} failed; the next commit fails");
-        if self.failure.is_none() {
-            self.failure = Some(StoreError(format!("{context}: {error}")));
+        self.remember(StoreError::new(format!("{context}: {error}")));
+    }
+
+    /// Remembers the first failure of the batch for the next commit. A full disk is logged
+    /// once, by the server, as the start of degraded mode, not here per write.
+    fn remember(&mut self, error: StoreError) {
+        if error.is_no_space() {
+            self.out_of_space = true;
+            self.txn = None;
+        } else {
+            error!(%error, "a write failed; the next commit fails");
         }
+        if self.failure.is_none() {
+            self.failure = Some(error);
+        }
+    }
+
+    /// Keeps a write made while out of space for the probe to apply; a write of the batch
+    /// whose commit is about to fail goes with that batch.
+    fn defer(&mut self, write: DeferredWrite) {
+        if self.failure.is_none() {
+            self.deferred.push(write);
+        }
+    }
+
+    /// The error of a commit or read refused because the store is out of space.
+    fn no_space_error() -> StoreError {
+        StoreError::no_space("the file system is full; writes wait for a probe to find room")
+    }
+
+    /// Whether `dir` has [`PROBE_BYTES`] free: written, synced and removed again.
+    fn probe_space(&self) -> Result<(), StoreError> {
+        let probe = self.path.with_file_name(PROBE_FILE);
+        let written = std::fs::File::create(&probe).and_then(|mut file| {
+            std::io::Write::write_all(&mut file, &vec![0u8; PROBE_BYTES])?;
+            file.sync_all()
+        });
+        let removed = std::fs::remove_file(&probe);
+        let describe = |e: std::io::Error| {
+            let message = format!("probing for free space with {}: {e}", probe.display());
+            if io_is_no_space(&e) {
+                StoreError::no_space(message)
+            } else {
+                StoreError::new(message)
+            }
+        };
+        written.map_err(describe)?;
+        removed.map_err(describe)
+    }
+
+    /// Closes the poisoned database and opens the file again (redb repairs it, as after a
+    /// crash), which also commits durably: the proof that writes work again.
+    fn reopen(&mut self) -> Result<(), StoreError> {
+        // The file is locked while open, so the old handle must go before the new one;
+        // an empty in-memory database stands in meanwhile (and stays if opening fails).
+        let placeholder = Builder::new()
+            .create_with_backend(redb::backends::InMemoryBackend::new())
+            .or_store("opening a placeholder")?;
+        drop(std::mem::replace(&mut self.db, placeholder));
+        self.db = open_database(&self.path).map_err(|e| match e {
+            OpenError::Other(error) => error,
+            OpenError::Corrupt(reason) => {
+                StoreError::new(format!("reopening {}: {reason}", self.path.display()))
+            }
+        })?;
+        Ok(())
     }
 
     /// Scans the committed data through a read transaction, catching the panics redb raises
@@ -724,7 +885,13 @@ impl RedbStore {
             let deliveries = txn.open_table(DELIVERIES)?;
             let retained = txn.open_table(RETAINED)?;
             let tables = (&sessions, &subscriptions, &qos2, &deliveries, &retained);
-            scan(tables, report, doomed)
+            let mut state = scan(tables, report, doomed)?;
+            (state.outboxes, state.peer_marks) = scan_links(
+                &txn.open_table(FORWARDS)?,
+                &txn.open_table(FORWARDS_ACKED)?,
+                &txn.open_table(PEER_MARKS)?,
+            )?;
+            Ok(state)
         }));
         match attempt {
             Ok(Ok(state)) => Ok(state),
@@ -743,7 +910,7 @@ impl RedbStore {
         let dir = self.path.parent().unwrap_or(Path::new("."));
         let aside = set_aside_path(dir);
         std::fs::rename(&self.path, &aside).map_err(|e| {
-            StoreError(format!(
+            StoreError::new(format!(
                 "{} is damaged ({reason}) and could not be moved aside: {e}",
                 self.path.display()
             ))
@@ -756,9 +923,10 @@ impl RedbStore {
              new file"
         );
         let fresh = open_database(&self.path).map_err(|e| match e {
-            OpenError::Corrupt(reason) | OpenError::Other(StoreError(reason)) => {
-                StoreError(format!("creating a new {}: {reason}", self.path.display()))
-            }
+            OpenError::Corrupt(reason)
+            | OpenError::Other(StoreError {
+                message: reason, ..
+            }) => StoreError::new(format!("creating a new {}: {reason}", self.path.display())),
         })?;
         let damaged = std::mem::replace(&mut self.db, fresh);
         self.txn = None;
@@ -816,7 +984,13 @@ impl Store for RedbStore {
                     let deliveries = txn.open_table(DELIVERIES)?;
                     let retained = txn.open_table(RETAINED)?;
                     let tables = (&sessions, &subscriptions, &qos2, &deliveries, &retained);
-                    scan(tables, &mut report, &mut doomed)
+                    let mut state = scan(tables, &mut report, &mut doomed)?;
+                    (state.outboxes, state.peer_marks) = scan_links(
+                        &txn.open_table(FORWARDS)?,
+                        &txn.open_table(FORWARDS_ACKED)?,
+                        &txn.open_table(PEER_MARKS)?,
+                    )?;
+                    Ok(state)
                 };
                 scanned().or_store("loading")?
             }
@@ -834,7 +1008,7 @@ impl Store for RedbStore {
                         Ok(state) => state,
                         Err(ScanFailure::Failed(e)) => return Err(e),
                         Err(ScanFailure::Damaged(reason)) => {
-                            return Err(StoreError(format!("loading salvaged data: {reason}")))
+                            return Err(StoreError::new(format!("loading salvaged data: {reason}")))
                         }
                     }
                 }
@@ -863,6 +1037,9 @@ impl Store for RedbStore {
     }
 
     fn put_session(&mut self, record: &SessionRecord) {
+        if self.out_of_space {
+            return self.defer(DeferredWrite::PutSession(Box::new(record.clone())));
+        }
         const CONTEXT: &str = "writing a session";
         match encode_session(record) {
             Ok(value) => self.write(CONTEXT, |txn| {
@@ -875,6 +1052,9 @@ impl Store for RedbStore {
     }
 
     fn delete_session(&mut self, client_id: &str) {
+        if self.out_of_space {
+            return self.defer(DeferredWrite::DeleteSession(client_id.to_owned()));
+        }
         self.write("deleting a session", |txn| {
             txn.open_table(SESSIONS)?.remove(client_id)?;
             let mut subscriptions = txn.open_table(SUBSCRIPTIONS)?;
@@ -899,6 +1079,13 @@ impl Store for RedbStore {
     }
 
     fn put_subscription(&mut self, client_id: &str, filter: &str, entry: &SubscriptionEntry) {
+        if self.out_of_space {
+            return self.defer(DeferredWrite::PutSubscription(
+                client_id.to_owned(),
+                filter.to_owned(),
+                *entry,
+            ));
+        }
         let value = encode_subscription(client_id, filter, entry);
         self.write("writing a subscription", |txn| {
             let mut table = txn.open_table(SUBSCRIPTIONS)?;
@@ -908,6 +1095,12 @@ impl Store for RedbStore {
     }
 
     fn delete_subscription(&mut self, client_id: &str, filter: &str) {
+        if self.out_of_space {
+            return self.defer(DeferredWrite::DeleteSubscription(
+                client_id.to_owned(),
+                filter.to_owned(),
+            ));
+        }
         self.write("deleting a subscription", |txn| {
             txn.open_table(SUBSCRIPTIONS)?.remove((client_id, filter))?;
             Ok(())
@@ -915,6 +1108,12 @@ impl Store for RedbStore {
     }
 
     fn put_inbound_qos2(&mut self, client_id: &str, packet_id: u16) {
+        if self.out_of_space {
+            return self.defer(DeferredWrite::PutInboundQos2(
+                client_id.to_owned(),
+                packet_id,
+            ));
+        }
         self.write("writing an inbound QoS 2 id", |txn| {
             txn.open_table(INBOUND_QOS2)?
                 .insert((client_id, packet_id), ())?;
@@ -923,6 +1122,12 @@ impl Store for RedbStore {
     }
 
     fn delete_inbound_qos2(&mut self, client_id: &str, packet_id: u16) {
+        if self.out_of_space {
+            return self.defer(DeferredWrite::DeleteInboundQos2(
+                client_id.to_owned(),
+                packet_id,
+            ));
+        }
         self.write("deleting an inbound QoS 2 id", |txn| {
             txn.open_table(INBOUND_QOS2)?
                 .remove((client_id, packet_id))?;
@@ -938,6 +1143,14 @@ impl Store for RedbStore {
         state: DeliveryState,
     ) {
         const CONTEXT: &str = "writing a delivery";
+        if self.out_of_space {
+            return self.defer(DeferredWrite::PutDelivery(
+                client_id.to_owned(),
+                seq,
+                Box::new(delivery.clone()),
+                state,
+            ));
+        }
         match encode_delivery(client_id, seq, delivery, state) {
             Ok(value) => self.write(CONTEXT, |txn| {
                 let mut table = txn.open_table(DELIVERIES)?;
@@ -949,6 +1162,13 @@ impl Store for RedbStore {
     }
 
     fn set_delivery_state(&mut self, client_id: &str, seq: u64, state: DeliveryState) {
+        if self.out_of_space {
+            return self.defer(DeferredWrite::SetDeliveryState(
+                client_id.to_owned(),
+                seq,
+                state,
+            ));
+        }
         self.write("updating a delivery", |txn| {
             let mut table = txn.open_table(DELIVERIES)?;
             let patched = match table.get((client_id, seq))? {
@@ -969,6 +1189,9 @@ impl Store for RedbStore {
     }
 
     fn delete_delivery(&mut self, client_id: &str, seq: u64) {
+        if self.out_of_space {
+            return self.defer(DeferredWrite::DeleteDelivery(client_id.to_owned(), seq));
+        }
         self.write("deleting a delivery", |txn| {
             txn.open_table(DELIVERIES)?.remove((client_id, seq))?;
             Ok(())
@@ -982,6 +1205,9 @@ impl Store for RedbStore {
         limit: usize,
     ) -> Result<Vec<(u64, StoredDelivery)>, StoreError> {
         const CONTEXT: &str = "reading a queue";
+        if self.out_of_space {
+            return Err(Self::no_space_error());
+        }
         let mut bad = Vec::new();
         let mut read = || -> Result<_, redb::Error> {
             match &self.txn {
@@ -1013,6 +1239,9 @@ impl Store for RedbStore {
     }
 
     fn put_retained(&mut self, message: &StoredMessage) {
+        if self.out_of_space {
+            return self.defer(DeferredWrite::PutRetained(Box::new(message.clone())));
+        }
         const CONTEXT: &str = "writing a retained message";
         let key = retained_key(&message.topic);
         match encode_retained(&key, message) {
@@ -1026,6 +1255,9 @@ impl Store for RedbStore {
     }
 
     fn delete_retained(&mut self, topic: &str) {
+        if self.out_of_space {
+            return self.defer(DeferredWrite::DeleteRetained(topic.to_owned()));
+        }
         self.write("deleting a retained message", |txn| {
             txn.open_table(RETAINED)?
                 .remove(retained_key(topic).as_str())?;
@@ -1040,6 +1272,9 @@ impl Store for RedbStore {
         limit: usize,
     ) -> Result<RetainedPage<StoredMessage>, StoreError> {
         const CONTEXT: &str = "reading retained messages";
+        if self.out_of_space {
+            return Err(Self::no_space_error());
+        }
         let mut bad = Vec::new();
         let page = match &self.txn {
             Some(txn) => {
@@ -1081,10 +1316,96 @@ impl Store for RedbStore {
     /// Commits the open batch: durably, or not, per the [`FsyncPolicy`]. With nothing written
     /// it still makes earlier non-durable commits durable when the policy says it is time.
     /// After an error the batch is discarded.
+    fn put_forward(&mut self, dest: NodeId, seq: u64, forward: &StoredForward) {
+        if self.out_of_space {
+            let forward = Box::new(forward.clone());
+            return self.defer(DeferredWrite::PutForward(dest, seq, forward));
+        }
+        const CONTEXT: &str = "writing a forward";
+        match encode_forward(dest, seq, forward) {
+            Ok(value) => self.write(CONTEXT, |txn| {
+                txn.open_table(FORWARDS)?
+                    .insert((dest, seq), value.as_slice())?;
+                Ok(())
+            }),
+            Err(e) => self.fail(CONTEXT, e),
+        }
+    }
+
+    fn ack_forwards(&mut self, dest: NodeId, through: u64) {
+        if self.out_of_space {
+            return self.defer(DeferredWrite::AckForwards(dest, through));
+        }
+        self.write("removing acknowledged forwards", |txn| {
+            txn.open_table(FORWARDS)?
+                .retain_in((dest, 0)..=(dest, through), |_, _| false)?;
+            let mut acked = txn.open_table(FORWARDS_ACKED)?;
+            let previous = acked.get(dest)?.map_or(0, |seq| seq.value());
+            if through > previous {
+                acked.insert(dest, through)?;
+            }
+            Ok(())
+        });
+    }
+
+    fn read_forwards(
+        &mut self,
+        dest: NodeId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, StoredForward)>, StoreError> {
+        const CONTEXT: &str = "reading an outbox";
+        if self.out_of_space {
+            return Err(Self::no_space_error());
+        }
+        let mut bad = Vec::new();
+        let mut read = || -> Result<_, redb::Error> {
+            match &self.txn {
+                Some(txn) => {
+                    let table = txn.open_table(FORWARDS)?;
+                    scan_forwards(&table, dest, after, limit, &mut bad)
+                }
+                None => {
+                    let txn = self.db.begin_read()?;
+                    let table = txn.open_table(FORWARDS)?;
+                    scan_forwards(&table, dest, after, limit, &mut bad)
+                }
+            }
+        };
+        let out = read().map_err(|e| {
+            error!(dest, after, error = %e, "{CONTEXT} failed; its forwards stay on disk and are read again later");
+            failed(CONTEXT)(e)
+        })?;
+        if !bad.is_empty() {
+            self.write("removing undecodable forwards", |txn| {
+                let mut table = txn.open_table(FORWARDS)?;
+                for seq in &bad {
+                    table.remove((dest, *seq))?;
+                }
+                Ok(())
+            });
+        }
+        Ok(out)
+    }
+
+    fn put_peer_mark(&mut self, mark: &PeerMark) {
+        if self.out_of_space {
+            return self.defer(DeferredWrite::PutPeerMark(*mark));
+        }
+        self.write("writing a peer mark", |txn| {
+            txn.open_table(PEER_MARKS)?
+                .insert(mark.origin, (mark.incarnation, mark.seq))?;
+            Ok(())
+        });
+    }
+
     fn commit(&mut self) -> Result<(), StoreError> {
         if let Some(e) = self.failure.take() {
             self.txn = None;
             return Err(e);
+        }
+        if self.out_of_space {
+            return Err(Self::no_space_error());
         }
         let now = Instant::now();
         let durable = self.durable_due(now);
@@ -1098,7 +1419,10 @@ impl Store for RedbStore {
         } else {
             Durability::None
         });
-        txn.commit().or_store("committing")?;
+        if let Err(e) = txn.commit().or_store("committing") {
+            self.out_of_space |= e.is_no_space();
+            return Err(e);
+        }
         if durable {
             self.last_durable = now;
             self.unsynced = 0;
@@ -1109,8 +1433,45 @@ impl Store for RedbStore {
     }
 
     fn commit_may_block(&self) -> bool {
-        // Nothing written and nothing left to make durable: `commit` returns at once.
-        self.txn.is_some() || self.unsynced > 0 || self.failure.is_some()
+        // Nothing written and nothing left to make durable, or out of space: `commit`
+        // returns at once.
+        !self.out_of_space && (self.txn.is_some() || self.unsynced > 0 || self.failure.is_some())
+    }
+
+    /// Checks that [`PROBE_BYTES`] fit on the file system, reopens the database and commits
+    /// the writes made meanwhile. Commits made with `fsync = "interval"` or `"never"` that
+    /// were not yet durable are lost with the old handle, as in a crash; so are the writes of
+    /// the batch whose commit failed (the broker acknowledged none of them).
+    fn probe(&mut self) -> Result<(), StoreError> {
+        if !self.out_of_space {
+            return self.commit();
+        }
+        self.probe_space()?;
+        self.reopen()?;
+        self.out_of_space = false;
+        self.failure = None;
+        self.unsynced = 0;
+        self.last_durable = Instant::now();
+        let deferred = std::mem::take(&mut self.deferred);
+        deferred.apply(self);
+        if let Err(error) = self.commit() {
+            // Kept for the next probe (what `apply` deferred again is in it already).
+            self.deferred = deferred;
+            return Err(error);
+        }
+        info!(
+            writes = deferred.len(),
+            "store writable again: the writes made while it was full are committed"
+        );
+        if deferred.dropped > 0 {
+            error!(
+                lost = deferred.dropped,
+                "writes made while the disk was full did not fit in memory and were not kept: \
+                 after a restart the store may lack recent subscriptions or session changes, and \
+                 deliver some acknowledged messages again"
+            );
+        }
+        Ok(())
     }
 }
 

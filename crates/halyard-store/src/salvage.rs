@@ -20,7 +20,10 @@ use tracing::{error, info, warn};
 
 use crate::readable_copy::readable_copy;
 use crate::redb_errors::{is_corruption, panic_message, RedbResult};
-use crate::tables::{CACHE_BYTES, DELIVERIES, INBOUND_QOS2, RETAINED, SESSIONS, SUBSCRIPTIONS};
+use crate::tables::{
+    CACHE_BYTES, DELIVERIES, FORWARDS, FORWARDS_ACKED, INBOUND_QOS2, PEER_MARKS, RETAINED,
+    SESSIONS, SUBSCRIPTIONS,
+};
 
 /// Copies every readable record of `table` from a damaged database into `to`: forward from
 /// the first key until a damaged page stops the scan, then backward from the last key until
@@ -369,10 +372,21 @@ fn copy_string_table(
     Ok(())
 }
 
+/// Whether `table` exists in the database read by `txn`.
+fn has_table<K: Key + 'static, V: Value + 'static>(
+    txn: &ReadTransaction,
+    table: TableDefinition<K, V>,
+) -> bool {
+    !matches!(
+        txn.open_table(table),
+        Err(redb::TableError::TableDoesNotExist(_))
+    )
+}
+
 /// Copies every readable record of every table from a damaged database into `to`.
 pub(crate) fn copy_all(damaged: &Database, to: &Database) -> Result<(), StoreError> {
     let from = catch_unwind(AssertUnwindSafe(|| damaged.begin_read()))
-        .map_err(|panic| StoreError(format!("salvaging: {}", panic_message(&*panic))))?
+        .map_err(|panic| StoreError::new(format!("salvaging: {}", panic_message(&*panic))))?
         .or_store("salvaging")?;
     let mut to = to.begin_write().or_store("salvaging")?;
     to.set_durability(Durability::Immediate);
@@ -381,6 +395,16 @@ pub(crate) fn copy_all(damaged: &Database, to: &Database) -> Result<(), StoreErr
     copy_table(&from, &to, INBOUND_QOS2).or_store("salvaging")?;
     copy_deliveries(&from, &to).or_store("salvaging")?;
     copy_string_table(&from, &to, RETAINED).or_store("salvaging")?;
+    // Files written before the cluster's outbox have none of its tables.
+    if has_table(&from, FORWARDS) {
+        copy_table(&from, &to, FORWARDS).or_store("salvaging")?;
+    }
+    if has_table(&from, FORWARDS_ACKED) {
+        copy_table(&from, &to, FORWARDS_ACKED).or_store("salvaging")?;
+    }
+    if has_table(&from, PEER_MARKS) {
+        copy_table(&from, &to, PEER_MARKS).or_store("salvaging")?;
+    }
     to.commit().or_store("salvaging")
 }
 

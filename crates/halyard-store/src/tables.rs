@@ -20,5 +20,15 @@ pub(crate) const RETAINED: TableDefinition<&str, &[u8]> = TableDefinition::new("
 /// The retained table of earlier versions, keyed by topic; moved to [`RETAINED`] at open.
 pub(crate) const LEGACY_RETAINED: TableDefinition<&str, &[u8]> = TableDefinition::new("retained");
 
+/// (destination node, seq) -> forward: a cluster node's outbox, one ordered range per
+/// destination, kept until the destination has stored each forward.
+pub(crate) const FORWARDS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("forwards");
+/// destination node -> every forward up to this seq was acknowledged (survives an empty
+/// outbox, so sequence numbers keep rising).
+pub(crate) const FORWARDS_ACKED: TableDefinition<u64, u64> = TableDefinition::new("forwards_acked");
+/// origin node -> (incarnation, seq) of the newest forward stored from it: the duplicate
+/// filter of the receiving side.
+pub(crate) const PEER_MARKS: TableDefinition<u64, (u64, u64)> = TableDefinition::new("peer_marks");
+
 /// Page cache of the database.
 pub(crate) const CACHE_BYTES: usize = 16 * 1024 * 1024;

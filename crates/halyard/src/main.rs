@@ -4,6 +4,7 @@ mod address;
 mod client;
 mod client_scram;
 mod client_tls;
+mod cluster_cli;
 mod cluster_config;
 mod config;
 mod keys;
@@ -111,6 +112,8 @@ enum Command {
     /// The password comes from --password, a prompt on a terminal, or the first line of
     /// standard input. Other lines of the file are kept; the file is created if missing.
     Passwd(security_config::PasswdArgs),
+    /// Cluster membership at run time: join, leave, status (through a node's admin API).
+    Cluster(cluster_cli::ClusterCommand),
 }
 
 #[derive(Debug, Default, clap::Args)]
@@ -162,6 +165,7 @@ fn main() -> ExitCode {
         Some(Command::Pub(args)) => run_client(client::publish(args)).map(|()| 0),
         Some(Command::Sub(args)) => run_client(client::subscribe(args)),
         Some(Command::Passwd(args)) => security_config::passwd(args).map(|()| 0),
+        Some(Command::Cluster(command)) => run_client(cluster_cli::run(command)).map(|()| 0),
     };
     let result = match result {
         Ok(0) => Ok(()),
@@ -192,6 +196,12 @@ fn check_config(file: &Path, show: bool) -> Result<()> {
     // The password and ACL files are part of the configuration: a bad line there must fail
     // the check as it would fail `serve`.
     security_config::Prepared::load(&config)?;
+    // So are the cluster's node id (from the hostname, if so configured) and peers.
+    cluster_config::cluster_config(
+        &config.cluster,
+        cluster_config::ClusterArgs::default(),
+        &config.storage.data_dir,
+    )?;
     println!("ok");
     if show {
         let text = std::fs::read_to_string(file)

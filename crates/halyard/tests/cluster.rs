@@ -133,6 +133,103 @@ async fn persistent_session_moves_from_node_1_to_node_3_with_its_queue() {
     resumed.expect_nothing(300).await;
 }
 
+/// A QoS 1 PUBACK in a cluster means the message is stored in the outbox of every node with
+/// a matching route: acknowledged on node 1 while the subscriber's node 2 is down, it
+/// survives `kill -9` of node 1 as well, is replayed once both are back, and the persistent
+/// subscriber resumes on node 2 with every message, once each, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwards_acknowledged_while_their_node_is_down_survive_a_crash_of_the_sender() {
+    let mut cluster = Cluster::start();
+    let (mut session, _) = persistent_v5(cluster.addr(2), "keeper", true).await;
+    session.subscribe(1, &[("c9/#", QoS::AtLeastOnce)]).await;
+    session.disconnect().await;
+    cluster.kill9(2);
+    let mut publisher = RawClient::connect_v5(cluster.addr(1), "pub9", true).await;
+    const COUNT: u16 = 20;
+    publish_qos1(&mut publisher, "c9/x", "m", COUNT).await;
+    assert!(
+        cluster.unacked(1, 2) > 0,
+        "node 2 is down: nothing acknowledged yet"
+    );
+    // Node 1's link queue is in memory: only its outbox on disk holds the messages now.
+    cluster.kill9(1);
+    cluster.restart(2);
+    cluster.restart(1);
+    let (mut resumed, present) = persistent_v5(cluster.addr(2), "keeper", false).await;
+    assert!(present, "[MQTT-3.2.2-2] session present = 1 on resume");
+    for i in 0..COUNT {
+        let publish = resumed.recv_publish_ack().await;
+        assert_eq!(
+            String::from_utf8_lossy(&publish.payload),
+            format!("m-{i}"),
+            "replayed in order, without duplicates"
+        );
+    }
+    resumed.expect_nothing(500).await;
+}
+
+/// A clean start on node 2 ends the session that node 1 held for the client id, so the
+/// will node 1 held back for its Will Delay Interval is published now, once, wherever its
+/// subscribers are [MQTT-3.1.3-9].
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_start_on_another_node_publishes_the_delayed_will_of_the_old_session() {
+    let cluster = Cluster::start();
+    let mut watcher = RawClient::connect_v5(cluster.addr(3), "watcher", true).await;
+    watcher
+        .subscribe(1, &[("c10/will", QoS::AtLeastOnce)])
+        .await;
+    let mut connect = connect_packet(ProtocolVersion::V5, "willer", false);
+    connect.properties.session_expiry_interval = Some(300);
+    let mut last_words = will("c10/will", b"gone", QoS::AtLeastOnce, false);
+    last_words.properties.will_delay_interval = Some(600);
+    connect.will = Some(last_words);
+    let (client, ack) = RawClient::handshake(cluster.addr(1), connect).await;
+    assert_eq!(ack.code, ReasonCode::SUCCESS);
+    // Gone without DISCONNECT: the will waits out its delay on node 1.
+    drop(client);
+    watcher.expect_nothing(500).await;
+    let (_fresh, present) = persistent_v5(cluster.addr(2), "willer", true).await;
+    assert!(!present, "clean start: a new session");
+    let publish = watcher.recv_publish_ack().await;
+    assert_eq!(publish.topic, "c10/will");
+    assert_eq!(&publish.payload[..], b"gone");
+    watcher.expect_nothing(500).await;
+}
+
+/// A persistent session whose node dies resumes on another node from raft (its
+/// subscriptions, no queue); once the dead node is back with its data directory, it hands
+/// the queue it held over to the new owner, and the client gets those messages too, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_hands_the_queue_of_a_session_that_moved_to_its_new_owner() {
+    let mut cluster = Cluster::start();
+    let (mut session, _) = persistent_v5(cluster.addr(1), "mover2", true).await;
+    session.subscribe(1, &[("c11/#", QoS::AtLeastOnce)]).await;
+    session.disconnect().await;
+    let mut publisher = RawClient::connect_v5(cluster.addr(3), "pub11", true).await;
+    publish_qos1(&mut publisher, "c11/x", "queued", 10).await;
+    cluster.wait_link_drained(3, 1);
+    cluster.kill9(1);
+    let (mut resumed, present) = persistent_v5(cluster.addr(2), "mover2", false).await;
+    assert!(present, "subscriptions resume from raft");
+    publish_qos1(&mut publisher, "c11/x", "live", 5).await;
+    let mut got = Vec::new();
+    for _ in 0..5 {
+        got.push(String::from_utf8_lossy(&resumed.recv_publish_ack().await.payload).into_owned());
+    }
+    cluster.restart(1);
+    for _ in 0..10 {
+        got.push(String::from_utf8_lossy(&resumed.recv_publish_ack().await.payload).into_owned());
+    }
+    resumed.expect_nothing(500).await;
+    got.sort();
+    let mut expected: Vec<String> = (0..10)
+        .map(|i| format!("queued-{i}"))
+        .chain((0..5).map(|i| format!("live-{i}")))
+        .collect();
+    expected.sort();
+    assert_eq!(got, expected, "every message once");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connecting_again_on_node_2_takes_the_session_over_from_node_1() {
     let cluster = Cluster::start();

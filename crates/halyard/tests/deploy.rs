@@ -11,6 +11,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
+use common::cluster::{free_ports, wait_ready, READY_TIMEOUT, START_ATTEMPTS};
 use common::*;
 
 /// The workspace root (this crate is crates/halyard).
@@ -43,11 +44,21 @@ fn dockerfile_array(dockerfile: &str, instruction: &str) -> Vec<String> {
 /// `shipped` with each of `addresses` (which must each appear once) turned into
 /// 127.0.0.1:0 and `data_dir = "/data"` into `data_dir`, written to a temp file.
 fn runnable_copy(shipped: &str, addresses: &[&str], data_dir: &Path) -> PathBuf {
+    let replacements: Vec<(&str, String)> = addresses
+        .iter()
+        .map(|address| (*address, "127.0.0.1:0".to_owned()))
+        .collect();
+    runnable_copy_with(shipped, &replacements, data_dir)
+}
+
+/// `shipped` with each quoted address of `replacements` (which must each appear once)
+/// replaced, and `data_dir = "/data"` turned into `data_dir`, written to a temp file.
+fn runnable_copy_with(shipped: &str, replacements: &[(&str, String)], data_dir: &Path) -> PathBuf {
     let mut text = shipped.to_owned();
-    for address in addresses {
+    for (address, replacement) in replacements {
         let quoted = format!("\"{address}\"");
         assert_eq!(text.matches(&quoted).count(), 1, "{address} in {shipped}");
-        text = text.replace(&quoted, "\"127.0.0.1:0\"");
+        text = text.replace(&quoted, &format!("\"{replacement}\""));
     }
     let data = "data_dir = \"/data\"";
     assert_eq!(text.matches(data).count(), 1, "{data} in {shipped}");
@@ -335,4 +346,200 @@ fn the_placeholder_token_is_refused() {
     assert!(!status.success());
     assert!(stderr.contains("HALYARD_HTTP_TOKEN"), "{stderr}");
     assert!(stderr.contains("placeholder"), "{stderr}");
+}
+
+/// The first line of `text` that starts (after indentation) with `key: `, its value.
+fn yaml_value<'a>(text: &'a str, key: &str) -> &'a str {
+    let prefix = format!("{key}: ");
+    text.lines()
+        .find_map(|line| line.trim().strip_prefix(prefix.as_str()))
+        .unwrap_or_else(|| panic!("no {key} in\n{text}"))
+}
+
+#[test]
+fn cluster_overlay_is_a_statefulset_with_what_raft_needs() {
+    let dir = "deploy/kubernetes/cluster";
+    let kustomization = read(&format!("{dir}/kustomization.yaml"));
+    for resource in [
+        "../base",
+        "statefulset.yaml",
+        "service-peers.yaml",
+        "pdb.yaml",
+    ] {
+        assert!(
+            kustomization.contains(&format!("- {resource}\n")),
+            "{resource}"
+        );
+    }
+    assert!(kustomization.contains("$patch: delete"));
+    let set = read(&format!("{dir}/statefulset.yaml"));
+    assert_eq!(yaml_value(&set, "kind"), "StatefulSet");
+    assert_eq!(yaml_value(&set, "podManagementPolicy"), "Parallel");
+    assert_eq!(yaml_value(&set, "replicas"), "3");
+    assert_eq!(yaml_value(&set, "serviceName"), "halyard-peers");
+    assert_eq!(yaml_value(&set, "whenDeleted"), "Retain");
+    assert_eq!(yaml_value(&set, "whenScaled"), "Retain");
+    assert_eq!(yaml_value(&set, "enableServiceLinks"), "false");
+    assert!(set.contains("volumeClaimTemplates:"));
+    assert!(set.contains("preStop:"));
+    let grace: u64 = yaml_value(&set, "terminationGracePeriodSeconds")
+        .parse()
+        .expect("seconds");
+    // The drain after SIGTERM (2 s clients, 5 s cluster writes, 5 s raft.redb) after the
+    // 5 s preStop pause.
+    assert!(grace >= 17, "terminationGracePeriodSeconds {grace}");
+    for path in ["/livez", "/readyz"] {
+        assert!(set.contains(&format!("path: {path}")), "{path} probe");
+    }
+    let peers = read(&format!("{dir}/service-peers.yaml"));
+    assert_eq!(yaml_value(&peers, "clusterIP"), "None");
+    assert_eq!(yaml_value(&peers, "publishNotReadyAddresses"), "true");
+    assert_eq!(yaml_value(&peers, "port"), "7000");
+    let pdb = read(&format!("{dir}/pdb.yaml"));
+    assert_eq!(yaml_value(&pdb, "kind"), "PodDisruptionBudget");
+    assert_eq!(yaml_value(&pdb, "maxUnavailable"), "1");
+    let config = read(&format!("{dir}/halyard.toml"));
+    assert!(keeps_fsync_always(&config));
+    assert!(config.contains("\"0.0.0.0:7000\""));
+    for ordinal in 0..3 {
+        assert!(
+            config.contains(&format!("\"halyard-{ordinal}.halyard-peers:7000\"")),
+            "pod {ordinal} in cluster.peers"
+        );
+    }
+}
+
+/// A pod's environment with the hostname of StatefulSet pod `ordinal`; without the
+/// `HALYARD_` service links when `service_links` is off (`enableServiceLinks: false`, as
+/// shipped). The headless Service has no cluster IP, so Kubernetes injects nothing for it.
+fn statefulset_pod_environment(ordinal: usize, service_links: bool) -> Vec<(String, String)> {
+    let mut env = pod_environment(None);
+    env.retain(|(key, _)| key != "HOSTNAME" && (service_links || !key.starts_with("HALYARD_")));
+    env.push(("HOSTNAME".to_owned(), format!("halyard-{ordinal}")));
+    env
+}
+
+/// The overlay's halyard.toml for pod `ordinal`: listeners on 127.0.0.1:0, the cluster port
+/// and every peer name `halyard-N.halyard-peers:7000` turned into `localhost:PORT` (a DNS
+/// name, resolved as the pod resolves its peers' names).
+fn overlay_copy(shipped: &str, ordinal: usize, ports: &[u16], data_dir: &Path) -> PathBuf {
+    let mut replacements = vec![
+        ("0.0.0.0:1883", "127.0.0.1:0".to_owned()),
+        ("0.0.0.0:8080", "127.0.0.1:0".to_owned()),
+        ("0.0.0.0:8083", "127.0.0.1:0".to_owned()),
+        ("0.0.0.0:7000", format!("127.0.0.1:{}", ports[ordinal])),
+    ];
+    let names: Vec<String> = (0..ports.len())
+        .map(|n| format!("halyard-{n}.halyard-peers:7000"))
+        .collect();
+    for (name, port) in names.iter().zip(ports) {
+        replacements.push((name.as_str(), format!("localhost:{port}")));
+    }
+    runnable_copy_with(shipped, &replacements, data_dir)
+}
+
+/// Three pods of the overlay, started as the StatefulSet starts them (all at once), with the
+/// shipped command line and halyard.toml; an error when one does not come up (a cluster port
+/// picked free may have been taken meanwhile, which is rare), for the caller to retry.
+fn start_overlay_pods() -> Result<Vec<Broker>, String> {
+    let set = read("deploy/kubernetes/cluster/statefulset.yaml");
+    let command: Vec<String> =
+        serde_json::from_str(yaml_value(&set, "args")).expect("args as a JSON array");
+    assert_eq!(command, ["serve", "--config", "/etc/halyard/halyard.toml"]);
+    let shipped = read("deploy/kubernetes/cluster/halyard.toml");
+    let ports = free_ports(3);
+    let mut pods = Vec::new();
+    for ordinal in 0..3 {
+        // Pods 0 and 1 see the client Service's links (a cluster that ignores
+        // enableServiceLinks: false, or an older manifest); pod 2 gets what is shipped.
+        let env = statefulset_pod_environment(ordinal, ordinal < 2);
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let data_dir = unique_temp_path("pod-data", "d");
+        let config = overlay_copy(&shipped, ordinal, &ports, &data_dir);
+        let args = with_config(&command, &config);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let pod = Broker::try_start_exact(&args, &env, data_dir);
+        let _ = std::fs::remove_file(config);
+        pods.push(pod?);
+    }
+    let deadline = std::time::Instant::now() + READY_TIMEOUT;
+    for (ordinal, pod) in pods.iter().enumerate() {
+        if !wait_ready(pod, deadline) {
+            return Err(format!("pod {ordinal} not ready:\n{}", pod.logs()));
+        }
+    }
+    Ok(pods)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_overlay_pods_join_by_name_and_carry_a_message_across_nodes() {
+    let path = root().join("deploy/kubernetes/cluster/halyard.toml");
+    for ordinal in 0..3 {
+        let env = statefulset_pod_environment(ordinal, true);
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let (status, _, stderr) =
+            run_halyard_env(&["check-config", path.to_str().expect("utf-8")], &env);
+        assert!(status.success(), "pod {ordinal}: {stderr}");
+    }
+    // A Deployment's pod name has no ordinal: the shipped cluster file refuses it.
+    let (status, _, stderr) = run_halyard_env(
+        &["check-config", path.to_str().expect("utf-8")],
+        &[("HOSTNAME", "halyard-7d9f8b6c5-x2kqp")],
+    );
+    assert!(!status.success());
+    assert!(stderr.contains("does not end in -N"), "{stderr}");
+
+    let mut attempt = 0;
+    let pods = loop {
+        attempt += 1;
+        match start_overlay_pods() {
+            Ok(pods) => break pods,
+            Err(error) if attempt < START_ATTEMPTS => eprintln!("retrying: {error}"),
+            Err(error) => panic!("{error}"),
+        }
+    };
+    for (ordinal, pod) in pods.iter().enumerate() {
+        let (code, body) = http(pod.http_addr(), "GET", "/api/v1/cluster", None, None);
+        // The admin API needs the token each pod generated.
+        assert_eq!(code, 401, "{body}");
+        let token = logged_token(&pod.logs());
+        let (code, body) = http(
+            pod.http_addr(),
+            "GET",
+            "/api/v1/cluster",
+            Some(&token),
+            None,
+        );
+        assert_eq!(code, 200, "{body}");
+        let status: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        assert_eq!(status["node_id"], ordinal as u64 + 1, "{status}");
+        let members = status["members"].as_array().expect("members");
+        assert_eq!(members.len(), 3, "{status}");
+        assert!(members.iter().all(|member| member["addr"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("localhost:"))));
+    }
+
+    let mut options = V5Client::options(pods[0].addr(), "k8s-sub");
+    options.set_clean_start(true);
+    let (mut subscriber, _) = V5Client::connect_with(options).await;
+    subscriber
+        .client
+        .subscribe("k8s/#", rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    subscriber.wait_suback().await;
+    let mut publisher = RawClient::connect_v5(pods[2].addr(), "k8s-pub", true).await;
+    let publish = publish_packet(
+        "k8s/a",
+        b"across pods",
+        halyard_codec::QoS::AtLeastOnce,
+        false,
+        Some(1),
+    );
+    let reason = publisher.publish(publish).await;
+    assert!(!reason.is_error(), "PUBACK: {reason:?}");
+    let received = subscriber.next_publish().await;
+    assert_eq!(&received.payload[..], b"across pods");
+    assert_eq!(&received.topic[..], b"k8s/a");
 }

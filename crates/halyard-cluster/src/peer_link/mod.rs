@@ -15,7 +15,7 @@ mod inbound;
 mod outbound;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -58,10 +58,21 @@ pub struct LinkReceivers {
 
 /// The sending side and the ack handle of the peer link.
 pub struct PeerLink {
-    outbound: BTreeMap<NodeId, Arc<Outbound>>,
+    local: LocalNode,
+    capacity: usize,
+    /// One queue and sender task per destination; destinations change with the membership.
+    outbound: Mutex<BTreeMap<NodeId, Destination>>,
+    acked: mpsc::Sender<Acked>,
     counters: Arc<Counters>,
+    transport: Arc<dyn Transport>,
     inbound: LinkInbound,
-    tasks: Vec<AbortHandle>,
+}
+
+/// One destination's queue and the task that delivers it.
+struct Destination {
+    addr: String,
+    queue: Arc<Outbound>,
+    task: AbortHandle,
 }
 
 impl PeerLink {
@@ -76,33 +87,63 @@ impl PeerLink {
     ) -> (PeerLink, LinkReceivers) {
         let (acked_tx, acked) = mpsc::channel(capacity);
         let (deliveries_tx, deliveries) = mpsc::channel(capacity);
-        let mut outbound = BTreeMap::new();
-        let mut tasks = Vec::new();
-        for dest in (1..=peers.len() as NodeId).filter(|dest| *dest != local.id) {
-            let Some(addr) = peer_addr(peers, dest) else {
+        let inbound = LinkInbound::new(deliveries_tx, counters.clone());
+        let link = PeerLink {
+            local,
+            capacity,
+            outbound: Mutex::new(BTreeMap::new()),
+            acked: acked_tx,
+            counters,
+            transport,
+            inbound,
+        };
+        let destinations = (1..=peers.len() as NodeId)
+            .filter_map(|dest| Some((dest, peer_addr(peers, dest)?.clone())))
+            .collect();
+        link.set_destinations(destinations);
+        (link, LinkReceivers { deliveries, acked })
+    }
+
+    /// Makes the destinations exactly `members` (this node left out): starts a sender for
+    /// each new one (or one whose address changed) and stops those of nodes no longer there,
+    /// dropping what was queued for them.
+    pub(crate) fn set_destinations(&self, members: BTreeMap<NodeId, String>) {
+        let mut outbound = self
+            .outbound
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        outbound.retain(|dest, destination| {
+            let keep = members.get(dest) == Some(&destination.addr);
+            if !keep {
+                destination.task.abort();
+            }
+            keep
+        });
+        for (dest, addr) in members {
+            if dest == self.local.id || outbound.contains_key(&dest) {
                 continue;
-            };
-            let queue = Arc::new(Outbound::new(capacity));
+            }
+            let queue = Arc::new(Outbound::new(self.capacity));
             let sender = outbound::Sender {
-                local,
+                local: self.local,
                 dest,
                 addr: addr.clone(),
                 queue: queue.clone(),
-                counters: counters.clone(),
-                acked: acked_tx.clone(),
-                transport: transport.clone(),
+                counters: self.counters.clone(),
+                acked: self.acked.clone(),
+                transport: self.transport.clone(),
             };
-            tasks.push(tokio::spawn(sender.run()).abort_handle());
-            outbound.insert(dest, queue);
+            let task = tokio::spawn(sender.run()).abort_handle();
+            outbound.insert(dest, Destination { addr, queue, task });
         }
-        let inbound = LinkInbound::new(deliveries_tx, counters.clone());
-        let link = PeerLink {
-            outbound,
-            counters,
-            inbound,
-            tasks,
-        };
-        (link, LinkReceivers { deliveries, acked })
+    }
+
+    fn queue(&self, dest: NodeId) -> Option<Arc<Outbound>> {
+        self.outbound
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(&dest)
+            .map(|destination| destination.queue.clone())
     }
 
     /// The half that serves incoming link connections.
@@ -112,10 +153,7 @@ impl PeerLink {
 
     /// Queues a frame for `dest`. `seq` must be larger than the last one sent to `dest`.
     pub fn send(&self, dest: NodeId, seq: u64, payload: Bytes) -> Result<(), ClusterError> {
-        let queue = self
-            .outbound
-            .get(&dest)
-            .ok_or(ClusterError::UnknownNode(dest))?;
+        let queue = self.queue(dest).ok_or(ClusterError::UnknownNode(dest))?;
         let pushed = queue.push(dest, seq, payload);
         match pushed {
             Ok(()) => bump(&self.counters.link_queued),
@@ -123,6 +161,12 @@ impl PeerLink {
             Err(_) => {}
         }
         pushed
+    }
+
+    /// Whether `send` to `dest` would queue a frame now rather than fail with `QueueFull`:
+    /// an app with a durable outbox keeps frames there instead of losing them.
+    pub fn has_room(&self, dest: NodeId) -> bool {
+        self.queue(dest).is_some_and(|queue| queue.has_room())
     }
 
     /// The app has stored every frame from `origin` up to `seq`; tells the sender.
@@ -139,16 +183,16 @@ impl PeerLink {
     /// Per destination: connected, and frames awaiting an ack.
     pub fn status(&self) -> Vec<LinkStatus> {
         self.outbound
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
             .iter()
-            .map(|(dest, queue)| queue.status(*dest))
+            .map(|(dest, destination)| destination.queue.status(*dest))
             .collect()
     }
 
     /// Stops the sender tasks.
-    pub(crate) fn stop(&mut self) {
-        for task in self.tasks.drain(..) {
-            task.abort();
-        }
+    pub(crate) fn stop(&self) {
+        self.set_destinations(BTreeMap::new());
     }
 }
 

@@ -74,6 +74,11 @@ impl Outbound {
         Ok(())
     }
 
+    /// Whether a frame pushed now would be queued.
+    pub(crate) fn has_room(&self) -> bool {
+        self.lock().unacked.len() < self.capacity
+    }
+
     /// The queued frames with a seq above `after`, in order.
     fn frames_after(&self, after: u64) -> Vec<(u64, Bytes)> {
         let state = self.lock();
@@ -156,7 +161,7 @@ impl Sender {
                 io::ErrorKind::ConnectionRefused,
                 format!("{} is node {node}, not node {}", self.addr, self.dest),
             )),
-            Welcome::Rejected(reason) => {
+            Welcome::Rejected(reason) | Welcome::Fenced(reason) => {
                 Err(io::Error::new(io::ErrorKind::ConnectionRefused, reason))
             }
         }

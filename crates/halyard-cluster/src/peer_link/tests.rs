@@ -39,10 +39,11 @@ fn serve(
 ) -> JoinHandle<()> {
     let acceptor = Arc::new(Acceptor {
         local: local(id),
-        peer_count: 2,
         raft: None,
         link: Some(inbound),
         counters,
+        consumption: Default::default(),
+        lease: Arc::new(crate::lease::Lease::new(Duration::from_secs(1), 2)),
     });
     tokio::spawn(acceptor::run(Box::new(TcpIncoming(listener)), acceptor))
 }

@@ -8,26 +8,43 @@
 //! simulation's) and reads time through a [`DriverClock`], so that the deterministic
 //! simulation (`halyard-sim`) runs this same glue.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use halyard_cluster::{Change, ClaimOutcome as RaftClaim, Coordinator, RouteKey};
+use halyard_codec::ReasonCode;
 use halyard_core::{
     Broker, ClaimOutcome, ClaimRequest, ConnectionId, Message, NodeId, Output, SessionState,
     SubscriptionUpdate,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::cluster::clock::DriverClock;
 use crate::cluster::wire::{self, Clocks, Received};
 
 /// How long a node that won a claim waits for the previous owner to hand the session over
-/// before it resumes with what raft holds (the subscriptions of a persistent session).
-const TRANSFER_TIMEOUT: Duration = Duration::from_secs(2);
+/// before it resumes with what raft holds (the subscriptions of a persistent session). The
+/// cluster lease must be shorter, with a margin (see `halyard_cluster`'s lease module).
+pub const TRANSFER_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How often the lease is checked: the lease plus this bounds how long a node cut off from
+/// the quorum keeps its clients.
+const LEASE_POLL: Duration = Duration::from_millis(50);
+
+/// Why a fenced node drops its clients. 0x9C (Use another server) says that this node
+/// cannot serve now but the cluster can; without a Server Reference the client picks
+/// another address from its own list.
+const FENCED_REASON: ReasonCode = ReasonCode::USE_ANOTHER_SERVER;
+
+/// The Reason String sent with [`FENCED_REASON`].
+const FENCED_WHY: &str = "this cluster node lost contact with the quorum";
+
+/// Stored forwards read from the store at a time when a destination's lane catches up.
+const REFILL_BATCH: usize = 256;
 
 /// How long a SUBACK waits for its routes to be applied by every reachable node once
 /// committed, so that a publish made after it on any node reaches the subscriber.
@@ -70,12 +87,28 @@ pub enum ClusterEvent {
         /// The new owner.
         new_owner: NodeId,
     },
+    /// Every change of the feed up to raft index `index` was handed over in the events
+    /// before this one: once the broker has handled them, the coordinator may count the
+    /// index as seen here (see `Coordinator::consumed`).
+    Consumed {
+        /// The raft index.
+        index: u64,
+    },
+    /// A peer stored every frame this node sent it up to link sequence number `seq`.
+    Acked {
+        /// The peer.
+        dest: NodeId,
+        /// The link sequence number.
+        seq: u64,
+    },
     /// A publish another node forwarded here.
     Forwarded {
         /// The sender, to acknowledge once stored.
         origin: NodeId,
         /// Its sequence number on the link.
         seq: u64,
+        /// The sender's incarnation and outbox sequence number, for a stored forward.
+        stored_as: Option<(u64, u64)>,
         /// The message.
         message: Message,
         /// Share groups this node serves for it.
@@ -83,38 +116,79 @@ pub enum ClusterEvent {
     },
     /// A retained message set or cleared through raft (possibly by this node).
     Retained(Message),
+    /// A session another node ended because a clean-start claim here took its client id.
+    EndedSession(Box<SessionState>),
+    /// A session handed over after its claim here stopped waiting for it.
+    LateSession {
+        /// The claim it was sent for.
+        epoch: u64,
+        /// The session.
+        state: Box<SessionState>,
+    },
+    /// This node lost its lease: it must stop serving its sessions.
+    Fenced,
 }
 
 /// Sessions handed over by a previous owner, and claims waiting for them; whichever
 /// comes second completes the pair.
 #[derive(Default)]
 struct Transfers {
-    /// Sessions that came before their claim's outcome, with when they came.
-    arrived: HashMap<(String, u64), (Instant, Box<SessionState>)>,
+    /// Sessions that came before their claim waited for them.
+    arrived: HashMap<(String, u64), Box<SessionState>>,
     waiting: HashMap<(String, u64), oneshot::Sender<Box<SessionState>>>,
+    /// Claims that stopped waiting (the client resumed from raft's state), with when: a
+    /// session arriving for one of them is merged into the live session.
+    gave_up: HashMap<(String, u64), Instant>,
+    /// Clean-start claims that took a client id from another node, with when: the session
+    /// the old owner hands over is ended here (its delayed will published).
+    ended: HashMap<(String, u64), Instant>,
 }
 
+/// What to do with a session handed over.
+enum Arrival {
+    /// Its claim was waiting and has it now.
+    Taken,
+    /// Kept for a claim that has not asked yet; if none does, it is merged like a late one
+    /// (a restarted node hands over the sessions that moved while it was down).
+    Kept,
+    /// The claim resumed without it: merge it into the live session.
+    Late(Box<SessionState>),
+    /// The claim started clean: the session is over.
+    Ended(Box<SessionState>),
+}
+
+/// How long a claim that stopped waiting still takes a late hand-over.
+const LATE_TRANSFER_WINDOW: Duration = Duration::from_secs(60);
+
 impl Transfers {
-    /// Keeps a session until its claim asks for it. One whose claim gave up waiting
-    /// (`TRANSFER_TIMEOUT`) is dropped after twice that, with a warning: the client resumed
-    /// without what it had queued on the old owner.
-    fn arrive(&mut self, now: Instant, key: (String, u64), state: Box<SessionState>) {
+    /// Gives a session to the claim waiting for it, or says what to do with it.
+    fn arrive(&mut self, key: (String, u64), state: Box<SessionState>) -> Arrival {
         if let Some(waiter) = self.waiting.remove(&key) {
             let _ = waiter.send(state);
-            return;
+            return Arrival::Taken;
         }
-        self.arrived.retain(|(client_id, _), (at, state)| {
-            let keep = now.duration_since(*at) < 2 * TRANSFER_TIMEOUT;
-            if !keep {
-                warn!(
-                    %client_id,
-                    queued = state.pending.len() + state.inflight.len(),
-                    "a session handed over after its claim stopped waiting was dropped"
-                );
-            }
-            keep
-        });
-        self.arrived.insert(key, (now, state));
+        if self.gave_up.remove(&key).is_some() {
+            return Arrival::Late(state);
+        }
+        if self.ended.remove(&key).is_some() {
+            return Arrival::Ended(state);
+        }
+        self.arrived.insert(key, state);
+        Arrival::Kept
+    }
+
+    /// The claim of `key` stopped waiting for its session.
+    fn give_up(&mut self, now: Instant, key: (String, u64)) {
+        self.gave_up
+            .retain(|_, since| now.duration_since(*since) < LATE_TRANSFER_WINDOW);
+        self.gave_up.insert(key, now);
+    }
+
+    /// The clean-start claim of `key` ended the session another node held.
+    fn end(&mut self, now: Instant, key: (String, u64)) {
+        self.ended
+            .retain(|_, since| now.duration_since(*since) < LATE_TRANSFER_WINDOW);
+        self.ended.insert(key, now);
     }
 }
 
@@ -122,6 +196,20 @@ type SharedTransfers = Arc<Mutex<Transfers>>;
 
 fn lock(transfers: &SharedTransfers) -> std::sync::MutexGuard<'_, Transfers> {
     transfers.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// One destination's stored forwards on their way through the peer link.
+#[derive(Debug, Default)]
+struct Lane {
+    /// (link sequence number, outbox sequence number) of the stored forwards in the link's
+    /// queue, oldest first: an ack of the first number acknowledges the second.
+    in_link: VecDeque<(u64, u64)>,
+    /// The highest outbox sequence number handed to the link (or acknowledged).
+    sent_through: u64,
+    /// Stored forwards above `sent_through` wait in the store, because the link's queue was
+    /// full or the node has just started; they are read back in order as room returns, and
+    /// newer ones are not sent ahead of them.
+    behind: bool,
 }
 
 /// The cluster as the broker task uses it; `E` is the broker task's event type.
@@ -133,7 +221,7 @@ pub struct ClusterDriver<E> {
     /// of the coordinator (a simulated node that is killed shuts its coordinator down).
     stop: CancellationToken,
     node: NodeId,
-    /// Next peer-link sequence number per destination. Seeded from the wall clock in
+    /// Next peer-link sequence number per destination. Seeded from the (driver's) wall clock in
     /// microseconds, so that a restarted node (same incarnation) continues above what its
     /// previous run sent and receivers do not take its frames for duplicates.
     next_seq: HashMap<NodeId, u64>,
@@ -142,6 +230,8 @@ pub struct ClusterDriver<E> {
     /// Forwards handed to the core since the last commit: acknowledged to their senders
     /// once it is durable.
     to_ack: Vec<(NodeId, u64)>,
+    /// Per destination, the stored forwards in flight (see [`Lane`]).
+    lanes: BTreeMap<NodeId, Lane>,
 }
 
 impl<E> std::fmt::Debug for ClusterDriver<E> {
@@ -178,11 +268,13 @@ fn raw_filter(key: &RouteKey) -> String {
 }
 
 impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
-    /// Starts following the coordinator's change feed and peer link, feeding `events`.
+    /// Starts following the coordinator's change feed and peer link, feeding `events`, and
+    /// resumes sending what `broker`'s outboxes hold.
     pub fn start(
         coordinator: Arc<Coordinator>,
         events: mpsc::Sender<E>,
         clock: Arc<dyn DriverClock>,
+        broker: &mut Broker,
     ) -> Self {
         let node = coordinator.node_id();
         let transfers = SharedTransfers::default();
@@ -200,16 +292,31 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
                     events.clone(),
                     Arc::clone(&transfers),
                     clock.clone(),
+                    stop.clone(),
                 ),
             );
-            spawn_until(&stop, drain_acks(receivers.acked));
+            spawn_until(&stop, follow_acks(receivers.acked, events.clone()));
         }
+        spawn_until(&stop, watch_lease(Arc::clone(&coordinator), events.clone()));
         let seq_base = clock
             .clocks()
             .wall
             .duration_since(UNIX_EPOCH)
             .map_or(1, |since| u64::try_from(since.as_micros()).unwrap_or(1));
-        ClusterDriver {
+        broker.set_forward_seq_floor(seq_base);
+        let lanes = broker
+            .outbox_backlogs()
+            .into_iter()
+            .map(|(dest, acked)| {
+                let lane = Lane {
+                    in_link: VecDeque::new(),
+                    sent_through: acked,
+                    behind: true,
+                };
+                (dest, lane)
+            })
+            .collect();
+        let mut driver = ClusterDriver {
             coordinator,
             events,
             clock,
@@ -219,6 +326,89 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
             seq_base,
             transfers,
             to_ack: Vec::new(),
+            lanes,
+        };
+        driver.refill(broker);
+        driver
+    }
+
+    /// Sends stored forwards of the destinations that are behind, in order, while their
+    /// link queues have room.
+    fn refill(&mut self, broker: &mut Broker) {
+        let behind: Vec<NodeId> = self
+            .lanes
+            .iter()
+            .filter(|(_, lane)| lane.behind)
+            .map(|(dest, _)| *dest)
+            .collect();
+        for dest in behind {
+            while self.coordinator.link().has_room(dest) {
+                let after = self.lanes.get(&dest).map_or(0, |lane| lane.sent_through);
+                // A failed read is counted by the core; the lane stays behind and tries again.
+                let Some(batch) = broker.read_forwards(dest, after, REFILL_BATCH) else {
+                    break;
+                };
+                let exhausted = batch.len() < REFILL_BATCH;
+                let mut all_sent = true;
+                for forward in batch {
+                    if !self.send_stored(dest, forward.seq, &forward.message, &forward.groups) {
+                        all_sent = false;
+                        break;
+                    }
+                }
+                if !all_sent {
+                    break;
+                }
+                if exhausted {
+                    if let Some(lane) = self.lanes.get_mut(&dest) {
+                        lane.behind = false;
+                    }
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Hands a stored forward to the link if its queue has room; otherwise the lane falls
+    /// behind and the forward waits in the store. True if sent.
+    fn send_stored(
+        &mut self,
+        dest: NodeId,
+        stored_seq: u64,
+        message: &Message,
+        groups: &[Arc<str>],
+    ) -> bool {
+        if !self.coordinator.link().has_room(dest) {
+            self.lanes.entry(dest).or_default().behind = true;
+            return false;
+        }
+        let payload = match wire::encode_forward(
+            message,
+            groups,
+            Some(stored_seq),
+            self.clock.clocks(),
+        ) {
+            Ok(payload) => payload,
+            Err(error) => {
+                // Not encodable now is not encodable later: skip it, loudly.
+                warn!(dest, %error, topic = %message.topic, "stored forward not encodable; skipped");
+                self.lanes.entry(dest).or_default().sent_through = stored_seq;
+                return true;
+            }
+        };
+        let link_seq = self.seq_for(dest);
+        let lane = self.lanes.entry(dest).or_default();
+        match self.coordinator.link().send(dest, link_seq, payload) {
+            Ok(()) => {
+                lane.in_link.push_back((link_seq, stored_seq));
+                lane.sent_through = stored_seq;
+                true
+            }
+            Err(error) => {
+                debug!(dest, %error, "stored forward waits in the outbox");
+                lane.behind = true;
+                false
+            }
         }
     }
 
@@ -257,11 +447,25 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
                 node,
                 message,
                 groups,
-            } => match wire::encode_forward(message, groups, self.clock.clocks()) {
+                seq: Some(stored_seq),
+            } => {
+                let lane = self.lanes.entry(*node).or_default();
+                // Behind, it is read back from the store in its turn; at or below
+                // `sent_through`, a refill already sent it.
+                if !lane.behind && *stored_seq > lane.sent_through {
+                    self.send_stored(*node, *stored_seq, message, groups);
+                }
+            }
+            Output::Forward {
+                node,
+                message,
+                groups,
+                seq: None,
+            } => match wire::encode_forward(message, groups, None, self.clock.clocks()) {
                 Ok(payload) => {
                     let seq = self.seq_for(*node);
                     if let Err(error) = self.coordinator.link().send(*node, seq, payload) {
-                        warn!(node, %error, topic = %message.topic, "forward not sent");
+                        debug!(node, %error, topic = %message.topic, "QoS 0 forward dropped");
                     }
                 }
                 Err(error) => warn!(%error, topic = %message.topic, "forward not encoded"),
@@ -286,7 +490,14 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
                 } else {
                     outcome
                 };
-                broker.handle_claim(clocks.now, clocks.wall, conn, outcome)
+                let granted = matches!(outcome, ClaimOutcome::Granted { .. });
+                broker.handle_claim(clocks.now, clocks.wall, conn, outcome);
+                if granted && !self.coordinator.lease_held() {
+                    // The lease lapsed while the claim was out: the session (and what its
+                    // old owner handed over) is kept here, but no connection is served.
+                    debug!(%client_id, "the lease lapsed before this grant; disconnecting");
+                    broker.disconnect_all(clocks.now, FENCED_REASON, FENCED_WHY);
+                }
             }
             ClusterEvent::RoutesCommitted { ticket, committed } => {
                 broker.handle_routes_committed(clocks.now, ticket, committed)
@@ -325,21 +536,56 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
             ClusterEvent::Forwarded {
                 origin,
                 seq,
+                stored_as,
                 message,
                 groups,
             } => {
-                broker.handle_forward(clocks.now, origin, message, &groups);
+                broker.handle_forward(clocks.now, origin, stored_as, message, &groups);
                 self.to_ack.push((origin, seq));
             }
+            ClusterEvent::Consumed { index } => self.coordinator.consumed(index),
+            ClusterEvent::Acked { dest, seq } => {
+                let lane = self.lanes.entry(dest).or_default();
+                let mut stored_through = None;
+                while let Some(&(link_seq, stored_seq)) = lane.in_link.front() {
+                    if link_seq > seq {
+                        break;
+                    }
+                    stored_through = Some(stored_seq);
+                    lane.in_link.pop_front();
+                }
+                if let Some(through) = stored_through {
+                    broker.forwards_acked(dest, through);
+                }
+            }
             ClusterEvent::Retained(message) => broker.apply_retained(message),
+            ClusterEvent::EndedSession(state) => {
+                let client_id = state.client_id.clone();
+                if broker.end_moved_session(clocks.now, *state) {
+                    debug!(%client_id, "the will of a session ended by a clean start was published");
+                }
+            }
+            ClusterEvent::LateSession { epoch, state } => {
+                let client_id = state.client_id.clone();
+                let carried = state.pending.len() + state.inflight.len();
+                let queued = broker.merge_late_session(clocks.now, clocks.wall, epoch, *state);
+                if queued > 0 {
+                    info!(%client_id, queued, "a session handed over late joined the resumed session");
+                } else if carried > 0 {
+                    warn!(%client_id, epoch, carried, "a session handed over late found no session held under its claim here; its messages are dropped");
+                }
+            }
+            ClusterEvent::Fenced => broker.disconnect_all(clocks.now, FENCED_REASON, FENCED_WHY),
         }
     }
 
-    /// The broker's state is durable: acknowledge the forwards it took.
-    pub fn committed(&mut self) {
+    /// The broker's state is durable: acknowledge the forwards it took, and send stored
+    /// forwards that waited for room in the link.
+    pub fn committed(&mut self, broker: &mut Broker) {
         for (origin, seq) in self.to_ack.drain(..) {
             self.coordinator.link().ack(origin, seq);
         }
+        self.refill(broker);
     }
 
     fn claim(&self, request: ClaimRequest) {
@@ -347,8 +593,22 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
         let events = self.events.clone();
         let transfers = Arc::clone(&self.transfers);
         let node = self.node;
-        let now_ms = wall_ms(self.clock.clocks().wall);
+        let clock = Arc::clone(&self.clock);
+        let now_ms = wall_ms(clock.clocks().wall);
         spawn_until(&self.stop, async move {
+            // The lease itself, not the watcher's last look at it, so that claims and
+            // `/readyz` agree.
+            if !coordinator.lease_held() {
+                // Refused without asking raft: a node cut off from the quorum takes no
+                // sessions (CONNACK 0x88 / 0x03).
+                let event = ClusterEvent::ClaimSettled {
+                    conn: request.conn,
+                    client_id: request.client_id,
+                    outcome: ClaimOutcome::Refused,
+                };
+                let _ = events.send(E::from(event)).await;
+                return;
+            }
             let raft_request = halyard_cluster::ClaimRequest {
                 client_id: request.client_id.clone(),
                 expected_epoch: None,
@@ -360,22 +620,46 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
             let outcome = match coordinator.claim(raft_request).await {
                 Ok(commit) => match commit.value {
                     RaftClaim::Granted { epoch, previous } => {
-                        // A clean start waits for the hand-over too, and drops it: the
-                        // hand-over says the previous owner has fenced its connection, so
-                        // the client never has live connections on two nodes (found by
-                        // the simulation, halyard-sim).
                         let moved = match previous {
+                            Some((from, previous_epoch))
+                                if from != node && !request.clean_start =>
+                            {
+                                let waited =
+                                    wait_for_transfer(&transfers, &clock, &request, epoch).await;
+                                match waited {
+                                    Some(state) => Some(state),
+                                    None => {
+                                        warn!(
+                                            client_id = %request.client_id,
+                                            from,
+                                            "previous owner handed no session over in time; resuming from raft"
+                                        );
+                                        let _ = coordinator
+                                            .wait_applied(commit.index, APPLY_TIMEOUT)
+                                            .await;
+                                        session_from_raft(&coordinator, &request, previous_epoch)
+                                    }
+                                }
+                            }
+                            // A clean start waits for the hand-over too: it says the previous
+                            // owner has fenced its connection, so the client never has live
+                            // connections on two nodes (found by the simulation, halyard-sim).
+                            // The session it brings is over (its delayed will published).
                             Some((from, _)) if from != node => {
-                                let state =
-                                    wait_for_transfer(&transfers, &request.client_id, epoch).await;
-                                if state.is_none() {
+                                let waited =
+                                    wait_for_transfer(&transfers, &clock, &request, epoch).await;
+                                if let Some(state) = waited {
+                                    let _ = events
+                                        .send(E::from(ClusterEvent::EndedSession(state)))
+                                        .await;
+                                } else {
                                     warn!(
                                         client_id = %request.client_id,
                                         from,
-                                        "previous owner handed no session over in time"
+                                        "previous owner handed no session over in time; starting clean"
                                     );
                                 }
-                                state.filter(|_| !request.clean_start)
+                                None
                             }
                             _ => None,
                         };
@@ -479,6 +763,12 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
     }
 }
 
+impl<E> Drop for ClusterDriver<E> {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
 /// Whether a grant lost to a newer claim that this node already applied. Its
 /// `OwnerChanged` found no session to fence (the connection was still waiting for this
 /// grant), so taking the grant would leave two live connections for one client id. A newer
@@ -492,15 +782,53 @@ fn superseded(outcome: &ClaimOutcome, current_epoch: Option<u64>) -> bool {
     }
 }
 
+/// The session as raft holds it, for a claim whose previous owner handed nothing over (it
+/// is down or cut off): the subscriptions, without the messages queued on the old owner
+/// (those follow if it comes back, see `merge_if_unclaimed`). `None` when raft holds no
+/// subscription for the client id (nothing to resume).
+fn session_from_raft(
+    coordinator: &Coordinator,
+    request: &ClaimRequest,
+    previous_epoch: u64,
+) -> Option<Box<SessionState>> {
+    let mut subscriptions = Vec::new();
+    for (filter, subscription) in coordinator.subscriptions(&request.client_id) {
+        match wire::decode_entry(&subscription.options) {
+            Ok(entry) => subscriptions.push((filter, entry)),
+            Err(error) => {
+                warn!(client_id = %request.client_id, %filter, %error, "undecodable subscription in raft; skipped")
+            }
+        }
+    }
+    if subscriptions.is_empty() {
+        return None;
+    }
+    Some(Box::new(SessionState {
+        client_id: request.client_id.clone(),
+        epoch: previous_epoch,
+        expiry_interval: request.expiry_interval,
+        subscriptions,
+        inflight: Vec::new(),
+        pending: Vec::new(),
+        inbound_qos2: Vec::new(),
+        delayed_will: None,
+        username: None,
+    }))
+}
+
+/// Waits for the previous owner to hand the session of `request`'s claim under `epoch` over.
+/// One that comes too late is merged into the resumed session, or ended if the claim
+/// started clean.
 async fn wait_for_transfer(
     transfers: &SharedTransfers,
-    client_id: &str,
+    clock: &Arc<dyn DriverClock>,
+    request: &ClaimRequest,
     epoch: u64,
 ) -> Option<Box<SessionState>> {
-    let key = (client_id.to_owned(), epoch);
+    let key = (request.client_id.clone(), epoch);
     let receiver = {
         let mut transfers = lock(transfers);
-        if let Some((_, state)) = transfers.arrived.remove(&key) {
+        if let Some(state) = transfers.arrived.remove(&key) {
             return Some(state);
         }
         let (sender, receiver) = oneshot::channel();
@@ -511,13 +839,60 @@ async fn wait_for_transfer(
         .await
         .ok()
         .and_then(Result::ok);
-    lock(transfers).waiting.remove(&key);
+    let mut transfers = lock(transfers);
+    transfers.waiting.remove(&key);
+    if state.is_none() {
+        let now = clock.clocks().now;
+        if request.clean_start {
+            transfers.end(now, key);
+        } else {
+            transfers.give_up(now, key);
+        }
+    }
     state
 }
 
-impl<E> Drop for ClusterDriver<E> {
-    fn drop(&mut self) {
-        self.stop.cancel();
+/// A session kept for a claim that has not asked for it: if none has after twice the time a
+/// claim waits, it goes to the broker as a late hand-over, which joins the session this node
+/// holds under that claim (a node that restarts hands over the queues of the sessions that
+/// moved while it was down, long after their clients resumed here).
+async fn merge_if_unclaimed<E: From<ClusterEvent>>(
+    transfers: SharedTransfers,
+    key: (String, u64),
+    events: mpsc::Sender<E>,
+) {
+    tokio::time::sleep(2 * TRANSFER_TIMEOUT).await;
+    let Some(state) = lock(&transfers).arrived.remove(&key) else {
+        return;
+    };
+    let event = ClusterEvent::LateSession {
+        epoch: key.1,
+        state,
+    };
+    let _ = events.send(E::from(event)).await;
+}
+
+/// Follows the lease: when it lapses the node drops its clients (claims are refused while
+/// it lacks the lease, see `claim`), and says so again when it has it back.
+async fn watch_lease<E: From<ClusterEvent>>(
+    coordinator: Arc<Coordinator>,
+    events: mpsc::Sender<E>,
+) {
+    let mut ticker = tokio::time::interval(LEASE_POLL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut fenced = true;
+    loop {
+        ticker.tick().await;
+        let held = coordinator.lease_held();
+        let was_fenced = std::mem::replace(&mut fenced, !held);
+        if !held && !was_fenced {
+            warn!("cluster lease lapsed: no quorum contact; clients disconnected, claims refused");
+            if events.send(E::from(ClusterEvent::Fenced)).await.is_err() {
+                return;
+            }
+        } else if held && was_fenced {
+            info!("cluster lease held: serving sessions");
+        }
     }
 }
 
@@ -554,6 +929,12 @@ async fn follow_changes<E: From<ClusterEvent>>(
                 }
             }
         }
+        let consumed = ClusterEvent::Consumed {
+            index: mirror.applied_index,
+        };
+        if events.send(E::from(consumed)).await.is_err() {
+            return;
+        }
         while let Some(applied) = feed.recv().await {
             for change in applied.changes {
                 let Some(event) = cluster_event(&coordinator, node, change, clock.clocks()) else {
@@ -562,6 +943,12 @@ async fn follow_changes<E: From<ClusterEvent>>(
                 if events.send(E::from(event)).await.is_err() {
                     return;
                 }
+            }
+            let consumed = ClusterEvent::Consumed {
+                index: applied.index,
+            };
+            if events.send(E::from(consumed)).await.is_err() {
+                return;
             }
         }
         // The feed ended (it fell behind, or a snapshot was installed): resync from the
@@ -630,20 +1017,25 @@ fn cluster_event(
 
 /// Decodes what peers send: forwards go to the broker task, sessions to the claims
 /// waiting for them.
-async fn follow_link<E: From<ClusterEvent>>(
+async fn follow_link<E: From<ClusterEvent> + Send + 'static>(
     coordinator: Arc<Coordinator>,
     mut deliveries: mpsc::Receiver<halyard_cluster::Delivery>,
     events: mpsc::Sender<E>,
     transfers: SharedTransfers,
     clock: Arc<dyn DriverClock>,
+    stop: CancellationToken,
 ) {
     while let Some(delivery) = deliveries.recv().await {
-        let clocks = clock.clocks();
-        match wire::decode_peer(&delivery.payload, clocks) {
-            Ok(Received::Forward { message, groups }) => {
+        match wire::decode_peer(&delivery.payload, clock.clocks()) {
+            Ok(Received::Forward {
+                message,
+                groups,
+                stored_as,
+            }) => {
                 let event = ClusterEvent::Forwarded {
                     origin: delivery.origin,
                     seq: delivery.seq,
+                    stored_as: stored_as.map(|seq| (delivery.origin_incarnation, seq)),
                     message,
                     groups,
                 };
@@ -652,8 +1044,24 @@ async fn follow_link<E: From<ClusterEvent>>(
                 }
             }
             Ok(Received::Session { epoch, state }) => {
-                lock(&transfers).arrive(clocks.now, (state.client_id.clone(), epoch), state);
+                let key = (state.client_id.clone(), epoch);
+                let arrival = lock(&transfers).arrive(key.clone(), state);
                 coordinator.link().ack(delivery.origin, delivery.seq);
+                let event = match arrival {
+                    Arrival::Late(state) => ClusterEvent::LateSession { epoch, state },
+                    Arrival::Ended(state) => ClusterEvent::EndedSession(state),
+                    Arrival::Kept => {
+                        spawn_until(
+                            &stop,
+                            merge_if_unclaimed(Arc::clone(&transfers), key, events.clone()),
+                        );
+                        continue;
+                    }
+                    Arrival::Taken => continue,
+                };
+                if events.send(E::from(event)).await.is_err() {
+                    return;
+                }
             }
             Err(error) => {
                 warn!(origin = delivery.origin, %error, "undecodable frame from a peer; dropped");
@@ -663,9 +1071,21 @@ async fn follow_link<E: From<ClusterEvent>>(
     }
 }
 
-/// Acknowledged forwards: nothing is held for them yet beyond the link's own queue.
-async fn drain_acks(mut acked: mpsc::Receiver<halyard_cluster::Acked>) {
-    while acked.recv().await.is_some() {}
+/// Acknowledgements of what this node sent, for the broker task: stored forwards leave
+/// their outbox.
+async fn follow_acks<E: From<ClusterEvent>>(
+    mut acked: mpsc::Receiver<halyard_cluster::Acked>,
+    events: mpsc::Sender<E>,
+) {
+    while let Some(ack) = acked.recv().await {
+        let event = ClusterEvent::Acked {
+            dest: ack.dest,
+            seq: ack.seq,
+        };
+        if events.send(E::from(event)).await.is_err() {
+            return;
+        }
+    }
 }
 
 #[cfg(test)]

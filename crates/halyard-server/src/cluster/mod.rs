@@ -3,13 +3,16 @@
 //! driver that connects the broker task to the coordinator and the peer link.
 
 mod clock;
+mod drain;
 mod driver;
 mod registry;
 mod status;
 mod wire;
 
 pub use clock::{DriverClock, SystemClock};
-pub use driver::{ClusterDriver, ClusterEvent};
+pub(crate) use drain::drain;
+pub use drain::DRAIN_TIMEOUT;
+pub use driver::{ClusterDriver, ClusterEvent, TRANSFER_TIMEOUT};
 pub use registry::{cluster_parts, ClusterRegistry};
-pub(crate) use status::{joined, registry, status_json};
+pub(crate) use status::{fenced, joined, registry, status_json};
 pub use wire::{Clocks, WireError};

@@ -6,10 +6,21 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde_json::{json, Value};
 
-/// Whether this node has joined its cluster: a leader is known and this node is a member.
+/// Whether this node has joined its cluster: a leader is known and this node is a member
+/// whose incarnation the membership records (from then on, a restart with an empty data
+/// directory under this id is fenced).
 pub(crate) fn joined(coordinator: &Coordinator) -> bool {
     let status = coordinator.status();
-    status.leader.is_some() && status.members.iter().any(|m| m.id == status.node_id)
+    status.leader.is_some()
+        && status
+            .members
+            .iter()
+            .any(|m| m.id == status.node_id && m.incarnation == status.incarnation)
+}
+
+/// Whether this node is fenced: without its lease it serves no sessions.
+pub(crate) fn fenced(coordinator: &Coordinator) -> bool {
+    !coordinator.lease_held()
 }
 
 fn role_name(role: Role) -> &'static str {
@@ -34,6 +45,7 @@ pub(crate) fn status_json(coordinator: &Coordinator) -> Value {
         "last_log_index": status.last_log_index,
         "commit_index": status.commit_index,
         "applied_index": status.applied_index,
+        "fenced": fenced(coordinator),
         "members": status.members.iter().map(|member| json!({
             "id": member.id,
             "addr": member.addr,
@@ -41,6 +53,7 @@ pub(crate) fn status_json(coordinator: &Coordinator) -> Value {
             "voter": member.voter,
             "matched_index": member.matched_index,
         })).collect::<Vec<_>>(),
+        "fenced": status.fenced,
         "links": status.links.iter().map(|link| json!({
             "node": link.node,
             "connected": link.connected,
@@ -73,6 +86,11 @@ pub(crate) fn registry(coordinator: &Coordinator) -> Registry {
         "raft_leader_changes",
         "Leader changes seen since start",
         metrics.leader_changes,
+    );
+    gauge(
+        "fenced",
+        "1 while this node lacks its lease (no quorum contact) and serves no sessions",
+        u64::from(fenced(coordinator)),
     );
     gauge(
         "claims_committed",

@@ -8,9 +8,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use halyard_codec::{
-    decode, encode, DecodeContext, Packet, Properties, ProtocolVersion, Publish, QoS,
+    decode_standalone, encode_standalone, standalone_publish, Properties, Publish, QoS,
     SubscriptionOptions, Will,
 };
 use halyard_core::store::{DeliveryState, StoredDelivery, StoredMessage};
@@ -37,6 +37,9 @@ pub(crate) enum PeerMessage {
         message: WireMessage,
         /// Share groups (`$share/{group}/{filter}`) the receiver serves for it.
         groups: Vec<String>,
+        /// Its sequence number in the sender's outbox (QoS 1/2): the receiver's duplicate
+        /// filter across restarts.
+        stored_as: Option<u64>,
     },
     /// A session moved to the receiver, which claimed it under `epoch`.
     Session {
@@ -148,35 +151,20 @@ impl WireMessage {
         properties: &Properties,
         expires_at_ms: Option<u64>,
     ) -> Result<WireMessage, WireError> {
-        let publish = Publish {
-            dup: false,
-            qos,
-            retain,
-            topic: topic.to_owned(),
-            packet_id: (qos != QoS::AtMostOnce).then_some(1),
-            payload: payload.clone(),
-            properties: properties.clone(),
-        };
-        let mut buf = BytesMut::new();
-        encode(&Packet::Publish(publish), ProtocolVersion::V5, &mut buf)
-            .map_err(|e| WireError::Message(e.to_string()))?;
+        let mut publish = Vec::new();
+        encode_standalone(
+            standalone_publish(topic, payload, qos, retain, properties),
+            &mut publish,
+        )
+        .map_err(|e| WireError::Message(e.to_string()))?;
         Ok(WireMessage {
-            publish: buf.to_vec(),
+            publish,
             expires_at_ms,
         })
     }
 
     fn publish(&self) -> Result<Publish, WireError> {
-        let mut buf = BytesMut::from(self.publish.as_slice());
-        let ctx = DecodeContext {
-            version: Some(ProtocolVersion::V5),
-            max_packet_size: u32::MAX,
-        };
-        match decode(&mut buf, &ctx) {
-            Ok(Some(Packet::Publish(publish))) if buf.is_empty() => Ok(publish),
-            Ok(_) => Err(WireError::Message("not exactly one PUBLISH".into())),
-            Err(e) => Err(WireError::Message(e.to_string())),
-        }
+        decode_standalone(&self.publish).map_err(|e| WireError::Message(e.to_string()))
     }
 
     fn of_message(message: &Message, clocks: Clocks) -> Result<WireMessage, WireError> {
@@ -390,11 +378,13 @@ impl WireSession {
 pub(crate) fn encode_forward(
     message: &Message,
     groups: &[Arc<str>],
+    stored_as: Option<u64>,
     clocks: Clocks,
 ) -> Result<Bytes, WireError> {
     let frame = PeerMessage::Forward {
         message: WireMessage::of_message(message, clocks)?,
         groups: groups.iter().map(|group| group.to_string()).collect(),
+        stored_as,
     };
     Ok(postcard::to_stdvec(&frame)?.into())
 }
@@ -417,6 +407,8 @@ pub(crate) enum Received {
         message: Message,
         /// Share groups this node serves for it.
         groups: Vec<Arc<str>>,
+        /// Its sequence number in the sender's outbox, if stored there.
+        stored_as: Option<u64>,
     },
     /// A session for this node's claim under `epoch`.
     Session {
@@ -430,9 +422,14 @@ pub(crate) enum Received {
 /// Decodes a peer-link payload.
 pub(crate) fn decode_peer(payload: &[u8], clocks: Clocks) -> Result<Received, WireError> {
     match postcard::from_bytes::<PeerMessage>(payload)? {
-        PeerMessage::Forward { message, groups } => Ok(Received::Forward {
+        PeerMessage::Forward {
+            message,
+            groups,
+            stored_as,
+        } => Ok(Received::Forward {
             message: message.to_message(clocks)?,
             groups: groups.into_iter().map(Arc::from).collect(),
+            stored_as,
         }),
         PeerMessage::Session { epoch, state } => Ok(Received::Session {
             epoch,
@@ -454,6 +451,11 @@ pub(crate) fn decode_retained(blob: &[u8], clocks: Clocks) -> Result<Message, Wi
 /// A subscription's options as raft keeps them (opaque to the cluster crate).
 pub(crate) fn encode_entry(entry: &SubscriptionEntry) -> Result<Bytes, WireError> {
     Ok(postcard::to_stdvec(&WireEntry::of(entry))?.into())
+}
+
+/// A subscription's options from raft, as [`encode_entry`] wrote them.
+pub(crate) fn decode_entry(options: &[u8]) -> Result<SubscriptionEntry, WireError> {
+    postcard::from_bytes::<WireEntry>(options)?.to_entry()
 }
 
 #[cfg(test)]
@@ -549,13 +551,15 @@ mod tests {
             publisher: Some(4),
         };
         let groups: Vec<Arc<str>> = vec!["$share/g/plant/#".into()];
-        let bytes = encode_forward(&message, &groups, clocks).expect("encodes");
+        let bytes = encode_forward(&message, &groups, Some(77), clocks).expect("encodes");
         match decode_peer(&bytes, clocks).expect("decodes") {
             Received::Forward {
                 message: back,
                 groups: back_groups,
+                stored_as,
             } => {
                 assert_eq!(back_groups, groups);
+                assert_eq!(stored_as, Some(77));
                 assert_eq!(
                     (&back.topic, &back.payload, back.qos, back.retain),
                     (
@@ -591,6 +595,7 @@ mod tests {
                 expires_at_ms: None,
             },
             groups: vec![],
+            stored_as: None,
         })
         .expect("encodes");
         assert!(decode_peer(&bad_qos, clocks).is_err());

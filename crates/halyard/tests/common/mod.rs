@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod fault_proxy;
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -140,8 +141,14 @@ impl Broker {
     /// directory; an error (with the broker's stderr) instead of a panic when it does not come
     /// up, so a caller can retry, e.g. after a port collision.
     pub fn try_start_with_args(extra_args: &[String]) -> Result<Broker, String> {
+        Self::try_start_in(extra_args, unique_temp_path("data", "d"))
+    }
+
+    /// Like [`Broker::try_start_with_args`] on `data_dir`, which the new broker owns (and
+    /// removes on drop): for restarting a node on the directory of one that died (see
+    /// [`Broker::disown_data_dir`]).
+    pub fn try_start_in(extra_args: &[String], data_dir: PathBuf) -> Result<Broker, String> {
         let mut cmd = halyard_cmd();
-        let data_dir = unique_temp_path("data", "d");
         cmd.arg("serve").arg("--listen").arg("127.0.0.1:0");
         cmd.arg("--http-listen").arg("127.0.0.1:0");
         cmd.arg("--data-dir").arg(&data_dir);
@@ -153,9 +160,19 @@ impl Broker {
     /// for tests of shipped command lines: the config they name must listen on 127.0.0.1
     /// port 0 and serve HTTP. `data_dir` is removed when the broker is dropped.
     pub fn start_with_args(args: &[&str], env: &[(&str, &str)], data_dir: PathBuf) -> Broker {
+        Self::try_start_exact(args, env, data_dir).unwrap_or_else(|error| panic!("{error}"))
+    }
+
+    /// [`Broker::start_with_args`], with an error (and the broker's stderr) instead of a
+    /// panic when it does not come up, so a caller can retry after a port collision.
+    pub fn try_start_exact(
+        args: &[&str],
+        env: &[(&str, &str)],
+        data_dir: PathBuf,
+    ) -> Result<Broker, String> {
         let mut cmd = halyard_cmd();
         cmd.args(args).envs(env.iter().copied());
-        Self::launch(cmd, None, data_dir, true)
+        Self::try_launch(cmd, None, data_dir, true)
     }
 
     fn launch(
@@ -285,6 +302,13 @@ impl Broker {
     /// Address of the operations HTTP listener (metrics, admin API, status page).
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
+    }
+
+    /// Keeps the data directory when this broker is dropped and returns it, for a successor
+    /// started on it.
+    pub fn disown_data_dir(&mut self) -> PathBuf {
+        self.owns_data_dir = false;
+        self.data_dir.clone()
     }
 
     pub fn pid(&self) -> u32 {
