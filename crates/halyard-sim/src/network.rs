@@ -5,7 +5,7 @@
 //! A relay holds each chunk it reads for a random delay before passing it on, so bytes keep
 //! their order within a connection (as TCP does) while different connections (raft, the
 //! peer link, other peers) overtake one another. Cutting a connection aborts its relays:
-//! both ends then see end of stream, as after a reset. Nodes address each other as `n{id}`.
+//! both ends then see end of stream, as after a reset. Nodes address each other as `n{id}:7000`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
@@ -22,9 +22,12 @@ use tokio::task::AbortHandle;
 /// Bytes buffered per direction of a pipe.
 const PIPE_BYTES: usize = 256 * 1024;
 
+/// The port every simulated node's cluster address names (peers must be `host:port`).
+const SIM_PORT: u16 = 7000;
+
 /// A node's cluster address on the simulated network.
 pub fn address(node: NodeId) -> String {
-    format!("n{node}")
+    format!("n{node}:{SIM_PORT}")
 }
 
 struct Connection {
@@ -137,6 +140,7 @@ impl SimNetwork {
         let refused = || io::Error::new(io::ErrorKind::ConnectionRefused, "unreachable");
         let to: NodeId = addr
             .strip_prefix('n')
+            .and_then(|rest| rest.strip_suffix(&format!(":{SIM_PORT}")))
             .and_then(|id| id.parse().ok())
             .ok_or_else(refused)?;
         let mut state = self.lock();
