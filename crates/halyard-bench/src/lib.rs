@@ -7,6 +7,9 @@
 //! - [`mqtt`]: connect / subscribe helpers and the pre-encoded PUBLISH template.
 //! - [`run`]: the scenarios (`fanin`, `fanout`, `pairs`, `latency`, `conns`) and the report;
 //!   `--subscriber-port` puts the subscribers on another cluster node.
+//! - [`slow_subscriber`]: the `slow-subscriber` scenario (a healthy subscriber beside one
+//!   that never reads, against a baseline without it).
+//! - [`reconnect`]: the `reconnect` scenario (one client resuming its session in a loop).
 //! - [`takeover`]: the `takeover` scenario (a persistent session moving between cluster nodes).
 //! - [`sys`]: the tool's own CPU use and the open-file limit.
 
@@ -15,6 +18,8 @@
 pub mod accounting;
 pub mod mqtt;
 pub mod payload;
+pub mod reconnect;
 pub mod run;
+pub mod slow_subscriber;
 pub mod sys;
 pub mod takeover;

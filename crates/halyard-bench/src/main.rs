@@ -8,6 +8,8 @@
 //! halyard-bench conns   --connections 10000 --hold 10
 //! halyard-bench fanin   --port 1883 --subscriber-port 1884 --qos 1   # across cluster nodes
 //! halyard-bench takeover --port 1883 --takeover-port 1884 --rounds 100
+//! halyard-bench slow-subscriber --mqtt-version 5 --qos 1 --payload 1024
+//! halyard-bench reconnect --mqtt-version 5 --session-expiry 86400
 //! ```
 
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -97,6 +99,14 @@ struct Opts {
     /// Keep-alive in CONNECT, seconds; 0 turns it off (the tool sends no PINGREQ).
     #[arg(long, default_value_t = 0)]
     keep_alive: u16,
+    /// reconnect: MQTT 5 Session Expiry Interval in every CONNECT, seconds (4294967295 =
+    /// never expires).
+    #[arg(long, default_value_t = u32::MAX)]
+    session_expiry: u32,
+    /// Process id of the broker, if it runs on this machine: the report then carries its
+    /// peak RSS (VmHWM from /proc/PID/status) at the end of the run.
+    #[arg(long)]
+    broker_pid: Option<u32>,
     /// MQTT protocol version: 3.1.1 or 5.
     #[arg(long, default_value = "3.1.1")]
     mqtt_version: String,
@@ -136,8 +146,10 @@ fn params(scenario: Scenario, o: Opts) -> Result<(Params, SocketAddr)> {
             let n = o.publishers.or(o.subscribers).unwrap_or(4);
             (n, n)
         }
-        Scenario::Latency => (o.publishers.unwrap_or(1), o.subscribers.unwrap_or(1)),
-        Scenario::Conns | Scenario::Takeover => (0, 0),
+        Scenario::Latency | Scenario::SlowSubscriber => {
+            (o.publishers.unwrap_or(1), o.subscribers.unwrap_or(1))
+        }
+        Scenario::Conns | Scenario::Takeover | Scenario::Reconnect => (0, 0),
     };
     let rate = match scenario {
         Scenario::Latency => Some(o.rate.unwrap_or(10_000.0)),
@@ -167,6 +179,8 @@ fn params(scenario: Scenario, o: Opts) -> Result<(Params, SocketAddr)> {
         connect_concurrency: o.connect_concurrency,
         hold_s: o.hold,
         keep_alive: o.keep_alive,
+        session_expiry: o.session_expiry,
+        broker_pid: o.broker_pid,
         mqtt_version: o.mqtt_version,
         threads: o.threads.unwrap_or_else(available_cpus).max(1),
         run_id,

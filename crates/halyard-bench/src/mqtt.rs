@@ -135,10 +135,24 @@ impl Conn {
         keep_alive: u16,
         clean: bool,
     ) -> Result<bool> {
+        let expiry = (!clean && self.version == ProtocolVersion::V5).then_some(u32::MAX);
+        self.handshake_with_expiry(client_id, keep_alive, clean, expiry)
+            .await
+    }
+
+    /// Like [`Conn::handshake`], with the MQTT 5 Session Expiry Interval given (`None`:
+    /// absent, which means 0); ignored for MQTT 3.x, which has no such property.
+    pub async fn handshake_with_expiry(
+        &mut self,
+        client_id: &str,
+        keep_alive: u16,
+        clean: bool,
+        session_expiry: Option<u32>,
+    ) -> Result<bool> {
         let version = self.version;
         let mut properties = Properties::default();
-        if !clean && version == ProtocolVersion::V5 {
-            properties.session_expiry_interval = Some(u32::MAX);
+        if version == ProtocolVersion::V5 {
+            properties.session_expiry_interval = session_expiry;
         }
         let connect = Packet::Connect(Box::new(Connect {
             protocol: version,

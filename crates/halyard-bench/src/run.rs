@@ -53,6 +53,12 @@ pub enum Scenario {
     /// A persistent session on one node taken over from another, --rounds times: time to
     /// CONNACK and until the old connection is closed.
     Takeover,
+    /// Fan-out to one healthy subscriber, without and then with a second subscriber that
+    /// never reads: the healthy one's rate with it as a share of the rate without.
+    #[serde(rename = "slow-subscriber")]
+    SlowSubscriber,
+    /// One client reconnecting in a loop to its persistent session (--session-expiry).
+    Reconnect,
 }
 
 /// Everything a run needs, resolved from the command line.
@@ -97,6 +103,11 @@ pub struct Params {
     pub hold_s: f64,
     /// Keep-alive sent in CONNECT, seconds (0 = off).
     pub keep_alive: u16,
+    /// `reconnect`: MQTT 5 Session Expiry Interval of every CONNECT, seconds.
+    pub session_expiry: u32,
+    /// The broker's process id, when it runs on this machine: its peak RSS (`VmHWM`) goes
+    /// into the report.
+    pub broker_pid: Option<u32>,
     /// "3.1.1" or "5".
     pub mqtt_version: String,
     /// Tokio worker threads.
@@ -247,6 +258,29 @@ pub struct Report {
     /// connection (DISCONNECT or end of stream, whichever came first).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub takeover_old_closed_us: Option<LatencyReport>,
+    /// `slow-subscriber`: the healthy subscriber's deliveries per second with no stuck
+    /// subscriber (the baseline phase).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub baseline_rate_msgs_per_s: Option<f64>,
+    /// `slow-subscriber`: publishes refused in the baseline phase.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub baseline_rejected: Option<u64>,
+    /// `slow-subscriber`: `rate_msgs_per_s / baseline_rate_msgs_per_s`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub healthy_ratio: Option<f64>,
+    /// `slow-subscriber`: messages published while the stuck subscriber was subscribed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stuck_expected: Option<u64>,
+    /// `slow-subscriber`: distinct messages the stuck subscriber read once it read again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stuck_received: Option<u64>,
+    /// `slow-subscriber`: `stuck_expected - stuck_received`, whether the broker counted
+    /// those drops or not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stuck_dropped: Option<u64>,
+    /// With `--broker-pid`: the broker's peak resident set (`VmHWM`), KiB, at the end.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broker_peak_rss_kb: Option<u64>,
     /// The tool's CPU use.
     pub tool_cpu: ToolCpu,
     /// Number of client errors (failed connects, broken connections, protocol errors).
@@ -288,6 +322,13 @@ impl Report {
             session_present: None,
             takeover_connack_us: None,
             takeover_old_closed_us: None,
+            baseline_rate_msgs_per_s: None,
+            baseline_rejected: None,
+            healthy_ratio: None,
+            stuck_expected: None,
+            stuck_received: None,
+            stuck_dropped: None,
+            broker_peak_rss_kb: None,
             tool_cpu,
             error_count: 0,
             errors: Vec::new(),
@@ -365,7 +406,7 @@ fn topology(p: &Params) -> (Vec<PubPlan>, Vec<SubPlan>) {
             (pubs, subs)
         }
         Scenario::Fanout | Scenario::Latency => {
-            let topic = format!("bench/{run}/all");
+            let topic = fanout_topic(run);
             let pubs: Vec<PubPlan> = (0..p.publishers)
                 .map(|i| PubPlan {
                     id: i as u32,
@@ -381,7 +422,11 @@ fn topology(p: &Params) -> (Vec<PubPlan>, Vec<SubPlan>) {
                 .collect();
             (pubs, subs)
         }
-        Scenario::Pairs | Scenario::Conns | Scenario::Takeover => {
+        Scenario::Pairs
+        | Scenario::Conns
+        | Scenario::Takeover
+        | Scenario::SlowSubscriber
+        | Scenario::Reconnect => {
             let n = if p.scenario != Scenario::Pairs {
                 0
             } else {
@@ -404,13 +449,23 @@ fn topology(p: &Params) -> (Vec<PubPlan>, Vec<SubPlan>) {
     }
 }
 
+/// The one topic of the fan-out and latency scenarios of run `run_id`.
+pub(crate) fn fanout_topic(run_id: &str) -> String {
+    format!("bench/{run_id}/all")
+}
+
 /// Runs the scenario in `params` against the broker at `addr`.
 pub async fn run(params: Params, addr: SocketAddr) -> Result<Report> {
-    match params.scenario {
+    let broker_pid = params.broker_pid;
+    let mut report = match params.scenario {
         Scenario::Conns => run_conns(params, addr).await,
         Scenario::Takeover => crate::takeover::run_takeover(params, addr).await,
+        Scenario::SlowSubscriber => crate::slow_subscriber::run_slow_subscriber(params, addr).await,
+        Scenario::Reconnect => crate::reconnect::run_reconnect(params, addr).await,
         _ => run_traffic(params, addr).await,
-    }
+    }?;
+    report.broker_peak_rss_kb = broker_pid.and_then(crate::sys::peak_rss_kb);
+    Ok(report)
 }
 
 /// Connects `count` clients concurrently with `make(i)`, keeping their order.
@@ -435,7 +490,8 @@ where
         .collect()
 }
 
-async fn run_traffic(params: Params, addr: SocketAddr) -> Result<Report> {
+/// A traffic scenario (fan-in, fan-out, pairs, latency) from connect to drain.
+pub(crate) async fn run_traffic(params: Params, addr: SocketAddr) -> Result<Report> {
     let run_start = CpuSample::now();
     let version = version_of(&params.mqtt_version)?;
     let qos = qos_of(params.qos);

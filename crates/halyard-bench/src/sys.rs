@@ -95,3 +95,13 @@ pub fn raise_nofile_limit() -> u64 {
 pub fn available_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, usize::from)
 }
+
+/// Peak resident set (`VmHWM` in `/proc/PID/status`) of process `pid`, KiB; `None` if it is
+/// gone or this is not Linux.
+pub fn peak_rss_kb(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+}

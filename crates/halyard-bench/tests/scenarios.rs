@@ -42,6 +42,8 @@ fn params(scenario: Scenario, addr: SocketAddr) -> Params {
         connect_concurrency: 1,
         hold_s: 0.2,
         keep_alive: 0,
+        session_expiry: u32::MAX,
+        broker_pid: None,
         mqtt_version: "3.1.1".to_owned(),
         threads: 1,
         run_id: format!("t{}", std::process::id()),

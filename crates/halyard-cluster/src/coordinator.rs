@@ -15,7 +15,7 @@ use crate::acceptor::{self, Acceptor};
 use crate::applied_everywhere::{wait_applied, AppliedEverywhere};
 use crate::batcher::{Batcher, Pending};
 use crate::command::{Claim, ClaimOutcome, Command, Response, SubscriptionChange};
-use crate::config::{ClusterConfig, Listen};
+use crate::config::{peer_addr, ClusterConfig, Listen};
 use crate::consumption::Consumption;
 use crate::error::ClusterError;
 use crate::frame::MembershipChange;
@@ -209,7 +209,14 @@ impl Coordinator {
         tasks.push(
             tokio::spawn(count_leader_changes(raft.clone(), counters.clone())).abort_handle(),
         );
-        tasks.push(tokio::spawn(follow_membership(raft.clone(), link.clone())).abort_handle());
+        tasks.push(
+            tokio::spawn(follow_membership(
+                raft.clone(),
+                link.clone(),
+                config.peers.clone(),
+            ))
+            .abort_handle(),
+        );
         let applied_everywhere = AppliedEverywhere::new(
             local,
             &config.peers,
@@ -659,16 +666,21 @@ async fn count_leader_changes(raft: Raft, counters: Arc<Counters>) {
 
 /// Keeps the peer link's destinations equal to the members (voters and learners) once the
 /// membership is known here: a node added at run time gets forwards, a removed one no more.
-async fn follow_membership(raft: Raft, link: Arc<PeerLink>) {
+async fn follow_membership(raft: Raft, link: Arc<PeerLink>, peers: Vec<String>) {
     let mut metrics = raft.metrics();
     let mut seen = None;
     loop {
+        // A node named in this node's own `peers` is reached where that list says (as raft
+        // dials it); only nodes added at run time at the address the membership records.
         let members: BTreeMap<NodeId, String> = metrics
             .borrow_and_update()
             .membership_config
             .membership()
             .nodes()
-            .map(|(id, info)| (*id, info.addr.clone()))
+            .map(|(id, info)| {
+                let addr = peer_addr(&peers, *id).unwrap_or(&info.addr);
+                (*id, addr.clone())
+            })
             .collect();
         if !members.is_empty() && seen.as_ref() != Some(&members) {
             link.set_destinations(members.clone());

@@ -16,7 +16,9 @@ use crate::authz::{AllowAll, Authorizer};
 use crate::config::BrokerConfig;
 use crate::connect::AdmittedConnect;
 use crate::forward_outbox::ForwardOutboxes;
+use crate::memory_meter::MemoryMeter;
 use crate::message::SessionKey;
+use crate::move_window::MoveWindow;
 use crate::output::Output;
 use crate::pushback::Pushback;
 use crate::registry::{LocalSessionRegistry, SessionRegistry};
@@ -95,6 +97,10 @@ pub struct Broker {
     pub(crate) authorizer: Arc<dyn Authorizer>,
     /// Forwards to other nodes kept until they are stored there (see `forward_outbox`).
     pub(crate) outboxes: ForwardOutboxes,
+    /// Messages caught while sessions move between nodes (see `move_window`).
+    pub(crate) move_window: MoveWindow,
+    /// Bytes the sessions' queues and in-flight windows hold in memory.
+    pub(crate) memory: MemoryMeter,
 }
 
 impl Broker {
@@ -134,6 +140,8 @@ impl Broker {
             disk_full: None,
             authorizer: Arc::new(AllowAll),
             outboxes: ForwardOutboxes::default(),
+            move_window: MoveWindow::default(),
+            memory: MemoryMeter::default(),
         }
     }
 
@@ -175,6 +183,23 @@ impl Broker {
     /// live connection and two per session, whatever clients do.
     pub fn timer_count(&self) -> usize {
         self.timers.len()
+    }
+
+    /// Bytes of messages all sessions hold in memory, queued beyond their in-flight windows
+    /// and in flight (topic, payload and bookkeeping, per delivery; a persistent session's
+    /// messages on disk are not counted): what the server's memory budget bounds.
+    pub fn held_bytes(&self) -> u64 {
+        self.memory.held()
+    }
+
+    /// Whether `conn` has outbound QoS 1/2 messages in flight: its acknowledgements free
+    /// memory, so pacing it as a publisher could stall the very thing that relieves the
+    /// budget.
+    pub fn has_inflight(&self, conn: ConnectionId) -> bool {
+        self.conns
+            .get(&conn)
+            .and_then(|key| self.sessions.get(key))
+            .is_some_and(|session| !session.inflight.is_empty())
     }
 
     /// Next thing for the server to do, in order; `None` when there is nothing.

@@ -175,8 +175,20 @@ impl Broker {
     /// The outcome of a claim emitted as [`Output::Claim`]: the waiting CONNECT is
     /// answered, CONNACK 0x88 Server unavailable (MQTT 5) or 0x03 (3.x) if it was refused,
     /// and the packets its client sent meanwhile are handled. `wall` is `now` on the wall
-    /// clock, for the times of a session moved from another node.
+    /// clock, for the times of a session moved from another node. Forwarded messages held
+    /// while the claim was pending are routed again (see `move_window`).
     pub fn handle_claim(
+        &mut self,
+        now: Instant,
+        wall: SystemTime,
+        conn: ConnectionId,
+        outcome: ClaimOutcome,
+    ) {
+        self.settle_claim(now, wall, conn, outcome);
+        self.release_held(now);
+    }
+
+    fn settle_claim(
         &mut self,
         now: Instant,
         wall: SystemTime,
@@ -305,7 +317,12 @@ impl Broker {
                 self.next_session_key += 1;
                 self.sessions.insert(
                     key,
-                    Box::new(Session::new(client_id.clone(), epoch, expiry_interval)),
+                    Box::new(Session::new(
+                        client_id.clone(),
+                        epoch,
+                        expiry_interval,
+                        &self.memory,
+                    )),
                 );
                 self.client_ids.insert(client_id.clone(), key);
                 (key, false)
@@ -411,4 +428,11 @@ pub(crate) struct AdmittedConnect {
     held: Vec<Packet>,
     /// The connection closed (or broke the protocol) while the claim was undecided.
     lost: bool,
+}
+
+impl AdmittedConnect {
+    /// Whether the claim continues a persistent session (which may be on its way here).
+    pub(crate) fn resumes_session(&self) -> bool {
+        !self.connect.clean_start && self.expiry_interval > 0
+    }
 }

@@ -37,7 +37,11 @@ impl Broker {
         let loaded = store.load()?;
         let clock = ClockAnchor { instant: now, wall };
         let mut broker = Broker::with_parts(config, parts);
-        broker.out.journal = Some(Journal { store, clock });
+        broker.out.journal = Some(Journal {
+            store,
+            clock,
+            failed_commits: 0,
+        });
         broker.outboxes = ForwardOutboxes::restore(loaded.outboxes, loaded.peer_marks);
         for session in loaded.sessions {
             broker.restore_session(now, session);
@@ -56,7 +60,12 @@ impl Broker {
         // client connects again.
         let epoch = record.epoch;
         self.registry.restored(epoch);
-        let mut session = Session::new(record.client_id.clone(), epoch, record.expiry_interval);
+        let mut session = Session::new(
+            record.client_id.clone(),
+            epoch,
+            record.expiry_interval,
+            &self.memory,
+        );
         session.persistent = true;
         session.next_seq = loaded.next_seq;
         session.spilled = loaded.pending_count;
@@ -109,7 +118,9 @@ impl Broker {
     pub fn commit(&mut self) -> Result<(), StoreError> {
         self.write_peer_marks();
         match self.out.journal.as_mut() {
-            Some(journal) => journal.store.commit(),
+            Some(journal) => journal.store.commit().inspect_err(|_| {
+                journal.failed_commits += 1;
+            }),
             None => Ok(()),
         }
     }
@@ -124,14 +135,20 @@ impl Broker {
             .is_some_and(|journal| journal.store.commit_may_block())
     }
 
-    /// Writes the session-level record of a persistent session.
+    /// Writes the session-level record of a persistent session, unless the store already
+    /// holds this very record.
     pub(crate) fn save_session_record(&mut self, key: SessionKey) {
-        let Some(session) = self.sessions.get(&key) else {
+        let Some(session) = self.sessions.get_mut(&key) else {
             return;
         };
         let Some(journal) = self.out.journal(session.persistent) else {
             return;
         };
+        let fingerprint = record_fingerprint(session, journal.failed_commits);
+        if session.recorded == fingerprint {
+            return;
+        }
+        session.recorded = fingerprint;
         let record = SessionRecord {
             client_id: session.client_id.clone(),
             epoch: session.epoch,
@@ -214,6 +231,23 @@ impl Broker {
             }
             journal.store.delete_session(&session.client_id);
             session.persistent = false;
+            session.recorded = 0;
         }
     }
+}
+
+/// What a session record is made of, hashed: the will's content is not needed, since a
+/// session gets at most one delayed will per connection (epoch), due at one instant. Never 0,
+/// which means "nothing written". `failed_commits` changes it after a commit failed.
+fn record_fingerprint(session: &Session, failed_commits: u64) -> u64 {
+    use std::hash::BuildHasher;
+    foldhash::quality::FixedState::default()
+        .hash_one((
+            session.epoch,
+            session.expiry_interval,
+            session.expires_at,
+            session.delayed_will.as_deref().map(|(due, _)| *due),
+            failed_commits,
+        ))
+        .max(1)
 }

@@ -54,12 +54,7 @@ impl Broker {
             self.outboxes.note_received(origin, incarnation, seq);
         }
         message.publisher = None;
-        self.route_within(
-            now,
-            Arc::new(message),
-            false,
-            RouteScope::LocalFromPeer { groups },
-        );
+        self.route_forward(now, Arc::new(message), groups.to_vec());
     }
 
     /// Another node has subscribers to `filter` (a share group's as `$share/{group}/...`):
@@ -73,7 +68,7 @@ impl Broker {
         self.router.remove_node(node, FilterRef::parse(filter))
     }
 
-    fn route_within(
+    pub(crate) fn route_within(
         &mut self,
         now: Instant,
         message: Arc<Message>,

@@ -11,6 +11,7 @@ use halyard_codec::{
 
 use crate::broker::ConnectionId;
 use crate::lazy::{LazyMap, LazySet};
+use crate::memory_meter::{MemoryMeter, MeteredQueue, Weighed};
 use crate::message::Message;
 use crate::output::Output;
 use crate::router::SubscriptionEntry;
@@ -21,6 +22,9 @@ use crate::time::ClockAnchor;
 pub(crate) struct Journal {
     pub store: Box<dyn Store>,
     pub clock: ClockAnchor,
+    /// Failed commits so far: a batch that failed was discarded, so what a session noted as
+    /// written before the failure may not be in the store (see `Session::recorded`).
+    pub failed_commits: u64,
 }
 use crate::stats::{BrokerStats, DropReason, DropReport};
 
@@ -82,6 +86,19 @@ impl Delivery {
     }
 }
 
+impl Weighed for Delivery {
+    /// Topic, payload, subscription identifiers and the bookkeeping of the delivery and its
+    /// message. The message is counted with every delivery of it, although its subscribers
+    /// share it: an overestimate under fan-out, never an underestimate.
+    fn weight(&self) -> u64 {
+        (size_of::<Delivery>()
+            + size_of::<Message>()
+            + self.message.topic.len()
+            + self.message.payload.len()
+            + std::mem::size_of_val(self.subscription_ids.as_slice())) as u64
+    }
+}
+
 /// Where an outbound QoS 1/2 message is in its handshake.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Awaiting {
@@ -98,6 +115,12 @@ pub(crate) struct Inflight {
     pub packet_id: u16,
     pub delivery: Delivery,
     pub state: Awaiting,
+}
+
+impl Weighed for Inflight {
+    fn weight(&self) -> u64 {
+        self.delivery.weight() + (size_of::<Inflight>() - size_of::<Delivery>()) as u64
+    }
 }
 
 impl Inflight {
@@ -160,10 +183,10 @@ pub(crate) struct Session {
     /// Lazy, like the other per-session collections: an idle session is small.
     pub subscriptions: LazyMap<String, SubscriptionEntry>,
     /// Unacknowledged outbound QoS 1/2 messages, in send order.
-    pub inflight: VecDeque<Inflight>,
+    pub inflight: MeteredQueue<Inflight>,
     /// Messages waiting for room in the in-flight window (or for the client to return). For
     /// a persistent session only the head of the queue is here; see `spilled`.
-    pub pending: VecDeque<Delivery>,
+    pub pending: MeteredQueue<Delivery>,
     /// Pending messages of a persistent session that are only on disk, following those in
     /// `pending`, starting at sequence number `spill_from`.
     pub spilled: u64,
@@ -188,6 +211,10 @@ pub(crate) struct Session {
     pub delayed_will: Option<Box<(Instant, Will)>>,
     /// When an offline session expires.
     pub expires_at: Option<Instant>,
+    /// Fingerprint of the session record last handed to the store (0: none), so that a
+    /// record that did not change is not written again: a persistent session that never
+    /// expires disconnects without a write, hence without a commit (an fsync).
+    pub recorded: u64,
     /// User name of the last connection (`Some(None)`: anonymous), so messages queued
     /// while the client is offline are still authorized for it; `None` while unknown
     /// (restored from the store, not connected since the broker started).
@@ -234,15 +261,21 @@ pub(crate) struct QueueLimits {
 }
 
 impl Session {
-    pub fn new(client_id: String, epoch: u64, expiry_interval: u32) -> Session {
+    /// A session whose queues count in `meter` (the broker's [`MemoryMeter`]).
+    pub fn new(
+        client_id: String,
+        epoch: u64,
+        expiry_interval: u32,
+        meter: &MemoryMeter,
+    ) -> Session {
         Session {
             client_id,
             epoch,
             expiry_interval,
             link: None,
             subscriptions: LazyMap::default(),
-            inflight: VecDeque::new(),
-            pending: VecDeque::new(),
+            inflight: MeteredQueue::new(meter.clone()),
+            pending: MeteredQueue::new(meter.clone()),
             spilled: 0,
             spill_from: 0,
             next_seq: 0,
@@ -253,6 +286,7 @@ impl Session {
             next_packet_id: 1,
             delayed_will: None,
             expires_at: None,
+            recorded: 0,
             username: None,
             retained: None,
         }
@@ -649,7 +683,7 @@ impl Session {
                 None
             }
             Some(index) => {
-                let entry = &mut self.inflight[index];
+                let entry = self.inflight.get_mut(index)?;
                 entry.state = Awaiting::Completion;
                 let (seq, state) = (entry.delivery.seq, entry.stored_state());
                 if let Some(journal) = out.journal(self.persistent) {

@@ -57,6 +57,9 @@ pub struct BrokerStats {
     /// Messages of a session handed over too late (after its new owner resumed without it)
     /// that found no room in the resumed session's queue.
     pub late_transfer_dropped: u64,
+    /// Forwarded messages a new owner could not hold while a session moved to it (more
+    /// than `MAX_HELD` at once).
+    pub move_window_dropped: u64,
     /// Forwards from other nodes dropped because this node had already stored them (a
     /// replay after a reconnect or a restart).
     pub duplicate_forwards: u64,

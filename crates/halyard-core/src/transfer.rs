@@ -125,7 +125,7 @@ impl Broker {
         }
         let key = self.next_session_key;
         self.next_session_key += 1;
-        let mut session = Session::new(state.client_id, epoch, state.expiry_interval);
+        let mut session = Session::new(state.client_id, epoch, state.expiry_interval, &self.memory);
         session.username = state.username;
         session.inbound_qos2 = state.inbound_qos2.into_iter().collect();
         for (filter, entry) in state.subscriptions {

@@ -14,7 +14,7 @@ use halyard_codec::{
 use halyard_core::{
     Broker, BrokerConfig, BrokerParts, ClaimOutcome, ClaimPoll, ClaimRequest, ConnectionId,
     LocalRouter, MemoryRetained, Message, Output, SessionRegistry, SessionState,
-    SubscriptionUpdate,
+    SubscriptionUpdate, RELAY_WINDOW,
 };
 use halyard_store::{FsyncPolicy, RedbStore};
 
@@ -901,4 +901,73 @@ fn disconnect_all_closes_every_client_keeps_persistent_sessions_and_publishes_no
         "the persistent session stays"
     );
     assert_eq!(node.releases, vec![("passing".to_owned(), 11)]);
+}
+
+/// While a session moves, messages other nodes still forward to the old owner are passed on
+/// to the new one, and the new owner holds forwarded messages until its claim has the
+/// session: nothing published during the move is lost.
+#[test]
+fn messages_forwarded_during_a_move_reach_the_session_on_its_new_node() {
+    let dir_a = tempfile::tempdir().expect("tempdir");
+    let dir_b = tempfile::tempdir().expect("tempdir");
+    let now = Instant::now();
+    let mut a = Node::open(dir_a.path(), cluster_parts(), now);
+    let mut b = Node::open(dir_b.path(), cluster_parts(), now);
+    a.send(1, connect(V5, "traveller", false, Some(3600)));
+    a.granted(1, 10);
+    a.send(1, subscribe("mv/#", QoS::AtLeastOnce, 1));
+    a.take(1);
+    let state = a
+        .broker
+        .fence(a.now, SystemTime::now(), "traveller", 12)
+        .expect("A held it");
+    a.broker.relay_moved_session(a.now, 2, &state);
+    a.forwards.clear();
+    a.broker.handle_forward(
+        a.now,
+        3,
+        Some((9, 1)),
+        message("mv/late", b"relayed", QoS::AtLeastOnce),
+        &[],
+    );
+    a.drain();
+    let relayed: Vec<_> = a.forwards.iter().filter(|f| f.0 == 2).collect();
+    assert_eq!(relayed.len(), 1, "passed on to the new owner");
+    assert!(relayed[0].3.is_some(), "through the outbox");
+    a.now += RELAY_WINDOW + Duration::from_secs(1);
+    a.forwards.clear();
+    a.broker.handle_forward(
+        a.now,
+        3,
+        Some((9, 2)),
+        message("mv/later", b"x", QoS::AtLeastOnce),
+        &[],
+    );
+    a.drain();
+    assert!(a.forwards.is_empty(), "not after the relay window");
+
+    // B: the claim is pending while a forwarded message comes; it is held, then delivered.
+    b.send(5, connect(V5, "traveller", false, Some(3600)));
+    b.claims.pop_front().expect("claim");
+    b.broker.handle_forward(
+        b.now,
+        3,
+        Some((9, 3)),
+        message("mv/early", b"held", QoS::AtLeastOnce),
+        &[],
+    );
+    b.drain();
+    assert!(b.take(5).is_empty(), "no CONNACK yet, nothing delivered");
+    b.settle(
+        5,
+        ClaimOutcome::Granted {
+            epoch: 12,
+            session: Some(state),
+        },
+    );
+    let packets = b.take(5);
+    assert_eq!(connack(&packets), (true, ReasonCode::SUCCESS));
+    let delivered = publishes(&packets);
+    assert_eq!(delivered.len(), 1, "{packets:?}");
+    assert_eq!(&delivered[0].payload[..], b"held");
 }

@@ -1441,3 +1441,45 @@ fn reconnect_loop_leaves_the_timer_state_bounded() {
     }
     assert_eq!(h.broker.timer_count(), after_one);
 }
+
+/// Issue 14: the memory sessions hold in queues and in flight is counted broker-wide (the
+/// server's memory budget compares it), and the count returns to zero however the messages
+/// leave: acknowledged, or dropped with their session.
+#[test]
+fn held_memory_is_counted_and_returns_to_zero() {
+    let mut h = Harness::new();
+    assert_eq!(h.broker.held_bytes(), 0);
+    h.connect(1, V3, "sub", true);
+    h.subscribe(1, "t", QoS::AtLeastOnce);
+    h.connect(2, V3, "pub", true);
+    for id in 1..=50 {
+        h.publish(2, "t", b"0123456789", QoS::AtLeastOnce, false, id);
+    }
+    let held = h.broker.held_bytes();
+    assert!(held >= 50 * 11, "topic and payload at least: {held}");
+    loop {
+        let delivered = h.publishes(1);
+        if delivered.is_empty() {
+            break;
+        }
+        for publish in delivered {
+            let packet_id = publish.packet_id.expect("QoS 1 has an id");
+            h.send(
+                1,
+                Packet::PubAck(PubResponse {
+                    packet_id,
+                    ..Default::default()
+                }),
+            );
+        }
+    }
+    assert_eq!(h.broker.held_bytes(), 0, "everything acknowledged");
+    for id in 1..=50 {
+        h.publish(2, "t", b"0123456789", QoS::AtLeastOnce, false, id);
+    }
+    assert_eq!(h.broker.held_bytes(), held);
+    // The clean subscriber leaves: its session ends with what it held.
+    h.broker.connection_lost(h.now, 1);
+    h.drain();
+    assert_eq!(h.broker.held_bytes(), 0, "dropped with the session");
+}

@@ -15,7 +15,9 @@ use crate::connection_log::ConnectionLog;
 use crate::disk_probe::DiskFullProbe;
 use crate::dispatch::{Dispatcher, SWEEP_SLICES};
 use crate::event::Event;
+use crate::inbound_budget::InboundBudget;
 use crate::metrics::Metrics;
+use crate::pacing::Pacing;
 use crate::park::Parker;
 use halyard_core::sys::{SysTopics, SysTraffic};
 
@@ -26,6 +28,23 @@ const MAX_EVENTS_PER_DRAIN: usize = 256;
 
 /// Longest time without a store commit, so interval durability holds on an idle broker.
 const IDLE_COMMIT_PERIOD: Duration = Duration::from_millis(100);
+
+/// The broker task's event channels: acknowledgements first, so that delivery is not
+/// starved by intake (see [`crate::event::takes_ack_lane`]).
+#[derive(Debug)]
+pub(crate) struct Lanes {
+    /// Events of acknowledgements and PINGREQ only.
+    pub(crate) acks: mpsc::Receiver<Event>,
+    /// Everything else.
+    pub(crate) main: mpsc::Receiver<Event>,
+}
+
+impl Lanes {
+    /// The next event waiting, from the acknowledgement lane first.
+    fn try_recv(&mut self) -> Option<Event> {
+        self.acks.try_recv().or_else(|_| self.main.try_recv()).ok()
+    }
+}
 
 /// Operations settings of the broker task (issue 5).
 #[derive(Debug, Default)]
@@ -44,6 +63,10 @@ pub(crate) struct TaskOps {
     pub(crate) cluster: Option<ClusterDriver<Event>>,
     /// See [`crate::ServerConfig::log_connections`].
     pub(crate) log_connections: bool,
+    /// The event channel's byte bound, given back to as events are handled.
+    pub(crate) inbound: Arc<InboundBudget>,
+    /// See [`crate::ServerConfig::memory_budget`].
+    pub(crate) memory_budget: usize,
 }
 
 /// Runs the broker until `stop` fires (or the server is dropped), then shuts it down and
@@ -54,14 +77,17 @@ pub(crate) struct TaskOps {
 /// packets are never sent.
 pub(crate) async fn run(
     mut broker: Broker,
-    mut events: mpsc::Receiver<Event>,
+    lanes: Lanes,
     mut stop: oneshot::Receiver<()>,
     max_outbound_buffer: usize,
     ops: TaskOps,
 ) -> Result<(), StoreError> {
+    let mut lanes = lanes;
     let mut dispatcher = Dispatcher::new(max_outbound_buffer);
     dispatcher.metrics = Arc::clone(&ops.metrics);
     dispatcher.written = ops.written;
+    dispatcher.inbound = ops.inbound;
+    dispatcher.pacing = Pacing::new(ops.memory_budget, ops.metrics.paced_seconds.clone());
     dispatcher.log = ConnectionLog::new(ops.log_connections);
     let mut sys = ops
         .sys_interval
@@ -109,21 +135,13 @@ pub(crate) async fn run(
         tokio::select! {
             biased;
             _ = &mut stop => break,
-            event = events.recv() => {
+            // The lane's senders live as long as the server: it never ends the task.
+            Some(event) = lanes.acks.recv() => {
+                (publishes_since, saturated) = drain(&mut dispatcher, &mut broker, &mut lanes, event);
+            }
+            event = lanes.main.recv() => {
                 let Some(event) = event else { break };
-                let now = Instant::now();
-                let mut publishes = dispatcher.handle(&mut broker, now, event);
-                saturated = true;
-                for _ in 1..MAX_EVENTS_PER_DRAIN {
-                    match events.try_recv() {
-                        Ok(event) => publishes |= dispatcher.handle(&mut broker, now, event),
-                        Err(_) => {
-                            saturated = false;
-                            break;
-                        }
-                    }
-                }
-                publishes_since = publishes.then_some(now);
+                (publishes_since, saturated) = drain(&mut dispatcher, &mut broker, &mut lanes, event);
             }
             () = timer => broker.handle_timeout(Instant::now()),
             () = sys_timer => {
@@ -149,6 +167,7 @@ pub(crate) async fn run(
         commit(&mut broker, &mut disk_probe)?;
         dispatcher.committed(&mut broker);
         broker.take_outputs_with(|outputs| dispatcher.dispatch(outputs));
+        dispatcher.update_memory(broker.held_bytes());
         if broker.has_drops_to_report()
             && drops_logged.is_none_or(|at| at.elapsed() >= DROP_LOG_PERIOD)
         {
@@ -170,6 +189,26 @@ pub(crate) async fn run(
     broker.take_outputs_with(|outputs| dispatcher.dispatch(outputs));
     info!(dropped_qos0 = dispatcher.dropped_qos0, "broker stopped");
     Ok(())
+}
+
+/// Handles `first` and what else is waiting, up to [`MAX_EVENTS_PER_DRAIN`], taking the
+/// acknowledgement lane first each time. Returns when the batch began if it held a PUBLISH,
+/// and whether the drain was full (the broker is saturated).
+fn drain(
+    dispatcher: &mut Dispatcher,
+    broker: &mut Broker,
+    lanes: &mut Lanes,
+    first: Event,
+) -> (Option<Instant>, bool) {
+    let now = Instant::now();
+    let mut publishes = dispatcher.handle(broker, now, first);
+    for _ in 1..MAX_EVENTS_PER_DRAIN {
+        match lanes.try_recv() {
+            Some(event) => publishes |= dispatcher.handle(broker, now, event),
+            None => return (publishes.then_some(now), false),
+        }
+    }
+    (publishes.then_some(now), true)
 }
 
 /// How often messages dropped for full queues are logged: one line per client and reason

@@ -22,8 +22,9 @@ use crate::connection_io::{
 };
 pub(crate) use crate::connection_settings::ConnectionSettings;
 use crate::dispatch::packet_name;
-use crate::event::Event;
+use crate::event::{takes_ack_lane, Event};
 use crate::handshake::{malformed, read_connect, take_reauth, Auth, Connected};
+use crate::inbound_budget::event_weight;
 use crate::link::{batch_channel, BatchReceiver, Link, Shared};
 use crate::park::Parked;
 
@@ -319,9 +320,11 @@ fn read_side<'a, R: AsyncRead + Unpin>(
         // A request made before the CONNECT was complete is not for this loop.
         shared.clear_park_request();
         loop {
-            // Backpressure: the core holds a publish of ours until a subscriber has room.
-            if shared.paused.load(std::sync::atomic::Ordering::Acquire) {
-                Box::pin(shared.wait_unpaused()).await;
+            // Backpressure: the core holds a publish of ours until a subscriber has room, the
+            // memory budget paces us, or the broker task has not handled our events yet.
+            let share = settings.inbound.per_connection();
+            if shared.must_wait(share) {
+                Box::pin(shared.wait_readable(share)).await;
             }
             // Only between packets: a partial packet is never parked.
             let read = if parks && buf.is_empty() {
@@ -349,6 +352,7 @@ fn read_side<'a, R: AsyncRead + Unpin>(
                 return end;
             }
             let mut packets = Vec::new();
+            let unread = buf.len();
             let failure = loop {
                 match decode(&mut buf, &ctx) {
                     Ok(Some(packet)) => {
@@ -368,12 +372,24 @@ fn read_side<'a, R: AsyncRead + Unpin>(
             if settings.security.http_acl().is_some() {
                 Box::pin(settings.security.prefetch_acl(conn, &packets)).await;
             }
-            if !packets.is_empty()
-                && forward(events, Event::Packets { conn, packets })
-                    .await
-                    .is_err()
-            {
-                return pending().await;
+            if !packets.is_empty() {
+                // Decided before this event counts as outstanding; a flag, not the sender: a
+                // reference kept across the wait would size every reader's future.
+                let ack_lane = takes_ack_lane(&packets, shared.over_event_share(0));
+                let weight = event_weight(&packets, unread - buf.len());
+                let weight = settings.inbound.take(shared, weight).await;
+                let lane = match &settings.acks {
+                    Some(acks) if ack_lane => acks,
+                    _ => events,
+                };
+                let event = Event::Packets {
+                    conn,
+                    packets,
+                    weight,
+                };
+                if forward(lane, event).await.is_err() {
+                    return pending().await;
+                }
             }
             if let Some(error) = failure {
                 return Box::pin(malformed(conn, events, error)).await;
@@ -393,6 +409,7 @@ mod tests {
     use crate::connection_io::READ_CHUNK;
     use crate::link::Batch;
     use halyard_codec::{encode, Connect, ProtocolVersion};
+    use std::collections::HashMap;
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
@@ -417,6 +434,8 @@ mod tests {
             max_packet_size: 1024,
             security: Arc::default(),
             parker: None,
+            inbound: Arc::default(),
+            acks: None,
         });
         let task = tokio::spawn(run(server, 7, settings, events_tx, Box::new(())));
         Harness {
@@ -477,8 +496,8 @@ mod tests {
         let wire = BytesMut::from(&bytes_of(&[Packet::PingResp], ProtocolVersion::V5)[..]);
         let batch = Batch {
             wire,
-            written: None,
             close: true,
+            ..Batch::default()
         };
         let _ = link.tx.send(batch);
         let mut reply = Vec::new();
@@ -562,6 +581,177 @@ mod tests {
             .expect("closed in time")
             .expect("read");
         assert!(rest.is_empty());
+    }
+
+    /// The next event, or `None` if none comes for a while.
+    async fn event_within(events: &mut mpsc::Receiver<Event>, wait: Duration) -> Option<Event> {
+        timeout(wait, events.recv()).await.ok().flatten()
+    }
+
+    #[tokio::test]
+    async fn a_flooding_connection_waits_for_the_broker_and_the_others_still_get_through() {
+        let (events_tx, mut events) = mpsc::channel(4096);
+        let inbound = Arc::new(crate::inbound_budget::InboundBudget::new(4 * 1024 * 1024));
+        let settings = Arc::new(ConnectionSettings {
+            connect_timeout: Duration::from_secs(10),
+            max_packet_size: 1024,
+            security: Arc::default(),
+            parker: None,
+            inbound: Arc::clone(&inbound),
+            acks: None,
+        });
+        let mut clients = Vec::new();
+        let mut shared = HashMap::new();
+        for conn in [1, 2] {
+            let (mut client, server) = socket_pair().await;
+            tokio::spawn(run(
+                server,
+                conn,
+                Arc::clone(&settings),
+                events_tx.clone(),
+                Box::new(()),
+            ));
+            let Event::Open { link, .. } = next_event(&mut events).await else {
+                panic!("Open must come first");
+            };
+            client
+                .write_all(&bytes_of(
+                    &[connect(ProtocolVersion::V5)],
+                    ProtocolVersion::V5,
+                ))
+                .await
+                .expect("write");
+            let Event::Packets { weight, .. } = next_event(&mut events).await else {
+                panic!("the CONNECT");
+            };
+            inbound.release(Some(link.shared()), weight);
+            shared.insert(conn, link);
+            clients.push(client);
+        }
+        let mut quiet = clients.remove(1);
+        let mut flooder = clients.remove(0);
+        // 2 MB of PINGREQ: each 4 KiB read decodes to 2,048 packets, far more in memory.
+        let flood = tokio::spawn(async move {
+            let pings = [0xC0u8, 0x00].repeat(1 << 20);
+            flooder.write_all(&pings).await.expect("flood");
+            flooder
+        });
+        // The test is the broker task, and handles nothing yet: the flooder's reads stop
+        // once its events outstanding pass its share.
+        let mut held = Vec::new();
+        let mut received = 0;
+        while let Some(event) = event_within(&mut events, Duration::from_millis(300)).await {
+            let Event::Packets {
+                conn,
+                weight,
+                packets,
+            } = event
+            else {
+                panic!("only packets expected");
+            };
+            assert_eq!(conn, 1);
+            received += packets.len();
+            held.push(weight);
+        }
+        let link = &shared[&1];
+        assert!(link.shared().over_event_share(inbound.per_connection()));
+        assert!(inbound.held() <= inbound.per_connection() + 4096 * size_of::<Packet>() * 2);
+        assert!(received < 1 << 20, "the flood was not paused");
+        // Another connection is still read.
+        quiet
+            .write_all(&bytes_of(&[Packet::PingReq], ProtocolVersion::V5))
+            .await
+            .expect("write");
+        let Some(Event::Packets {
+            conn: 2, weight, ..
+        }) = event_within(&mut events, Duration::from_secs(5)).await
+        else {
+            panic!("the quiet connection's PINGREQ must get through");
+        };
+        inbound.release(Some(shared[&2].shared()), weight);
+        // The broker handles the flooder's events: it is read again, until the end.
+        for weight in held.drain(..) {
+            inbound.release(Some(link.shared()), weight);
+        }
+        while let Some(event) = event_within(&mut events, Duration::from_secs(1)).await {
+            let Event::Packets {
+                weight, packets, ..
+            } = event
+            else {
+                panic!("only packets expected");
+            };
+            received += packets.len();
+            inbound.release(Some(link.shared()), weight);
+        }
+        assert_eq!(received, 1 << 20, "every PINGREQ is read in the end");
+        assert!(flood.await.is_ok());
+        assert_eq!(inbound.held(), 0, "every byte taken is given back");
+        assert!(!link.shared().over_event_share(0));
+    }
+
+    #[tokio::test]
+    async fn acknowledgements_take_their_lane_only_with_nothing_of_the_connection_outstanding() {
+        let (events_tx, mut events) = mpsc::channel(16);
+        let (acks_tx, mut acks) = mpsc::channel(16);
+        let inbound = Arc::new(crate::inbound_budget::InboundBudget::default());
+        let settings = Arc::new(ConnectionSettings {
+            connect_timeout: Duration::from_secs(10),
+            max_packet_size: 1024,
+            security: Arc::default(),
+            parker: None,
+            inbound: Arc::clone(&inbound),
+            acks: Some(acks_tx),
+        });
+        let (mut client, server) = socket_pair().await;
+        tokio::spawn(run(server, 1, settings, events_tx, Box::new(())));
+        let Event::Open { link, .. } = next_event(&mut events).await else {
+            panic!("Open must come first");
+        };
+        let shared = Arc::clone(link.shared());
+        let v5 = ProtocolVersion::V5;
+        client
+            .write_all(&bytes_of(&[connect(v5)], v5))
+            .await
+            .expect("write");
+        // The CONNECT is weighed, so nothing can overtake it.
+        let Event::Packets { weight, .. } = next_event(&mut events).await else {
+            panic!("the CONNECT");
+        };
+        assert!(weight > 0);
+        inbound.release(Some(&shared), weight);
+        let puback = Packet::PubAck(halyard_codec::PubResponse {
+            packet_id: 1,
+            ..Default::default()
+        });
+        client
+            .write_all(&bytes_of(std::slice::from_ref(&puback), v5))
+            .await
+            .expect("write");
+        let Event::Packets {
+            packets, weight, ..
+        } = next_event(&mut acks).await
+        else {
+            panic!("the PUBACK, in the acknowledgement lane");
+        };
+        assert_eq!(packets, [puback]);
+        // While it is outstanding, the next PINGREQ keeps the connection's order.
+        client
+            .write_all(&bytes_of(&[Packet::PingReq], v5))
+            .await
+            .expect("write");
+        let Event::Packets {
+            packets,
+            weight: second,
+            ..
+        } = next_event(&mut events).await
+        else {
+            panic!("the PINGREQ, in the main lane");
+        };
+        assert_eq!(packets, [Packet::PingReq]);
+        inbound.release(Some(&shared), weight);
+        inbound.release(Some(&shared), second);
+        assert_eq!(inbound.held(), 0);
+        assert!(acks.try_recv().is_err());
     }
 
     /// A connected pair: (client, server side).
@@ -676,6 +866,8 @@ mod size_tests {
             max_packet_size: 1024,
             security: Arc::default(),
             parker: None,
+            inbound: Arc::default(),
+            acks: None,
         });
         let shared = Arc::new(Shared::default());
         let (tx, rx) = batch_channel(&shared);

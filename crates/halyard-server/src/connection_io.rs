@@ -221,7 +221,7 @@ pub(crate) fn write_side<'a, W: AsyncWrite + Unpin + 'a>(
             rx.written();
             shared
                 .queued_bytes
-                .fetch_sub(batch.wire.len(), std::sync::atomic::Ordering::Relaxed);
+                .fetch_sub(batch.held, std::sync::atomic::Ordering::Relaxed);
             if batch.close {
                 break;
             }

@@ -3,7 +3,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::mpsc;
+
 use crate::auth::Security;
+use crate::event::Event;
+use crate::inbound_budget::InboundBudget;
 use crate::park::Parker;
 
 /// Per-listener settings every connection task needs.
@@ -18,4 +22,9 @@ pub(crate) struct ConnectionSettings {
     pub(crate) security: Arc<Security>,
     /// Where idle plain TCP connections park; `None` = they never park.
     pub(crate) parker: Option<Arc<Parker>>,
+    /// The byte bound of the event channel to the broker task, shared with it.
+    pub(crate) inbound: Arc<InboundBudget>,
+    /// The broker task's lane for events of acknowledgements and PINGREQ only, which it
+    /// takes before the main lane (see [`crate::event::takes_ack_lane`]); `None`: one lane.
+    pub(crate) acks: Option<mpsc::Sender<Event>>,
 }

@@ -19,8 +19,10 @@ use tracing::{debug, warn};
 use crate::cluster::ClusterDriver;
 use crate::connection_log::ConnectionLog;
 use crate::event::{AdminCall, Event};
+use crate::inbound_budget::InboundBudget;
 use crate::link::{Batch, Link, Shared, WrittenNotice};
 use crate::metrics::Metrics;
+use crate::pacing::Pacing;
 use crate::park::Parker;
 
 /// The park sweep visits this fraction of the connections per tick, so one tick never holds
@@ -66,6 +68,10 @@ pub(crate) struct Dispatcher {
     pub(crate) cluster: Option<ClusterDriver<Event>>,
     /// One line per client connect and disconnect.
     pub(crate) log: ConnectionLog,
+    /// The event channel's byte bound: what each handled event took is given back.
+    pub(crate) inbound: Arc<InboundBudget>,
+    /// The memory budget: publishers paced while the core holds too much.
+    pub(crate) pacing: Pacing,
 }
 
 impl Drop for Dispatcher {
@@ -115,6 +121,8 @@ impl Dispatcher {
             sweep_next: 0,
             cluster: None,
             log: ConnectionLog::default(),
+            inbound: Arc::default(),
+            pacing: Pacing::default(),
         }
     }
 
@@ -137,18 +145,29 @@ impl Dispatcher {
                     },
                 );
             }
-            Event::Packets { conn, packets } => {
-                if let Some(state) = self.links.get(&conn) {
-                    let version = state.link.shared().version();
-                    let publishes = self.metrics.count_inbound(&packets, version);
-                    for packet in packets {
-                        if matches!(packet, Packet::Connect(_) | Packet::Disconnect(_)) {
-                            self.log.received(conn, &packet);
-                        }
-                        broker.handle_packet(now, conn, packet);
+            Event::Packets {
+                conn,
+                packets,
+                weight,
+            } => {
+                let Some(state) = self.links.get(&conn) else {
+                    self.inbound.release(None, weight);
+                    return false;
+                };
+                let version = state.link.shared().version();
+                let publishes = self.metrics.count_inbound(&packets, version);
+                for packet in packets {
+                    if matches!(packet, Packet::Connect(_) | Packet::Disconnect(_)) {
+                        self.log.received(conn, &packet);
                     }
-                    return publishes;
+                    broker.handle_packet(now, conn, packet);
                 }
+                let shared = self.links.get(&conn).map(|state| state.link.shared());
+                if let (true, Some(shared)) = (publishes, shared) {
+                    self.pacing.after_publish(broker, conn, shared, now);
+                }
+                self.inbound.release(shared.map(|shared| &**shared), weight);
+                return publishes;
             }
             Event::DecodeError { conn, error } => {
                 if self.links.contains_key(&conn) {
@@ -165,7 +184,11 @@ impl Dispatcher {
                     self.lost.push(state);
                 }
             }
-            Event::Admin(AdminCall(call)) => call(broker, now),
+            Event::Admin(AdminCall(call)) => {
+                // Admin reads (a metrics scrape) see the current figure.
+                self.refresh_outbound_gauge();
+                call(broker, now);
+            }
             Event::Written { conn } => {
                 if self.links.contains_key(&conn) {
                     broker.handle_written(now, conn);
@@ -215,6 +238,31 @@ impl Dispatcher {
             let workers = tokio::runtime::Handle::current().metrics().num_workers();
             crate::park::after_sweep(&mut self.parked_at_sweep, workers);
         }
+    }
+
+    /// Ends pacing if the core's memory is back under the low-water mark, and shows the
+    /// figures in the metrics.
+    pub(crate) fn update_memory(&mut self, held: u64) {
+        self.pacing.update(held, Instant::now());
+        let gauge = |gauge: &prometheus_client::metrics::gauge::Gauge, value: u64| {
+            gauge.set(i64::try_from(value).unwrap_or(i64::MAX));
+        };
+        gauge(&self.metrics.memory_held, held);
+        gauge(&self.metrics.publishers_paced, self.pacing.paced() as u64);
+        gauge(&self.metrics.event_queue_bytes, self.inbound.held() as u64);
+    }
+
+    /// Sets `halyard_outbound_buffer_bytes` to what the writers of open connections hold: a
+    /// walk over every connection, so only before admin calls (a scrape), never per drain.
+    fn refresh_outbound_gauge(&self) {
+        let held: usize = self
+            .links
+            .values()
+            .map(|state| state.link.shared().queued_bytes.load(Ordering::Relaxed))
+            .sum();
+        self.metrics
+            .outbound_buffer_bytes
+            .set(i64::try_from(held).unwrap_or(i64::MAX));
     }
 
     /// Sends each connection one batch holding everything `outputs` has for it.
@@ -323,11 +371,21 @@ impl Dispatcher {
         let Some(state) = self.links.get_mut(&conn) else {
             return;
         };
+        let writer_holds = state.link.shared().queued_bytes.load(Ordering::Relaxed);
+        let room = self.max_outbound_buffer.saturating_sub(writer_holds);
         let batch = self.pending.entry(conn).or_insert_with(|| Batch {
-            wire: BytesMut::with_capacity(state.batch_hint as usize),
+            wire: BytesMut::with_capacity((state.batch_hint as usize).min(room)),
             ..Batch::default()
         });
-        let queued = state.link.shared().queued_bytes.load(Ordering::Relaxed) + batch.wire.len();
+        let version = state.link.shared().version();
+        let shared = share(&mut self.shared_publish, packet, version, fan_out);
+        let need = match &shared {
+            Some(shared) => shared.bytes.len(),
+            None => halyard_codec::encoded_len(packet, version),
+        };
+        // What this connection's bytes would hold in memory with the packet: the writer's
+        // buffers and this batch's, grown to fit it (BytesMut's own growth doubles).
+        let queued = writer_holds + batch.wire.capacity().max(batch.wire.len() + need);
         if queued > self.max_outbound_buffer && is_qos0_publish(packet) {
             self.dropped_qos0 += 1;
             self.metrics.dropped_slow_consumer.inc();
@@ -339,9 +397,9 @@ impl Dispatcher {
             }
             return;
         }
-        let version = state.link.shared().version();
+        reserve_within(&mut batch.wire, need, room);
         let start = batch.wire.len();
-        if let Some(shared) = share(&mut self.shared_publish, packet, version, fan_out) {
+        if let Some(shared) = shared {
             batch.wire.extend_from_slice(shared.bytes);
             if let Some((at, id)) = shared.packet_id {
                 batch.wire[start + at..start + at + 2].copy_from_slice(&id.to_be_bytes());
@@ -355,6 +413,20 @@ impl Dispatcher {
             .count_outbound(packet, batch.wire.len() - start);
         debug!(conn, packet = packet_name(packet), "sent");
     }
+}
+
+/// Makes room for `need` more bytes in `wire`, doubling its capacity but not beyond `limit`
+/// (unless `need` alone requires more): BytesMut's own growth doubles past any bound, and a
+/// slow consumer's buffers are what `max_outbound_buffer` bounds.
+fn reserve_within(wire: &mut BytesMut, need: usize, limit: usize) {
+    let required = wire.len() + need;
+    if wire.capacity() >= required {
+        return;
+    }
+    let target = (wire.capacity() * 2).min(limit).max(required);
+    let mut grown = BytesMut::with_capacity(target);
+    grown.extend_from_slice(wire);
+    *wire = grown;
 }
 
 /// The last PUBLISH encoded for sharing, per encoding (MQTT 3.x, MQTT 5).
@@ -645,19 +717,12 @@ mod tests {
                 other => panic!("unexpected {other:?}"),
             })
             .collect();
-        assert_eq!(
-            qos,
-            [
-                QoS::AtMostOnce,
-                QoS::AtMostOnce,
-                QoS::AtLeastOnce,
-                QoS::ExactlyOnce
-            ]
-        );
-        assert_eq!(dispatcher.dropped_qos0, 1);
+        // A QoS 0 PUBLISH (107 bytes) goes only if the memory held stays within the bound.
+        assert_eq!(qos, [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce]);
+        assert_eq!(dispatcher.dropped_qos0, 2);
         assert_eq!(
             shared.queued_bytes.load(Ordering::Relaxed),
-            batch.wire.len()
+            batch.wire.capacity()
         );
 
         // Once the writer has caught up, QoS 0 flows again.
@@ -667,6 +732,39 @@ mod tests {
             packet: publish(QoS::AtMostOnce),
         }]);
         assert_eq!(packets_of(&rx.try_recv().expect("a batch")).len(), 1);
+    }
+
+    #[test]
+    fn a_stuck_writer_never_holds_more_than_max_outbound_buffer_for_qos0() {
+        let limit = 64 * 1024;
+        let mut dispatcher = Dispatcher::new(limit);
+        let (link, _rx) = link();
+        let shared = Arc::clone(link.shared());
+        open(&mut dispatcher, 1, link);
+        // Many drains of QoS 0 for a writer that takes nothing: its queue is merged and
+        // grown, and the memory it holds (capacity, not length) stays within the bound.
+        for _ in 0..100 {
+            let outputs: Vec<Output> = (0..50)
+                .map(|_| Output::Send {
+                    conn: 1,
+                    packet: publish(QoS::AtMostOnce),
+                })
+                .collect();
+            dispatcher.dispatch(&outputs);
+            let held = shared.queued_bytes.load(Ordering::Relaxed);
+            assert!(held <= limit, "{held} > {limit}");
+        }
+        assert!(dispatcher.dropped_qos0 > 0);
+        assert!(shared.queued_bytes.load(Ordering::Relaxed) > limit / 2);
+        dispatcher.refresh_outbound_gauge();
+        assert_eq!(
+            dispatcher.metrics.outbound_buffer_bytes.get() as usize,
+            shared.queued_bytes.load(Ordering::Relaxed)
+        );
+        // The connection goes: the gauge no longer counts it.
+        dispatcher.links.remove(&1);
+        dispatcher.refresh_outbound_gauge();
+        assert_eq!(dispatcher.metrics.outbound_buffer_bytes.get(), 0);
     }
 
     #[test]

@@ -21,6 +21,7 @@ use crate::connection_io::{forward, read_some, ReadEnd, IDLE_READ, MAX_RETAINED_
 use crate::connection_settings::ConnectionSettings;
 use crate::dispatch::packet_name;
 use crate::event::Event;
+use crate::inbound_budget::event_weight;
 use crate::link::{Batch, BatchSender, Shared};
 
 /// What the reader needs to authenticate the CONNECT.
@@ -111,8 +112,7 @@ pub(crate) async fn scram_exchange<R: AsyncRead + Unpin>(
     if let Some(reply) = &auth.reply {
         let _ = reply.send(Batch {
             wire,
-            written: None,
-            close: false,
+            ..Batch::default()
         });
     }
     let abandoned = Refused::not_authorized("scram_abandoned");
@@ -162,8 +162,8 @@ pub(crate) fn refuse(
     if let Some(reply) = auth.reply.take() {
         let _ = reply.send(Batch {
             wire,
-            written: None,
             close: true,
+            ..Batch::default()
         });
     }
     None
@@ -197,6 +197,7 @@ pub(crate) async fn take_reauth(
                 Event::Packets {
                     conn,
                     packets: before,
+                    weight: 0,
                 },
             )
             .await;
@@ -247,7 +248,9 @@ pub(crate) async fn read_connect<R: AsyncRead + Unpin>(
     let mut buf = BytesMut::new();
     let mut room = IDLE_READ;
     loop {
-        shared.wait_unpaused().await;
+        shared
+            .wait_readable(settings.inbound.per_connection())
+            .await;
         timeout_at(connect_deadline, read_some(reader, &mut buf, &mut room))
             .await
             .map_err(|_elapsed| ReadEnd::ConnectTimeout)??;
@@ -295,8 +298,19 @@ pub(crate) async fn read_connect<R: AsyncRead + Unpin>(
                 Err(error) => break Some(error),
             }
         };
-        if !packets.is_empty() && events.send(Event::Packets { conn, packets }).await.is_err() {
-            return pending().await;
+        if !packets.is_empty() {
+            // Weighed like every later event, so that the connection's acknowledgements
+            // cannot overtake its CONNECT (see `takes_ack_lane`).
+            let weight = event_weight(&packets, 0);
+            let weight = settings.inbound.take(shared, weight).await;
+            let event = Event::Packets {
+                conn,
+                packets,
+                weight,
+            };
+            if events.send(event).await.is_err() {
+                return pending().await;
+            }
         }
         if let Some(error) = failure {
             return Err(malformed(conn, events, error).await);

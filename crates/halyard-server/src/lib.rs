@@ -43,9 +43,11 @@ mod event;
 mod handshake;
 mod http;
 mod http_auth;
+mod inbound_budget;
 pub mod jwt;
 mod link;
 mod metrics;
+mod pacing;
 mod park;
 pub mod scram;
 mod tls;
@@ -89,6 +91,12 @@ const EVENT_CHANNEL_CAPACITY: usize = 1024;
 /// accept loop does not spin while the condition lasts.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 
+/// Default of [`ServerConfig::memory_budget`]: 256 MiB holds about a million queued small
+/// messages, far beyond what a healthy broker queues, and stays well inside the memory of a
+/// small VM or container; a fixed figure rather than a share of the machine's memory, so a
+/// broker behaves the same on every host (and in a container, where the host's figure lies).
+pub const DEFAULT_MEMORY_BUDGET: usize = 256 * 1024 * 1024;
+
 /// Default of [`ServerConfig::park_idle_after`]: long against the hand-off a parked
 /// connection costs when it wakes, short against how long IoT connections stay silent.
 pub const DEFAULT_PARK_IDLE_AFTER: Duration = Duration::from_secs(2);
@@ -109,6 +117,14 @@ pub struct ServerConfig {
     /// Bytes that may be queued for one connection but not yet written before QoS 0 PUBLISH
     /// packets to it are dropped. Default: 1 MiB.
     pub max_outbound_buffer: usize,
+    /// Bytes of decoded packets that connections may have sent to the broker task and it has
+    /// not handled yet; one connection may hold a sixteenth of it (at least 16 KiB) before
+    /// its reads wait. Default: 16 MiB.
+    pub event_queue_bytes: usize,
+    /// Bytes of messages all sessions may hold in memory, queued and in flight
+    /// ([`Broker::held_bytes`]), before publishers are paced (see `pacing.rs`); 0 = no
+    /// budget. Default: 256 MiB.
+    pub memory_budget: usize,
     /// Limits and switches of the broker core.
     pub broker: BrokerConfig,
     /// A plain TCP connection that has sent nothing for between one and two times this long
@@ -128,6 +144,8 @@ impl Default for ServerConfig {
             log_connections: true,
             connect_timeout: Duration::from_secs(10),
             max_outbound_buffer: 1024 * 1024,
+            event_queue_bytes: inbound_budget::DEFAULT_EVENT_QUEUE_BYTES,
+            memory_budget: DEFAULT_MEMORY_BUDGET,
             broker: BrokerConfig::default(),
             park_idle_after: Some(DEFAULT_PARK_IDLE_AFTER),
         }
@@ -241,6 +259,8 @@ impl Server {
         } = self;
         let mqtt_addrs: Vec<SocketAddr> = listeners.iter().map(|(_, addr)| *addr).collect();
         let (event_tx, event_rx) = mpsc::channel(EVENT_CHANNEL_CAPACITY);
+        let (acks_tx, acks_rx) = mpsc::channel(EVENT_CHANNEL_CAPACITY);
+        let inbound = Arc::new(inbound_budget::InboundBudget::new(config.event_queue_bytes));
         let parker = config.park_idle_after.and_then(|after| {
             let gauge = ops.metrics.connections_parked.clone();
             let runtime = tokio::runtime::Handle::current();
@@ -264,12 +284,17 @@ impl Server {
                 )
             }),
             log_connections: config.log_connections,
+            inbound: Arc::clone(&inbound),
+            memory_budget: config.memory_budget,
         };
         let (stop_tx, stop_rx) = oneshot::channel();
         let mut broker_task = tokio::spawn(
             broker_task::run(
                 broker,
-                event_rx,
+                broker_task::Lanes {
+                    acks: acks_rx,
+                    main: event_rx,
+                },
                 stop_rx,
                 config.max_outbound_buffer,
                 task_ops,
@@ -285,6 +310,8 @@ impl Server {
             max_packet_size: config.broker.max_packet_size,
             security: Arc::clone(&transports.security),
             parker: parker.clone(),
+            inbound,
+            acks: Some(acks_tx),
         });
         if let Some(parker) = &parker {
             parker.set_settings(&settings);

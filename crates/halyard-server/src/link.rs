@@ -19,7 +19,9 @@ use tokio::net::TcpStream;
 /// are packed and the wakers are the smallest that serve (one waiter each).
 #[derive(Debug, Default)]
 pub(crate) struct Shared {
-    /// Encoded bytes handed to the writer but not yet written: the slow-consumer measure.
+    /// Memory held by encoded bytes handed to the writer and not yet written (the capacity
+    /// of their buffers, not only their length): the slow-consumer measure, which
+    /// `max_outbound_buffer` bounds.
     pub(crate) queued_bytes: AtomicUsize,
     /// Live [`BatchSender`]s; when it drops to 0 the writer's `recv` returns `None`.
     senders: AtomicU32,
@@ -28,7 +30,13 @@ pub(crate) struct Shared {
     version: AtomicU8,
     /// Set while the core pushes back on this connection as a publisher
     /// ([`Output::Pause`]): the reader stops reading until it is cleared.
-    pub(crate) paused: AtomicBool,
+    paused: AtomicBool,
+    /// Set while the broker-wide memory budget paces this connection as a publisher (see
+    /// `pacing.rs`): the reader stops reading until it is cleared.
+    paced: AtomicBool,
+    /// Bytes of this connection's events sent to the broker task and not handled yet (see
+    /// `inbound_budget.rs`): past its share the reader waits.
+    event_bytes: AtomicU32,
     /// Set by the reader of a connection that parks whenever it reads; cleared by each
     /// sweep (see [`Shared::sweep_idle`]).
     read_since_sweep: AtomicBool,
@@ -41,7 +49,7 @@ pub(crate) struct Shared {
     /// Set (under the `outq` lock) while the connection is parked (see `park.rs`): it has no
     /// task, so whoever queues something for it, or drops the last sender, must wake it.
     parked: AtomicBool,
-    /// Wakes the reader when `paused` is cleared.
+    /// Wakes the reader when `paused` or `paced` is cleared, or `event_bytes` falls.
     resume: AtomicWaker,
     /// Wakes the writer when `outq` gets something or the last sender goes, and the whole
     /// connection task when it is asked to park.
@@ -53,13 +61,101 @@ pub(crate) struct Shared {
 /// The part of [`Shared`] under its lock.
 #[derive(Debug, Default)]
 struct Queue {
-    /// Packets handed to the writer and not yet taken, merged into one batch: a
-    /// per-connection queue that costs nothing while empty (a tokio mpsc channel allocates a
-    /// 32-slot block, 1.8 KB, per connection up front). See [`batch_channel`].
-    batch: Batch,
+    /// Packets handed to the writer and not yet taken: a per-connection queue that costs
+    /// nothing while empty (a tokio mpsc channel allocates a 32-slot block, 1.8 KB, per
+    /// connection up front). See [`batch_channel`].
+    batch: QueuedBatches,
     /// A plain TCP connection's socket, shared by its task and the dispatcher's direct writes
     /// (see [`Link::write_directly`]).
     socket: TcpSocket,
+}
+
+/// The batches a connection's writer has not taken yet: their buffers as they came (a batch
+/// is merged into the previous one only where that has room to spare), then the close or
+/// notice of the last batch. Merging everything into one growing buffer made it double, so
+/// a slow consumer held up to twice `max_outbound_buffer`; kept apart, the memory held is
+/// exactly the buffers the dispatcher counted. The writer merges small ones as it takes them
+/// (see [`QueuedBatches::take`]), so it still writes them with one call.
+#[derive(Debug, Default)]
+struct QueuedBatches {
+    /// The bytes, in order.
+    chunks: std::collections::VecDeque<BytesMut>,
+    /// See [`Batch::written`]: reported when the writer takes the last chunk.
+    written: Option<Box<WrittenNotice>>,
+    /// See [`Batch::close`]: the writer closes after the last chunk.
+    close: bool,
+}
+
+/// Largest write the writer assembles from several queued buffers (above it, one write call
+/// per buffer costs little against its size).
+const MERGE_LIMIT: usize = 64 * 1024;
+
+impl QueuedBatches {
+    fn is_empty(&self) -> bool {
+        self.chunks.is_empty() && !self.close && self.written.is_none()
+    }
+
+    /// Appends `batch`; returns the memory it added.
+    fn push(&mut self, batch: Batch) -> usize {
+        let mut added = 0;
+        if !batch.wire.is_empty() {
+            match self.chunks.back_mut() {
+                Some(last) if last.capacity() - last.len() >= batch.wire.len() => {
+                    last.extend_from_slice(&batch.wire);
+                }
+                _ => {
+                    added = batch.wire.capacity();
+                    self.chunks.push_back(batch.wire);
+                }
+            }
+        }
+        self.close = batch.close;
+        if batch.written.is_some() {
+            self.written = batch.written;
+        }
+        added
+    }
+
+    /// The next buffer as a batch, merged with those after it while the whole stays within
+    /// [`MERGE_LIMIT`], with the close and notice if nothing is left after it.
+    fn take(&mut self) -> Batch {
+        let mut wire = self.chunks.pop_front().unwrap_or_default();
+        let mut held = wire.capacity();
+        let mergeable = self
+            .chunks
+            .iter()
+            .scan(wire.len(), |total, chunk| {
+                *total += chunk.len();
+                (*total <= MERGE_LIMIT).then_some(*total)
+            })
+            .last();
+        if let Some(total) = mergeable {
+            let mut merged = BytesMut::with_capacity(total);
+            merged.extend_from_slice(&wire);
+            while let Some(next) = self.chunks.front() {
+                if merged.len() + next.len() > total {
+                    break;
+                }
+                merged.extend_from_slice(next);
+                held += next.capacity();
+                self.chunks.pop_front();
+            }
+            wire = merged;
+        }
+        if !self.chunks.is_empty() {
+            return Batch {
+                wire,
+                held,
+                ..Batch::default()
+            };
+        }
+        Batch {
+            wire,
+            held,
+            written: self.written.take(),
+            close: std::mem::take(&mut self.close),
+        }
+    }
 }
 
 /// Where a plain TCP connection's socket is.
@@ -83,11 +179,51 @@ impl Shared {
         }
     }
 
-    /// Waits while the reader is paused.
-    pub(crate) async fn wait_unpaused(&self) {
+    /// Paces or stops pacing the reader (see [`Shared::paced`]).
+    pub(crate) fn set_paced(&self, paced: bool) {
+        self.paced.store(paced, Ordering::Release);
+        if !paced {
+            self.resume.wake();
+        }
+    }
+
+    /// Whether the memory budget paces this connection now.
+    pub(crate) fn is_paced(&self) -> bool {
+        self.paced.load(Ordering::Acquire)
+    }
+
+    /// Counts an event sent to the broker task.
+    pub(crate) fn add_event_bytes(&self, weight: u32) {
+        self.event_bytes.fetch_add(weight, Ordering::AcqRel);
+    }
+
+    /// Counts an event the broker task has handled, waking the reader if that brings the
+    /// connection back within `share`.
+    pub(crate) fn sub_event_bytes(&self, weight: u32, share: usize) {
+        let before = self.event_bytes.fetch_sub(weight, Ordering::AcqRel);
+        if before as usize > share {
+            self.resume.wake();
+        }
+    }
+
+    /// Whether this connection's events outstanding exceed `share`.
+    pub(crate) fn over_event_share(&self, share: usize) -> bool {
+        self.event_bytes.load(Ordering::Acquire) as usize > share
+    }
+
+    /// Whether the reader must wait before it reads more: paused by pushback, paced by the
+    /// memory budget, or over its `share` of the event channel.
+    pub(crate) fn must_wait(&self, share: usize) -> bool {
+        self.paused.load(Ordering::Acquire)
+            || self.paced.load(Ordering::Acquire)
+            || self.over_event_share(share)
+    }
+
+    /// Waits while [`Shared::must_wait`].
+    pub(crate) async fn wait_readable(&self, share: usize) {
         std::future::poll_fn(|cx| {
             self.resume.register(cx.waker());
-            if self.paused.load(Ordering::Acquire) {
+            if self.must_wait(share) {
                 Poll::Pending
             } else {
                 Poll::Ready(())
@@ -256,20 +392,11 @@ impl BatchSender {
         let wake;
         {
             let mut queue = self.0.lock();
-            let queued = &mut queue.batch;
-            let added = batch.wire.len();
-            if queued.is_empty() {
-                *queued = batch;
-            } else if !queued.close {
-                queued.wire.extend_from_slice(&batch.wire);
-                queued.close = batch.close;
-                if batch.written.is_some() {
-                    queued.written = batch.written;
-                }
-            } else {
+            if queue.batch.close {
                 // Nothing more is written after a close.
                 return false;
             }
+            let added = queue.batch.push(batch);
             self.0.queued_bytes.fetch_add(added, Ordering::Relaxed);
             wake = self.0.parked.swap(false, Ordering::Relaxed);
         }
@@ -330,7 +457,7 @@ impl BatchReceiver {
             return None;
         }
         self.0.writing.store(true, Ordering::Relaxed);
-        Some(std::mem::take(&mut queue.batch))
+        Some(queue.batch.take())
     }
 
     /// The batch taken last is written: the dispatcher may write directly again.
@@ -397,6 +524,9 @@ pub(crate) struct Batch {
     pub(crate) written: Option<Box<WrittenNotice>>,
     /// Close the connection after writing the packets.
     pub(crate) close: bool,
+    /// What the writer gives back to [`Shared::queued_bytes`] once this batch is written:
+    /// the memory counted for its buffers while they were queued (set when it is taken).
+    pub(crate) held: usize,
 }
 
 impl Batch {

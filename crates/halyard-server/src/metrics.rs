@@ -78,6 +78,17 @@ pub(crate) struct Metrics {
     inflight: Gauge,
     /// 1 while the store is out of space and the broker degraded (see `disk_full` in the core).
     disk_full: Gauge,
+    /// Bytes the core's sessions hold in memory ([`halyard_core::Broker::held_bytes`]).
+    pub(crate) memory_held: Gauge,
+    /// Publishers paced by the memory budget now.
+    pub(crate) publishers_paced: Gauge,
+    /// Seconds publishers spent paced by the memory budget, summed over connections.
+    pub(crate) paced_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
+    /// Bytes of events connections sent to the broker task and it has not handled yet.
+    pub(crate) event_queue_bytes: Gauge,
+    /// Memory held by bytes queued for connection writers (what `max_outbound_buffer`
+    /// bounds per connection), over all open connections; set before each scrape.
+    pub(crate) outbound_buffer_bytes: Gauge,
     /// Time from the broker task taking a batch of events with publishes to the end of its
     /// dispatch to connection writers: the broker's own share of publish latency.
     pub(crate) publish_latency: Histogram,
@@ -128,6 +139,11 @@ impl Metrics {
             queued: Gauge::default(),
             inflight: Gauge::default(),
             disk_full: Gauge::default(),
+            memory_held: Gauge::default(),
+            publishers_paced: Gauge::default(),
+            paced_seconds: Counter::default(),
+            event_queue_bytes: Gauge::default(),
+            outbound_buffer_bytes: Gauge::default(),
             publish_latency: Histogram::new(exponential_buckets(0.000_01, 2.0, 18)),
             scrape: Mutex::new(()),
             registry: Registry::default(),
@@ -226,6 +242,35 @@ impl Metrics {
             "disk_full",
             "1 while the data directory is out of space: QoS 1/2 publishes and new persistent sessions are refused (see README)",
             metrics.disk_full.clone(),
+        );
+        registry.register_with_unit(
+            "memory_held",
+            "Bytes of messages the sessions hold in memory, queued and in flight (what memory_budget bounds)",
+            prometheus_client::registry::Unit::Bytes,
+            metrics.memory_held.clone(),
+        );
+        registry.register(
+            "publishers_paced",
+            "Publishing connections not read now because memory_budget is exceeded",
+            metrics.publishers_paced.clone(),
+        );
+        registry.register_with_unit(
+            "publishers_paced",
+            "Time publishing connections spent unread because memory_budget was exceeded, summed over connections",
+            prometheus_client::registry::Unit::Seconds,
+            metrics.paced_seconds.clone(),
+        );
+        registry.register_with_unit(
+            "event_queue",
+            "Bytes of decoded packets handed to the broker task and not handled yet (what event_queue_bytes bounds)",
+            prometheus_client::registry::Unit::Bytes,
+            metrics.event_queue_bytes.clone(),
+        );
+        registry.register_with_unit(
+            "outbound_buffer",
+            "Memory held by bytes queued for connection writers and not written yet, over all open connections (max_outbound_buffer bounds each)",
+            prometheus_client::registry::Unit::Bytes,
+            metrics.outbound_buffer_bytes.clone(),
         );
         registry.register_with_unit(
             "publish_latency",

@@ -52,12 +52,33 @@ pub struct FileConfig {
     /// `halyard_connections_parked` counts them. 0 = never park. TLS and WebSocket connections do
     /// not park.
     pub park_idle_after_ms: u64,
-    /// Bytes queued for one connection but not yet written above which QoS 0 messages to it are
-    /// dropped (slow consumer). QoS 1/2 messages are bounded by `max_inflight`,
+    /// Memory that bytes queued for one connection but not yet written may hold (the capacity of
+    /// their buffers, not only their length); a QoS 0 message that would take it beyond is dropped
+    /// for that connection (slow consumer), counted in
+    /// `halyard_messages_dropped_total{reason="slow_consumer"}` and logged at the first drop per
+    /// connection. `halyard_outbound_buffer_bytes` sums it over connections. QoS 1/2 messages are bounded by `max_inflight`,
     /// `max_queued_messages` and `max_queued_bytes`, and what a full queue does is
     /// `queue_full_policy`'s.
     #[schemars(range(min = 1))]
     pub max_outbound_buffer: usize,
+    /// Bytes of decoded packets that connections may have handed to the broker task and it has
+    /// not handled yet (each counted with what its event costs in memory, not only its wire size:
+    /// a 2-byte PINGREQ weighs about 500 bytes). One connection may hold a sixteenth of it (at
+    /// least 16 KiB) before the broker stops reading from it, so one flooding client waits and the
+    /// others keep their turn.
+    #[schemars(range(min = 16384))]
+    pub event_queue_bytes: usize,
+    /// Bytes of messages held in memory by all sessions together, queued and in flight (topic,
+    /// payload and per-message bookkeeping; a persistent session's queue counts only the part in
+    /// memory, not what is on disk). Above it publishers are paced, not refused: the broker stops
+    /// reading from connections that publish (except those with deliveries in flight, whose
+    /// acknowledgements may be what frees memory) until the total is back under three quarters of
+    /// it. `halyard_memory_held_bytes` shows the total, `halyard_publishers_paced_seconds_total`
+    /// the time publishers spent paced. 0 = no budget. Why 256 MiB: it holds about a million
+    /// small queued messages, far beyond what a healthy broker queues, and stays well inside a
+    /// small VM or container; a fixed figure rather than a share of the machine's memory, so the
+    /// broker behaves the same on every host (in a container the host's figure misleads).
+    pub memory_budget: usize,
     /// Largest keep-alive (seconds) a client may ask for; 0 = no maximum. MQTT 5 clients asking for
     /// more (or for 0) are told this value as Server Keep Alive; MQTT 3.x clients asking for more
     /// are refused (identifier rejected), as Mosquitto does.
@@ -287,6 +308,8 @@ impl Default for FileConfig {
                 u64::try_from(after.as_millis()).unwrap_or(u64::MAX)
             }),
             max_outbound_buffer: server.max_outbound_buffer,
+            event_queue_bytes: server.event_queue_bytes,
+            memory_budget: server.memory_budget,
             max_keepalive: broker.max_keepalive,
             max_inflight: broker.max_inflight,
             receive_maximum: broker.receive_maximum,
@@ -324,6 +347,8 @@ impl From<FileConfig> for ServerConfig {
             connect_timeout_ms,
             park_idle_after_ms,
             max_outbound_buffer,
+            event_queue_bytes,
+            memory_budget,
             max_keepalive,
             max_inflight,
             receive_maximum,
@@ -358,6 +383,8 @@ impl From<FileConfig> for ServerConfig {
             park_idle_after: (park_idle_after_ms > 0)
                 .then(|| Duration::from_millis(park_idle_after_ms)),
             max_outbound_buffer,
+            event_queue_bytes,
+            memory_budget,
             broker: BrokerConfig {
                 max_keepalive,
                 max_inflight,
@@ -619,6 +646,8 @@ mod tests {
             connect_timeout_ms = 2500
             park_idle_after_ms = 500
             max_outbound_buffer = 4096
+            event_queue_bytes = 65536
+            memory_budget = 1048576
             max_keepalive = 60
             max_inflight = 7
             receive_maximum = 9
@@ -645,6 +674,8 @@ mod tests {
             connect_timeout: Duration::from_millis(2500),
             park_idle_after: Some(Duration::from_millis(500)),
             max_outbound_buffer: 4096,
+            event_queue_bytes: 65536,
+            memory_budget: 1048576,
             log_connections: false,
             broker: BrokerConfig {
                 max_keepalive: 60,
@@ -670,6 +701,8 @@ mod tests {
         assert_ne!(config.listeners, defaults.listeners);
         assert_ne!(config.connect_timeout, defaults.connect_timeout);
         assert_ne!(config.max_outbound_buffer, defaults.max_outbound_buffer);
+        assert_ne!(config.event_queue_bytes, defaults.event_queue_bytes);
+        assert_ne!(config.memory_budget, defaults.memory_budget);
         assert_ne!(config.log_connections, defaults.log_connections);
         let (b, d) = (&config.broker, &defaults.broker);
         assert_ne!(b.max_keepalive, d.max_keepalive);
@@ -938,7 +971,8 @@ mod tests {
             // A value of the key's kind that differs from the default; texts try the forms
             // the text keys take (address, enumerations, path or name).
             let candidates: &[&str] = match key.kind {
-                crate::keys::Kind::Integer { .. } => &["3"],
+                // A byte count with a floor (`event_queue_bytes`) takes the larger one.
+                crate::keys::Kind::Integer { .. } => &["3", "65536"],
                 crate::keys::Kind::Boolean => &["false", "true"],
                 crate::keys::Kind::Text => {
                     &["127.0.0.1:9", "pushback", "memory", "never", "refuse", "x"]

@@ -520,6 +520,7 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
             } => {
                 if let Some(state) = broker.fence(clocks.now, clocks.wall, &client_id, epoch) {
                     debug!(%client_id, new_owner, "session moves to another node");
+                    broker.relay_moved_session(clocks.now, new_owner, &state);
                     match wire::encode_session(epoch, &state) {
                         Ok(payload) => {
                             let seq = self.seq_for(new_owner);

@@ -53,7 +53,7 @@ pub(crate) fn status_json(coordinator: &Coordinator) -> Value {
             "voter": member.voter,
             "matched_index": member.matched_index,
         })).collect::<Vec<_>>(),
-        "fenced": status.fenced,
+        "stale_incarnation": status.fenced,
         "links": status.links.iter().map(|link| json!({
             "node": link.node,
             "connected": link.connected,
