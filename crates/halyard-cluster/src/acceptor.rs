@@ -8,7 +8,6 @@ use std::time::Duration;
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::raft::AppendEntriesResponse;
 use openraft::ChangeMembers;
-use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
 use crate::applied_everywhere::serve_wait_applied;
@@ -23,6 +22,7 @@ use crate::metrics::{bump, Counters};
 use crate::peer_client::LocalNode;
 use crate::peer_link::LinkInbound;
 use crate::raft_types::{NodeInfo, Raft};
+use crate::transport::{BoxStream, Incoming};
 use crate::types::NodeId;
 
 /// How long a new connection may take to say hello.
@@ -42,12 +42,16 @@ pub(crate) struct Acceptor {
 }
 
 /// Accepts until the task is aborted; aborting it also ends every connection it serves.
-pub(crate) async fn run(listener: TcpListener, acceptor: Arc<Acceptor>) {
+pub(crate) async fn run(mut incoming: Box<dyn Incoming>, acceptor: Arc<Acceptor>) {
     let mut connections = JoinSet::new();
     loop {
+        // Biased: the order in which ready branches are taken must not depend on tokio's
+        // random choice, so that a simulation replays.
         tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
+            biased;
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            accepted = incoming.accept() => match accepted {
+                Ok(stream) => {
                     connections.spawn(serve(stream, acceptor.clone()));
                 }
                 Err(error) => {
@@ -55,12 +59,11 @@ pub(crate) async fn run(listener: TcpListener, acceptor: Arc<Acceptor>) {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
             },
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
         }
     }
 }
 
-async fn serve(stream: TcpStream, acceptor: Arc<Acceptor>) {
+async fn serve(stream: BoxStream, acceptor: Arc<Acceptor>) {
     let mut connection = frame::framed(stream);
     let hello = match frame::receive_within::<Hello>(&mut connection, HELLO_TIMEOUT).await {
         Ok(hello) => hello,

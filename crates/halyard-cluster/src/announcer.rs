@@ -14,11 +14,18 @@ use crate::membership;
 use crate::metrics::Counters;
 use crate::peer_client::{LocalNode, PeerClient};
 use crate::raft_types::Raft;
+use crate::transport::Transport;
 
 const POLL: Duration = Duration::from_millis(100);
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 
-pub(crate) async fn run(raft: Raft, local: LocalNode, peers: Vec<String>, counters: Arc<Counters>) {
+pub(crate) async fn run(
+    raft: Raft,
+    local: LocalNode,
+    peers: Vec<String>,
+    counters: Arc<Counters>,
+    transport: Arc<dyn Transport>,
+) {
     let mut client: Option<PeerClient> = None;
     loop {
         tokio::time::sleep(POLL).await;
@@ -46,8 +53,9 @@ pub(crate) async fn run(raft: Raft, local: LocalNode, peers: Vec<String>, counte
                 .as_ref()
                 .is_none_or(|client| client.target() != leader)
             {
-                client = membership::addr(&raft, &peers, leader)
-                    .map(|addr| PeerClient::new(local, leader, addr, 0, counters.clone()));
+                client = membership::addr(&raft, &peers, leader).map(|addr| {
+                    PeerClient::new(local, leader, addr, 0, counters.clone(), transport.clone())
+                });
             }
             let Some(client) = client.as_mut() else {
                 continue;

@@ -23,6 +23,7 @@ use crate::membership;
 use crate::metrics::{bump, Counters};
 use crate::peer_client::{LocalNode, PeerClient};
 use crate::raft_types::{NodeInfo, Raft};
+use crate::transport::Transport;
 use crate::types::NodeId;
 
 /// Pause before asking a peer again after a failed call.
@@ -37,6 +38,7 @@ pub(crate) struct AppliedEverywhere {
     raft: Raft,
     consumption: Consumption,
     counters: Arc<Counters>,
+    transport: Arc<dyn Transport>,
     /// The `peers` list, for the addresses of voters the membership does not name yet.
     addrs: Vec<String>,
     /// Made on first use, so that a voter added at run time is waited for too.
@@ -116,12 +118,14 @@ impl AppliedEverywhere {
         raft: Raft,
         consumption: Consumption,
         counters: Arc<Counters>,
+        transport: Arc<dyn Transport>,
     ) -> Self {
         Self {
             local,
             raft,
             consumption,
             counters,
+            transport,
             addrs: peers.to_vec(),
             peers: Mutex::new(BTreeMap::new()),
         }
@@ -135,7 +139,14 @@ impl AppliedEverywhere {
         }
         let addr =
             membership::addr(&self.raft, &self.addrs, id).ok_or(ClusterError::UnknownNode(id))?;
-        let client = PeerClient::new(self.local, id, addr, 0, self.counters.clone());
+        let client = PeerClient::new(
+            self.local,
+            id,
+            addr,
+            0,
+            self.counters.clone(),
+            self.transport.clone(),
+        );
         let peer = Arc::new(Peer {
             client: tokio::sync::Mutex::new(client),
             applied: AtomicU64::new(0),

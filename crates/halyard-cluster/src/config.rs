@@ -2,9 +2,11 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::ClusterError;
+use crate::transport::{Incoming, TcpTransport, Transport};
 use crate::types::NodeId;
 
 /// Where the cluster port listens.
@@ -14,6 +16,8 @@ pub enum Listen {
     Addr(SocketAddr),
     /// Use a listener the caller bound (tests bind port 0 to learn the port first).
     Bound(std::net::TcpListener),
+    /// Take connections from this source instead of a TCP port (a simulated network).
+    Incoming(Box<dyn Incoming>),
 }
 
 /// Configuration of one cluster node. Every voter must be given the same nodes in `peers`
@@ -49,6 +53,11 @@ pub struct ClusterConfig {
     pub snapshot_every_entries: u64,
     /// fsync every raft.redb commit; turn off only in tests.
     pub fsync: bool,
+    /// How this node connects to its peers' addresses (TCP unless simulated).
+    pub transport: Arc<dyn Transport>,
+    /// Seeds the incarnation id of a new data directory and the proposal ids instead of the
+    /// OS's randomness; only a simulation sets it, so that a seed replays.
+    pub entropy: Option<u64>,
     /// How long this node keeps serving its sessions without hearing from a quorum (see
     /// the lease module); must stay below the takeover timeout with a margin.
     pub lease: Duration,
@@ -75,6 +84,8 @@ impl ClusterConfig {
             change_feed_capacity: 4096,
             snapshot_every_entries: 5000,
             fsync: true,
+            transport: Arc::new(TcpTransport),
+            entropy: None,
             lease: Duration::from_millis(1500),
         }
     }

@@ -31,6 +31,7 @@ use crate::raft_network::NetworkFactory;
 use crate::raft_types::{NodeInfo, Raft};
 use crate::state_machine::{lock, SharedApplier, StateMachineStore};
 use crate::status::{Commit, MemberStatus, MirrorState, Role, Status};
+use crate::transport::{Incoming, TcpIncoming, Transport};
 use crate::types::{Applied, ClientId, NodeId, Owner, RetainedMessage, RouteKey, Subscription};
 
 /// How long a membership change may take: adding a learner waits until it has caught up.
@@ -72,6 +73,8 @@ pub struct Coordinator {
     link: Arc<PeerLink>,
     /// The voters' addresses as configured (members added later are found in the membership).
     peers: Vec<String>,
+    /// How this node dials its peers (for membership requests to the leader).
+    transport: Arc<dyn Transport>,
     link_receivers: Mutex<Option<LinkReceivers>>,
     applied_everywhere: AppliedEverywhere,
     consumption: Consumption,
@@ -86,7 +89,7 @@ impl Coordinator {
         let listener = bind(config.listen).await?;
         let db = crate::raft_db::open(&config.data_dir, config.fsync)
             .map_err(|e| ClusterError::Storage(e.to_string()))?;
-        let identity = identity::load_or_create(&db, config.node_id)?;
+        let identity = identity::load_or_create(&db, config.node_id, config.entropy)?;
         let local = LocalNode {
             id: identity.node_id,
             incarnation: identity.incarnation,
@@ -119,6 +122,7 @@ impl Coordinator {
             local,
             peers: config.peers.clone(),
             counters: counters.clone(),
+            transport: config.transport.clone(),
             lease: lease.clone(),
         };
         let raft = Raft::new(
@@ -136,6 +140,7 @@ impl Coordinator {
             &config.peers,
             config.peer_queue_capacity,
             counters.clone(),
+            config.transport.clone(),
         );
         let link = Arc::new(link);
         let mut tasks = Vec::new();
@@ -181,6 +186,7 @@ impl Coordinator {
             timeout: config.proposal_timeout,
             quorum_silence: config.election_timeout_max * 2,
             clients: BTreeMap::new(),
+            transport: config.transport.clone(),
         };
         let batcher = Batcher {
             inbox,
@@ -196,6 +202,7 @@ impl Coordinator {
                 local,
                 config.peers.clone(),
                 counters.clone(),
+                config.transport.clone(),
             ))
             .abort_handle(),
         );
@@ -216,6 +223,7 @@ impl Coordinator {
             raft.clone(),
             consumption.clone(),
             counters.clone(),
+            config.transport.clone(),
         );
 
         Ok(Coordinator {
@@ -225,12 +233,16 @@ impl Coordinator {
             counters,
             committed_index,
             proposals,
-            next_request_id: AtomicU64::new(random_u64()? >> 1),
+            next_request_id: AtomicU64::new(match config.entropy {
+                Some(seed) => seed >> 1,
+                None => random_u64()? >> 1,
+            }),
             change_feed_capacity: config.change_feed_capacity,
             tasks,
             db: Some(db_handle),
             link,
             peers: config.peers,
+            transport: config.transport,
             link_receivers: Mutex::new(Some(link_receivers)),
             applied_everywhere,
             consumption,
@@ -410,6 +422,14 @@ impl Coordinator {
         lock(&self.applier).state.routes()
     }
 
+    /// The applied index and the route index at it, read together (a simulation compares
+    /// nodes' route tables at equal indexes).
+    pub fn applied_routes(&self) -> (u64, BTreeMap<RouteKey, BTreeSet<NodeId>>) {
+        let applier = lock(&self.applier);
+        let index = applier.last_applied.map_or(0, |id| id.index);
+        (index, applier.state.routes())
+    }
+
     /// Retained messages matching a (non-shared) topic filter.
     pub fn retained(&self, filter: &str) -> Vec<(String, RetainedMessage)> {
         lock(&self.applier).state.retained_matching(filter)
@@ -486,6 +506,7 @@ impl Coordinator {
             self.local,
             &self.peers,
             &self.counters,
+            &self.transport,
             change,
             MEMBERSHIP_TIMEOUT,
         )
@@ -615,15 +636,17 @@ fn random_u64() -> Result<u64, ClusterError> {
     Ok(u64::from_le_bytes(bytes))
 }
 
-async fn bind(listen: Listen) -> Result<TcpListener, ClusterError> {
+async fn bind(listen: Listen) -> Result<Box<dyn Incoming>, ClusterError> {
     let io = |e: std::io::Error| ClusterError::Io(e.to_string());
-    match listen {
-        Listen::Addr(addr) => TcpListener::bind(addr).await.map_err(io),
+    let listener = match listen {
+        Listen::Addr(addr) => TcpListener::bind(addr).await.map_err(io)?,
         Listen::Bound(listener) => {
             listener.set_nonblocking(true).map_err(io)?;
-            TcpListener::from_std(listener).map_err(io)
+            TcpListener::from_std(listener).map_err(io)?
         }
-    }
+        Listen::Incoming(incoming) => return Ok(incoming),
+    };
+    Ok(Box::new(TcpIncoming(listener)))
 }
 
 async fn count_leader_changes(raft: Raft, counters: Arc<Counters>) {

@@ -16,11 +16,11 @@ use openraft::raft::{
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpStream;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
 use crate::command::{Command, Response};
 use crate::raft_types::TypeConfig;
+use crate::transport::BoxStream;
 use crate::types::NodeId;
 
 /// Frames above this size are refused. Snapshots travel in 3 MiB chunks; an AppendEntries
@@ -28,11 +28,10 @@ use crate::types::NodeId;
 const MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
 
 /// A framed cluster connection.
-pub(crate) type FramedStream = Framed<TcpStream, LengthDelimitedCodec>;
+pub(crate) type FramedStream = Framed<BoxStream, LengthDelimitedCodec>;
 
-/// Wraps a TCP stream in the cluster's framing.
-pub(crate) fn framed(stream: TcpStream) -> FramedStream {
-    let _ = stream.set_nodelay(true);
+/// Wraps a peer stream in the cluster's framing.
+pub(crate) fn framed(stream: BoxStream) -> FramedStream {
     let codec = LengthDelimitedCodec::builder()
         .max_frame_length(MAX_FRAME_BYTES)
         .new_codec();

@@ -19,7 +19,12 @@ pub struct Identity {
 
 /// Loads the stored identity, or creates one with a fresh incarnation on first start.
 /// A stored node id different from `node_id` is an error: the directory belongs to another node.
-pub(crate) fn load_or_create(db: &RaftDb, node_id: NodeId) -> Result<Identity, ClusterError> {
+/// `entropy` (simulations only) replaces the OS's randomness for a new incarnation.
+pub(crate) fn load_or_create(
+    db: &RaftDb,
+    node_id: NodeId,
+    entropy: Option<u64>,
+) -> Result<Identity, ClusterError> {
     let stored: Option<Identity> = read_meta(db, KEY_IDENTITY, ErrorSubject::Store)
         .map_err(|e| ClusterError::Storage(e.to_string()))?;
     match stored {
@@ -31,7 +36,10 @@ pub(crate) fn load_or_create(db: &RaftDb, node_id: NodeId) -> Result<Identity, C
         None => {
             let identity = Identity {
                 node_id,
-                incarnation: random_incarnation()?,
+                incarnation: match entropy {
+                    Some(seed) => seed.max(1),
+                    None => random_incarnation()?,
+                },
             };
             write_meta(db, KEY_IDENTITY, &identity, ErrorSubject::Store)
                 .map_err(|e| ClusterError::Storage(e.to_string()))?;
@@ -61,20 +69,24 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let first = {
             let db = crate::raft_db::open(dir.path(), false).expect("open");
-            load_or_create(&db, 2).expect("create")
+            load_or_create(&db, 2, None).expect("create")
         };
         let db = crate::raft_db::open(dir.path(), false).expect("reopen");
-        assert_eq!(load_or_create(&db, 2).expect("load"), first);
+        assert_eq!(load_or_create(&db, 2, None).expect("load"), first);
         assert!(matches!(
-            load_or_create(&db, 3),
+            load_or_create(&db, 3, None),
             Err(ClusterError::IdentityMismatch {
                 stored: 2,
                 configured: 3
             })
         ));
         let other = tempfile::tempdir().expect("tempdir");
-        let fresh = load_or_create(&crate::raft_db::open(other.path(), false).expect("open"), 2)
-            .expect("create");
+        let fresh = load_or_create(
+            &crate::raft_db::open(other.path(), false).expect("open"),
+            2,
+            None,
+        )
+        .expect("create");
         assert_ne!(
             fresh.incarnation, first.incarnation,
             "an empty dir is a new incarnation"

@@ -41,6 +41,7 @@ mod raft_types;
 mod state;
 mod state_machine;
 mod status;
+mod transport;
 mod types;
 
 pub use command::{ClaimOutcome, SubscriptionChange};
@@ -51,6 +52,9 @@ pub use metrics::Metrics;
 pub use peer_link::{Acked, Delivery, LinkReceivers, PeerLink};
 pub use raft_db::RAFT_FILE;
 pub use status::{Commit, LinkStatus, MemberStatus, MirrorState, Role, Status};
+pub use transport::{
+    BoxFuture, BoxStream, Incoming, PeerStream, TcpIncoming, TcpTransport, Transport,
+};
 pub use types::{
     Applied, Change, ClientId, NodeId, Owner, RetainedMessage, RouteKey, Subscription,
 };

@@ -21,6 +21,7 @@ use crate::frame::{MembershipChange, ProposeError, RaftReply, RaftRequest};
 use crate::metrics::Counters;
 use crate::peer_client::{LocalNode, PeerClient};
 use crate::raft_types::{NodeInfo, Raft};
+use crate::transport::Transport;
 use crate::types::NodeId;
 
 /// The members (voters and learners) with their node info, as this node knows them; empty
@@ -56,6 +57,7 @@ pub(crate) async fn request(
     local: LocalNode,
     peers: &[String],
     counters: &Arc<Counters>,
+    transport: &Arc<dyn Transport>,
     change: MembershipChange,
     limit: Duration,
 ) -> Result<(), ClusterError> {
@@ -76,7 +78,8 @@ pub(crate) async fn request(
             }
             Some(leader) => {
                 let addr = addr(raft, peers, leader).ok_or(ClusterError::UnknownNode(leader))?;
-                let mut client = PeerClient::new(local, leader, addr, 0, counters.clone());
+                let mut client =
+                    PeerClient::new(local, leader, addr, 0, counters.clone(), transport.clone());
                 let request = RaftRequest::Membership(change.clone());
                 match client.call(&request, remaining).await {
                     Ok(RaftReply::Membership(result)) => result,

@@ -12,6 +12,7 @@ use tokio::time::Instant;
 
 use crate::frame::{self, Channel, FramedStream, Hello, RaftReply, RaftRequest, Welcome};
 use crate::metrics::{bump, Counters};
+use crate::transport::Transport;
 use crate::types::NodeId;
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
@@ -34,6 +35,7 @@ pub(crate) struct PeerClient {
     retry_at: Option<Instant>,
     backoff: Duration,
     counters: Arc<Counters>,
+    transport: Arc<dyn Transport>,
 }
 
 impl PeerClient {
@@ -43,6 +45,7 @@ impl PeerClient {
         addr: String,
         expected_incarnation: u64,
         counters: Arc<Counters>,
+        transport: Arc<dyn Transport>,
     ) -> Self {
         Self {
             local,
@@ -53,6 +56,7 @@ impl PeerClient {
             retry_at: None,
             backoff: FIRST_BACKOFF,
             counters,
+            transport,
         }
     }
 
@@ -135,7 +139,7 @@ impl PeerClient {
     }
 
     async fn handshake(&mut self, limit: Duration) -> io::Result<FramedStream> {
-        let stream = crate::dial::connect(&self.addr).await?;
+        let stream = self.transport.connect(&self.addr).await?;
         let mut connection = frame::framed(stream);
         let hello = Hello {
             channel: Channel::Raft,

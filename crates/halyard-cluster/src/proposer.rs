@@ -15,6 +15,7 @@ use crate::membership;
 use crate::metrics::Counters;
 use crate::peer_client::{LocalNode, PeerClient};
 use crate::raft_types::Raft;
+use crate::transport::Transport;
 use crate::types::NodeId;
 
 /// Pause before asking again after "not the leader" or a failed forward.
@@ -29,6 +30,7 @@ pub(crate) struct Proposer {
     /// A leader without a quorum ack for longer than this has lost its quorum.
     pub(crate) quorum_silence: Duration,
     pub(crate) clients: BTreeMap<NodeId, PeerClient>,
+    pub(crate) transport: Arc<dyn Transport>,
 }
 
 impl Proposer {
@@ -97,7 +99,14 @@ impl Proposer {
         if !self.clients.contains_key(&leader) {
             let addr = membership::addr(&self.raft, &self.peers, leader)
                 .ok_or(ClusterError::UnknownNode(leader))?;
-            let client = PeerClient::new(self.local, leader, addr, 0, self.counters.clone());
+            let client = PeerClient::new(
+                self.local,
+                leader,
+                addr,
+                0,
+                self.counters.clone(),
+                self.transport.clone(),
+            );
             self.clients.insert(leader, client);
         }
         self.clients

@@ -19,6 +19,7 @@ use crate::lease::Lease;
 use crate::metrics::Counters;
 use crate::peer_client::{LocalNode, PeerClient};
 use crate::raft_types::{NodeInfo, TypeConfig};
+use crate::transport::Transport;
 use crate::types::NodeId;
 
 /// Makes one [`RaftPeer`] per replication stream or election.
@@ -29,6 +30,7 @@ pub(crate) struct NetworkFactory {
     /// initialized with (another node's list, which may route differently).
     pub(crate) peers: Vec<String>,
     pub(crate) counters: Arc<Counters>,
+    pub(crate) transport: Arc<dyn Transport>,
     pub(crate) lease: Arc<Lease>,
 }
 
@@ -44,6 +46,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
                 addr.clone(),
                 node.incarnation,
                 self.counters.clone(),
+                self.transport.clone(),
             ),
             lease: self.lease.clone(),
         }

@@ -60,7 +60,7 @@ pub(crate) struct TaskOps {
     /// Where idle connections park; `None` = they never park.
     pub(crate) parker: Option<Arc<Parker>>,
     /// This node's cluster, if it is one.
-    pub(crate) cluster: Option<ClusterDriver>,
+    pub(crate) cluster: Option<ClusterDriver<Event>>,
     /// See [`crate::ServerConfig::log_connections`].
     pub(crate) log_connections: bool,
     /// The event channel's byte bound, given back to as events are handled.

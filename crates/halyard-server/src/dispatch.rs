@@ -65,7 +65,7 @@ pub(crate) struct Dispatcher {
     /// Where the next slice of `sweep` starts.
     sweep_next: usize,
     /// This node's cluster, if it is one.
-    pub(crate) cluster: Option<ClusterDriver>,
+    pub(crate) cluster: Option<ClusterDriver<Event>>,
     /// One line per client connect and disconnect.
     pub(crate) log: ConnectionLog,
     /// The event channel's byte bound: what each handled event took is given back.

@@ -88,6 +88,12 @@ impl std::fmt::Debug for AdminCall {
     }
 }
 
+impl From<ClusterEvent> for Event {
+    fn from(event: ClusterEvent) -> Self {
+        Event::Cluster(event)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

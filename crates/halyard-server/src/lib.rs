@@ -276,7 +276,12 @@ impl Server {
             written: Some(event_tx.downgrade()),
             parker: parker.clone(),
             cluster: ops.cluster.clone().map(|coordinator| {
-                cluster::ClusterDriver::start(coordinator, event_tx.clone(), &mut broker)
+                cluster::ClusterDriver::start(
+                    coordinator,
+                    event_tx.clone(),
+                    Arc::new(cluster::SystemClock),
+                    &mut broker,
+                )
             }),
             log_connections: config.log_connections,
             inbound: Arc::clone(&inbound),

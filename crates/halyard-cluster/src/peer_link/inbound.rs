@@ -138,7 +138,9 @@ impl LinkInbound {
             frame::send(&mut connection, &LinkFrame::Ack { seq: already }).await?;
         }
         loop {
+            // Biased, so that a simulation replays (see the acceptor).
             tokio::select! {
+                biased;
                 changed = acked.changed() => {
                     if changed.is_err() {
                         return Ok(());

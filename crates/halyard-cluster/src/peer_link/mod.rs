@@ -29,6 +29,7 @@ use crate::error::ClusterError;
 use crate::metrics::{bump, Counters};
 use crate::peer_client::LocalNode;
 use crate::status::LinkStatus;
+use crate::transport::Transport;
 use crate::types::NodeId;
 use outbound::Outbound;
 
@@ -63,6 +64,7 @@ pub struct PeerLink {
     outbound: Mutex<BTreeMap<NodeId, Destination>>,
     acked: mpsc::Sender<Acked>,
     counters: Arc<Counters>,
+    transport: Arc<dyn Transport>,
     inbound: LinkInbound,
 }
 
@@ -81,6 +83,7 @@ impl PeerLink {
         peers: &[String],
         capacity: usize,
         counters: Arc<Counters>,
+        transport: Arc<dyn Transport>,
     ) -> (PeerLink, LinkReceivers) {
         let (acked_tx, acked) = mpsc::channel(capacity);
         let (deliveries_tx, deliveries) = mpsc::channel(capacity);
@@ -91,6 +94,7 @@ impl PeerLink {
             outbound: Mutex::new(BTreeMap::new()),
             acked: acked_tx,
             counters,
+            transport,
             inbound,
         };
         let destinations = (1..=peers.len() as NodeId)
@@ -127,6 +131,7 @@ impl PeerLink {
                 queue: queue.clone(),
                 counters: self.counters.clone(),
                 acked: self.acked.clone(),
+                transport: self.transport.clone(),
             };
             let task = tokio::spawn(sender.run()).abort_handle();
             outbound.insert(dest, Destination { addr, queue, task });

@@ -17,6 +17,7 @@ use crate::frame::{self, Channel, FramedStream, Hello, Welcome};
 use crate::metrics::{bump, Counters};
 use crate::peer_client::LocalNode;
 use crate::status::LinkStatus;
+use crate::transport::Transport;
 use crate::types::NodeId;
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(20);
@@ -115,6 +116,7 @@ pub(crate) struct Sender {
     pub(crate) queue: Arc<Outbound>,
     pub(crate) counters: Arc<Counters>,
     pub(crate) acked: mpsc::Sender<Acked>,
+    pub(crate) transport: Arc<dyn Transport>,
 }
 
 impl Sender {
@@ -146,7 +148,7 @@ impl Sender {
     }
 
     async fn connect(&self) -> io::Result<FramedStream> {
-        let mut connection = frame::framed(crate::dial::connect(&self.addr).await?);
+        let mut connection = frame::framed(self.transport.connect(&self.addr).await?);
         let hello = Hello {
             channel: Channel::Link,
             from: self.local.id,
@@ -191,7 +193,9 @@ impl Sender {
             if wrote {
                 SinkExt::<Bytes>::flush(connection).await?;
             }
+            // Biased, so that a simulation replays (see the acceptor).
             tokio::select! {
+                biased;
                 _ = self.queue.wake.notified() => {}
                 received = frame::receive::<LinkFrame>(connection) => match received? {
                     Some(LinkFrame::Ack { seq }) => self.apply_ack(seq).await,

@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 
 use super::*;
 use crate::acceptor::{self, Acceptor};
+use crate::transport::{TcpIncoming, TcpTransport};
 
 const PATIENCE: Duration = Duration::from_secs(10);
 
@@ -44,13 +45,19 @@ fn serve(
         consumption: Default::default(),
         lease: Arc::new(crate::lease::Lease::new(Duration::from_secs(1), 2)),
     });
-    tokio::spawn(acceptor::run(listener, acceptor))
+    tokio::spawn(acceptor::run(Box::new(TcpIncoming(listener)), acceptor))
 }
 
 async fn start(id: NodeId, addr: SocketAddr, peers: &[String], capacity: usize) -> LinkNode {
     let listener = TcpListener::bind(addr).await.expect("bind");
     let counters = Arc::new(Counters::default());
-    let (link, receivers) = PeerLink::start(local(id), peers, capacity, counters.clone());
+    let (link, receivers) = PeerLink::start(
+        local(id),
+        peers,
+        capacity,
+        counters.clone(),
+        Arc::new(TcpTransport),
+    );
     let acceptor = serve(listener, id, link.inbound(), counters.clone());
     LinkNode {
         link,
@@ -200,7 +207,13 @@ async fn send_says_queue_full_past_capacity() {
     let (_addrs, peers) = two_addrs();
     let counters = Arc::new(Counters::default());
     // Node 2 never starts: nothing is acknowledged.
-    let (link, _receivers) = PeerLink::start(local(1), &peers, 3, counters.clone());
+    let (link, _receivers) = PeerLink::start(
+        local(1),
+        &peers,
+        3,
+        counters.clone(),
+        Arc::new(TcpTransport),
+    );
     for seq in 1..=3 {
         link.send(2, seq, payload(seq)).expect("within capacity");
     }
@@ -224,7 +237,7 @@ async fn a_bad_frame_closes_its_connection_and_is_counted() {
     let stream = tokio::net::TcpStream::connect(addrs[1])
         .await
         .expect("connect");
-    let mut raw = crate::frame::framed(stream);
+    let mut raw = crate::frame::framed(Box::new(stream));
     raw.send(Bytes::from_static(b"\xff\xff\xff\xff\xff\xff\xff"))
         .await
         .expect("write");

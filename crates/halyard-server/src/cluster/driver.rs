@@ -4,8 +4,12 @@
 //! hands to the core between packets, like any other event.
 //!
 //! Raft calls run in tasks of their own, so the broker task never waits on the network.
+//! The driver is generic over the event type it sends (the server's broker-task event, or a
+//! simulation's) and reads time through a [`DriverClock`], so that the deterministic
+//! simulation (`halyard-sim`) runs this same glue.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -16,10 +20,11 @@ use halyard_core::{
     SubscriptionUpdate,
 };
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::cluster::clock::DriverClock;
 use crate::cluster::wire::{self, Clocks, Received};
-use crate::event::Event;
 
 /// How long a node that won a claim waits for the previous owner to hand the session over
 /// before it resumes with what raft holds (the subscriptions of a persistent session). The
@@ -47,7 +52,7 @@ const APPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the cluster tells the broker task.
 #[derive(Debug)]
-pub(crate) enum ClusterEvent {
+pub enum ClusterEvent {
     /// A claim emitted as `Output::Claim` was decided.
     ClaimSettled {
         /// The waiting connection.
@@ -173,16 +178,14 @@ impl Transfers {
     }
 
     /// The claim of `key` stopped waiting for its session.
-    fn give_up(&mut self, key: (String, u64)) {
-        let now = Instant::now();
+    fn give_up(&mut self, now: Instant, key: (String, u64)) {
         self.gave_up
             .retain(|_, since| now.duration_since(*since) < LATE_TRANSFER_WINDOW);
         self.gave_up.insert(key, now);
     }
 
     /// The clean-start claim of `key` ended the session another node held.
-    fn end(&mut self, key: (String, u64)) {
-        let now = Instant::now();
+    fn end(&mut self, now: Instant, key: (String, u64)) {
         self.ended
             .retain(|_, since| now.duration_since(*since) < LATE_TRANSFER_WINDOW);
         self.ended.insert(key, now);
@@ -209,12 +212,16 @@ struct Lane {
     behind: bool,
 }
 
-/// The cluster as the broker task uses it.
-pub(crate) struct ClusterDriver {
+/// The cluster as the broker task uses it; `E` is the broker task's event type.
+pub struct ClusterDriver<E> {
     coordinator: Arc<Coordinator>,
-    events: mpsc::Sender<Event>,
+    events: mpsc::Sender<E>,
+    clock: Arc<dyn DriverClock>,
+    /// Ends every task the driver spawned when it stops or is dropped, so that they let go
+    /// of the coordinator (a simulated node that is killed shuts its coordinator down).
+    stop: CancellationToken,
     node: NodeId,
-    /// Next peer-link sequence number per destination. Seeded from the wall clock in
+    /// Next peer-link sequence number per destination. Seeded from the (driver's) wall clock in
     /// microseconds, so that a restarted node (same incarnation) continues above what its
     /// previous run sent and receivers do not take its frames for duplicates.
     next_seq: HashMap<NodeId, u64>,
@@ -227,7 +234,7 @@ pub(crate) struct ClusterDriver {
     lanes: BTreeMap<NodeId, Lane>,
 }
 
-impl std::fmt::Debug for ClusterDriver {
+impl<E> std::fmt::Debug for ClusterDriver<E> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClusterDriver")
             .field("node", &self.node)
@@ -235,12 +242,22 @@ impl std::fmt::Debug for ClusterDriver {
     }
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |since| {
-            u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
-        })
+fn wall_ms(wall: SystemTime) -> u64 {
+    wall.duration_since(UNIX_EPOCH).map_or(0, |since| {
+        u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+    })
+}
+
+/// Runs `task` until it ends or `stop` is cancelled.
+fn spawn_until(stop: &CancellationToken, task: impl Future<Output = ()> + Send + 'static) {
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => {}
+            () = task => {}
+        }
+    });
 }
 
 fn raw_filter(key: &RouteKey) -> String {
@@ -250,28 +267,40 @@ fn raw_filter(key: &RouteKey) -> String {
     }
 }
 
-impl ClusterDriver {
+impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
     /// Starts following the coordinator's change feed and peer link, feeding `events`, and
     /// resumes sending what `broker`'s outboxes hold.
-    pub(crate) fn start(
+    pub fn start(
         coordinator: Arc<Coordinator>,
-        events: mpsc::Sender<Event>,
+        events: mpsc::Sender<E>,
+        clock: Arc<dyn DriverClock>,
         broker: &mut Broker,
     ) -> Self {
         let node = coordinator.node_id();
         let transfers = SharedTransfers::default();
-        tokio::spawn(follow_changes(Arc::clone(&coordinator), events.clone()));
+        let stop = CancellationToken::new();
+        spawn_until(
+            &stop,
+            follow_changes(Arc::clone(&coordinator), events.clone(), clock.clone()),
+        );
         if let Some(receivers) = coordinator.take_link_receivers() {
-            tokio::spawn(follow_link(
-                Arc::clone(&coordinator),
-                receivers.deliveries,
-                events.clone(),
-                Arc::clone(&transfers),
-            ));
-            tokio::spawn(follow_acks(receivers.acked, events.clone()));
+            spawn_until(
+                &stop,
+                follow_link(
+                    Arc::clone(&coordinator),
+                    receivers.deliveries,
+                    events.clone(),
+                    Arc::clone(&transfers),
+                    clock.clone(),
+                    stop.clone(),
+                ),
+            );
+            spawn_until(&stop, follow_acks(receivers.acked, events.clone()));
         }
-        tokio::spawn(watch_lease(Arc::clone(&coordinator), events.clone()));
-        let seq_base = SystemTime::now()
+        spawn_until(&stop, watch_lease(Arc::clone(&coordinator), events.clone()));
+        let seq_base = clock
+            .clocks()
+            .wall
             .duration_since(UNIX_EPOCH)
             .map_or(1, |since| u64::try_from(since.as_micros()).unwrap_or(1));
         broker.set_forward_seq_floor(seq_base);
@@ -290,6 +319,8 @@ impl ClusterDriver {
         let mut driver = ClusterDriver {
             coordinator,
             events,
+            clock,
+            stop,
             node,
             next_seq: HashMap::new(),
             seq_base,
@@ -351,7 +382,12 @@ impl ClusterDriver {
             self.lanes.entry(dest).or_default().behind = true;
             return false;
         }
-        let payload = match wire::encode_forward(message, groups, Some(stored_seq), Clocks::now()) {
+        let payload = match wire::encode_forward(
+            message,
+            groups,
+            Some(stored_seq),
+            self.clock.clocks(),
+        ) {
             Ok(payload) => payload,
             Err(error) => {
                 // Not encodable now is not encodable later: skip it, loudly.
@@ -382,14 +418,19 @@ impl ClusterDriver {
         *next
     }
 
+    /// Ends the tasks the driver spawned (also done when it is dropped).
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+
     /// Takes one of the core's cluster outputs.
-    pub(crate) fn handle_output(&mut self, output: &Output) {
+    pub fn handle_output(&mut self, output: &Output) {
         match output {
             Output::Claim(request) => self.claim(request.clone()),
             Output::Release { client_id, epoch } => {
                 let coordinator = Arc::clone(&self.coordinator);
                 let (client_id, epoch) = (client_id.clone(), *epoch);
-                tokio::spawn(async move {
+                spawn_until(&self.stop, async move {
                     if let Err(error) = coordinator.release(&client_id, epoch).await {
                         warn!(%client_id, %error, "cannot release the session's claim");
                     }
@@ -420,7 +461,7 @@ impl ClusterDriver {
                 message,
                 groups,
                 seq: None,
-            } => match wire::encode_forward(message, groups, None, Clocks::now()) {
+            } => match wire::encode_forward(message, groups, None, self.clock.clocks()) {
                 Ok(payload) => {
                     let seq = self.seq_for(*node);
                     if let Err(error) = self.coordinator.link().send(*node, seq, payload) {
@@ -434,8 +475,8 @@ impl ClusterDriver {
     }
 
     /// Hands a cluster event to the core.
-    pub(crate) fn handle_event(&mut self, broker: &mut Broker, event: ClusterEvent) {
-        let clocks = Clocks::now();
+    pub fn handle_event(&mut self, broker: &mut Broker, event: ClusterEvent) {
+        let clocks = self.clock.clocks();
         match event {
             ClusterEvent::ClaimSettled {
                 conn,
@@ -541,7 +582,7 @@ impl ClusterDriver {
 
     /// The broker's state is durable: acknowledge the forwards it took, and send stored
     /// forwards that waited for room in the link.
-    pub(crate) fn committed(&mut self, broker: &mut Broker) {
+    pub fn committed(&mut self, broker: &mut Broker) {
         for (origin, seq) in self.to_ack.drain(..) {
             self.coordinator.link().ack(origin, seq);
         }
@@ -553,7 +594,9 @@ impl ClusterDriver {
         let events = self.events.clone();
         let transfers = Arc::clone(&self.transfers);
         let node = self.node;
-        tokio::spawn(async move {
+        let clock = Arc::clone(&self.clock);
+        let now_ms = wall_ms(clock.clocks().wall);
+        spawn_until(&self.stop, async move {
             // The lease itself, not the watcher's last look at it, so that claims and
             // `/readyz` agree.
             if !coordinator.lease_held() {
@@ -564,7 +607,7 @@ impl ClusterDriver {
                     client_id: request.client_id,
                     outcome: ClaimOutcome::Refused,
                 };
-                let _ = events.send(Event::Cluster(event)).await;
+                let _ = events.send(E::from(event)).await;
                 return;
             }
             let raft_request = halyard_cluster::ClaimRequest {
@@ -573,7 +616,7 @@ impl ClusterDriver {
                 session_expiry_secs: request.expiry_interval,
                 persistent: request.expiry_interval > 0,
                 clean_start: request.clean_start,
-                now_ms: now_ms(),
+                now_ms,
             };
             let outcome = match coordinator.claim(raft_request).await {
                 Ok(commit) => match commit.value {
@@ -582,8 +625,9 @@ impl ClusterDriver {
                             Some((from, previous_epoch))
                                 if from != node && !request.clean_start =>
                             {
-                                match wait_for_transfer(&transfers, &request.client_id, epoch).await
-                                {
+                                let waited =
+                                    wait_for_transfer(&transfers, &clock, &request, epoch).await;
+                                match waited {
                                     Some(state) => Some(state),
                                     None => {
                                         warn!(
@@ -598,8 +642,24 @@ impl ClusterDriver {
                                     }
                                 }
                             }
+                            // A clean start waits for the hand-over too: it says the previous
+                            // owner has fenced its connection, so the client never has live
+                            // connections on two nodes (found by the simulation, halyard-sim).
+                            // The session it brings is over (its delayed will published).
                             Some((from, _)) if from != node => {
-                                lock(&transfers).end((request.client_id.clone(), epoch));
+                                let waited =
+                                    wait_for_transfer(&transfers, &clock, &request, epoch).await;
+                                if let Some(state) = waited {
+                                    let _ = events
+                                        .send(E::from(ClusterEvent::EndedSession(state)))
+                                        .await;
+                                } else {
+                                    warn!(
+                                        client_id = %request.client_id,
+                                        from,
+                                        "previous owner handed no session over in time; starting clean"
+                                    );
+                                }
                                 None
                             }
                             _ => None,
@@ -621,7 +681,7 @@ impl ClusterDriver {
                 client_id: request.client_id,
                 outcome,
             };
-            let _ = events.send(Event::Cluster(event)).await;
+            let _ = events.send(E::from(event)).await;
         });
     }
 
@@ -654,7 +714,7 @@ impl ClusterDriver {
         }
         let coordinator = Arc::clone(&self.coordinator);
         let events = self.events.clone();
-        tokio::spawn(async move {
+        spawn_until(&self.stop, async move {
             let committed = match coordinator
                 .update_subscriptions(&client_id, epoch, raft_changes)
                 .await
@@ -674,24 +734,26 @@ impl ClusterDriver {
             };
             if let Some(ticket) = ticket {
                 let event = ClusterEvent::RoutesCommitted { ticket, committed };
-                let _ = events.send(Event::Cluster(event)).await;
+                let _ = events.send(E::from(event)).await;
             }
         });
     }
 
     fn replicate_retained(&self, message: &Message) {
-        let blob = match wire::encode_retained(message, Clocks::now()) {
+        let clocks = self.clock.clocks();
+        let blob = match wire::encode_retained(message, clocks) {
             Ok(blob) => blob,
             Err(error) => return warn!(%error, topic = %message.topic, "retained not encoded"),
         };
         let coordinator = Arc::clone(&self.coordinator);
         let topic = message.topic.clone();
         let clear = message.payload.is_empty();
-        tokio::spawn(async move {
+        let now_ms = wall_ms(clocks.wall);
+        spawn_until(&self.stop, async move {
             let stored = if clear {
-                coordinator.delete_retained(&topic, now_ms()).await
+                coordinator.delete_retained(&topic, now_ms).await
             } else {
-                coordinator.set_retained(&topic, blob, now_ms()).await
+                coordinator.set_retained(&topic, blob, now_ms).await
             };
             match stored {
                 Ok(commit) if commit.value => {}
@@ -699,6 +761,12 @@ impl ClusterDriver {
                 Err(error) => warn!(%topic, %error, "retained message not replicated"),
             }
         });
+    }
+}
+
+impl<E> Drop for ClusterDriver<E> {
+    fn drop(&mut self) {
+        self.stop.cancel();
     }
 }
 
@@ -749,12 +817,16 @@ fn session_from_raft(
     }))
 }
 
+/// Waits for the previous owner to hand the session of `request`'s claim under `epoch` over.
+/// One that comes too late is merged into the resumed session, or ended if the claim
+/// started clean.
 async fn wait_for_transfer(
     transfers: &SharedTransfers,
-    client_id: &str,
+    clock: &Arc<dyn DriverClock>,
+    request: &ClaimRequest,
     epoch: u64,
 ) -> Option<Box<SessionState>> {
-    let key = (client_id.to_owned(), epoch);
+    let key = (request.client_id.clone(), epoch);
     let receiver = {
         let mut transfers = lock(transfers);
         if let Some(state) = transfers.arrived.remove(&key) {
@@ -771,7 +843,12 @@ async fn wait_for_transfer(
     let mut transfers = lock(transfers);
     transfers.waiting.remove(&key);
     if state.is_none() {
-        transfers.give_up(key);
+        let now = clock.clocks().now;
+        if request.clean_start {
+            transfers.end(now, key);
+        } else {
+            transfers.give_up(now, key);
+        }
     }
     state
 }
@@ -780,10 +857,10 @@ async fn wait_for_transfer(
 /// claim waits, it goes to the broker as a late hand-over, which joins the session this node
 /// holds under that claim (a node that restarts hands over the queues of the sessions that
 /// moved while it was down, long after their clients resumed here).
-async fn merge_if_unclaimed(
+async fn merge_if_unclaimed<E: From<ClusterEvent>>(
     transfers: SharedTransfers,
     key: (String, u64),
-    events: mpsc::Sender<Event>,
+    events: mpsc::Sender<E>,
 ) {
     tokio::time::sleep(2 * TRANSFER_TIMEOUT).await;
     let Some(state) = lock(&transfers).arrived.remove(&key) else {
@@ -793,12 +870,15 @@ async fn merge_if_unclaimed(
         epoch: key.1,
         state,
     };
-    let _ = events.send(Event::Cluster(event)).await;
+    let _ = events.send(E::from(event)).await;
 }
 
 /// Follows the lease: when it lapses the node drops its clients (claims are refused while
 /// it lacks the lease, see `claim`), and says so again when it has it back.
-async fn watch_lease(coordinator: Arc<Coordinator>, events: mpsc::Sender<Event>) {
+async fn watch_lease<E: From<ClusterEvent>>(
+    coordinator: Arc<Coordinator>,
+    events: mpsc::Sender<E>,
+) {
     let mut ticker = tokio::time::interval(LEASE_POLL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut fenced = true;
@@ -808,11 +888,7 @@ async fn watch_lease(coordinator: Arc<Coordinator>, events: mpsc::Sender<Event>)
         let was_fenced = std::mem::replace(&mut fenced, !held);
         if !held && !was_fenced {
             warn!("cluster lease lapsed: no quorum contact; clients disconnected, claims refused");
-            if events
-                .send(Event::Cluster(ClusterEvent::Fenced))
-                .await
-                .is_err()
-            {
+            if events.send(E::from(ClusterEvent::Fenced)).await.is_err() {
                 return;
             }
         } else if held && was_fenced {
@@ -822,7 +898,11 @@ async fn watch_lease(coordinator: Arc<Coordinator>, events: mpsc::Sender<Event>)
 }
 
 /// Mirrors the route index and ownership changes into broker-task events.
-async fn follow_changes(coordinator: Arc<Coordinator>, events: mpsc::Sender<Event>) {
+async fn follow_changes<E: From<ClusterEvent>>(
+    coordinator: Arc<Coordinator>,
+    events: mpsc::Sender<E>,
+    clock: Arc<dyn DriverClock>,
+) {
     let node = coordinator.node_id();
     loop {
         let (mirror, mut feed) = coordinator.changes();
@@ -833,7 +913,7 @@ async fn follow_changes(coordinator: Arc<Coordinator>, events: mpsc::Sender<Even
                     filter: raw_filter(key),
                     added: true,
                 };
-                if events.send(Event::Cluster(event)).await.is_err() {
+                if events.send(E::from(event)).await.is_err() {
                     return;
                 }
             }
@@ -845,7 +925,7 @@ async fn follow_changes(coordinator: Arc<Coordinator>, events: mpsc::Sender<Even
                     epoch: owner.epoch,
                     new_owner: owner.node,
                 };
-                if events.send(Event::Cluster(event)).await.is_err() {
+                if events.send(E::from(event)).await.is_err() {
                     return;
                 }
             }
@@ -853,22 +933,22 @@ async fn follow_changes(coordinator: Arc<Coordinator>, events: mpsc::Sender<Even
         let consumed = ClusterEvent::Consumed {
             index: mirror.applied_index,
         };
-        if events.send(Event::Cluster(consumed)).await.is_err() {
+        if events.send(E::from(consumed)).await.is_err() {
             return;
         }
         while let Some(applied) = feed.recv().await {
             for change in applied.changes {
-                let Some(event) = cluster_event(&coordinator, node, change) else {
+                let Some(event) = cluster_event(&coordinator, node, change, clock.clocks()) else {
                     continue;
                 };
-                if events.send(Event::Cluster(event)).await.is_err() {
+                if events.send(E::from(event)).await.is_err() {
                     return;
                 }
             }
             let consumed = ClusterEvent::Consumed {
                 index: applied.index,
             };
-            if events.send(Event::Cluster(consumed)).await.is_err() {
+            if events.send(E::from(consumed)).await.is_err() {
                 return;
             }
         }
@@ -878,7 +958,12 @@ async fn follow_changes(coordinator: Arc<Coordinator>, events: mpsc::Sender<Even
     }
 }
 
-fn cluster_event(coordinator: &Coordinator, node: NodeId, change: Change) -> Option<ClusterEvent> {
+fn cluster_event(
+    coordinator: &Coordinator,
+    node: NodeId,
+    change: Change,
+    clocks: Clocks,
+) -> Option<ClusterEvent> {
     let added = matches!(change, Change::RouteAdded { .. });
     match change {
         Change::RouteAdded {
@@ -910,7 +995,7 @@ fn cluster_event(coordinator: &Coordinator, node: NodeId, change: Change) -> Opt
                 .retained(&topic)
                 .into_iter()
                 .find(|(name, _)| *name == topic)?;
-            match wire::decode_retained(&stored.1.payload, Clocks::now()) {
+            match wire::decode_retained(&stored.1.payload, clocks) {
                 Ok(message) => Some(ClusterEvent::Retained(message)),
                 Err(error) => {
                     warn!(%topic, %error, "undecodable retained message in raft");
@@ -933,14 +1018,16 @@ fn cluster_event(coordinator: &Coordinator, node: NodeId, change: Change) -> Opt
 
 /// Decodes what peers send: forwards go to the broker task, sessions to the claims
 /// waiting for them.
-async fn follow_link(
+async fn follow_link<E: From<ClusterEvent> + Send + 'static>(
     coordinator: Arc<Coordinator>,
     mut deliveries: mpsc::Receiver<halyard_cluster::Delivery>,
-    events: mpsc::Sender<Event>,
+    events: mpsc::Sender<E>,
     transfers: SharedTransfers,
+    clock: Arc<dyn DriverClock>,
+    stop: CancellationToken,
 ) {
     while let Some(delivery) = deliveries.recv().await {
-        match wire::decode_peer(&delivery.payload, Clocks::now()) {
+        match wire::decode_peer(&delivery.payload, clock.clocks()) {
             Ok(Received::Forward {
                 message,
                 groups,
@@ -953,7 +1040,7 @@ async fn follow_link(
                     message,
                     groups,
                 };
-                if events.send(Event::Cluster(event)).await.is_err() {
+                if events.send(E::from(event)).await.is_err() {
                     return;
                 }
             }
@@ -965,16 +1052,15 @@ async fn follow_link(
                     Arrival::Late(state) => ClusterEvent::LateSession { epoch, state },
                     Arrival::Ended(state) => ClusterEvent::EndedSession(state),
                     Arrival::Kept => {
-                        tokio::spawn(merge_if_unclaimed(
-                            Arc::clone(&transfers),
-                            key,
-                            events.clone(),
-                        ));
+                        spawn_until(
+                            &stop,
+                            merge_if_unclaimed(Arc::clone(&transfers), key, events.clone()),
+                        );
                         continue;
                     }
                     Arrival::Taken => continue,
                 };
-                if events.send(Event::Cluster(event)).await.is_err() {
+                if events.send(E::from(event)).await.is_err() {
                     return;
                 }
             }
@@ -988,16 +1074,16 @@ async fn follow_link(
 
 /// Acknowledgements of what this node sent, for the broker task: stored forwards leave
 /// their outbox.
-async fn follow_acks(
+async fn follow_acks<E: From<ClusterEvent>>(
     mut acked: mpsc::Receiver<halyard_cluster::Acked>,
-    events: mpsc::Sender<Event>,
+    events: mpsc::Sender<E>,
 ) {
     while let Some(ack) = acked.recv().await {
         let event = ClusterEvent::Acked {
             dest: ack.dest,
             seq: ack.seq,
         };
-        if events.send(Event::Cluster(event)).await.is_err() {
+        if events.send(E::from(event)).await.is_err() {
             return;
         }
     }

@@ -2,16 +2,17 @@
 //! node whose claims, subscriptions and retained messages are decided by raft, and the
 //! driver that connects the broker task to the coordinator and the peer link.
 
+mod clock;
 mod drain;
 mod driver;
 mod registry;
 mod status;
 mod wire;
 
+pub use clock::{DriverClock, SystemClock};
 pub(crate) use drain::drain;
 pub use drain::DRAIN_TIMEOUT;
-pub use driver::TRANSFER_TIMEOUT;
-pub(crate) use driver::{ClusterDriver, ClusterEvent};
+pub use driver::{ClusterDriver, ClusterEvent, TRANSFER_TIMEOUT};
 pub use registry::{cluster_parts, ClusterRegistry};
 pub(crate) use status::{fenced, joined, registry, status_json};
-pub use wire::WireError;
+pub use wire::{Clocks, WireError};

@@ -99,19 +99,14 @@ struct WireEntry {
 
 /// `now` on both clocks, to turn the core's instants into wall-clock times and back.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Clocks {
-    pub(crate) now: Instant,
-    pub(crate) wall: SystemTime,
+pub struct Clocks {
+    /// The monotonic clock.
+    pub now: Instant,
+    /// The same moment on the wall clock.
+    pub wall: SystemTime,
 }
 
 impl Clocks {
-    pub(crate) fn now() -> Clocks {
-        Clocks {
-            now: Instant::now(),
-            wall: SystemTime::now(),
-        }
-    }
-
     fn instant_to_ms(self, at: Instant) -> u64 {
         let wall = match at.checked_duration_since(self.now) {
             Some(after) => self.wall + after,
@@ -466,6 +461,7 @@ pub(crate) fn decode_entry(options: &[u8]) -> Result<SubscriptionEntry, WireErro
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cluster::clock::{DriverClock, SystemClock};
 
     fn stored(topic: &str, qos: QoS) -> StoredDelivery {
         StoredDelivery {
@@ -530,7 +526,7 @@ mod tests {
             username: Some(Some("alice".into())),
         };
         let bytes = encode_session(13, &state).expect("encodes");
-        match decode_peer(&bytes, Clocks::now()).expect("decodes") {
+        match decode_peer(&bytes, SystemClock.clocks()).expect("decodes") {
             Received::Session { epoch, state: back } => {
                 assert_eq!(epoch, 13);
                 assert_eq!(*back, state);
@@ -541,7 +537,7 @@ mod tests {
 
     #[test]
     fn a_forward_keeps_its_message_groups_and_remaining_expiry() {
-        let clocks = Clocks::now();
+        let clocks = SystemClock.clocks();
         let message = Message {
             topic: "plant/line3/temp".into(),
             payload: Bytes::from_static(b"21.5"),
@@ -584,7 +580,7 @@ mod tests {
 
     #[test]
     fn garbage_from_a_peer_is_an_error_not_a_panic() {
-        let clocks = Clocks::now();
+        let clocks = SystemClock.clocks();
         for bytes in [
             &b""[..],
             b"\x00",

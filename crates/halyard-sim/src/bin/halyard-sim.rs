@@ -1,0 +1,88 @@
+//! Runs seeds of the cluster simulation: `halyard-sim --seeds N [--seed S]`.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use halyard_sim::{replay_command, run, Options};
+
+/// Runs the deterministic cluster simulation.
+#[derive(Parser)]
+struct Cli {
+    /// How many seeds to run, from `--seed` on.
+    #[arg(long, default_value_t = 1)]
+    seeds: u64,
+    /// The first seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Steps (10 ms each) of traffic and faults per seed.
+    #[arg(long, default_value_t = Options::default().steps)]
+    steps: u64,
+    /// Run each seed twice and check that the traces match.
+    #[arg(long)]
+    check_determinism: bool,
+    /// The CI profile: partitions and delays, no kills, subscribers stay on their node.
+    #[arg(long)]
+    ci: bool,
+    /// No partitions.
+    #[arg(long)]
+    no_partitions: bool,
+    /// No kills or restarts.
+    #[arg(long)]
+    no_kills: bool,
+    /// Subscribers stay on their first node.
+    #[arg(long)]
+    no_moves: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let base = if cli.ci {
+        Options::ci()
+    } else {
+        Options::default()
+    };
+    let options = Options {
+        steps: cli.steps,
+        partitions: base.partitions && !cli.no_partitions,
+        kills: base.kills && !cli.no_kills,
+        moves: base.moves && !cli.no_moves,
+        ..base
+    };
+    let mut failed = 0;
+    for seed in cli.seed..cli.seed.saturating_add(cli.seeds) {
+        let outcome = run(seed, options);
+        println!(
+            "seed {seed}: trace {:016x} ({} events), {} acked, {} delivered, {} faults, excused {} losses, {} in moves, {} cut-off publishes, {} owners",
+            outcome.trace,
+            outcome.events,
+            outcome.acked,
+            outcome.delivered,
+            outcome.faults,
+            outcome.excused_losses,
+            outcome.excused_moves,
+            outcome.excused_cut_publishes,
+            outcome.excused_owners
+        );
+        let mut bad = !outcome.violations.is_empty();
+        for violation in &outcome.violations {
+            println!("  violation: {violation}");
+        }
+        if cli.check_determinism {
+            let again = run(seed, options);
+            if again.trace != outcome.trace {
+                println!("  not deterministic: second trace {:016x}", again.trace);
+                bad = true;
+            }
+        }
+        if bad {
+            failed += 1;
+            println!("  replay: {}", replay_command(seed, cli.ci));
+        }
+    }
+    if failed > 0 {
+        println!("{failed} of {} seeds failed", cli.seeds);
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}

@@ -1,0 +1,30 @@
+//! Halyard's deterministic cluster simulation.
+//!
+//! Three (or more) nodes run in one process on a current-thread tokio runtime with paused
+//! time: each has the real broker core on a real redb store, the real coordinator (openraft
+//! with its log and state machine in redb) and the production cluster driver between them.
+//! Their cluster ports are joined by a simulated network ([`network`]) with seeded delays,
+//! partitions and deaths; scripted MQTT clients ([`client`]) feed the cores through their
+//! public input API. Everything random comes from the seed, so a seed replays exactly: the
+//! run's trace digest says so. Invariants ([`invariants`]) are checked after every step.
+
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod clock;
+pub mod invariants;
+pub mod network;
+pub mod node;
+pub mod sabotage;
+pub mod scenario;
+pub mod trace;
+
+pub use invariants::Violation;
+pub use sabotage::Sabotage;
+pub use scenario::{run, Options, Outcome};
+
+/// The command that replays `seed`; `ci` for the CI profile ([`Options::ci`]).
+pub fn replay_command(seed: u64, ci: bool) -> String {
+    let profile = if ci { " --ci" } else { "" };
+    format!("scripts/sim{profile} --seed {seed}")
+}
