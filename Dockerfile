@@ -23,6 +23,7 @@ COPY crates/halyard-store/Cargo.toml crates/halyard-store/
 COPY crates/halyard-server/Cargo.toml crates/halyard-server/
 COPY crates/halyard-cluster/Cargo.toml crates/halyard-cluster/
 COPY crates/halyard-bench/Cargo.toml crates/halyard-bench/
+COPY crates/halyard-sim/Cargo.toml crates/halyard-sim/
 COPY scripts/docker-stub-sources scripts/
 RUN scripts/docker-stub-sources && cargo build --release --locked -p halyard
 # Then the sources. Their files may be older than the stubs built above, so they are touched
