@@ -437,7 +437,9 @@ async fn a_node_behind_the_purged_log_catches_up_from_a_snapshot() {
         .wait_applied(last, PATIENCE)
         .await
         .expect("caught up");
-    assert_eq!(cluster.node(3).metrics().snapshots_installed, 1);
+    // The leader may cut a newer snapshot while node 3 is still catching up and send that
+    // one too, so one install is the least, not the exact count.
+    assert!(cluster.node(3).metrics().snapshots_installed >= 1);
     assert_eq!(cluster.node(3).routes(), cluster.node(1).routes());
     assert_eq!(
         cluster.node(3).owner("behind-39"),
