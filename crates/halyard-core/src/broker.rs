@@ -103,6 +103,8 @@ pub struct Broker {
     pub(crate) forwarded_to: Vec<crate::message::NodeId>,
     /// Bytes the sessions' queues and in-flight windows hold in memory.
     pub(crate) memory: MemoryMeter,
+    /// Nodes whose forward lane is behind (see `peer_flow`).
+    pub(crate) congested_nodes: Vec<crate::message::NodeId>,
 }
 
 impl Broker {
@@ -145,6 +147,7 @@ impl Broker {
             move_window: MoveWindow::default(),
             forwarded_to: Vec::new(),
             memory: MemoryMeter::default(),
+            congested_nodes: Vec::new(),
         }
     }
 

@@ -154,24 +154,31 @@ impl Broker {
     }
 
     /// Routes a forwarded message here, passes it on for moved sessions, or holds it while
-    /// a claim that resumes a session is pending (see the module documentation).
+    /// a claim that resumes a session is pending (see the module documentation). With
+    /// `atomic`, a QoS 1/2 message that a local subscriber has no room for goes nowhere
+    /// (`QuotaExceeded`), so that it can be offered again (see `peer_flow`).
     pub(crate) fn route_forward(
         &mut self,
         now: Instant,
         origin: NodeId,
         message: Arc<Message>,
         groups: Vec<Arc<str>>,
-    ) {
-        let relayed = self.relay_forward(now, origin, &message);
+        atomic: bool,
+    ) -> RouteOutcome {
         let outcome = self.route_within(
             now,
             Arc::clone(&message),
-            false,
+            atomic,
             RouteScope::LocalFromPeer { groups: &groups },
         );
+        if outcome == RouteOutcome::QuotaExceeded {
+            return outcome;
+        }
+        let relayed = self.relay_forward(now, origin, &message);
         if relayed == 0 && matches!(outcome, RouteOutcome::NoSubscribers) {
             self.hold_while_moving(Held { message, groups });
         }
+        outcome
     }
 
     fn hold_while_moving(&mut self, held: Held) {

@@ -154,15 +154,10 @@ impl Broker {
         if outcome == RouteOutcome::QuotaExceeded && qos != QoS::AtMostOnce {
             let push_back = !v5 || self.config.queue_full_policy == QueueFullPolicy::Pushback;
             match blocked_by {
-                Some(waiting_on) if push_back && waiting_on != key => {
+                Some(waiting_on) if push_back && waiting_on != WaitingFor::Room(key) => {
                     // Not refused after all: it waits (see `pushback`).
                     self.out.stats.refused_quota = self.out.stats.refused_quota.saturating_sub(1);
-                    return self.push_back_publish(
-                        now,
-                        conn,
-                        publish,
-                        WaitingFor::Room(waiting_on),
-                    );
+                    return self.push_back_publish(now, conn, publish, waiting_on);
                 }
                 // The publisher's own queue is full: pausing it would stop us reading the
                 // PUBACKs that empty that queue. MQTT 3.x cannot refuse a publish: withhold

@@ -29,7 +29,7 @@ use halyard_codec::{Packet, QoS};
 
 use crate::broker::{Broker, ConnectionId};
 use crate::close::CloseKind;
-use crate::message::{Message, SessionKey};
+use crate::message::{Message, NodeId, SessionKey};
 use crate::output::Output;
 use crate::timers::Timer;
 
@@ -116,6 +116,8 @@ pub(crate) enum WaitingFor {
     Room(SessionKey),
     /// Space on the disk (see `disk_full`).
     Disk,
+    /// This node's forward lane to another node catching up (see `peer_flow`).
+    Node(NodeId),
 }
 
 /// One paused connection.
@@ -135,8 +137,12 @@ pub(crate) struct Pushback {
     order: VecDeque<ConnectionId>,
     /// Set when something happened that may have made room; cleared by a retry.
     maybe_room: bool,
-    /// Set by an atomic route that found no room: the first session that had none.
-    pub(crate) blocked_by: Option<SessionKey>,
+    /// Set whenever something may have made room, paused publishers or not; taken by the
+    /// cluster driver, which holds forwards that waited for room (see `peer_flow`).
+    pub(crate) freed: bool,
+    /// Set by an atomic route that found no room: the first session (or node lane) that
+    /// had none.
+    pub(crate) blocked_by: Option<WaitingFor>,
 }
 
 impl Pushback {
@@ -159,6 +165,7 @@ impl Pushback {
 
     /// Notes that room may have appeared (an acknowledgement, a session ended, ...).
     pub(crate) fn note_maybe_room(&mut self) {
+        self.freed = true;
         if !self.paused.is_empty() {
             self.maybe_room = true;
         }
@@ -263,6 +270,7 @@ impl Broker {
                     .get(&waiting_on)
                     .is_some_and(|session| !session.has_room(limits, 0)),
                 WaitingFor::Disk => self.disk_full.is_some(),
+                WaitingFor::Node(node) => self.congested_nodes.contains(&node),
             };
             if still_waiting {
                 self.pushback.order.push_back(conn);

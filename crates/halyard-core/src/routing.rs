@@ -10,7 +10,7 @@ use crate::broker::Broker;
 use crate::message::{Message, NodeId, SessionKey};
 use crate::output::Output;
 use crate::publish::RouteOutcome;
-use crate::pushback::QueueFullPolicy;
+use crate::pushback::{QueueFullPolicy, WaitingFor};
 use crate::retained::is_sys_filter;
 use crate::router::{FilterRef, RouteScope, RouteTarget};
 use crate::session::Delivery;
@@ -70,7 +70,7 @@ impl Broker {
             self.outboxes.note_received(origin, incarnation, seq);
         }
         message.publisher = None;
-        self.route_forward(now, origin, Arc::new(message), groups.to_vec());
+        self.route_forward(now, origin, Arc::new(message), groups.to_vec(), false);
     }
 
     /// Another node has subscribers to `filter` (a share group's as `$share/{group}/...`):
@@ -171,7 +171,17 @@ impl Broker {
                         .get(key)
                         .is_some_and(|s| !s.has_room(limits, size))
             });
-            if let Some(&(blocked_by, _)) = blocked {
+            let blocked = blocked.map(|&(key, _)| WaitingFor::Room(key)).or_else(|| {
+                (message.qos != QoS::AtMostOnce)
+                    .then(|| {
+                        forwards
+                            .iter()
+                            .find(|(node, _)| self.congested_nodes.contains(node))
+                            .map(|&(node, _)| WaitingFor::Node(node))
+                    })
+                    .flatten()
+            });
+            if let Some(blocked_by) = blocked {
                 self.pushback.blocked_by = Some(blocked_by);
                 if message.qos == QoS::AtMostOnce {
                     self.out.stats.dropped_qos0 += 1;

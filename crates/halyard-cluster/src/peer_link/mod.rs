@@ -169,6 +169,11 @@ impl PeerLink {
         self.queue(dest).is_some_and(|queue| queue.has_room())
     }
 
+    /// Whether the link to `dest` has a connection now.
+    pub fn is_connected(&self, dest: NodeId) -> bool {
+        self.queue(dest).is_some_and(|queue| queue.is_connected())
+    }
+
     /// The app has stored every frame from `origin` up to `seq`; tells the sender.
     pub fn ack(&self, origin: NodeId, seq: u64) {
         self.inbound.ack(origin, seq);

@@ -94,6 +94,10 @@ impl Outbound {
         count as u64
     }
 
+    pub(crate) fn is_connected(&self) -> bool {
+        self.lock().connected
+    }
+
     fn set_connected(&self, connected: bool) {
         self.lock().connected = connected;
     }

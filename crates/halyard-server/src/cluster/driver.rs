@@ -8,7 +8,7 @@
 //! simulation's) and reads time through a [`DriverClock`], so that the deterministic
 //! simulation (`halyard-sim`) runs this same glue.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -16,14 +16,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use halyard_cluster::{Change, ClaimOutcome as RaftClaim, Coordinator, RouteKey};
 use halyard_codec::ReasonCode;
 use halyard_core::{
-    Broker, ClaimOutcome, ClaimRequest, ConnectionId, Message, NodeId, Output, SessionState,
-    SubscriptionUpdate,
+    Broker, ClaimOutcome, ClaimRequest, ConnectionId, ForwardOffer, Message, NodeId, Output,
+    SessionState, SubscriptionUpdate,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::cluster::clock::DriverClock;
+use crate::cluster::held_forwards::{HeldForwards, HeldFrame};
 use crate::cluster::wire::{self, Clocks, Received};
 
 /// How long a node that won a claim waits for the previous owner to hand the session over
@@ -127,6 +128,17 @@ pub enum ClusterEvent {
     },
     /// This node lost its lease: it must stop serving its sessions.
     Fenced,
+    /// A frame from a peer other than a forward (a session handed over, an undecodable
+    /// frame) was taken: acknowledged in order with the forwards before it.
+    FrameTaken {
+        /// The sender.
+        origin: NodeId,
+        /// Its sequence number on the link.
+        seq: u64,
+    },
+    /// Held forwards may have room now, or a lane caught up or fell behind: the driver
+    /// acts on it while the broker takes events, before the next commit.
+    Wake,
 }
 
 /// Sessions handed over by a previous owner, and claims waiting for them; whichever
@@ -232,6 +244,14 @@ pub struct ClusterDriver<E> {
     to_ack: Vec<(NodeId, u64)>,
     /// Per destination, the stored forwards in flight (see [`Lane`]).
     lanes: BTreeMap<NodeId, Lane>,
+    /// Forwards from peers that waited for room here (see `held_forwards`).
+    held: HeldForwards,
+    /// Destinations the broker was told are congested (their lanes behind).
+    told_congested: BTreeSet<NodeId>,
+    /// Set when held forwards may have room or a lane changed; cleared by [`ClusterEvent::Wake`].
+    wake_due: bool,
+    /// A [`ClusterEvent::Wake`] is on its way.
+    wake_queued: bool,
 }
 
 impl<E> std::fmt::Debug for ClusterDriver<E> {
@@ -287,7 +307,6 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
             spawn_until(
                 &stop,
                 follow_link(
-                    Arc::clone(&coordinator),
                     receivers.deliveries,
                     events.clone(),
                     Arc::clone(&transfers),
@@ -327,6 +346,10 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
             transfers,
             to_ack: Vec::new(),
             lanes,
+            held: HeldForwards::default(),
+            told_congested: BTreeSet::new(),
+            wake_due: false,
+            wake_queued: false,
         };
         driver.refill(broker);
         driver
@@ -541,8 +564,45 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
                 message,
                 groups,
             } => {
-                broker.handle_forward(clocks.now, origin, stored_as, message, &groups);
-                self.to_ack.push((origin, seq));
+                let frame = HeldFrame::Forward {
+                    seq,
+                    stored_as,
+                    message,
+                    groups,
+                };
+                let Some(HeldFrame::Forward {
+                    seq,
+                    stored_as,
+                    message,
+                    groups,
+                }) = self.held.queue_behind(origin, frame)
+                else {
+                    return;
+                };
+                match broker.offer_forward(clocks.now, origin, stored_as, message, &groups) {
+                    ForwardOffer::Taken => self.to_ack.push((origin, seq)),
+                    ForwardOffer::NoRoom(message) => {
+                        debug!(origin, "a forward waits for room in a local queue");
+                        let frame = HeldFrame::Forward {
+                            seq,
+                            stored_as,
+                            message,
+                            groups,
+                        };
+                        self.held.hold(clocks.now, origin, frame);
+                    }
+                }
+            }
+            ClusterEvent::FrameTaken { origin, seq } => {
+                if self.held.queue_behind(origin, HeldFrame::Ack(seq)).is_some() {
+                    self.to_ack.push((origin, seq));
+                }
+            }
+            ClusterEvent::Wake => {
+                self.wake_queued = false;
+                self.wake_due = false;
+                self.tell_congestion(broker, clocks.now);
+                self.held.retry(broker, clocks.now, &mut self.to_ack);
             }
             ClusterEvent::Consumed { index } => self.coordinator.consumed(index),
             ClusterEvent::Acked { dest, seq } => {
@@ -587,6 +647,57 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
             self.coordinator.link().ack(origin, seq);
         }
         self.refill(broker);
+        let now = self.clock.clocks().now;
+        let freed = broker.take_room_freed();
+        if !self.held.is_empty() && (freed || self.held.overdue(now)) {
+            self.wake_due = true;
+        }
+        if self
+            .lanes
+            .keys()
+            .any(|dest| self.congested(*dest) != self.told_congested.contains(dest))
+        {
+            self.wake_due = true;
+        }
+        // Sent, not acted on here: what the wake-up routes must be committed before its
+        // acknowledgements leave. A full channel means more events, so a later commit
+        // tries again.
+        if self.wake_due
+            && !self.wake_queued
+            && self.events.try_send(E::from(ClusterEvent::Wake)).is_ok()
+        {
+            self.wake_queued = true;
+        }
+    }
+
+    /// Forwards from peers held for want of room here.
+    pub fn held_forwards(&self) -> usize {
+        self.held.forwards()
+    }
+
+    /// Tells the broker which destinations' lanes are behind, so that under a refusing
+    /// policy publishes bound there wait (see the core's `peer_flow`).
+    fn tell_congestion(&mut self, broker: &mut Broker, now: Instant) {
+        let dests: Vec<NodeId> = self.lanes.keys().copied().collect();
+        for dest in dests {
+            let congested = self.congested(dest);
+            if congested != self.told_congested.contains(&dest) {
+                broker.set_node_congested(now, dest, congested);
+                if congested {
+                    self.told_congested.insert(dest);
+                } else {
+                    self.told_congested.remove(&dest);
+                }
+            }
+        }
+    }
+
+    /// A lane is congested while it is behind with its peer connected: the peer is slow to
+    /// take what it is sent. A peer that is down is not waited for: the outbox keeps its
+    /// forwards, and publishers bound for live nodes go on (issue 13's node loss).
+    fn congested(&self, dest: NodeId) -> bool {
+        self.lanes.get(&dest).is_some_and(|lane| lane.behind)
+            && self.coordinator.link().is_connected(dest)
     }
 
     fn claim(&self, request: ClaimRequest) {
@@ -1019,7 +1130,6 @@ fn cluster_event(
 /// Decodes what peers send: forwards go to the broker task, sessions to the claims
 /// waiting for them.
 async fn follow_link<E: From<ClusterEvent> + Send + 'static>(
-    coordinator: Arc<Coordinator>,
     mut deliveries: mpsc::Receiver<halyard_cluster::Delivery>,
     events: mpsc::Sender<E>,
     transfers: SharedTransfers,
@@ -1047,7 +1157,13 @@ async fn follow_link<E: From<ClusterEvent> + Send + 'static>(
             Ok(Received::Session { epoch, state }) => {
                 let key = (state.client_id.clone(), epoch);
                 let arrival = lock(&transfers).arrive(key.clone(), state);
-                coordinator.link().ack(delivery.origin, delivery.seq);
+                let taken = ClusterEvent::FrameTaken {
+                    origin: delivery.origin,
+                    seq: delivery.seq,
+                };
+                if events.send(E::from(taken)).await.is_err() {
+                    return;
+                }
                 let event = match arrival {
                     Arrival::Late(state) => ClusterEvent::LateSession { epoch, state },
                     Arrival::Ended(state) => ClusterEvent::EndedSession(state),
@@ -1066,7 +1182,13 @@ async fn follow_link<E: From<ClusterEvent> + Send + 'static>(
             }
             Err(error) => {
                 warn!(origin = delivery.origin, %error, "undecodable frame from a peer; dropped");
-                coordinator.link().ack(delivery.origin, delivery.seq);
+                let taken = ClusterEvent::FrameTaken {
+                    origin: delivery.origin,
+                    seq: delivery.seq,
+                };
+                if events.send(E::from(taken)).await.is_err() {
+                    return;
+                }
             }
         }
     }

@@ -5,6 +5,7 @@
 mod clock;
 mod drain;
 mod driver;
+mod held_forwards;
 mod registry;
 mod status;
 mod wire;
