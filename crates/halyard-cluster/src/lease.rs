@@ -91,6 +91,11 @@ impl Lease {
         );
     }
 
+    /// When this node sent the latest AppendEntries that `peer` accepted, if any.
+    pub(crate) fn last_acked(&self, peer: NodeId) -> Option<Instant> {
+        self.contact().acked_sends.get(&peer).copied()
+    }
+
     /// Whether this node holds the lease at `now`. Both kinds of evidence stay valid
     /// whatever the node's role is now (a candidate still heard its leader at that time),
     /// so the role is not asked.
