@@ -159,6 +159,7 @@ impl Broker {
                 .map(|session| session.epoch),
             clean_start: admitted.connect.clean_start,
             expiry_interval,
+            will: admitted.connect.will.clone().map(Box::new),
         };
         match self.registry.claim(&request) {
             ClaimPoll::Ready(ClaimOutcome::Granted { epoch, .. }) => {
