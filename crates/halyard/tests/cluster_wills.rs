@@ -1,0 +1,208 @@
+//! Multi-process tests of the wills of a lost node's clients (issue 13): "Wills of the lost
+//! node's clients are published once, by the survivors." Three real `halyard` nodes on
+//! loopback; the node holding the wills is killed with SIGKILL. The victim is a follower:
+//! killing the leader adds an election, which may fence the survivors for a moment (see
+//! README) and drop the subscriber that watches for the wills.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::cluster::Cluster;
+use common::*;
+use halyard_codec::{Packet, ProtocolVersion, Publish, QoS, ReasonCode, Will};
+
+/// One cluster test at a time (see cluster_faults.rs: parallel clusters starve raft).
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// How long a will may take to arrive: the lease plus the margin before a silent node is
+/// taken for gone (2 s), the will delay, and slack for debug builds on a busy machine.
+const WILL_DEADLINE: Duration = Duration::from_secs(20);
+
+/// How long the subscriber watches for a duplicate (or a cancelled will) afterwards.
+const QUIET_MS: u64 = 3_000;
+
+/// The Will Delay Interval of the delayed wills: longer than a reconnect to a survivor
+/// takes (the CONNACK waits out the dead owner's 2 s hand-over timeout).
+const DELAY_SECS: u32 = 6;
+const DELAY: Duration = Duration::from_secs(DELAY_SECS as u64);
+
+/// A follower to kill, and the two survivors.
+fn pick_nodes(cluster: &Cluster) -> (usize, usize, usize) {
+    let leader = cluster.status(1)["leader"].as_u64();
+    let victim = if leader == Some(3) { 2 } else { 3 };
+    let survivors: Vec<usize> = (1..=3).filter(|&id| id != victim).collect();
+    (victim, survivors[0], survivors[1])
+}
+
+fn will_of(payload: &str, delay_secs: Option<u32>, retain: bool) -> Will {
+    let mut will = will("wills/lost", payload.as_bytes(), QoS::AtLeastOnce, retain);
+    will.properties.will_delay_interval = delay_secs;
+    will
+}
+
+/// An MQTT 5 client `id` on `addr` with `will`, and a session that outlives its connection
+/// by `expiry` seconds.
+async fn with_will(addr: SocketAddr, id: &str, will: Will, expiry: u32, clean: bool) -> RawClient {
+    let mut connect = connect_packet(ProtocolVersion::V5, id, clean);
+    connect.will = Some(will);
+    connect.properties.session_expiry_interval = Some(expiry);
+    let (client, ack) = RawClient::handshake(addr, connect).await;
+    assert_eq!(ack.code, ReasonCode::SUCCESS, "CONNACK for {id}: {ack:?}");
+    client
+}
+
+async fn watcher(addr: SocketAddr, id: &str) -> RawClient {
+    let mut watcher = RawClient::connect_v5(addr, id, true).await;
+    let codes = watcher.subscribe(1, &[("wills/#", QoS::AtLeastOnce)]).await;
+    assert_eq!(codes, vec![ReasonCode::GRANTED_QOS_1]);
+    watcher
+}
+
+/// The next PUBLISH within [`WILL_DEADLINE`], acknowledged.
+async fn next_publish(client: &mut RawClient, what: &str) -> Publish {
+    match client.try_recv(WILL_DEADLINE).await {
+        Ok(Packet::Publish(publish)) => {
+            client.ack(&publish).await;
+            publish
+        }
+        other => panic!("expected {what}, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wills_of_a_killed_nodes_clients_are_published_once_by_the_survivors() {
+    let _serial = SERIAL.lock().await;
+    let mut cluster = Cluster::start();
+    let (victim, watching, other) = pick_nodes(&cluster);
+    let mut watcher = watcher(cluster.addr(watching), "w-watcher").await;
+
+    // The owner publishes a will itself when its client's connection drops, having won it
+    // in raft first [MQTT-3.1.2-8]; it must not come again when the owner dies later.
+    let dropped = with_will(
+        cluster.addr(victim),
+        "w-dropped",
+        will_of("dropped", None, false),
+        0,
+        true,
+    )
+    .await;
+    drop(dropped);
+    let publish = next_publish(&mut watcher, "the dropped client's will").await;
+    assert_eq!(&publish.payload[..], b"dropped");
+
+    // A client that says DISCONNECT 0x00 has its will deleted [MQTT-3.1.2-10], also for
+    // the survivors.
+    let mut polite = with_will(
+        cluster.addr(victim),
+        "w-polite",
+        will_of("polite", None, false),
+        0,
+        true,
+    )
+    .await;
+    polite
+        .send(&Packet::Disconnect(halyard_codec::Disconnect {
+            reason: ReasonCode::SUCCESS,
+            properties: Default::default(),
+        }))
+        .await;
+    polite.expect_closed().await;
+
+    let lost = with_will(
+        cluster.addr(victim),
+        "w-lost",
+        will_of("lost", None, true),
+        0,
+        true,
+    )
+    .await;
+    // Let the DISCONNECT's discard reach raft before the node dies.
+    watcher.expect_nothing(500).await;
+    let killed_at = Instant::now();
+    cluster.kill9(victim);
+    drop(lost);
+
+    let publish = next_publish(&mut watcher, "the lost client's will").await;
+    eprintln!(
+        "kill -9 to will published by a survivor: {:?}",
+        killed_at.elapsed()
+    );
+    assert_eq!(
+        &publish.payload[..],
+        b"lost",
+        "only the lost client's will comes"
+    );
+    assert_eq!(publish.topic, "wills/lost");
+    // Once: no second copy from the other survivor, and neither the dropped client's will
+    // again nor the polite client's.
+    watcher.expect_nothing(QUIET_MS).await;
+
+    // Published as an ordinary message: the RETAIN flag holds cluster-wide [MQTT-3.3.1-5].
+    let mut late = RawClient::connect_v5(cluster.addr(other), "w-late", true).await;
+    late.subscribe(1, &[("wills/#", QoS::AtLeastOnce)]).await;
+    // [MQTT-3.3.1-9]: a new subscription gets the retained messages that match it.
+    let retained = next_publish(&mut late, "the retained will").await;
+    assert_eq!(&retained.payload[..], b"lost");
+    assert!(
+        retained.retain,
+        "sent for a new subscription, it carries RETAIN 1"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_will_of_a_killed_node_is_cancelled_by_a_reconnect_elsewhere() {
+    let _serial = SERIAL.lock().await;
+    let mut cluster = Cluster::start();
+    let (victim, watching, resuming) = pick_nodes(&cluster);
+    let mut watcher = watcher(cluster.addr(watching), "d-watcher").await;
+
+    // Both wills wait 6 s after the connection is lost; the sessions last 300 s.
+    let returning = with_will(
+        cluster.addr(victim),
+        "d-returning",
+        will_of("returning", Some(DELAY_SECS), false),
+        300,
+        true,
+    )
+    .await;
+    let staying = with_will(
+        cluster.addr(victim),
+        "d-away",
+        will_of("away", Some(DELAY_SECS), false),
+        300,
+        true,
+    )
+    .await;
+    let killed_at = Instant::now();
+    cluster.kill9(victim);
+    drop((returning, staying));
+
+    // [MQTT-3.1.3-9]: a new connection to the session before the Will Delay Interval has
+    // passed: its will is not published. (The claim commits at once; the CONNACK waits for
+    // the dead owner's hand-over to time out.)
+    let mut back = RawClient::connect_v5(cluster.addr(resuming), "d-returning", false).await;
+    assert!(killed_at.elapsed() < DELAY, "reconnected within the delay");
+
+    // The other client stays away: its will comes once, after the delay.
+    let publish = next_publish(&mut watcher, "the absent client's delayed will").await;
+    let waited = killed_at.elapsed();
+    eprintln!("kill -9 to delayed will published: {waited:?}");
+    assert_eq!(
+        &publish.payload[..],
+        b"away",
+        "the returning client's will is cancelled"
+    );
+    assert!(
+        waited >= DELAY,
+        "[MQTT-3.1.2-8] not before its delay: {waited:?}"
+    );
+    watcher.expect_nothing(QUIET_MS).await;
+
+    // The watcher still hears that topic, so the silence above means something.
+    let packet = publish_packet("wills/back", b"back", QoS::AtLeastOnce, false, Some(1));
+    assert!(!back.publish(packet).await.is_error());
+    let publish = next_publish(&mut watcher, "a publish from the returned client").await;
+    assert_eq!(&publish.payload[..], b"back");
+}
