@@ -56,37 +56,24 @@ impl WillSweep {
             } else {
                 None
             };
+            let view = View {
+                node: self.node,
+                run: self.run,
+                started,
+                leader_since,
+                lost_after: self.lost_after,
+                now,
+            };
             let due = {
                 let applier = lock(&self.applier);
                 due_wills(applier.state.wills(), now, |record| {
-                    self.holder_gone_since(record, started, leader_since, now)
+                    view.holder_gone_since(record, self.lease.last_acked(record.node))
                 })
             };
             if !self.settle(due).await {
                 return;
             }
         }
-    }
-
-    /// Since when the connection of `record` is known closed, if it is.
-    fn holder_gone_since(
-        &self,
-        record: &WillRecord,
-        started: Instant,
-        leader_since: Option<Instant>,
-        now: Instant,
-    ) -> Option<Instant> {
-        if record.node == self.node {
-            return (record.run != self.run).then_some(started);
-        }
-        // Only the leader hears from every node; a new leader counts from its election.
-        let leader_since = leader_since?;
-        let heard = self
-            .lease
-            .last_acked(record.node)
-            .map_or(leader_since, |acked| acked.max(leader_since));
-        let gone = heard + self.lost_after;
-        (gone <= now).then_some(gone)
     }
 
     /// Commits a `SettleWill` per due will (in one batch) and hands those it won to the
@@ -133,6 +120,38 @@ impl WillSweep {
     }
 }
 
+/// What one sweep knows about this node and the others.
+struct View {
+    node: NodeId,
+    run: u64,
+    /// When this process started.
+    started: Instant,
+    /// Since when this node leads, if it does.
+    leader_since: Option<Instant>,
+    lost_after: Duration,
+    now: Instant,
+}
+
+impl View {
+    /// Since when the connection of `record` is known closed, if it is: this node's
+    /// previous process's since this one started; another node's, on the leader, once it
+    /// has not acknowledged (`last_acked`) for `lost_after`.
+    fn holder_gone_since(
+        &self,
+        record: &WillRecord,
+        last_acked: Option<Instant>,
+    ) -> Option<Instant> {
+        if record.node == self.node {
+            return (record.run != self.run).then_some(self.started);
+        }
+        // Only the leader hears from every node; a new leader counts from its election.
+        let leader_since = self.leader_since?;
+        let heard = last_acked.map_or(leader_since, |acked| acked.max(leader_since));
+        let gone = heard + self.lost_after;
+        (gone <= self.now).then_some(gone)
+    }
+}
+
 /// The wills due at `now`: those whose holder is gone (`gone_since`) for at least their
 /// delay.
 pub(crate) fn due_wills(
@@ -156,6 +175,54 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
+
+    #[test]
+    fn a_holder_is_gone_when_the_leader_misses_it_or_its_process_restarted() {
+        let start = Instant::now();
+        let lost_after = Duration::from_secs(2);
+        let view = |leader_since, now| View {
+            node: 1,
+            run: 1,
+            started: start,
+            leader_since,
+            lost_after,
+            now,
+        };
+        let later = start + Duration::from_secs(5);
+        let mut previous_run = record(1, 0);
+        previous_run.run = 8;
+        assert_eq!(
+            view(None, later).holder_gone_since(&previous_run, None),
+            Some(start)
+        );
+        assert_eq!(
+            view(None, later).holder_gone_since(&record(1, 0), None),
+            None,
+            "this process holds it"
+        );
+        assert_eq!(
+            view(None, later).holder_gone_since(&record(2, 0), None),
+            None,
+            "only the leader judges others"
+        );
+        let acked = start + Duration::from_secs(1);
+        let leading = view(Some(start), later);
+        assert_eq!(
+            leading.holder_gone_since(&record(2, 0), Some(acked)),
+            Some(acked + lost_after)
+        );
+        assert_eq!(
+            leading.holder_gone_since(&record(2, 0), Some(later)),
+            None,
+            "heard from just now"
+        );
+        let elected = start + Duration::from_secs(4);
+        assert_eq!(
+            view(Some(elected), later).holder_gone_since(&record(2, 0), None),
+            None,
+            "a new leader waits from its election"
+        );
+    }
 
     fn record(node: NodeId, delay_secs: u32) -> WillRecord {
         WillRecord {

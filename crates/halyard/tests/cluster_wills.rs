@@ -206,3 +206,28 @@ async fn a_delayed_will_of_a_killed_node_is_cancelled_by_a_reconnect_elsewhere()
     let publish = next_publish(&mut watcher, "a publish from the returned client").await;
     assert_eq!(&publish.payload[..], b"back");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_will_left_by_a_node_killed_and_restarted_at_once_is_published_once() {
+    let _serial = SERIAL.lock().await;
+    let mut cluster = Cluster::start();
+    let (victim, watching, _) = pick_nodes(&cluster);
+    let mut watcher = watcher(cluster.addr(watching), "r-watcher").await;
+    let lost = with_will(
+        cluster.addr(victim),
+        "r-lost",
+        will_of("restarted", None, false),
+        0,
+        true,
+    )
+    .await;
+    // The restarted process knows nothing of the connection its predecessor held, and the
+    // leader may not miss the node for long: the restarted node publishes what its previous
+    // process left, or the leader does, never both.
+    cluster.kill9(victim);
+    drop(lost);
+    cluster.restart(victim);
+    let publish = next_publish(&mut watcher, "the will of the killed process's client").await;
+    assert_eq!(&publish.payload[..], b"restarted");
+    watcher.expect_nothing(QUIET_MS).await;
+}
