@@ -413,11 +413,6 @@ impl Coordinator {
             .take()
     }
 
-    /// The wills raft holds, by client id and claim epoch, as applied on this node.
-    pub fn wills(&self) -> BTreeMap<(ClientId, u64), WillRecord> {
-        lock(&self.applier).state.wills().clone()
-    }
-
     /// Adds and removes subscriptions of a client; `false` when `epoch` is not the owner's.
     pub async fn update_subscriptions(
         &self,

@@ -91,9 +91,9 @@ impl Lease {
         );
     }
 
-    /// When this node sent the latest AppendEntries that `peer` accepted, if any.
-    pub(crate) fn last_acked(&self, peer: NodeId) -> Option<Instant> {
-        self.contact().acked_sends.get(&peer).copied()
+    /// Per peer, when this node sent the latest AppendEntries that the peer accepted.
+    pub(crate) fn acked_sends(&self) -> BTreeMap<NodeId, Instant> {
+        self.contact().acked_sends.clone()
     }
 
     /// Whether this node holds the lease at `now`. Both kinds of evidence stay valid

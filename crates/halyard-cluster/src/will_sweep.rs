@@ -64,10 +64,11 @@ impl WillSweep {
                 lost_after: self.lost_after,
                 now,
             };
+            let acked = self.lease.acked_sends();
             let due = {
                 let applier = lock(&self.applier);
                 due_wills(applier.state.wills(), now, |record| {
-                    view.holder_gone_since(record, self.lease.last_acked(record.node))
+                    view.holder_gone_since(record, acked.get(&record.node).copied())
                 })
             };
             if !self.settle(due).await {

@@ -382,7 +382,18 @@ fn a_refused_claim_is_answered_server_unavailable() {
 fn a_claim_that_lost_to_a_newer_one_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut node = Node::open(dir.path(), cluster_parts(), Instant::now());
-    node.send(1, connect(V5, "c", false, Some(60)));
+    let mut older = match connect(V5, "c", false, Some(60)) {
+        Packet::Connect(connect) => connect,
+        _ => unreachable!(),
+    };
+    older.will = Some(Will {
+        topic: "wills/c".into(),
+        payload: Bytes::from_static(b"gone"),
+        qos: QoS::AtMostOnce,
+        retain: false,
+        properties: Properties::default(),
+    });
+    node.send(1, Packet::Connect(older));
     node.send(2, connect(V5, "c", false, Some(60)));
     node.granted(2, 9);
     node.granted(1, 8);
@@ -392,6 +403,11 @@ fn a_claim_that_lost_to_a_newer_one_is_refused() {
         (false, ReasonCode::SERVER_UNAVAILABLE)
     );
     assert!(!node.closed.contains(&2), "the newer connection stays");
+    assert_eq!(
+        node.settled_wills,
+        vec![("c".to_owned(), 8, 0, None)],
+        "the refused connection's will, kept with its claim in raft, is discarded there"
+    );
 }
 
 #[test]

@@ -511,6 +511,11 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
                 let current = self.coordinator.owner(&client_id).map(|owner| owner.epoch);
                 let outcome = if superseded(&outcome, current) {
                     debug!(%client_id, "a newer claim was applied before this grant; refused");
+                    if let ClaimOutcome::Granted { epoch, .. } = outcome {
+                        // The connection is refused, so its will (if the claim brought one)
+                        // must never be published.
+                        self.settle_will(client_id.clone(), epoch, 0, None);
+                    }
                     ClaimOutcome::Refused
                 } else {
                     outcome
@@ -869,7 +874,7 @@ async fn follow_fired_wills<E: From<ClusterEvent>>(
         let will = match wire::decode_will(&fired.will) {
             Ok(will) => will,
             Err(error) => {
-                warn!(client_id = %fired.client_id, %error, "undecodable will in raft; dropped");
+                warn!(client_id = %fired.client_id, epoch = fired.epoch, %error, "undecodable will in raft; dropped");
                 continue;
             }
         };
