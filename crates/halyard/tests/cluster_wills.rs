@@ -1,8 +1,9 @@
 //! Multi-process tests of the wills of a lost node's clients (issue 13): "Wills of the lost
 //! node's clients are published once, by the survivors." Three real `halyard` nodes on
-//! loopback; the node holding the wills is killed with SIGKILL. The victim is a follower:
-//! killing the leader adds an election, which may fence the survivors for a moment (see
-//! README) and drop the subscriber that watches for the wills.
+//! loopback; the node holding the wills is killed with SIGKILL. The victim is a follower,
+//! except in the leader's own test: killing the leader adds an election, which may fence the
+//! survivors for a moment (see README) and drop the subscriber that watches for the wills,
+//! so that test's watcher keeps a persistent session and resumes it.
 
 mod common;
 
@@ -230,4 +231,82 @@ async fn a_will_left_by_a_node_killed_and_restarted_at_once_is_published_once() 
     let publish = next_publish(&mut watcher, "the will of the killed process's client").await;
     assert_eq!(&publish.payload[..], b"restarted");
     watcher.expect_nothing(QUIET_MS).await;
+}
+
+/// A watcher with a session that outlives its connection, subscribed to the wills.
+async fn persistent_watcher(addr: SocketAddr, id: &str) -> RawClient {
+    let mut connect = connect_packet(ProtocolVersion::V5, id, true);
+    connect.properties.session_expiry_interval = Some(300);
+    let (mut watcher, ack) = RawClient::handshake(addr, connect).await;
+    assert_eq!(ack.code, ReasonCode::SUCCESS);
+    watcher.subscribe(1, &[("wills/#", QoS::AtLeastOnce)]).await;
+    watcher
+}
+
+/// The next PUBLISH for the persistent watcher `id` on `addr`, which resumes its session
+/// whenever its node fences itself for a moment (DISCONNECT 0x9C, CONNACK 0x88 meanwhile):
+/// what was published in between waits in the session.
+async fn next_publish_across_fences(
+    addr: SocketAddr,
+    id: &str,
+    watcher: &mut RawClient,
+) -> Publish {
+    let deadline = Instant::now() + WILL_DEADLINE;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match watcher.try_recv(left).await {
+            Ok(Packet::Publish(publish)) => {
+                watcher.ack(&publish).await;
+                return publish;
+            }
+            Ok(Packet::Disconnect(_)) | Err(RecvError::Closed) => loop {
+                assert!(
+                    Instant::now() < deadline,
+                    "{id} could not resume its session"
+                );
+                let mut connect = connect_packet(ProtocolVersion::V5, id, false);
+                connect.properties.session_expiry_interval = Some(300);
+                let (resumed, ack) = RawClient::handshake(addr, connect).await;
+                if ack.code == ReasonCode::SUCCESS {
+                    *watcher = resumed;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            },
+            other => panic!("expected a will for {id}, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wills_of_a_killed_leaders_clients_are_published_once_by_the_new_leader_side() {
+    let _serial = SERIAL.lock().await;
+    let mut cluster = Cluster::start();
+    let leader = cluster.status(1)["leader"]
+        .as_u64()
+        .and_then(|leader| usize::try_from(leader).ok())
+        .expect("a leader");
+    let watching = if leader == 1 { 2 } else { 1 };
+    let mut watcher = persistent_watcher(cluster.addr(watching), "l-watcher").await;
+    let lost = with_will(
+        cluster.addr(leader),
+        "l-lost",
+        will_of("leader lost", None, false),
+        0,
+        true,
+    )
+    .await;
+    // The survivors elect a new leader, which has never heard from the dead one: it counts
+    // the lease and margin from its election.
+    cluster.kill9(leader);
+    drop(lost);
+    let addr = cluster.addr(watching);
+    let publish = next_publish_across_fences(addr, "l-watcher", &mut watcher).await;
+    assert_eq!(&publish.payload[..], b"leader lost");
+    match watcher.try_recv(Duration::from_millis(QUIET_MS)).await {
+        Ok(Packet::Publish(again)) => panic!("the will came twice: {again:?}"),
+        // Silence; or a late fence of the watcher's node, which ends the watch.
+        Err(RecvError::Timeout | RecvError::Closed) | Ok(Packet::Disconnect(_)) => {}
+        other => panic!("expected silence, got {other:?}"),
+    }
 }
