@@ -153,13 +153,13 @@ async fn the_wills_of_a_killed_nodes_clients_are_published_once_by_the_survivors
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_delayed_will_of_a_killed_node_is_cancelled_by_a_reconnect_elsewhere() {
+async fn a_reconnect_elsewhere_cancels_a_killed_nodes_delayed_will_but_not_an_undelayed_one() {
     let _serial = SERIAL.lock().await;
     let mut cluster = Cluster::start();
     let (victim, watching, resuming) = pick_nodes(&cluster);
     let mut watcher = watcher(cluster.addr(watching), "d-watcher").await;
 
-    // Both wills wait 6 s after the connection is lost; the sessions last 300 s.
+    // Two wills wait 6 s after the connection is lost; the sessions last 300 s.
     let returning = with_will(
         cluster.addr(victim),
         "d-returning",
@@ -176,16 +176,32 @@ async fn a_delayed_will_of_a_killed_node_is_cancelled_by_a_reconnect_elsewhere()
         true,
     )
     .await;
+    // A will without a delay was due when the connection was lost: a reconnect does not
+    // take it back [MQTT-3.1.2-8].
+    let prompt = with_will(
+        cluster.addr(victim),
+        "d-prompt",
+        will_of("prompt", None, false),
+        300,
+        true,
+    )
+    .await;
     let killed_at = Instant::now();
     cluster.kill9(victim);
-    drop((returning, staying));
+    drop((returning, staying, prompt));
 
     // [MQTT-3.1.3-9]: a new connection to the session before the Will Delay Interval has
-    // passed: its will is not published. (The claim commits at once; the CONNACK waits for
+    // passed: its will is not published. (The claims commit at once; the CONNACKs wait for
     // the dead owner's hand-over to time out.)
-    let mut back = RawClient::connect_v5(cluster.addr(resuming), "d-returning", false).await;
+    let resuming = cluster.addr(resuming);
+    let (mut back, _prompt_back) = tokio::join!(
+        RawClient::connect_v5(resuming, "d-returning", false),
+        RawClient::connect_v5(resuming, "d-prompt", false),
+    );
     assert!(killed_at.elapsed() < DELAY, "reconnected within the delay");
 
+    let publish = next_publish(&mut watcher, "the reconnected client's undelayed will").await;
+    assert_eq!(&publish.payload[..], b"prompt");
     // The other client stays away: its will comes once, after the delay.
     let publish = next_publish(&mut watcher, "the absent client's delayed will").await;
     let waited = killed_at.elapsed();
