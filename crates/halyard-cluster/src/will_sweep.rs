@@ -78,8 +78,8 @@ impl WillSweep {
     }
 
     /// Commits a `SettleWill` per due will (all sent before any answer is awaited, so the
-    /// batcher merges them) and hands those it won to the
-    /// app. False once the batcher or the app is gone.
+    /// batcher merges them) and hands those it won to the app. False once the batcher or
+    /// the app is gone.
     async fn settle(&self, due: Vec<((ClientId, u64), WillRecord)>) -> bool {
         let mut answers = Vec::with_capacity(due.len());
         for ((client_id, epoch), record) in due {
