@@ -6,7 +6,7 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::types::{ClientId, NodeId, Owner};
+use crate::types::{ClientId, NodeId, Owner, WillRecord};
 
 /// One replicated change request.
 ///
@@ -42,17 +42,24 @@ pub enum Command {
     Batch(Vec<Command>),
     /// Take (or CAS) session ownership of a client id.
     Claim(Claim),
+    /// A claim whose connection has a will: a granted claim keeps the will with the owner
+    /// record, so that the survivors can publish it if this node is lost.
+    ClaimWithWill { claim: Claim, will: WillRecord },
+    /// The will of `client_id` under `epoch` is published or discarded: a compare-and-set
+    /// that removes it if it is still there. Whoever commits it first publishes it, so a
+    /// will is published at most once across the cluster.
+    SettleWill { client_id: ClientId, epoch: u64 },
 }
 
 impl Command {
     /// The client a command concerns; a batch holds at most one command per client.
     pub(crate) fn client_id(&self) -> Option<&str> {
         match self {
-            Command::Claim(claim) => Some(&claim.client_id),
+            Command::Claim(claim) | Command::ClaimWithWill { claim, .. } => Some(&claim.client_id),
             Command::LegacyClaim(claim) => Some(&claim.client_id),
-            Command::Release { client_id, .. } | Command::Subscriptions { client_id, .. } => {
-                Some(client_id)
-            }
+            Command::Release { client_id, .. }
+            | Command::Subscriptions { client_id, .. }
+            | Command::SettleWill { client_id, .. } => Some(client_id),
             Command::SetRetained { .. } | Command::Batch(_) => None,
         }
     }
@@ -128,6 +135,8 @@ pub enum Response {
     Batch(Vec<Response>),
     /// A raft-internal entry (blank, membership).
     Nothing,
+    /// SettleWill: true when this entry removed the will (its proposer publishes it).
+    WillSettled(bool),
 }
 
 /// The result of a claim.

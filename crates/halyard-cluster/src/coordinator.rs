@@ -32,13 +32,25 @@ use crate::raft_types::{NodeInfo, Raft};
 use crate::state_machine::{lock, SharedApplier, StateMachineStore};
 use crate::status::{Commit, MemberStatus, MirrorState, Role, Status};
 use crate::transport::{Incoming, TcpIncoming, Transport};
-use crate::types::{Applied, ClientId, NodeId, Owner, RetainedMessage, RouteKey, Subscription};
+use crate::types::{
+    Applied, ClientId, FiredWill, NodeId, Owner, RetainedMessage, RouteKey, Subscription,
+    WillRecord,
+};
+use crate::will_sweep::{WillSweep, LOST_NODE_MARGIN};
 
 /// How long a membership change may take: adding a learner waits until it has caught up.
 const MEMBERSHIP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long `shutdown` waits for raft's tasks to drop their handles on `raft.redb`.
 const DB_CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+/// The largest will (as the app encodes it) a claim carries into raft. A batch holds up to
+/// `max_batch` claims, so this keeps a reconnect storm's entry within a few megabytes; a
+/// larger will stays on its node only (and is lost with it).
+pub const MAX_REPLICATED_WILL_BYTES: usize = 16 * 1024;
+
+/// How many fired wills wait for the app.
+const FIRED_WILLS_QUEUED: usize = 1024;
 
 /// What a session claim asks for; the coordinator adds its node, a request id and sends it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,6 +91,9 @@ pub struct Coordinator {
     applied_everywhere: AppliedEverywhere,
     consumption: Consumption,
     lease: Arc<Lease>,
+    /// This process's run, random per start (see [`WillRecord::run`]).
+    run: u64,
+    fired_wills: Mutex<Option<mpsc::Receiver<FiredWill>>>,
 }
 
 impl Coordinator {
@@ -196,6 +211,22 @@ impl Coordinator {
             counters: counters.clone(),
         };
         tasks.push(tokio::spawn(batcher.run()).abort_handle());
+        let run = match config.entropy {
+            Some(seed) => seed.rotate_left(17),
+            None => random_u64()?,
+        };
+        let (fired, fired_wills) = mpsc::channel(FIRED_WILLS_QUEUED);
+        let sweep = WillSweep {
+            node: local.id,
+            run,
+            raft: raft.clone(),
+            applier: applier.clone(),
+            lease: lease.clone(),
+            proposals: proposals.clone(),
+            fired,
+            lost_after: config.lease + LOST_NODE_MARGIN,
+        };
+        tasks.push(tokio::spawn(sweep.run()).abort_handle());
         tasks.push(
             tokio::spawn(crate::announcer::run(
                 raft.clone(),
@@ -247,6 +278,8 @@ impl Coordinator {
             applied_everywhere,
             consumption,
             lease,
+            run,
+            fired_wills: Mutex::new(Some(fired_wills)),
         })
     }
 
@@ -277,6 +310,18 @@ impl Coordinator {
 
     /// Claims session ownership for this node (the distributed lock, see [`ClaimOutcome`]).
     pub async fn claim(&self, request: ClaimRequest) -> Result<Commit<ClaimOutcome>, ClusterError> {
+        self.claim_with_will(request, None).await
+    }
+
+    /// Claims like [`Coordinator::claim`], keeping `will` (the app's encoding, at most
+    /// [`MAX_REPLICATED_WILL_BYTES`], with its delay in seconds) with the owner record if
+    /// granted: from then on the will is published only by whoever wins
+    /// [`Coordinator::settle_will`] for it, and by the survivors if this node is lost.
+    pub async fn claim_with_will(
+        &self,
+        request: ClaimRequest,
+        will: Option<(Bytes, u32)>,
+    ) -> Result<Commit<ClaimOutcome>, ClusterError> {
         let claim = Claim {
             client_id: request.client_id,
             node: self.local.id,
@@ -287,7 +332,19 @@ impl Coordinator {
             now_ms: request.now_ms,
             clean_start: request.clean_start,
         };
-        let commit = self.write(Command::Claim(claim)).await?;
+        let command = match will {
+            Some((will, delay_secs)) if will.len() <= MAX_REPLICATED_WILL_BYTES => {
+                let will = WillRecord {
+                    node: self.local.id,
+                    run: self.run,
+                    delay_secs,
+                    will,
+                };
+                Command::ClaimWithWill { claim, will }
+            }
+            _ => Command::Claim(claim),
+        };
+        let commit = self.write(command).await?;
         match commit.value {
             Response::Claim(outcome) => {
                 let counter = match outcome {
@@ -321,6 +378,39 @@ impl Coordinator {
             }),
             Commit { value, .. } => Err(unexpected(value)),
         }
+    }
+
+    /// Takes the will of `client_id` under `epoch` out of raft, to publish or discard it:
+    /// true if this call removed it (publish it then), false if it was gone already
+    /// (published elsewhere, or cancelled by a newer connection).
+    pub async fn settle_will(
+        &self,
+        client_id: &str,
+        epoch: u64,
+    ) -> Result<Commit<bool>, ClusterError> {
+        let command = Command::SettleWill {
+            client_id: client_id.to_owned(),
+            epoch,
+        };
+        match self.write(command).await? {
+            Commit {
+                index,
+                value: Response::WillSettled(settled),
+            } => Ok(Commit {
+                index,
+                value: settled,
+            }),
+            Commit { value, .. } => Err(unexpected(value)),
+        }
+    }
+
+    /// The wills this node won for connections no live process holds (a lost node's, or
+    /// this node's previous process's), to publish; `Some` only on the first call.
+    pub fn take_fired_wills(&self) -> Option<mpsc::Receiver<FiredWill>> {
+        self.fired_wills
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take()
     }
 
     /// Adds and removes subscriptions of a client; `false` when `epoch` is not the owner's.

@@ -91,6 +91,11 @@ impl Lease {
         );
     }
 
+    /// Per peer, when this node sent the latest AppendEntries that the peer accepted.
+    pub(crate) fn acked_sends(&self) -> BTreeMap<NodeId, Instant> {
+        self.contact().acked_sends.clone()
+    }
+
     /// Whether this node holds the lease at `now`. Both kinds of evidence stay valid
     /// whatever the node's role is now (a candidate still heard its leader at that time),
     /// so the role is not asked.

@@ -4,8 +4,9 @@
 //! incarnation; session ownership `client_id -> {node, epoch, expiry}` (the distributed lock,
 //! the epoch being the log index that granted the claim, i.e. a fencing token); persistent
 //! subscriptions, from which `apply` derives the route index (filter or share group -> nodes);
-//! and retained messages under a byte cap. `apply` is pure: proposers stamp time and request
-//! ids into the entries.
+//! retained messages under a byte cap; and the wills of connected clients, kept with the
+//! claim that brought them until their owner (or, for a lost node, the leader) settles them.
+//! `apply` is pure: proposers stamp time and request ids into the entries.
 //!
 //! Design: openraft 0.9 with log and state machine in one redb file (`raft.redb`) per node;
 //! the state machine lives in memory and is rebuilt from the last snapshot plus the committed
@@ -43,10 +44,11 @@ mod state_machine;
 mod status;
 mod transport;
 mod types;
+mod will_sweep;
 
 pub use command::{ClaimOutcome, SubscriptionChange};
 pub use config::{ClusterConfig, Listen};
-pub use coordinator::{ClaimRequest, Coordinator};
+pub use coordinator::{ClaimRequest, Coordinator, MAX_REPLICATED_WILL_BYTES};
 pub use error::ClusterError;
 pub use metrics::Metrics;
 pub use peer_link::{Acked, Delivery, LinkReceivers, PeerLink};
@@ -56,5 +58,6 @@ pub use transport::{
     BoxFuture, BoxStream, Incoming, PeerStream, TcpIncoming, TcpTransport, Transport,
 };
 pub use types::{
-    Applied, Change, ClientId, NodeId, Owner, RetainedMessage, RouteKey, Subscription,
+    Applied, Change, ClientId, FiredWill, NodeId, Owner, RetainedMessage, RouteKey, Subscription,
+    WillRecord,
 };

@@ -9,7 +9,9 @@ use halyard_codec::topic::{is_valid_topic_filter, matches, parse_shared_subscrip
 use serde::{Deserialize, Serialize};
 
 use crate::command::{Claim, ClaimOutcome, Command, Response, SubscriptionChange};
-use crate::types::{Change, ClientId, NodeId, Owner, RetainedMessage, RouteKey, Subscription};
+use crate::types::{
+    Change, ClientId, NodeId, Owner, RetainedMessage, RouteKey, Subscription, WillRecord,
+};
 
 /// How many claim answers per node are kept for idempotent retries. A retry arrives within
 /// seconds, long before this many newer claims from the same node.
@@ -27,6 +29,11 @@ pub struct ClusterState {
     retained_bytes: u64,
     claim_results: BTreeMap<(NodeId, u64), ClaimOutcome>,
     claim_order: BTreeMap<NodeId, VecDeque<u64>>,
+    /// Wills by client id and the epoch of the claim that brought them. Not in the derived
+    /// encoding: snapshots append them (see [`ClusterState::to_snapshot`]), so that a
+    /// snapshot written before wills existed still reads.
+    #[serde(skip)]
+    wills: BTreeMap<(ClientId, u64), WillRecord>,
     /// Byte cap on retained messages; configuration, so every node must use the same value.
     #[serde(skip)]
     retained_cap_bytes: u64,
@@ -48,12 +55,34 @@ impl ClusterState {
         self.retained_cap_bytes = cap;
     }
 
+    /// The snapshot encoding: the derived fields, then the wills.
+    pub(crate) fn to_snapshot(&self) -> Result<Vec<u8>, postcard::Error> {
+        let mut data = postcard::to_stdvec(self)?;
+        data.extend(postcard::to_stdvec(&self.wills)?);
+        Ok(data)
+    }
+
+    /// Reads [`ClusterState::to_snapshot`]'s encoding, or an older one without wills.
+    pub(crate) fn from_snapshot(data: &[u8]) -> Result<ClusterState, postcard::Error> {
+        let (mut state, rest): (ClusterState, _) = postcard::take_from_bytes(data)?;
+        if !rest.is_empty() {
+            state.wills = postcard::from_bytes(rest)?;
+        }
+        Ok(state)
+    }
+
     /// Applies one command of the log entry at `index`; the changes go to `out`.
     pub fn apply(&mut self, index: u64, command: &Command, out: &mut Vec<Change>) -> Response {
         match command {
-            Command::Claim(claim) => Response::Claim(self.claim(index, claim, out)),
+            Command::Claim(claim) => Response::Claim(self.claim(index, claim, None, out)),
+            Command::ClaimWithWill { claim, will } => {
+                Response::Claim(self.claim(index, claim, Some(will), out))
+            }
             Command::LegacyClaim(legacy) => {
-                Response::Claim(self.claim(index, &Claim::from(legacy), out))
+                Response::Claim(self.claim(index, &Claim::from(legacy), None, out))
+            }
+            Command::SettleWill { client_id, epoch } => {
+                Response::WillSettled(self.wills.remove(&(client_id.clone(), *epoch)).is_some())
             }
             Command::Release {
                 client_id,
@@ -79,7 +108,13 @@ impl ClusterState {
         }
     }
 
-    fn claim(&mut self, index: u64, claim: &Claim, out: &mut Vec<Change>) -> ClaimOutcome {
+    fn claim(
+        &mut self,
+        index: u64,
+        claim: &Claim,
+        will: Option<&WillRecord>,
+        out: &mut Vec<Change>,
+    ) -> ClaimOutcome {
         let key = (claim.node, claim.request_id);
         if let Some(first) = self.claim_results.get(&key) {
             return first.clone();
@@ -121,6 +156,11 @@ impl ClusterState {
             } else {
                 self.move_subscriptions(&claim.client_id, claim.node, out);
             }
+            self.reconnected(&claim.client_id, claim.clean_start);
+            if let Some(will) = will {
+                self.wills
+                    .insert((claim.client_id.clone(), index), will.clone());
+            }
             ClaimOutcome::Granted {
                 epoch: index,
                 previous,
@@ -128,6 +168,29 @@ impl ClusterState {
         };
         self.remember_claim(key, outcome.clone());
         outcome
+    }
+
+    /// A new connection to the session cancels a will still waiting out its delay
+    /// [MQTT-3.1.3-9]; one without a delay was due when the old connection closed, and a
+    /// clean start ends the old session, so those are due now and stay for whoever
+    /// publishes them (the old owner as it closes the connection, or the survivors).
+    fn reconnected(&mut self, client_id: &str, clean_start: bool) {
+        let older: Vec<u64> = self
+            .wills
+            .range((client_id.to_owned(), 0)..=(client_id.to_owned(), u64::MAX))
+            .map(|((_, epoch), _)| *epoch)
+            .collect();
+        for epoch in older {
+            let key = (client_id.to_owned(), epoch);
+            let Some(record) = self.wills.get_mut(&key) else {
+                continue;
+            };
+            if clean_start || record.delay_secs == 0 {
+                record.delay_secs = 0;
+            } else {
+                self.wills.remove(&key);
+            }
+        }
     }
 
     fn remember_claim(&mut self, key: (NodeId, u64), outcome: ClaimOutcome) {
@@ -336,6 +399,11 @@ impl ClusterState {
     /// All owners.
     pub fn owners(&self) -> &BTreeMap<ClientId, Owner> {
         &self.owners
+    }
+
+    /// The wills waiting to be published or discarded, by client id and claim epoch.
+    pub fn wills(&self) -> &BTreeMap<(ClientId, u64), WillRecord> {
+        &self.wills
     }
 
     /// The route index: per route, the nodes with at least one subscriber.

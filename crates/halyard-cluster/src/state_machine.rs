@@ -114,7 +114,7 @@ impl StateMachineStore {
 }
 
 fn restore(applier: &mut Applier, stored: &StoredSnapshot) -> Result<(), StorageError> {
-    let state: ClusterState = postcard::from_bytes(&stored.data).map_err(|e| {
+    let state = ClusterState::from_snapshot(&stored.data).map_err(|e| {
         storage_error(
             ErrorSubject::Snapshot(Some(stored.meta.signature())),
             ErrorVerb::Read,
@@ -131,7 +131,9 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let (data, last_log_id, last_membership) = {
             let applier = lock(&self.applier);
-            let data = postcard::to_stdvec(&applier.state)
+            let data = applier
+                .state
+                .to_snapshot()
                 .map_err(|e| storage_error(ErrorSubject::StateMachine, ErrorVerb::Read, e))?;
             (data, applier.last_applied, applier.last_membership.clone())
         };

@@ -385,3 +385,98 @@ fn a_claim_logged_before_clean_start_decodes_and_moves_the_subscriptions() {
     assert_eq!(granted_epoch(&response), 3);
     assert_eq!(state.subscriptions("a").map(|subs| subs["x"].node), Some(3));
 }
+
+fn claim_with_will(client: &str, node: NodeId, request_id: u64, delay_secs: u32) -> Command {
+    let Command::Claim(claim) = claim(client, node, request_id, None) else {
+        unreachable!("claim() builds a claim");
+    };
+    Command::ClaimWithWill {
+        claim,
+        will: WillRecord {
+            node,
+            run: 7,
+            delay_secs,
+            will: Bytes::from_static(b"gone"),
+        },
+    }
+}
+
+fn settle(client: &str, epoch: u64) -> Command {
+    Command::SettleWill {
+        client_id: client.to_owned(),
+        epoch,
+    }
+}
+
+#[test]
+fn a_will_is_settled_once_whoever_asks() {
+    let mut state = ClusterState::new(1 << 20);
+    let epoch = granted_epoch(&apply(&mut state, 1, claim_with_will("c", 1, 1, 0)).0);
+    assert_eq!(state.wills().len(), 1, "the claim keeps the will");
+    // The owner publishing it locally and a survivor sweeping it race: only the first
+    // committed entry wins, so the will is published once [MQTT-3.1.2-8].
+    let first = apply(&mut state, 2, settle("c", epoch)).0;
+    let second = apply(&mut state, 3, settle("c", epoch)).0;
+    assert_eq!(first, Response::WillSettled(true));
+    assert_eq!(second, Response::WillSettled(false));
+    assert!(state.wills().is_empty());
+}
+
+#[test]
+fn a_newer_claim_cancels_a_delayed_will_but_not_a_due_one() {
+    let mut state = ClusterState::new(1 << 20);
+    let delayed = granted_epoch(&apply(&mut state, 1, claim_with_will("d", 1, 1, 30)).0);
+    let due = granted_epoch(&apply(&mut state, 2, claim_with_will("z", 1, 2, 0)).0);
+    // Both clients reconnect on node 3 (without a will).
+    apply(&mut state, 3, claim("d", 3, 1, None));
+    apply(&mut state, 4, claim("z", 3, 2, None));
+    // [MQTT-3.1.3-9]: a new connection before the Will Delay Interval passed: no will.
+    assert_eq!(
+        apply(&mut state, 5, settle("d", delayed)).0,
+        Response::WillSettled(false)
+    );
+    // Without a delay the will was due when the old connection closed: it stays for the
+    // old owner (or the survivors) to publish.
+    assert_eq!(
+        apply(&mut state, 6, settle("z", due)).0,
+        Response::WillSettled(true)
+    );
+}
+
+#[test]
+fn a_clean_start_makes_a_delayed_will_due_now() {
+    let mut state = ClusterState::new(1 << 20);
+    let epoch = granted_epoch(&apply(&mut state, 1, claim_with_will("c", 1, 1, 30)).0);
+    let Command::Claim(mut clean) = claim("c", 2, 1, None) else {
+        unreachable!("claim() builds a claim");
+    };
+    clean.clean_start = true;
+    apply(&mut state, 2, Command::Claim(clean));
+    // The clean start ends the old session, which publishes its will [MQTT-3.1.3-9].
+    let record = &state.wills()[&("c".to_owned(), epoch)];
+    assert_eq!(record.delay_secs, 0);
+}
+
+#[test]
+fn a_retried_claim_does_not_bring_its_will_back() {
+    let mut state = ClusterState::new(1 << 20);
+    let epoch = granted_epoch(&apply(&mut state, 1, claim_with_will("c", 1, 1, 0)).0);
+    apply(&mut state, 2, settle("c", epoch));
+    apply(&mut state, 3, claim_with_will("c", 1, 1, 0));
+    assert!(
+        state.wills().is_empty(),
+        "the retry returns the first answer only"
+    );
+}
+
+#[test]
+fn snapshots_keep_wills_and_older_snapshots_still_read() {
+    let mut state = ClusterState::new(1 << 20);
+    apply(&mut state, 1, claim_with_will("c", 1, 1, 5));
+    let restored = ClusterState::from_snapshot(&state.to_snapshot().unwrap()).unwrap();
+    assert_eq!(restored.wills(), state.wills());
+    let older = postcard::to_stdvec(&state).unwrap();
+    let restored = ClusterState::from_snapshot(&older).unwrap();
+    assert!(restored.wills().is_empty());
+    assert_eq!(restored.owners(), state.owners());
+}

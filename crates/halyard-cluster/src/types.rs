@@ -21,6 +21,30 @@ pub struct Owner {
     pub claimed_ms: u64,
 }
 
+/// A will kept with its owner record, for when the owner cannot publish it (lost node).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WillRecord {
+    /// The node that holds the connection.
+    pub node: NodeId,
+    /// The holding node's process run (random per start): a record of an earlier run was
+    /// left by a process that is gone, whose connections are all closed.
+    pub run: u64,
+    /// Seconds from the loss of the connection until the will is due: the smaller of its
+    /// Will Delay Interval and the Session Expiry Interval [MQTT-3.1.3-9]; 0 once due.
+    pub delay_secs: u32,
+    /// The will as the app encoded it (opaque here).
+    pub will: Bytes,
+}
+
+/// A will this node won through raft ([`crate::Coordinator::take_fired_wills`]): the app
+/// publishes it as an ordinary message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FiredWill {
+    pub client_id: ClientId,
+    pub epoch: u64,
+    pub will: Bytes,
+}
+
 /// One route of the route index: a filter (and share group) with subscribers on a node.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct RouteKey {

@@ -92,6 +92,7 @@ impl Broker {
             if let Some(session) = self.sessions.get(&key) {
                 session.send_disconnect(reason, Some(why), &mut self.out);
             }
+            self.discard_will(key);
             self.close_link(now, key, CloseKind::Normal);
         }
         self.retry_paused(now);
@@ -151,9 +152,10 @@ impl Broker {
             return;
         }
         let ends_now = session.expiry_interval == 0;
+        let (client_id, epoch) = (session.client_id.clone(), session.epoch);
         if let Some(will) = will {
             if ends_now {
-                self.publish_will(now, key, will);
+                self.will_due(now, key, client_id, epoch, will);
             } else {
                 self.schedule_will(now, key, will);
             }
@@ -178,15 +180,67 @@ impl Broker {
     /// the session comes first [MQTT-3.1.3-9].
     pub(crate) fn schedule_will(&mut self, now: Instant, key: SessionKey, will: Will) {
         let delay = will.properties.will_delay_interval.unwrap_or(0);
-        match self.sessions.get_mut(&key) {
-            Some(session) if delay > 0 => {
-                let due = now + Duration::from_secs(u64::from(delay));
-                session.delayed_will = Some(Box::new((due, will)));
-                self.timers.arm(due, Timer::Will(key, session.epoch));
-                self.save_session_record(key);
-            }
-            _ => self.publish_will(now, key, will),
+        let Some(session) = self.sessions.get_mut(&key) else {
+            return self.publish_will(now, key, will);
+        };
+        if delay > 0 {
+            let due = now + Duration::from_secs(u64::from(delay));
+            session.delayed_will = Some(Box::new((due, will)));
+            self.timers.arm(due, Timer::Will(key, session.epoch));
+            self.save_session_record(key);
+        } else {
+            let (client_id, epoch) = (session.client_id.clone(), session.epoch);
+            self.will_due(now, key, client_id, epoch, will);
         }
+    }
+
+    /// The will of `client_id`'s connection under `epoch` is due: a single node publishes it
+    /// now; a cluster node first takes it out of raft (see [`Output::SettleWill`]), so that
+    /// it is published once, here or by the survivors if this node is lost meanwhile.
+    pub(crate) fn will_due(
+        &mut self,
+        now: Instant,
+        key: SessionKey,
+        client_id: String,
+        epoch: u64,
+        will: Will,
+    ) {
+        if self.replicated {
+            self.out.outputs.push_back(Output::SettleWill {
+                client_id,
+                epoch,
+                publisher: key,
+                will: Some(Box::new(will)),
+            });
+        } else {
+            self.publish_will(now, key, will);
+        }
+    }
+
+    /// Drops the will of the connection of `key` [MQTT-3.1.2-10]; a cluster node also takes
+    /// it out of raft, so that nobody publishes it.
+    fn discard_will(&mut self, key: SessionKey) {
+        let Some(session) = self.sessions.get_mut(&key) else {
+            return;
+        };
+        let Some(link) = session.link.as_mut() else {
+            return;
+        };
+        if link.will.take().is_some() && self.replicated {
+            self.out.outputs.push_back(Output::SettleWill {
+                client_id: session.client_id.clone(),
+                epoch: session.epoch,
+                publisher: key,
+                will: None,
+            });
+        }
+    }
+
+    /// A will this node won in raft (see [`Output::SettleWill`]): published as an ordinary
+    /// message. `publisher` is the session that published it on this node, if any (0 for a
+    /// lost node's will).
+    pub fn publish_settled_will(&mut self, now: Instant, publisher: SessionKey, will: Will) {
+        self.publish_will(now, publisher, will);
     }
 
     /// Discards a session: its subscriptions leave the router and a will still waiting out
@@ -202,7 +256,7 @@ impl Broker {
             });
         }
         if let Some((_, will)) = session.delayed_will.map(|b| *b) {
-            self.publish_will(now, key, will);
+            self.will_due(now, key, session.client_id, session.epoch, will);
         }
     }
 
@@ -271,6 +325,7 @@ impl Broker {
             CloseKind::NormalWithWill
         } else {
             // [MQTT-3.1.2-10]: the will is discarded on a normal DISCONNECT.
+            self.discard_will(key);
             CloseKind::Normal
         };
         self.close_link(now, key, kind);

@@ -159,6 +159,7 @@ impl Broker {
                 .map(|session| session.epoch),
             clean_start: admitted.connect.clean_start,
             expiry_interval,
+            will: admitted.connect.will.clone().map(Box::new),
         };
         match self.registry.claim(&request) {
             ClaimPoll::Ready(ClaimOutcome::Granted { epoch, .. }) => {
@@ -293,7 +294,16 @@ impl Broker {
             .and_then(|key| self.sessions.get(&key))
             .is_some_and(|session| session.epoch > epoch)
         {
-            // A newer claim of the same client id was settled first: this one lost.
+            // A newer claim of the same client id was settled first: this one lost, and
+            // the will its claim brought is never published.
+            if self.replicated && connect.will.is_some() {
+                self.out.outputs.push_back(Output::SettleWill {
+                    client_id,
+                    epoch,
+                    publisher: 0,
+                    will: None,
+                });
+            }
             return self.refuse_claim(conn, version);
         }
         // Takeover: end the existing connection first [MQTT-3.1.4-3].

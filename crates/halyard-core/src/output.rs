@@ -2,10 +2,10 @@
 
 use std::sync::Arc;
 
-use halyard_codec::Packet;
+use halyard_codec::{Packet, Will};
 
 use crate::broker::ConnectionId;
-use crate::message::{Message, NodeId};
+use crate::message::{Message, NodeId, SessionKey};
 use crate::registry::ClaimRequest;
 use crate::router::SubscriptionEntry;
 
@@ -98,6 +98,21 @@ pub enum Output {
     Retain {
         /// The message as published.
         message: Arc<Message>,
+    },
+    /// The will of `client_id`'s connection under `epoch` is due (`will`) or discarded
+    /// (`None`; DISCONNECT 0x00, or the node sends its clients away). Only with
+    /// `BrokerParts::replicated`: the cluster keeps the will with the claim, and whoever
+    /// takes it out first publishes it, so settle it there and, if this node won it, hand
+    /// it back through [`Broker::publish_settled_will`](crate::Broker::publish_settled_will).
+    SettleWill {
+        /// The client id.
+        client_id: String,
+        /// The epoch of the claim the connection was made under.
+        epoch: u64,
+        /// The session that published it, for No Local.
+        publisher: SessionKey,
+        /// The will to publish once won; `None` to discard it.
+        will: Option<Box<Will>>,
     },
 }
 

@@ -11,6 +11,8 @@
 //! id. The session keeps it (and the store persists it); timers and the session's actions
 //! carry it, so that whatever was armed under an older claim does nothing.
 
+use halyard_codec::Will;
+
 use crate::broker::ConnectionId;
 use crate::transfer::SessionState;
 
@@ -27,6 +29,9 @@ pub struct ClaimRequest {
     pub clean_start: bool,
     /// Session Expiry Interval granted (seconds; 0 = the session ends with the connection).
     pub expiry_interval: u32,
+    /// The CONNECT's will: a cluster keeps it with the claim, so that the survivors publish
+    /// it if this node is lost. Boxed for the reason `Link::will` is.
+    pub will: Option<Box<Will>>,
 }
 
 /// How a claim ended.

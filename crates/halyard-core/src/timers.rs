@@ -35,8 +35,9 @@ impl Broker {
                     }
                     if let Some((due, will)) = session.delayed_will.take().map(|b| *b) {
                         if due <= now {
+                            let client_id = session.client_id.clone();
                             self.save_session_record(key);
-                            self.publish_will(now, key, will);
+                            self.will_due(now, key, client_id, epoch, will);
                         } else {
                             session.delayed_will = Some(Box::new((due, will)));
                         }

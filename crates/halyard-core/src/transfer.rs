@@ -232,7 +232,7 @@ impl Broker {
             return false;
         };
         // No session here published it: key 0 is never a session's, so No Local skips nobody.
-        self.publish_will(now, 0, will);
+        self.will_due(now, 0, state.client_id, state.epoch, will);
         true
     }
 }

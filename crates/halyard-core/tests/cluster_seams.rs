@@ -60,6 +60,8 @@ struct Node {
     releases: Vec<(String, u64)>,
     replications: Vec<(Option<u64>, String, u64, Vec<SubscriptionUpdate>)>,
     retains: Vec<Arc<Message>>,
+    /// `Output::SettleWill`s: (client id, epoch, publisher, will to publish if won).
+    settled_wills: Vec<(String, u64, u64, Option<Will>)>,
     /// Whether route commits wait for the test; otherwise every ticket is committed at once.
     hold_routes: bool,
 }
@@ -85,6 +87,7 @@ impl Node {
             releases: Vec::new(),
             replications: Vec::new(),
             retains: Vec::new(),
+            settled_wills: Vec::new(),
             hold_routes: false,
         }
     }
@@ -132,6 +135,14 @@ impl Node {
                     changes,
                 } => self.replications.push((ticket, client_id, epoch, changes)),
                 Output::Retain { message } => self.retains.push(message),
+                Output::SettleWill {
+                    client_id,
+                    epoch,
+                    publisher,
+                    will,
+                } => self
+                    .settled_wills
+                    .push((client_id, epoch, publisher, will.map(|will| *will))),
                 Output::Pause { .. } | Output::Resume { .. } | Output::NotifyWritten { .. } => {}
             }
         }
@@ -371,7 +382,18 @@ fn a_refused_claim_is_answered_server_unavailable() {
 fn a_claim_that_lost_to_a_newer_one_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut node = Node::open(dir.path(), cluster_parts(), Instant::now());
-    node.send(1, connect(V5, "c", false, Some(60)));
+    let mut older = match connect(V5, "c", false, Some(60)) {
+        Packet::Connect(connect) => connect,
+        _ => unreachable!(),
+    };
+    older.will = Some(Will {
+        topic: "wills/c".into(),
+        payload: Bytes::from_static(b"gone"),
+        qos: QoS::AtMostOnce,
+        retain: false,
+        properties: Properties::default(),
+    });
+    node.send(1, Packet::Connect(older));
     node.send(2, connect(V5, "c", false, Some(60)));
     node.granted(2, 9);
     node.granted(1, 8);
@@ -381,6 +403,11 @@ fn a_claim_that_lost_to_a_newer_one_is_refused() {
         (false, ReasonCode::SERVER_UNAVAILABLE)
     );
     assert!(!node.closed.contains(&2), "the newer connection stays");
+    assert_eq!(
+        node.settled_wills,
+        vec![("c".to_owned(), 8, 0, None)],
+        "the refused connection's will, kept with its claim in raft, is discarded there"
+    );
 }
 
 #[test]
@@ -896,6 +923,11 @@ fn disconnect_all_closes_every_client_keeps_persistent_sessions_and_publishes_no
         "the retained will was not published"
     );
     assert_eq!(
+        node.settled_wills,
+        vec![("persistent".to_owned(), 10, 1, None)],
+        "the will is discarded in raft too, so that no other node publishes it"
+    );
+    assert_eq!(
         node.broker.stats().sessions,
         1,
         "the persistent session stays"
@@ -983,4 +1015,80 @@ fn messages_forwarded_during_a_move_reach_the_session_on_its_new_node() {
     let delivered = publishes(&packets);
     assert_eq!(delivered.len(), 1, "{packets:?}");
     assert_eq!(&delivered[0].payload[..], b"held");
+}
+
+/// In a cluster a due will is not published at once: it is first taken out of raft, where
+/// the claim keeps it for the survivors, and published only by the node that won it
+/// [MQTT-3.1.2-8]; a DISCONNECT 0x00 discards it there [MQTT-3.1.2-10].
+#[test]
+fn a_cluster_node_publishes_a_will_only_after_winning_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut node = Node::open(dir.path(), cluster_parts(), Instant::now());
+    node.send(1, connect(V5, "watcher", true, None));
+    node.granted(1, 1);
+    node.send(
+        1,
+        Packet::Subscribe(Subscribe {
+            packet_id: 1,
+            subscriptions: vec![Subscription {
+                filter: "wills/#".into(),
+                options: SubscriptionOptions::default(),
+            }],
+            properties: Properties::default(),
+        }),
+    );
+    node.take(1);
+    let will = Will {
+        topic: "wills/lost".into(),
+        payload: Bytes::from_static(b"gone"),
+        qos: QoS::AtMostOnce,
+        retain: false,
+        properties: Properties::default(),
+    };
+    let mut with_will = match connect(V5, "lost", true, None) {
+        Packet::Connect(connect) => connect,
+        _ => unreachable!(),
+    };
+    with_will.will = Some(will.clone());
+    node.send(2, Packet::Connect(with_will.clone()));
+    let claim = node.claims.pop_back().expect("a claim");
+    assert_eq!(
+        claim.will.as_deref(),
+        Some(&will),
+        "the claim carries the will"
+    );
+    node.granted(2, 5);
+
+    node.broker.connection_lost(node.now, 2);
+    node.drain();
+    assert!(node.take(1).is_empty(), "not published before it is won");
+    let (client_id, epoch, publisher, won) = node.settled_wills.pop().expect("settled");
+    assert_eq!((client_id.as_str(), epoch), ("lost", 5));
+    let won = won.expect("a will to publish");
+    node.broker.publish_settled_will(node.now, publisher, won);
+    node.drain();
+    match node.take(1).as_slice() {
+        [Packet::Publish(p)] => assert_eq!(&p.payload[..], b"gone"),
+        other => panic!("expected the will, got {other:?}"),
+    }
+
+    node.send(3, Packet::Connect(with_will));
+    node.granted(3, 6);
+    node.send(
+        3,
+        Packet::Disconnect(halyard_codec::Disconnect {
+            reason: ReasonCode::SUCCESS,
+            properties: Properties::default(),
+        }),
+    );
+    let discarded: Vec<_> = node
+        .settled_wills
+        .iter()
+        .map(|(client_id, epoch, _, will)| (client_id.as_str(), *epoch, will.is_some()))
+        .collect();
+    assert_eq!(
+        discarded,
+        vec![("lost", 6, false)],
+        "DISCONNECT 0x00 discards it in raft"
+    );
 }

@@ -327,7 +327,8 @@ impl Dispatcher {
                 | Output::Claim(_)
                 | Output::Release { .. }
                 | Output::Subscriptions { .. }
-                | Output::Retain { .. } => {
+                | Output::Retain { .. }
+                | Output::SettleWill { .. } => {
                     if let Some(cluster) = self.cluster.as_mut() {
                         cluster.handle_output(output);
                     }

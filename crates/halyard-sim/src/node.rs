@@ -176,9 +176,9 @@ fn canonical_key(output: &Output) -> (u8, String) {
         | Output::Resume { conn }
         | Output::NotifyWritten { conn } => (0, format!("{conn:020}")),
         Output::Claim(request) => (1, request.client_id.clone()),
-        Output::Release { client_id, .. } | Output::Subscriptions { client_id, .. } => {
-            (1, client_id.clone())
-        }
+        Output::Release { client_id, .. }
+        | Output::Subscriptions { client_id, .. }
+        | Output::SettleWill { client_id, .. } => (1, client_id.clone()),
         Output::Forward { node, .. } => (2, format!("{node:020}")),
         Output::Retain { message } => (3, message.topic.clone()),
     }

@@ -13,8 +13,10 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use halyard_cluster::{Change, ClaimOutcome as RaftClaim, Coordinator, RouteKey};
-use halyard_codec::ReasonCode;
+use halyard_cluster::{
+    Change, ClaimOutcome as RaftClaim, Coordinator, FiredWill, RouteKey, MAX_REPLICATED_WILL_BYTES,
+};
+use halyard_codec::{ReasonCode, Will};
 use halyard_core::{
     Broker, ClaimOutcome, ClaimRequest, ConnectionId, ForwardOffer, Message, NodeId, Output,
     SessionState, SubscriptionUpdate,
@@ -50,6 +52,13 @@ const REFILL_BATCH: usize = 256;
 /// How long a SUBACK waits for its routes to be applied by every reachable node once
 /// committed, so that a publish made after it on any node reaches the subscriber.
 const APPLY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How often a will is offered to raft before it is given up (a node without a quorum
+/// cannot settle it; if it stays cut off, the survivors publish it instead).
+const WILL_SETTLE_ATTEMPTS: u32 = 10;
+
+/// The pause between two attempts to settle a will.
+const WILL_SETTLE_RETRY: Duration = Duration::from_millis(500);
 
 /// What the cluster tells the broker task.
 #[derive(Debug)]
@@ -139,6 +148,13 @@ pub enum ClusterEvent {
     /// Held forwards may have room now, or a lane caught up or fell behind: the driver
     /// acts on it while the broker takes events, before the next commit.
     Wake,
+    /// A will this node won in raft: publish it.
+    WillWon {
+        /// The session that published it here (0 for another node's client).
+        publisher: u64,
+        /// The will.
+        will: Box<Will>,
+    },
 }
 
 /// Sessions handed over by a previous owner, and claims waiting for them; whichever
@@ -317,6 +333,9 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
             spawn_until(&stop, follow_acks(receivers.acked, events.clone()));
         }
         spawn_until(&stop, watch_lease(Arc::clone(&coordinator), events.clone()));
+        if let Some(fired) = coordinator.take_fired_wills() {
+            spawn_until(&stop, follow_fired_wills(fired, events.clone()));
+        }
         let seq_base = clock
             .clocks()
             .wall
@@ -466,6 +485,12 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
                 changes,
             } => self.replicate_subscriptions(*ticket, client_id.clone(), *epoch, changes),
             Output::Retain { message } => self.replicate_retained(message),
+            Output::SettleWill {
+                client_id,
+                epoch,
+                publisher,
+                will,
+            } => self.settle_will(client_id.clone(), *epoch, *publisher, will.clone()),
             Output::Forward {
                 node,
                 message,
@@ -509,6 +534,11 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
                 let current = self.coordinator.owner(&client_id).map(|owner| owner.epoch);
                 let outcome = if superseded(&outcome, current) {
                     debug!(%client_id, "a newer claim was applied before this grant; refused");
+                    if let ClaimOutcome::Granted { epoch, .. } = outcome {
+                        // The connection is refused, so its will (if the claim brought one)
+                        // must never be published.
+                        self.settle_will(client_id.clone(), epoch, 0, None);
+                    }
                     ClaimOutcome::Refused
                 } else {
                     outcome
@@ -637,6 +667,9 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
                 }
             }
             ClusterEvent::Fenced => broker.disconnect_all(clocks.now, FENCED_REASON, FENCED_WHY),
+            ClusterEvent::WillWon { publisher, will } => {
+                broker.publish_settled_will(clocks.now, publisher, *will)
+            }
         }
     }
 
@@ -729,7 +762,11 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
                 clean_start: request.clean_start,
                 now_ms,
             };
-            let outcome = match coordinator.claim(raft_request).await {
+            let will = request
+                .will
+                .as_deref()
+                .and_then(|will| replicated_will(will, request.expiry_interval));
+            let outcome = match coordinator.claim_with_will(raft_request, will).await {
                 Ok(commit) => match commit.value {
                     RaftClaim::Granted { epoch, previous } => {
                         let moved = match previous {
@@ -793,6 +830,27 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
                 outcome,
             };
             let _ = events.send(E::from(event)).await;
+        });
+    }
+
+    /// Takes a will out of raft (see `Output::SettleWill`) and, if this node won it and it is
+    /// due, publishes it. A will too large for raft was never put there: it is published at
+    /// once, as on a single node.
+    fn settle_will(&self, client_id: String, epoch: u64, publisher: u64, will: Option<Box<Will>>) {
+        let coordinator = Arc::clone(&self.coordinator);
+        let events = self.events.clone();
+        spawn_until(&self.stop, async move {
+            let in_raft = will
+                .as_deref()
+                .is_none_or(|will| replicated_will(will, 0).is_some());
+            let won = !in_raft || won_in_raft(&coordinator, &client_id, epoch).await;
+            if won {
+                if let Some(will) = will {
+                    let _ = events
+                        .send(E::from(ClusterEvent::WillWon { publisher, will }))
+                        .await;
+                }
+            }
         });
     }
 
@@ -878,6 +936,66 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
 impl<E> Drop for ClusterDriver<E> {
     fn drop(&mut self) {
         self.stop.cancel();
+    }
+}
+
+/// The will as raft keeps it with the claim (its encoding and when it is due after its
+/// connection is lost, in seconds: its delay, or the session's end if that comes first), or
+/// `None` when it does not fit [`MAX_REPLICATED_WILL_BYTES`] or does not encode.
+fn replicated_will(will: &Will, expiry_interval: u32) -> Option<(bytes::Bytes, u32)> {
+    let blob = match wire::encode_will(will) {
+        Ok(blob) => blob,
+        Err(error) => {
+            warn!(%error, topic = %will.topic, "will not encoded; kept on this node only");
+            return None;
+        }
+    };
+    if blob.len() > MAX_REPLICATED_WILL_BYTES {
+        debug!(topic = %will.topic, bytes = blob.len(), "will too large for raft; kept on this node only");
+        return None;
+    }
+    let delay = will.properties.will_delay_interval.unwrap_or(0);
+    Some((blob, delay.min(expiry_interval)))
+}
+
+/// Settles the will of `client_id` under `epoch` in raft, retrying while the cluster cannot
+/// commit. True if this call took it out (it is this node's to publish); false if it was
+/// gone already (published elsewhere, or cancelled) or could not be settled.
+async fn won_in_raft(coordinator: &Coordinator, client_id: &str, epoch: u64) -> bool {
+    for _ in 0..WILL_SETTLE_ATTEMPTS {
+        match coordinator.settle_will(client_id, epoch).await {
+            Ok(commit) => return commit.value,
+            Err(error) => {
+                debug!(%client_id, %error, "will not settled yet; retrying");
+                tokio::time::sleep(WILL_SETTLE_RETRY).await;
+            }
+        }
+    }
+    warn!(%client_id, epoch, "will not settled: no quorum; the survivors publish it if this node stays cut off");
+    false
+}
+
+/// Wills the coordinator won for connections no live process holds (a lost node's clients,
+/// or this node's previous process's), for the broker task to publish.
+async fn follow_fired_wills<E: From<ClusterEvent>>(
+    mut fired: mpsc::Receiver<FiredWill>,
+    events: mpsc::Sender<E>,
+) {
+    while let Some(fired) = fired.recv().await {
+        let will = match wire::decode_will(&fired.will) {
+            Ok(will) => will,
+            Err(error) => {
+                warn!(client_id = %fired.client_id, epoch = fired.epoch, %error, "undecodable will in raft; dropped");
+                continue;
+            }
+        };
+        let event = ClusterEvent::WillWon {
+            publisher: 0,
+            will: Box::new(will),
+        };
+        if events.send(E::from(event)).await.is_err() {
+            return;
+        }
     }
 }
 

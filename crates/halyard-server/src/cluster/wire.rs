@@ -291,16 +291,7 @@ impl WireSession {
         let delayed_will = match &state.delayed_will {
             None => None,
             Some((due, will)) => {
-                let mut properties = will.properties.clone();
-                let delay = properties.will_delay_interval.take();
-                let message = WireMessage::new(
-                    &will.topic,
-                    &will.payload,
-                    will.qos,
-                    will.retain,
-                    &properties,
-                    None,
-                )?;
+                let (message, delay) = will_to_wire(will)?;
                 Some((wall_to_ms(*due), message, delay))
             }
         };
@@ -332,21 +323,7 @@ impl WireSession {
     fn to_state(&self) -> Result<SessionState, WireError> {
         let delayed_will = match &self.delayed_will {
             None => None,
-            Some((due, message, delay)) => {
-                let publish = message.publish()?;
-                let mut properties = publish.properties;
-                properties.will_delay_interval = *delay;
-                Some((
-                    ms_to_wall(*due),
-                    Will {
-                        topic: publish.topic,
-                        payload: publish.payload,
-                        qos: publish.qos,
-                        retain: publish.retain,
-                        properties,
-                    },
-                ))
-            }
+            Some((due, message, delay)) => Some((ms_to_wall(*due), will_of_wire(message, *delay)?)),
         };
         Ok(SessionState {
             client_id: self.client_id.clone(),
@@ -372,6 +349,46 @@ impl WireSession {
             username: self.username.clone(),
         })
     }
+}
+
+/// A will as a PUBLISH, and its Will Delay Interval (which a PUBLISH cannot carry).
+fn will_to_wire(will: &Will) -> Result<(WireMessage, Option<u32>), WireError> {
+    let mut properties = will.properties.clone();
+    let delay = properties.will_delay_interval.take();
+    let message = WireMessage::new(
+        &will.topic,
+        &will.payload,
+        will.qos,
+        will.retain,
+        &properties,
+        None,
+    )?;
+    Ok((message, delay))
+}
+
+/// The will [`will_to_wire`] wrote.
+fn will_of_wire(message: &WireMessage, delay: Option<u32>) -> Result<Will, WireError> {
+    let publish = message.publish()?;
+    let mut properties = publish.properties;
+    properties.will_delay_interval = delay;
+    Ok(Will {
+        topic: publish.topic,
+        payload: publish.payload,
+        qos: publish.qos,
+        retain: publish.retain,
+        properties,
+    })
+}
+
+/// A will as raft keeps it with its claim (opaque to the cluster crate).
+pub(crate) fn encode_will(will: &Will) -> Result<Bytes, WireError> {
+    Ok(postcard::to_stdvec(&will_to_wire(will)?)?.into())
+}
+
+/// A will from raft, as [`encode_will`] wrote it.
+pub(crate) fn decode_will(blob: &[u8]) -> Result<Will, WireError> {
+    let (message, delay): (WireMessage, Option<u32>) = postcard::from_bytes(blob)?;
+    will_of_wire(&message, delay)
 }
 
 /// A forwarded publish, ready for the peer link.
