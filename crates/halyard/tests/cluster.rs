@@ -168,6 +168,46 @@ async fn forwards_acknowledged_while_their_node_is_down_survive_a_crash_of_the_s
     resumed.expect_nothing(500).await;
 }
 
+/// Under `queue_full_policy = "pushback"` a subscriber that stops reading does not lose what
+/// other nodes forward to it: its node takes a forward only once the subscriber's queue has
+/// room, and leaves it unacknowledged meanwhile (so the sender keeps it), instead of
+/// dropping it as a full queue of the drop policies would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_subscriber_on_another_node_loses_nothing_under_pushback() {
+    let cluster = Cluster::start_with_config(
+        "queue_full_policy = \"pushback\"\nmax_inflight = 1\nmax_queued_messages = 5\n",
+    );
+    let mut subscriber = RawClient::connect_v5(cluster.addr(2), "stalled", true).await;
+    subscriber
+        .subscribe(1, &[("c10/#", QoS::AtLeastOnce)])
+        .await;
+    let mut publisher = RawClient::connect_v5(cluster.addr(1), "pub10", true).await;
+    const COUNT: u16 = 40;
+    publish_qos1(&mut publisher, "c10/x", "m", COUNT).await;
+    assert!(
+        cluster.unacked(1, 2) > 0,
+        "node 2 holds forwards its full subscriber has no room for, unacknowledged"
+    );
+    for i in 0..COUNT {
+        let publish = subscriber.recv_publish_ack().await;
+        assert_eq!(
+            String::from_utf8_lossy(&publish.payload),
+            format!("m-{i}"),
+            "every message, in order"
+        );
+    }
+    subscriber.expect_nothing(300).await;
+    assert_eq!(
+        metric(
+            cluster.node(2),
+            "halyard_messages_dropped_total{reason=\"queue_full\"}"
+        ),
+        0.0,
+        "nothing dropped for the full subscriber"
+    );
+    cluster.wait_link_drained(1, 2);
+}
+
 /// A clean start on node 2 ends the session that node 1 held for the client id, so the
 /// will node 1 held back for its Will Delay Interval is published now, once, wherever its
 /// subscribers are [MQTT-3.1.3-9].

@@ -624,7 +624,11 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
                 }
             }
             ClusterEvent::FrameTaken { origin, seq } => {
-                if self.held.queue_behind(origin, HeldFrame::Ack(seq)).is_some() {
+                if self
+                    .held
+                    .queue_behind(origin, HeldFrame::Ack(seq))
+                    .is_some()
+                {
                     self.to_ack.push((origin, seq));
                 }
             }

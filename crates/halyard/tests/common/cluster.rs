@@ -79,19 +79,25 @@ pub fn readyz(node: &Broker) -> u16 {
 impl Cluster {
     /// Starts three nodes and waits until all three are ready.
     pub fn start() -> Cluster {
-        Self::start_retrying(false)
+        Self::start_retrying(false, None)
+    }
+
+    /// Starts three nodes that all read the configuration file `toml`, and waits until all
+    /// three are ready.
+    pub fn start_with_config(toml: &str) -> Cluster {
+        Self::start_retrying(false, Some(toml))
     }
 
     /// Starts three nodes whose cluster traffic goes through a [`FaultProxy`] per directed
     /// pair, and waits until all three are ready.
     pub fn start_with_proxies() -> Cluster {
-        Self::start_retrying(true)
+        Self::start_retrying(true, None)
     }
 
-    fn start_retrying(proxied: bool) -> Cluster {
+    fn start_retrying(proxied: bool, toml: Option<&str>) -> Cluster {
         let mut last_error = String::new();
         for _ in 0..START_ATTEMPTS {
-            match Self::try_start(proxied) {
+            match Self::try_start(proxied, toml) {
                 Ok(cluster) => return cluster,
                 Err(error) => last_error = error,
             }
@@ -99,7 +105,8 @@ impl Cluster {
         panic!("no cluster came up in {START_ATTEMPTS} attempts; last: {last_error}");
     }
 
-    fn try_start(proxied: bool) -> Result<Cluster, String> {
+    fn try_start(proxied: bool, toml: Option<&str>) -> Result<Cluster, String> {
+        let config = toml.map(|toml| super::write_temp_config(toml).display().to_string());
         let ports = free_ports(3);
         let listens: Vec<String> = ports
             .iter()
@@ -124,7 +131,10 @@ impl Cluster {
                     None => listens[to - 1].clone(),
                 })
                 .collect();
-            let args = cluster_args(Some(id), listen, &peers.join(","));
+            let mut args = cluster_args(Some(id), listen, &peers.join(","));
+            if let Some(config) = &config {
+                args.extend(["--config".to_owned(), config.clone()]);
+            }
             nodes.push(Broker::try_start_with_args(&args)?);
             all_args.push(args);
         }
