@@ -17,6 +17,7 @@ use crate::clock::SimClock;
 use crate::invariants::{Checker, Violation};
 use crate::network::SimNetwork;
 use crate::node::{data_root, Running};
+use crate::readmission::Readmission;
 use crate::sabotage::Sabotage;
 use crate::trace::{digest_of, Trace};
 
@@ -46,6 +47,8 @@ pub struct Options {
     pub max_delay: Duration,
     /// Break one invariant on purpose (tests of the checker).
     pub sabotage: Option<Sabotage>,
+    /// Print the trace's events as they happen.
+    pub print_trace: bool,
 }
 
 impl Default for Options {
@@ -59,6 +62,7 @@ impl Default for Options {
             moves: true,
             max_delay: Duration::from_millis(15),
             sabotage: None,
+            print_trace: false,
         }
     }
 }
@@ -99,6 +103,8 @@ struct Node {
     id: NodeId,
     dir: PathBuf,
     generation: u64,
+    /// The incarnation of its data directory, once started on it.
+    incarnation: u64,
     running: Option<Running>,
 }
 
@@ -128,6 +134,8 @@ struct World {
     /// Per client: the step of its last CONNECT, and the node its session was last on.
     last_connect: BTreeMap<usize, u64>,
     session_node: BTreeMap<usize, NodeId>,
+    /// The wiped node being removed and added again; no other disk is lost meanwhile.
+    readmission: Option<Readmission>,
 }
 
 /// Runs one seed on a fresh current-thread runtime with paused time.
@@ -154,6 +162,7 @@ async fn simulate(seed: u64, options: Options) -> Outcome {
             id,
             dir: root.path().join(format!("n{id}")),
             generation: 0,
+            incarnation: 0,
             running: None,
         })
         .collect();
@@ -177,7 +186,7 @@ async fn simulate(seed: u64, options: Options) -> Outcome {
         next_message: 1,
         inbound: Vec::new(),
         checker: Checker::default(),
-        trace: Trace::default(),
+        trace: Trace::new(options.print_trace),
         step: 0,
         acked: 0,
         delivered: 0,
@@ -186,6 +195,7 @@ async fn simulate(seed: u64, options: Options) -> Outcome {
         last_cut: BTreeMap::new(),
         last_connect: BTreeMap::new(),
         session_node: BTreeMap::new(),
+        readmission: None,
     };
     for index in 0..world.nodes.len() {
         world.start_node(index, true).await;
@@ -239,6 +249,7 @@ impl World {
         if !keep_data {
             let _ = std::fs::remove_dir_all(&node.dir);
             self.checker.wiped(node.id, self.step);
+            self.readmission = Some(Readmission::new(node.id));
         }
         node.generation += 1;
         let entropy = digest_of((seed, node.id, node.generation)) | 1;
@@ -252,7 +263,10 @@ impl World {
         )
         .await;
         match started {
-            Ok(running) => node.running = Some(running),
+            Ok(running) => {
+                node.incarnation = running.coordinator.incarnation();
+                node.running = Some(running);
+            }
             Err(error) => panic!("seed {seed}: node {} did not start: {error:?}", node.id),
         }
         self.trace.record((self.step, "start", node.id, keep_data));
@@ -260,6 +274,12 @@ impl World {
 
     async fn kill_node(&mut self, index: usize) {
         let id = self.nodes[index].id;
+        if self.nodes[index].running.is_none() {
+            return;
+        }
+        if let Some(readmission) = self.readmission.as_mut() {
+            readmission.abandon_on(id).await;
+        }
         let Some(running) = self.nodes[index].running.take() else {
             return;
         };
@@ -321,11 +341,32 @@ impl World {
                 let index = self.rng.gen_range(0..all.len());
                 self.kill_node(index).await;
             } else if let Some(index) = self.nodes.iter().position(|n| n.running.is_none()) {
-                let keep_data = self.rng.gen_bool(0.85);
+                let keep_data = self.rng.gen_bool(0.85) || !self.may_lose_disk(index);
                 self.start_node(index, keep_data).await;
             }
             self.faults += 1;
         }
+    }
+
+    /// Whether node `index` may come back with an empty data directory and be fenced for it:
+    /// only while no other wiped node is still being readmitted (two lost disks of three are
+    /// beyond raft), and once every other node records its incarnation (a node that does not,
+    /// having lagged behind since the start, would take the wiped node's vote as the old
+    /// one's; the README: a disk lost before that is not detected).
+    fn may_lose_disk(&self, index: usize) -> bool {
+        let node = &self.nodes[index];
+        self.readmission.is_none()
+            && self
+                .nodes
+                .iter()
+                .filter(|other| other.id != node.id)
+                .all(|other| {
+                    other.running.as_ref().is_some_and(|running| {
+                        running.coordinator.status().members.iter().any(|member| {
+                            member.id == node.id && member.incarnation == node.incarnation
+                        })
+                    })
+                })
     }
 
     /// Connects (or takes over: the old connection is left as it is) on a random live node.
@@ -409,8 +450,25 @@ impl World {
                 self.deliver_to_client(id, output);
             }
         }
+        self.advance_readmission().await;
         tokio::time::sleep(STEP).await;
         self.check();
+    }
+
+    async fn advance_readmission(&mut self) {
+        let Some(readmission) = self.readmission.as_mut() else {
+            return;
+        };
+        let host = self
+            .nodes
+            .iter()
+            .filter(|node| node.id != readmission.node)
+            .find_map(|node| Some((node.id, node.running.as_ref()?.coordinator.clone())));
+        if readmission.advance(host).await {
+            self.trace
+                .record((self.step, "readmitted", readmission.node));
+            self.readmission = None;
+        }
     }
 
     fn running_mut(&mut self, id: NodeId) -> Option<&mut Running> {

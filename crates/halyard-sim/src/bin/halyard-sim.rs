@@ -32,6 +32,9 @@ struct Cli {
     /// Subscribers stay on their first node.
     #[arg(long)]
     no_moves: bool,
+    /// Print every event of the trace (faults, connects, packets to clients, applied routes).
+    #[arg(long)]
+    print_trace: bool,
 }
 
 fn main() -> ExitCode {
@@ -46,6 +49,7 @@ fn main() -> ExitCode {
         partitions: base.partitions && !cli.no_partitions,
         kills: base.kills && !cli.no_kills,
         moves: base.moves && !cli.no_moves,
+        print_trace: cli.print_trace,
         ..base
     };
     let mut failed = 0;
