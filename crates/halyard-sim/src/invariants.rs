@@ -6,14 +6,6 @@ use std::fmt;
 
 use halyard_cluster::NodeId;
 
-/// A message acknowledged by an origin node that is killed afterwards may never reach a
-/// persistent subscriber. The durable forward outbox has landed, yet the full profile still
-/// finds such losses with this switch off (seeds 4, 56, 147 and 167; seed 4 still does
-/// after main's session-move window), so the outbox is not the whole story. With this switch on, such a message (its
-/// origin was killed after the ack) does not count as lost; the number excused is
-/// reported. Remove the switch once those seeds pass without it.
-pub const EXCUSE_FORWARDS_LOST_WITH_A_KILLED_ORIGIN: bool = true;
-
 /// An owner cut off by a partition may keep its live connection while the majority grants
 /// the session elsewhere. The self-fencing lease has landed, yet the full profile still
 /// finds two live owners while one of them is (or just was) cut from the quorum with this
@@ -112,15 +104,12 @@ pub struct Checker {
     session_nodes: BTreeMap<String, Vec<(u64, NodeId)>>,
     delivered: BTreeMap<String, BTreeMap<u64, u32>>,
     qos2: BTreeSet<u64>,
-    kills: Vec<(NodeId, u64)>,
     /// Per persistent subscriber: (CONNECT step, CONNACK step) of each move to another node.
     moves: BTreeMap<String, Vec<(u64, u64)>>,
     wipes: Vec<(NodeId, u64)>,
     /// Per applied index: the first node seen there and its route table's digest.
     routes_at: BTreeMap<u64, (NodeId, u64)>,
     pub violations: Vec<Violation>,
-    /// Losses not counted under [`EXCUSE_FORWARDS_LOST_WITH_A_KILLED_ORIGIN`].
-    pub excused_losses: u64,
     /// Losses not counted under [`EXCUSE_PUBLISHES_ACKED_BY_A_NODE_CUT_FROM_QUORUM`].
     pub excused_cut_publishes: u64,
     /// Losses not counted under [`EXCUSE_MESSAGES_PUBLISHED_DURING_A_SESSION_MOVE`].
@@ -181,10 +170,6 @@ impl Checker {
             .entry(subscriber.to_owned())
             .or_default()
             .push((from, to));
-    }
-
-    pub fn killed(&mut self, node: NodeId, step: u64) {
-        self.kills.push((node, step));
     }
 
     pub fn wiped(&mut self, node: NodeId, step: u64) {
@@ -269,14 +254,6 @@ impl Checker {
                 });
                 if EXCUSE_MESSAGES_PUBLISHED_DURING_A_SESSION_MOVE && while_moving {
                     self.excused_moves += 1;
-                    continue;
-                }
-                let origin_killed = self
-                    .kills
-                    .iter()
-                    .any(|&(node, at)| node == ack.origin && at >= ack.step);
-                if EXCUSE_FORWARDS_LOST_WITH_A_KILLED_ORIGIN && origin_killed {
-                    self.excused_losses += 1;
                     continue;
                 }
                 lost.push(Violation::AckedLost {

@@ -68,13 +68,13 @@ impl Default for Options {
 }
 
 impl Options {
-    /// What CI runs on every seed and must pass: partitions and heals, delay and reordering
-    /// on the peer links, publishers reconnecting anywhere, subscribers reconnecting to
-    /// their own node. Kills, restarts and moving subscribers are left to the full profile
-    /// ([`Options::default`]) until the cluster passes them (see the README).
+    /// What CI runs on every seed and must pass: partitions and heals, kills and restarts
+    /// with and without data, delay and reordering on the peer links, publishers
+    /// reconnecting anywhere, subscribers reconnecting to their own node. Moving subscribers
+    /// are left to the full profile ([`Options::default`]) until the cluster passes them
+    /// (see the README).
     pub fn ci() -> Self {
         Self {
-            kills: false,
             moves: false,
             ..Self::default()
         }
@@ -92,8 +92,9 @@ pub struct Outcome {
     pub acked: u64,
     pub delivered: u64,
     pub faults: u64,
+    /// Nodes restarted with an empty data directory (and readmitted).
+    pub wipes: u64,
     /// Losses and double owners excused by the checker's temporary switches.
-    pub excused_losses: u64,
     pub excused_owners: u64,
     pub excused_moves: u64,
     pub excused_cut_publishes: u64,
@@ -128,6 +129,7 @@ struct World {
     acked: u64,
     delivered: u64,
     faults: u64,
+    wipes: u64,
     sabotaged: bool,
     /// The last step at which each node could not reach a quorum.
     last_cut: BTreeMap<NodeId, u64>,
@@ -191,6 +193,7 @@ async fn simulate(seed: u64, options: Options) -> Outcome {
         acked: 0,
         delivered: 0,
         faults: 0,
+        wipes: 0,
         sabotaged: false,
         last_cut: BTreeMap::new(),
         last_connect: BTreeMap::new(),
@@ -223,7 +226,7 @@ async fn simulate(seed: u64, options: Options) -> Outcome {
         acked: world.acked,
         delivered: world.delivered,
         faults: world.faults,
-        excused_losses: world.checker.excused_losses,
+        wipes: world.wipes,
         excused_owners: world.checker.excused_owners,
         excused_moves: world.checker.excused_moves,
         excused_cut_publishes: world.checker.excused_cut_publishes,
@@ -249,6 +252,7 @@ impl World {
         if !keep_data {
             let _ = std::fs::remove_dir_all(&node.dir);
             self.checker.wiped(node.id, self.step);
+            self.wipes += 1;
             self.readmission = Some(Readmission::new(node.id));
         }
         node.generation += 1;
@@ -285,7 +289,6 @@ impl World {
         };
         self.network.detach(id);
         running.kill().await;
-        self.checker.killed(id, self.step);
         self.trace.record((self.step, "kill", id));
         for client in &mut self.clients {
             if client.conn.is_some_and(|(node, _)| node == id) {
@@ -516,12 +519,15 @@ impl World {
         match observation {
             Observation::Acked { message, qos } => {
                 self.acked += 1;
+                self.trace.record((self.step, "acked", message, node));
                 let cut = self.recently_cut(node);
                 self.checker
                     .acked(self.step, node, cut, message, qos == QoS::ExactlyOnce);
             }
             Observation::Delivered { message, qos } => {
                 self.delivered += 1;
+                self.trace
+                    .record((self.step, "delivered", message, index, node));
                 let exactly_once = qos == QoS::ExactlyOnce && self.checker.is_qos2(message);
                 if self.sabotage(Sabotage::LoseDeliveries) {
                     return;

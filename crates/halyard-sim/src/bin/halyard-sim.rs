@@ -20,7 +20,7 @@ struct Cli {
     /// Run each seed twice and check that the traces match.
     #[arg(long)]
     check_determinism: bool,
-    /// The CI profile: partitions and delays, no kills, subscribers stay on their node.
+    /// The CI profile: partitions, delays, kills and restarts; subscribers stay on their node.
     #[arg(long)]
     ci: bool,
     /// No partitions.
@@ -56,13 +56,12 @@ fn main() -> ExitCode {
     for seed in cli.seed..cli.seed.saturating_add(cli.seeds) {
         let outcome = run(seed, options);
         println!(
-            "seed {seed}: trace {:016x} ({} events), {} acked, {} delivered, {} faults, excused {} losses, {} in moves, {} cut-off publishes, {} owners",
+            "seed {seed}: trace {:016x} ({} events), {} acked, {} delivered, {} faults, excused {} in moves, {} cut-off publishes, {} owners",
             outcome.trace,
             outcome.events,
             outcome.acked,
             outcome.delivered,
             outcome.faults,
-            outcome.excused_losses,
             outcome.excused_moves,
             outcome.excused_cut_publishes,
             outcome.excused_owners
