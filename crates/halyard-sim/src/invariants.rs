@@ -15,13 +15,17 @@ use halyard_cluster::NodeId;
 /// those seeds pass without it.
 pub const EXCUSE_UNFENCED_OWNER_CUT_FROM_QUORUM: bool = true;
 
-/// A session that moves to another node loses the QoS 1/2 messages published while it
-/// moves: from the claim's commit until every node has applied it and the new owner has
-/// imported the session, publishes still go to the old owner, which has fenced the session,
-/// or to the new owner, which has no session yet, and both drop them. With this switch on, a
-/// message acknowledged from the subscriber's CONNECT on the new node until
+/// A session that moves to another node can lose QoS 1/2 messages published while it
+/// moves. The move window (core/move_window.rs) has landed, yet the full profile still finds
+/// such losses with this switch off (2460 excused over seeds 0..300 of the full profile
+/// with it on, after main's move window and the late hand-over fix): its relays and held
+/// messages work per node, not per session, so a message the old owner relays reaches a
+/// new owner that already has it from the origin (a QoS 2 duplicate, not excused) or one that
+/// routes it to other sessions only while the moved one is not imported yet (lost). With
+/// this switch on, a message acknowledged from the subscriber's CONNECT on the new node until
 /// [`MOVE_MARGIN_STEPS`] after its CONNACK does not count as lost; the number excused is
-/// reported. Remove the switch once moves hand such messages on.
+/// reported. CI's profile has no moves, so it never applies there. Remove the switch once
+/// moves hand such messages on exactly once.
 pub const EXCUSE_MESSAGES_PUBLISHED_DURING_A_SESSION_MOVE: bool = true;
 
 /// Steps (10 ms each) after a moved session's CONNACK that still count as its move: the
