@@ -205,7 +205,14 @@ impl Broker {
         match outcome {
             ClaimOutcome::Granted { epoch, session } => {
                 if let Some(state) = session {
-                    self.import_session(now, wall, *state, epoch);
+                    if self.holds_newer_session(&state.client_id, epoch) {
+                        // A later claim here settled first and serves the client: what this
+                        // one brings joins that session instead of replacing it (found by
+                        // the simulation, halyard-sim seed 147); this claim is refused below.
+                        self.merge_late_session(now, wall, epoch, *state);
+                    } else {
+                        self.import_session(now, wall, *state, epoch);
+                    }
                 }
                 self.finish_connect(now, conn, admitted, epoch);
                 if lost {
@@ -224,6 +231,14 @@ impl Broker {
         for packet in held {
             self.handle_packet(now, conn, packet);
         }
+    }
+
+    /// Whether this node holds `client_id`'s session under a claim newer than `epoch`.
+    fn holds_newer_session(&self, client_id: &str, epoch: u64) -> bool {
+        self.client_ids
+            .get(client_id)
+            .and_then(|key| self.sessions.get(key))
+            .is_some_and(|session| session.epoch > epoch)
     }
 
     fn refuse_claim(&mut self, conn: ConnectionId, version: ProtocolVersion) {
@@ -325,15 +340,14 @@ impl Broker {
                 }
                 let key = self.next_session_key;
                 self.next_session_key += 1;
-                self.sessions.insert(
-                    key,
-                    Box::new(Session::new(
-                        client_id.clone(),
-                        epoch,
-                        expiry_interval,
-                        &self.memory,
-                    )),
-                );
+                let mut session =
+                    Session::new(client_id.clone(), epoch, expiry_interval, &self.memory);
+                if !connect.clean_start {
+                    // The client asked to resume: an earlier claim of this node whose session
+                    // had not arrived yet is this session's past (see `merge_late_session`).
+                    session.held_since = 0;
+                }
+                self.sessions.insert(key, Box::new(session));
                 self.client_ids.insert(client_id.clone(), key);
                 (key, false)
             }

@@ -176,6 +176,11 @@ pub(crate) struct Session {
     /// Fencing epoch from the session registry, renewed on every connection; timers carry it
     /// so that a timer armed for an earlier connection does nothing.
     pub epoch: u64,
+    /// The epoch under which this node took or started the session (0: started here for a
+    /// client that asked to resume, so it continues any earlier claim here); later
+    /// connections here renew `epoch` but not this. A session handed over late under an
+    /// epoch from here on belongs to this session (see `merge_late_session`).
+    pub held_since: u64,
     /// Seconds the session outlives its connection; 0 ends it on disconnect, u32::MAX never.
     pub expiry_interval: u32,
     pub link: Option<Link>,
@@ -271,6 +276,7 @@ impl Session {
         Session {
             client_id,
             epoch,
+            held_since: epoch,
             expiry_interval,
             link: None,
             subscriptions: LazyMap::default(),

@@ -185,8 +185,9 @@ impl Broker {
     /// in flight on the old owner join the live session's queue, and the move loses nothing.
     /// A QoS 2 message the client already received (PUBREC sent, awaiting PUBCOMP) is not
     /// sent again. A message with no room left is counted in `late_transfer_dropped`.
-    /// Nothing happens if this node no longer holds the session under `epoch`; returns the
-    /// number of messages queued.
+    /// Nothing happens if this node no longer holds the session it took under `epoch`
+    /// (resumed here since, without a clean start, it still does); returns the number of
+    /// messages queued.
     pub fn merge_late_session(
         &mut self,
         now: Instant,
@@ -202,7 +203,9 @@ impl Broker {
         let Some(session) = self.sessions.get_mut(&key) else {
             return 0;
         };
-        if session.epoch != epoch {
+        // The client may have reconnected here since (a newer epoch, the same session): the
+        // messages are still its own. A clean start since began another session.
+        if !(session.held_since..=session.epoch).contains(&epoch) {
             return 0;
         }
         let unsent = state

@@ -883,6 +883,84 @@ fn a_session_handed_over_late_joins_the_resumed_session() {
     assert_eq!(received, 40, "every message of the old owner, once");
 }
 
+/// The client resumed here from raft, then reconnected here again (a newer claim, the same
+/// session) before the old owner's late hand-over came: its messages still join the session
+/// (found by the simulation, halyard-sim seed 147). After a clean start they do not.
+#[test]
+fn a_late_hand_over_joins_the_session_resumed_again_here_but_not_a_clean_start() {
+    let dir_a = tempfile::tempdir().expect("tempdir");
+    let dir_b = tempfile::tempdir().expect("tempdir");
+    let now = Instant::now();
+    let mut a = Node::open(dir_a.path(), cluster_parts(), now);
+    let mut b = Node::open(dir_b.path(), cluster_parts(), now);
+    a.send(1, connect(V5, "roamer", false, Some(3600)));
+    a.granted(1, 10);
+    a.send(1, subscribe("late/#", QoS::AtLeastOnce, 1));
+    a.send(2, connect(V5, "feeder", true, None));
+    a.granted(2, 11);
+    a.take(1);
+    for id in 1..=5u16 {
+        a.send(2, publish("late/item", b"w", QoS::AtLeastOnce, id));
+    }
+    let state = a
+        .broker
+        .fence(a.now, SystemTime::now(), "roamer", 12)
+        .expect("A held it under epoch 10");
+    let from_raft = SessionState {
+        inflight: Vec::new(),
+        pending: Vec::new(),
+        inbound_qos2: Vec::new(),
+        delayed_will: None,
+        ..(*state).clone()
+    };
+    b.send(5, connect(V5, "roamer", false, Some(3600)));
+    b.claims.pop_front().expect("claim");
+    b.settle(
+        5,
+        ClaimOutcome::Granted {
+            epoch: 12,
+            session: Some(Box::new(from_raft)),
+        },
+    );
+    b.take(5);
+    // The client reconnects to B: B's own claim, epoch 13, resumes the same session.
+    b.send(6, connect(V5, "roamer", false, Some(3600)));
+    b.claims.pop_front().expect("claim");
+    b.settle(
+        6,
+        ClaimOutcome::Granted {
+            epoch: 13,
+            session: None,
+        },
+    );
+    assert_eq!(connack(&b.take(6)), (true, ReasonCode::SUCCESS));
+    assert_eq!(
+        b.broker
+            .merge_late_session(b.now, SystemTime::now(), 12, (*state).clone()),
+        5,
+        "the session B took under epoch 12 is still the one it holds"
+    );
+    b.drain();
+    assert_eq!(publishes(&b.take(6)).len(), 5);
+
+    b.send(7, connect(V5, "roamer", true, Some(3600)));
+    b.claims.pop_front().expect("claim");
+    b.settle(
+        7,
+        ClaimOutcome::Granted {
+            epoch: 14,
+            session: None,
+        },
+    );
+    assert_eq!(connack(&b.take(7)), (false, ReasonCode::SUCCESS));
+    assert_eq!(
+        b.broker
+            .merge_late_session(b.now, SystemTime::now(), 12, *state),
+        0,
+        "a clean start began another session"
+    );
+}
+
 /// A fenced cluster node drops every client: MQTT 5 ones hear the reason, persistent
 /// sessions stay for a later resume or handover, and no will is published (as on shutdown).
 #[test]

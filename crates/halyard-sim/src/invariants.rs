@@ -6,14 +6,6 @@ use std::fmt;
 
 use halyard_cluster::NodeId;
 
-/// A message acknowledged by an origin node that is killed afterwards may never reach a
-/// persistent subscriber. The durable forward outbox has landed, yet the full profile still
-/// finds such losses with this switch off (seeds 4, 56, 147 and 167; seed 4 still does
-/// after main's session-move window), so the outbox is not the whole story. With this switch on, such a message (its
-/// origin was killed after the ack) does not count as lost; the number excused is
-/// reported. Remove the switch once those seeds pass without it.
-pub const EXCUSE_FORWARDS_LOST_WITH_A_KILLED_ORIGIN: bool = true;
-
 /// An owner cut off by a partition may keep its live connection while the majority grants
 /// the session elsewhere. The self-fencing lease has landed, yet the full profile still
 /// finds two live owners while one of them is (or just was) cut from the quorum with this
@@ -23,13 +15,17 @@ pub const EXCUSE_FORWARDS_LOST_WITH_A_KILLED_ORIGIN: bool = true;
 /// those seeds pass without it.
 pub const EXCUSE_UNFENCED_OWNER_CUT_FROM_QUORUM: bool = true;
 
-/// A session that moves to another node loses the QoS 1/2 messages published while it
-/// moves: from the claim's commit until every node has applied it and the new owner has
-/// imported the session, publishes still go to the old owner, which has fenced the session,
-/// or to the new owner, which has no session yet, and both drop them. With this switch on, a
-/// message acknowledged from the subscriber's CONNECT on the new node until
+/// A session that moves to another node can lose QoS 1/2 messages published while it
+/// moves. The move window (core/move_window.rs) has landed, yet the full profile still finds
+/// such losses with this switch off (2460 excused over seeds 0..300 of the full profile
+/// with it on, after main's move window and the late hand-over fix): its relays and held
+/// messages work per node, not per session, so a message the old owner relays reaches a
+/// new owner that already has it from the origin (a QoS 2 duplicate, not excused) or one that
+/// routes it to other sessions only while the moved one is not imported yet (lost). With
+/// this switch on, a message acknowledged from the subscriber's CONNECT on the new node until
 /// [`MOVE_MARGIN_STEPS`] after its CONNACK does not count as lost; the number excused is
-/// reported. Remove the switch once moves hand such messages on.
+/// reported. CI's profile has no moves, so it never applies there. Remove the switch once
+/// moves hand such messages on exactly once.
 pub const EXCUSE_MESSAGES_PUBLISHED_DURING_A_SESSION_MOVE: bool = true;
 
 /// Steps (10 ms each) after a moved session's CONNACK that still count as its move: the
@@ -112,15 +108,12 @@ pub struct Checker {
     session_nodes: BTreeMap<String, Vec<(u64, NodeId)>>,
     delivered: BTreeMap<String, BTreeMap<u64, u32>>,
     qos2: BTreeSet<u64>,
-    kills: Vec<(NodeId, u64)>,
     /// Per persistent subscriber: (CONNECT step, CONNACK step) of each move to another node.
     moves: BTreeMap<String, Vec<(u64, u64)>>,
     wipes: Vec<(NodeId, u64)>,
     /// Per applied index: the first node seen there and its route table's digest.
     routes_at: BTreeMap<u64, (NodeId, u64)>,
     pub violations: Vec<Violation>,
-    /// Losses not counted under [`EXCUSE_FORWARDS_LOST_WITH_A_KILLED_ORIGIN`].
-    pub excused_losses: u64,
     /// Losses not counted under [`EXCUSE_PUBLISHES_ACKED_BY_A_NODE_CUT_FROM_QUORUM`].
     pub excused_cut_publishes: u64,
     /// Losses not counted under [`EXCUSE_MESSAGES_PUBLISHED_DURING_A_SESSION_MOVE`].
@@ -181,10 +174,6 @@ impl Checker {
             .entry(subscriber.to_owned())
             .or_default()
             .push((from, to));
-    }
-
-    pub fn killed(&mut self, node: NodeId, step: u64) {
-        self.kills.push((node, step));
     }
 
     pub fn wiped(&mut self, node: NodeId, step: u64) {
@@ -269,14 +258,6 @@ impl Checker {
                 });
                 if EXCUSE_MESSAGES_PUBLISHED_DURING_A_SESSION_MOVE && while_moving {
                     self.excused_moves += 1;
-                    continue;
-                }
-                let origin_killed = self
-                    .kills
-                    .iter()
-                    .any(|&(node, at)| node == ack.origin && at >= ack.step);
-                if EXCUSE_FORWARDS_LOST_WITH_A_KILLED_ORIGIN && origin_killed {
-                    self.excused_losses += 1;
                     continue;
                 }
                 lost.push(Violation::AckedLost {

@@ -15,6 +15,7 @@ pub mod clock;
 pub mod invariants;
 pub mod network;
 pub mod node;
+pub mod readmission;
 pub mod sabotage;
 pub mod scenario;
 pub mod trace;

@@ -17,6 +17,7 @@ use crate::clock::SimClock;
 use crate::invariants::{Checker, Violation};
 use crate::network::SimNetwork;
 use crate::node::{data_root, Running};
+use crate::readmission::Readmission;
 use crate::sabotage::Sabotage;
 use crate::trace::{digest_of, Trace};
 
@@ -46,6 +47,8 @@ pub struct Options {
     pub max_delay: Duration,
     /// Break one invariant on purpose (tests of the checker).
     pub sabotage: Option<Sabotage>,
+    /// Print the trace's events as they happen.
+    pub print_trace: bool,
 }
 
 impl Default for Options {
@@ -59,18 +62,19 @@ impl Default for Options {
             moves: true,
             max_delay: Duration::from_millis(15),
             sabotage: None,
+            print_trace: false,
         }
     }
 }
 
 impl Options {
-    /// What CI runs on every seed and must pass: partitions and heals, delay and reordering
-    /// on the peer links, publishers reconnecting anywhere, subscribers reconnecting to
-    /// their own node. Kills, restarts and moving subscribers are left to the full profile
-    /// ([`Options::default`]) until the cluster passes them (see the README).
+    /// What CI runs on every seed and must pass: partitions and heals, kills and restarts
+    /// with and without data, delay and reordering on the peer links, publishers
+    /// reconnecting anywhere, subscribers reconnecting to their own node. Moving subscribers
+    /// are left to the full profile ([`Options::default`]) until the cluster passes them
+    /// (see the README).
     pub fn ci() -> Self {
         Self {
-            kills: false,
             moves: false,
             ..Self::default()
         }
@@ -88,8 +92,9 @@ pub struct Outcome {
     pub acked: u64,
     pub delivered: u64,
     pub faults: u64,
+    /// Nodes restarted with an empty data directory (and readmitted).
+    pub wipes: u64,
     /// Losses and double owners excused by the checker's temporary switches.
-    pub excused_losses: u64,
     pub excused_owners: u64,
     pub excused_moves: u64,
     pub excused_cut_publishes: u64,
@@ -99,6 +104,8 @@ struct Node {
     id: NodeId,
     dir: PathBuf,
     generation: u64,
+    /// The incarnation of its data directory, once started on it.
+    incarnation: u64,
     running: Option<Running>,
 }
 
@@ -122,12 +129,15 @@ struct World {
     acked: u64,
     delivered: u64,
     faults: u64,
+    wipes: u64,
     sabotaged: bool,
     /// The last step at which each node could not reach a quorum.
     last_cut: BTreeMap<NodeId, u64>,
     /// Per client: the step of its last CONNECT, and the node its session was last on.
     last_connect: BTreeMap<usize, u64>,
     session_node: BTreeMap<usize, NodeId>,
+    /// The wiped node being removed and added again; no other disk is lost meanwhile.
+    readmission: Option<Readmission>,
 }
 
 /// Runs one seed on a fresh current-thread runtime with paused time.
@@ -154,6 +164,7 @@ async fn simulate(seed: u64, options: Options) -> Outcome {
             id,
             dir: root.path().join(format!("n{id}")),
             generation: 0,
+            incarnation: 0,
             running: None,
         })
         .collect();
@@ -177,15 +188,17 @@ async fn simulate(seed: u64, options: Options) -> Outcome {
         next_message: 1,
         inbound: Vec::new(),
         checker: Checker::default(),
-        trace: Trace::default(),
+        trace: Trace::new(options.print_trace),
         step: 0,
         acked: 0,
         delivered: 0,
         faults: 0,
+        wipes: 0,
         sabotaged: false,
         last_cut: BTreeMap::new(),
         last_connect: BTreeMap::new(),
         session_node: BTreeMap::new(),
+        readmission: None,
     };
     for index in 0..world.nodes.len() {
         world.start_node(index, true).await;
@@ -213,7 +226,7 @@ async fn simulate(seed: u64, options: Options) -> Outcome {
         acked: world.acked,
         delivered: world.delivered,
         faults: world.faults,
-        excused_losses: world.checker.excused_losses,
+        wipes: world.wipes,
         excused_owners: world.checker.excused_owners,
         excused_moves: world.checker.excused_moves,
         excused_cut_publishes: world.checker.excused_cut_publishes,
@@ -239,6 +252,8 @@ impl World {
         if !keep_data {
             let _ = std::fs::remove_dir_all(&node.dir);
             self.checker.wiped(node.id, self.step);
+            self.wipes += 1;
+            self.readmission = Some(Readmission::new(node.id));
         }
         node.generation += 1;
         let entropy = digest_of((seed, node.id, node.generation)) | 1;
@@ -252,7 +267,10 @@ impl World {
         )
         .await;
         match started {
-            Ok(running) => node.running = Some(running),
+            Ok(running) => {
+                node.incarnation = running.coordinator.incarnation();
+                node.running = Some(running);
+            }
             Err(error) => panic!("seed {seed}: node {} did not start: {error:?}", node.id),
         }
         self.trace.record((self.step, "start", node.id, keep_data));
@@ -260,12 +278,17 @@ impl World {
 
     async fn kill_node(&mut self, index: usize) {
         let id = self.nodes[index].id;
+        if self.nodes[index].running.is_none() {
+            return;
+        }
+        if let Some(readmission) = self.readmission.as_mut() {
+            readmission.abandon_on(id).await;
+        }
         let Some(running) = self.nodes[index].running.take() else {
             return;
         };
         self.network.detach(id);
         running.kill().await;
-        self.checker.killed(id, self.step);
         self.trace.record((self.step, "kill", id));
         for client in &mut self.clients {
             if client.conn.is_some_and(|(node, _)| node == id) {
@@ -321,11 +344,32 @@ impl World {
                 let index = self.rng.gen_range(0..all.len());
                 self.kill_node(index).await;
             } else if let Some(index) = self.nodes.iter().position(|n| n.running.is_none()) {
-                let keep_data = self.rng.gen_bool(0.85);
+                let keep_data = self.rng.gen_bool(0.85) || !self.may_lose_disk(index);
                 self.start_node(index, keep_data).await;
             }
             self.faults += 1;
         }
+    }
+
+    /// Whether node `index` may come back with an empty data directory and be fenced for it:
+    /// only while no other wiped node is still being readmitted (two lost disks of three are
+    /// beyond raft), and once every other node records its incarnation (a node that does not,
+    /// having lagged behind since the start, would take the wiped node's vote as the old
+    /// one's; the README: a disk lost before that is not detected).
+    fn may_lose_disk(&self, index: usize) -> bool {
+        let node = &self.nodes[index];
+        self.readmission.is_none()
+            && self
+                .nodes
+                .iter()
+                .filter(|other| other.id != node.id)
+                .all(|other| {
+                    other.running.as_ref().is_some_and(|running| {
+                        running.coordinator.status().members.iter().any(|member| {
+                            member.id == node.id && member.incarnation == node.incarnation
+                        })
+                    })
+                })
     }
 
     /// Connects (or takes over: the old connection is left as it is) on a random live node.
@@ -409,8 +453,25 @@ impl World {
                 self.deliver_to_client(id, output);
             }
         }
+        self.advance_readmission().await;
         tokio::time::sleep(STEP).await;
         self.check();
+    }
+
+    async fn advance_readmission(&mut self) {
+        let Some(readmission) = self.readmission.as_mut() else {
+            return;
+        };
+        let host = self
+            .nodes
+            .iter()
+            .filter(|node| node.id != readmission.node)
+            .find_map(|node| Some((node.id, node.running.as_ref()?.coordinator.clone())));
+        if readmission.advance(host).await {
+            self.trace
+                .record((self.step, "readmitted", readmission.node));
+            self.readmission = None;
+        }
     }
 
     fn running_mut(&mut self, id: NodeId) -> Option<&mut Running> {
@@ -458,12 +519,15 @@ impl World {
         match observation {
             Observation::Acked { message, qos } => {
                 self.acked += 1;
+                self.trace.record((self.step, "acked", message, node));
                 let cut = self.recently_cut(node);
                 self.checker
                     .acked(self.step, node, cut, message, qos == QoS::ExactlyOnce);
             }
             Observation::Delivered { message, qos } => {
                 self.delivered += 1;
+                self.trace
+                    .record((self.step, "delivered", message, index, node));
                 let exactly_once = qos == QoS::ExactlyOnce && self.checker.is_qos2(message);
                 if self.sabotage(Sabotage::LoseDeliveries) {
                     return;

@@ -1,6 +1,7 @@
 //! The run's trace: a digest of everything that happened, in order. Two runs of one seed
 //! must end with the same digest.
 
+use std::fmt::Debug;
 use std::hash::{DefaultHasher, Hash, Hasher};
 
 /// Folds events into one digest. `DefaultHasher::new()` has fixed keys, so equal event
@@ -8,20 +9,24 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 pub struct Trace {
     hasher: DefaultHasher,
     events: u64,
-}
-
-impl Default for Trace {
-    fn default() -> Self {
-        Self {
-            hasher: DefaultHasher::new(),
-            events: 0,
-        }
-    }
+    /// Print every event as it is recorded (to read a failing seed's run).
+    print: bool,
 }
 
 impl Trace {
+    pub fn new(print: bool) -> Self {
+        Self {
+            hasher: DefaultHasher::new(),
+            events: 0,
+            print,
+        }
+    }
+
     /// Records one event (anything hashable: a step number with what happened).
-    pub fn record(&mut self, event: impl Hash) {
+    pub fn record(&mut self, event: impl Hash + Debug) {
+        if self.print {
+            println!("  event {event:?}");
+        }
         event.hash(&mut self.hasher);
         self.events += 1;
     }

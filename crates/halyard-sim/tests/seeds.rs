@@ -1,5 +1,6 @@
-//! The simulation in CI: many seeds hold every invariant, a seed replays exactly, and each
-//! invariant catches a fault injected to break it.
+//! The simulation in CI: many seeds hold every invariant under partitions, kills and
+//! restarts with and without data, a seed replays exactly, and each invariant catches a
+//! fault injected to break it.
 
 use std::time::Duration;
 
@@ -48,9 +49,16 @@ fn two_hundred_seeds_hold_every_invariant() {
     assert!(failed.is_empty(), "{}", failed.join("\n"));
     let acked: u64 = outcomes.iter().map(|outcome| outcome.acked).sum();
     let faults: u64 = outcomes.iter().map(|outcome| outcome.faults).sum();
-    println!("{CI_SEEDS} seeds: {acked} acknowledged publishes, {faults} faults");
+    let wipes: u64 = outcomes.iter().map(|outcome| outcome.wipes).sum();
+    println!(
+        "{CI_SEEDS} seeds: {acked} acknowledged publishes, {faults} faults, {wipes} restarts without data"
+    );
     assert!(acked > CI_SEEDS * 100, "the publishers published");
     assert!(faults > CI_SEEDS, "faults were injected");
+    assert!(
+        wipes > 0,
+        "nodes came back without their data (and were readmitted)"
+    );
 }
 
 #[test]

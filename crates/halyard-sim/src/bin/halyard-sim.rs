@@ -20,7 +20,7 @@ struct Cli {
     /// Run each seed twice and check that the traces match.
     #[arg(long)]
     check_determinism: bool,
-    /// The CI profile: partitions and delays, no kills, subscribers stay on their node.
+    /// The CI profile: partitions, delays, kills and restarts; subscribers stay on their node.
     #[arg(long)]
     ci: bool,
     /// No partitions.
@@ -32,6 +32,9 @@ struct Cli {
     /// Subscribers stay on their first node.
     #[arg(long)]
     no_moves: bool,
+    /// Print every event of the trace (faults, connects, packets to clients, applied routes).
+    #[arg(long)]
+    print_trace: bool,
 }
 
 fn main() -> ExitCode {
@@ -46,19 +49,19 @@ fn main() -> ExitCode {
         partitions: base.partitions && !cli.no_partitions,
         kills: base.kills && !cli.no_kills,
         moves: base.moves && !cli.no_moves,
+        print_trace: cli.print_trace,
         ..base
     };
     let mut failed = 0;
     for seed in cli.seed..cli.seed.saturating_add(cli.seeds) {
         let outcome = run(seed, options);
         println!(
-            "seed {seed}: trace {:016x} ({} events), {} acked, {} delivered, {} faults, excused {} losses, {} in moves, {} cut-off publishes, {} owners",
+            "seed {seed}: trace {:016x} ({} events), {} acked, {} delivered, {} faults, excused {} in moves, {} cut-off publishes, {} owners",
             outcome.trace,
             outcome.events,
             outcome.acked,
             outcome.delivered,
             outcome.faults,
-            outcome.excused_losses,
             outcome.excused_moves,
             outcome.excused_cut_publishes,
             outcome.excused_owners
