@@ -26,6 +26,16 @@ use halyard_core::sys::{SysTopics, SysTraffic};
 /// (fsync); bounding it keeps the first event's latency low.
 const MAX_EVENTS_PER_DRAIN: usize = 256;
 
+/// PUBLISH packets one turn takes from the main lane while QoS 1/2 deliveries are held
+/// (issue 14). A subscriber gets at most its in-flight window per turn, and its next window
+/// only after the turn's outputs are dispatched and its acknowledgements come back; a turn
+/// that took 256 events of intake (each a read of up to ~50 small publishes) starved it. So
+/// once a turn has taken this many publishes, it takes only acknowledgements, and the rest
+/// of the intake waits for the next turn: each turn delivers a window per subscriber with
+/// room and takes about as much intake as it delivers. Without held deliveries (QoS 0, or
+/// nothing backlogged) a turn still takes up to [`MAX_EVENTS_PER_DRAIN`] events.
+const MAX_PUBLISHES_PER_TURN_WITH_DELIVERIES_HELD: usize = 64;
+
 /// Longest time without a store commit, so interval durability holds on an idle broker.
 const IDLE_COMMIT_PERIOD: Duration = Duration::from_millis(100);
 
@@ -86,8 +96,12 @@ pub(crate) async fn run(
     let mut dispatcher = Dispatcher::new(max_outbound_buffer);
     dispatcher.metrics = Arc::clone(&ops.metrics);
     dispatcher.written = ops.written;
-    dispatcher.inbound = ops.inbound;
-    dispatcher.pacing = Pacing::new(ops.memory_budget, ops.metrics.paced_seconds.clone());
+    dispatcher.inbound = Arc::clone(&ops.inbound);
+    dispatcher.pacing = Pacing::new(
+        ops.memory_budget,
+        ops.inbound.total(),
+        ops.metrics.paced_seconds.clone(),
+    );
     dispatcher.log = ConnectionLog::new(ops.log_connections);
     let mut sys = ops
         .sys_interval
@@ -192,8 +206,10 @@ pub(crate) async fn run(
 }
 
 /// Handles `first` and what else is waiting, up to [`MAX_EVENTS_PER_DRAIN`], taking the
-/// acknowledgement lane first each time. Returns when the batch began if it held a PUBLISH,
-/// and whether the drain was full (the broker is saturated).
+/// acknowledgement lane first each time, and once deliveries are held and the turn took
+/// [`MAX_PUBLISHES_PER_TURN_WITH_DELIVERIES_HELD`] publishes, only that lane. Returns when
+/// the batch began if it held a PUBLISH, and whether events were left waiting (the broker is
+/// saturated).
 fn drain(
     dispatcher: &mut Dispatcher,
     broker: &mut Broker,
@@ -203,12 +219,22 @@ fn drain(
     let now = Instant::now();
     let mut publishes = dispatcher.handle(broker, now, first);
     for _ in 1..MAX_EVENTS_PER_DRAIN {
-        match lanes.try_recv() {
-            Some(event) => publishes |= dispatcher.handle(broker, now, event),
-            None => return (publishes.then_some(now), false),
+        let intake_done =
+            publishes >= MAX_PUBLISHES_PER_TURN_WITH_DELIVERIES_HELD && broker.held_messages() > 0;
+        let event = if intake_done {
+            lanes.acks.try_recv().ok()
+        } else {
+            lanes.try_recv()
+        };
+        match event {
+            Some(event) => publishes += dispatcher.handle(broker, now, event),
+            None => {
+                let saturated = intake_done && !lanes.main.is_empty();
+                return ((publishes > 0).then_some(now), saturated);
+            }
         }
     }
-    (publishes.then_some(now), true)
+    ((publishes > 0).then_some(now), true)
 }
 
 /// How often messages dropped for full queues are logged: one line per client and reason
