@@ -120,6 +120,9 @@ pub(crate) async fn run(
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         sweep
     });
+    // Set after a wake-up that took acknowledgements only while publishes wait: the next one
+    // takes those first, so that a steady stream of acknowledgements cannot starve intake.
+    let mut intake_next = false;
     loop {
         let deadline = broker.poll_timeout();
         let timer = async {
@@ -146,16 +149,21 @@ pub(crate) async fn run(
         let mut publishes_since = None;
         // Set when this wake-up took a full drain of events: the broker is saturated.
         let mut saturated = false;
+        // Whether this wake-up takes acknowledgements only (see `drain`).
+        let mut acks_only = false;
         tokio::select! {
             biased;
             _ = &mut stop => break,
             // The lane's senders live as long as the server: it never ends the task.
-            Some(event) = lanes.acks.recv() => {
-                (publishes_since, saturated) = drain(&mut dispatcher, &mut broker, &mut lanes, event);
+            Some(event) = lanes.acks.recv(), if !intake_next => {
+                acks_only = broker.held_messages() > 0;
+                (publishes_since, saturated) =
+                    drain(&mut dispatcher, &mut broker, &mut lanes, event, acks_only);
             }
             event = lanes.main.recv() => {
                 let Some(event) = event else { break };
-                (publishes_since, saturated) = drain(&mut dispatcher, &mut broker, &mut lanes, event);
+                (publishes_since, saturated) =
+                    drain(&mut dispatcher, &mut broker, &mut lanes, event, false);
             }
             () = timer => broker.handle_timeout(Instant::now()),
             () = sys_timer => {
@@ -178,6 +186,8 @@ pub(crate) async fn run(
                 }
             } => dispatcher.sweep_idle(),
         }
+        // Main only ever grows from elsewhere: while it is not empty, its branch is ready.
+        intake_next = acks_only && !lanes.main.is_empty();
         commit(&mut broker, &mut disk_probe)?;
         dispatcher.committed(&mut broker);
         broker.take_outputs_with(|outputs| dispatcher.dispatch(outputs));
@@ -206,21 +216,26 @@ pub(crate) async fn run(
 }
 
 /// Handles `first` and what else is waiting, up to [`MAX_EVENTS_PER_DRAIN`], taking the
-/// acknowledgement lane first each time, and once deliveries are held and the turn took
-/// [`MAX_PUBLISHES_PER_TURN_WITH_DELIVERIES_HELD`] publishes, only that lane. Returns when
-/// the batch began if it held a PUBLISH, and whether events were left waiting (the broker is
-/// saturated).
+/// acknowledgement lane first each time. With `acks_only` (a wake-up by acknowledgements
+/// while deliveries are held) it takes only that lane: the deliveries they free go out at
+/// once instead of after a share of intake, so a subscriber's next window is never held up
+/// by publishers (the next wake-up takes the intake). Otherwise, once deliveries are held
+/// and the turn took [`MAX_PUBLISHES_PER_TURN_WITH_DELIVERIES_HELD`] publishes, it takes
+/// only acknowledgements. Returns when the batch began if it held a PUBLISH, and whether
+/// events were left waiting (the broker is saturated).
 fn drain(
     dispatcher: &mut Dispatcher,
     broker: &mut Broker,
     lanes: &mut Lanes,
     first: Event,
+    acks_only: bool,
 ) -> (Option<Instant>, bool) {
     let now = Instant::now();
     let mut publishes = dispatcher.handle(broker, now, first);
     for _ in 1..MAX_EVENTS_PER_DRAIN {
-        let intake_done =
-            publishes >= MAX_PUBLISHES_PER_TURN_WITH_DELIVERIES_HELD && broker.held_messages() > 0;
+        let intake_done = acks_only
+            || (publishes >= MAX_PUBLISHES_PER_TURN_WITH_DELIVERIES_HELD
+                && broker.held_messages() > 0);
         let event = if intake_done {
             lanes.acks.try_recv().ok()
         } else {
@@ -229,7 +244,7 @@ fn drain(
         match event {
             Some(event) => publishes += dispatcher.handle(broker, now, event),
             None => {
-                let saturated = intake_done && !lanes.main.is_empty();
+                let saturated = intake_done && !acks_only && !lanes.main.is_empty();
                 return ((publishes > 0).then_some(now), saturated);
             }
         }

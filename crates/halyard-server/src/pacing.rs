@@ -1,9 +1,11 @@
 //! The broker-wide memory budget (issue 14): past it, publishers are paced, not refused.
 //!
 //! The core counts what its sessions hold in memory ([`Broker::held_bytes`]). The budget
-//! covers that and the event channel (`event_queue_bytes`): publishes already decoded are
-//! still taken after pacing begins, so publishers are paced once the sessions hold more than
-//! the budget less the channel's bound. When a connection's event carried a PUBLISH while
+//! covers that, the event channel (`event_queue_bytes`: publishes already decoded are still
+//! taken after pacing begins) and a sixteenth of it for what nobody counts (the process's own
+//! memory, connection buffers, the allocator's spare pages), so that the broker's resident
+//! set stays under it: publishers are paced once the sessions hold more than the budget less
+//! those two. When a connection's event carried a PUBLISH while
 //! the total is over that mark, its reads stop (TCP flow control then slows the client)
 //! until the total is back under the low-water mark. A connection with deliveries in flight
 //! is not paced: its acknowledgements may be what frees the memory, and pausing its reads
@@ -15,6 +17,9 @@ use halyard_core::{Broker, ConnectionId};
 use prometheus_client::metrics::counter::Counter;
 
 use crate::link::Shared;
+
+/// The part of the budget set aside for memory the meter does not see is 1/this.
+const UNCOUNTED_SHARE: u64 = 16;
 
 /// The low-water mark is this fraction of the pacing mark: pacing ends only with some room,
 /// so publishers are not paused and resumed for every message, but not much, so that they
@@ -28,7 +33,8 @@ const LOW_WATER_DENOMINATOR: u64 = 16;
 #[derive(Debug, Default)]
 pub(crate) struct Pacing {
     /// Bytes the sessions may hold before publishers are paced: the budget less what the
-    /// event channel may hold (at most half of it); 0 = no budget.
+    /// event channel may hold and the uncounted share (together at most half of it); 0 = no
+    /// budget.
     pace_above: u64,
     /// Connections paced now, with their state; each is paced at most once (its `paced`
     /// flag says whether it is).
@@ -49,7 +55,8 @@ impl Pacing {
     ) -> Pacing {
         let budget = budget as u64;
         Pacing {
-            pace_above: budget - (event_queue_bytes as u64).min(budget / 2),
+            pace_above: budget
+                - (event_queue_bytes as u64 + budget / UNCOUNTED_SHARE).min(budget / 2),
             paced: Vec::new(),
             since: None,
             paced_seconds,
@@ -117,16 +124,17 @@ mod tests {
         assert_eq!(pacing.paced(), 0);
         assert!(!shared.must_wait(usize::MAX));
 
-        // 1600 of which the event channel may hold 200: paced above 1400, until 1312.
+        // 1600 of which the event channel may hold 200 and 100 are not counted: paced above
+        // 1300, until 1215.
         let mut pacing = Pacing::new(1600, 200, Counter::default());
-        assert_eq!(pacing.pace_above, 1400);
+        assert_eq!(pacing.pace_above, 1300);
         pacing.paced.push((1, Arc::clone(&shared)));
         shared.set_paced(true);
         pacing.since = Some(now);
-        pacing.update(1313, now);
+        pacing.update(1216, now);
         assert_eq!(pacing.paced(), 1, "above the low-water mark");
         assert!(shared.must_wait(usize::MAX));
-        pacing.update(1312, now + std::time::Duration::from_secs(2));
+        pacing.update(1215, now + std::time::Duration::from_secs(2));
         assert_eq!(pacing.paced(), 0);
         assert!(!shared.must_wait(usize::MAX));
         assert!((pacing.paced_seconds.get() - 2.0).abs() < 1e-9);

@@ -77,14 +77,15 @@ pub struct FileConfig {
     /// counts its buffer by capacity (a queue that grew deep keeps its buffer until it empties). A
     /// persistent session's queue counts only the part in memory, not what is on disk. Publishers
     /// are paced, not refused, once the sessions hold more than the budget less
-    /// `event_queue_bytes` (at most half the budget is set aside for it), since packets already
-    /// decoded are still taken: the broker stops reading from connections that publish (except
+    /// `event_queue_bytes` (packets already decoded are still taken after pacing begins) and
+    /// less a sixteenth of it for the memory nobody counts (at most half the budget is set aside
+    /// for the two), so that the broker's resident set stays under the budget: the broker stops reading from connections that publish (except
     /// those with deliveries in flight, whose acknowledgements may be what frees memory) until the
-    /// total is back under 15/16 of that mark. Not counted: the process's fixed memory (about 13
-    /// MB at start), connections' read and write buffers (`max_outbound_buffer`), publishes held
-    /// back by `queue_full_policy = "pushback"`. `halyard_memory_held_bytes` shows the sessions'
+    /// total is back under 15/16 of that mark. What nobody counts (the sixteenth): the process's fixed
+    /// memory (about 13 MB at start), connections' read and write buffers (`max_outbound_buffer`),
+    /// publishes held back by `queue_full_policy = "pushback"`, the allocator's spare pages. `halyard_memory_held_bytes` shows the sessions'
     /// total, `halyard_publishers_paced_seconds_total` the time publishers spent paced. 0 = no
-    /// budget. Why 256 MiB: it holds about 700,000 small queued messages (about 340 bytes each
+    /// budget. Why 256 MiB: it holds about 650,000 small queued messages (about 340 bytes each
     /// with a 64-byte payload), far beyond what a healthy broker queues, and stays well inside a
     /// small VM or container; a fixed figure rather than a share of the machine's memory, so the
     /// broker behaves the same on every host (in a container the host's figure misleads).

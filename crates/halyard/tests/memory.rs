@@ -94,10 +94,11 @@ async fn past_the_memory_budget_publishers_are_paced_not_refused() {
     let text = metrics(broker.http_addr());
     assert_eq!(sample(&text, "halyard_publishers_paced"), 1.0);
     let held = sample(&text, "halyard_memory_held_bytes");
-    // The budget covers the event channel too: the sessions are paced past the rest of it.
+    // The budget covers the event channel and a sixteenth nobody counts: the sessions are
+    // paced past the rest of it.
     assert!(
-        held > BUDGET - EVENT_QUEUE_BYTES,
-        "paced only past the budget less the event channel's: {held}"
+        held > BUDGET - EVENT_QUEUE_BYTES - BUDGET / 16.0,
+        "paced only past the budget less the event channel's and the uncounted share: {held}"
     );
     assert!(held < 4.0 * BUDGET, "the total stays bounded: {held}");
 
