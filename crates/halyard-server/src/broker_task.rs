@@ -33,7 +33,9 @@ const MAX_EVENTS_PER_DRAIN: usize = 256;
 /// once a turn has taken this many publishes, it takes only acknowledgements, and the rest
 /// of the intake waits for the next turn: each turn delivers a window per subscriber with
 /// room and takes about as much intake as it delivers. Without held deliveries (QoS 0, or
-/// nothing backlogged) a turn still takes up to [`MAX_EVENTS_PER_DRAIN`] events.
+/// nothing backlogged), or once the turn has writes to commit (persistent sessions: the
+/// fsync is shared by the whole turn), a turn still takes up to [`MAX_EVENTS_PER_DRAIN`]
+/// events.
 const MAX_PUBLISHES_PER_TURN_WITH_DELIVERIES_HELD: usize = 64;
 
 /// Longest time without a store commit, so interval durability holds on an idle broker.
@@ -156,7 +158,7 @@ pub(crate) async fn run(
             _ = &mut stop => break,
             // The lane's senders live as long as the server: it never ends the task.
             Some(event) = lanes.acks.recv(), if !intake_next => {
-                acks_only = broker.held_messages() > 0;
+                acks_only = true;
                 (publishes_since, saturated) =
                     drain(&mut dispatcher, &mut broker, &mut lanes, event, acks_only);
             }
@@ -187,7 +189,7 @@ pub(crate) async fn run(
             } => dispatcher.sweep_idle(),
         }
         // Main only ever grows from elsewhere: while it is not empty, its branch is ready.
-        intake_next = acks_only && !lanes.main.is_empty();
+        intake_next = acks_only && broker.held_messages() > 0 && !lanes.main.is_empty();
         commit(&mut broker, &mut disk_probe)?;
         dispatcher.committed(&mut broker);
         broker.take_outputs_with(|outputs| dispatcher.dispatch(outputs));
@@ -216,13 +218,14 @@ pub(crate) async fn run(
 }
 
 /// Handles `first` and what else is waiting, up to [`MAX_EVENTS_PER_DRAIN`], taking the
-/// acknowledgement lane first each time. With `acks_only` (a wake-up by acknowledgements
-/// while deliveries are held) it takes only that lane: the deliveries they free go out at
-/// once instead of after a share of intake, so a subscriber's next window is never held up
-/// by publishers (the next wake-up takes the intake). Otherwise, once deliveries are held
-/// and the turn took [`MAX_PUBLISHES_PER_TURN_WITH_DELIVERIES_HELD`] publishes, it takes
-/// only acknowledgements. Returns when the batch began if it held a PUBLISH, and whether
-/// events were left waiting (the broker is saturated).
+/// acknowledgement lane first each time. While deliveries are held and the turn has nothing
+/// to commit (short turns are cheap; a turn with writes shares one commit, an fsync, with as
+/// many events as possible, as before), the turn is kept short for the subscribers: with
+/// `acks_only` (a wake-up by acknowledgements) it takes only that lane, so the deliveries
+/// they free go out at once instead of after a share of intake (the next wake-up takes the
+/// intake); otherwise it takes only acknowledgements once it took
+/// [`MAX_PUBLISHES_PER_TURN_WITH_DELIVERIES_HELD`] publishes. Returns when the batch began
+/// if it held a PUBLISH, and whether events were left waiting (the broker is saturated).
 fn drain(
     dispatcher: &mut Dispatcher,
     broker: &mut Broker,
@@ -233,9 +236,9 @@ fn drain(
     let now = Instant::now();
     let mut publishes = dispatcher.handle(broker, now, first);
     for _ in 1..MAX_EVENTS_PER_DRAIN {
-        let intake_done = acks_only
-            || (publishes >= MAX_PUBLISHES_PER_TURN_WITH_DELIVERIES_HELD
-                && broker.held_messages() > 0);
+        let short_turn = broker.held_messages() > 0 && !broker.commit_may_block();
+        let intake_done =
+            short_turn && (acks_only || publishes >= MAX_PUBLISHES_PER_TURN_WITH_DELIVERIES_HELD);
         let event = if intake_done {
             lanes.acks.try_recv().ok()
         } else {
