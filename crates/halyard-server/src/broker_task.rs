@@ -31,8 +31,8 @@ const MAX_EVENTS_PER_DRAIN: usize = 256;
 /// only after the turn's outputs are dispatched and its acknowledgements come back; a turn
 /// that took 256 events of intake (each a read of up to ~50 small publishes) starved it. So
 /// once a turn has taken this many publishes, it takes only acknowledgements, and the rest
-/// of the intake waits for the next turn: each turn delivers a window per subscriber with
-/// room and takes about as much intake as it delivers. Without held deliveries (QoS 0, or
+/// of the intake waits for the next turn: intake gets a bounded share of each turn (while a
+/// deep queue fills it still takes about twice what is delivered; BENCHMARKS.md). Without held deliveries (QoS 0, or
 /// nothing backlogged), or once the turn has writes to commit (persistent sessions: the
 /// fsync is shared by the whole turn), a turn still takes up to [`MAX_EVENTS_PER_DRAIN`]
 /// events.
