@@ -192,10 +192,17 @@ impl Broker {
     }
 
     /// Bytes of messages all sessions hold in memory, queued beyond their in-flight windows
-    /// and in flight (topic, payload and bookkeeping, per delivery; a persistent session's
-    /// messages on disk are not counted): what the server's memory budget bounds.
+    /// and in flight: each message's footprint (its allocations, topic, payload and the read
+    /// buffer around it, properties) per delivery, and the queues' buffers; a persistent
+    /// session's messages on disk are not counted. What the server's memory budget bounds.
     pub fn held_bytes(&self) -> u64 {
         self.memory.held()
+    }
+
+    /// QoS 1/2 deliveries all sessions hold in memory, queued and in flight: while there are
+    /// any, deliveries wait on acknowledgements, and the server keeps its turns short.
+    pub fn held_messages(&self) -> u64 {
+        self.memory.messages()
     }
 
     /// Whether `conn` has outbound QoS 1/2 messages in flight: its acknowledgements free

@@ -17,6 +17,7 @@ mod config;
 mod connect;
 mod disk_full;
 mod enhanced_auth;
+mod footprint;
 mod forward_outbox;
 mod lazy;
 mod limits;

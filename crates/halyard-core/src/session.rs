@@ -10,6 +10,7 @@ use halyard_codec::{
 };
 
 use crate::broker::ConnectionId;
+use crate::footprint::{message_footprint, vec_footprint};
 use crate::lazy::{LazyMap, LazySet};
 use crate::memory_meter::{MemoryMeter, MeteredQueue, Weighed};
 use crate::message::Message;
@@ -87,15 +88,12 @@ impl Delivery {
 }
 
 impl Weighed for Delivery {
-    /// Topic, payload, subscription identifiers and the bookkeeping of the delivery and its
-    /// message. The message is counted with every delivery of it, although its subscribers
+    /// The message's footprint (see [`message_footprint`]) and the subscription identifiers'
+    /// buffer. The message is counted with every delivery of it, although its subscribers
     /// share it: an overestimate under fan-out, never an underestimate.
     fn weight(&self) -> u64 {
-        (size_of::<Delivery>()
-            + size_of::<Message>()
-            + self.message.topic.len()
-            + self.message.payload.len()
-            + std::mem::size_of_val(self.subscription_ids.as_slice())) as u64
+        (message_footprint(&self.message) + vec_footprint::<u32>(self.subscription_ids.capacity()))
+            as u64
     }
 }
 
@@ -118,8 +116,9 @@ pub(crate) struct Inflight {
 }
 
 impl Weighed for Inflight {
+    /// What its delivery holds: the rest of it lives in the queue's buffer.
     fn weight(&self) -> u64 {
-        self.delivery.weight() + (size_of::<Inflight>() - size_of::<Delivery>()) as u64
+        self.delivery.weight()
     }
 }
 

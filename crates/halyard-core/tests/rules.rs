@@ -1443,8 +1443,9 @@ fn reconnect_loop_leaves_the_timer_state_bounded() {
 }
 
 /// Issue 14: the memory sessions hold in queues and in flight is counted broker-wide (the
-/// server's memory budget compares it), and the count returns to zero however the messages
-/// leave: acknowledged, or dropped with their session.
+/// server's memory budget compares it): each message's footprint, far more than its topic
+/// and payload, while it is held, and the queues' buffers while the session lives. The count
+/// goes back down however the messages leave, acknowledged or dropped with their session.
 #[test]
 fn held_memory_is_counted_and_returns_to_zero() {
     let mut h = Harness::new();
@@ -1456,7 +1457,10 @@ fn held_memory_is_counted_and_returns_to_zero() {
         h.publish(2, "t", b"0123456789", QoS::AtLeastOnce, false, id);
     }
     let held = h.broker.held_bytes();
-    assert!(held >= 50 * 11, "topic and payload at least: {held}");
+    assert!(
+        held >= 50 * 200,
+        "bookkeeping counted, not only topic and payload: {held}"
+    );
     loop {
         let delivered = h.publishes(1);
         if delivered.is_empty() {
@@ -1473,7 +1477,11 @@ fn held_memory_is_counted_and_returns_to_zero() {
             );
         }
     }
-    assert_eq!(h.broker.held_bytes(), 0, "everything acknowledged");
+    let buffers = h.broker.held_bytes();
+    assert!(
+        buffers > 0 && buffers < held / 2,
+        "everything acknowledged, the queues' buffers are left: {buffers} of {held}"
+    );
     for id in 1..=50 {
         h.publish(2, "t", b"0123456789", QoS::AtLeastOnce, false, id);
     }

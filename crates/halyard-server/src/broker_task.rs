@@ -26,6 +26,18 @@ use halyard_core::sys::{SysTopics, SysTraffic};
 /// (fsync); bounding it keeps the first event's latency low.
 const MAX_EVENTS_PER_DRAIN: usize = 256;
 
+/// PUBLISH packets one turn takes from the main lane while QoS 1/2 deliveries are held
+/// (issue 14). A subscriber gets at most its in-flight window per turn, and its next window
+/// only after the turn's outputs are dispatched and its acknowledgements come back; a turn
+/// that took 256 events of intake (each a read of up to ~50 small publishes) starved it. So
+/// once a turn has taken this many publishes, it takes only acknowledgements, and the rest
+/// of the intake waits for the next turn: intake gets a bounded share of each turn (while a
+/// deep queue fills it still takes about twice what is delivered; BENCHMARKS.md). Without held deliveries (QoS 0, or
+/// nothing backlogged), or once the turn has writes to commit (persistent sessions: the
+/// fsync is shared by the whole turn), a turn still takes up to [`MAX_EVENTS_PER_DRAIN`]
+/// events.
+const MAX_PUBLISHES_PER_TURN_WITH_DELIVERIES_HELD: usize = 64;
+
 /// Longest time without a store commit, so interval durability holds on an idle broker.
 const IDLE_COMMIT_PERIOD: Duration = Duration::from_millis(100);
 
@@ -86,8 +98,12 @@ pub(crate) async fn run(
     let mut dispatcher = Dispatcher::new(max_outbound_buffer);
     dispatcher.metrics = Arc::clone(&ops.metrics);
     dispatcher.written = ops.written;
-    dispatcher.inbound = ops.inbound;
-    dispatcher.pacing = Pacing::new(ops.memory_budget, ops.metrics.paced_seconds.clone());
+    dispatcher.inbound = Arc::clone(&ops.inbound);
+    dispatcher.pacing = Pacing::new(
+        ops.memory_budget,
+        ops.inbound.total(),
+        ops.metrics.paced_seconds.clone(),
+    );
     dispatcher.log = ConnectionLog::new(ops.log_connections);
     let mut sys = ops
         .sys_interval
@@ -106,6 +122,9 @@ pub(crate) async fn run(
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         sweep
     });
+    // Set after a wake-up that took acknowledgements only while publishes wait: the next one
+    // takes those first, so that a steady stream of acknowledgements cannot starve intake.
+    let mut intake_next = false;
     loop {
         let deadline = broker.poll_timeout();
         let timer = async {
@@ -132,16 +151,21 @@ pub(crate) async fn run(
         let mut publishes_since = None;
         // Set when this wake-up took a full drain of events: the broker is saturated.
         let mut saturated = false;
+        // Whether this wake-up takes acknowledgements only (see `drain`).
+        let mut acks_only = false;
         tokio::select! {
             biased;
             _ = &mut stop => break,
             // The lane's senders live as long as the server: it never ends the task.
-            Some(event) = lanes.acks.recv() => {
-                (publishes_since, saturated) = drain(&mut dispatcher, &mut broker, &mut lanes, event);
+            Some(event) = lanes.acks.recv(), if !intake_next => {
+                acks_only = true;
+                (publishes_since, saturated) =
+                    drain(&mut dispatcher, &mut broker, &mut lanes, event, acks_only);
             }
             event = lanes.main.recv() => {
                 let Some(event) = event else { break };
-                (publishes_since, saturated) = drain(&mut dispatcher, &mut broker, &mut lanes, event);
+                (publishes_since, saturated) =
+                    drain(&mut dispatcher, &mut broker, &mut lanes, event, false);
             }
             () = timer => broker.handle_timeout(Instant::now()),
             () = sys_timer => {
@@ -164,6 +188,8 @@ pub(crate) async fn run(
                 }
             } => dispatcher.sweep_idle(),
         }
+        // Main only ever grows from elsewhere: while it is not empty, its branch is ready.
+        intake_next = acks_only && broker.held_messages() > 0 && !lanes.main.is_empty();
         commit(&mut broker, &mut disk_probe)?;
         dispatcher.committed(&mut broker);
         broker.take_outputs_with(|outputs| dispatcher.dispatch(outputs));
@@ -192,23 +218,41 @@ pub(crate) async fn run(
 }
 
 /// Handles `first` and what else is waiting, up to [`MAX_EVENTS_PER_DRAIN`], taking the
-/// acknowledgement lane first each time. Returns when the batch began if it held a PUBLISH,
-/// and whether the drain was full (the broker is saturated).
+/// acknowledgement lane first each time. While deliveries are held and the turn has nothing
+/// to commit (short turns are cheap; a turn with writes shares one commit, an fsync, with as
+/// many events as possible, as before), the turn is kept short for the subscribers: with
+/// `acks_only` (a wake-up by acknowledgements) it takes only that lane, so the deliveries
+/// they free go out at once instead of after a share of intake (the next wake-up takes the
+/// intake); otherwise it takes only acknowledgements once it took
+/// [`MAX_PUBLISHES_PER_TURN_WITH_DELIVERIES_HELD`] publishes. Returns when the batch began
+/// if it held a PUBLISH, and whether events were left waiting (the broker is saturated).
 fn drain(
     dispatcher: &mut Dispatcher,
     broker: &mut Broker,
     lanes: &mut Lanes,
     first: Event,
+    acks_only: bool,
 ) -> (Option<Instant>, bool) {
     let now = Instant::now();
     let mut publishes = dispatcher.handle(broker, now, first);
     for _ in 1..MAX_EVENTS_PER_DRAIN {
-        match lanes.try_recv() {
-            Some(event) => publishes |= dispatcher.handle(broker, now, event),
-            None => return (publishes.then_some(now), false),
+        let short_turn = broker.held_messages() > 0 && !broker.commit_may_block();
+        let intake_done =
+            short_turn && (acks_only || publishes >= MAX_PUBLISHES_PER_TURN_WITH_DELIVERIES_HELD);
+        let event = if intake_done {
+            lanes.acks.try_recv().ok()
+        } else {
+            lanes.try_recv()
+        };
+        match event {
+            Some(event) => publishes += dispatcher.handle(broker, now, event),
+            None => {
+                let saturated = intake_done && !acks_only && !lanes.main.is_empty();
+                return ((publishes > 0).then_some(now), saturated);
+            }
         }
     }
-    (publishes.then_some(now), true)
+    ((publishes > 0).then_some(now), true)
 }
 
 /// How often messages dropped for full queues are logged: one line per client and reason

@@ -129,8 +129,9 @@ impl Dispatcher {
     }
 
     /// Feeds one connection event to the core. Events from a connection the broker already
-    /// closed are ignored, as the core would ignore them. Returns whether it carried a PUBLISH.
-    pub(crate) fn handle(&mut self, broker: &mut Broker, now: Instant, event: Event) -> bool {
+    /// closed are ignored, as the core would ignore them. Returns how many PUBLISH packets it
+    /// carried.
+    pub(crate) fn handle(&mut self, broker: &mut Broker, now: Instant, event: Event) -> usize {
         match event {
             Event::Open { conn, link, peer } => {
                 self.metrics.connections_accepted.inc();
@@ -155,7 +156,7 @@ impl Dispatcher {
             } => {
                 let Some(state) = self.links.get(&conn) else {
                     self.inbound.release(None, weight);
-                    return false;
+                    return 0;
                 };
                 let version = state.link.shared().version();
                 let publishes = self.metrics.count_inbound(&packets, version);
@@ -171,7 +172,7 @@ impl Dispatcher {
                     broker.handle_packet(now, conn, packet);
                 }
                 let shared = self.links.get(&conn).map(|state| state.link.shared());
-                if let (true, Some(shared)) = (publishes, shared) {
+                if let (true, Some(shared)) = (publishes > 0, shared) {
                     self.pacing.after_publish(broker, conn, shared, now);
                 }
                 self.inbound.release(shared.map(|shared| &**shared), weight);
@@ -208,7 +209,7 @@ impl Dispatcher {
                 }
             }
         }
-        false
+        0
     }
 
     /// The broker's journal was committed: what waited for that (acknowledgements of

@@ -64,6 +64,11 @@ impl InboundBudget {
         self.held.load(Ordering::Relaxed)
     }
 
+    /// The whole budget.
+    pub(crate) fn total(&self) -> usize {
+        self.total
+    }
+
     /// What one connection may have outstanding before its reader waits.
     pub(crate) fn per_connection(&self) -> usize {
         self.per_connection

@@ -91,8 +91,8 @@ const EVENT_CHANNEL_CAPACITY: usize = 1024;
 /// accept loop does not spin while the condition lasts.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 
-/// Default of [`ServerConfig::memory_budget`]: 256 MiB holds about a million queued small
-/// messages, far beyond what a healthy broker queues, and stays well inside the memory of a
+/// Default of [`ServerConfig::memory_budget`]: 256 MiB holds about 650,000 queued small
+/// messages (about 340 bytes each, as the core counts them), far beyond what a healthy broker queues, and stays well inside the memory of a
 /// small VM or container; a fixed figure rather than a share of the machine's memory, so a
 /// broker behaves the same on every host (and in a container, where the host's figure lies).
 pub const DEFAULT_MEMORY_BUDGET: usize = 256 * 1024 * 1024;
@@ -121,9 +121,9 @@ pub struct ServerConfig {
     /// not handled yet; one connection may hold a sixteenth of it (at least 16 KiB) before
     /// its reads wait. Default: 16 MiB.
     pub event_queue_bytes: usize,
-    /// Bytes of messages all sessions may hold in memory, queued and in flight
-    /// ([`Broker::held_bytes`]), before publishers are paced (see `pacing.rs`); 0 = no
-    /// budget. Default: 256 MiB.
+    /// Bytes of memory for messages: what all sessions hold, queued and in flight
+    /// ([`Broker::held_bytes`]), the event channel and a sixteenth for what nobody counts;
+    /// past it publishers are paced (see `pacing.rs`); 0 = no budget. Default: 256 MiB.
     pub memory_budget: usize,
     /// Limits and switches of the broker core.
     pub broker: BrokerConfig,

@@ -285,23 +285,23 @@ impl Metrics {
     }
 
     /// Counts what one read of a connection brought; `version` frames the byte count. Returns
-    /// whether it held a PUBLISH (so the batch's latency is worth recording).
+    /// how many PUBLISH packets it held (the broker task bounds its intake per turn by them).
     pub(crate) fn count_inbound(
         &self,
         packets: &[Packet],
         version: halyard_codec::ProtocolVersion,
-    ) -> bool {
-        let mut any_publish = false;
+    ) -> usize {
+        let mut publishes = 0;
         for packet in packets {
             let len = halyard_codec::encoded_len(packet, version) as u64;
             self.bytes_received.inc_by(len);
             if let Packet::Publish(publish) = packet {
-                any_publish = true;
+                publishes += 1;
                 self.received[qi(publish.qos)].inc();
                 self.bytes_received_qos[qi(publish.qos)].inc_by(len);
             }
         }
-        any_publish
+        publishes
     }
 
     /// Counts one packet of `len` encoded bytes handed to a connection writer.
@@ -422,8 +422,14 @@ mod tests {
             payload: vec![0; 10].into(),
             ..Publish::default()
         });
-        assert!(metrics.count_inbound(std::slice::from_ref(&publish), ProtocolVersion::V3_1_1));
-        assert!(!metrics.count_inbound(&[Packet::PingReq], ProtocolVersion::V3_1_1));
+        assert_eq!(
+            metrics.count_inbound(std::slice::from_ref(&publish), ProtocolVersion::V3_1_1),
+            1
+        );
+        assert_eq!(
+            metrics.count_inbound(&[Packet::PingReq], ProtocolVersion::V3_1_1),
+            0
+        );
         metrics.count_outbound(&publish, 17);
         metrics.observe_publish_latency(Duration::from_micros(50));
         let mut snapshot = Snapshot::default();

@@ -68,14 +68,25 @@ pub struct FileConfig {
     /// others keep their turn.
     #[schemars(range(min = 16384))]
     pub event_queue_bytes: usize,
-    /// Bytes of messages held in memory by all sessions together, queued and in flight (topic,
-    /// payload and per-message bookkeeping; a persistent session's queue counts only the part in
-    /// memory, not what is on disk). Above it publishers are paced, not refused: the broker stops
-    /// reading from connections that publish (except those with deliveries in flight, whose
-    /// acknowledgements may be what frees memory) until the total is back under three quarters of
-    /// it. `halyard_memory_held_bytes` shows the total, `halyard_publishers_paced_seconds_total`
-    /// the time publishers spent paced. 0 = no budget. Why 256 MiB: it holds about a million
-    /// small queued messages, far beyond what a healthy broker queues, and stays well inside a
+    /// Bytes of memory for messages: those held by all sessions together, queued and in flight,
+    /// and the decoded packets waiting for the broker task (`event_queue_bytes`). A held message
+    /// counts what it really occupies, once per subscriber that holds it: its shared allocation
+    /// (message and reference counts), the topic's copy, its payload with its share of the read
+    /// buffer the payload was cut from (the packet's bytes plus a quarter) and its forwarded
+    /// properties, each rounded up to the allocator's size classes; each session queue also
+    /// counts its buffer by capacity (a queue that grew deep keeps its buffer until it empties). A
+    /// persistent session's queue counts only the part in memory, not what is on disk. Publishers
+    /// are paced, not refused, once the sessions hold more than the budget less
+    /// `event_queue_bytes` (packets already decoded are still taken after pacing begins) and
+    /// less a sixteenth of it for the memory nobody counts (at most half the budget is set aside
+    /// for the two), so that the broker's resident set stays under the budget: the broker stops reading from connections that publish (except
+    /// those with deliveries in flight, whose acknowledgements may be what frees memory) until the
+    /// total is back under 15/16 of that mark. What nobody counts (the sixteenth): the process's fixed
+    /// memory (about 13 MB at start), connections' read and write buffers (`max_outbound_buffer`),
+    /// publishes held back by `queue_full_policy = "pushback"`, the allocator's spare pages. `halyard_memory_held_bytes` shows the sessions'
+    /// total, `halyard_publishers_paced_seconds_total` the time publishers spent paced. 0 = no
+    /// budget. Why 256 MiB: it holds about 650,000 small queued messages (about 340 bytes each
+    /// with a 64-byte payload), far beyond what a healthy broker queues, and stays well inside a
     /// small VM or container; a fixed figure rather than a share of the machine's memory, so the
     /// broker behaves the same on every host (in a container the host's figure misleads).
     pub memory_budget: usize,
