@@ -142,7 +142,13 @@ pub struct FileConfig {
     /// subscriber wants the latest readings rather than a backlog of stale ones, and one stuck
     /// client (an offline logger subscribed to `#`) must never stall every publisher; the
     /// queue stays bounded by `max_queued_messages` and `max_queued_bytes`. Pipelines that
-    /// would rather slow the publisher than lose choose `"pushback"` or `"reject"`.
+    /// would rather slow the publisher than lose choose `"pushback"` or `"reject"`. In a cluster
+    /// these two work across nodes too: a node takes a forwarded QoS 1/2 message only when its
+    /// full subscriber has room, leaving it unacknowledged on the peer link meanwhile (every
+    /// later forward from that node waits behind it), and a node whose link to a peer is full
+    /// pauses the publishers whose messages go there until it has caught up; a forward waits at
+    /// most 10 s, then it is delivered to those with room and dropped (counted) for the full
+    /// subscriber. A peer that is down is not waited for: its forwards wait in the outbox.
     #[schemars(with = "String")]
     pub queue_full_policy: QueueFullPolicy,
     /// PUBLISH packets per second per connection (a one-second burst is allowed); 0 = no limit. A
