@@ -14,15 +14,6 @@ use halyard_cluster::NodeId;
 /// reported. Remove the switch once those seeds pass without it.
 pub const EXCUSE_FORWARDS_LOST_WITH_A_KILLED_ORIGIN: bool = true;
 
-/// An owner cut off by a partition may keep its live connection while the majority grants
-/// the session elsewhere. The self-fencing lease has landed, yet the full profile still
-/// finds two live owners while one of them is (or just was) cut from the quorum with this
-/// switch off (seeds 18, 21, 41, 71 and 85; seed 18 still does after main's session-move
-/// window). With this switch
-/// on, that is not a violation; the number excused is reported. Remove the switch once
-/// those seeds pass without it.
-pub const EXCUSE_UNFENCED_OWNER_CUT_FROM_QUORUM: bool = true;
-
 /// A session that moves to another node loses the QoS 1/2 messages published while it
 /// moves: from the claim's commit until every node has applied it and the new owner has
 /// imported the session, publishes still go to the old owner, which has fenced the session,
@@ -125,8 +116,6 @@ pub struct Checker {
     pub excused_cut_publishes: u64,
     /// Losses not counted under [`EXCUSE_MESSAGES_PUBLISHED_DURING_A_SESSION_MOVE`].
     pub excused_moves: u64,
-    /// Double owners not counted under [`EXCUSE_UNFENCED_OWNER_CUT_FROM_QUORUM`].
-    pub excused_owners: u64,
 }
 
 impl Checker {
@@ -196,20 +185,12 @@ impl Checker {
         self.qos2.contains(&message)
     }
 
-    /// Live connections per client id on each node this step; `cut_from_quorum` tells
-    /// whether a node cannot reach a majority now.
-    pub fn check_owners(
-        &mut self,
-        step: u64,
-        live: &BTreeMap<String, Vec<NodeId>>,
-        cut_from_quorum: impl Fn(NodeId) -> bool,
-    ) {
+    /// Live connections per client id on each node this step: more than one is a violation,
+    /// also while a node is cut from the quorum (its lease fences it before another node
+    /// may serve the client).
+    pub fn check_owners(&mut self, step: u64, live: &BTreeMap<String, Vec<NodeId>>) {
         for (client_id, nodes) in live {
             if nodes.len() < 2 {
-                continue;
-            }
-            if EXCUSE_UNFENCED_OWNER_CUT_FROM_QUORUM && nodes.iter().any(|&n| cut_from_quorum(n)) {
-                self.excused_owners += 1;
                 continue;
             }
             self.violations.push(Violation::TwoOwners {
@@ -347,13 +328,13 @@ mod tests {
     }
 
     #[test]
-    fn two_live_owners_are_a_violation_unless_one_is_cut_off() {
+    fn two_live_owners_are_a_violation() {
         let mut checker = Checker::default();
-        let live = BTreeMap::from([("c".to_owned(), vec![1, 2])]);
-        checker.check_owners(5, &live, |node| node == 1);
+        let one = BTreeMap::from([("c".to_owned(), vec![1])]);
+        checker.check_owners(5, &one);
         assert!(checker.violations.is_empty());
-        assert_eq!(checker.excused_owners, 1);
-        checker.check_owners(6, &live, |_| false);
+        let two = BTreeMap::from([("c".to_owned(), vec![1, 2])]);
+        checker.check_owners(6, &two);
         assert_eq!(checker.violations.len(), 1);
     }
 

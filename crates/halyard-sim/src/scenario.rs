@@ -24,7 +24,7 @@ use crate::trace::{digest_of, Trace};
 const STEP: Duration = Duration::from_millis(10);
 
 /// How long after a node regains a quorum it still counts as cut off for the checker's
-/// lease switches: it needs a moment to apply what it missed (2 s).
+/// cut-off publishes switch: it needs a moment to apply what it missed (2 s).
 const RECENTLY_CUT_STEPS: u64 = 200;
 
 /// What a run does besides its seed.
@@ -90,7 +90,6 @@ pub struct Outcome {
     pub faults: u64,
     /// Losses and double owners excused by the checker's temporary switches.
     pub excused_losses: u64,
-    pub excused_owners: u64,
     pub excused_moves: u64,
     pub excused_cut_publishes: u64,
 }
@@ -214,7 +213,6 @@ async fn simulate(seed: u64, options: Options) -> Outcome {
         delivered: world.delivered,
         faults: world.faults,
         excused_losses: world.checker.excused_losses,
-        excused_owners: world.checker.excused_owners,
         excused_moves: world.checker.excused_moves,
         excused_cut_publishes: world.checker.excused_cut_publishes,
     }
@@ -548,13 +546,7 @@ impl World {
                 self.last_cut.insert(node, self.step);
             }
         }
-        let cut: BTreeSet<NodeId> = alive
-            .iter()
-            .copied()
-            .filter(|&node| self.recently_cut(node))
-            .collect();
-        self.checker
-            .check_owners(self.step, &live, |node| cut.contains(&node));
+        self.checker.check_owners(self.step, &live);
         for (node, index, digest) in tables {
             self.checker.check_routes(self.step, node, index, digest);
             self.trace
