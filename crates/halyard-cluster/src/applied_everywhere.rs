@@ -3,10 +3,12 @@
 //! The broker answers a SUBACK once the subscription's route is committed; waiting until
 //! every voter has applied it means a publish made after the SUBACK on any node sees the
 //! route. Peers are asked over the cluster port (`WaitApplied`): each answers once it has
-//! applied the index or its own wait ran out. A peer unreachable for longer than half the
-//! caller's limit is skipped and counted, since a node that cannot be reached is taken for
-//! dead and a dead node publishes nothing. Once skipped, a peer is probed in the background
-//! and waited for again as soon as it answers.
+//! applied the index or its own wait ran out. A peer is skipped (and counted) only once it
+//! has been out of contact for longer than its lease plus [`LEASE_LAPSE_MARGIN`]: by then it
+//! has fenced itself (see the lease module) and acknowledges no publish with its old routes,
+//! or it is dead and publishes nothing. Skipped any earlier, a peer cut from the quorum
+//! would still take publishes that miss the new route. Once skipped, a peer is probed in the
+//! background and waited for again as soon as it answers.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -29,6 +31,15 @@ use crate::types::NodeId;
 /// Pause before asking a peer again after a failed call.
 const RETRY_PAUSE: Duration = Duration::from_millis(20);
 
+/// Failures further apart than this do not make one period out of contact: the peer may
+/// have been reachable (and renewed its lease) in between.
+const CONTACT_GAP: Duration = Duration::from_millis(100);
+
+/// Time beyond a peer's lease before it counts as fenced: its link delay, clock drift and
+/// the time it takes to act on the lapse (the margin the lease keeps below the takeover
+/// timeout).
+const LEASE_LAPSE_MARGIN: Duration = Duration::from_millis(500);
+
 /// Longest wait a peer's `WaitApplied` may ask of this node (the value comes off the wire).
 const MAX_SERVED_WAIT: Duration = Duration::from_secs(60);
 
@@ -43,6 +54,9 @@ pub(crate) struct AppliedEverywhere {
     addrs: Vec<String>,
     /// Made on first use, so that a voter added at run time is waited for too.
     peers: Mutex<BTreeMap<NodeId, Arc<Peer>>>,
+    /// How long out of contact a peer must be before it is skipped: its lease plus
+    /// [`LEASE_LAPSE_MARGIN`].
+    skip_after: Duration,
 }
 
 /// One peer: its own connection (so waits never queue behind raft or proposals), the
@@ -50,7 +64,7 @@ pub(crate) struct AppliedEverywhere {
 struct Peer {
     client: tokio::sync::Mutex<PeerClient>,
     applied: AtomicU64,
-    unreachable_since: Mutex<Option<Instant>>,
+    unreachable: Mutex<OutOfContact>,
     /// The last call found another incarnation at this id (a node back with an empty data
     /// directory, fenced until an operator removes it): it serves no client as this member,
     /// so it is skipped at once.
@@ -58,35 +72,31 @@ struct Peer {
 }
 
 impl Peer {
-    fn unreachable_for(&self, now: Instant) -> Option<Duration> {
-        let since = *self
-            .unreachable_since
+    fn lock_unreachable(&self) -> std::sync::MutexGuard<'_, OutOfContact> {
+        self.unreachable
             .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        since.map(|since| now.saturating_duration_since(since))
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Records one call's result; a failed call counts as unreachable from when it started.
-    fn record(&self, started: Instant, reply: Option<u64>) {
-        let mut since = self
-            .unreachable_since
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+    fn unreachable_for(&self, now: Instant) -> Option<Duration> {
+        self.lock_unreachable().duration(now)
+    }
+
+    /// Records one call's result.
+    fn record(&self, reply: Option<u64>) {
+        let now = Instant::now();
         match reply {
             Some(applied) => {
                 self.applied.fetch_max(applied, Ordering::Relaxed);
-                *since = None;
+                self.lock_unreachable().reached();
             }
-            None => {
-                since.get_or_insert(started);
-            }
+            None => self.lock_unreachable().failed(now),
         }
     }
 
     /// Asks the peer to answer once it has applied `index`, waiting at most half of
     /// `limit` there; `None` when it could not be reached within `limit`.
     async fn ask(&self, client: &mut PeerClient, index: u64, limit: Duration) -> Option<u64> {
-        let started = Instant::now();
         let request = RaftRequest::WaitApplied {
             index,
             wait_ms: u64::try_from((limit / 2).as_millis()).unwrap_or(u64::MAX),
@@ -106,8 +116,37 @@ impl Peer {
         if reply.is_some() {
             self.stale.store(false, Ordering::Relaxed);
         }
-        self.record(started, reply);
+        self.record(reply);
         reply
+    }
+}
+
+/// A peer's current period out of contact: the (first, latest) failed call, as observed.
+#[derive(Debug, Default)]
+struct OutOfContact(Option<(Instant, Instant)>);
+
+impl OutOfContact {
+    /// A call failed, observed at `now`. The period starts at the failure, not when the
+    /// failed call started: the peer may have had the quorum until the failure.
+    fn failed(&mut self, now: Instant) {
+        let first = self.current(now).map_or(now, |(first, _)| first);
+        self.0 = Some((first, now));
+    }
+
+    fn reached(&mut self) {
+        self.0 = None;
+    }
+
+    /// The period, unless its latest failure is older than [`CONTACT_GAP`].
+    fn current(&self, now: Instant) -> Option<(Instant, Instant)> {
+        self.0
+            .filter(|&(_, latest)| now.saturating_duration_since(latest) <= CONTACT_GAP)
+    }
+
+    /// How long the peer has been out of contact at `now`, if it still is.
+    fn duration(&self, now: Instant) -> Option<Duration> {
+        self.current(now)
+            .map(|(first, _)| now.saturating_duration_since(first))
     }
 }
 
@@ -115,6 +154,7 @@ impl AppliedEverywhere {
     pub(crate) fn new(
         local: LocalNode,
         peers: &[String],
+        lease: Duration,
         raft: Raft,
         consumption: Consumption,
         counters: Arc<Counters>,
@@ -128,6 +168,7 @@ impl AppliedEverywhere {
             transport,
             addrs: peers.to_vec(),
             peers: Mutex::new(BTreeMap::new()),
+            skip_after: lease + LEASE_LAPSE_MARGIN,
         }
     }
 
@@ -150,7 +191,7 @@ impl AppliedEverywhere {
         let peer = Arc::new(Peer {
             client: tokio::sync::Mutex::new(client),
             applied: AtomicU64::new(0),
-            unreachable_since: Mutex::new(None),
+            unreachable: Mutex::new(OutOfContact::default()),
             stale: AtomicBool::new(false),
         });
         peers.insert(id, peer.clone());
@@ -172,7 +213,7 @@ impl AppliedEverywhere {
             .collect();
         let peers = voters
             .into_iter()
-            .map(|id| self.wait_peer(id, index, deadline, limit / 2));
+            .map(|id| self.wait_peer(id, index, deadline, self.skip_after));
         let (local, peers) = tokio::join!(
             wait_applied(&self.raft, &self.consumption, index, limit),
             futures_util::future::join_all(peers)
@@ -322,4 +363,36 @@ async fn raft_applied_within(
 
 fn last_applied(metrics: &RaftMetrics<NodeId, NodeInfo>) -> u64 {
     metrics.last_applied.map_or(0, |id| id.index)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn out_of_contact_counts_from_the_first_failure_of_a_dense_run() {
+        let start = Instant::now();
+        let mut period = OutOfContact::default();
+        assert_eq!(period.duration(start), None);
+        period.failed(start);
+        period.failed(start + 60 * MS);
+        assert_eq!(period.duration(start + 80 * MS), Some(80 * MS));
+        period.reached();
+        assert_eq!(period.duration(start + 80 * MS), None, "a reply ends it");
+    }
+
+    #[test]
+    fn an_old_failure_does_not_make_a_peer_out_of_contact_now() {
+        // The peer may have been reachable (and renewed its lease) since: a failure seen
+        // seconds ago must not get it skipped at once, or a node cut from the quorum again
+        // would still take publishes with its old routes after the SUBACK.
+        let start = Instant::now();
+        let mut period = OutOfContact::default();
+        period.failed(start);
+        assert_eq!(period.duration(start + 3000 * MS), None);
+        period.failed(start + 3000 * MS);
+        assert_eq!(period.duration(start + 3050 * MS), Some(50 * MS));
+    }
 }

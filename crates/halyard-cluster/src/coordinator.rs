@@ -251,6 +251,7 @@ impl Coordinator {
         let applied_everywhere = AppliedEverywhere::new(
             local,
             &config.peers,
+            config.lease,
             raft.clone(),
             consumption.clone(),
             counters.clone(),
@@ -554,8 +555,8 @@ impl Coordinator {
     }
 
     /// Waits until this node and every reachable voter have applied `index`, so that what
-    /// the entry changed is seen on every node that can still serve clients. A voter
-    /// unreachable for longer than `limit / 2` is skipped (counted in
+    /// the entry changed is seen on every node that can still serve clients. A voter out of
+    /// contact for longer than its lease (plus a margin), and so fenced, is skipped (counted in
     /// [`Metrics::unreachable_peers_skipped`]); `Timeout` when this node or a reachable
     /// voter has not applied `index` within `limit`.
     pub async fn wait_applied_everywhere(

@@ -94,8 +94,8 @@ pub struct Metrics {
     pub link_duplicates: u64,
     /// Peer link: received frames handed to the app.
     pub link_delivered: u64,
-    /// Voters skipped by `wait_applied_everywhere` because they were unreachable for longer
-    /// than half its limit (one per skipped voter per wait).
+    /// Voters skipped by `wait_applied_everywhere` because they were out of contact for
+    /// longer than their lease plus a margin (one per skipped voter per wait).
     pub unreachable_peers_skipped: u64,
 }
 

@@ -9,8 +9,9 @@ use bytes::Bytes;
 use halyard_cluster::{ClaimOutcome, Coordinator, RouteKey, SubscriptionChange};
 use support::{takeover, TestCluster, PATIENCE};
 
-/// The wait's limit in these tests; a stopped node is skipped after half of it.
-const LIMIT: Duration = Duration::from_secs(2);
+/// The wait's limit in these tests (the server's); a stopped node is skipped once out of
+/// contact for longer than its lease plus a margin (2 s with the default lease).
+const LIMIT: Duration = Duration::from_secs(5);
 
 /// Claims `client_id` on `node` and returns its epoch.
 async fn claim(node: &Coordinator, client_id: &str) -> u64 {

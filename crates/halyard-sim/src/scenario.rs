@@ -25,7 +25,7 @@ use crate::trace::{digest_of, Trace};
 const STEP: Duration = Duration::from_millis(10);
 
 /// How long after a node regains a quorum it still counts as cut off for the checker's
-/// lease switches: it needs a moment to apply what it missed (2 s).
+/// cut-off publishes switch: it needs a moment to apply what it missed (2 s).
 const RECENTLY_CUT_STEPS: u64 = 200;
 
 /// What a run does besides its seed.
@@ -95,7 +95,6 @@ pub struct Outcome {
     /// Nodes restarted with an empty data directory (and readmitted).
     pub wipes: u64,
     /// Losses and double owners excused by the checker's temporary switches.
-    pub excused_owners: u64,
     pub excused_moves: u64,
     pub excused_cut_publishes: u64,
 }
@@ -227,7 +226,6 @@ async fn simulate(seed: u64, options: Options) -> Outcome {
         delivered: world.delivered,
         faults: world.faults,
         wipes: world.wipes,
-        excused_owners: world.checker.excused_owners,
         excused_moves: world.checker.excused_moves,
         excused_cut_publishes: world.checker.excused_cut_publishes,
     }
@@ -612,13 +610,7 @@ impl World {
                 self.last_cut.insert(node, self.step);
             }
         }
-        let cut: BTreeSet<NodeId> = alive
-            .iter()
-            .copied()
-            .filter(|&node| self.recently_cut(node))
-            .collect();
-        self.checker
-            .check_owners(self.step, &live, |node| cut.contains(&node));
+        self.checker.check_owners(self.step, &live);
         for (node, index, digest) in tables {
             self.checker.check_routes(self.step, node, index, digest);
             self.trace

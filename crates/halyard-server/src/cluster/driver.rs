@@ -189,9 +189,13 @@ enum Arrival {
 const LATE_TRANSFER_WINDOW: Duration = Duration::from_secs(60);
 
 impl Transfers {
-    /// Gives a session to the claim waiting for it, or says what to do with it.
+    /// Gives a session to the claim waiting for it, or says what to do with it. When this
+    /// node's client connected again while its claim waited, the newest claim gets it (the
+    /// older ones are superseded; see `waits_for_handover`).
     fn arrive(&mut self, key: (String, u64), state: Box<SessionState>) -> Arrival {
-        if let Some(waiter) = self.waiting.remove(&key) {
+        let newest = self.newest_waiting(&key.0).filter(|&epoch| epoch >= key.1);
+        let waiter = newest.and_then(|epoch| self.waiting.remove(&(key.0.clone(), epoch)));
+        if let Some(waiter) = waiter {
             let _ = waiter.send(state);
             return Arrival::Taken;
         }
@@ -203,6 +207,15 @@ impl Transfers {
         }
         self.arrived.insert(key, state);
         Arrival::Kept
+    }
+
+    /// The epoch of the newest claim of `client_id` waiting for a hand-over.
+    fn newest_waiting(&self, client_id: &str) -> Option<u64> {
+        self.waiting
+            .keys()
+            .filter(|(waiting, _)| waiting == client_id)
+            .map(|&(_, epoch)| epoch)
+            .max()
     }
 
     /// The claim of `key` stopped waiting for its session.
@@ -773,10 +786,9 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
             let outcome = match coordinator.claim_with_will(raft_request, will).await {
                 Ok(commit) => match commit.value {
                     RaftClaim::Granted { epoch, previous } => {
+                        let waits = waits_for_handover(&transfers, &request, node, previous);
                         let moved = match previous {
-                            Some((from, previous_epoch))
-                                if from != node && !request.clean_start =>
-                            {
+                            Some((from, previous_epoch)) if waits && !request.clean_start => {
                                 let waited =
                                     wait_for_transfer(&transfers, &clock, &request, epoch).await;
                                 match waited {
@@ -798,7 +810,7 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
                             // owner has fenced its connection, so the client never has live
                             // connections on two nodes (found by the simulation, halyard-sim).
                             // The session it brings is over (its delayed will published).
-                            Some((from, _)) if from != node => {
+                            Some((from, _)) if waits => {
                                 let waited =
                                     wait_for_transfer(&transfers, &clock, &request, epoch).await;
                                 if let Some(state) = waited {
@@ -1048,6 +1060,25 @@ fn session_from_raft(
         delayed_will: None,
         username: None,
     }))
+}
+
+/// Whether a grant must wait for a hand-over before it serves the client: when the session
+/// was another node's, and also when it was this node's own earlier claim that still waits
+/// for another node's hand-over (the client connected again meanwhile), because that node
+/// may still serve the client until such a wait ends (found by the simulation, halyard-sim
+/// seed 18: the second CONNECT was served at once while the cut-off owner still held its
+/// lease and the client's connection).
+fn waits_for_handover(
+    transfers: &SharedTransfers,
+    request: &ClaimRequest,
+    node: NodeId,
+    previous: Option<(NodeId, u64)>,
+) -> bool {
+    match previous {
+        Some((from, _)) if from != node => true,
+        Some(_) => lock(transfers).newest_waiting(&request.client_id).is_some(),
+        None => false,
+    }
 }
 
 /// Waits for the previous owner to hand the session of `request`'s claim under `epoch` over.

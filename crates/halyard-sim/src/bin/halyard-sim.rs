@@ -56,15 +56,14 @@ fn main() -> ExitCode {
     for seed in cli.seed..cli.seed.saturating_add(cli.seeds) {
         let outcome = run(seed, options);
         println!(
-            "seed {seed}: trace {:016x} ({} events), {} acked, {} delivered, {} faults, excused {} in moves, {} cut-off publishes, {} owners",
+            "seed {seed}: trace {:016x} ({} events), {} acked, {} delivered, {} faults, excused {} in moves, {} cut-off publishes",
             outcome.trace,
             outcome.events,
             outcome.acked,
             outcome.delivered,
             outcome.faults,
             outcome.excused_moves,
-            outcome.excused_cut_publishes,
-            outcome.excused_owners
+            outcome.excused_cut_publishes
         );
         let mut bad = !outcome.violations.is_empty();
         for violation in &outcome.violations {
