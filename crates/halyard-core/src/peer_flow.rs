@@ -51,11 +51,8 @@ impl Broker {
             self.handle_forward(now, origin, stored_as, message, groups);
             return ForwardOffer::Taken;
         }
-        if let Some((incarnation, seq)) = stored_as {
-            if self.outboxes.is_duplicate(origin, incarnation, seq) {
-                self.out.stats.duplicate_forwards += 1;
-                return ForwardOffer::Taken;
-            }
+        if self.is_replayed_forward(origin, stored_as) {
+            return ForwardOffer::Taken;
         }
         message.publisher = None;
         let message = Arc::new(message);

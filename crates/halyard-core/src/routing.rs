@@ -62,15 +62,29 @@ impl Broker {
         mut message: Message,
         groups: &[Arc<str>],
     ) {
+        if self.is_replayed_forward(origin, stored_as) {
+            return;
+        }
         if let Some((incarnation, seq)) = stored_as {
-            if self.outboxes.is_duplicate(origin, incarnation, seq) {
-                self.out.stats.duplicate_forwards += 1;
-                return;
-            }
             self.outboxes.note_received(origin, incarnation, seq);
         }
         message.publisher = None;
         self.route_forward(now, origin, Arc::new(message), groups.to_vec(), false);
+    }
+
+    /// Whether a stored forward is at or below the newest already taken from its sender's
+    /// incarnation: a replay, counted in `duplicate_forwards`.
+    pub(crate) fn is_replayed_forward(
+        &mut self,
+        origin: NodeId,
+        stored_as: Option<(u64, u64)>,
+    ) -> bool {
+        let replayed = stored_as
+            .is_some_and(|(incarnation, seq)| self.outboxes.is_duplicate(origin, incarnation, seq));
+        if replayed {
+            self.out.stats.duplicate_forwards += 1;
+        }
+        replayed
     }
 
     /// Another node has subscribers to `filter` (a share group's as `$share/{group}/...`):

@@ -12,39 +12,17 @@ use halyard_codec::{
     Subscription, SubscriptionOptions, Will,
 };
 use halyard_core::{
-    Broker, BrokerConfig, BrokerParts, ClaimOutcome, ClaimPoll, ClaimRequest, ConnectionId,
-    LocalRouter, MemoryRetained, Message, Output, SessionRegistry, SessionState,
-    SubscriptionUpdate, RELAY_WINDOW,
+    Broker, BrokerConfig, BrokerParts, ClaimOutcome, ClaimRequest, ConnectionId, Message, Output,
+    SessionState, SubscriptionUpdate, RELAY_WINDOW,
 };
 use halyard_store::{FsyncPolicy, RedbStore};
 
+mod support;
+
+use support::cluster_parts;
+
 const V3: ProtocolVersion = ProtocolVersion::V3_1_1;
 const V5: ProtocolVersion = ProtocolVersion::V5;
-
-/// A registry that leaves every claim to the driver, as a cluster's does.
-#[derive(Default)]
-struct DeferredRegistry;
-
-impl SessionRegistry for DeferredRegistry {
-    fn claim(&mut self, _request: &ClaimRequest) -> ClaimPoll {
-        ClaimPoll::Pending
-    }
-
-    fn release(&mut self, _client_id: &str, _epoch: u64) -> bool {
-        true
-    }
-
-    fn restored(&mut self, _epoch: u64) {}
-}
-
-fn cluster_parts() -> BrokerParts {
-    BrokerParts {
-        router: Box::new(LocalRouter::new()),
-        retained: Box::new(MemoryRetained::new()),
-        registry: Box::new(DeferredRegistry),
-        replicated: true,
-    }
-}
 
 /// An `Output::Forward`: (node, message, share groups, outbox sequence number).
 type Forwarded = (u64, Arc<Message>, Vec<Arc<str>>, Option<u64>);

@@ -11,24 +11,11 @@ use halyard_codec::{
     Subscription, SubscriptionOptions,
 };
 use halyard_core::{
-    Broker, BrokerConfig, BrokerParts, ClaimOutcome, ClaimPoll, ClaimRequest, ConnectionId,
-    ForwardOffer, LocalRouter, MemoryRetained, Message, Output, QueueFullPolicy, SessionRegistry,
+    Broker, BrokerConfig, ClaimOutcome, ConnectionId, ForwardOffer, Message, Output,
+    QueueFullPolicy,
 };
 
-/// A registry that leaves every claim to the test, as a cluster's does.
-struct DeferredRegistry;
-
-impl SessionRegistry for DeferredRegistry {
-    fn claim(&mut self, _request: &ClaimRequest) -> ClaimPoll {
-        ClaimPoll::Pending
-    }
-
-    fn release(&mut self, _client_id: &str, _epoch: u64) -> bool {
-        true
-    }
-
-    fn restored(&mut self, _epoch: u64) {}
-}
+mod support;
 
 /// A cluster node's core with `pushback`, one in-flight message and a queue of two.
 fn pushback_broker() -> Broker {
@@ -38,15 +25,7 @@ fn pushback_broker() -> Broker {
         max_queued_messages: 2,
         ..BrokerConfig::default()
     };
-    Broker::with_parts(
-        config,
-        BrokerParts {
-            router: Box::new(LocalRouter::new()),
-            retained: Box::new(MemoryRetained::new()),
-            registry: Box::new(DeferredRegistry),
-            replicated: true,
-        },
-    )
+    Broker::with_parts(config, support::cluster_parts())
 }
 
 /// What the broker emitted: packets per connection, pauses and resumes, commits applied.
