@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::future::Future;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use halyard_cluster::{
@@ -18,15 +18,17 @@ use halyard_cluster::{
 };
 use halyard_codec::{ReasonCode, Will};
 use halyard_core::{
-    Broker, ClaimOutcome, ClaimRequest, ConnectionId, ForwardOffer, Message, NodeId, Output,
-    SessionState, SubscriptionUpdate,
+    Broker, ClaimOutcome, ClaimRequest, ForwardOffer, Message, NodeId, Output, SessionState,
+    SubscriptionUpdate,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::cluster::clock::DriverClock;
+use crate::cluster::event::ClusterEvent;
 use crate::cluster::held_forwards::{HeldForwards, HeldFrame};
+use crate::cluster::transfers::{lock, Arrival, SharedTransfers};
 use crate::cluster::wire::{self, Clocks, Received};
 
 /// How long a node that won a claim waits for the previous owner to hand the session over
@@ -59,185 +61,6 @@ const WILL_SETTLE_ATTEMPTS: u32 = 10;
 
 /// The pause between two attempts to settle a will.
 const WILL_SETTLE_RETRY: Duration = Duration::from_millis(500);
-
-/// What the cluster tells the broker task.
-#[derive(Debug)]
-pub enum ClusterEvent {
-    /// A claim emitted as `Output::Claim` was decided.
-    ClaimSettled {
-        /// The waiting connection.
-        conn: ConnectionId,
-        /// The client id it claimed.
-        client_id: String,
-        /// The outcome.
-        outcome: ClaimOutcome,
-    },
-    /// Routes a SUBACK waits for were committed, or could not be.
-    RoutesCommitted {
-        /// The core's ticket.
-        ticket: u64,
-        /// Whether they were.
-        committed: bool,
-    },
-    /// Another node gained or lost subscribers to a filter (`$share/...` for a group).
-    Route {
-        /// The node.
-        node: NodeId,
-        /// The filter as subscribed.
-        filter: String,
-        /// Added (true) or removed.
-        added: bool,
-    },
-    /// A claim of `client_id` by `new_owner` under `epoch` was committed.
-    Claimed {
-        /// The client id.
-        client_id: String,
-        /// The new owner's epoch.
-        epoch: u64,
-        /// The new owner.
-        new_owner: NodeId,
-    },
-    /// Every change of the feed up to raft index `index` was handed over in the events
-    /// before this one: once the broker has handled them, the coordinator may count the
-    /// index as seen here (see `Coordinator::consumed`).
-    Consumed {
-        /// The raft index.
-        index: u64,
-    },
-    /// A peer stored every frame this node sent it up to link sequence number `seq`.
-    Acked {
-        /// The peer.
-        dest: NodeId,
-        /// The link sequence number.
-        seq: u64,
-    },
-    /// A publish another node forwarded here.
-    Forwarded {
-        /// The sender, to acknowledge once stored.
-        origin: NodeId,
-        /// Its sequence number on the link.
-        seq: u64,
-        /// The sender's incarnation and outbox sequence number, for a stored forward.
-        stored_as: Option<(u64, u64)>,
-        /// The message.
-        message: Message,
-        /// Share groups this node serves for it.
-        groups: Vec<Arc<str>>,
-    },
-    /// A retained message set or cleared through raft (possibly by this node).
-    Retained(Message),
-    /// A session another node ended because a clean-start claim here took its client id.
-    EndedSession(Box<SessionState>),
-    /// A session handed over after its claim here stopped waiting for it.
-    LateSession {
-        /// The claim it was sent for.
-        epoch: u64,
-        /// The session.
-        state: Box<SessionState>,
-    },
-    /// This node lost its lease: it must stop serving its sessions.
-    Fenced,
-    /// A frame from a peer other than a forward (a session handed over, an undecodable
-    /// frame) was taken: acknowledged in order with the forwards before it.
-    FrameTaken {
-        /// The sender.
-        origin: NodeId,
-        /// Its sequence number on the link.
-        seq: u64,
-    },
-    /// Held forwards may have room now, or a lane caught up or fell behind: the driver
-    /// acts on it while the broker takes events, before the next commit.
-    Wake,
-    /// A will this node won in raft: publish it.
-    WillWon {
-        /// The session that published it here (0 for another node's client).
-        publisher: u64,
-        /// The will.
-        will: Box<Will>,
-    },
-}
-
-/// Sessions handed over by a previous owner, and claims waiting for them; whichever
-/// comes second completes the pair.
-#[derive(Default)]
-struct Transfers {
-    /// Sessions that came before their claim waited for them.
-    arrived: HashMap<(String, u64), Box<SessionState>>,
-    waiting: HashMap<(String, u64), oneshot::Sender<Box<SessionState>>>,
-    /// Claims that stopped waiting (the client resumed from raft's state), with when: a
-    /// session arriving for one of them is merged into the live session.
-    gave_up: HashMap<(String, u64), Instant>,
-    /// Clean-start claims that took a client id from another node, with when: the session
-    /// the old owner hands over is ended here (its delayed will published).
-    ended: HashMap<(String, u64), Instant>,
-}
-
-/// What to do with a session handed over.
-enum Arrival {
-    /// Its claim was waiting and has it now.
-    Taken,
-    /// Kept for a claim that has not asked yet; if none does, it is merged like a late one
-    /// (a restarted node hands over the sessions that moved while it was down).
-    Kept,
-    /// The claim resumed without it: merge it into the live session.
-    Late(Box<SessionState>),
-    /// The claim started clean: the session is over.
-    Ended(Box<SessionState>),
-}
-
-/// How long a claim that stopped waiting still takes a late hand-over.
-const LATE_TRANSFER_WINDOW: Duration = Duration::from_secs(60);
-
-impl Transfers {
-    /// Gives a session to the claim waiting for it, or says what to do with it. When this
-    /// node's client connected again while its claim waited, the newest claim gets it (the
-    /// older ones are superseded; see `waits_for_handover`).
-    fn arrive(&mut self, key: (String, u64), state: Box<SessionState>) -> Arrival {
-        let newest = self.newest_waiting(&key.0).filter(|&epoch| epoch >= key.1);
-        let waiter = newest.and_then(|epoch| self.waiting.remove(&(key.0.clone(), epoch)));
-        if let Some(waiter) = waiter {
-            let _ = waiter.send(state);
-            return Arrival::Taken;
-        }
-        if self.gave_up.remove(&key).is_some() {
-            return Arrival::Late(state);
-        }
-        if self.ended.remove(&key).is_some() {
-            return Arrival::Ended(state);
-        }
-        self.arrived.insert(key, state);
-        Arrival::Kept
-    }
-
-    /// The epoch of the newest claim of `client_id` waiting for a hand-over.
-    fn newest_waiting(&self, client_id: &str) -> Option<u64> {
-        self.waiting
-            .keys()
-            .filter(|(waiting, _)| waiting == client_id)
-            .map(|&(_, epoch)| epoch)
-            .max()
-    }
-
-    /// The claim of `key` stopped waiting for its session.
-    fn give_up(&mut self, now: Instant, key: (String, u64)) {
-        self.gave_up
-            .retain(|_, since| now.duration_since(*since) < LATE_TRANSFER_WINDOW);
-        self.gave_up.insert(key, now);
-    }
-
-    /// The clean-start claim of `key` ended the session another node held.
-    fn end(&mut self, now: Instant, key: (String, u64)) {
-        self.ended
-            .retain(|_, since| now.duration_since(*since) < LATE_TRANSFER_WINDOW);
-        self.ended.insert(key, now);
-    }
-}
-
-type SharedTransfers = Arc<Mutex<Transfers>>;
-
-fn lock(transfers: &SharedTransfers) -> std::sync::MutexGuard<'_, Transfers> {
-    transfers.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 /// One destination's stored forwards on their way through the peer link.
 #[derive(Debug, Default)]

@@ -5,15 +5,18 @@
 mod clock;
 mod drain;
 mod driver;
+mod event;
 mod held_forwards;
 mod registry;
 mod status;
+mod transfers;
 mod wire;
 
 pub use clock::{DriverClock, SystemClock};
 pub(crate) use drain::drain;
 pub use drain::DRAIN_TIMEOUT;
-pub use driver::{ClusterDriver, ClusterEvent, TRANSFER_TIMEOUT};
+pub use driver::{ClusterDriver, TRANSFER_TIMEOUT};
+pub use event::ClusterEvent;
 pub use registry::{cluster_parts, ClusterRegistry};
 pub(crate) use status::{fenced, joined, registry, status_json};
 pub use wire::{Clocks, WireError};
