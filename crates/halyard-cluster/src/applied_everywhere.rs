@@ -32,8 +32,13 @@ use crate::types::NodeId;
 const RETRY_PAUSE: Duration = Duration::from_millis(20);
 
 /// Failures further apart than this do not make one period out of contact: the peer may
-/// have been reachable (and renewed its lease) in between.
+/// have been reachable (and renewed its lease) in between. A failed call that started
+/// within the period continues it, however long it took: it was trying all along.
 const CONTACT_GAP: Duration = Duration::from_millis(100);
+
+/// Longest call of the background probe of a skipped peer: a SUBACK that finds the probe's
+/// call under way waits for it.
+const PROBE_LIMIT: Duration = Duration::from_millis(200);
 
 /// Time beyond a peer's lease before it counts as fenced: its link delay, clock drift and
 /// the time it takes to act on the lapse (the margin the lease keeps below the takeover
@@ -69,6 +74,8 @@ struct Peer {
     /// directory, fenced until an operator removes it): it serves no client as this member,
     /// so it is skipped at once.
     stale: AtomicBool,
+    /// A background probe (see [`AppliedEverywhere::skip`]) is running.
+    probing: AtomicBool,
 }
 
 impl Peer {
@@ -82,21 +89,22 @@ impl Peer {
         self.lock_unreachable().duration(now)
     }
 
-    /// Records one call's result.
-    fn record(&self, reply: Option<u64>) {
+    /// Records the result of one call that started at `started`.
+    fn record(&self, started: Instant, reply: Option<u64>) {
         let now = Instant::now();
         match reply {
             Some(applied) => {
                 self.applied.fetch_max(applied, Ordering::Relaxed);
                 self.lock_unreachable().reached();
             }
-            None => self.lock_unreachable().failed(now),
+            None => self.lock_unreachable().failed(started, now),
         }
     }
 
     /// Asks the peer to answer once it has applied `index`, waiting at most half of
     /// `limit` there; `None` when it could not be reached within `limit`.
     async fn ask(&self, client: &mut PeerClient, index: u64, limit: Duration) -> Option<u64> {
+        let started = Instant::now();
         let request = RaftRequest::WaitApplied {
             index,
             wait_ms: u64::try_from((limit / 2).as_millis()).unwrap_or(u64::MAX),
@@ -116,7 +124,7 @@ impl Peer {
         if reply.is_some() {
             self.stale.store(false, Ordering::Relaxed);
         }
-        self.record(reply);
+        self.record(started, reply);
         reply
     }
 }
@@ -126,10 +134,14 @@ impl Peer {
 struct OutOfContact(Option<(Instant, Instant)>);
 
 impl OutOfContact {
-    /// A call failed, observed at `now`. The period starts at the failure, not when the
-    /// failed call started: the peer may have had the quorum until the failure.
-    fn failed(&mut self, now: Instant) {
-        let first = self.current(now).map_or(now, |(first, _)| first);
+    /// A call that started at `started` failed, observed at `now`. A new period starts at
+    /// the failure, not when the failed call started: the peer may have had the quorum until
+    /// the failure. A call started while the period was on continues it.
+    fn failed(&mut self, started: Instant, now: Instant) {
+        let first = self
+            .current(now)
+            .or_else(|| self.current(started))
+            .map_or(now, |(first, _)| first);
         self.0 = Some((first, now));
     }
 
@@ -193,6 +205,7 @@ impl AppliedEverywhere {
             applied: AtomicU64::new(0),
             unreachable: Mutex::new(OutOfContact::default()),
             stale: AtomicBool::new(false),
+            probing: AtomicBool::new(false),
         });
         peers.insert(id, peer.clone());
         Ok(peer)
@@ -240,7 +253,7 @@ impl AppliedEverywhere {
                 return Err(ClusterError::Timeout);
             }
             if peer.stale.load(Ordering::Relaxed) || peer.unreachable_for(now) >= Some(skip_after) {
-                self.skip(id, peer, index, skip_after);
+                self.skip(id, peer, index);
                 return Ok(());
             }
             let mut client = peer.client.lock().await;
@@ -272,19 +285,40 @@ impl AppliedEverywhere {
             .map_or(0, |node| node.incarnation)
     }
 
-    /// Counts a skipped peer and, unless a call to it is under way, probes it in the
-    /// background so that it is waited for again once it answers.
-    fn skip(&self, id: NodeId, peer: &Arc<Peer>, index: u64, limit: Duration) {
+    /// Counts a skipped peer and, unless it is probed already, probes it in the background
+    /// until it answers (or is no longer a voter), so that it is waited for again once it
+    /// does, and so that, while it stays out of contact, its period goes on and later
+    /// SUBACKs skip it at once instead of waiting out the lease again.
+    fn skip(&self, id: NodeId, peer: &Arc<Peer>, index: u64) {
         bump(&self.counters.unreachable_peers_skipped);
         tracing::debug!(peer = id, index, "unreachable peer skipped");
+        if peer.probing.swap(true, Ordering::AcqRel) {
+            return;
+        }
         let peer = Arc::clone(peer);
-        let incarnation = self.recorded_incarnation(id);
+        let raft = self.raft.clone();
         tokio::spawn(async move {
-            let Ok(mut client) = peer.client.try_lock() else {
-                return;
-            };
-            client.expect_incarnation(incarnation);
-            peer.ask(&mut client, index, limit).await;
+            loop {
+                let incarnation = {
+                    let metrics = raft.metrics();
+                    let metrics = metrics.borrow();
+                    let membership = metrics.membership_config.membership();
+                    if !membership.voter_ids().any(|voter| voter == id) {
+                        break;
+                    }
+                    membership.get_node(&id).map_or(0, |node| node.incarnation)
+                };
+                let answered = {
+                    let mut client = peer.client.lock().await;
+                    client.expect_incarnation(incarnation);
+                    peer.ask(&mut client, index, PROBE_LIMIT).await.is_some()
+                };
+                if answered {
+                    break;
+                }
+                tokio::time::sleep(RETRY_PAUSE).await;
+            }
+            peer.probing.store(false, Ordering::Release);
         });
     }
 }
@@ -376,8 +410,8 @@ mod tests {
         let start = Instant::now();
         let mut period = OutOfContact::default();
         assert_eq!(period.duration(start), None);
-        period.failed(start);
-        period.failed(start + 60 * MS);
+        period.failed(start, start);
+        period.failed(start + 10 * MS, start + 60 * MS);
         assert_eq!(period.duration(start + 80 * MS), Some(80 * MS));
         period.reached();
         assert_eq!(period.duration(start + 80 * MS), None, "a reply ends it");
@@ -390,9 +424,20 @@ mod tests {
         // would still take publishes with its old routes after the SUBACK.
         let start = Instant::now();
         let mut period = OutOfContact::default();
-        period.failed(start);
+        period.failed(start, start);
         assert_eq!(period.duration(start + 3000 * MS), None);
-        period.failed(start + 3000 * MS);
+        period.failed(start + 2000 * MS, start + 3000 * MS);
         assert_eq!(period.duration(start + 3050 * MS), Some(50 * MS));
+    }
+
+    #[test]
+    fn a_long_failed_call_started_within_the_period_continues_it() {
+        // A probe that tried all along (a peer whose packets are dropped, not refused)
+        // saw no contact: the period goes on instead of starting again.
+        let start = Instant::now();
+        let mut period = OutOfContact::default();
+        period.failed(start, start);
+        period.failed(start + 20 * MS, start + 220 * MS);
+        assert_eq!(period.duration(start + 250 * MS), Some(250 * MS));
     }
 }
