@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use halyard_bench::run::{run, Params, Scenario};
 use halyard_cluster::{ClusterConfig, Coordinator, Listen};
-use halyard_core::Broker;
+use halyard_core::{Broker, BrokerParts};
 use halyard_server::{Server, ServerConfig};
 use tempfile::TempDir;
 use tokio::sync::oneshot;
@@ -45,10 +45,7 @@ async fn start_cluster() -> Vec<Node> {
             listeners: vec![SocketAddr::from(([127, 0, 0, 1], 0))],
             ..ServerConfig::default()
         };
-        let broker = Broker::with_parts(
-            config.broker.clone(),
-            halyard_server::cluster::cluster_parts(),
-        );
+        let broker = Broker::with_parts(config.broker.clone(), BrokerParts::replicated());
         let mut server = Server::bind_with(config, broker).await.expect("bind");
         server.join_cluster(Arc::clone(&coordinator));
         let mqtt = server.local_addrs()[0];

@@ -21,7 +21,7 @@ use crate::message::SessionKey;
 use crate::move_window::MoveWindow;
 use crate::output::Output;
 use crate::pushback::Pushback;
-use crate::registry::{LocalSessionRegistry, SessionRegistry};
+use crate::registry::{DeferredSessionRegistry, LocalSessionRegistry, SessionRegistry};
 use crate::retained::{MemoryRetained, RetainedStore};
 use crate::router::{LocalRouter, RouteMatch, Router};
 use crate::session::{Link, Outbox, QueueLimits, Session};
@@ -46,6 +46,21 @@ pub struct BrokerParts {
     /// core then emits `Output::Subscriptions` and `Output::Retain`, and a SUBACK waits
     /// for its routes to be committed.
     pub replicated: bool,
+}
+
+impl BrokerParts {
+    /// A cluster node's parts: the local trie (which also holds the other nodes' routes),
+    /// retained messages in memory unless a store holds them, claims left to the driver
+    /// ([`DeferredSessionRegistry`]), and replication of subscriptions and retained
+    /// messages.
+    pub fn replicated() -> Self {
+        BrokerParts {
+            router: Box::new(LocalRouter::new()),
+            retained: Box::new(MemoryRetained::new()),
+            registry: Box::new(DeferredSessionRegistry),
+            replicated: true,
+        }
+    }
 }
 
 impl Default for BrokerParts {

@@ -55,7 +55,10 @@ pub use move_window::{MAX_HELD, RELAY_WINDOW};
 pub use output::{Output, SubscriptionUpdate};
 pub use peer_flow::ForwardOffer;
 pub use pushback::{QueueFullPolicy, PUSHBACK_TIMEOUT};
-pub use registry::{ClaimOutcome, ClaimPoll, ClaimRequest, LocalSessionRegistry, SessionRegistry};
+pub use registry::{
+    ClaimOutcome, ClaimPoll, ClaimRequest, DeferredSessionRegistry, LocalSessionRegistry,
+    SessionRegistry,
+};
 pub use retained::{MemoryRetained, RetainedStore};
 pub use router::{
     FilterRef, LocalRouter, RouteMatch, RouteScope, RouteTarget, Router, SubscriptionEntry,

@@ -17,10 +17,6 @@ use halyard_core::{
 };
 use halyard_store::{FsyncPolicy, RedbStore};
 
-mod support;
-
-use support::cluster_parts;
-
 const V3: ProtocolVersion = ProtocolVersion::V3_1_1;
 const V5: ProtocolVersion = ProtocolVersion::V5;
 
@@ -227,7 +223,7 @@ fn publishes(packets: &[Packet]) -> Vec<Publish> {
 #[test]
 fn connack_waits_for_the_claim_and_packets_sent_meanwhile_follow_it_in_order() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut node = Node::open(dir.path(), cluster_parts(), Instant::now());
+    let mut node = Node::open(dir.path(), BrokerParts::replicated(), Instant::now());
     node.hold_routes = true;
     node.send(1, connect(V5, "c", true, None));
     assert!(
@@ -267,7 +263,7 @@ fn connack_waits_for_the_claim_and_packets_sent_meanwhile_follow_it_in_order() {
 #[test]
 fn a_subscription_whose_routes_cannot_be_committed_fails_and_is_undone() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut node = Node::open(dir.path(), cluster_parts(), Instant::now());
+    let mut node = Node::open(dir.path(), BrokerParts::replicated(), Instant::now());
     node.hold_routes = true;
     node.send(1, connect(V5, "c", true, None));
     node.granted(1, 1);
@@ -306,7 +302,7 @@ fn a_subscription_whose_routes_cannot_be_committed_fails_and_is_undone() {
 #[test]
 fn retained_messages_are_replicated_and_applied_without_echo() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut node = Node::open(dir.path(), cluster_parts(), Instant::now());
+    let mut node = Node::open(dir.path(), BrokerParts::replicated(), Instant::now());
     node.send(1, connect(V5, "pub", true, None));
     node.granted(1, 1);
     let mut retained = match publish("state/door", b"open", QoS::AtLeastOnce, 1) {
@@ -337,7 +333,7 @@ fn retained_messages_are_replicated_and_applied_without_echo() {
 #[test]
 fn a_refused_claim_is_answered_server_unavailable() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut node = Node::open(dir.path(), cluster_parts(), Instant::now());
+    let mut node = Node::open(dir.path(), BrokerParts::replicated(), Instant::now());
     node.send(1, connect(V5, "v5", false, Some(60)));
     node.send(2, connect(V3, "v3", false, None));
     node.settle(1, ClaimOutcome::Refused);
@@ -359,7 +355,7 @@ fn a_refused_claim_is_answered_server_unavailable() {
 #[test]
 fn a_claim_that_lost_to_a_newer_one_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut node = Node::open(dir.path(), cluster_parts(), Instant::now());
+    let mut node = Node::open(dir.path(), BrokerParts::replicated(), Instant::now());
     let mut older = match connect(V5, "c", false, Some(60)) {
         Packet::Connect(connect) => connect,
         _ => unreachable!(),
@@ -393,7 +389,7 @@ fn the_epoch_is_stored_with_the_session_and_later_claims_exceed_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     let start = Instant::now();
     {
-        let mut node = Node::open(dir.path(), cluster_parts(), start);
+        let mut node = Node::open(dir.path(), BrokerParts::replicated(), start);
         node.send(1, connect(V5, "c", false, Some(3600)));
         node.granted(1, 41);
         node.send(1, subscribe("t", QoS::AtLeastOnce, 1));
@@ -420,7 +416,7 @@ fn the_epoch_is_stored_with_the_session_and_later_claims_exceed_it() {
 #[test]
 fn publishes_go_once_to_each_remote_node_and_forwards_never_go_on() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut node = Node::open(dir.path(), cluster_parts(), Instant::now());
+    let mut node = Node::open(dir.path(), BrokerParts::replicated(), Instant::now());
     node.broker.add_remote_route(2, "plant/+/temp");
     node.broker.add_remote_route(2, "plant/#");
     node.broker.add_remote_route(3, "plant/line3/temp");
@@ -478,7 +474,7 @@ fn publishes_go_once_to_each_remote_node_and_forwards_never_go_on() {
 #[test]
 fn a_share_group_across_nodes_gives_each_message_to_one_member() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut node = Node::open(dir.path(), cluster_parts(), Instant::now());
+    let mut node = Node::open(dir.path(), BrokerParts::replicated(), Instant::now());
     node.broker.add_remote_route(2, "$share/g/jobs");
     node.send(1, connect(V5, "worker", true, None));
     node.granted(1, 1);
@@ -537,8 +533,8 @@ fn a_session_moves_between_cores_with_queue_inflight_qos2_ids_and_will() {
     let dir_a = tempfile::tempdir().expect("tempdir");
     let dir_b = tempfile::tempdir().expect("tempdir");
     let now = Instant::now();
-    let mut a = Node::open(dir_a.path(), cluster_parts(), now);
-    let mut b = Node::open(dir_b.path(), cluster_parts(), now);
+    let mut a = Node::open(dir_a.path(), BrokerParts::replicated(), now);
+    let mut b = Node::open(dir_b.path(), BrokerParts::replicated(), now);
 
     let mut with_will = match connect(V5, "mover", false, Some(3600)) {
         Packet::Connect(connect) => connect,
@@ -684,7 +680,7 @@ fn assert_check_state(state: &SessionState) {
 fn a_forward_stays_in_the_outbox_across_restarts_until_acknowledged() {
     let dir = tempfile::tempdir().expect("tempdir");
     let seqs: Vec<Option<u64>> = {
-        let mut node = Node::open(dir.path(), cluster_parts(), Instant::now());
+        let mut node = Node::open(dir.path(), BrokerParts::replicated(), Instant::now());
         node.broker.add_remote_route(2, "t/#");
         node.send(4, connect(V5, "pub", true, None));
         node.granted(4, 1);
@@ -703,7 +699,7 @@ fn a_forward_stays_in_the_outbox_across_restarts_until_acknowledged() {
     assert_eq!(second, first + 1);
     assert_eq!(seqs[2], None, "QoS 0 is not stored");
 
-    let mut node = Node::open(dir.path(), cluster_parts(), Instant::now());
+    let mut node = Node::open(dir.path(), BrokerParts::replicated(), Instant::now());
     assert_eq!(node.broker.outbox_backlogs(), vec![(2, first)]);
     let pending = node.broker.read_forwards(2, first, 10).expect("reads");
     assert_eq!(pending.len(), 1);
@@ -714,7 +710,7 @@ fn a_forward_stays_in_the_outbox_across_restarts_until_acknowledged() {
     node.drain();
     drop(node);
 
-    let mut node = Node::open(dir.path(), cluster_parts(), Instant::now());
+    let mut node = Node::open(dir.path(), BrokerParts::replicated(), Instant::now());
     assert!(node.broker.outbox_backlogs().is_empty());
     assert!(node
         .broker
@@ -741,7 +737,7 @@ fn a_replayed_forward_is_dropped_after_the_receiver_restarts() {
         node.take(1);
     };
     {
-        let mut node = Node::open(dir.path(), cluster_parts(), Instant::now());
+        let mut node = Node::open(dir.path(), BrokerParts::replicated(), Instant::now());
         subscribe_persistent(&mut node, 1);
         node.send(1, subscribe("log/#", QoS::AtLeastOnce, 1));
         node.take(1);
@@ -755,7 +751,7 @@ fn a_replayed_forward_is_dropped_after_the_receiver_restarts() {
         node.drain();
         assert_eq!(publishes(&node.take(1)).len(), 1);
     }
-    let mut node = Node::open(dir.path(), cluster_parts(), Instant::now());
+    let mut node = Node::open(dir.path(), BrokerParts::replicated(), Instant::now());
     subscribe_persistent(&mut node, 2);
     let replays = [
         (Some((7, 5)), "replay", false),
@@ -792,8 +788,8 @@ fn a_session_handed_over_late_joins_the_resumed_session() {
     let dir_a = tempfile::tempdir().expect("tempdir");
     let dir_b = tempfile::tempdir().expect("tempdir");
     let now = Instant::now();
-    let mut a = Node::open(dir_a.path(), cluster_parts(), now);
-    let mut b = Node::open(dir_b.path(), cluster_parts(), now);
+    let mut a = Node::open(dir_a.path(), BrokerParts::replicated(), now);
+    let mut b = Node::open(dir_b.path(), BrokerParts::replicated(), now);
     a.send(1, connect(V5, "slowpoke", false, Some(3600)));
     a.granted(1, 10);
     a.send(1, subscribe("work/#", QoS::AtLeastOnce, 1));
@@ -869,8 +865,8 @@ fn a_late_hand_over_joins_the_session_resumed_again_here_but_not_a_clean_start()
     let dir_a = tempfile::tempdir().expect("tempdir");
     let dir_b = tempfile::tempdir().expect("tempdir");
     let now = Instant::now();
-    let mut a = Node::open(dir_a.path(), cluster_parts(), now);
-    let mut b = Node::open(dir_b.path(), cluster_parts(), now);
+    let mut a = Node::open(dir_a.path(), BrokerParts::replicated(), now);
+    let mut b = Node::open(dir_b.path(), BrokerParts::replicated(), now);
     a.send(1, connect(V5, "roamer", false, Some(3600)));
     a.granted(1, 10);
     a.send(1, subscribe("late/#", QoS::AtLeastOnce, 1));
@@ -944,7 +940,7 @@ fn a_late_hand_over_joins_the_session_resumed_again_here_but_not_a_clean_start()
 #[test]
 fn disconnect_all_closes_every_client_keeps_persistent_sessions_and_publishes_no_will() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut node = Node::open(dir.path(), cluster_parts(), Instant::now());
+    let mut node = Node::open(dir.path(), BrokerParts::replicated(), Instant::now());
     let mut with_will = match connect(V5, "persistent", false, Some(300)) {
         Packet::Connect(connect) => connect,
         _ => unreachable!(),
@@ -999,8 +995,8 @@ fn messages_forwarded_during_a_move_reach_the_session_on_its_new_node() {
     let dir_a = tempfile::tempdir().expect("tempdir");
     let dir_b = tempfile::tempdir().expect("tempdir");
     let now = Instant::now();
-    let mut a = Node::open(dir_a.path(), cluster_parts(), now);
-    let mut b = Node::open(dir_b.path(), cluster_parts(), now);
+    let mut a = Node::open(dir_a.path(), BrokerParts::replicated(), now);
+    let mut b = Node::open(dir_b.path(), BrokerParts::replicated(), now);
     a.send(1, connect(V5, "traveller", false, Some(3600)));
     a.granted(1, 10);
     a.send(1, subscribe("mv/#", QoS::AtLeastOnce, 1));
@@ -1079,7 +1075,7 @@ fn messages_forwarded_during_a_move_reach_the_session_on_its_new_node() {
 #[test]
 fn a_cluster_node_publishes_a_will_only_after_winning_it() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut node = Node::open(dir.path(), cluster_parts(), Instant::now());
+    let mut node = Node::open(dir.path(), BrokerParts::replicated(), Instant::now());
     node.send(1, connect(V5, "watcher", true, None));
     node.granted(1, 1);
     node.send(

@@ -11,11 +11,9 @@ use halyard_codec::{
     Subscription, SubscriptionOptions,
 };
 use halyard_core::{
-    Broker, BrokerConfig, ClaimOutcome, ConnectionId, ForwardOffer, Message, Output,
+    Broker, BrokerConfig, BrokerParts, ClaimOutcome, ConnectionId, ForwardOffer, Message, Output,
     QueueFullPolicy,
 };
-
-mod support;
 
 /// A cluster node's core with `pushback`, one in-flight message and a queue of two.
 fn pushback_broker() -> Broker {
@@ -25,7 +23,7 @@ fn pushback_broker() -> Broker {
         max_queued_messages: 2,
         ..BrokerConfig::default()
     };
-    Broker::with_parts(config, support::cluster_parts())
+    Broker::with_parts(config, BrokerParts::replicated())
 }
 
 /// What the broker emitted: packets per connection, pauses and resumes, commits applied.

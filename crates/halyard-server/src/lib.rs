@@ -194,7 +194,7 @@ pub struct Server {
 
 impl Server {
     /// Makes this server a node of the cluster `coordinator` runs (which must have been
-    /// started first): its broker should be built with [`cluster::cluster_parts`].
+    /// started first): its broker should be built with [`halyard_core::BrokerParts::replicated`].
     pub fn join_cluster(&mut self, coordinator: Arc<halyard_cluster::Coordinator>) {
         self.ops.cluster = Some(coordinator);
     }

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use halyard_cluster::{ClusterConfig, Coordinator, Listen, NodeId};
-use halyard_core::{Broker, BrokerConfig, ConnectionId, Output};
-use halyard_server::cluster::{cluster_parts, ClusterDriver, ClusterEvent, DriverClock};
+use halyard_core::{Broker, BrokerConfig, BrokerParts, ConnectionId, Output};
+use halyard_server::cluster::{ClusterDriver, ClusterEvent, DriverClock};
 use halyard_store::{FsyncPolicy, RedbStore};
 use tokio::sync::mpsc;
 
@@ -80,7 +80,7 @@ impl Running {
         let clocks = clock.clocks();
         let mut broker = Broker::with_store_and_parts(
             BrokerConfig::default(),
-            cluster_parts(),
+            BrokerParts::replicated(),
             Box::new(store),
             clocks.now,
             clocks.wall,

@@ -284,7 +284,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         config.listeners = default_listeners(&config.listeners, authenticated);
     }
     let parts = match cluster {
-        Some(_) => halyard_server::cluster::cluster_parts(),
+        Some(_) => BrokerParts::replicated(),
         None => BrokerParts::default(),
     };
     let broker = open_broker(&config, &storage, parts)?;
