@@ -24,7 +24,6 @@ use halyard_codec::QoS;
 
 use crate::broker::Broker;
 use crate::message::{Message, NodeId};
-use crate::publish::RouteOutcome;
 
 /// What became of a forward offered with [`Broker::offer_forward`].
 #[derive(Debug)]
@@ -44,30 +43,12 @@ impl Broker {
         now: Instant,
         origin: NodeId,
         stored_as: Option<(u64, u64)>,
-        mut message: Message,
+        message: Message,
         groups: &[Arc<str>],
     ) -> ForwardOffer {
-        if message.qos == QoS::AtMostOnce || !self.config.queue_full_policy.refuses_publisher() {
-            self.handle_forward(now, origin, stored_as, message, groups);
-            return ForwardOffer::Taken;
-        }
-        if self.is_replayed_forward(origin, stored_as) {
-            return ForwardOffer::Taken;
-        }
-        message.publisher = None;
-        let message = Arc::new(message);
-        let outcome = self.route_forward(now, origin, Arc::clone(&message), groups.to_vec(), true);
-        if outcome == RouteOutcome::QuotaExceeded {
-            // Not refused: it waits, so the refusal count set by the route is taken back.
-            self.out.stats.refused_quota = self.out.stats.refused_quota.saturating_sub(1);
-            self.pushback.blocked_by = None;
-            let message = Arc::try_unwrap(message).unwrap_or_else(|shared| (*shared).clone());
-            return ForwardOffer::NoRoom(message);
-        }
-        if let Some((incarnation, seq)) = stored_as {
-            self.outboxes.note_received(origin, incarnation, seq);
-        }
-        ForwardOffer::Taken
+        let atomic =
+            message.qos != QoS::AtMostOnce && self.config.queue_full_policy.refuses_publisher();
+        self.take_forward(now, origin, stored_as, message, groups, atomic)
     }
 
     /// Whether this node's forward lane to `node` is behind. While it is, QoS 1/2 publishes

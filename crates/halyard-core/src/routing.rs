@@ -9,6 +9,7 @@ use crate::authz::Access;
 use crate::broker::Broker;
 use crate::message::{Message, NodeId, SessionKey};
 use crate::output::Output;
+use crate::peer_flow::ForwardOffer;
 use crate::publish::RouteOutcome;
 use crate::pushback::{QueueFullPolicy, WaitingFor};
 use crate::retained::is_sys_filter;
@@ -59,32 +60,44 @@ impl Broker {
         now: Instant,
         origin: NodeId,
         stored_as: Option<(u64, u64)>,
-        mut message: Message,
+        message: Message,
         groups: &[Arc<str>],
     ) {
-        if self.is_replayed_forward(origin, stored_as) {
-            return;
+        self.take_forward(now, origin, stored_as, message, groups, false);
+    }
+
+    /// [`Broker::handle_forward`]'s work. With `atomic`, a QoS 1/2 message that a local
+    /// subscriber has no room for goes nowhere and is given back (see `peer_flow`).
+    pub(crate) fn take_forward(
+        &mut self,
+        now: Instant,
+        origin: NodeId,
+        stored_as: Option<(u64, u64)>,
+        mut message: Message,
+        groups: &[Arc<str>],
+        atomic: bool,
+    ) -> ForwardOffer {
+        if let Some((incarnation, seq)) = stored_as {
+            if self.outboxes.is_duplicate(origin, incarnation, seq) {
+                self.out.stats.duplicate_forwards += 1;
+                return ForwardOffer::Taken;
+            }
+        }
+        message.publisher = None;
+        let message = Arc::new(message);
+        let outcome =
+            self.route_forward(now, origin, Arc::clone(&message), groups.to_vec(), atomic);
+        if outcome == RouteOutcome::QuotaExceeded {
+            // Not refused: it waits, so the refusal count set by the route is taken back.
+            self.out.stats.refused_quota = self.out.stats.refused_quota.saturating_sub(1);
+            self.pushback.blocked_by = None;
+            let message = Arc::try_unwrap(message).unwrap_or_else(|shared| (*shared).clone());
+            return ForwardOffer::NoRoom(message);
         }
         if let Some((incarnation, seq)) = stored_as {
             self.outboxes.note_received(origin, incarnation, seq);
         }
-        message.publisher = None;
-        self.route_forward(now, origin, Arc::new(message), groups.to_vec(), false);
-    }
-
-    /// Whether a stored forward is at or below the newest already taken from its sender's
-    /// incarnation: a replay, counted in `duplicate_forwards`.
-    pub(crate) fn is_replayed_forward(
-        &mut self,
-        origin: NodeId,
-        stored_as: Option<(u64, u64)>,
-    ) -> bool {
-        let replayed = stored_as
-            .is_some_and(|(incarnation, seq)| self.outboxes.is_duplicate(origin, incarnation, seq));
-        if replayed {
-            self.out.stats.duplicate_forwards += 1;
-        }
-        replayed
+        ForwardOffer::Taken
     }
 
     /// Another node has subscribers to `filter` (a share group's as `$share/{group}/...`):
