@@ -18,8 +18,7 @@ use halyard_cluster::{
 };
 use halyard_codec::{ReasonCode, Will};
 use halyard_core::{
-    Broker, ClaimOutcome, ClaimRequest, ForwardOffer, Message, NodeId, Output, SessionState,
-    SubscriptionUpdate,
+    Broker, ClaimOutcome, ClaimRequest, Message, NodeId, Output, SessionState, SubscriptionUpdate,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -27,7 +26,7 @@ use tracing::{debug, info, warn};
 
 use crate::cluster::clock::DriverClock;
 use crate::cluster::event::ClusterEvent;
-use crate::cluster::held_forwards::{HeldForwards, HeldFrame};
+use crate::cluster::held_forwards::{HeldForwards, PeerFrame};
 use crate::cluster::transfers::{lock, Arrival, SharedTransfers};
 use crate::cluster::wire::{self, Clocks, Received};
 
@@ -430,43 +429,19 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
                 message,
                 groups,
             } => {
-                let frame = HeldFrame::Forward {
+                let frame = PeerFrame::Forward {
                     seq,
                     stored_as,
                     message,
                     groups,
                 };
-                let Some(HeldFrame::Forward {
-                    seq,
-                    stored_as,
-                    message,
-                    groups,
-                }) = self.held.queue_behind(origin, frame)
-                else {
-                    return;
-                };
-                match broker.offer_forward(clocks.now, origin, stored_as, message, &groups) {
-                    ForwardOffer::Taken => self.to_ack.push((origin, seq)),
-                    ForwardOffer::NoRoom(message) => {
-                        debug!(origin, "a forward waits for room in a local queue");
-                        let frame = HeldFrame::Forward {
-                            seq,
-                            stored_as,
-                            message,
-                            groups,
-                        };
-                        self.held.hold(clocks.now, origin, frame);
-                    }
-                }
+                self.held
+                    .take(broker, clocks.now, origin, frame, &mut self.to_ack);
             }
             ClusterEvent::FrameTaken { origin, seq } => {
-                if self
-                    .held
-                    .queue_behind(origin, HeldFrame::Ack(seq))
-                    .is_some()
-                {
-                    self.to_ack.push((origin, seq));
-                }
+                let frame = PeerFrame::Ack(seq);
+                self.held
+                    .take(broker, clocks.now, origin, frame, &mut self.to_ack);
             }
             ClusterEvent::Wake => {
                 self.wake_queued = false;
@@ -541,11 +516,6 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
         {
             self.wake_queued = true;
         }
-    }
-
-    /// Forwards from peers held for want of room here.
-    pub fn held_forwards(&self) -> usize {
-        self.held.forwards()
     }
 
     /// Tells the broker which destinations' lanes are behind, so that under a refusing

@@ -15,10 +15,12 @@ use std::time::Instant;
 
 use halyard_cluster::NodeId;
 use halyard_core::{Broker, ForwardOffer, Message, PUSHBACK_TIMEOUT};
+use tracing::debug;
 
-/// A frame waiting behind a held forward, in arrival order.
-pub(crate) enum HeldFrame {
-    /// A forward, to offer again.
+/// A frame from a peer that the broker takes in order: held, with those after it, while a
+/// forward finds no room.
+pub(crate) enum PeerFrame {
+    /// A forward, offered to the core.
     Forward {
         seq: u64,
         stored_as: Option<(u64, u64)>,
@@ -32,7 +34,7 @@ pub(crate) enum HeldFrame {
 struct Held {
     /// When the forward at the front began to wait.
     since: Instant,
-    frames: VecDeque<HeldFrame>,
+    frames: VecDeque<PeerFrame>,
 }
 
 /// Held frames per peer.
@@ -46,24 +48,30 @@ impl HeldForwards {
         self.by_origin.is_empty()
     }
 
-    /// Queues `frame` behind what `origin` has held; gives it back if nothing is held.
-    pub(crate) fn queue_behind(&mut self, origin: NodeId, frame: HeldFrame) -> Option<HeldFrame> {
-        match self.by_origin.get_mut(&origin) {
-            Some(held) => {
-                held.frames.push_back(frame);
-                None
-            }
-            None => Some(frame),
+    /// Takes `frame` from `origin`: behind what that peer has held, or at once; held (with
+    /// every later frame of that peer) if it is a forward that finds no room. The link
+    /// sequence numbers taken go to `to_ack`, acknowledged after the next commit.
+    pub(crate) fn take(
+        &mut self,
+        broker: &mut Broker,
+        now: Instant,
+        origin: NodeId,
+        frame: PeerFrame,
+        to_ack: &mut Vec<(NodeId, u64)>,
+    ) {
+        if let Some(held) = self.by_origin.get_mut(&origin) {
+            held.frames.push_back(frame);
+            return;
         }
-    }
-
-    /// Starts holding `origin`'s frames with `frame`, a forward that found no room.
-    pub(crate) fn hold(&mut self, now: Instant, origin: NodeId, frame: HeldFrame) {
-        let held = self.by_origin.entry(origin).or_insert_with(|| Held {
+        let mut held = Held {
             since: now,
-            frames: VecDeque::new(),
-        });
-        held.frames.push_front(frame);
+            frames: VecDeque::from([frame]),
+        };
+        offer(&mut held, broker, now, origin, to_ack);
+        if !held.frames.is_empty() {
+            debug!(origin, "a forward waits for room in a local queue");
+            self.by_origin.insert(origin, held);
+        }
     }
 
     /// Whether a held forward has waited out [`PUSHBACK_TIMEOUT`].
@@ -73,21 +81,7 @@ impl HeldForwards {
             .any(|held| now >= held.since + PUSHBACK_TIMEOUT)
     }
 
-    /// How many forwards are held.
-    pub(crate) fn forwards(&self) -> usize {
-        self.by_origin
-            .values()
-            .map(|held| {
-                held.frames
-                    .iter()
-                    .filter(|frame| matches!(frame, HeldFrame::Forward { .. }))
-                    .count()
-            })
-            .sum()
-    }
-
-    /// Offers every peer's held frames again, in order, until one still finds no room;
-    /// the link sequence numbers taken go to `to_ack`, acknowledged after the next commit.
+    /// Offers every peer's held frames again, in order, until one still finds no room.
     pub(crate) fn retry(
         &mut self,
         broker: &mut Broker,
@@ -95,42 +89,54 @@ impl HeldForwards {
         to_ack: &mut Vec<(NodeId, u64)>,
     ) {
         for (&origin, held) in &mut self.by_origin {
-            while let Some(frame) = held.frames.pop_front() {
-                match frame {
-                    HeldFrame::Ack(seq) => to_ack.push((origin, seq)),
-                    HeldFrame::Forward {
-                        seq,
-                        stored_as,
-                        message,
-                        groups,
-                    } if now >= held.since + PUSHBACK_TIMEOUT => {
-                        broker.handle_forward(now, origin, stored_as, message, &groups);
-                        to_ack.push((origin, seq));
-                        held.since = now;
-                    }
-                    HeldFrame::Forward {
-                        seq,
-                        stored_as,
-                        message,
-                        groups,
-                    } => match broker.offer_forward(now, origin, stored_as, message, &groups) {
-                        ForwardOffer::Taken => {
-                            to_ack.push((origin, seq));
-                            held.since = now;
-                        }
-                        ForwardOffer::NoRoom(message) => {
-                            held.frames.push_front(HeldFrame::Forward {
-                                seq,
-                                stored_as,
-                                message,
-                                groups,
-                            });
-                            break;
-                        }
-                    },
-                }
-            }
+            offer(held, broker, now, origin, to_ack);
         }
         self.by_origin.retain(|_, held| !held.frames.is_empty());
+    }
+}
+
+/// Hands `origin`'s held frames to the broker in order until a forward finds no room; one
+/// that has waited out [`PUSHBACK_TIMEOUT`] is taken whatever room there is.
+fn offer(
+    held: &mut Held,
+    broker: &mut Broker,
+    now: Instant,
+    origin: NodeId,
+    to_ack: &mut Vec<(NodeId, u64)>,
+) {
+    while let Some(frame) = held.frames.pop_front() {
+        let (seq, stored_as, message, groups) = match frame {
+            PeerFrame::Ack(seq) => {
+                to_ack.push((origin, seq));
+                continue;
+            }
+            PeerFrame::Forward {
+                seq,
+                stored_as,
+                message,
+                groups,
+            } => (seq, stored_as, message, groups),
+        };
+        let offered = if now >= held.since + PUSHBACK_TIMEOUT {
+            broker.handle_forward(now, origin, stored_as, message, &groups);
+            ForwardOffer::Taken
+        } else {
+            broker.offer_forward(now, origin, stored_as, message, &groups)
+        };
+        match offered {
+            ForwardOffer::Taken => {
+                to_ack.push((origin, seq));
+                held.since = now;
+            }
+            ForwardOffer::NoRoom(message) => {
+                held.frames.push_front(PeerFrame::Forward {
+                    seq,
+                    stored_as,
+                    message,
+                    groups,
+                });
+                return;
+            }
+        }
     }
 }
