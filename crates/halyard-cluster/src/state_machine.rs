@@ -183,21 +183,18 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             applier.last_applied = Some(entry.log_id);
             applier.entries_applied += 1;
             let index = entry.log_id.index;
+            let mut changes: Vec<Change> = Vec::new();
             let response = match entry.payload {
                 EntryPayload::Blank => Response::Nothing,
                 EntryPayload::Membership(membership) => {
                     applier.last_membership = StoredMembership::new(Some(entry.log_id), membership);
                     Response::Nothing
                 }
-                EntryPayload::Normal(command) => {
-                    let mut changes: Vec<Change> = Vec::new();
-                    let response = applier.state.apply(index, &command, &mut changes);
-                    if !changes.is_empty() {
-                        applier.publish(Applied { index, changes });
-                    }
-                    response
-                }
+                EntryPayload::Normal(command) => applier.state.apply(index, &command, &mut changes),
             };
+            // Every entry, with changes or not: the app's route version follows the applied
+            // index exactly, so that a peer routed at any index is reached here too.
+            applier.publish(Applied { index, changes });
             responses.push(response);
         }
         Ok(responses)

@@ -114,8 +114,8 @@ pub struct Broker {
     pub(crate) outboxes: ForwardOutboxes,
     /// Messages caught while sessions move between nodes (see `move_window`).
     pub(crate) move_window: MoveWindow,
-    /// The nodes the last routed message was forwarded to.
-    pub(crate) forwarded_to: Vec<crate::message::NodeId>,
+    /// See [`Broker::set_route_version`]; 0 on a single node.
+    pub(crate) route_version: u64,
     /// Bytes the sessions' queues and in-flight windows hold in memory.
     pub(crate) memory: MemoryMeter,
     /// Nodes whose forward lane is behind (see `peer_flow`).
@@ -160,7 +160,7 @@ impl Broker {
             authorizer: Arc::new(AllowAll),
             outboxes: ForwardOutboxes::default(),
             move_window: MoveWindow::default(),
-            forwarded_to: Vec::new(),
+            route_version: 0,
             memory: MemoryMeter::default(),
             congested_nodes: Vec::new(),
         }

@@ -176,8 +176,8 @@ impl Broker {
     /// The outcome of a claim emitted as [`Output::Claim`]: the waiting CONNECT is
     /// answered, CONNACK 0x88 Server unavailable (MQTT 5) or 0x03 (3.x) if it was refused,
     /// and the packets its client sent meanwhile are handled. `wall` is `now` on the wall
-    /// clock, for the times of a session moved from another node. Forwarded messages held
-    /// while the claim was pending are routed again (see `move_window`).
+    /// clock, for the times of a session moved from another node. The session gets the copies
+    /// of messages held for it while the claim was pending (see `move_window`).
     pub fn handle_claim(
         &mut self,
         now: Instant,
@@ -185,8 +185,15 @@ impl Broker {
         conn: ConnectionId,
         outcome: ClaimOutcome,
     ) {
+        let client_id = self.claims.get(&conn).map(|c| c.connect.client_id.clone());
+        let epoch = match &outcome {
+            ClaimOutcome::Granted { epoch, .. } => Some(*epoch),
+            ClaimOutcome::Refused => None,
+        };
         self.settle_claim(now, wall, conn, outcome);
-        self.release_held(now);
+        if let Some(client_id) = client_id {
+            self.release_held(now, &client_id, epoch);
+        }
     }
 
     fn settle_claim(
@@ -342,6 +349,7 @@ impl Broker {
                 self.next_session_key += 1;
                 let mut session =
                     Session::new(client_id.clone(), epoch, expiry_interval, &self.memory);
+                session.routes_from = epoch;
                 if !connect.clean_start {
                     // The client asked to resume: an earlier claim of this node whose session
                     // had not arrived yet is this session's past (see `merge_late_session`).
@@ -458,5 +466,10 @@ impl AdmittedConnect {
     /// Whether the claim continues a persistent session (which may be on its way here).
     pub(crate) fn resumes_session(&self) -> bool {
         !self.connect.clean_start && self.expiry_interval > 0
+    }
+
+    /// The client id claimed.
+    pub(crate) fn client_id(&self) -> &str {
+        &self.connect.client_id
     }
 }

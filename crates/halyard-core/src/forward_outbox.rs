@@ -116,6 +116,10 @@ pub struct PendingForward {
     pub message: Arc<Message>,
     /// Share groups the destination was picked to serve.
     pub groups: Vec<Arc<str>>,
+    /// The route version it was routed at.
+    pub routed_at: u64,
+    /// The client id whose session alone gets it, for a moved session's message.
+    pub for_session: Option<Arc<str>>,
 }
 
 impl Broker {
@@ -170,6 +174,8 @@ impl Broker {
                         seq,
                         message: Arc::new(journal.clock.message(forward.message)),
                         groups: forward.groups.into_iter().map(Arc::from).collect(),
+                        routed_at: forward.routed_at,
+                        for_session: forward.for_session.map(Arc::from),
                     })
                     .collect(),
             ),
@@ -180,18 +186,22 @@ impl Broker {
         }
     }
 
-    /// Gives a QoS 1/2 forward to `dest` its outbox sequence number and stores it.
+    /// Gives a QoS 1/2 forward to `dest` its outbox sequence number and stores it, with
+    /// the current route version.
     pub(crate) fn store_forward(
         &mut self,
         dest: NodeId,
         message: &Message,
         groups: &[Arc<str>],
+        for_session: Option<&str>,
     ) -> u64 {
         let seq = self.outboxes.next_seq(dest);
         if let Some(journal) = self.out.journal.as_mut() {
             let forward = StoredForward {
                 message: journal.clock.stored_message(message),
                 groups: groups.iter().map(|group| group.to_string()).collect(),
+                routed_at: self.route_version,
+                for_session: for_session.map(str::to_owned),
             };
             journal.store.put_forward(dest, seq, &forward);
         }

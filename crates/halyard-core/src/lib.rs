@@ -53,7 +53,7 @@ pub use forward_outbox::PendingForward;
 pub use message::{boxed_properties, Message, NodeId, SessionKey};
 pub use move_window::{MAX_HELD, RELAY_WINDOW};
 pub use output::{Output, SubscriptionUpdate};
-pub use peer_flow::ForwardOffer;
+pub use peer_flow::{ForwardOffer, PeerForward};
 pub use pushback::{QueueFullPolicy, PUSHBACK_TIMEOUT};
 pub use registry::{
     ClaimOutcome, ClaimPoll, ClaimRequest, DeferredSessionRegistry, LocalSessionRegistry,

@@ -1,20 +1,28 @@
 //! Publishes caught in flight while a session moves from one node to another.
 //!
-//! A move is decided in raft, and every node learns of it when it applies the claim. Until
-//! then a node goes on forwarding the session's messages to the old owner, and the new
-//! owner sees them before it has the session (it waits for the old owner's hand-over). Each
-//! side bridges its half of that window:
-//! - the old owner, once it has handed the session over, passes on what other nodes still
-//!   forward to it for the session's subscriptions, and what is published on it before its
-//!   routes point to the new owner, to the new owner, for [`RELAY_WINDOW`]
-//!   ([`Broker::relay_moved_session`]);
-//! - the new owner holds messages (forwarded or published here) that match no session here
-//!   while a claim that resumes a session is pending, and routes them again once the claim is
-//!   settled and the session imported (at most [`MAX_HELD`]; beyond that they are dropped,
-//!   counted in `move_window_dropped`).
+//! Every message carries the route version it was routed at (`routed_at`, see
+//! [`Broker::set_route_version`]): the routing node had taken in every route and ownership
+//! change up to that raft index, and none after. A session that came to this node with the
+//! claim at index `c` takes from routing only messages routed at `c` or later
+//! (`Session::routes_from`). Every earlier one was routed to the node that held the session
+//! then, and reaches the session from there exactly once:
+//! - that node queued it before it handed the session over, and the queue came along; or
+//! - it took the message after the hand-over: it passes it on to the new owner, addressed
+//!   to the session alone, for [`RELAY_WINDOW`] (the relay `fence` starts).
 //!
-//! Held messages are in memory only: a crash of the new owner inside the window can lose
-//! them, although their sender's outbox has let them go.
+//! A node takes a forward only once its own route version has reached the forward's
+//! (`take_forward` answers [`ForwardOffer::Early`](crate::ForwardOffer::Early)), so a node
+//! that held the session knows whether the message was routed to it for the session.
+//!
+//! While a claim that resumes a session is pending here, the session is not here yet: a
+//! copy of every QoS 1/2 message routed here, and of every message addressed to the
+//! client id, is held. Once the claim is settled, the session gets the copies addressed to
+//! it and those routed at or after its claim that match its subscriptions; the rest are
+//! let go (at most [`MAX_HELD`] are held; beyond that they are dropped, counted in
+//! `move_window_dropped`).
+//!
+//! Held copies and relays are in memory only: a crash of either node inside the window can
+//! lose what it held, although the sender's outbox has let it go.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -28,42 +36,57 @@ use crate::message::{Message, NodeId};
 use crate::output::Output;
 use crate::publish::RouteOutcome;
 use crate::router::RouteScope;
+use crate::routing::Audience;
 use crate::transfer::SessionState;
 
 /// How long an old owner passes a moved session's messages on: far longer than nodes take
-/// to apply the claim and drain what they forwarded before it.
-pub const RELAY_WINDOW: Duration = Duration::from_secs(10);
+/// to apply the claim and deliver what they routed before it.
+pub const RELAY_WINDOW: Duration = Duration::from_secs(30);
 
-/// Most forwarded messages a new owner holds while claims are pending.
+/// Most messages a new owner holds while claims are pending.
 pub const MAX_HELD: usize = 10_000;
 
-/// Relays of moved sessions and messages held for pending claims.
+/// Relays of moved sessions and copies held for pending claims.
 #[derive(Debug, Default)]
 pub(crate) struct MoveWindow {
-    relays: Vec<Relay>,
+    /// In the order of their `to` (claims are applied in index order).
+    relays: VecDeque<Relay>,
     held: VecDeque<Held>,
 }
 
 #[derive(Debug)]
 struct Relay {
     /// The moved session's client id: no relay once it is back on this node.
-    client_id: String,
+    client_id: Arc<str>,
     node: NodeId,
     /// The moved session's filters (shared ones as their inner filter).
     filters: Vec<String>,
+    /// Messages routed at versions `from..to` were this node's to deliver to the session.
+    from: u64,
+    to: u64,
     until: Instant,
 }
 
 #[derive(Debug)]
 struct Held {
     message: Arc<Message>,
-    groups: Vec<Arc<str>>,
+    routed_at: u64,
+    /// A message addressed to this client id's session.
+    for_session: Option<Arc<str>>,
 }
 
 impl Broker {
-    /// The session `state` was handed over to `node`: for [`RELAY_WINDOW`], messages other
-    /// nodes forward here that match its subscriptions are passed on to `node`.
-    pub fn relay_moved_session(&mut self, now: Instant, node: NodeId, state: &SessionState) {
+    /// The session `state`, which took messages routed at versions `from` up to the claim
+    /// `to` that moved it to `node`, was handed over: for [`RELAY_WINDOW`], such messages
+    /// that reach this node afterwards are passed on to `node`.
+    pub(crate) fn start_relay(
+        &mut self,
+        now: Instant,
+        node: NodeId,
+        state: &SessionState,
+        from: u64,
+        to: u64,
+    ) {
         let filters: Vec<String> = state
             .subscriptions
             .iter()
@@ -73,140 +96,217 @@ impl Broker {
                     .to_owned()
             })
             .collect();
-        if filters.is_empty() {
+        if filters.is_empty() || from >= to {
             return;
         }
-        self.move_window.relays.retain(|relay| relay.until > now);
-        self.move_window.relays.push(Relay {
-            client_id: state.client_id.clone(),
-            node,
-            filters,
-            until: now + RELAY_WINDOW,
-        });
+        let relays = &mut self.move_window.relays;
+        relays.retain(|relay| relay.until > now);
+        let at = relays.partition_point(|relay| relay.to <= to);
+        relays.insert(
+            at,
+            Relay {
+                client_id: Arc::from(state.client_id.as_str()),
+                node,
+                filters,
+                from,
+                to,
+                until: now + RELAY_WINDOW,
+            },
+        );
     }
 
-    /// Passes a message published here on to the nodes moved sessions went to, except those
-    /// the routes already forwarded it to; how many.
-    pub(crate) fn relay_local(&mut self, now: Instant, message: &Arc<Message>) -> usize {
-        if self.move_window.relays.is_empty() {
-            return 0;
-        }
-        let already = std::mem::take(&mut self.forwarded_to);
-        let relayed = self.relay_except(now, message, None, &already);
-        self.forwarded_to = already;
-        relayed
-    }
-
-    /// A message published here matched nothing while a resuming claim is pending: held.
-    pub(crate) fn hold_local_while_moving(&mut self, message: Arc<Message>) {
-        self.hold_while_moving(Held {
-            message,
-            groups: Vec::new(),
-        });
-    }
-
-    /// Passes a message forwarded by `origin` on to the nodes moved sessions went to (never
-    /// back to `origin`, so two nodes relaying to each other do not pass a message back and
-    /// forth); how many.
-    fn relay_forward(&mut self, now: Instant, origin: NodeId, message: &Arc<Message>) -> usize {
-        self.relay_except(now, message, Some(origin), &[])
-    }
-
-    fn relay_except(
+    /// Passes a message routed here at `routed_at` on to the new owners of sessions it was
+    /// routed here for, addressed to each session; how many.
+    pub(crate) fn relay_stale(
         &mut self,
         now: Instant,
         message: &Arc<Message>,
-        origin: Option<NodeId>,
-        except: &[NodeId],
+        routed_at: u64,
     ) -> usize {
+        if self.move_window.relays.is_empty() {
+            return 0;
+        }
         // A session that came back here is served here: its relay ends.
         let client_ids = &self.client_ids;
         self.move_window
             .relays
-            .retain(|relay| relay.until > now && !client_ids.contains_key(&relay.client_id));
-        let mut nodes: Vec<NodeId> = self
-            .move_window
-            .relays
-            .iter()
+            .retain(|relay| relay.until > now && !client_ids.contains_key(&*relay.client_id));
+        let relays = &self.move_window.relays;
+        let first = relays.partition_point(|relay| relay.to <= routed_at);
+        let targets: Vec<(NodeId, Arc<str>)> = relays
+            .range(first..)
             .filter(|relay| {
-                relay
-                    .filters
-                    .iter()
-                    .any(|filter| matches(filter, &message.topic))
+                relay.from <= routed_at
+                    && relay
+                        .filters
+                        .iter()
+                        .any(|filter| matches(filter, &message.topic))
             })
-            .map(|relay| relay.node)
-            .filter(|node| !except.contains(node) && Some(*node) != origin)
+            .map(|relay| (relay.node, Arc::clone(&relay.client_id)))
             .collect();
-        nodes.sort_unstable();
-        nodes.dedup();
-        for &node in &nodes {
-            self.out.stats.forwarded += 1;
-            let seq =
-                (message.qos != QoS::AtMostOnce).then(|| self.store_forward(node, message, &[]));
-            self.out.outputs.push_back(Output::Forward {
-                node,
-                message: Arc::clone(message),
-                groups: Vec::new(),
-                seq,
-            });
+        let relayed = targets.len();
+        for (node, client_id) in targets {
+            self.pass_on(node, message, client_id);
         }
-        nodes.len()
+        relayed
     }
 
-    /// Routes a forwarded message here, passes it on for moved sessions, or holds it while
-    /// a claim that resumes a session is pending (see the module documentation). With
-    /// `atomic`, a QoS 1/2 message that a local subscriber has no room for goes nowhere
-    /// (`QuotaExceeded`), so that it can be offered again (see `peer_flow`).
+    /// Sends `message` to `node`, addressed to `client_id`'s session.
+    fn pass_on(&mut self, node: NodeId, message: &Arc<Message>, client_id: Arc<str>) {
+        self.out.stats.forwarded += 1;
+        let seq = (message.qos != QoS::AtMostOnce)
+            .then(|| self.store_forward(node, message, &[], Some(&client_id)));
+        self.out.outputs.push_back(Output::Forward {
+            node,
+            message: Arc::clone(message),
+            groups: Vec::new(),
+            seq,
+            routed_at: self.route_version,
+            for_session: Some(client_id),
+        });
+    }
+
+    /// Routes a forwarded message here, passes it on for moved sessions, and keeps a copy
+    /// while a claim that resumes a session is pending (see the module documentation).
+    /// With `atomic`, a QoS 1/2 message that a local subscriber has no room for goes
+    /// nowhere (`QuotaExceeded`), so that it can be offered again (see `peer_flow`).
     pub(crate) fn route_forward(
         &mut self,
         now: Instant,
-        origin: NodeId,
         message: Arc<Message>,
-        groups: Vec<Arc<str>>,
+        groups: &[Arc<str>],
+        routed_at: u64,
         atomic: bool,
     ) -> RouteOutcome {
         let outcome = self.route_within(
             now,
             Arc::clone(&message),
             atomic,
-            RouteScope::LocalFromPeer { groups: &groups },
+            RouteScope::LocalFromPeer { groups },
+            Audience::RoutedAt(routed_at),
         );
         if outcome == RouteOutcome::QuotaExceeded {
             return outcome;
         }
-        let relayed = self.relay_forward(now, origin, &message);
-        if relayed == 0 && matches!(outcome, RouteOutcome::NoSubscribers) {
-            self.hold_while_moving(Held { message, groups });
+        let relayed = self.relay_stale(now, &message, routed_at);
+        self.hold_while_moving(message, routed_at, None);
+        match outcome {
+            RouteOutcome::NoSubscribers if relayed > 0 => RouteOutcome::Delivered,
+            other => other,
         }
-        outcome
     }
 
-    fn hold_while_moving(&mut self, held: Held) {
-        if held.message.qos == QoS::AtMostOnce || !self.claims.values().any(|c| c.resumes_session())
-        {
+    /// A message a moved session's old owner passed on for `client_id`: to that session if
+    /// it is here, on to its next node if it moved on, held if its claim is pending here.
+    pub(crate) fn route_relayed(
+        &mut self,
+        now: Instant,
+        message: Arc<Message>,
+        client_id: Arc<str>,
+        atomic: bool,
+    ) -> RouteOutcome {
+        if let Some(&key) = self.client_ids.get(&*client_id) {
+            return self.route_within(
+                now,
+                message,
+                atomic,
+                RouteScope::LocalFromPeer { groups: &[] },
+                Audience::Session(key),
+            );
+        }
+        let onward = self
+            .move_window
+            .relays
+            .iter()
+            .rev()
+            .find(|relay| relay.client_id == client_id && relay.until > now)
+            .map(|relay| relay.node);
+        if let Some(node) = onward {
+            self.pass_on(node, &message, client_id);
+            return RouteOutcome::Delivered;
+        }
+        if self.claim_pending_for(&client_id) {
+            self.hold_while_moving(message, 0, Some(client_id));
+            return RouteOutcome::Delivered;
+        }
+        self.out.stats.move_window_dropped += 1;
+        RouteOutcome::NoSubscribers
+    }
+
+    /// Keeps a copy of a QoS 1/2 message routed here at `routed_at` (or addressed to
+    /// `for_session`) while a claim that resumes a session is pending.
+    pub(crate) fn hold_while_moving(
+        &mut self,
+        message: Arc<Message>,
+        routed_at: u64,
+        for_session: Option<Arc<str>>,
+    ) {
+        if message.qos == QoS::AtMostOnce || !self.awaits_moving_session() {
             return;
         }
         if self.move_window.held.len() >= MAX_HELD {
             self.out.stats.move_window_dropped += 1;
             return;
         }
-        self.move_window.held.push_back(held);
+        self.move_window.held.push_back(Held {
+            message,
+            routed_at,
+            for_session,
+        });
     }
 
-    /// A claim was settled: held messages are routed again (and held again if they still
-    /// match nothing while other such claims are pending).
-    pub(crate) fn release_held(&mut self, now: Instant) {
+    /// The claim of `client_id` was settled (granted under `epoch`, or refused): its
+    /// session gets the copies held for it; copies no pending claim can want are let go.
+    pub(crate) fn release_held(&mut self, now: Instant, client_id: &str, epoch: Option<u64>) {
+        // Only a session this claim brought here: one held here before got the copies
+        // through routing already.
+        let key = epoch.and_then(|epoch| {
+            self.client_ids.get(client_id).copied().filter(|key| {
+                self.sessions
+                    .get(key)
+                    .is_some_and(|s| s.epoch == epoch && s.routes_from == epoch)
+            })
+        });
         let held = std::mem::take(&mut self.move_window.held);
-        for Held { message, groups } in held {
-            let outcome = self.route_within(
-                now,
-                Arc::clone(&message),
-                false,
-                RouteScope::LocalFromPeer { groups: &groups },
-            );
-            if matches!(outcome, RouteOutcome::NoSubscribers) {
-                self.hold_while_moving(Held { message, groups });
+        let mut kept = VecDeque::new();
+        let still_pending = self.awaits_moving_session();
+        for item in held {
+            let for_this = match item.for_session.as_deref() {
+                Some(addressed) => addressed == client_id,
+                None => epoch.is_some_and(|epoch| item.routed_at >= epoch),
+            };
+            let delivered = for_this && key.is_some();
+            if let (true, Some(key)) = (for_this, key) {
+                self.route_within(
+                    now,
+                    Arc::clone(&item.message),
+                    false,
+                    RouteScope::LocalFromPeer { groups: &[] },
+                    Audience::Session(key),
+                );
+            }
+            let wanted = match item.for_session.as_deref() {
+                Some(addressed) => !delivered && self.claim_pending_for(addressed),
+                None => still_pending,
+            };
+            if wanted {
+                kept.push_back(item);
             }
         }
+        self.move_window.held = kept;
+    }
+
+    /// Whether a pending claim resumes a session this node does not hold: one that may be
+    /// on its way here from another node.
+    fn awaits_moving_session(&self) -> bool {
+        self.claims
+            .values()
+            .any(|c| c.resumes_session() && !self.client_ids.contains_key(c.client_id()))
+    }
+
+    fn claim_pending_for(&self, client_id: &str) -> bool {
+        self.claims
+            .values()
+            .any(|c| c.resumes_session() && c.client_id() == client_id)
     }
 }

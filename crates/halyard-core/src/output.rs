@@ -65,6 +65,11 @@ pub enum Output {
         /// until [`Broker::forwards_acked`](crate::Broker::forwards_acked); QoS 0 forwards
         /// are not stored.
         seq: Option<u64>,
+        /// This node's route version when it routed the message (see `move_window`).
+        routed_at: u64,
+        /// For a moved session's message passed on: the client id whose session alone
+        /// gets it there.
+        for_session: Option<Arc<str>>,
     },
     /// Settle this claim, then call [`Broker::handle_claim`](crate::Broker::handle_claim)
     /// with its outcome: the CONNECT waits for it (see `registry`).

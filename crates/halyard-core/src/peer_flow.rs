@@ -25,13 +25,33 @@ use halyard_codec::QoS;
 use crate::broker::Broker;
 use crate::message::{Message, NodeId};
 
+/// A publish another node forwarded here, as it came off the peer link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerForward {
+    /// The sender's (incarnation, outbox sequence number) of a QoS 1/2 forward: the
+    /// duplicate filter across restarts.
+    pub stored_as: Option<(u64, u64)>,
+    /// The message.
+    pub message: Message,
+    /// Share groups the sender picked this node to serve for it.
+    pub groups: Vec<Arc<str>>,
+    /// The sender's route version when it routed the message (see `move_window`).
+    pub routed_at: u64,
+    /// A message a moved session's old owner passes on: for that client id's session
+    /// alone, whatever else matches here.
+    pub for_session: Option<Arc<str>>,
+}
+
 /// What became of a forward offered with [`Broker::offer_forward`].
 #[derive(Debug)]
 pub enum ForwardOffer {
     /// Delivered, queued, held for a moving session, or dropped as a replay: acknowledge it.
     Taken,
     /// A local subscriber has no room: nothing was delivered; offer it again later.
-    NoRoom(Message),
+    NoRoom(PeerForward),
+    /// Routed at a route version this node has not reached: nothing was delivered; offer
+    /// it again once [`Broker::set_route_version`] has caught up (see `move_window`).
+    Early(PeerForward),
 }
 
 impl Broker {
@@ -42,13 +62,11 @@ impl Broker {
         &mut self,
         now: Instant,
         origin: NodeId,
-        stored_as: Option<(u64, u64)>,
-        message: Message,
-        groups: &[Arc<str>],
+        forward: PeerForward,
     ) -> ForwardOffer {
-        let atomic =
-            message.qos != QoS::AtMostOnce && self.config.queue_full_policy.refuses_publisher();
-        self.take_forward(now, origin, stored_as, message, groups, atomic)
+        let atomic = forward.message.qos != QoS::AtMostOnce
+            && self.config.queue_full_policy.refuses_publisher();
+        self.take_forward(now, origin, forward, atomic, true)
     }
 
     /// Whether this node's forward lane to `node` is behind. While it is, QoS 1/2 publishes

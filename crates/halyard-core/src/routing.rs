@@ -9,92 +9,111 @@ use crate::authz::Access;
 use crate::broker::Broker;
 use crate::message::{Message, NodeId, SessionKey};
 use crate::output::Output;
-use crate::peer_flow::ForwardOffer;
+use crate::peer_flow::{ForwardOffer, PeerForward};
 use crate::publish::RouteOutcome;
 use crate::pushback::{QueueFullPolicy, WaitingFor};
 use crate::retained::is_sys_filter;
 use crate::router::{FilterRef, RouteScope, RouteTarget};
-use crate::session::Delivery;
+use crate::session::{Delivery, Session};
 use crate::stats::DropReason;
+
+/// Which of the matching local sessions a message is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Audience {
+    /// Every session that takes messages routed at this route version (in a cluster, a
+    /// session moved here takes earlier ones from its old owner, see `move_window`).
+    RoutedAt(u64),
+    /// This session alone.
+    Session(SessionKey),
+}
 
 impl Broker {
     /// Routes one message published on this node to every matching session and node. With
     /// `atomic`, a QoS 1/2 message that some local subscriber has no room for is delivered
     /// to nobody, so the publisher can be told (0x97) and retry without creating duplicates
-    /// elsewhere.
-    ///
-    /// While a session that moved away is relayed (see `move_window`), a message for it goes
-    /// to its new node too, unless the routes already sent it there; while a claim that
-    /// resumes a session is pending, a message that matches nothing here is held for it.
+    /// elsewhere. While a claim that resumes a session is pending, a copy is kept for it
+    /// (see `move_window`).
     pub(crate) fn route(
         &mut self,
         now: Instant,
         message: Arc<Message>,
         atomic: bool,
     ) -> RouteOutcome {
-        let outcome = self.route_within(now, Arc::clone(&message), atomic, RouteScope::Everywhere);
-        if matches!(outcome, RouteOutcome::QuotaExceeded) {
-            return outcome;
+        let routed_at = self.route_version;
+        let outcome = self.route_within(
+            now,
+            Arc::clone(&message),
+            atomic,
+            RouteScope::Everywhere,
+            Audience::RoutedAt(routed_at),
+        );
+        if outcome != RouteOutcome::QuotaExceeded {
+            self.hold_while_moving(message, routed_at, None);
         }
-        let relayed = self.relay_local(now, &message);
-        match outcome {
-            RouteOutcome::NoSubscribers if relayed > 0 => RouteOutcome::Delivered,
-            RouteOutcome::NoSubscribers => {
-                self.hold_local_while_moving(message);
-                outcome
-            }
-            other => other,
-        }
+        outcome
+    }
+
+    /// The route version of a cluster node: the raft index up to which the route and
+    /// ownership changes were handed to this core (each entry's changes at once, then its
+    /// index). Messages routed here carry it, so that a moving session gets each exactly
+    /// once (see `move_window`). It never goes back.
+    pub fn set_route_version(&mut self, index: u64) {
+        self.route_version = self.route_version.max(index);
     }
 
     /// A message another node forwarded here: it goes to this node's matching sessions (and
-    /// to the share groups the sender picked this node for), and never to another node.
-    /// Retained state is not touched: the node that took the publish keeps it.
+    /// to the share groups the sender picked this node for), and never to another node
+    /// (except to pass on a moved session's messages, see `move_window`). Retained state is
+    /// not touched: the node that took the publish keeps it.
     ///
-    /// `stored_as` is the sender's (incarnation, outbox sequence number) of a QoS 1/2
-    /// forward: one at or below the newest already stored from that incarnation is a replay
-    /// and is dropped (counted in `duplicate_forwards`); the newest is written with the
-    /// deliveries, in the same commit.
-    pub fn handle_forward(
-        &mut self,
-        now: Instant,
-        origin: NodeId,
-        stored_as: Option<(u64, u64)>,
-        message: Message,
-        groups: &[Arc<str>],
-    ) {
-        self.take_forward(now, origin, stored_as, message, groups, false);
+    /// A QoS 1/2 forward at or below the newest already stored from the sender's
+    /// incarnation is a replay and is dropped (counted in `duplicate_forwards`); the newest
+    /// is written with the deliveries, in the same commit. This takes the forward whatever
+    /// the route version: [`Broker::offer_forward`] waits for it.
+    pub fn handle_forward(&mut self, now: Instant, origin: NodeId, forward: PeerForward) {
+        self.take_forward(now, origin, forward, false, false);
     }
 
     /// [`Broker::handle_forward`]'s work. With `atomic`, a QoS 1/2 message that a local
-    /// subscriber has no room for goes nowhere and is given back (see `peer_flow`).
+    /// subscriber has no room for goes nowhere and is given back (see `peer_flow`); with
+    /// `in_version`, so is one routed at a route version this node has not reached.
     pub(crate) fn take_forward(
         &mut self,
         now: Instant,
         origin: NodeId,
-        stored_as: Option<(u64, u64)>,
-        mut message: Message,
-        groups: &[Arc<str>],
+        mut forward: PeerForward,
         atomic: bool,
+        in_version: bool,
     ) -> ForwardOffer {
-        if let Some((incarnation, seq)) = stored_as {
+        if let Some((incarnation, seq)) = forward.stored_as {
             if self.outboxes.is_duplicate(origin, incarnation, seq) {
                 self.out.stats.duplicate_forwards += 1;
                 return ForwardOffer::Taken;
             }
         }
-        message.publisher = None;
-        let message = Arc::new(message);
-        let outcome =
-            self.route_forward(now, origin, Arc::clone(&message), groups.to_vec(), atomic);
+        if in_version && forward.for_session.is_none() && forward.routed_at > self.route_version {
+            return ForwardOffer::Early(forward);
+        }
+        forward.message.publisher = None;
+        let message = Arc::new(forward.message);
+        let outcome = match forward.for_session.clone() {
+            Some(client_id) => self.route_relayed(now, Arc::clone(&message), client_id, atomic),
+            None => self.route_forward(
+                now,
+                Arc::clone(&message),
+                &forward.groups,
+                forward.routed_at,
+                atomic,
+            ),
+        };
         if outcome == RouteOutcome::QuotaExceeded {
             // Not refused: it waits, so the refusal count set by the route is taken back.
             self.out.stats.refused_quota = self.out.stats.refused_quota.saturating_sub(1);
             self.pushback.blocked_by = None;
             let message = Arc::try_unwrap(message).unwrap_or_else(|shared| (*shared).clone());
-            return ForwardOffer::NoRoom(message);
+            return ForwardOffer::NoRoom(PeerForward { message, ..forward });
         }
-        if let Some((incarnation, seq)) = stored_as {
+        if let Some((incarnation, seq)) = forward.stored_as {
             self.outboxes.note_received(origin, incarnation, seq);
         }
         ForwardOffer::Taken
@@ -117,6 +136,7 @@ impl Broker {
         message: Arc<Message>,
         atomic: bool,
         scope: RouteScope<'_>,
+        audience: Audience,
     ) -> RouteOutcome {
         let from_peer = matches!(scope, RouteScope::LocalFromPeer { .. });
         let mut matches = std::mem::take(&mut self.route_scratch);
@@ -125,14 +145,19 @@ impl Broker {
         let limits = self.limits();
         let size = message.topic.len() + message.payload.len();
         let queued = message.qos != QoS::AtMostOnce;
+        let replicated = self.replicated;
+        let admits = |key: SessionKey, session: &Session| match audience {
+            Audience::RoutedAt(routed_at) => !replicated || session.routes_from <= routed_at,
+            Audience::Session(only) => key == only,
+        };
         // A share group passes over members that are offline or, for QoS 1/2, full.
         self.router.route(
             &message.topic,
             scope,
             &|key| {
-                sessions
-                    .get(&key)
-                    .is_some_and(|s| s.link.is_some() && (!queued || s.has_room(limits, size)))
+                sessions.get(&key).is_some_and(|s| {
+                    admits(key, s) && s.link.is_some() && (!queued || s.has_room(limits, size))
+                })
             },
             &mut matches,
         );
@@ -140,6 +165,7 @@ impl Broker {
         matches.retain(|m| match m.target {
             RouteTarget::Session(session) => {
                 !(m.entry.options.no_local && message.publisher == Some(session))
+                    && sessions.get(&session).is_some_and(|s| admits(session, s))
             }
             RouteTarget::Node(node) => {
                 let groups = match forwards.iter_mut().find(|(to, _)| *to == node) {
@@ -232,20 +258,19 @@ impl Broker {
                 });
             }
         }
-        self.forwarded_to.clear();
-        self.forwarded_to
-            .extend(forwards.iter().map(|(node, _)| *node));
         if deliveries.is_empty() && forwards.is_empty() {
             return RouteOutcome::NoSubscribers;
         }
         for (node, groups) in forwards {
             self.out.stats.forwarded += 1;
-            let seq = queued.then(|| self.store_forward(node, &message, &groups));
+            let seq = queued.then(|| self.store_forward(node, &message, &groups, None));
             self.out.outputs.push_back(Output::Forward {
                 node,
                 message: Arc::clone(&message),
                 groups,
                 seq,
+                routed_at: self.route_version,
+                for_session: None,
             });
         }
         let mut too_slow = Vec::new();

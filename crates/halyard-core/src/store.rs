@@ -125,6 +125,10 @@ pub struct StoredForward {
     pub message: StoredMessage,
     /// Share groups (`$share/{group}/{filter}`) the destination was picked to serve.
     pub groups: Vec<String>,
+    /// The route version it was routed at (0 in records from before it was kept).
+    pub routed_at: u64,
+    /// The client id whose session alone gets it, for a moved session's message.
+    pub for_session: Option<String>,
 }
 
 /// One destination's outbox as found at start-up: its forwards stay on disk and are read

@@ -7,7 +7,7 @@ use halyard_codec::Will;
 
 use crate::broker::Broker;
 use crate::close::CloseKind;
-use crate::message::SessionKey;
+use crate::message::{NodeId, SessionKey};
 use crate::router::{FilterRef, SubscriptionEntry};
 use crate::session::{Awaiting, Inflight, Session};
 use crate::store::{DeliveryState, StoredDelivery};
@@ -44,22 +44,26 @@ impl Broker {
     /// the session under an older epoch, it stops serving it now. The live connection, if
     /// any, gets DISCONNECT 0x8E Session taken over and is closed (its will follows the
     /// spec for a takeover: published now without a delay, else carried along), and the
-    /// session leaves this broker and its store. Returns its state for the new owner, or
-    /// `None` when nothing older was held here.
+    /// session leaves this broker and its store. Messages routed here for it before the
+    /// claim and taken afterwards are passed on to `new_owner` (see `move_window`).
+    /// Returns its state for the new owner, or `None` when nothing older was held here.
     pub fn fence(
         &mut self,
         now: Instant,
         wall: SystemTime,
         client_id: &str,
         epoch: u64,
+        new_owner: NodeId,
     ) -> Option<Box<SessionState>> {
         let key = *self.client_ids.get(client_id)?;
+        let routes_from = self.sessions.get(&key)?.routes_from;
         if self.sessions.get(&key)?.epoch >= epoch {
             return None;
         }
         self.close_link(now, key, CloseKind::TakenOver);
         let state = self.export(now, wall, key)?;
         self.forget_session(key);
+        self.start_relay(now, new_owner, &state, routes_from, epoch);
         Some(Box::new(state))
     }
 
@@ -126,6 +130,7 @@ impl Broker {
         let key = self.next_session_key;
         self.next_session_key += 1;
         let mut session = Session::new(state.client_id, epoch, state.expiry_interval, &self.memory);
+        session.routes_from = epoch;
         session.username = state.username;
         session.inbound_qos2 = state.inbound_qos2.into_iter().collect();
         for (filter, entry) in state.subscriptions {

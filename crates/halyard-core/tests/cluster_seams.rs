@@ -12,16 +12,47 @@ use halyard_codec::{
     Subscription, SubscriptionOptions, Will,
 };
 use halyard_core::{
-    Broker, BrokerConfig, BrokerParts, ClaimOutcome, ClaimRequest, ConnectionId, Message, Output,
-    SessionState, SubscriptionUpdate, RELAY_WINDOW,
+    Broker, BrokerConfig, BrokerParts, ClaimOutcome, ClaimRequest, ConnectionId, ForwardOffer,
+    Message, Output, PeerForward, SessionState, SubscriptionUpdate, RELAY_WINDOW,
 };
 use halyard_store::{FsyncPolicy, RedbStore};
 
 const V3: ProtocolVersion = ProtocolVersion::V3_1_1;
 const V5: ProtocolVersion = ProtocolVersion::V5;
 
-/// An `Output::Forward`: (node, message, share groups, outbox sequence number).
-type Forwarded = (u64, Arc<Message>, Vec<Arc<str>>, Option<u64>);
+/// An `Output::Forward`: (node, message, share groups, outbox sequence number, the client
+/// id it is addressed to).
+type Forwarded = (
+    u64,
+    Arc<Message>,
+    Vec<Arc<str>>,
+    Option<u64>,
+    Option<Arc<str>>,
+);
+
+/// A route version above every epoch these tests use: routed after every claim.
+const LATEST: u64 = 1_000;
+
+/// A forward from a peer, routed at [`LATEST`].
+fn peer(stored_as: Option<(u64, u64)>, message: Message, groups: &[Arc<str>]) -> PeerForward {
+    routed(stored_as, message, groups, LATEST)
+}
+
+/// A forward from a peer, routed at `routed_at`.
+fn routed(
+    stored_as: Option<(u64, u64)>,
+    message: Message,
+    groups: &[Arc<str>],
+    routed_at: u64,
+) -> PeerForward {
+    PeerForward {
+        stored_as,
+        message,
+        groups: groups.to_vec(),
+        routed_at,
+        for_session: None,
+    }
+}
 
 /// One node's core on a real store, with what it emitted sorted by kind.
 struct Node {
@@ -41,7 +72,16 @@ struct Node {
 }
 
 impl Node {
+    /// A node whose routes are at [`LATEST`]: every message it routes is for every
+    /// session it holds.
     fn open(dir: &std::path::Path, parts: BrokerParts, now: Instant) -> Node {
+        let mut node = Node::open_at(dir, parts, now);
+        node.broker.set_route_version(LATEST);
+        node
+    }
+
+    /// A node at route version 0.
+    fn open_at(dir: &std::path::Path, parts: BrokerParts, now: Instant) -> Node {
         let store = RedbStore::open(dir, FsyncPolicy::Always).expect("store opens");
         let broker = Broker::with_store_and_parts(
             BrokerConfig::default(),
@@ -100,7 +140,11 @@ impl Node {
                     message,
                     groups,
                     seq,
-                } => self.forwards.push((node, message, groups, seq)),
+                    for_session,
+                    ..
+                } => self
+                    .forwards
+                    .push((node, message, groups, seq, for_session)),
                 Output::Release { client_id, epoch } => self.releases.push((client_id, epoch)),
                 Output::Subscriptions {
                     ticket,
@@ -402,12 +446,12 @@ fn the_epoch_is_stored_with_the_session_and_later_claims_exceed_it() {
     assert_eq!(connack(&node.take(2)), (true, ReasonCode::SUCCESS));
     let state = node
         .broker
-        .fence(node.now, SystemTime::now(), "c", 43)
+        .fence(node.now, SystemTime::now(), "c", 43, 2)
         .expect("held under an older epoch than 43");
     assert_eq!(state.epoch, 42, "one above the stored epoch 41");
     assert!(
         node.broker
-            .fence(node.now, SystemTime::now(), "c", 44)
+            .fence(node.now, SystemTime::now(), "c", 44, 2)
             .is_none(),
         "a fenced session is gone"
     );
@@ -452,9 +496,11 @@ fn publishes_go_once_to_each_remote_node_and_forwards_never_go_on() {
     node.broker.handle_forward(
         node.now,
         2,
-        None,
-        message("plant/line1/temp", b"19", QoS::AtLeastOnce),
-        &[],
+        peer(
+            None,
+            message("plant/line1/temp", b"19", QoS::AtLeastOnce),
+            &[],
+        ),
     );
     node.drain();
     assert!(
@@ -489,7 +535,7 @@ fn a_share_group_across_nodes_gives_each_message_to_one_member() {
     let remote: Vec<_> = node
         .forwards
         .iter()
-        .filter(|(to, _, groups, _)| *to == 2 && groups.iter().any(|g| &**g == "$share/g/jobs"))
+        .filter(|(to, _, groups, ..)| *to == 2 && groups.iter().any(|g| &**g == "$share/g/jobs"))
         .collect();
     assert_eq!(
         local + remote.len(),
@@ -506,9 +552,7 @@ fn a_share_group_across_nodes_gives_each_message_to_one_member() {
     node.broker.handle_forward(
         node.now,
         2,
-        None,
-        message("jobs", b"a", QoS::AtLeastOnce),
-        &[],
+        peer(None, message("jobs", b"a", QoS::AtLeastOnce), &[]),
     );
     node.drain();
     assert!(publishes(&node.take(1)).is_empty());
@@ -516,9 +560,7 @@ fn a_share_group_across_nodes_gives_each_message_to_one_member() {
     node.broker.handle_forward(
         node.now,
         2,
-        None,
-        message("jobs", b"b", QoS::AtLeastOnce),
-        &picked,
+        peer(None, message("jobs", b"b", QoS::AtLeastOnce), &picked),
     );
     node.drain();
     assert_eq!(publishes(&node.take(1)).len(), 1);
@@ -569,7 +611,7 @@ fn a_session_moves_between_cores_with_queue_inflight_qos2_ids_and_will() {
 
     let state = a
         .broker
-        .fence(a.now, SystemTime::now(), "mover", 12)
+        .fence(a.now, SystemTime::now(), "mover", 12, 2)
         .expect("A held it under epoch 10");
     a.drain();
     let to_a = a.take(1);
@@ -639,7 +681,7 @@ fn a_session_moves_between_cores_with_queue_inflight_qos2_ids_and_will() {
     let mut b = b;
     let state = b
         .broker
-        .fence(b.now, SystemTime::now(), "mover", 13)
+        .fence(b.now, SystemTime::now(), "mover", 13, 2)
         .expect("stored under epoch 12");
     assert_eq!(state.epoch, 12);
     assert_eq!(state.subscriptions.len(), 1);
@@ -744,9 +786,11 @@ fn a_replayed_forward_is_dropped_after_the_receiver_restarts() {
         node.broker.handle_forward(
             node.now,
             2,
-            Some((7, 5)),
-            message("log/a", b"first", QoS::AtLeastOnce),
-            &[],
+            peer(
+                Some((7, 5)),
+                message("log/a", b"first", QoS::AtLeastOnce),
+                &[],
+            ),
         );
         node.drain();
         assert_eq!(publishes(&node.take(1)).len(), 1);
@@ -764,9 +808,11 @@ fn a_replayed_forward_is_dropped_after_the_receiver_restarts() {
         node.broker.handle_forward(
             node.now,
             2,
-            stored_as,
-            message("log/a", payload.as_bytes(), QoS::AtLeastOnce),
-            &[],
+            peer(
+                stored_as,
+                message("log/a", payload.as_bytes(), QoS::AtLeastOnce),
+                &[],
+            ),
         );
         node.drain();
         let got = publishes(&node.take(1));
@@ -802,7 +848,7 @@ fn a_session_handed_over_late_joins_the_resumed_session() {
     assert_eq!(publishes(&a.take(1)).len(), 32, "the in-flight window");
     let state = a
         .broker
-        .fence(a.now, SystemTime::now(), "slowpoke", 12)
+        .fence(a.now, SystemTime::now(), "slowpoke", 12, 2)
         .expect("A held it under epoch 10");
 
     // B resumed without the hand-over: only the subscription, as raft holds it.
@@ -878,7 +924,7 @@ fn a_late_hand_over_joins_the_session_resumed_again_here_but_not_a_clean_start()
     }
     let state = a
         .broker
-        .fence(a.now, SystemTime::now(), "roamer", 12)
+        .fence(a.now, SystemTime::now(), "roamer", 12, 2)
         .expect("A held it under epoch 10");
     let from_raft = SessionState {
         inflight: Vec::new(),
@@ -987,74 +1033,130 @@ fn disconnect_all_closes_every_client_keeps_persistent_sessions_and_publishes_no
     assert_eq!(node.releases, vec![("passing".to_owned(), 11)]);
 }
 
-/// While a session moves, messages other nodes still forward to the old owner are passed on
-/// to the new one, and the new owner holds forwarded messages until its claim has the
-/// session: nothing published during the move is lost.
+/// A session moved by the claim at index 12 gets every message once, whichever node
+/// routed it and whenever it arrives: those routed before the claim through its old
+/// owner (queued there, or passed on after the hand-over, addressed to the session),
+/// those routed at or after it through its new owner (held while the claim is pending).
 #[test]
-fn messages_forwarded_during_a_move_reach_the_session_on_its_new_node() {
+fn a_moving_session_gets_each_message_once_whichever_node_routed_it() {
     let dir_a = tempfile::tempdir().expect("tempdir");
     let dir_b = tempfile::tempdir().expect("tempdir");
     let now = Instant::now();
-    let mut a = Node::open(dir_a.path(), BrokerParts::replicated(), now);
-    let mut b = Node::open(dir_b.path(), BrokerParts::replicated(), now);
+    let mut a = Node::open_at(dir_a.path(), BrokerParts::replicated(), now);
+    let mut b = Node::open_at(dir_b.path(), BrokerParts::replicated(), now);
     a.send(1, connect(V5, "traveller", false, Some(3600)));
     a.granted(1, 10);
     a.send(1, subscribe("mv/#", QoS::AtLeastOnce, 1));
+    a.broker.set_route_version(11);
+    b.broker.set_route_version(11);
+    a.send(1, Packet::Disconnect(halyard_codec::Disconnect::default()));
     a.take(1);
-    let state = a
-        .broker
-        .fence(a.now, SystemTime::now(), "traveller", 12)
-        .expect("A held it");
-    a.broker.relay_moved_session(a.now, 2, &state);
-    a.forwards.clear();
     a.broker.handle_forward(
         a.now,
         3,
-        Some((9, 1)),
-        message("mv/late", b"relayed", QoS::AtLeastOnce),
-        &[],
+        routed(
+            Some((9, 1)),
+            message("mv/1", b"queued-on-a", QoS::AtLeastOnce),
+            &[],
+            11,
+        ),
     );
     a.drain();
-    let relayed: Vec<_> = a.forwards.iter().filter(|f| f.0 == 2).collect();
-    assert_eq!(relayed.len(), 1, "passed on to the new owner");
-    assert!(relayed[0].3.is_some(), "through the outbox");
-    a.forwards.clear();
-    a.broker.handle_forward(
-        a.now,
-        2,
-        Some((8, 1)),
-        message("mv/from-new-owner", b"x", QoS::AtLeastOnce),
-        &[],
-    );
-    a.drain();
-    assert!(
-        a.forwards.is_empty(),
-        "never relayed back to where it came from"
-    );
-    a.now += RELAY_WINDOW + Duration::from_secs(1);
-    a.forwards.clear();
-    a.broker.handle_forward(
-        a.now,
-        3,
-        Some((9, 2)),
-        message("mv/later", b"x", QoS::AtLeastOnce),
-        &[],
-    );
-    a.drain();
-    assert!(a.forwards.is_empty(), "not after the relay window");
 
-    // B: the claim is pending while a forwarded message comes; it is held, then delivered.
+    // B's claim of the session is pending; what reaches B meanwhile is held.
     b.send(5, connect(V5, "traveller", false, Some(3600)));
     b.claims.pop_front().expect("claim");
-    b.broker.handle_forward(
-        b.now,
-        3,
-        Some((9, 3)),
-        message("mv/early", b"held", QoS::AtLeastOnce),
+    let stale = routed(
+        Some((9, 2)),
+        message("mv/2", b"stale", QoS::AtLeastOnce),
         &[],
+        11,
     );
+    b.broker.handle_forward(b.now, 3, stale.clone());
+    let fresh = routed(
+        Some((9, 3)),
+        message("mv/3", b"at-claim", QoS::AtLeastOnce),
+        &[],
+        12,
+    );
+    b.broker.handle_forward(b.now, 3, fresh);
     b.drain();
     assert!(b.take(5).is_empty(), "no CONNACK yet, nothing delivered");
+
+    // The claim at 12 is applied on A: the session leaves with what was queued for it.
+    let state = a
+        .broker
+        .fence(a.now, SystemTime::now(), "traveller", 12, 2)
+        .expect("A held it");
+    a.broker.set_route_version(12);
+    assert_eq!(state.pending.len(), 1, "queued on A, carried along");
+    a.forwards.clear();
+    let ForwardOffer::Early(early) = a.broker.offer_forward(
+        a.now,
+        3,
+        routed(
+            Some((9, 4)),
+            message("mv/4", b"later", QoS::AtLeastOnce),
+            &[],
+            13,
+        ),
+    ) else {
+        panic!("a forward routed at a version not reached here waits");
+    };
+    assert_eq!(early.routed_at, 13);
+    // Routed at 11 by node 3 (and by B itself) to A, where the session was then: passed on.
+    a.broker.handle_forward(
+        a.now,
+        3,
+        routed(Some((9, 5)), stale.message.clone(), &[], 11),
+    );
+    let from_b = routed(
+        Some((8, 1)),
+        message("mv/5", b"from-b", QoS::AtLeastOnce),
+        &[],
+        11,
+    );
+    a.broker.handle_forward(a.now, 2, from_b);
+    // Routed at 12: node 3 sent it to B already.
+    a.broker.handle_forward(
+        a.now,
+        3,
+        routed(
+            Some((9, 6)),
+            message("mv/3", b"at-claim", QoS::AtLeastOnce),
+            &[],
+            12,
+        ),
+    );
+    a.drain();
+    let relayed: Vec<&Forwarded> = a.forwards.iter().collect();
+    assert_eq!(
+        relayed.len(),
+        2,
+        "the two routed before the claim: {relayed:?}"
+    );
+    for forward in &relayed {
+        assert_eq!(forward.0, 2, "to the new owner");
+        assert!(forward.3.is_some(), "through the outbox");
+        assert_eq!(
+            forward.4.as_deref(),
+            Some("traveller"),
+            "for the session alone"
+        );
+    }
+    for (node, message, groups, _, for_session) in a.forwards.drain(..) {
+        assert_eq!(node, 2);
+        let forward = PeerForward {
+            stored_as: None,
+            message: (*message).clone(),
+            groups,
+            routed_at: 12,
+            for_session,
+        };
+        b.broker.handle_forward(b.now, 1, forward);
+    }
+    b.drain();
+
     b.settle(
         5,
         ClaimOutcome::Granted {
@@ -1064,9 +1166,64 @@ fn messages_forwarded_during_a_move_reach_the_session_on_its_new_node() {
     );
     let packets = b.take(5);
     assert_eq!(connack(&packets), (true, ReasonCode::SUCCESS));
-    let delivered = publishes(&packets);
-    assert_eq!(delivered.len(), 1, "{packets:?}");
-    assert_eq!(&delivered[0].payload[..], b"held");
+    let mut payloads: Vec<Bytes> = publishes(&packets)
+        .into_iter()
+        .map(|publish| publish.payload)
+        .collect();
+    payloads.sort();
+    assert_eq!(
+        payloads,
+        vec![
+            Bytes::from_static(b"at-claim"),
+            Bytes::from_static(b"from-b"),
+            Bytes::from_static(b"queued-on-a"),
+            Bytes::from_static(b"stale"),
+        ],
+        "each once: {packets:?}"
+    );
+
+    // Once the session is here, routing here gives it what was routed at 12 or later only.
+    b.broker.handle_forward(
+        b.now,
+        3,
+        routed(
+            Some((9, 7)),
+            message("mv/6", b"old-route", QoS::AtLeastOnce),
+            &[],
+            11,
+        ),
+    );
+    b.broker.handle_forward(
+        b.now,
+        3,
+        routed(
+            Some((9, 8)),
+            message("mv/7", b"new-route", QoS::AtLeastOnce),
+            &[],
+            12,
+        ),
+    );
+    b.drain();
+    let later: Vec<Bytes> = publishes(&b.take(5))
+        .into_iter()
+        .map(|publish| publish.payload)
+        .collect();
+    assert_eq!(later, vec![Bytes::from_static(b"new-route")]);
+
+    // A relays only inside the window.
+    a.now += RELAY_WINDOW + Duration::from_secs(1);
+    a.broker.handle_forward(
+        a.now,
+        3,
+        routed(
+            Some((9, 9)),
+            message("mv/8", b"x", QoS::AtLeastOnce),
+            &[],
+            11,
+        ),
+    );
+    a.drain();
+    assert!(a.forwards.is_empty(), "not after the relay window");
 }
 
 /// In a cluster a due will is not published at once: it is first taken out of raft, where

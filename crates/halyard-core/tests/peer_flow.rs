@@ -12,7 +12,7 @@ use halyard_codec::{
 };
 use halyard_core::{
     Broker, BrokerConfig, BrokerParts, ClaimOutcome, ConnectionId, ForwardOffer, Message, Output,
-    QueueFullPolicy,
+    PeerForward, QueueFullPolicy,
 };
 
 /// A cluster node's core with `pushback`, one in-flight message and a queue of two.
@@ -23,8 +23,13 @@ fn pushback_broker() -> Broker {
         max_queued_messages: 2,
         ..BrokerConfig::default()
     };
-    Broker::with_parts(config, BrokerParts::replicated())
+    let mut broker = Broker::with_parts(config, BrokerParts::replicated());
+    broker.set_route_version(ROUTE_VERSION);
+    broker
 }
+
+/// The route version of every test here: after every claim they make.
+const ROUTE_VERSION: u64 = 1_000;
 
 /// What the broker emitted: packets per connection, pauses and resumes, commits applied.
 #[derive(Default)]
@@ -112,6 +117,17 @@ fn publish(id: u16) -> Packet {
     })
 }
 
+/// A forward from node 2, routed at [`ROUTE_VERSION`].
+fn peer(stored_as: Option<(u64, u64)>, message: Message) -> PeerForward {
+    PeerForward {
+        stored_as,
+        message,
+        groups: Vec::new(),
+        routed_at: ROUTE_VERSION,
+        for_session: None,
+    }
+}
+
 fn forward(n: u16) -> Message {
     Message {
         topic: "t/x".to_owned(),
@@ -156,14 +172,18 @@ fn a_forward_a_full_subscriber_has_no_room_for_is_given_back_and_taken_once_ther
     subscribe(&mut broker, now, 1, "t/#");
     // One in flight and two queued fill the subscriber.
     for n in 0..3 {
-        let offer = broker.offer_forward(now, 2, Some((9, u64::from(n) + 1)), forward(n), &[]);
+        let offer = broker.offer_forward(now, 2, peer(Some((9, u64::from(n) + 1)), forward(n)));
         assert!(matches!(offer, ForwardOffer::Taken), "forward {n} fits");
     }
-    let ForwardOffer::NoRoom(back) = broker.offer_forward(now, 2, Some((9, 4)), forward(3), &[])
+    let ForwardOffer::NoRoom(back) = broker.offer_forward(now, 2, peer(Some((9, 4)), forward(3)))
     else {
         panic!("a fourth forward finds the subscriber full");
     };
-    assert_eq!(back.payload, Bytes::from("f-3"), "given back untouched");
+    assert_eq!(
+        back.message.payload,
+        Bytes::from("f-3"),
+        "given back untouched"
+    );
     let stats = broker.stats();
     assert_eq!(
         (stats.dropped_queue_full, stats.refused_quota),
@@ -183,10 +203,10 @@ fn a_forward_a_full_subscriber_has_no_room_for_is_given_back_and_taken_once_ther
         }),
     );
     assert!(broker.take_room_freed(), "the PUBACK is a hint to retry");
-    let offer = broker.offer_forward(now, 2, Some((9, 4)), back, &[]);
+    let offer = broker.offer_forward(now, 2, back);
     assert!(matches!(offer, ForwardOffer::Taken));
     // A replay of a forward already taken is dropped, not delivered twice.
-    let replay = broker.offer_forward(now, 2, Some((9, 4)), forward(3), &[]);
+    let replay = broker.offer_forward(now, 2, peer(Some((9, 4)), forward(3)));
     assert!(matches!(replay, ForwardOffer::Taken));
     assert_eq!(broker.stats().duplicate_forwards, 1);
 }

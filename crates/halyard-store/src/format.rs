@@ -20,7 +20,7 @@
 //! | subscription | QoS u8, flags u8 (bit 0 no local, bit 1 retain as published), retain handling u8, identifier flag u8 + u32 |
 //! | delivery | state u8 (0 pending, 1 awaiting PUBACK, 2 awaiting PUBREC, 3 awaiting PUBCOMP), packet id u16, delivery QoS u8, delivery RETAIN u8, id count u32 + ids u32 each, message |
 //! | retained | message |
-//! | forward | group count u32, each group: length u32 + UTF-8, message |
+//! | forward | group count u32, each group: length u32 + UTF-8, routed at u64 (v3), for session flag u8 + length u32 + UTF-8 (v3), message |
 //! | message | expires at (time), PUBLISH packet (rest of the body) |
 //!
 //! Each kind of value has its own current version (`SESSION_VERSION`, ...). To add a field to
@@ -59,7 +59,7 @@ const SESSION_EPOCH_SINCE: u8 = 3;
 const SUBSCRIPTION_VERSION: u8 = 2;
 const DELIVERY_VERSION: u8 = 2;
 const RETAINED_VERSION: u8 = 2;
-const FORWARD_VERSION: u8 = 2;
+const FORWARD_VERSION: u8 = 3;
 /// Length of the CRC32C that ends a checked value.
 const CHECKSUM_LEN: usize = 4;
 
@@ -587,6 +587,17 @@ pub(crate) fn encode_forward(
         out.extend_from_slice(&len.to_be_bytes());
         out.extend_from_slice(group.as_bytes());
     }
+    out.extend_from_slice(&forward.routed_at.to_be_bytes());
+    match &forward.for_session {
+        Some(client_id) => {
+            out.push(1);
+            // A client id is at most 65,535 bytes (an MQTT UTF-8 string).
+            let len = u32::try_from(client_id.len()).unwrap_or(u32::MAX);
+            out.extend_from_slice(&len.to_be_bytes());
+            out.extend_from_slice(client_id.as_bytes());
+        }
+        None => out.push(0),
+    }
     put_message(&mut out, &forward.message)?;
     Ok(seal(RecordKey::Forward(dest, seq), out))
 }
@@ -597,7 +608,9 @@ pub(crate) fn decode_forward(
     seq: u64,
     value: &[u8],
 ) -> Result<StoredForward, FormatError> {
-    let mut r = open(RecordKey::Forward(dest, seq), value, FORWARD_VERSION)?.body;
+    let opened = open(RecordKey::Forward(dest, seq), value, FORWARD_VERSION)?;
+    let version = opened.version;
+    let mut r = opened.body;
     let count = r.u32()?;
     let mut groups = Vec::new();
     for _ in 0..count {
@@ -606,8 +619,30 @@ pub(crate) fn decode_forward(
         let group = std::str::from_utf8(bytes).map_err(|_| FormatError::Invalid("share group"))?;
         groups.push(group.to_owned());
     }
+    let (routed_at, for_session) = if version >= 3 {
+        let routed_at = r.u64()?;
+        let for_session = match r.u8()? {
+            0 => None,
+            1 => {
+                let len = usize::try_from(r.u32()?).map_err(|_| FormatError::Truncated)?;
+                let bytes = r.take(len)?;
+                let client_id =
+                    std::str::from_utf8(bytes).map_err(|_| FormatError::Invalid("client id"))?;
+                Some(client_id.to_owned())
+            }
+            _ => return Err(FormatError::Invalid("for-session flag")),
+        };
+        (routed_at, for_session)
+    } else {
+        (0, None)
+    };
     let message = take_message(r)?;
-    Ok(StoredForward { message, groups })
+    Ok(StoredForward {
+        message,
+        groups,
+        routed_at,
+        for_session,
+    })
 }
 
 #[cfg(test)]
@@ -795,13 +830,38 @@ mod tests {
     }
 
     #[test]
+    fn a_version_2_forward_reads_with_no_route_version_and_no_session() {
+        let mut body = vec![2];
+        body.extend_from_slice(&1u32.to_be_bytes());
+        body.extend_from_slice(&2u32.to_be_bytes());
+        body.extend_from_slice(b"g1");
+        put_message(&mut body, &message()).expect("encodes");
+        let value = seal(RecordKey::Forward(2, 9), body);
+        let forward = decode_forward(2, 9, &value).expect("decodes");
+        assert_eq!(forward.groups, vec!["g1".to_owned()]);
+        assert_eq!((forward.routed_at, forward.for_session), (0, None));
+        assert_eq!(forward.message, message());
+    }
+
+    #[test]
     fn forward_round_trips_and_fails_under_another_key() {
         let forward = StoredForward {
             message: message(),
             groups: vec!["g1".to_owned(), "élan".to_owned()],
+            routed_at: 41,
+            for_session: Some("mover".to_owned()),
         };
         let value = encode_forward(2, 9, &forward).expect("encodes");
         assert_eq!(decode_forward(2, 9, &value).expect("decodes"), forward);
+        let unaddressed = StoredForward {
+            for_session: None,
+            ..forward.clone()
+        };
+        let value_unaddressed = encode_forward(2, 9, &unaddressed).expect("encodes");
+        assert_eq!(
+            decode_forward(2, 9, &value_unaddressed).expect("decodes"),
+            unaddressed
+        );
         assert!(
             decode_forward(3, 9, &value).is_err(),
             "another node's outbox"

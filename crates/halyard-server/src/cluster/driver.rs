@@ -18,7 +18,8 @@ use halyard_cluster::{
 };
 use halyard_codec::{ReasonCode, Will};
 use halyard_core::{
-    Broker, ClaimOutcome, ClaimRequest, Message, NodeId, Output, SessionState, SubscriptionUpdate,
+    Broker, ClaimOutcome, ClaimRequest, Message, NodeId, Output, PeerForward, SessionState,
+    SubscriptionUpdate,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -28,7 +29,7 @@ use crate::cluster::clock::DriverClock;
 use crate::cluster::event::ClusterEvent;
 use crate::cluster::held_forwards::{HeldForwards, PeerFrame};
 use crate::cluster::transfers::{lock, Arrival, SharedTransfers};
-use crate::cluster::wire::{self, Clocks, Received};
+use crate::cluster::wire::{self, Clocks, ForwardTags, Received};
 
 /// How long a node that won a claim waits for the previous owner to hand the session over
 /// before it resumes with what raft holds (the subscriptions of a persistent session). The
@@ -228,7 +229,13 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
                 let exhausted = batch.len() < REFILL_BATCH;
                 let mut all_sent = true;
                 for forward in batch {
-                    if !self.send_stored(dest, forward.seq, &forward.message, &forward.groups) {
+                    let tags = ForwardTags {
+                        groups: &forward.groups,
+                        stored_as: Some(forward.seq),
+                        routed_at: forward.routed_at,
+                        for_session: forward.for_session.as_deref(),
+                    };
+                    if !self.send_stored(dest, &forward.message, tags) {
                         all_sent = false;
                         break;
                     }
@@ -248,23 +255,13 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
 
     /// Hands a stored forward to the link if its queue has room; otherwise the lane falls
     /// behind and the forward waits in the store. True if sent.
-    fn send_stored(
-        &mut self,
-        dest: NodeId,
-        stored_seq: u64,
-        message: &Message,
-        groups: &[Arc<str>],
-    ) -> bool {
+    fn send_stored(&mut self, dest: NodeId, message: &Message, tags: ForwardTags<'_>) -> bool {
+        let stored_seq = tags.stored_as.unwrap_or_default();
         if !self.coordinator.link().has_room(dest) {
             self.lanes.entry(dest).or_default().behind = true;
             return false;
         }
-        let payload = match wire::encode_forward(
-            message,
-            groups,
-            Some(stored_seq),
-            self.clock.clocks(),
-        ) {
+        let payload = match wire::encode_forward(message, tags, self.clock.clocks()) {
             Ok(payload) => payload,
             Err(error) => {
                 // Not encodable now is not encodable later: skip it, loudly.
@@ -331,12 +328,20 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
                 message,
                 groups,
                 seq: Some(stored_seq),
+                routed_at,
+                for_session,
             } => {
                 let lane = self.lanes.entry(*node).or_default();
                 // Behind, it is read back from the store in its turn; at or below
                 // `sent_through`, a refill already sent it.
                 if !lane.behind && *stored_seq > lane.sent_through {
-                    self.send_stored(*node, *stored_seq, message, groups);
+                    let tags = ForwardTags {
+                        groups,
+                        stored_as: Some(*stored_seq),
+                        routed_at: *routed_at,
+                        for_session: for_session.as_deref(),
+                    };
+                    self.send_stored(*node, message, tags);
                 }
             }
             Output::Forward {
@@ -344,15 +349,25 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
                 message,
                 groups,
                 seq: None,
-            } => match wire::encode_forward(message, groups, None, self.clock.clocks()) {
-                Ok(payload) => {
-                    let seq = self.seq_for(*node);
-                    if let Err(error) = self.coordinator.link().send(*node, seq, payload) {
-                        debug!(node, %error, topic = %message.topic, "QoS 0 forward dropped");
+                routed_at,
+                for_session,
+            } => {
+                let tags = ForwardTags {
+                    groups,
+                    stored_as: None,
+                    routed_at: *routed_at,
+                    for_session: for_session.as_deref(),
+                };
+                match wire::encode_forward(message, tags, self.clock.clocks()) {
+                    Ok(payload) => {
+                        let seq = self.seq_for(*node);
+                        if let Err(error) = self.coordinator.link().send(*node, seq, payload) {
+                            debug!(node, %error, topic = %message.topic, "QoS 0 forward dropped");
+                        }
                     }
+                    Err(error) => warn!(%error, topic = %message.topic, "forward not encoded"),
                 }
-                Err(error) => warn!(%error, topic = %message.topic, "forward not encoded"),
-            },
+            }
             _ => {}
         }
     }
@@ -366,7 +381,27 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
                 client_id,
                 outcome,
             } => {
-                let current = self.coordinator.owner(&client_id).map(|owner| owner.epoch);
+                let owner = self.coordinator.owner(&client_id);
+                let current = owner.as_ref().map(|owner| owner.epoch);
+                let moved_on = owner.filter(|owner| owner.node != self.node);
+                if let (
+                    Some(owner),
+                    ClaimOutcome::Granted {
+                        session: Some(_), ..
+                    },
+                ) = (&moved_on, &outcome)
+                {
+                    if superseded(&outcome, current) {
+                        // A newer claim on another node won while this one waited for the
+                        // session: the session passes through here (so that what was routed
+                        // here for it meanwhile goes with it) on to that node, whose claim
+                        // waits for it from this one.
+                        debug!(%client_id, new_owner = owner.node, "a newer claim elsewhere won; the session goes on");
+                        broker.handle_claim(clocks.now, clocks.wall, conn, outcome);
+                        self.hand_over(broker, clocks, &client_id, owner.epoch, owner.node);
+                        return;
+                    }
+                }
                 let outcome = if superseded(&outcome, current) {
                     debug!(%client_id, "a newer claim was applied before this grant; refused");
                     if let ClaimOutcome::Granted { epoch, .. } = outcome {
@@ -405,36 +440,13 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
                 client_id,
                 epoch,
                 new_owner,
-            } => {
-                if let Some(state) = broker.fence(clocks.now, clocks.wall, &client_id, epoch) {
-                    debug!(%client_id, new_owner, "session moves to another node");
-                    broker.relay_moved_session(clocks.now, new_owner, &state);
-                    match wire::encode_session(epoch, &state) {
-                        Ok(payload) => {
-                            let seq = self.seq_for(new_owner);
-                            if let Err(error) =
-                                self.coordinator.link().send(new_owner, seq, payload)
-                            {
-                                warn!(%client_id, %error, "session not handed over");
-                            }
-                        }
-                        Err(error) => warn!(%client_id, %error, "session not encoded"),
-                    }
-                }
-            }
+            } => self.hand_over(broker, clocks, &client_id, epoch, new_owner),
             ClusterEvent::Forwarded {
                 origin,
                 seq,
-                stored_as,
-                message,
-                groups,
+                forward,
             } => {
-                let frame = PeerFrame::Forward {
-                    seq,
-                    stored_as,
-                    message,
-                    groups,
-                };
+                let frame = PeerFrame::Forward { seq, forward };
                 self.held
                     .take(broker, clocks.now, origin, frame, &mut self.to_ack);
             }
@@ -449,7 +461,16 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
                 self.tell_congestion(broker, clocks.now);
                 self.held.retry(broker, clocks.now, &mut self.to_ack);
             }
-            ClusterEvent::Consumed { index } => self.coordinator.consumed(index),
+            ClusterEvent::Applied { index, changes } => {
+                for change in changes {
+                    self.handle_event(broker, change);
+                }
+                broker.set_route_version(index);
+                self.coordinator.consumed(index);
+                // Forwards routed at this version may wait for it (see the core's
+                // `move_window`).
+                self.wake_due |= !self.held.is_empty();
+            }
             ClusterEvent::Acked { dest, seq } => {
                 let lane = self.lanes.entry(dest).or_default();
                 let mut stored_through = None;
@@ -485,6 +506,31 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
             ClusterEvent::WillWon { publisher, will } => {
                 broker.publish_settled_will(clocks.now, publisher, *will)
             }
+        }
+    }
+
+    /// Another node's claim of `client_id` under `epoch` was committed: a session held here
+    /// under an older claim is fenced and handed over to `new_owner`.
+    fn hand_over(
+        &mut self,
+        broker: &mut Broker,
+        clocks: Clocks,
+        client_id: &str,
+        epoch: u64,
+        new_owner: NodeId,
+    ) {
+        let Some(state) = broker.fence(clocks.now, clocks.wall, client_id, epoch, new_owner) else {
+            return;
+        };
+        debug!(%client_id, new_owner, "session moves to another node");
+        match wire::encode_session(epoch, &state) {
+            Ok(payload) => {
+                let seq = self.seq_for(new_owner);
+                if let Err(error) = self.coordinator.link().send(new_owner, seq, payload) {
+                    warn!(%client_id, %error, "session not handed over");
+                }
+            }
+            Err(error) => warn!(%client_id, %error, "session not encoded"),
         }
     }
 
@@ -963,49 +1009,43 @@ async fn follow_changes<E: From<ClusterEvent>>(
     let node = coordinator.node_id();
     loop {
         let (mirror, mut feed) = coordinator.changes();
+        let mut changes = Vec::new();
         for (key, nodes) in &mirror.routes {
             for &other in nodes.iter().filter(|&&other| other != node) {
-                let event = ClusterEvent::Route {
+                changes.push(ClusterEvent::Route {
                     node: other,
                     filter: raw_filter(key),
                     added: true,
-                };
-                if events.send(E::from(event)).await.is_err() {
-                    return;
-                }
+                });
             }
         }
         for (client_id, owner) in &mirror.owners {
             if owner.node != node {
-                let event = ClusterEvent::Claimed {
+                changes.push(ClusterEvent::Claimed {
                     client_id: client_id.clone(),
                     epoch: owner.epoch,
                     new_owner: owner.node,
-                };
-                if events.send(E::from(event)).await.is_err() {
-                    return;
-                }
+                });
             }
         }
-        let consumed = ClusterEvent::Consumed {
+        let resync = ClusterEvent::Applied {
             index: mirror.applied_index,
+            changes,
         };
-        if events.send(E::from(consumed)).await.is_err() {
+        if events.send(E::from(resync)).await.is_err() {
             return;
         }
         while let Some(applied) = feed.recv().await {
-            for change in applied.changes {
-                let Some(event) = cluster_event(&coordinator, node, change, clock.clocks()) else {
-                    continue;
-                };
-                if events.send(E::from(event)).await.is_err() {
-                    return;
-                }
-            }
-            let consumed = ClusterEvent::Consumed {
+            let changes = applied
+                .changes
+                .into_iter()
+                .filter_map(|change| cluster_event(&coordinator, node, change, clock.clocks()))
+                .collect();
+            let event = ClusterEvent::Applied {
                 index: applied.index,
+                changes,
             };
-            if events.send(E::from(consumed)).await.is_err() {
+            if events.send(E::from(event)).await.is_err() {
                 return;
             }
         }
@@ -1088,13 +1128,19 @@ async fn follow_link<E: From<ClusterEvent> + Send + 'static>(
                 message,
                 groups,
                 stored_as,
+                routed_at,
+                for_session,
             }) => {
                 let event = ClusterEvent::Forwarded {
                     origin: delivery.origin,
                     seq: delivery.seq,
-                    stored_as: stored_as.map(|seq| (delivery.origin_incarnation, seq)),
-                    message,
-                    groups,
+                    forward: PeerForward {
+                        stored_as: stored_as.map(|seq| (delivery.origin_incarnation, seq)),
+                        message,
+                        groups,
+                        routed_at,
+                        for_session,
+                    },
                 };
                 if events.send(E::from(event)).await.is_err() {
                     return;

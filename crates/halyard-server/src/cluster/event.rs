@@ -1,10 +1,8 @@
 //! What the cluster driver tells the broker task: decisions of raft and arrivals from the
 //! peer link, handed to the core between packets like any other event.
 
-use std::sync::Arc;
-
 use halyard_codec::Will;
-use halyard_core::{ClaimOutcome, ConnectionId, Message, NodeId, SessionState};
+use halyard_core::{ClaimOutcome, ConnectionId, Message, NodeId, PeerForward, SessionState};
 
 /// What the cluster tells the broker task.
 #[derive(Debug)]
@@ -43,12 +41,16 @@ pub enum ClusterEvent {
         /// The new owner.
         new_owner: NodeId,
     },
-    /// Every change of the feed up to raft index `index` was handed over in the events
-    /// before this one: once the broker has handled them, the coordinator may count the
+    /// The raft entry at `index` was applied (or, at start and after a snapshot, every
+    /// entry up to it): its route, ownership and retained changes, handed to the core at
+    /// once, so that the core's route version (`Broker::set_route_version`) never names a
+    /// half-applied entry. Once the broker has handled them, the coordinator may count the
     /// index as seen here (see `Coordinator::consumed`).
-    Consumed {
+    Applied {
         /// The raft index.
         index: u64,
+        /// The entry's changes, as events ([`ClusterEvent::Route`], `Claimed`, `Retained`).
+        changes: Vec<ClusterEvent>,
     },
     /// A peer stored every frame this node sent it up to link sequence number `seq`.
     Acked {
@@ -63,12 +65,8 @@ pub enum ClusterEvent {
         origin: NodeId,
         /// Its sequence number on the link.
         seq: u64,
-        /// The sender's incarnation and outbox sequence number, for a stored forward.
-        stored_as: Option<(u64, u64)>,
-        /// The message.
-        message: Message,
-        /// Share groups this node serves for it.
-        groups: Vec<Arc<str>>,
+        /// The forward.
+        forward: PeerForward,
     },
     /// A retained message set or cleared through raft (possibly by this node).
     Retained(Message),

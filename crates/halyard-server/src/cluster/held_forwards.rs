@@ -10,23 +10,18 @@
 //! for good.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::Arc;
+
 use std::time::Instant;
 
 use halyard_cluster::NodeId;
-use halyard_core::{Broker, ForwardOffer, Message, PUSHBACK_TIMEOUT};
+use halyard_core::{Broker, ForwardOffer, PeerForward, PUSHBACK_TIMEOUT};
 use tracing::debug;
 
 /// A frame from a peer that the broker takes in order: held, with those after it, while a
 /// forward finds no room.
 pub(crate) enum PeerFrame {
     /// A forward, offered to the core.
-    Forward {
-        seq: u64,
-        stored_as: Option<(u64, u64)>,
-        message: Message,
-        groups: Vec<Arc<str>>,
-    },
+    Forward { seq: u64, forward: PeerForward },
     /// Another frame, taken already, whose acknowledgement must not overtake the forwards.
     Ack(u64),
 }
@@ -105,36 +100,26 @@ fn offer(
     to_ack: &mut Vec<(NodeId, u64)>,
 ) {
     while let Some(frame) = held.frames.pop_front() {
-        let (seq, stored_as, message, groups) = match frame {
+        let (seq, forward) = match frame {
             PeerFrame::Ack(seq) => {
                 to_ack.push((origin, seq));
                 continue;
             }
-            PeerFrame::Forward {
-                seq,
-                stored_as,
-                message,
-                groups,
-            } => (seq, stored_as, message, groups),
+            PeerFrame::Forward { seq, forward } => (seq, forward),
         };
         let offered = if now >= held.since + PUSHBACK_TIMEOUT {
-            broker.handle_forward(now, origin, stored_as, message, &groups);
+            broker.handle_forward(now, origin, forward);
             ForwardOffer::Taken
         } else {
-            broker.offer_forward(now, origin, stored_as, message, &groups)
+            broker.offer_forward(now, origin, forward)
         };
         match offered {
             ForwardOffer::Taken => {
                 to_ack.push((origin, seq));
                 held.since = now;
             }
-            ForwardOffer::NoRoom(message) => {
-                held.frames.push_front(PeerFrame::Forward {
-                    seq,
-                    stored_as,
-                    message,
-                    groups,
-                });
+            ForwardOffer::NoRoom(forward) | ForwardOffer::Early(forward) => {
+                held.frames.push_front(PeerFrame::Forward { seq, forward });
                 return;
             }
         }

@@ -40,6 +40,11 @@ pub(crate) enum PeerMessage {
         /// Its sequence number in the sender's outbox (QoS 1/2): the receiver's duplicate
         /// filter across restarts.
         stored_as: Option<u64>,
+        /// The sender's route version when it routed the message.
+        routed_at: u64,
+        /// For a moved session's message passed on: the client id whose session alone
+        /// gets it.
+        for_session: Option<String>,
     },
     /// A session moved to the receiver, which claimed it under `epoch`.
     Session {
@@ -391,17 +396,31 @@ pub(crate) fn decode_will(blob: &[u8]) -> Result<Will, WireError> {
     will_of_wire(&message, delay)
 }
 
+/// What travels with a forwarded message besides the message itself.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ForwardTags<'a> {
+    /// Share groups the receiver serves for it.
+    pub groups: &'a [Arc<str>],
+    /// Its sequence number in the sender's outbox, if stored there.
+    pub stored_as: Option<u64>,
+    /// The sender's route version when it routed the message.
+    pub routed_at: u64,
+    /// The client id whose session alone gets it, for a moved session's message.
+    pub for_session: Option<&'a str>,
+}
+
 /// A forwarded publish, ready for the peer link.
 pub(crate) fn encode_forward(
     message: &Message,
-    groups: &[Arc<str>],
-    stored_as: Option<u64>,
+    tags: ForwardTags<'_>,
     clocks: Clocks,
 ) -> Result<Bytes, WireError> {
     let frame = PeerMessage::Forward {
         message: WireMessage::of_message(message, clocks)?,
-        groups: groups.iter().map(|group| group.to_string()).collect(),
-        stored_as,
+        groups: tags.groups.iter().map(|group| group.to_string()).collect(),
+        stored_as: tags.stored_as,
+        routed_at: tags.routed_at,
+        for_session: tags.for_session.map(str::to_owned),
     };
     Ok(postcard::to_stdvec(&frame)?.into())
 }
@@ -426,6 +445,10 @@ pub(crate) enum Received {
         groups: Vec<Arc<str>>,
         /// Its sequence number in the sender's outbox, if stored there.
         stored_as: Option<u64>,
+        /// The sender's route version when it routed the message.
+        routed_at: u64,
+        /// The client id whose session alone gets it, for a moved session's message.
+        for_session: Option<Arc<str>>,
     },
     /// A session for this node's claim under `epoch`.
     Session {
@@ -443,10 +466,14 @@ pub(crate) fn decode_peer(payload: &[u8], clocks: Clocks) -> Result<Received, Wi
             message,
             groups,
             stored_as,
+            routed_at,
+            for_session,
         } => Ok(Received::Forward {
             message: message.to_message(clocks)?,
             groups: groups.into_iter().map(Arc::from).collect(),
             stored_as,
+            routed_at,
+            for_session: for_session.map(Arc::from),
         }),
         PeerMessage::Session { epoch, state } => Ok(Received::Session {
             epoch,
@@ -568,15 +595,25 @@ mod tests {
             publisher: Some(4),
         };
         let groups: Vec<Arc<str>> = vec!["$share/g/plant/#".into()];
-        let bytes = encode_forward(&message, &groups, Some(77), clocks).expect("encodes");
+        let tags = ForwardTags {
+            groups: &groups,
+            stored_as: Some(77),
+            routed_at: 812,
+            for_session: Some("mover"),
+        };
+        let bytes = encode_forward(&message, tags, clocks).expect("encodes");
         match decode_peer(&bytes, clocks).expect("decodes") {
             Received::Forward {
                 message: back,
                 groups: back_groups,
                 stored_as,
+                routed_at,
+                for_session,
             } => {
                 assert_eq!(back_groups, groups);
                 assert_eq!(stored_as, Some(77));
+                assert_eq!(routed_at, 812);
+                assert_eq!(for_session.as_deref(), Some("mover"));
                 assert_eq!(
                     (&back.topic, &back.payload, back.qos, back.retain),
                     (
@@ -613,6 +650,8 @@ mod tests {
             },
             groups: vec![],
             stored_as: None,
+            routed_at: 0,
+            for_session: None,
         })
         .expect("encodes");
         assert!(decode_peer(&bad_qos, clocks).is_err());

@@ -35,10 +35,19 @@ struct Cli {
     /// Print every event of the trace (faults, connects, packets to clients, applied routes).
     #[arg(long)]
     print_trace: bool,
+    /// Print the nodes' logs to stderr, filtered like `RUST_LOG` (e.g. `halyard_server=debug`).
+    #[arg(long)]
+    log: Option<String>,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(filter) = &cli.log {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let base = if cli.ci {
         Options::ci()
     } else {
