@@ -349,7 +349,6 @@ impl Broker {
                 self.next_session_key += 1;
                 let mut session =
                     Session::new(client_id.clone(), epoch, expiry_interval, &self.memory);
-                session.routes_from = epoch;
                 if !connect.clean_start {
                     // The client asked to resume: an earlier claim of this node whose session
                     // had not arrived yet is this session's past (see `merge_late_session`).

@@ -8,7 +8,8 @@
 //! then, and reaches the session from there exactly once:
 //! - that node queued it before it handed the session over, and the queue came along; or
 //! - it took the message after the hand-over: it passes it on to the new owner, addressed
-//!   to the session alone, for [`RELAY_WINDOW`] (the relay `fence` starts).
+//!   to the session alone, for [`RELAY_WINDOW`] (the relay `fence` starts), or delivers it
+//!   to the session itself if the session has come back meanwhile.
 //!
 //! A node takes a forward only once its own route version has reached the forward's
 //! (`take_forward` answers [`ForwardOffer::Early`](crate::ForwardOffer::Early)), so a node
@@ -37,6 +38,8 @@ use crate::output::Output;
 use crate::publish::RouteOutcome;
 use crate::router::RouteScope;
 use crate::routing::Audience;
+use crate::store::DeliveryState;
+use crate::time::ClockAnchor;
 use crate::transfer::SessionState;
 
 /// How long an old owner passes a moved session's messages on: far longer than nodes take
@@ -52,6 +55,10 @@ pub(crate) struct MoveWindow {
     /// In the order of their `to` (claims are applied in index order).
     relays: VecDeque<Relay>,
     held: VecDeque<Held>,
+    /// Client ids whose claim here was pending while another node's claim (its index here)
+    /// was applied: if that claim is the newer, messages routed from its index on are its
+    /// node's.
+    overtaken: Vec<(Arc<str>, u64)>,
 }
 
 #[derive(Debug)]
@@ -116,7 +123,8 @@ impl Broker {
     }
 
     /// Passes a message routed here at `routed_at` on to the new owners of sessions it was
-    /// routed here for, addressed to each session; how many.
+    /// routed here for, addressed to each session; how many. A session that has come back
+    /// here since gets it here, unless routing here gave it to it already.
     pub(crate) fn relay_stale(
         &mut self,
         now: Instant,
@@ -126,11 +134,7 @@ impl Broker {
         if self.move_window.relays.is_empty() {
             return 0;
         }
-        // A session that came back here is served here: its relay ends.
-        let client_ids = &self.client_ids;
-        self.move_window
-            .relays
-            .retain(|relay| relay.until > now && !client_ids.contains_key(&*relay.client_id));
+        self.move_window.relays.retain(|relay| relay.until > now);
         let relays = &self.move_window.relays;
         let first = relays.partition_point(|relay| relay.to <= routed_at);
         let targets: Vec<(NodeId, Arc<str>)> = relays
@@ -146,9 +150,61 @@ impl Broker {
             .collect();
         let relayed = targets.len();
         for (node, client_id) in targets {
-            self.pass_on(node, message, client_id);
+            match self.client_ids.get(&*client_id).copied() {
+                Some(key) => {
+                    let routed_past = self
+                        .sessions
+                        .get(&key)
+                        .is_some_and(|session| session.routes_from > routed_at);
+                    if routed_past {
+                        self.route_within(
+                            now,
+                            Arc::clone(message),
+                            false,
+                            RouteScope::LocalFromPeer { groups: &[] },
+                            Audience::Session(key),
+                        );
+                    }
+                }
+                None => self.pass_on(node, message, client_id),
+            }
         }
         relayed
+    }
+
+    /// A session handed over late, after it had moved on from here: its messages not yet
+    /// received by the client follow it to the node it went to, addressed to it; how many.
+    /// With no relay to follow (its window is over), they are dropped, counted in
+    /// `late_transfer_dropped`.
+    pub(crate) fn pass_late_session_on(
+        &mut self,
+        clock: ClockAnchor,
+        state: SessionState,
+    ) -> usize {
+        let unsent = state
+            .inflight
+            .into_iter()
+            .filter(|(_, at)| !matches!(at, DeliveryState::AwaitingCompletion(_)))
+            .map(|(stored, _)| stored)
+            .chain(state.pending);
+        let onward = self
+            .move_window
+            .relays
+            .iter()
+            .rev()
+            .find(|relay| *relay.client_id == *state.client_id && relay.until > clock.instant)
+            .map(|relay| (relay.node, Arc::clone(&relay.client_id)));
+        let Some((node, client_id)) = onward else {
+            self.out.stats.late_transfer_dropped += unsent.count() as u64;
+            return 0;
+        };
+        let mut passed = 0;
+        for stored in unsent {
+            let delivery = clock.delivery(0, stored);
+            self.pass_on(node, &delivery.message, Arc::clone(&client_id));
+            passed += 1;
+        }
+        passed
     }
 
     /// Sends `message` to `node`, addressed to `client_id`'s session.
@@ -255,9 +311,30 @@ impl Broker {
         });
     }
 
+    /// A claim of `client_id` under `epoch` by another node was applied while this node
+    /// holds no session for it: if a claim here is pending and turns out older, the session
+    /// it brings takes no held copy routed from `epoch` on (those went to the newer owner).
+    pub(crate) fn note_overtaken(&mut self, client_id: &str, epoch: u64) {
+        if !self.claim_pending_for(client_id) {
+            return;
+        }
+        self.move_window
+            .overtaken
+            .push((Arc::from(client_id), epoch));
+    }
+
     /// The claim of `client_id` was settled (granted under `epoch`, or refused): its
     /// session gets the copies held for it; copies no pending claim can want are let go.
     pub(crate) fn release_held(&mut self, now: Instant, client_id: &str, epoch: Option<u64>) {
+        // Claims applied while this one was pending may be older than it, too.
+        let overtaken = &mut self.move_window.overtaken;
+        let until = overtaken
+            .iter()
+            .filter(|(id, at)| &**id == client_id && epoch.is_some_and(|epoch| *at > epoch))
+            .map(|(_, at)| *at)
+            .min()
+            .unwrap_or(u64::MAX);
+        overtaken.retain(|(id, _)| &**id != client_id);
         // Only a session this claim brought here: one held here before got the copies
         // through routing already.
         let key = epoch.and_then(|epoch| {
@@ -273,7 +350,7 @@ impl Broker {
         for item in held {
             let for_this = match item.for_session.as_deref() {
                 Some(addressed) => addressed == client_id,
-                None => epoch.is_some_and(|epoch| item.routed_at >= epoch),
+                None => epoch.is_some_and(|epoch| (epoch..until).contains(&item.routed_at)),
             };
             let delivered = for_this && key.is_some();
             if let (true, Some(key)) = (for_this, key) {

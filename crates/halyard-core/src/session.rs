@@ -181,9 +181,9 @@ pub(crate) struct Session {
     /// epoch from here on belongs to this session (see `merge_late_session`).
     pub held_since: u64,
     /// In a cluster, the route version from which this session takes messages through
-    /// routing here: the claim that brought it here from another node, or started it.
-    /// Messages routed earlier reach it from the node that held it then (see
-    /// `move_window`).
+    /// routing here: the claim that brought it here from another node (0 for one started
+    /// or restored here). Messages routed earlier reach it from the node that held it then
+    /// (see `move_window`).
     pub routes_from: u64,
     /// Seconds the session outlives its connection; 0 ends it on disconnect, u32::MAX never.
     pub expiry_interval: u32,

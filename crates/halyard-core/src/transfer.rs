@@ -55,7 +55,10 @@ impl Broker {
         epoch: u64,
         new_owner: NodeId,
     ) -> Option<Box<SessionState>> {
-        let key = *self.client_ids.get(client_id)?;
+        let Some(&key) = self.client_ids.get(client_id) else {
+            self.note_overtaken(client_id, epoch);
+            return None;
+        };
         let routes_from = self.sessions.get(&key)?.routes_from;
         if self.sessions.get(&key)?.epoch >= epoch {
             return None;
@@ -190,9 +193,10 @@ impl Broker {
     /// in flight on the old owner join the live session's queue, and the move loses nothing.
     /// A QoS 2 message the client already received (PUBREC sent, awaiting PUBCOMP) is not
     /// sent again. A message with no room left is counted in `late_transfer_dropped`.
-    /// Nothing happens if this node no longer holds the session it took under `epoch`
-    /// (resumed here since, without a clean start, it still does); returns the number of
-    /// messages queued.
+    /// If the session has moved on from here, its messages are passed on after it (see
+    /// `move_window`). Nothing happens if this node no longer holds the session it took
+    /// under `epoch` otherwise (resumed here since, without a clean start, it still does);
+    /// returns the number of messages queued or passed on.
     pub fn merge_late_session(
         &mut self,
         now: Instant,
@@ -200,10 +204,10 @@ impl Broker {
         epoch: u64,
         state: SessionState,
     ) -> usize {
-        let Some(&key) = self.client_ids.get(&state.client_id) else {
-            return 0;
-        };
         let clock = ClockAnchor { instant: now, wall };
+        let Some(&key) = self.client_ids.get(&state.client_id) else {
+            return self.pass_late_session_on(clock, state);
+        };
         let limits = self.limits();
         let Some(session) = self.sessions.get_mut(&key) else {
             return 0;

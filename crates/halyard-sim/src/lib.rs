@@ -24,8 +24,39 @@ pub use invariants::Violation;
 pub use sabotage::Sabotage;
 pub use scenario::{run, Options, Outcome};
 
-/// The command that replays `seed`; `ci` for the CI profile ([`Options::ci`]).
-pub fn replay_command(seed: u64, ci: bool) -> String {
-    let profile = if ci { " --ci" } else { "" };
-    format!("scripts/sim{profile} --seed {seed}")
+/// The command that replays `seed` under `options` (its fault profile; the number of
+/// steps is the default one).
+pub fn replay_command(seed: u64, options: &Options) -> String {
+    let mut flags = String::new();
+    if !options.moves {
+        flags.push_str(" --ci");
+    }
+    if !options.partitions {
+        flags.push_str(" --no-partitions");
+    }
+    if !options.kills {
+        flags.push_str(" --no-kills");
+    }
+    format!("scripts/sim{flags} --seed {seed}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_replay_command_names_the_profile() {
+        assert_eq!(
+            replay_command(7, &Options::default()),
+            "scripts/sim --seed 7"
+        );
+        assert_eq!(
+            replay_command(7, &Options::ci()),
+            "scripts/sim --ci --seed 7"
+        );
+        assert_eq!(
+            replay_command(7, &Options::moving()),
+            "scripts/sim --no-partitions --no-kills --seed 7"
+        );
+    }
 }

@@ -9,7 +9,7 @@ use halyard_sim::{replay_command, run, Options, Outcome, Sabotage, Violation};
 /// Seeds CI runs (the brief: at least 200).
 const CI_SEEDS: u64 = 200;
 
-fn failures(outcomes: &[Outcome]) -> Vec<String> {
+fn failures(outcomes: &[Outcome], options: &Options) -> Vec<String> {
     outcomes
         .iter()
         .filter(|outcome| !outcome.violations.is_empty())
@@ -18,22 +18,22 @@ fn failures(outcomes: &[Outcome]) -> Vec<String> {
                 "seed {}: {} (replay: {})",
                 outcome.seed,
                 outcome.violations[0],
-                replay_command(outcome.seed, true)
+                replay_command(outcome.seed, options)
             )
         })
         .collect()
 }
 
-#[test]
-fn two_hundred_seeds_hold_every_invariant() {
-    // Two threads, one runtime per seed: each seed is single-threaded and deterministic.
+/// Runs seeds `0..seeds` under `options` on two threads, one runtime per seed: each seed is
+/// single-threaded and deterministic.
+fn run_seeds(seeds: u64, options: Options) -> Vec<Outcome> {
     let halves: Vec<Vec<Outcome>> = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..2)
             .map(|half| {
                 scope.spawn(move || {
-                    (half..CI_SEEDS)
+                    (half..seeds)
                         .step_by(2)
-                        .map(|seed| run(seed, Options::ci()))
+                        .map(|seed| run(seed, options))
                         .collect::<Vec<_>>()
                 })
             })
@@ -43,9 +43,14 @@ fn two_hundred_seeds_hold_every_invariant() {
             .map(|worker| worker.join().expect("a simulation thread panicked"))
             .collect()
     });
-    let outcomes: Vec<Outcome> = halves.into_iter().flatten().collect();
+    halves.into_iter().flatten().collect()
+}
+
+#[test]
+fn two_hundred_seeds_hold_every_invariant() {
+    let outcomes = run_seeds(CI_SEEDS, Options::ci());
     assert_eq!(outcomes.len() as u64, CI_SEEDS);
-    let failed = failures(&outcomes);
+    let failed = failures(&outcomes, &Options::ci());
     assert!(failed.is_empty(), "{}", failed.join("\n"));
     let acked: u64 = outcomes.iter().map(|outcome| outcome.acked).sum();
     let faults: u64 = outcomes.iter().map(|outcome| outcome.faults).sum();
@@ -59,6 +64,19 @@ fn two_hundred_seeds_hold_every_invariant() {
         wipes > 0,
         "nodes came back without their data (and were readmitted)"
     );
+}
+
+/// Sessions moving from node to node get every acknowledged message, and QoS 2 ones once
+/// (issue 12's takeover across nodes; no excuse switch applies).
+#[test]
+fn two_hundred_seeds_of_moving_sessions_lose_and_repeat_nothing() {
+    let outcomes = run_seeds(CI_SEEDS, Options::moving());
+    let failed = failures(&outcomes, &Options::moving());
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
+    let moves: u64 = outcomes.iter().map(|outcome| outcome.moves).sum();
+    let delivered: u64 = outcomes.iter().map(|outcome| outcome.delivered).sum();
+    println!("{CI_SEEDS} seeds: {moves} session moves, {delivered} deliveries");
+    assert!(moves > CI_SEEDS, "sessions moved");
 }
 
 #[test]

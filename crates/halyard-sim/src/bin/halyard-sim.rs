@@ -65,13 +65,13 @@ fn main() -> ExitCode {
     for seed in cli.seed..cli.seed.saturating_add(cli.seeds) {
         let outcome = run(seed, options);
         println!(
-            "seed {seed}: trace {:016x} ({} events), {} acked, {} delivered, {} faults, excused {} in moves, {} cut-off publishes",
+            "seed {seed}: trace {:016x} ({} events), {} acked, {} delivered, {} faults, {} moves, excused {} cut-off publishes",
             outcome.trace,
             outcome.events,
             outcome.acked,
             outcome.delivered,
             outcome.faults,
-            outcome.excused_moves,
+            outcome.moves,
             outcome.excused_cut_publishes
         );
         let mut bad = !outcome.violations.is_empty();
@@ -87,7 +87,7 @@ fn main() -> ExitCode {
         }
         if bad {
             failed += 1;
-            println!("  replay: {}", replay_command(seed, cli.ci));
+            println!("  replay: {}", replay_command(seed, &options));
         }
     }
     if failed > 0 {
