@@ -386,9 +386,9 @@ async fn rolling_subscriber(
 }
 
 /// The takeover window this exercises: when the subscriber's claim is applied on its old
-/// node before the publisher's node, the publisher's node still forwards to the old one,
-/// which passes the message on to the new owner (`move_window`); and the new owner holds
-/// what matches the session between applying the claim and importing it.
+/// node before the publisher's node, the publisher's node still routes to the old one,
+/// which passes the message on to the new owner addressed to the session (`move_window`);
+/// and the new owner keeps copies of what is routed to it while its claim is pending.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_restart_under_qos1_traffic_loses_no_acknowledged_message() {
     let _serial = SERIAL.lock().await;
