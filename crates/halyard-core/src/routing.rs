@@ -165,7 +165,11 @@ impl Broker {
         matches.retain(|m| match m.target {
             RouteTarget::Session(session) => {
                 !(m.entry.options.no_local && message.publisher == Some(session))
-                    && sessions.get(&session).is_some_and(|s| admits(session, s))
+                    && match audience {
+                        // A single node admits everyone: no lookup per delivery.
+                        Audience::RoutedAt(_) if !replicated => true,
+                        _ => sessions.get(&session).is_some_and(|s| admits(session, s)),
+                    }
             }
             RouteTarget::Node(node) => {
                 let groups = match forwards.iter_mut().find(|(to, _)| *to == node) {
