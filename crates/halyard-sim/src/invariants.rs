@@ -6,17 +6,6 @@ use std::fmt;
 
 use halyard_cluster::NodeId;
 
-/// A node cut from the quorum keeps acknowledging publishes until its lease lapses. A SUBACK
-/// now waits until every voter took the route in or has been out of contact for longer than
-/// its lease (so it has fenced itself), and a fenced node acks nothing (at most 70 ms after
-/// the lapse, in 300 seeds). Yet the full profile still loses messages acknowledged by a
-/// cut-off node with this switch off (75 of seeds 0..300, e.g. 1, 6, 15 and 18): seed 18's
-/// are queued on the cut-off node for a subscriber whose session the majority moved to
-/// another node, which never gets them; a session-move loss, not a stale route. With this
-/// switch on, a message acknowledged by a node cut from the quorum (or just healed) does not
-/// count as lost; the number excused is reported.
-pub const EXCUSE_PUBLISHES_ACKED_BY_A_NODE_CUT_FROM_QUORUM: bool = true;
-
 /// A broken invariant.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Violation {
@@ -72,8 +61,6 @@ impl fmt::Display for Violation {
 struct Ack {
     step: u64,
     origin: NodeId,
-    /// The origin was cut from the quorum (or just healed) when it acknowledged.
-    origin_cut: bool,
 }
 
 /// What the checker has been told, and what it found.
@@ -92,19 +79,12 @@ pub struct Checker {
     /// Per applied index: the first node seen there and its route table's digest.
     routes_at: BTreeMap<u64, (NodeId, u64)>,
     pub violations: Vec<Violation>,
-    /// Losses not counted under [`EXCUSE_PUBLISHES_ACKED_BY_A_NODE_CUT_FROM_QUORUM`].
-    pub excused_cut_publishes: u64,
 }
 
 impl Checker {
-    /// A publish acknowledged by `origin`; `origin_cut` when that node was cut from the
-    /// quorum (see [`EXCUSE_PUBLISHES_ACKED_BY_A_NODE_CUT_FROM_QUORUM`]).
-    pub fn acked(&mut self, step: u64, origin: NodeId, origin_cut: bool, message: u64, qos2: bool) {
-        self.acked.entry(message).or_insert(Ack {
-            step,
-            origin,
-            origin_cut,
-        });
+    /// A publish acknowledged by `origin`.
+    pub fn acked(&mut self, step: u64, origin: NodeId, message: u64, qos2: bool) {
+        self.acked.entry(message).or_insert(Ack { step, origin });
         if qos2 {
             self.qos2.insert(message);
         }
@@ -218,10 +198,6 @@ impl Checker {
                 if disk_lost {
                     continue;
                 }
-                if EXCUSE_PUBLISHES_ACKED_BY_A_NODE_CUT_FROM_QUORUM && ack.origin_cut {
-                    self.excused_cut_publishes += 1;
-                    continue;
-                }
                 lost.push(Violation::AckedLost {
                     message,
                     subscriber: subscriber.clone(),
@@ -263,10 +239,10 @@ mod tests {
     #[test]
     fn an_acked_message_missing_after_the_suback_is_lost() {
         let mut checker = Checker::default();
-        checker.acked(1, 1, false, 10, false);
+        checker.acked(1, 1, 10, false);
         checker.subscribed(2, "s");
-        checker.acked(3, 1, false, 11, true);
-        checker.acked(4, 1, false, 12, true);
+        checker.acked(3, 1, 11, true);
+        checker.acked(4, 1, 12, true);
         checker.delivered("s", 11, true);
         checker.check_losses();
         assert_eq!(
@@ -283,7 +259,7 @@ mod tests {
     fn a_lost_disk_excuses_a_loss() {
         let mut checker = Checker::default();
         checker.subscribed(1, "s");
-        checker.acked(2, 3, false, 10, false);
+        checker.acked(2, 3, 10, false);
         checker.wiped(3, 5);
         checker.check_losses();
         assert!(checker.violations.is_empty());

@@ -131,11 +131,6 @@ impl SimNetwork {
         !self.lock().cut.is_empty()
     }
 
-    /// Whether `a` and `b` can reach each other now.
-    pub fn reachable(&self, a: NodeId, b: NodeId) -> bool {
-        !self.lock().cut.contains(&pair(a, b))
-    }
-
     fn connect(&self, from: NodeId, addr: &str) -> io::Result<BoxStream> {
         let refused = || io::Error::new(io::ErrorKind::ConnectionRefused, "unreachable");
         let to: NodeId = addr

@@ -24,10 +24,6 @@ use crate::trace::{digest_of, Trace};
 /// Simulated time per step; the nodes' tasks run while it passes.
 const STEP: Duration = Duration::from_millis(10);
 
-/// How long after a node regains a quorum it still counts as cut off for the checker's
-/// cut-off publishes switch: it needs a moment to apply what it missed (2 s).
-const RECENTLY_CUT_STEPS: u64 = 200;
-
 /// What a run does besides its seed.
 #[derive(Debug, Clone, Copy)]
 pub struct Options {
@@ -107,8 +103,6 @@ pub struct Outcome {
     pub wipes: u64,
     /// Persistent subscribers' sessions resumed on another node than their last.
     pub moves: u64,
-    /// Losses excused by the checker's temporary switch (see `invariants`).
-    pub excused_cut_publishes: u64,
 }
 
 struct Node {
@@ -142,8 +136,6 @@ struct World {
     faults: u64,
     wipes: u64,
     sabotaged: bool,
-    /// The last step at which each node could not reach a quorum.
-    last_cut: BTreeMap<NodeId, u64>,
     /// Per client: the step of its last CONNECT, and the node its session was last on.
     last_connect: BTreeMap<usize, u64>,
     session_node: BTreeMap<usize, NodeId>,
@@ -206,7 +198,6 @@ async fn simulate(seed: u64, options: Options) -> Outcome {
         faults: 0,
         wipes: 0,
         sabotaged: false,
-        last_cut: BTreeMap::new(),
         last_connect: BTreeMap::new(),
         session_node: BTreeMap::new(),
         readmission: None,
@@ -242,7 +233,6 @@ async fn simulate(seed: u64, options: Options) -> Outcome {
         faults: world.faults,
         wipes: world.wipes,
         moves: world.checker.move_count(),
-        excused_cut_publishes: world.checker.excused_cut_publishes,
     }
 }
 
@@ -534,9 +524,8 @@ impl World {
             Observation::Acked { message, qos } => {
                 self.acked += 1;
                 self.trace.record((self.step, "acked", message, node));
-                let cut = self.recently_cut(node);
                 self.checker
-                    .acked(self.step, node, cut, message, qos == QoS::ExactlyOnce);
+                    .acked(self.step, node, message, qos == QoS::ExactlyOnce);
             }
             Observation::Delivered { message, qos } => {
                 self.delivered += 1;
@@ -574,13 +563,6 @@ impl World {
         first
     }
 
-    /// Whether `node` could not reach a quorum within the last [`RECENTLY_CUT_STEPS`].
-    fn recently_cut(&self, node: NodeId) -> bool {
-        self.last_cut
-            .get(&node)
-            .is_some_and(|&at| self.step - at <= RECENTLY_CUT_STEPS)
-    }
-
     fn check(&mut self) {
         let mut live: BTreeMap<String, Vec<NodeId>> = BTreeMap::new();
         let mut tables = Vec::new();
@@ -613,17 +595,6 @@ impl World {
         if self.sabotage(Sabotage::SkewRoutes) {
             if let Some(table) = tables.get_mut(1) {
                 table.2 ^= 1;
-            }
-        }
-        let alive = self.alive();
-        let quorum = self.nodes.len() / 2 + 1;
-        for &node in &alive {
-            let reachable = alive
-                .iter()
-                .filter(|&&other| other == node || self.network.reachable(node, other))
-                .count();
-            if reachable < quorum {
-                self.last_cut.insert(node, self.step);
             }
         }
         self.checker.check_owners(self.step, &live);

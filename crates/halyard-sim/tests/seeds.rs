@@ -1,6 +1,6 @@
 //! The simulation in CI: many seeds hold every invariant under partitions, kills and
-//! restarts with and without data, a seed replays exactly, and each invariant catches a
-//! fault injected to break it.
+//! restarts with and without data, and with sessions moving from node to node; a seed
+//! replays exactly, and each invariant catches a fault injected to break it.
 
 use std::time::Duration;
 
@@ -67,7 +67,7 @@ fn two_hundred_seeds_hold_every_invariant() {
 }
 
 /// Sessions moving from node to node get every acknowledged message, and QoS 2 ones once
-/// (issue 12's takeover across nodes; no excuse switch applies).
+/// (issue 12's takeover across nodes).
 #[test]
 fn two_hundred_seeds_of_moving_sessions_lose_and_repeat_nothing() {
     let outcomes = run_seeds(CI_SEEDS, Options::moving());
