@@ -585,6 +585,35 @@ impl Session {
         }
     }
 
+    /// Takes over a QoS 2 message another node sent under `packet_id` and got no PUBREC
+    /// for: the client may hold that id awaiting PUBREL, so it is sent again under the
+    /// same id with DUP = 1 (and recognised) rather than as a new message [MQTT-4.3.3-8].
+    /// False if the id is in use here: the caller queues the message as a new one.
+    pub fn adopt_unreceived(
+        &mut self,
+        packet_id: u16,
+        delivery: Delivery,
+        now: Instant,
+        out: &mut Outbox,
+    ) -> bool {
+        if self
+            .inflight
+            .iter()
+            .any(|entry| entry.packet_id == packet_id)
+        {
+            return false;
+        }
+        if self.link.is_some() {
+            self.transmit(&delivery, Some(packet_id), true, now, out);
+        }
+        self.inflight.push_back(Inflight {
+            packet_id,
+            delivery,
+            state: Awaiting::Receipt,
+        });
+        true
+    }
+
     /// Writes one PUBLISH to the live connection. Returns false when the client's Maximum
     /// Packet Size forbids it.
     fn transmit(

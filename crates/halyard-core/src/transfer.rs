@@ -3,7 +3,7 @@
 
 use std::time::{Instant, SystemTime};
 
-use halyard_codec::Will;
+use halyard_codec::{QoS, Will};
 
 use crate::broker::Broker;
 use crate::close::CloseKind;
@@ -192,7 +192,8 @@ impl Broker {
     /// it, so the client already resumed from what raft holds: the messages it had queued or
     /// in flight on the old owner join the live session's queue, and the move loses nothing.
     /// A QoS 2 message the client already received (PUBREC sent, awaiting PUBCOMP) is not
-    /// sent again. A message with no room left is counted in `late_transfer_dropped`.
+    /// sent again, and one sent without a PUBREC yet is sent again under its packet id
+    /// (see `Session::adopt_unreceived`). A message with no room left is counted in `late_transfer_dropped`.
     /// If the session has moved on from here, its messages are passed on after it (see
     /// `move_window`). Nothing happens if this node no longer holds the session it took
     /// under `epoch` otherwise (resumed here since, without a clean start, it still does);
@@ -217,13 +218,23 @@ impl Broker {
         if !(session.held_since..=session.epoch).contains(&epoch) {
             return 0;
         }
-        let unsent = state
-            .inflight
-            .into_iter()
-            .filter(|(_, at)| !matches!(at, DeliveryState::AwaitingCompletion(_)))
-            .map(|(stored, _)| stored)
-            .chain(state.pending);
         let mut queued = 0;
+        let mut unsent = Vec::with_capacity(state.inflight.len() + state.pending.len());
+        for (stored, at) in state.inflight {
+            match at {
+                DeliveryState::AwaitingCompletion(_) => {}
+                DeliveryState::AwaitingReceipt(packet_id) if stored.qos == QoS::ExactlyOnce => {
+                    let delivery = clock.delivery(0, stored.clone());
+                    if session.adopt_unreceived(packet_id, delivery, now, &mut self.out) {
+                        queued += 1;
+                    } else {
+                        unsent.push(stored);
+                    }
+                }
+                _ => unsent.push(stored),
+            }
+        }
+        unsent.extend(state.pending);
         for stored in unsent {
             if session.push(clock.delivery(0, stored), now, limits, &mut self.out) {
                 queued += 1;

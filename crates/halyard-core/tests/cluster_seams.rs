@@ -903,6 +903,65 @@ fn a_session_handed_over_late_joins_the_resumed_session() {
     assert_eq!(received, 40, "every message of the old owner, once");
 }
 
+/// A QoS 2 message the old owner sent and got no PUBREC for may be held by the client under
+/// its packet id: the late hand-over sends it again under that id with DUP = 1, so the client
+/// recognises it [MQTT-4.3.3-8]; a queued one goes out as a new message.
+#[test]
+fn a_late_hand_over_resends_an_unreceived_qos2_message_under_its_packet_id() {
+    let dir_a = tempfile::tempdir().expect("tempdir");
+    let dir_b = tempfile::tempdir().expect("tempdir");
+    let now = Instant::now();
+    let mut a = Node::open(dir_a.path(), BrokerParts::replicated(), now);
+    let mut b = Node::open(dir_b.path(), BrokerParts::replicated(), now);
+    a.send(1, connect(V5, "exact", false, Some(3600)));
+    a.granted(1, 10);
+    a.send(1, subscribe("q2/#", QoS::ExactlyOnce, 1));
+    a.send(2, connect(V5, "feeder", true, None));
+    a.granted(2, 11);
+    a.take(1);
+    a.send(2, publish("q2/a", b"sent", QoS::ExactlyOnce, 1));
+    let sent = publishes(&a.take(1));
+    assert_eq!(sent.len(), 1);
+    let sent_id = sent[0].packet_id.expect("QoS 2");
+    let state = a
+        .broker
+        .fence(a.now, SystemTime::now(), "exact", 12, 2)
+        .expect("A held it");
+
+    b.send(5, connect(V5, "exact", false, Some(3600)));
+    b.claims.pop_front().expect("claim");
+    let from_raft = SessionState {
+        inflight: Vec::new(),
+        pending: Vec::new(),
+        inbound_qos2: Vec::new(),
+        delayed_will: None,
+        ..(*state).clone()
+    };
+    b.settle(
+        5,
+        ClaimOutcome::Granted {
+            epoch: 12,
+            session: Some(Box::new(from_raft)),
+        },
+    );
+    b.take(5);
+    assert_eq!(
+        b.broker
+            .merge_late_session(b.now, SystemTime::now(), 12, *state),
+        1
+    );
+    b.drain();
+    let resent = publishes(&b.take(5));
+    assert_eq!(resent.len(), 1, "{resent:?}");
+    assert_eq!(
+        resent[0].packet_id,
+        Some(sent_id),
+        "the id the client may hold"
+    );
+    assert!(resent[0].dup, "DUP = 1: it may have been received");
+    assert_eq!(&resent[0].payload[..], b"sent");
+}
+
 /// The client resumed here from raft, then reconnected here again (a newer claim, the same
 /// session) before the old owner's late hand-over came: its messages still join the session
 /// (found by the simulation, halyard-sim seed 147). After a clean start they do not.
