@@ -9,6 +9,8 @@
 //!   `--subscriber-port` puts the subscribers on another cluster node.
 //! - [`slow_subscriber`]: the `slow-subscriber` scenario (a healthy subscriber beside one
 //!   that never reads, against a baseline without it).
+//! - [`stalled_qos0`]: the `stalled-qos0` scenario (a QoS 1 pair's latency while QoS 0
+//!   subscribers that never read are flooded).
 //! - [`reconnect`]: the `reconnect` scenario (one client resuming its session in a loop).
 //! - [`takeover`]: the `takeover` scenario (a persistent session moving between cluster nodes).
 //! - [`sys`]: the tool's own CPU use and the open-file limit.
@@ -21,5 +23,6 @@ pub mod payload;
 pub mod reconnect;
 pub mod run;
 pub mod slow_subscriber;
+pub mod stalled_qos0;
 pub mod sys;
 pub mod takeover;

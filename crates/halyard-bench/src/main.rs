@@ -10,6 +10,7 @@
 //! halyard-bench takeover --port 1883 --takeover-port 1884 --rounds 100
 //! halyard-bench slow-subscriber --mqtt-version 5 --qos 1 --payload 1024
 //! halyard-bench reconnect --mqtt-version 5 --session-expiry 86400
+//! halyard-bench stalled-qos0 --connections 100 --payload 1024 --rate 1000
 //! ```
 
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -85,7 +86,7 @@ struct Opts {
     /// allows).
     #[arg(long)]
     rate: Option<f64>,
-    /// Connections to open (conns).
+    /// Connections to open (conns), or subscribers that never read (stalled-qos0).
     #[arg(long, default_value_t = 10_000)]
     connections: usize,
     /// Parallel connection attempts (conns).
@@ -146,13 +147,13 @@ fn params(scenario: Scenario, o: Opts) -> Result<(Params, SocketAddr)> {
             let n = o.publishers.or(o.subscribers).unwrap_or(4);
             (n, n)
         }
-        Scenario::Latency | Scenario::SlowSubscriber => {
+        Scenario::Latency | Scenario::SlowSubscriber | Scenario::StalledQos0 => {
             (o.publishers.unwrap_or(1), o.subscribers.unwrap_or(1))
         }
         Scenario::Conns | Scenario::Takeover | Scenario::Reconnect => (0, 0),
     };
     let rate = match scenario {
-        Scenario::Latency => Some(o.rate.unwrap_or(10_000.0)),
+        Scenario::Latency | Scenario::StalledQos0 => Some(o.rate.unwrap_or(10_000.0)),
         _ => o.rate,
     };
     let nanos = SystemTime::now()

@@ -59,6 +59,11 @@ pub enum Scenario {
     SlowSubscriber,
     /// One client reconnecting in a loop to its persistent session (--session-expiry).
     Reconnect,
+    /// The latency scenario's QoS 1 pair while --connections QoS 0 subscribers that never
+    /// read are flooded on another topic.
+    #[serde(rename = "stalled-qos0")]
+    #[value(name = "stalled-qos0")]
+    StalledQos0,
 }
 
 /// Everything a run needs, resolved from the command line.
@@ -278,6 +283,12 @@ pub struct Report {
     /// those drops or not.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stuck_dropped: Option<u64>,
+    /// `stalled-qos0`: subscribers that never read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stalled_subscribers: Option<usize>,
+    /// `stalled-qos0`: QoS 0 messages the flooder wrote to their topic.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flood_sent: Option<u64>,
     /// With `--broker-pid`: the broker's peak resident set (`VmHWM`), KiB, at the end.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub broker_peak_rss_kb: Option<u64>,
@@ -322,6 +333,8 @@ impl Report {
             session_present: None,
             takeover_connack_us: None,
             takeover_old_closed_us: None,
+            stalled_subscribers: None,
+            flood_sent: None,
             baseline_rate_msgs_per_s: None,
             baseline_rejected: None,
             healthy_ratio: None,
@@ -426,6 +439,7 @@ fn topology(p: &Params) -> (Vec<PubPlan>, Vec<SubPlan>) {
         | Scenario::Conns
         | Scenario::Takeover
         | Scenario::SlowSubscriber
+        | Scenario::StalledQos0
         | Scenario::Reconnect => {
             let n = if p.scenario != Scenario::Pairs {
                 0
@@ -462,6 +476,7 @@ pub async fn run(params: Params, addr: SocketAddr) -> Result<Report> {
         Scenario::Takeover => crate::takeover::run_takeover(params, addr).await,
         Scenario::SlowSubscriber => crate::slow_subscriber::run_slow_subscriber(params, addr).await,
         Scenario::Reconnect => crate::reconnect::run_reconnect(params, addr).await,
+        Scenario::StalledQos0 => crate::stalled_qos0::run_stalled_qos0(params, addr).await,
         _ => run_traffic(params, addr).await,
     }?;
     report.broker_peak_rss_kb = broker_pid.and_then(crate::sys::peak_rss_kb);
