@@ -182,6 +182,27 @@ impl Node {
         self.drain();
     }
 
+    /// `state`'s client connects on `conn` and its claim under `epoch` is granted with what
+    /// raft holds of the session (its subscriptions), as when no hand-over came in time.
+    fn resume_from_raft(&mut self, conn: ConnectionId, state: &SessionState, epoch: u64) {
+        self.send(conn, connect(V5, &state.client_id, false, Some(3600)));
+        self.claims.pop_front().expect("claim");
+        let from_raft = SessionState {
+            inflight: Vec::new(),
+            pending: Vec::new(),
+            inbound_qos2: Vec::new(),
+            delayed_will: None,
+            ..state.clone()
+        };
+        self.settle(
+            conn,
+            ClaimOutcome::Granted {
+                epoch,
+                session: Some(Box::new(from_raft)),
+            },
+        );
+    }
+
     fn granted(&mut self, conn: ConnectionId, epoch: u64) {
         self.settle(
             conn,
@@ -852,22 +873,7 @@ fn a_session_handed_over_late_joins_the_resumed_session() {
         .expect("A held it under epoch 10");
 
     // B resumed without the hand-over: only the subscription, as raft holds it.
-    b.send(5, connect(V5, "slowpoke", false, Some(3600)));
-    b.claims.pop_front().expect("claim");
-    let from_raft = SessionState {
-        inflight: Vec::new(),
-        pending: Vec::new(),
-        inbound_qos2: Vec::new(),
-        delayed_will: None,
-        ..(*state).clone()
-    };
-    b.settle(
-        5,
-        ClaimOutcome::Granted {
-            epoch: 12,
-            session: Some(Box::new(from_raft)),
-        },
-    );
+    b.resume_from_raft(5, &state, 12);
     let packets = b.take(5);
     assert_eq!(connack(&packets), (true, ReasonCode::SUCCESS));
     assert!(publishes(&packets).is_empty());
@@ -928,22 +934,7 @@ fn a_late_hand_over_resends_an_unreceived_qos2_message_under_its_packet_id() {
         .fence(a.now, SystemTime::now(), "exact", 12, 2)
         .expect("A held it");
 
-    b.send(5, connect(V5, "exact", false, Some(3600)));
-    b.claims.pop_front().expect("claim");
-    let from_raft = SessionState {
-        inflight: Vec::new(),
-        pending: Vec::new(),
-        inbound_qos2: Vec::new(),
-        delayed_will: None,
-        ..(*state).clone()
-    };
-    b.settle(
-        5,
-        ClaimOutcome::Granted {
-            epoch: 12,
-            session: Some(Box::new(from_raft)),
-        },
-    );
+    b.resume_from_raft(5, &state, 12);
     b.take(5);
     assert_eq!(
         b.broker
@@ -985,22 +976,7 @@ fn a_late_hand_over_joins_the_session_resumed_again_here_but_not_a_clean_start()
         .broker
         .fence(a.now, SystemTime::now(), "roamer", 12, 2)
         .expect("A held it under epoch 10");
-    let from_raft = SessionState {
-        inflight: Vec::new(),
-        pending: Vec::new(),
-        inbound_qos2: Vec::new(),
-        delayed_will: None,
-        ..(*state).clone()
-    };
-    b.send(5, connect(V5, "roamer", false, Some(3600)));
-    b.claims.pop_front().expect("claim");
-    b.settle(
-        5,
-        ClaimOutcome::Granted {
-            epoch: 12,
-            session: Some(Box::new(from_raft)),
-        },
-    );
+    b.resume_from_raft(5, &state, 12);
     b.take(5);
     // The client reconnects to B: B's own claim, epoch 13, resumes the same session.
     b.send(6, connect(V5, "roamer", false, Some(3600)));
