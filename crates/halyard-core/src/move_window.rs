@@ -187,14 +187,7 @@ impl Broker {
             .filter(|(_, at)| !matches!(at, DeliveryState::AwaitingCompletion(_)))
             .map(|(stored, _)| stored)
             .chain(state.pending);
-        let onward = self
-            .move_window
-            .relays
-            .iter()
-            .rev()
-            .find(|relay| *relay.client_id == *state.client_id && relay.until > clock.instant)
-            .map(|relay| (relay.node, Arc::clone(&relay.client_id)));
-        let Some((node, client_id)) = onward else {
+        let Some((node, client_id)) = self.moved_on_to(clock.instant, &state.client_id) else {
             self.out.stats.late_transfer_dropped += unsent.count() as u64;
             return 0;
         };
@@ -205,6 +198,17 @@ impl Broker {
             passed += 1;
         }
         passed
+    }
+
+    /// The node `client_id`'s session went to from here, by its newest relay still in its
+    /// window.
+    fn moved_on_to(&self, now: Instant, client_id: &str) -> Option<(NodeId, Arc<str>)> {
+        self.move_window
+            .relays
+            .iter()
+            .rev()
+            .find(|relay| &*relay.client_id == client_id && relay.until > now)
+            .map(|relay| (relay.node, Arc::clone(&relay.client_id)))
     }
 
     /// Sends `message` to `node`, addressed to `client_id`'s session.
@@ -270,14 +274,7 @@ impl Broker {
                 Audience::Session(key),
             );
         }
-        let onward = self
-            .move_window
-            .relays
-            .iter()
-            .rev()
-            .find(|relay| relay.client_id == client_id && relay.until > now)
-            .map(|relay| relay.node);
-        if let Some(node) = onward {
+        if let Some((node, client_id)) = self.moved_on_to(now, &client_id) {
             self.pass_on(node, &message, client_id);
             return RouteOutcome::Delivered;
         }
@@ -352,8 +349,8 @@ impl Broker {
                 Some(addressed) => addressed == client_id,
                 None => epoch.is_some_and(|epoch| (epoch..until).contains(&item.routed_at)),
             };
-            let delivered = for_this && key.is_some();
-            if let (true, Some(key)) = (for_this, key) {
+            let deliver_to = key.filter(|_| for_this);
+            if let Some(key) = deliver_to {
                 self.route_within(
                     now,
                     Arc::clone(&item.message),
@@ -363,7 +360,7 @@ impl Broker {
                 );
             }
             let wanted = match item.for_session.as_deref() {
-                Some(addressed) => !delivered && self.claim_pending_for(addressed),
+                Some(addressed) => deliver_to.is_none() && self.claim_pending_for(addressed),
                 None => still_pending,
             };
             if wanted {

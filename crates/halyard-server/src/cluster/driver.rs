@@ -383,26 +383,27 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
             } => {
                 let owner = self.coordinator.owner(&client_id);
                 let current = owner.as_ref().map(|owner| owner.epoch);
-                let moved_on = owner.filter(|owner| owner.node != self.node);
-                if let (
-                    Some(owner),
+                let lost = superseded(&outcome, current);
+                let carries_session = matches!(
+                    outcome,
                     ClaimOutcome::Granted {
-                        session: Some(_), ..
-                    },
-                ) = (&moved_on, &outcome)
-                {
-                    if superseded(&outcome, current) {
-                        // A newer claim on another node won while this one waited for the
-                        // session: the session passes through here (so that what was routed
-                        // here for it meanwhile goes with it) on to that node, whose claim
-                        // waits for it from this one.
-                        debug!(%client_id, new_owner = owner.node, "a newer claim elsewhere won; the session goes on");
-                        broker.handle_claim(clocks.now, clocks.wall, conn, outcome);
-                        self.hand_over(broker, clocks, &client_id, owner.epoch, owner.node);
-                        return;
+                        session: Some(_),
+                        ..
                     }
+                );
+                if let Some(owner) =
+                    owner.filter(|o| lost && carries_session && o.node != self.node)
+                {
+                    // A newer claim on another node won while this one waited for the
+                    // session: the session passes through here (so that what was routed
+                    // here for it meanwhile goes with it) on to that node, whose claim
+                    // waits for it from this one.
+                    debug!(%client_id, new_owner = owner.node, "a newer claim elsewhere won; the session goes on");
+                    broker.handle_claim(clocks.now, clocks.wall, conn, outcome);
+                    self.hand_over(broker, clocks, &client_id, owner.epoch, owner.node);
+                    return;
                 }
-                let outcome = if superseded(&outcome, current) {
+                let outcome = if lost {
                     debug!(%client_id, "a newer claim was applied before this grant; refused");
                     if let ClaimOutcome::Granted { epoch, .. } = outcome {
                         // The connection is refused, so its will (if the claim brought one)
