@@ -383,6 +383,7 @@ impl Broker {
             will: connect.will.map(Box::new),
             username: connect.username,
             publish_rate: crate::limits::RateBucket::new(self.config.max_publish_rate, now),
+            congested: false,
         };
         if let Some(deadline) = link.deadline {
             self.timers.arm(deadline, Timer::KeepAlive(conn));

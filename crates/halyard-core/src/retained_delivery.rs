@@ -103,21 +103,38 @@ impl Broker {
         }
     }
 
-    /// Everything written to `conn` up to an [`Output::NotifyWritten`] has reached its
-    /// socket: the session's retained stream continues with its next page.
+    /// Everything written to `conn` up to an [`Output::NotifyWritten`] (or the notice the
+    /// server sets after [`Broker::handle_congested`]) has reached its socket: the
+    /// connection takes QoS 0 messages again, and its retained stream continues with its
+    /// next page.
     pub fn handle_written(&mut self, now: Instant, conn: ConnectionId) {
         let Some(&key) = self.conns.get(&conn) else {
             return;
         };
-        let Some(streams) = self
-            .sessions
-            .get_mut(&key)
-            .and_then(|session| session.retained.as_deref_mut())
-        else {
+        let Some(session) = self.sessions.get_mut(&key) else {
+            return;
+        };
+        if let Some(link) = session.link.as_mut() {
+            link.congested = false;
+        }
+        let Some(streams) = session.retained.as_deref_mut() else {
             return;
         };
         streams.awaiting_write = false;
         self.pump(now, key);
+    }
+
+    /// The server's writer for `conn` holds `max_outbound_buffer` unwritten, so it drops
+    /// QoS 0 packets: until [`Broker::handle_written`] says it caught up, the core drops
+    /// them first, counted per client, and builds no packet for them. One stalled
+    /// subscriber of a busy topic then costs a flag test per message, not an encoding.
+    pub fn handle_congested(&mut self, conn: ConnectionId) {
+        let Some(&key) = self.conns.get(&conn) else {
+            return;
+        };
+        if let Some(link) = self.sessions.get_mut(&key).and_then(|s| s.link.as_mut()) {
+            link.congested = true;
+        }
     }
 
     /// One page of retained messages matching `filter` after the cursor `after`: from the

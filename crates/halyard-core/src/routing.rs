@@ -284,6 +284,12 @@ impl Broker {
             };
             let qos = delivery.qos;
             if qos == QoS::AtMostOnce {
+                if session.link.as_ref().is_some_and(|link| link.congested) {
+                    session.dropped += 1;
+                    self.out
+                        .count_drop(&session.client_id, DropReason::SlowConsumer);
+                    continue;
+                }
                 if !session.push(delivery, now, limits, &mut self.out) {
                     self.out.stats.dropped_qos0 += 1;
                 }

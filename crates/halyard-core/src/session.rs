@@ -61,6 +61,7 @@ impl Outbox {
             DropReason::Oldest => self.stats.dropped_oldest += 1,
             DropReason::New => self.stats.dropped_queue_full += 1,
             DropReason::Disconnected => self.stats.dropped_slow_disconnect += 1,
+            DropReason::SlowConsumer => self.stats.dropped_slow_consumer += 1,
         }
         self.drops.note(client_id, reason);
     }
@@ -157,6 +158,10 @@ pub(crate) struct Link {
     pub username: Option<String>,
     /// Publishes this connection may still send now (`max_publish_rate`).
     pub publish_rate: crate::limits::RateBucket,
+    /// The server found the connection's writer holding `max_outbound_buffer` unwritten,
+    /// and it has not caught up since: QoS 0 messages are dropped here, before a packet is
+    /// built for a socket that cannot take it (see `Broker::handle_congested`).
+    pub congested: bool,
 }
 
 impl Link {

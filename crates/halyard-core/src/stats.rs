@@ -19,6 +19,9 @@ pub struct BrokerStats {
     pub dropped_qos0: u64,
     /// Messages not sent because they exceed the client's Maximum Packet Size.
     pub dropped_too_large: u64,
+    /// QoS 0 messages not sent to a connection whose writer was congested (the server's
+    /// own drops at `max_outbound_buffer` are counted by the server).
+    pub dropped_slow_consumer: u64,
     /// QoS 1/2 messages not queued for a subscriber whose queue was full: the new message
     /// under `drop_new`, and under the refusing policies a will, retained-on-subscribe or
     /// forwarded message (no publisher to tell).
@@ -86,6 +89,9 @@ pub enum DropReason {
     New,
     /// The subscriber was disconnected, and the new message not queued.
     Disconnected,
+    /// A QoS 0 message not sent: the connection's writer already holds
+    /// `max_outbound_buffer` unwritten (see `Broker::handle_congested`).
+    SlowConsumer,
 }
 
 impl DropReason {
@@ -95,32 +101,54 @@ impl DropReason {
             DropReason::Oldest => "queue_full_oldest",
             DropReason::New => "queue_full",
             DropReason::Disconnected => "queue_full_disconnect",
+            DropReason::SlowConsumer => "slow_consumer",
         }
     }
 }
+
+use crate::FastMap;
 
 /// Most clients a [`DropReport`] names; drops of further clients are only summed.
 const REPORTED_CLIENTS: usize = 64;
 
 /// Drops since the last report, per client and reason, for a log line per client that
 /// costs nothing per message (see `Broker::take_drop_report`).
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone)]
 pub struct DropReport {
     /// (client id, reason, messages dropped), for the first clients that dropped.
     pub clients: Vec<(String, DropReason, u64)>,
     /// Drops of clients beyond those named.
     pub others: u64,
+    /// Where each named client's first entry is in `clients`: a stalled fan-out notes a
+    /// drop per subscriber per message, and a walk of every entry made each drop cost 64
+    /// string compares once the report was full.
+    first_entry: FastMap<String, usize>,
 }
+
+impl PartialEq for DropReport {
+    fn eq(&self, other: &DropReport) -> bool {
+        self.clients == other.clients && self.others == other.others
+    }
+}
+
+impl Eq for DropReport {}
 
 impl DropReport {
     pub(crate) fn note(&mut self, client_id: &str, reason: DropReason) {
-        if let Some(entry) = self
-            .clients
-            .iter_mut()
-            .find(|(id, why, _)| *why == reason && id == client_id)
-        {
-            entry.2 += 1;
-        } else if self.clients.len() < REPORTED_CLIENTS {
+        if let Some(&first) = self.first_entry.get(client_id) {
+            // A client's entries for other reasons follow its first (rarely more than one).
+            if let Some(entry) = self.clients[first..]
+                .iter_mut()
+                .find(|(id, why, _)| *why == reason && id == client_id)
+            {
+                entry.2 += 1;
+                return;
+            }
+        }
+        if self.clients.len() < REPORTED_CLIENTS {
+            self.first_entry
+                .entry(client_id.to_owned())
+                .or_insert(self.clients.len());
             self.clients.push((client_id.to_owned(), reason, 1));
         } else {
             self.others += 1;
@@ -130,5 +158,36 @@ impl DropReport {
     /// Whether nothing was dropped.
     pub fn is_empty(&self) -> bool {
         self.clients.is_empty() && self.others == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_report_sums_per_client_and_reason_and_only_counts_clients_beyond_its_names() {
+        let mut report = DropReport::default();
+        for client in 0..REPORTED_CLIENTS + 10 {
+            for _ in 0..3 {
+                report.note(&format!("c{client}"), DropReason::SlowConsumer);
+            }
+        }
+        report.note("c0", DropReason::New);
+        report.note("c0", DropReason::SlowConsumer);
+        assert_eq!(report.clients.len(), REPORTED_CLIENTS);
+        assert_eq!(
+            report.clients[0],
+            ("c0".into(), DropReason::SlowConsumer, 4)
+        );
+        assert_eq!(
+            report.clients[1],
+            ("c1".into(), DropReason::SlowConsumer, 3)
+        );
+        assert_eq!(
+            report.others,
+            10 * 3 + 1,
+            "c0's new reason had no name left"
+        );
     }
 }

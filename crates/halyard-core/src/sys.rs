@@ -135,7 +135,8 @@ impl SysTopics {
                     + stats.dropped_too_large
                     + stats.dropped_queue_full
                     + stats.dropped_oldest
-                    + stats.dropped_slow_disconnect)
+                    + stats.dropped_slow_disconnect
+                    + stats.dropped_slow_consumer)
                     .to_string(),
             ),
             ("bytes/received".into(), traffic.bytes_received.to_string()),

@@ -1491,3 +1491,48 @@ fn held_memory_is_counted_and_returns_to_zero() {
     h.drain();
     assert_eq!(h.broker.held_bytes(), 0, "dropped with the session");
 }
+
+#[test]
+fn a_congested_connection_loses_only_its_own_qos0_counted_until_its_writer_catches_up() {
+    let mut h = Harness::new();
+    h.connect(1, V5, "stalled", true);
+    h.subscribe(1, "t", QoS::AtLeastOnce);
+    h.connect(2, V5, "healthy", true);
+    h.subscribe(2, "t", QoS::AtMostOnce);
+    h.connect(3, V5, "pub", true);
+    // The server found connection 1's writer full.
+    h.broker.handle_congested(1);
+    for _ in 0..3 {
+        h.publish(3, "t", b"q0", QoS::AtMostOnce, false, 0);
+    }
+    h.publish(3, "t", b"q1", QoS::AtLeastOnce, false, 7);
+    assert_eq!(
+        h.publishes(2).len(),
+        4,
+        "the healthy subscriber gets everything"
+    );
+    let stalled = h.publishes(1);
+    assert_eq!(
+        stalled.iter().map(|p| p.qos).collect::<Vec<_>>(),
+        vec![QoS::AtLeastOnce],
+        "no QoS 0 packet is built for a congested writer; QoS 1 still is"
+    );
+    assert_eq!(h.broker.stats().dropped_slow_consumer, 3);
+    let report = h.broker.take_drop_report();
+    assert_eq!(
+        report.clients,
+        vec![(
+            "stalled".to_string(),
+            halyard_core::DropReason::SlowConsumer,
+            3
+        )]
+    );
+    let page = h.broker.admin_clients(0, 10);
+    let listed = page.items.iter().find(|c| c.client_id == "stalled");
+    assert_eq!(listed.map(|c| c.dropped), Some(3), "counted per client");
+    // The writer took the notice queued with the first drop: QoS 0 flows again.
+    h.broker.handle_written(h.now, 1);
+    h.publish(3, "t", b"q0", QoS::AtMostOnce, false, 0);
+    assert_eq!(h.publishes(1).len(), 1);
+    assert_eq!(h.broker.stats().dropped_slow_consumer, 3);
+}

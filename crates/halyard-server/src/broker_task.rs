@@ -193,6 +193,7 @@ pub(crate) async fn run(
         commit(&mut broker, &mut disk_probe)?;
         dispatcher.committed(&mut broker);
         broker.take_outputs_with(|outputs| dispatcher.dispatch(outputs));
+        dispatcher.report_congested(&mut broker);
         dispatcher.update_memory(broker.held_bytes());
         if broker.has_drops_to_report()
             && drops_logged.is_none_or(|at| at.elapsed() >= DROP_LOG_PERIOD)

@@ -34,13 +34,13 @@ pub(crate) const SWEEP_SLICES: u32 = 16;
 #[derive(Debug)]
 pub(crate) struct Dispatcher {
     /// Open connections, as the broker task knows them.
-    links: HashMap<ConnectionId, LinkState>,
+    links: HashMap<ConnectionId, LinkState, foldhash::fast::RandomState>,
     /// Batches being assembled in the current drain (kept to reuse its allocation), in the
     /// order the core first addressed each connection: the core emits a message's deliveries
     /// before the publisher's acknowledgement, so subscribers' bytes are written first. (A
     /// hash order made that a coin toss per process: the subscriber's write waited behind the
     /// PUBACK's in about half the runs, 18-29 us more latency at the median.)
-    pending: IndexMap<ConnectionId, Batch>,
+    pending: IndexMap<ConnectionId, Batch, foldhash::fast::RandomState>,
     /// See `ServerConfig::max_outbound_buffer`.
     max_outbound_buffer: usize,
     /// QoS 0 PUBLISH packets dropped because their receiver was too slow.
@@ -72,6 +72,9 @@ pub(crate) struct Dispatcher {
     pub(crate) inbound: Arc<InboundBudget>,
     /// The memory budget: publishers paced while the core holds too much.
     pub(crate) pacing: Pacing,
+    /// Connections that became congested in the last dispatch, for the core to hear of
+    /// (see [`Dispatcher::report_congested`]).
+    congested: Vec<ConnectionId>,
 }
 
 impl Drop for Dispatcher {
@@ -100,6 +103,9 @@ struct LinkState {
     batch_hint: u32,
     /// The client id its CONNECT named, for the drop log.
     client_id: Option<Box<str>>,
+    /// A QoS 0 packet was dropped for this connection's unwritten bytes, and its writer
+    /// has not yet reached the notice queued then.
+    congested: bool,
 }
 
 /// Largest [`LinkState::batch_hint`], so one burst does not make every later batch of the
@@ -109,8 +115,8 @@ const MAX_BATCH_HINT: usize = 64 * 1024;
 impl Dispatcher {
     pub(crate) fn new(max_outbound_buffer: usize) -> Dispatcher {
         Dispatcher {
-            links: HashMap::new(),
-            pending: IndexMap::new(),
+            links: HashMap::default(),
+            pending: IndexMap::default(),
             max_outbound_buffer,
             dropped_qos0: 0,
             metrics: Arc::default(),
@@ -125,6 +131,7 @@ impl Dispatcher {
             log: ConnectionLog::default(),
             inbound: Arc::default(),
             pacing: Pacing::default(),
+            congested: Vec::new(),
         }
     }
 
@@ -146,6 +153,7 @@ impl Dispatcher {
                         dropped_qos0: 0,
                         batch_hint: 0,
                         client_id: None,
+                        congested: false,
                     },
                 );
             }
@@ -199,7 +207,8 @@ impl Dispatcher {
                 call(broker, now);
             }
             Event::Written { conn } => {
-                if self.links.contains_key(&conn) {
+                if let Some(state) = self.links.get_mut(&conn) {
+                    state.congested = false;
                     broker.handle_written(now, conn);
                 }
             }
@@ -217,6 +226,14 @@ impl Dispatcher {
     pub(crate) fn committed(&mut self, broker: &mut Broker) {
         if let Some(cluster) = self.cluster.as_mut() {
             cluster.committed(broker);
+        }
+    }
+
+    /// Tells the core of the connections that became congested in the last dispatch, so
+    /// that it stops building QoS 0 packets for them until their writers catch up.
+    pub(crate) fn report_congested(&mut self, broker: &mut Broker) {
+        for conn in self.congested.drain(..) {
+            broker.handle_congested(conn);
         }
     }
 
@@ -335,14 +352,10 @@ impl Dispatcher {
                     }
                 }
                 Output::NotifyWritten { conn } => {
-                    let events = self.written.as_ref().and_then(mpsc::WeakSender::upgrade);
-                    if let (Some(events), true) = (events, self.links.contains_key(&conn)) {
-                        let report = async move {
-                            // An error means the broker task is gone and nobody waits.
-                            let _ = events.send(Event::Written { conn }).await;
-                        };
-                        let notice = Box::new(WrittenNotice::new(conn, report));
-                        self.pending.entry(conn).or_default().written = Some(notice);
+                    if self.links.contains_key(&conn) {
+                        if let Some(notice) = written_notice(self.written.as_ref(), conn) {
+                            self.pending.entry(conn).or_default().written = Some(notice);
+                        }
                     }
                 }
             }
@@ -400,6 +413,17 @@ impl Dispatcher {
             self.dropped_qos0 += 1;
             self.metrics.dropped_slow_consumer.inc();
             state.dropped_qos0 = state.dropped_qos0.saturating_add(1);
+            // The core drops the next ones itself until the writer reaches this notice
+            // (one already in the batch, a retained page's, says the same).
+            if !state.congested {
+                if batch.written.is_none() {
+                    batch.written = written_notice(self.written.as_ref(), conn);
+                }
+                if batch.written.is_some() {
+                    state.congested = true;
+                    self.congested.push(conn);
+                }
+            }
             let client_id = state.client_id.as_deref().unwrap_or("");
             if state.dropped_qos0 == 1 {
                 warn!(
@@ -430,6 +454,20 @@ impl Dispatcher {
             .count_outbound(packet, batch.wire.len() - start);
         debug!(conn, packet = packet_name(packet), "sent");
     }
+}
+
+/// A notice for `conn`'s writer to send the broker task [`Event::Written`] once it takes
+/// the batch carrying it. `None` when there is no broker task to send it to.
+fn written_notice(
+    written: Option<&mpsc::WeakSender<Event>>,
+    conn: ConnectionId,
+) -> Option<Box<WrittenNotice>> {
+    let events = written.and_then(mpsc::WeakSender::upgrade)?;
+    let report = async move {
+        // An error means the broker task is gone and nobody waits.
+        let _ = events.send(Event::Written { conn }).await;
+    };
+    Some(Box::new(WrittenNotice::new(conn, report)))
 }
 
 /// Makes room for `need` more bytes in `wire`, doubling its capacity but not beyond `limit`
@@ -628,6 +666,7 @@ mod tests {
                 dropped_qos0: 0,
                 batch_hint: 0,
                 client_id: None,
+                congested: false,
             },
         );
     }
@@ -783,6 +822,32 @@ mod tests {
         dispatcher.links.remove(&1);
         dispatcher.refresh_outbound_gauge();
         assert_eq!(dispatcher.metrics.outbound_buffer_bytes.get(), 0);
+    }
+
+    #[test]
+    fn the_first_qos0_drop_flags_the_connection_once_until_its_writer_reports_back() {
+        let mut dispatcher = Dispatcher::new(4 * 1024);
+        let (events, _events_rx) = mpsc::channel(8);
+        dispatcher.written = Some(events.downgrade());
+        let (link, _rx) = link();
+        open(&mut dispatcher, 1, link);
+        let flood: Vec<Output> = (0..50)
+            .map(|_| Output::Send {
+                conn: 1,
+                packet: publish(QoS::AtMostOnce),
+            })
+            .collect();
+        dispatcher.dispatch(&flood);
+        dispatcher.dispatch(&flood);
+        assert!(dispatcher.dropped_qos0 > 50);
+        assert_eq!(dispatcher.congested, vec![1], "told to the core once");
+        let mut broker = Broker::new(Default::default());
+        dispatcher.report_congested(&mut broker);
+        assert!(dispatcher.congested.is_empty());
+        // The writer reached the notice: the next drop flags the connection again.
+        dispatcher.handle(&mut broker, Instant::now(), Event::Written { conn: 1 });
+        dispatcher.dispatch(&flood);
+        assert_eq!(dispatcher.congested, vec![1]);
     }
 
     #[test]

@@ -343,7 +343,7 @@ async fn broker_info(State(state): State<AppState>, headers: HeaderMap) -> ApiRe
         "dropped_qos0": stats.dropped_qos0,
         "dropped_too_large": stats.dropped_too_large,
         "dropped_queue_full": stats.dropped_queue_full,
-        "dropped_slow_consumer": state.metrics.dropped_slow_consumer.get(),
+        "dropped_slow_consumer": state.metrics.dropped_slow_consumer.get() + stats.dropped_slow_consumer,
         "refused_quota": stats.refused_quota,
         "disk_full": stats.disk_full,
         "disk_full_refusals": stats.disk_full_refusals,

@@ -5,7 +5,8 @@
 //! connection takes its event's weight (see [`event_weight`]) from a broker-wide budget
 //! before it sends it, and the broker task gives it back when it has handled the event. A
 //! connection also stops reading while its own events outstanding exceed its share of the
-//! budget: one flooding connection waits for the broker, the others keep their turn.
+//! budget (at most [`MAX_CONNECTION_SHARE`]): one flooding connection waits for the broker,
+//! the others keep their turn.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -22,6 +23,13 @@ pub const DEFAULT_EVENT_QUEUE_BYTES: usize = 16 * 1024 * 1024;
 
 /// One connection may have at most this fraction of the budget outstanding.
 const CONNECTION_SHARE: usize = 16;
+
+/// The largest per-connection share, whatever the budget: the broker task handles events in
+/// the order they came, so an unrelated client's packet waits behind everything a flooding
+/// connection has outstanding. At 1/16 of 16 MiB (1 MiB, about 700 events of 1 KB
+/// publishes to 100 stalled subscribers) a QoS 1 pair beside such a flood saw p99 18 ms; at
+/// 64 KiB it is 2-3 ms, and a lone publisher's throughput is unchanged (BENCHMARKS.md).
+const MAX_CONNECTION_SHARE: usize = 64 * 1024;
 
 /// The smallest per-connection share, so a tiny budget still lets a connection send a
 /// read's worth of packets before it waits.
@@ -54,7 +62,8 @@ impl InboundBudget {
         InboundBudget {
             free: Arc::new(Semaphore::new(total)),
             total,
-            per_connection: (total / CONNECTION_SHARE).max(MIN_CONNECTION_SHARE),
+            per_connection: (total / CONNECTION_SHARE)
+                .clamp(MIN_CONNECTION_SHARE, MAX_CONNECTION_SHARE),
             held: AtomicUsize::new(0),
         }
     }

@@ -355,7 +355,7 @@ impl Metrics {
         catch_up(
             &self.dropped,
             "slow_consumer",
-            self.dropped_slow_consumer.get(),
+            self.dropped_slow_consumer.get() + stats.dropped_slow_consumer,
         );
         catch_up(&self.refused, "quota_exceeded", stats.refused_quota);
         catch_up(

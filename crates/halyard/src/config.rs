@@ -55,8 +55,11 @@ pub struct FileConfig {
     /// Memory that bytes queued for one connection but not yet written may hold (the capacity of
     /// their buffers, not only their length); a QoS 0 message that would take it beyond is dropped
     /// for that connection (slow consumer), counted in
-    /// `halyard_messages_dropped_total{reason="slow_consumer"}` and logged at the first drop per
-    /// connection. `halyard_outbound_buffer_bytes` sums it over connections. QoS 1/2 messages are bounded by `max_inflight`,
+    /// `halyard_messages_dropped_total{reason="slow_consumer"}` and per client in the admin API,
+    /// and logged at the first drop per connection; from then until the connection's writer has
+    /// written what it held, its QoS 0 messages are dropped before they are encoded, so a stalled
+    /// subscriber costs the broker almost nothing. `halyard_outbound_buffer_bytes` sums it over
+    /// connections. QoS 1/2 messages are bounded by `max_inflight`,
     /// `max_queued_messages` and `max_queued_bytes`, and what a full queue does is
     /// `queue_full_policy`'s.
     #[schemars(range(min = 1))]
@@ -64,7 +67,7 @@ pub struct FileConfig {
     /// Bytes of decoded packets that connections may have handed to the broker task and it has
     /// not handled yet (each counted with what its event costs in memory, not only its wire size:
     /// a 2-byte PINGREQ weighs about 500 bytes). One connection may hold a sixteenth of it (at
-    /// least 16 KiB) before the broker stops reading from it, so one flooding client waits and the
+    /// least 16 KiB, at most 64 KiB) before the broker stops reading from it, so one flooding client waits and the
     /// others keep their turn.
     #[schemars(range(min = 16384))]
     pub event_queue_bytes: usize,
