@@ -7,6 +7,7 @@ use halyard_codec::{ConnAck, Connect, Packet, Properties, ProtocolVersion, Reaso
 use crate::authz::ClientInfo;
 use crate::broker::{Broker, ConnectionId};
 use crate::close::CloseKind;
+use crate::message::NodeId;
 use crate::output::Output;
 use crate::registry::{ClaimOutcome, ClaimPoll, ClaimRequest};
 use crate::session::{Link, Session};
@@ -193,6 +194,28 @@ impl Broker {
         self.settle_claim(now, wall, conn, outcome);
         if let Some(client_id) = client_id {
             self.release_held(now, &client_id, epoch);
+        }
+    }
+
+    /// A claim granted under `epoch` that the claim `newer` of the same client id overtook
+    /// before it was answered: the connection is refused like [`ClaimOutcome::Refused`].
+    /// The copies held for it (routed from `epoch` on, before the newer claim) were routed
+    /// here for the session and nowhere else: they follow the session, addressed to it, to
+    /// `owner`, the node of the newer claim (`None`: this node).
+    pub fn handle_superseded_claim(
+        &mut self,
+        now: Instant,
+        wall: SystemTime,
+        conn: ConnectionId,
+        epoch: u64,
+        newer: u64,
+        owner: Option<NodeId>,
+    ) {
+        let client_id = self.claims.get(&conn).map(|c| c.connect.client_id.clone());
+        self.settle_claim(now, wall, conn, ClaimOutcome::Refused);
+        if let Some(client_id) = client_id {
+            self.hand_held_on(now, &client_id, epoch, newer, owner);
+            self.release_held(now, &client_id, None);
         }
     }
 

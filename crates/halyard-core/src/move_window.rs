@@ -20,7 +20,10 @@
 //! client id, is held. Once the claim is settled, the session gets the copies addressed to
 //! it and those routed at or after its claim that match its subscriptions; the rest are
 //! let go (at most [`MAX_HELD`] are held; beyond that they are dropped, counted in
-//! `move_window_dropped`).
+//! `move_window_dropped`). A claim overtaken by a newer one before its session came was
+//! still the owner for what was routed between the two: those copies follow the session,
+//! addressed to it, to the newer claim's node, or stay held for the newer claim here
+//! (`hand_held_on`).
 //!
 //! Held copies and relays are in memory only: a crash of either node inside the window can
 //! lose what it held, although the sender's outbox has let it go.
@@ -80,6 +83,9 @@ struct Held {
     routed_at: u64,
     /// A message addressed to this client id's session.
     for_session: Option<Arc<str>>,
+    /// Client ids whose overtaken claim handed this copy on (see `hand_held_on`): their
+    /// sessions have it, or it is on its way to them.
+    handed_for: Vec<Arc<str>>,
 }
 
 impl Broker {
@@ -305,6 +311,7 @@ impl Broker {
             message,
             routed_at,
             for_session,
+            handed_for: Vec::new(),
         });
     }
 
@@ -347,7 +354,10 @@ impl Broker {
         for item in held {
             let for_this = match item.for_session.as_deref() {
                 Some(addressed) => addressed == client_id,
-                None => epoch.is_some_and(|epoch| (epoch..until).contains(&item.routed_at)),
+                None => {
+                    epoch.is_some_and(|epoch| (epoch..until).contains(&item.routed_at))
+                        && !item.handed_for.iter().any(|id| &**id == client_id)
+                }
             };
             let deliver_to = key.filter(|_| for_this);
             if let Some(key) = deliver_to {
@@ -368,6 +378,72 @@ impl Broker {
             }
         }
         self.move_window.held = kept;
+    }
+
+    /// The claim of `client_id` under `epoch` was overtaken by the claim `newer` before the
+    /// session reached it (see [`Broker::handle_superseded_claim`]): the copies routed here
+    /// between the two go, addressed to the session, to `owner`'s node, or stay held for
+    /// the claim pending here (`None`), or go to the session if it is here already. Each
+    /// copy is handed on once per client id.
+    pub(crate) fn hand_held_on(
+        &mut self,
+        now: Instant,
+        client_id: &str,
+        epoch: u64,
+        newer: u64,
+        owner: Option<NodeId>,
+    ) {
+        let until = self
+            .move_window
+            .overtaken
+            .iter()
+            .filter(|(id, at)| &**id == client_id && *at > epoch)
+            .map(|(_, at)| *at)
+            .fold(newer, u64::min);
+        let client_id: Arc<str> = Arc::from(client_id);
+        let mut ours = Vec::new();
+        for item in &mut self.move_window.held {
+            if item.for_session.is_none()
+                && (epoch..until).contains(&item.routed_at)
+                && !item.handed_for.contains(&client_id)
+            {
+                item.handed_for.push(Arc::clone(&client_id));
+                ours.push(Arc::clone(&item.message));
+            }
+        }
+        if ours.is_empty() {
+            return;
+        }
+        match owner {
+            Some(node) => {
+                for message in ours {
+                    self.pass_on(node, &message, Arc::clone(&client_id));
+                }
+            }
+            None => match self.client_ids.get(&*client_id).copied() {
+                Some(key) => {
+                    for message in ours {
+                        self.route_within(
+                            now,
+                            message,
+                            false,
+                            RouteScope::LocalFromPeer { groups: &[] },
+                            Audience::Session(key),
+                        );
+                    }
+                }
+                None => {
+                    for message in ours {
+                        self.move_window.held.push_back(Held {
+                            message,
+                            routed_at: epoch,
+                            for_session: Some(Arc::clone(&client_id)),
+                            handed_for: Vec::new(),
+                        });
+                    }
+                }
+            },
+        }
     }
 
     /// Whether a pending claim resumes a session this node does not hold: one that may be

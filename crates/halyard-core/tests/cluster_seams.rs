@@ -1261,6 +1261,109 @@ fn a_moving_session_gets_each_message_once_whichever_node_routed_it() {
     assert!(a.forwards.is_empty(), "not after the relay window");
 }
 
+/// Two claims of one client id pending on a node (the client gave up on the first and
+/// connected again): what was routed to the node under the first claim reaches the session
+/// once, when the second claim brings it; a claim overtaken by another node's hands the
+/// copies routed for it to that node, addressed to the session.
+#[test]
+fn an_overtaken_claim_hands_what_was_routed_for_it_on_once() {
+    let dir_a = tempfile::tempdir().expect("tempdir");
+    let dir_b = tempfile::tempdir().expect("tempdir");
+    let now = Instant::now();
+    let mut a = Node::open_at(dir_a.path(), BrokerParts::replicated(), now);
+    let mut b = Node::open_at(dir_b.path(), BrokerParts::replicated(), now);
+    a.send(1, connect(V5, "roamer", false, Some(3600)));
+    a.granted(1, 10);
+    a.send(1, subscribe("mv/#", QoS::AtLeastOnce, 1));
+    let state = a
+        .broker
+        .fence(a.now, SystemTime::now(), "roamer", 12, 2)
+        .expect("A held it");
+
+    b.broker.set_route_version(11);
+    b.send(5, connect(V5, "roamer", false, Some(3600)));
+    b.claims.pop_front().expect("first claim");
+    b.send(6, connect(V5, "roamer", false, Some(3600)));
+    b.claims.pop_front().expect("second claim");
+    b.broker.set_route_version(14);
+    let reached_b: [(&'static [u8], u64, u64); 4] = [
+        (b"before-both", 11, 1),
+        (b"for-first", 12, 2),
+        (b"also-first", 13, 3),
+        (b"for-second", 14, 4),
+    ];
+    for (payload, routed_at, seq) in reached_b {
+        let forward = routed(
+            Some((9, seq)),
+            message("mv/x", payload, QoS::AtLeastOnce),
+            &[],
+            routed_at,
+        );
+        b.broker.handle_forward(b.now, 3, forward);
+    }
+    b.drain();
+
+    // The first claim (12) was overtaken by the second (14), on this node.
+    b.broker
+        .handle_superseded_claim(b.now, SystemTime::now(), 5, 12, 14, None);
+    b.drain();
+    assert_eq!(connack(&b.take(5)), (false, ReasonCode::SERVER_UNAVAILABLE));
+    assert!(b.forwards.is_empty(), "the newer claim is this node's");
+    b.settle(
+        6,
+        ClaimOutcome::Granted {
+            epoch: 14,
+            session: Some(state),
+        },
+    );
+    let packets = b.take(6);
+    assert_eq!(connack(&packets), (true, ReasonCode::SUCCESS));
+    let mut payloads: Vec<Bytes> = publishes(&packets)
+        .into_iter()
+        .map(|publish| publish.payload)
+        .collect();
+    payloads.sort();
+    assert_eq!(
+        payloads,
+        vec![
+            Bytes::from_static(b"also-first"),
+            Bytes::from_static(b"for-first"),
+            Bytes::from_static(b"for-second"),
+        ],
+        "each once, and nothing routed before the first claim (A had it): {packets:?}"
+    );
+
+    // Overtaken by another node's claim: the copies routed for it go there, addressed.
+    b.send(7, connect(V5, "wanderer", false, Some(3600)));
+    b.claims.pop_front().expect("claim");
+    b.broker.set_route_version(20);
+    let reached_b: [(&'static [u8], u64, u64); 2] = [(b"mine", 20, 5), (b"newer-owner's", 22, 6)];
+    for (payload, routed_at, seq) in reached_b {
+        let forward = routed(
+            Some((9, seq)),
+            message("elsewhere/x", payload, QoS::AtLeastOnce),
+            &[],
+            routed_at,
+        );
+        b.broker.handle_forward(b.now, 3, forward);
+    }
+    b.drain();
+    b.forwards.clear();
+    b.broker
+        .handle_superseded_claim(b.now, SystemTime::now(), 7, 20, 22, Some(3));
+    b.drain();
+    let passed: Vec<(u64, Bytes, Option<Arc<str>>)> = b
+        .forwards
+        .drain(..)
+        .map(|(node, message, _, _, for_session)| (node, message.payload.clone(), for_session))
+        .collect();
+    assert_eq!(
+        passed,
+        vec![(3, Bytes::from_static(b"mine"), Some(Arc::from("wanderer")))],
+        "only what was routed between the two claims"
+    );
+}
+
 /// In a cluster a due will is not published at once: it is first taken out of raft, where
 /// the claim keeps it for the survivors, and published only by the node that won it
 /// [MQTT-3.1.2-8]; a DISCONNECT 0x00 discards it there [MQTT-3.1.2-10].

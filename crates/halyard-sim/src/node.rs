@@ -25,6 +25,8 @@ const RELEASE_WAIT: Duration = Duration::from_secs(5);
 
 /// A running node.
 pub struct Running {
+    /// The node's id, for the span its log lines carry (`--log`).
+    id: NodeId,
     pub coordinator: Arc<Coordinator>,
     pub broker: Broker,
     driver: ClusterDriver<ClusterEvent>,
@@ -90,6 +92,7 @@ impl Running {
         let driver =
             ClusterDriver::start(coordinator.clone(), sender, Arc::new(clock), &mut broker);
         Ok(Running {
+            id,
             coordinator,
             broker,
             driver,
@@ -100,6 +103,7 @@ impl Running {
 
     /// One step of the node's broker task; returns what its clients are sent, once durable.
     pub fn step(&mut self, now: Instant) -> Vec<Output> {
+        let _span = tracing::debug_span!("node", id = self.id).entered();
         for conn in std::mem::take(&mut self.written) {
             self.broker.handle_written(now, conn);
         }
@@ -122,7 +126,27 @@ impl Running {
                 Output::NotifyWritten { conn } => self.written.push(conn),
                 Output::Send { .. } | Output::Close { .. } => to_clients.push(output),
                 Output::Pause { .. } | Output::Resume { .. } => {}
-                cluster => self.driver.handle_output(&cluster),
+                cluster => {
+                    if let Output::Forward {
+                        node,
+                        message,
+                        routed_at,
+                        for_session,
+                        ..
+                    } = &cluster
+                    {
+                        let id = <[u8; 8]>::try_from(&message.payload[..]).map(u64::from_be_bytes);
+                        tracing::debug!(
+                            to = node,
+                            topic = message.topic,
+                            message = id.ok(),
+                            routed_at,
+                            for_session = for_session.as_deref(),
+                            "forward"
+                        );
+                    }
+                    self.driver.handle_output(&cluster)
+                }
             }
         }
         if let Err(error) = self.broker.commit() {

@@ -383,6 +383,7 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
             } => {
                 let owner = self.coordinator.owner(&client_id);
                 let current = owner.as_ref().map(|owner| owner.epoch);
+                let newer_node = owner.as_ref().map(|o| o.node).filter(|&n| n != self.node);
                 let lost = superseded(&outcome, current);
                 let carries_session = matches!(
                     outcome,
@@ -403,17 +404,22 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
                     self.hand_over(broker, clocks, &client_id, owner.epoch, owner.node);
                     return;
                 }
-                let outcome = if lost {
+                if let (true, ClaimOutcome::Granted { epoch, .. }) = (lost, &outcome) {
                     debug!(%client_id, "a newer claim was applied before this grant; refused");
-                    if let ClaimOutcome::Granted { epoch, .. } = outcome {
-                        // The connection is refused, so its will (if the claim brought one)
-                        // must never be published.
-                        self.settle_will(client_id.clone(), epoch, 0, None);
-                    }
-                    ClaimOutcome::Refused
-                } else {
-                    outcome
-                };
+                    // The connection is refused, so its will (if the claim brought one) must
+                    // never be published.
+                    self.settle_will(client_id.clone(), *epoch, 0, None);
+                    // What was routed here for the session under this claim follows it.
+                    broker.handle_superseded_claim(
+                        clocks.now,
+                        clocks.wall,
+                        conn,
+                        *epoch,
+                        current.unwrap_or(u64::MAX),
+                        newer_node,
+                    );
+                    return;
+                }
                 let granted = matches!(outcome, ClaimOutcome::Granted { .. });
                 broker.handle_claim(clocks.now, clocks.wall, conn, outcome);
                 if granted && !self.coordinator.lease_held() {
