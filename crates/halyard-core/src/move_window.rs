@@ -338,7 +338,18 @@ impl Broker {
             .map(|(_, at)| *at)
             .min()
             .unwrap_or(u64::MAX);
-        overtaken.retain(|(id, _)| &**id != client_id);
+        // An older claim of this client still pending here has its window end at the
+        // claims after it, this one included.
+        let others_pending = self
+            .claims
+            .values()
+            .any(|c| c.resumes_session() && c.client_id() == client_id);
+        let overtaken = &mut self.move_window.overtaken;
+        if !others_pending {
+            overtaken.retain(|(id, _)| &**id != client_id);
+        } else if let Some(epoch) = epoch {
+            overtaken.push((Arc::from(client_id), epoch));
+        }
         // Only a session this claim brought here: one held here before got the copies
         // through routing already.
         let key = epoch.and_then(|epoch| {
@@ -350,8 +361,10 @@ impl Broker {
         });
         let held = std::mem::take(&mut self.move_window.held);
         let mut kept = VecDeque::new();
-        let still_pending = self.awaits_moving_session();
-        for item in held {
+        // An older claim of this client still pending here may have been the owner for
+        // some of them: they wait for it to be overtaken (`hand_held_on`).
+        let still_pending = self.awaits_moving_session() || others_pending;
+        for mut item in held {
             let for_this = match item.for_session.as_deref() {
                 Some(addressed) => addressed == client_id,
                 None => {
@@ -361,6 +374,9 @@ impl Broker {
             };
             let deliver_to = key.filter(|_| for_this);
             if let Some(key) = deliver_to {
+                if item.for_session.is_none() {
+                    item.handed_for.push(Arc::from(client_id));
+                }
                 self.route_within(
                     now,
                     Arc::clone(&item.message),

@@ -1364,6 +1364,66 @@ fn an_overtaken_claim_hands_what_was_routed_for_it_on_once() {
     );
 }
 
+/// The newer of two pending claims gets the session first: what was routed under the older
+/// claim waits, and reaches the session once the older claim is overtaken; what the newer
+/// claim delivered is not delivered again.
+#[test]
+fn an_older_claim_overtaken_after_the_newer_got_the_session_adds_only_its_own_copies() {
+    let dir_a = tempfile::tempdir().expect("tempdir");
+    let dir_b = tempfile::tempdir().expect("tempdir");
+    let now = Instant::now();
+    let mut a = Node::open_at(dir_a.path(), BrokerParts::replicated(), now);
+    let mut b = Node::open_at(dir_b.path(), BrokerParts::replicated(), now);
+    a.send(1, connect(V5, "roamer", false, Some(3600)));
+    a.granted(1, 10);
+    a.send(1, subscribe("mv/#", QoS::AtLeastOnce, 1));
+    let state = a
+        .broker
+        .fence(a.now, SystemTime::now(), "roamer", 14, 2)
+        .expect("A held it");
+
+    b.send(5, connect(V5, "roamer", false, Some(3600)));
+    b.claims.pop_front().expect("older claim");
+    b.send(6, connect(V5, "roamer", false, Some(3600)));
+    b.claims.pop_front().expect("newer claim");
+    b.broker.set_route_version(14);
+    let reached_b: [(&'static [u8], u64, u64); 2] =
+        [(b"under-older", 12, 1), (b"under-newer", 14, 2)];
+    for (payload, routed_at, seq) in reached_b {
+        let forward = routed(
+            Some((9, seq)),
+            message("mv/x", payload, QoS::AtLeastOnce),
+            &[],
+            routed_at,
+        );
+        b.broker.handle_forward(b.now, 3, forward);
+    }
+    b.drain();
+    b.settle(
+        6,
+        ClaimOutcome::Granted {
+            epoch: 14,
+            session: Some(state),
+        },
+    );
+    let packets = b.take(6);
+    assert_eq!(connack(&packets), (true, ReasonCode::SUCCESS));
+    let first: Vec<Bytes> = publishes(&packets).into_iter().map(|p| p.payload).collect();
+    assert_eq!(first, vec![Bytes::from_static(b"under-newer")]);
+    b.broker
+        .handle_superseded_claim(b.now, SystemTime::now(), 5, 12, 14, None);
+    b.drain();
+    let later: Vec<Bytes> = publishes(&b.take(6))
+        .into_iter()
+        .map(|p| p.payload)
+        .collect();
+    assert_eq!(
+        later,
+        vec![Bytes::from_static(b"under-older")],
+        "the older claim's copy, once; the newer's not again"
+    );
+}
+
 /// In a cluster a due will is not published at once: it is first taken out of raft, where
 /// the claim keeps it for the survivors, and published only by the node that won it
 /// [MQTT-3.1.2-8]; a DISCONNECT 0x00 discards it there [MQTT-3.1.2-10].

@@ -913,7 +913,10 @@ fn session_from_raft(
 /// for another node's hand-over (the client connected again meanwhile), because that node
 /// may still serve the client until such a wait ends (found by the simulation, halyard-sim
 /// seed 18: the second CONNECT was served at once while the cut-off owner still held its
-/// lease and the client's connection).
+/// lease and the client's connection). Only that earlier claim itself counts, not an older
+/// one still waiting: when the previous claim got its session, the session is here, and a
+/// grant that waited for another would resume from raft over it and drop its queue (seed 42
+/// of the kill profile).
 fn waits_for_handover(
     transfers: &SharedTransfers,
     request: &ClaimRequest,
@@ -922,7 +925,9 @@ fn waits_for_handover(
 ) -> bool {
     match previous {
         Some((from, _)) if from != node => true,
-        Some(_) => lock(transfers).newest_waiting(&request.client_id).is_some(),
+        Some((_, previous_epoch)) => lock(transfers)
+            .newest_waiting(&request.client_id)
+            .is_some_and(|waiting| waiting >= previous_epoch),
         None => false,
     }
 }
