@@ -15,9 +15,9 @@
 //! (`take_forward` answers [`ForwardOffer::Early`](crate::ForwardOffer::Early)), so a node
 //! that held the session knows whether the message was routed to it for the session.
 //!
-//! While a claim that resumes a session is pending here, the session is not here yet: a
-//! copy of every QoS 1/2 message routed here, and of every message addressed to the
-//! client id, is held. Once the claim is settled, the session gets the copies addressed to
+//! While a claim that resumes a session is pending here (the session may be on its way
+//! from another node), a copy of every QoS 1/2 message routed here, and of every message
+//! addressed to the client id, is held. Once the claim is settled, the session gets the copies addressed to
 //! it and those routed at or after its claim that match its subscriptions; the rest are
 //! let go (at most [`MAX_HELD`] are held; beyond that they are dropped, counted in
 //! `move_window_dropped`). A claim overtaken by a newer one before its session came was
@@ -300,7 +300,7 @@ impl Broker {
         routed_at: u64,
         for_session: Option<Arc<str>>,
     ) {
-        if message.qos == QoS::AtMostOnce || !self.awaits_moving_session() {
+        if message.qos == QoS::AtMostOnce || !self.claims_pending() {
             return;
         }
         if self.move_window.held.len() >= MAX_HELD {
@@ -361,9 +361,10 @@ impl Broker {
         });
         let held = std::mem::take(&mut self.move_window.held);
         let mut kept = VecDeque::new();
-        // An older claim of this client still pending here may have been the owner for
-        // some of them: they wait for it to be overtaken (`hand_held_on`).
-        let still_pending = self.awaits_moving_session() || others_pending;
+        // Any claim still pending may want them: one resuming a session from elsewhere, or
+        // an older claim of a session that has come here since, which was the owner for
+        // some of them and gives them to the session once overtaken (`hand_held_on`).
+        let still_pending = self.claims_pending();
         for mut item in held {
             let for_this = match item.for_session.as_deref() {
                 Some(addressed) => addressed == client_id,
@@ -424,7 +425,7 @@ impl Broker {
                 && !item.handed_for.contains(&client_id)
             {
                 item.handed_for.push(Arc::clone(&client_id));
-                ours.push(Arc::clone(&item.message));
+                ours.push((Arc::clone(&item.message), item.routed_at));
             }
         }
         if ours.is_empty() {
@@ -432,13 +433,16 @@ impl Broker {
         }
         match owner {
             Some(node) => {
-                for message in ours {
+                for (message, _) in ours {
                     self.pass_on(node, &message, Arc::clone(&client_id));
                 }
             }
             None => match self.client_ids.get(&*client_id).copied() {
                 Some(key) => {
-                    for message in ours {
+                    // Routing gave the session those routed from its own claim on.
+                    let routes_from = self.sessions.get(&key).map_or(0, |s| s.routes_from);
+                    let ours = ours.into_iter().filter(|(_, at)| *at < routes_from);
+                    for (message, _) in ours {
                         self.route_within(
                             now,
                             message,
@@ -449,7 +453,7 @@ impl Broker {
                     }
                 }
                 None => {
-                    for message in ours {
+                    for (message, _) in ours {
                         self.move_window.held.push_back(Held {
                             message,
                             routed_at: epoch,
@@ -462,12 +466,11 @@ impl Broker {
         }
     }
 
-    /// Whether a pending claim resumes a session this node does not hold: one that may be
-    /// on its way here from another node.
-    fn awaits_moving_session(&self) -> bool {
-        self.claims
-            .values()
-            .any(|c| c.resumes_session() && !self.client_ids.contains_key(c.client_id()))
+    /// Whether a claim that resumes a session is pending here. Copies are held while one
+    /// is: a claim that finds its session here (a reconnect) wants none of them, but may be
+    /// the older of two claims of a session that arrives meanwhile.
+    fn claims_pending(&self) -> bool {
+        self.claims.values().any(|c| c.resumes_session())
     }
 
     fn claim_pending_for(&self, client_id: &str) -> bool {

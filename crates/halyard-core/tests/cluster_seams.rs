@@ -1410,6 +1410,10 @@ fn an_older_claim_overtaken_after_the_newer_got_the_session_adds_only_its_own_co
     assert_eq!(connack(&packets), (true, ReasonCode::SUCCESS));
     let first: Vec<Bytes> = publishes(&packets).into_iter().map(|p| p.payload).collect();
     assert_eq!(first, vec![Bytes::from_static(b"under-newer")]);
+    // Another client's claim settles meanwhile: the copies still wait for the older claim.
+    b.send(8, connect(V5, "bystander", false, Some(3600)));
+    b.claims.pop_front().expect("bystander's claim");
+    b.granted(8, 15);
     b.broker
         .handle_superseded_claim(b.now, SystemTime::now(), 5, 12, 14, None);
     b.drain();
