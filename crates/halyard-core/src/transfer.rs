@@ -22,6 +22,9 @@ pub struct SessionState {
     pub client_id: String,
     /// The epoch it was held under where it comes from.
     pub epoch: u64,
+    /// The claim from which this is one session (see `Session::held_since`; 0: it continues
+    /// every earlier claim): a session handed over late under an epoch from it on joins it.
+    pub since: u64,
     /// Session Expiry Interval (seconds).
     pub expiry_interval: u32,
     /// Subscriptions by filter as the client wrote it.
@@ -95,6 +98,7 @@ impl Broker {
         Some(SessionState {
             client_id: session.client_id.clone(),
             epoch: session.epoch,
+            since: session.held_since,
             expiry_interval: session.expiry_interval,
             subscriptions: session
                 .subscriptions
@@ -134,6 +138,8 @@ impl Broker {
         self.next_session_key += 1;
         let mut session = Session::new(state.client_id, epoch, state.expiry_interval, &self.memory);
         session.routes_from = epoch;
+        // The same session as where it comes from, for a late hand-over of an earlier claim.
+        session.held_since = state.since;
         session.username = state.username;
         session.inbound_qos2 = state.inbound_qos2.into_iter().collect();
         for (filter, entry) in state.subscriptions {

@@ -857,7 +857,8 @@ fn a_session_handed_over_late_joins_the_resumed_session() {
     let now = Instant::now();
     let mut a = Node::open(dir_a.path(), BrokerParts::replicated(), now);
     let mut b = Node::open(dir_b.path(), BrokerParts::replicated(), now);
-    a.send(1, connect(V5, "slowpoke", false, Some(3600)));
+    // Started clean under claim 10: the session it is begins there, wherever it moves.
+    a.send(1, connect(V5, "slowpoke", true, Some(3600)));
     a.granted(1, 10);
     a.send(1, subscribe("work/#", QoS::AtLeastOnce, 1));
     a.send(2, connect(V5, "feeder", true, None));
@@ -878,11 +879,12 @@ fn a_session_handed_over_late_joins_the_resumed_session() {
     assert_eq!(connack(&packets), (true, ReasonCode::SUCCESS));
     assert!(publishes(&packets).is_empty());
 
+    assert_eq!(state.since, 10);
     assert_eq!(
         b.broker
-            .merge_late_session(b.now, SystemTime::now(), 11, (*state).clone()),
+            .merge_late_session(b.now, SystemTime::now(), 9, (*state).clone()),
         0,
-        "not for an older claim"
+        "not for a claim before the session began"
     );
     assert_eq!(
         b.broker
@@ -907,6 +909,47 @@ fn a_session_handed_over_late_joins_the_resumed_session() {
         batch = publishes(&b.take(5));
     }
     assert_eq!(received, 40, "every message of the old owner, once");
+}
+
+/// A session that came here under a later claim is still the one an earlier claim of this
+/// node waited for, when its client never started clean: a hand-over for the earlier claim
+/// that comes only now joins it (its messages were lost before: simulation seed 56 of the
+/// partition profile).
+#[test]
+fn a_late_hand_over_for_an_earlier_claim_joins_the_session_that_came_since() {
+    let dir_a = tempfile::tempdir().expect("tempdir");
+    let dir_b = tempfile::tempdir().expect("tempdir");
+    let now = Instant::now();
+    let mut a = Node::open(dir_a.path(), BrokerParts::replicated(), now);
+    let mut b = Node::open(dir_b.path(), BrokerParts::replicated(), now);
+    a.send(1, connect(V5, "returner", false, Some(3600)));
+    a.granted(1, 10);
+    a.send(1, subscribe("work/#", QoS::AtLeastOnce, 1));
+    a.send(1, Packet::Disconnect(halyard_codec::Disconnect::default()));
+    a.send(2, connect(V5, "feeder", true, None));
+    a.granted(2, 11);
+    for id in 1..=3u16 {
+        a.send(2, publish("work/item", b"w", QoS::AtLeastOnce, id));
+    }
+    let state = a
+        .broker
+        .fence(a.now, SystemTime::now(), "returner", 18, 2)
+        .expect("A held it");
+    assert_eq!(state.since, 0, "it never started clean");
+    // B's claim 18 gave up; the client came back to B under claim 26, resumed from raft.
+    b.resume_from_raft(5, &state, 26);
+    assert_eq!(connack(&b.take(5)), (true, ReasonCode::SUCCESS));
+    assert_eq!(
+        b.broker
+            .merge_late_session(b.now, SystemTime::now(), 18, *state),
+        3
+    );
+    b.drain();
+    assert_eq!(
+        publishes(&b.take(5)).len(),
+        3,
+        "the queue of A, delivered here"
+    );
 }
 
 /// A QoS 2 message the old owner sent and got no PUBREC for may be held by the client under

@@ -898,6 +898,8 @@ fn session_from_raft(
     Some(Box::new(SessionState {
         client_id: request.client_id.clone(),
         epoch: previous_epoch,
+        // The client asked to resume: this continues whatever it had before.
+        since: 0,
         expiry_interval: request.expiry_interval,
         subscriptions,
         inflight: Vec::new(),

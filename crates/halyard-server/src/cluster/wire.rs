@@ -66,6 +66,7 @@ pub(crate) struct WireMessage {
 pub(crate) struct WireSession {
     client_id: String,
     epoch: u64,
+    since: u64,
     expiry_interval: u32,
     subscriptions: Vec<(String, WireEntry)>,
     inflight: Vec<(WireDelivery, WireState)>,
@@ -303,6 +304,7 @@ impl WireSession {
         Ok(WireSession {
             client_id: state.client_id.clone(),
             epoch: state.epoch,
+            since: state.since,
             expiry_interval: state.expiry_interval,
             subscriptions: state
                 .subscriptions
@@ -333,6 +335,7 @@ impl WireSession {
         Ok(SessionState {
             client_id: self.client_id.clone(),
             epoch: self.epoch,
+            since: self.since,
             expiry_interval: self.expiry_interval,
             subscriptions: self
                 .subscriptions
@@ -540,6 +543,7 @@ mod tests {
         let state = SessionState {
             client_id: "moving".into(),
             epoch: 12,
+            since: 9,
             expiry_interval: 3600,
             subscriptions: vec![("a/#".into(), entry), ("$share/g/b".into(), entry)],
             inflight: vec![
