@@ -203,6 +203,41 @@ impl Node {
         );
     }
 
+    /// Forwards from node 3 of QoS 1 messages on `topic`: (payload, routed at, stored seq).
+    fn forwarded(&mut self, topic: &str, items: &[(&'static [u8], u64, u64)]) {
+        for &(payload, routed_at, seq) in items {
+            let message = message(topic, payload, QoS::AtLeastOnce);
+            let forward = routed(Some((9, seq)), message, &[], routed_at);
+            self.broker.handle_forward(self.now, 3, forward);
+        }
+        self.drain();
+    }
+
+    /// The claim on `conn` is granted under `epoch` with the session `state` handed over:
+    /// CONNACK with session present, and the payloads delivered, sorted.
+    fn granted_with(
+        &mut self,
+        conn: ConnectionId,
+        epoch: u64,
+        state: Box<SessionState>,
+    ) -> Vec<Bytes> {
+        self.settle(
+            conn,
+            ClaimOutcome::Granted {
+                epoch,
+                session: Some(state),
+            },
+        );
+        let packets = self.take(conn);
+        assert_eq!(connack(&packets), (true, ReasonCode::SUCCESS));
+        let mut payloads: Vec<Bytes> = publishes(&packets)
+            .into_iter()
+            .map(|publish| publish.payload)
+            .collect();
+        payloads.sort();
+        payloads
+    }
+
     fn granted(&mut self, conn: ConnectionId, epoch: u64) {
         self.settle(
             conn,
@@ -1304,47 +1339,54 @@ fn a_moving_session_gets_each_message_once_whichever_node_routed_it() {
     assert!(a.forwards.is_empty(), "not after the relay window");
 }
 
+/// Nodes A and B on real stores, and the session of `client_id` (subscribed to `mv/#`) that
+/// A held under claim 10 and hands over for B's claim `to`.
+fn moved_session(
+    client_id: &str,
+    to: u64,
+) -> (
+    tempfile::TempDir,
+    tempfile::TempDir,
+    Node,
+    Box<SessionState>,
+) {
+    let dir_a = tempfile::tempdir().expect("tempdir");
+    let dir_b = tempfile::tempdir().expect("tempdir");
+    let now = Instant::now();
+    let mut a = Node::open_at(dir_a.path(), BrokerParts::replicated(), now);
+    let b = Node::open_at(dir_b.path(), BrokerParts::replicated(), now);
+    a.send(1, connect(V5, client_id, false, Some(3600)));
+    a.granted(1, 10);
+    a.send(1, subscribe("mv/#", QoS::AtLeastOnce, 1));
+    let state = a
+        .broker
+        .fence(a.now, SystemTime::now(), client_id, to, 2)
+        .expect("A held it");
+    (dir_a, dir_b, b, state)
+}
+
 /// Two claims of one client id pending on a node (the client gave up on the first and
 /// connected again): what was routed to the node under the first claim reaches the session
 /// once, when the second claim brings it; a claim overtaken by another node's hands the
 /// copies routed for it to that node, addressed to the session.
 #[test]
 fn an_overtaken_claim_hands_what_was_routed_for_it_on_once() {
-    let dir_a = tempfile::tempdir().expect("tempdir");
-    let dir_b = tempfile::tempdir().expect("tempdir");
-    let now = Instant::now();
-    let mut a = Node::open_at(dir_a.path(), BrokerParts::replicated(), now);
-    let mut b = Node::open_at(dir_b.path(), BrokerParts::replicated(), now);
-    a.send(1, connect(V5, "roamer", false, Some(3600)));
-    a.granted(1, 10);
-    a.send(1, subscribe("mv/#", QoS::AtLeastOnce, 1));
-    let state = a
-        .broker
-        .fence(a.now, SystemTime::now(), "roamer", 12, 2)
-        .expect("A held it");
-
+    let (_dir_a, _dir_b, mut b, state) = moved_session("roamer", 12);
     b.broker.set_route_version(11);
     b.send(5, connect(V5, "roamer", false, Some(3600)));
     b.claims.pop_front().expect("first claim");
     b.send(6, connect(V5, "roamer", false, Some(3600)));
     b.claims.pop_front().expect("second claim");
     b.broker.set_route_version(14);
-    let reached_b: [(&'static [u8], u64, u64); 4] = [
-        (b"before-both", 11, 1),
-        (b"for-first", 12, 2),
-        (b"also-first", 13, 3),
-        (b"for-second", 14, 4),
-    ];
-    for (payload, routed_at, seq) in reached_b {
-        let forward = routed(
-            Some((9, seq)),
-            message("mv/x", payload, QoS::AtLeastOnce),
-            &[],
-            routed_at,
-        );
-        b.broker.handle_forward(b.now, 3, forward);
-    }
-    b.drain();
+    b.forwarded(
+        "mv/x",
+        &[
+            (b"before-both", 11, 1),
+            (b"for-first", 12, 2),
+            (b"also-first", 13, 3),
+            (b"for-second", 14, 4),
+        ],
+    );
 
     // The first claim (12) was overtaken by the second (14), on this node.
     b.broker
@@ -1352,45 +1394,24 @@ fn an_overtaken_claim_hands_what_was_routed_for_it_on_once() {
     b.drain();
     assert_eq!(connack(&b.take(5)), (false, ReasonCode::SERVER_UNAVAILABLE));
     assert!(b.forwards.is_empty(), "the newer claim is this node's");
-    b.settle(
-        6,
-        ClaimOutcome::Granted {
-            epoch: 14,
-            session: Some(state),
-        },
-    );
-    let packets = b.take(6);
-    assert_eq!(connack(&packets), (true, ReasonCode::SUCCESS));
-    let mut payloads: Vec<Bytes> = publishes(&packets)
-        .into_iter()
-        .map(|publish| publish.payload)
-        .collect();
-    payloads.sort();
     assert_eq!(
-        payloads,
+        b.granted_with(6, 14, state),
         vec![
             Bytes::from_static(b"also-first"),
             Bytes::from_static(b"for-first"),
             Bytes::from_static(b"for-second"),
         ],
-        "each once, and nothing routed before the first claim (A had it): {packets:?}"
+        "each once, and nothing routed before the first claim (A had it)"
     );
 
     // Overtaken by another node's claim: the copies routed for it go there, addressed.
     b.send(7, connect(V5, "wanderer", false, Some(3600)));
     b.claims.pop_front().expect("claim");
     b.broker.set_route_version(20);
-    let reached_b: [(&'static [u8], u64, u64); 2] = [(b"mine", 20, 5), (b"newer-owner's", 22, 6)];
-    for (payload, routed_at, seq) in reached_b {
-        let forward = routed(
-            Some((9, seq)),
-            message("elsewhere/x", payload, QoS::AtLeastOnce),
-            &[],
-            routed_at,
-        );
-        b.broker.handle_forward(b.now, 3, forward);
-    }
-    b.drain();
+    b.forwarded(
+        "elsewhere/x",
+        &[(b"mine", 20, 5), (b"newer-owner's", 22, 6)],
+    );
     b.forwards.clear();
     b.broker
         .handle_superseded_claim(b.now, SystemTime::now(), 7, 20, 22, Some(3));
@@ -1412,47 +1433,17 @@ fn an_overtaken_claim_hands_what_was_routed_for_it_on_once() {
 /// claim delivered is not delivered again.
 #[test]
 fn an_older_claim_overtaken_after_the_newer_got_the_session_adds_only_its_own_copies() {
-    let dir_a = tempfile::tempdir().expect("tempdir");
-    let dir_b = tempfile::tempdir().expect("tempdir");
-    let now = Instant::now();
-    let mut a = Node::open_at(dir_a.path(), BrokerParts::replicated(), now);
-    let mut b = Node::open_at(dir_b.path(), BrokerParts::replicated(), now);
-    a.send(1, connect(V5, "roamer", false, Some(3600)));
-    a.granted(1, 10);
-    a.send(1, subscribe("mv/#", QoS::AtLeastOnce, 1));
-    let state = a
-        .broker
-        .fence(a.now, SystemTime::now(), "roamer", 14, 2)
-        .expect("A held it");
-
+    let (_dir_a, _dir_b, mut b, state) = moved_session("roamer", 14);
     b.send(5, connect(V5, "roamer", false, Some(3600)));
     b.claims.pop_front().expect("older claim");
     b.send(6, connect(V5, "roamer", false, Some(3600)));
     b.claims.pop_front().expect("newer claim");
     b.broker.set_route_version(14);
-    let reached_b: [(&'static [u8], u64, u64); 2] =
-        [(b"under-older", 12, 1), (b"under-newer", 14, 2)];
-    for (payload, routed_at, seq) in reached_b {
-        let forward = routed(
-            Some((9, seq)),
-            message("mv/x", payload, QoS::AtLeastOnce),
-            &[],
-            routed_at,
-        );
-        b.broker.handle_forward(b.now, 3, forward);
-    }
-    b.drain();
-    b.settle(
-        6,
-        ClaimOutcome::Granted {
-            epoch: 14,
-            session: Some(state),
-        },
+    b.forwarded("mv/x", &[(b"under-older", 12, 1), (b"under-newer", 14, 2)]);
+    assert_eq!(
+        b.granted_with(6, 14, state),
+        vec![Bytes::from_static(b"under-newer")]
     );
-    let packets = b.take(6);
-    assert_eq!(connack(&packets), (true, ReasonCode::SUCCESS));
-    let first: Vec<Bytes> = publishes(&packets).into_iter().map(|p| p.payload).collect();
-    assert_eq!(first, vec![Bytes::from_static(b"under-newer")]);
     // Another client's claim settles meanwhile: the copies still wait for the older claim.
     b.send(8, connect(V5, "bystander", false, Some(3600)));
     b.claims.pop_front().expect("bystander's claim");
