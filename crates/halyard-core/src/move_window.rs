@@ -36,7 +36,7 @@ use halyard_codec::topic::{matches, parse_shared_subscription};
 use halyard_codec::QoS;
 
 use crate::broker::Broker;
-use crate::message::{Message, NodeId};
+use crate::message::{Message, NodeId, SessionKey};
 use crate::output::Output;
 use crate::publish::RouteOutcome;
 use crate::router::RouteScope;
@@ -163,13 +163,7 @@ impl Broker {
                         .get(&key)
                         .is_some_and(|session| session.routes_from > routed_at);
                     if routed_past {
-                        self.route_within(
-                            now,
-                            Arc::clone(message),
-                            false,
-                            RouteScope::LocalFromPeer { groups: &[] },
-                            Audience::Session(key),
-                        );
+                        self.deliver_to_session(now, Arc::clone(message), false, key);
                     }
                 }
                 None => self.pass_on(node, message, client_id),
@@ -272,13 +266,7 @@ impl Broker {
         atomic: bool,
     ) -> RouteOutcome {
         if let Some(&key) = self.client_ids.get(&*client_id) {
-            return self.route_within(
-                now,
-                message,
-                atomic,
-                RouteScope::LocalFromPeer { groups: &[] },
-                Audience::Session(key),
-            );
+            return self.deliver_to_session(now, message, atomic, key);
         }
         if let Some((node, client_id)) = self.moved_on_to(now, &client_id) {
             self.pass_on(node, &message, client_id);
@@ -331,19 +319,10 @@ impl Broker {
     /// session gets the copies held for it; copies no pending claim can want are let go.
     pub(crate) fn release_held(&mut self, now: Instant, client_id: &str, epoch: Option<u64>) {
         // Claims applied while this one was pending may be older than it, too.
-        let overtaken = &mut self.move_window.overtaken;
-        let until = overtaken
-            .iter()
-            .filter(|(id, at)| &**id == client_id && epoch.is_some_and(|epoch| *at > epoch))
-            .map(|(_, at)| *at)
-            .min()
-            .unwrap_or(u64::MAX);
+        let until = epoch.map_or(u64::MAX, |epoch| self.window_end(client_id, epoch));
         // An older claim of this client still pending here has its window end at the
         // claims after it, this one included.
-        let others_pending = self
-            .claims
-            .values()
-            .any(|c| c.resumes_session() && c.client_id() == client_id);
+        let others_pending = self.claim_pending_for(client_id);
         let overtaken = &mut self.move_window.overtaken;
         if !others_pending {
             overtaken.retain(|(id, _)| &**id != client_id);
@@ -378,13 +357,7 @@ impl Broker {
                 if item.for_session.is_none() {
                     item.handed_for.push(Arc::from(client_id));
                 }
-                self.route_within(
-                    now,
-                    Arc::clone(&item.message),
-                    false,
-                    RouteScope::LocalFromPeer { groups: &[] },
-                    Audience::Session(key),
-                );
+                self.deliver_to_session(now, Arc::clone(&item.message), false, key);
             }
             let wanted = match item.for_session.as_deref() {
                 Some(addressed) => deliver_to.is_none() && self.claim_pending_for(addressed),
@@ -410,13 +383,7 @@ impl Broker {
         newer: u64,
         owner: Option<NodeId>,
     ) {
-        let until = self
-            .move_window
-            .overtaken
-            .iter()
-            .filter(|(id, at)| &**id == client_id && *at > epoch)
-            .map(|(_, at)| *at)
-            .fold(newer, u64::min);
+        let until = self.window_end(client_id, epoch).min(newer);
         let client_id: Arc<str> = Arc::from(client_id);
         let mut ours = Vec::new();
         for item in &mut self.move_window.held {
@@ -443,13 +410,7 @@ impl Broker {
                     let routes_from = self.sessions.get(&key).map_or(0, |s| s.routes_from);
                     let ours = ours.into_iter().filter(|(_, at)| *at < routes_from);
                     for (message, _) in ours {
-                        self.route_within(
-                            now,
-                            message,
-                            false,
-                            RouteScope::LocalFromPeer { groups: &[] },
-                            Audience::Session(key),
-                        );
+                        self.deliver_to_session(now, message, false, key);
                     }
                 }
                 None => {
@@ -464,6 +425,35 @@ impl Broker {
                 }
             },
         }
+    }
+
+    /// Where the window of `client_id`'s claim under `epoch` ends: at the first newer claim
+    /// of it applied while it was pending (another node's, or one settled here), if any.
+    fn window_end(&self, client_id: &str, epoch: u64) -> u64 {
+        self.move_window
+            .overtaken
+            .iter()
+            .filter(|(id, at)| &**id == client_id && *at > epoch)
+            .map(|(_, at)| *at)
+            .min()
+            .unwrap_or(u64::MAX)
+    }
+
+    /// Routes `message` to the session at `key` alone (a relayed, held or addressed copy).
+    fn deliver_to_session(
+        &mut self,
+        now: Instant,
+        message: Arc<Message>,
+        atomic: bool,
+        key: SessionKey,
+    ) -> RouteOutcome {
+        self.route_within(
+            now,
+            message,
+            atomic,
+            RouteScope::LocalFromPeer { groups: &[] },
+            Audience::Session(key),
+        )
     }
 
     /// Whether a claim that resumes a session is pending here. Copies are held while one

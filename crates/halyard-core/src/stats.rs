@@ -1,5 +1,7 @@
 //! Counters the broker keeps for metrics and the admin API.
 
+use crate::FastMap;
+
 /// Counters for metrics and the admin API.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BrokerStats {
@@ -105,8 +107,6 @@ impl DropReason {
         }
     }
 }
-
-use crate::FastMap;
 
 /// Most clients a [`DropReport`] names; drops of further clients are only summed.
 const REPORTED_CLIENTS: usize = 64;

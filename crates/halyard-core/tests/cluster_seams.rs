@@ -882,22 +882,36 @@ fn a_replayed_forward_is_dropped_after_the_receiver_restarts() {
     assert_eq!(node.broker.stats().duplicate_forwards, 2);
 }
 
+/// Nodes A and B on real stores, with `client_id` (started clean or not) subscribed to
+/// `filter` on A under claim 10, and a clean `feeder` connected to A on connection 2 under
+/// claim 11.
+fn subscriber_and_feeder(
+    client_id: &str,
+    clean: bool,
+    filter: &str,
+    qos: QoS,
+) -> (tempfile::TempDir, tempfile::TempDir, Node, Node) {
+    let dir_a = tempfile::tempdir().expect("tempdir");
+    let dir_b = tempfile::tempdir().expect("tempdir");
+    let now = Instant::now();
+    let mut a = Node::open(dir_a.path(), BrokerParts::replicated(), now);
+    let b = Node::open(dir_b.path(), BrokerParts::replicated(), now);
+    a.send(1, connect(V5, client_id, clean, Some(3600)));
+    a.granted(1, 10);
+    a.send(1, subscribe(filter, qos, 1));
+    a.send(2, connect(V5, "feeder", true, None));
+    a.granted(2, 11);
+    (dir_a, dir_b, a, b)
+}
+
 /// A session handed over only after the new owner gave up waiting (the client resumed from
 /// what raft holds) joins the live session: every message queued or unacknowledged on the
 /// old owner reaches the client, once.
 #[test]
 fn a_session_handed_over_late_joins_the_resumed_session() {
-    let dir_a = tempfile::tempdir().expect("tempdir");
-    let dir_b = tempfile::tempdir().expect("tempdir");
-    let now = Instant::now();
-    let mut a = Node::open(dir_a.path(), BrokerParts::replicated(), now);
-    let mut b = Node::open(dir_b.path(), BrokerParts::replicated(), now);
     // Started clean under claim 10: the session it is begins there, wherever it moves.
-    a.send(1, connect(V5, "slowpoke", true, Some(3600)));
-    a.granted(1, 10);
-    a.send(1, subscribe("work/#", QoS::AtLeastOnce, 1));
-    a.send(2, connect(V5, "feeder", true, None));
-    a.granted(2, 11);
+    let (_dir_a, _dir_b, mut a, mut b) =
+        subscriber_and_feeder("slowpoke", true, "work/#", QoS::AtLeastOnce);
     a.take(1);
     for id in 1..=40u16 {
         a.send(2, publish("work/item", b"w", QoS::AtLeastOnce, id));
@@ -952,17 +966,9 @@ fn a_session_handed_over_late_joins_the_resumed_session() {
 /// partition profile).
 #[test]
 fn a_late_hand_over_for_an_earlier_claim_joins_the_session_that_came_since() {
-    let dir_a = tempfile::tempdir().expect("tempdir");
-    let dir_b = tempfile::tempdir().expect("tempdir");
-    let now = Instant::now();
-    let mut a = Node::open(dir_a.path(), BrokerParts::replicated(), now);
-    let mut b = Node::open(dir_b.path(), BrokerParts::replicated(), now);
-    a.send(1, connect(V5, "returner", false, Some(3600)));
-    a.granted(1, 10);
-    a.send(1, subscribe("work/#", QoS::AtLeastOnce, 1));
+    let (_dir_a, _dir_b, mut a, mut b) =
+        subscriber_and_feeder("returner", false, "work/#", QoS::AtLeastOnce);
     a.send(1, Packet::Disconnect(halyard_codec::Disconnect::default()));
-    a.send(2, connect(V5, "feeder", true, None));
-    a.granted(2, 11);
     for id in 1..=3u16 {
         a.send(2, publish("work/item", b"w", QoS::AtLeastOnce, id));
     }
@@ -992,16 +998,8 @@ fn a_late_hand_over_for_an_earlier_claim_joins_the_session_that_came_since() {
 /// recognises it [MQTT-4.3.3-8]; a queued one goes out as a new message.
 #[test]
 fn a_late_hand_over_resends_an_unreceived_qos2_message_under_its_packet_id() {
-    let dir_a = tempfile::tempdir().expect("tempdir");
-    let dir_b = tempfile::tempdir().expect("tempdir");
-    let now = Instant::now();
-    let mut a = Node::open(dir_a.path(), BrokerParts::replicated(), now);
-    let mut b = Node::open(dir_b.path(), BrokerParts::replicated(), now);
-    a.send(1, connect(V5, "exact", false, Some(3600)));
-    a.granted(1, 10);
-    a.send(1, subscribe("q2/#", QoS::ExactlyOnce, 1));
-    a.send(2, connect(V5, "feeder", true, None));
-    a.granted(2, 11);
+    let (_dir_a, _dir_b, mut a, mut b) =
+        subscriber_and_feeder("exact", false, "q2/#", QoS::ExactlyOnce);
     a.take(1);
     a.send(2, publish("q2/a", b"sent", QoS::ExactlyOnce, 1));
     let sent = publishes(&a.take(1));

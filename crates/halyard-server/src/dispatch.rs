@@ -791,6 +791,16 @@ mod tests {
         assert_eq!(packets_of(&rx.try_recv().expect("a batch")).len(), 1);
     }
 
+    /// `count` QoS 0 PUBLISH packets for `conn`.
+    fn qos0_flood(conn: ConnectionId, count: usize) -> Vec<Output> {
+        (0..count)
+            .map(|_| Output::Send {
+                conn,
+                packet: publish(QoS::AtMostOnce),
+            })
+            .collect()
+    }
+
     #[test]
     fn a_stuck_writer_never_holds_more_than_max_outbound_buffer_for_qos0() {
         let limit = 64 * 1024;
@@ -801,13 +811,7 @@ mod tests {
         // Many drains of QoS 0 for a writer that takes nothing: its queue is merged and
         // grown, and the memory it holds (capacity, not length) stays within the bound.
         for _ in 0..100 {
-            let outputs: Vec<Output> = (0..50)
-                .map(|_| Output::Send {
-                    conn: 1,
-                    packet: publish(QoS::AtMostOnce),
-                })
-                .collect();
-            dispatcher.dispatch(&outputs);
+            dispatcher.dispatch(&qos0_flood(1, 50));
             let held = shared.queued_bytes.load(Ordering::Relaxed);
             assert!(held <= limit, "{held} > {limit}");
         }
@@ -831,12 +835,7 @@ mod tests {
         dispatcher.written = Some(events.downgrade());
         let (link, _rx) = link();
         open(&mut dispatcher, 1, link);
-        let flood: Vec<Output> = (0..50)
-            .map(|_| Output::Send {
-                conn: 1,
-                packet: publish(QoS::AtMostOnce),
-            })
-            .collect();
+        let flood = qos0_flood(1, 50);
         dispatcher.dispatch(&flood);
         dispatcher.dispatch(&flood);
         assert!(dispatcher.dropped_qos0 > 50);
