@@ -241,7 +241,11 @@ impl Broker {
                         // the simulation, halyard-sim seed 147); this claim is refused below.
                         self.merge_late_session(now, wall, epoch, *state);
                     } else {
-                        self.import_session(now, wall, *state, epoch);
+                        let until = self.window_end(&state.client_id, epoch);
+                        let key = self.import_session(now, wall, *state, epoch);
+                        if let Some(session) = self.sessions.get_mut(&key) {
+                            session.routes_until = until;
+                        }
                     }
                 }
                 self.finish_connect(now, conn, admitted, epoch);

@@ -143,7 +143,7 @@ impl Broker {
         self.move_window.relays.retain(|relay| relay.until > now);
         let relays = &self.move_window.relays;
         let first = relays.partition_point(|relay| relay.to <= routed_at);
-        let targets: Vec<(NodeId, Arc<str>)> = relays
+        let mut matching: Vec<(NodeId, Arc<str>)> = relays
             .range(first..)
             .filter(|relay| {
                 relay.from <= routed_at
@@ -154,6 +154,14 @@ impl Broker {
             })
             .map(|relay| (relay.node, Arc::clone(&relay.client_id)))
             .collect();
+        // Two windows of one client may overlap (a claim here overtaken while a session it
+        // had resumed moved on): the session gets the message once, at its newest node.
+        let mut targets: Vec<(NodeId, Arc<str>)> = Vec::with_capacity(matching.len());
+        while let Some((node, client_id)) = matching.pop() {
+            if !targets.iter().any(|(_, id)| *id == client_id) {
+                targets.push((node, client_id));
+            }
+        }
         let relayed = targets.len();
         for (node, client_id) in targets {
             match self.client_ids.get(&*client_id).copied() {
@@ -429,7 +437,7 @@ impl Broker {
 
     /// Where the window of `client_id`'s claim under `epoch` ends: at the first newer claim
     /// of it applied while it was pending (another node's, or one settled here), if any.
-    fn window_end(&self, client_id: &str, epoch: u64) -> u64 {
+    pub(crate) fn window_end(&self, client_id: &str, epoch: u64) -> u64 {
         self.move_window
             .overtaken
             .iter()

@@ -190,6 +190,10 @@ pub(crate) struct Session {
     /// or restored here). Messages routed earlier reach it from the node that held it then
     /// (see `move_window`).
     pub routes_from: u64,
+    /// The first claim of this client applied elsewhere while the claim that brought the
+    /// session here was pending (`u64::MAX`: none): messages routed from it on were that
+    /// claim's node's, so a relay of this session ends there (see `move_window`).
+    pub routes_until: u64,
     /// Seconds the session outlives its connection; 0 ends it on disconnect, u32::MAX never.
     pub expiry_interval: u32,
     pub link: Option<Link>,
@@ -287,6 +291,7 @@ impl Session {
             epoch,
             held_since: epoch,
             routes_from: 0,
+            routes_until: u64::MAX,
             expiry_interval,
             link: None,
             subscriptions: LazyMap::default(),

@@ -62,14 +62,15 @@ impl Broker {
             self.note_overtaken(client_id, epoch);
             return None;
         };
-        let routes_from = self.sessions.get(&key)?.routes_from;
-        if self.sessions.get(&key)?.epoch >= epoch {
+        let session = self.sessions.get(&key)?;
+        if session.epoch >= epoch {
             return None;
         }
+        let (routes_from, routes_until) = (session.routes_from, session.routes_until);
         self.close_link(now, key, CloseKind::TakenOver);
         let state = self.export(now, wall, key)?;
         self.forget_session(key);
-        self.start_relay(now, new_owner, &state, routes_from, epoch);
+        self.start_relay(now, new_owner, &state, routes_from, epoch.min(routes_until));
         Some(Box::new(state))
     }
 

@@ -1535,3 +1535,64 @@ fn a_cluster_node_publishes_a_will_only_after_winning_it() {
         "DISCONNECT 0x00 discards it in raft"
     );
 }
+
+/// A claim that brought a session here after another node's claim overtook it was the
+/// owner only up to that claim: when the session moves on, what reaches this node routed
+/// from the overtaking claim on is not passed on (it went to that claim's node); and two
+/// windows of one client that overlap pass a message on once (halyard-sim seeds 56, 80).
+#[test]
+fn a_relay_ends_at_the_claim_that_overtook_it_and_passes_each_message_on_once() {
+    let (_dir_a, _dir_b, mut b, state) = moved_session("roamer", 12);
+    b.send(5, connect(V5, "roamer", false, Some(3600)));
+    b.claims.pop_front().expect("claim");
+    assert!(
+        b.broker
+            .fence(b.now, SystemTime::now(), "roamer", 14, 3)
+            .is_none(),
+        "nothing held here yet"
+    );
+    b.granted_with(5, 12, state);
+    let moved_on = b
+        .broker
+        .fence(b.now, SystemTime::now(), "roamer", 16, 3)
+        .expect("held here");
+    b.broker.set_route_version(16);
+    b.forwards.clear();
+    b.forwarded("mv/x", &[(b"ours", 13, 1), (b"the-overtaker's", 14, 2)]);
+    let passed: Vec<Bytes> = b
+        .forwards
+        .drain(..)
+        .map(|(_, message, _, _, _)| message.payload.clone())
+        .collect();
+    assert_eq!(passed, vec![Bytes::from_static(b"ours")]);
+
+    // Two claims of one client resume here one after the other and each moves on: their
+    // windows overlap from the second claim on.
+    b.send(6, connect(V5, "roamer", false, Some(3600)));
+    b.claims.pop_front().expect("claim");
+    b.send(7, connect(V5, "roamer", false, Some(3600)));
+    b.claims.pop_front().expect("claim");
+    b.granted_with(6, 18, moved_on.clone());
+    b.broker
+        .fence(b.now, SystemTime::now(), "roamer", 30, 3)
+        .expect("held here");
+    b.granted_with(7, 20, moved_on);
+    b.broker
+        .fence(b.now, SystemTime::now(), "roamer", 30, 3)
+        .expect("held here");
+    b.broker.set_route_version(30);
+    b.forwards.clear();
+    b.forwarded("mv/x", &[(b"in-both", 21, 3), (b"in-first", 19, 4)]);
+    let passed: Vec<Bytes> = b
+        .forwards
+        .drain(..)
+        .map(|(_, message, _, _, _)| message.payload.clone())
+        .collect();
+    assert_eq!(
+        passed,
+        vec![
+            Bytes::from_static(b"in-both"),
+            Bytes::from_static(b"in-first")
+        ]
+    );
+}
