@@ -946,7 +946,7 @@ async fn wait_for_transfer(
     let key = (request.client_id.clone(), epoch);
     let receiver = {
         let mut transfers = lock(transfers);
-        if let Some(state) = transfers.arrived.remove(&key) {
+        if let Some(state) = transfers.take_arrived(&key) {
             return Some(state);
         }
         let (sender, receiver) = oneshot::channel();
@@ -980,14 +980,16 @@ async fn merge_if_unclaimed<E: From<ClusterEvent>>(
     events: mpsc::Sender<E>,
 ) {
     tokio::time::sleep(2 * TRANSFER_TIMEOUT).await;
-    let Some(state) = lock(&transfers).arrived.remove(&key) else {
-        return;
-    };
-    let event = ClusterEvent::LateSession {
-        epoch: key.1,
-        state,
-    };
-    let _ = events.send(E::from(event)).await;
+    let kept = lock(&transfers).take_all_arrived(&key);
+    for state in kept {
+        let event = ClusterEvent::LateSession {
+            epoch: key.1,
+            state,
+        };
+        if events.send(E::from(event)).await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Follows the lease: when it lapses the node drops its clients (claims are refused while

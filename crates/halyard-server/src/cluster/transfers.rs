@@ -12,8 +12,10 @@ use tokio::sync::oneshot;
 /// comes second completes the pair.
 #[derive(Default)]
 pub(super) struct Transfers {
-    /// Sessions that came before their claim waited for them.
-    pub(super) arrived: HashMap<(String, u64), Box<SessionState>>,
+    /// Sessions that came before their claim waited for them, or after it had its own (more
+    /// than one node's claim, each overtaken, may pass a session on under the same claim),
+    /// in the order they came.
+    arrived: HashMap<(String, u64), Vec<Box<SessionState>>>,
     pub(super) waiting: HashMap<(String, u64), oneshot::Sender<Box<SessionState>>>,
     /// Claims that stopped waiting (the client resumed from raft's state), with when: a
     /// session arriving for one of them is merged into the live session.
@@ -28,7 +30,8 @@ pub(super) enum Arrival {
     /// Its claim was waiting and has it now.
     Taken,
     /// Kept for a claim that has not asked yet; if none does, it is merged like a late one
-    /// (a restarted node hands over the sessions that moved while it was down).
+    /// (a restarted node hands over the sessions that moved while it was down). One that
+    /// comes after its claim got a session is merged into that one the same way.
     Kept,
     /// The claim resumed without it: merge it into the live session.
     Late(Box<SessionState>),
@@ -56,8 +59,23 @@ impl Transfers {
         if self.ended.remove(&key).is_some() {
             return Arrival::Ended(state);
         }
-        self.arrived.insert(key, state);
+        self.arrived.entry(key).or_default().push(state);
         Arrival::Kept
+    }
+
+    /// The first session kept for the claim of `key`.
+    pub(super) fn take_arrived(&mut self, key: &(String, u64)) -> Option<Box<SessionState>> {
+        let kept = self.arrived.get_mut(key)?;
+        let first = kept.remove(0);
+        if kept.is_empty() {
+            self.arrived.remove(key);
+        }
+        Some(first)
+    }
+
+    /// Every session still kept for the claim of `key`.
+    pub(super) fn take_all_arrived(&mut self, key: &(String, u64)) -> Vec<Box<SessionState>> {
+        self.arrived.remove(key).unwrap_or_default()
     }
 
     /// The epoch of the newest claim of `client_id` waiting for a hand-over.
@@ -88,4 +106,61 @@ pub(super) type SharedTransfers = Arc<Mutex<Transfers>>;
 
 pub(super) fn lock(transfers: &SharedTransfers) -> std::sync::MutexGuard<'_, Transfers> {
     transfers.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(client_id: &str, queued: usize) -> Box<SessionState> {
+        Box::new(SessionState {
+            client_id: client_id.to_owned(),
+            epoch: 1,
+            since: 0,
+            expiry_interval: 3600,
+            subscriptions: Vec::new(),
+            inflight: Vec::new(),
+            pending: Vec::new(),
+            inbound_qos2: vec![0; queued],
+            delayed_will: None,
+            username: None,
+        })
+    }
+
+    /// Two nodes' overtaken claims both pass the session on under the newest claim: the
+    /// claim gets the first and the second is kept for a merge, never written over
+    /// (halyard-sim seed 82 --no-partitions).
+    #[test]
+    fn a_second_session_for_one_claim_is_kept_beside_the_first() {
+        let mut transfers = Transfers::default();
+        let key = ("sub".to_owned(), 25);
+        assert!(matches!(
+            transfers.arrive(key.clone(), session("sub", 1)),
+            Arrival::Kept
+        ));
+        assert!(matches!(
+            transfers.arrive(key.clone(), session("sub", 2)),
+            Arrival::Kept
+        ));
+        let first = transfers.take_arrived(&key).expect("the first");
+        assert_eq!(first.inbound_qos2.len(), 1);
+        let rest = transfers.take_all_arrived(&key);
+        assert_eq!(rest.len(), 1);
+        assert_eq!(rest[0].inbound_qos2.len(), 2);
+        assert!(transfers.take_arrived(&key).is_none());
+
+        // After the waiting claim took one, another for it is kept to be merged.
+        let (sender, mut receiver) = oneshot::channel();
+        transfers.waiting.insert(key.clone(), sender);
+        assert!(matches!(
+            transfers.arrive(key.clone(), session("sub", 3)),
+            Arrival::Taken
+        ));
+        assert_eq!(receiver.try_recv().expect("taken").inbound_qos2.len(), 3);
+        assert!(matches!(
+            transfers.arrive(key.clone(), session("sub", 4)),
+            Arrival::Kept
+        ));
+        assert_eq!(transfers.take_all_arrived(&key).len(), 1);
+    }
 }
