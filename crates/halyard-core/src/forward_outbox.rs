@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::broker::Broker;
-use crate::message::{Message, NodeId};
+use crate::message::{Message, NodeId, OpenExchange};
 use crate::store::{LoadedOutbox, PeerMark, StoredForward};
 
 /// Per-destination outbox positions and per-origin duplicate filters.
@@ -120,6 +120,8 @@ pub struct PendingForward {
     pub routed_at: u64,
     /// The client id whose session alone gets it, for a moved session's message.
     pub for_session: Option<Arc<str>>,
+    /// With `for_session`, the QoS 2 exchange of it the old owner had open with the client.
+    pub exchange: Option<OpenExchange>,
 }
 
 impl Broker {
@@ -176,6 +178,7 @@ impl Broker {
                         groups: forward.groups.into_iter().map(Arc::from).collect(),
                         routed_at: forward.routed_at,
                         for_session: forward.for_session.map(Arc::from),
+                        exchange: forward.exchange,
                     })
                     .collect(),
             ),
@@ -194,6 +197,7 @@ impl Broker {
         message: &Message,
         groups: &[Arc<str>],
         for_session: Option<&str>,
+        exchange: Option<OpenExchange>,
     ) -> u64 {
         let seq = self.outboxes.next_seq(dest);
         if let Some(journal) = self.out.journal.as_mut() {
@@ -202,6 +206,7 @@ impl Broker {
                 groups: groups.iter().map(|group| group.to_string()).collect(),
                 routed_at: self.route_version,
                 for_session: for_session.map(str::to_owned),
+                exchange,
             };
             journal.store.put_forward(dest, seq, &forward);
         }

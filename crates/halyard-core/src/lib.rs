@@ -50,7 +50,7 @@ pub use authz::{Access, AllowAll, Authorizer, ClientInfo};
 pub use broker::{Broker, BrokerParts, ConnectionId};
 pub use config::BrokerConfig;
 pub use forward_outbox::PendingForward;
-pub use message::{boxed_properties, Message, NodeId, SessionKey};
+pub use message::{boxed_properties, Message, NodeId, OpenExchange, SessionKey};
 pub use move_window::{MAX_HELD, RELAY_WINDOW};
 pub use output::{Output, SubscriptionUpdate};
 pub use peer_flow::{ForwardOffer, PeerForward};

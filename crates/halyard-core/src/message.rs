@@ -11,6 +11,17 @@ pub type SessionKey = u64;
 /// Id of a node of a cluster: its 1-based position in the list of voters.
 pub type NodeId = u64;
 
+/// A QoS 2 exchange that a moved session's old owner had open with the client when the
+/// session left it: the node that holds the session now carries it on under the same
+/// packet id [MQTT-4.3.3-8], since the client may hold that id (see `move_window`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenExchange {
+    /// Sent with no PUBREC back yet: sent again under the id with DUP = 1.
+    Unreceived(u16),
+    /// PUBREC came back: the message is the client's, only PUBREL is due.
+    Received(u16),
+}
+
 /// A message as accepted from a publisher (or a will), shared by every subscriber that gets it.
 ///
 /// Per-hop properties (topic alias, subscription identifiers, message expiry) are stripped on

@@ -36,11 +36,12 @@ use halyard_codec::topic::{matches, parse_shared_subscription};
 use halyard_codec::QoS;
 
 use crate::broker::Broker;
-use crate::message::{Message, NodeId, SessionKey};
+use crate::message::{Message, NodeId, OpenExchange, SessionKey};
 use crate::output::Output;
 use crate::publish::RouteOutcome;
 use crate::router::RouteScope;
 use crate::routing::Audience;
+use crate::session::Delivery;
 use crate::store::DeliveryState;
 use crate::time::ClockAnchor;
 use crate::transfer::SessionState;
@@ -83,6 +84,8 @@ struct Held {
     routed_at: u64,
     /// A message addressed to this client id's session.
     for_session: Option<Arc<str>>,
+    /// With `for_session`, the QoS 2 exchange of it its old owner had open with the client.
+    exchange: Option<OpenExchange>,
     /// Client ids whose overtaken claim handed this copy on (see `hand_held_on`): their
     /// sessions have it, or it is on its way to them.
     handed_for: Vec<Arc<str>>,
@@ -174,16 +177,16 @@ impl Broker {
                         self.deliver_to_session(now, Arc::clone(message), false, key);
                     }
                 }
-                None => self.pass_on(node, message, client_id),
+                None => self.pass_on(node, message, client_id, None),
             }
         }
         relayed
     }
 
     /// A session handed over late, after it had moved on from here: its messages not yet
-    /// received by the client follow it to the node it went to, addressed to it; how many.
-    /// With no relay to follow (its window is over), they are dropped, counted in
-    /// `late_transfer_dropped`.
+    /// completed follow it to the node it went to, addressed to it, each QoS 2 exchange the
+    /// old owner had open under its packet id; how many. With no relay to follow (its window
+    /// is over), they are dropped, counted in `late_transfer_dropped`.
     pub(crate) fn pass_late_session_on(
         &mut self,
         clock: ClockAnchor,
@@ -192,17 +195,25 @@ impl Broker {
         let unsent = state
             .inflight
             .into_iter()
-            .filter(|(_, at)| !matches!(at, DeliveryState::AwaitingCompletion(_)))
-            .map(|(stored, _)| stored)
-            .chain(state.pending);
+            .map(|(stored, at)| {
+                let exchange = match at {
+                    DeliveryState::AwaitingReceipt(id) if stored.qos == QoS::ExactlyOnce => {
+                        Some(OpenExchange::Unreceived(id))
+                    }
+                    DeliveryState::AwaitingCompletion(id) => Some(OpenExchange::Received(id)),
+                    _ => None,
+                };
+                (stored, exchange)
+            })
+            .chain(state.pending.into_iter().map(|stored| (stored, None)));
         let Some((node, client_id)) = self.moved_on_to(clock.instant, &state.client_id) else {
             self.out.stats.late_transfer_dropped += unsent.count() as u64;
             return 0;
         };
         let mut passed = 0;
-        for stored in unsent {
+        for (stored, exchange) in unsent {
             let delivery = clock.delivery(0, stored);
-            self.pass_on(node, &delivery.message, Arc::clone(&client_id));
+            self.pass_on(node, &delivery.message, Arc::clone(&client_id), exchange);
             passed += 1;
         }
         passed
@@ -219,11 +230,18 @@ impl Broker {
             .map(|relay| (relay.node, Arc::clone(&relay.client_id)))
     }
 
-    /// Sends `message` to `node`, addressed to `client_id`'s session.
-    fn pass_on(&mut self, node: NodeId, message: &Arc<Message>, client_id: Arc<str>) {
+    /// Sends `message` to `node`, addressed to `client_id`'s session, with the QoS 2
+    /// exchange of it an old owner had open.
+    fn pass_on(
+        &mut self,
+        node: NodeId,
+        message: &Arc<Message>,
+        client_id: Arc<str>,
+        exchange: Option<OpenExchange>,
+    ) {
         self.out.stats.forwarded += 1;
         let seq = (message.qos != QoS::AtMostOnce)
-            .then(|| self.store_forward(node, message, &[], Some(&client_id)));
+            .then(|| self.store_forward(node, message, &[], Some(&client_id), exchange));
         self.out.outputs.push_back(Output::Forward {
             node,
             message: Arc::clone(message),
@@ -231,6 +249,7 @@ impl Broker {
             seq,
             routed_at: self.route_version,
             for_session: Some(client_id),
+            exchange,
         });
     }
 
@@ -257,31 +276,36 @@ impl Broker {
             return outcome;
         }
         let relayed = self.relay_stale(now, &message, routed_at);
-        self.hold_while_moving(message, routed_at, None);
+        self.hold_while_moving(message, routed_at, None, None);
         match outcome {
             RouteOutcome::NoSubscribers if relayed > 0 => RouteOutcome::Delivered,
             other => other,
         }
     }
 
-    /// A message a moved session's old owner passed on for `client_id`: to that session if
-    /// it is here, on to its next node if it moved on, held if its claim is pending here.
+    /// A message a moved session's old owner passed on for `client_id` (with the QoS 2
+    /// `exchange` of it that owner had open): to that session if it is here, on to its next
+    /// node if it moved on, held if its claim is pending here.
     pub(crate) fn route_relayed(
         &mut self,
         now: Instant,
         message: Arc<Message>,
         client_id: Arc<str>,
+        exchange: Option<OpenExchange>,
         atomic: bool,
     ) -> RouteOutcome {
         if let Some(&key) = self.client_ids.get(&*client_id) {
-            return self.deliver_to_session(now, message, atomic, key);
+            return match exchange {
+                Some(exchange) => self.take_exchange_over(now, message, exchange, key),
+                None => self.deliver_to_session(now, message, atomic, key),
+            };
         }
         if let Some((node, client_id)) = self.moved_on_to(now, &client_id) {
-            self.pass_on(node, &message, client_id);
+            self.pass_on(node, &message, client_id, exchange);
             return RouteOutcome::Delivered;
         }
         if self.claim_pending_for(&client_id) {
-            self.hold_while_moving(message, 0, Some(client_id));
+            self.hold_while_moving(message, 0, Some(client_id), exchange);
             return RouteOutcome::Delivered;
         }
         self.out.stats.move_window_dropped += 1;
@@ -295,6 +319,7 @@ impl Broker {
         message: Arc<Message>,
         routed_at: u64,
         for_session: Option<Arc<str>>,
+        exchange: Option<OpenExchange>,
     ) {
         if message.qos == QoS::AtMostOnce || !self.claims_pending() {
             return;
@@ -307,6 +332,7 @@ impl Broker {
             message,
             routed_at,
             for_session,
+            exchange,
             handed_for: Vec::new(),
         });
     }
@@ -365,7 +391,11 @@ impl Broker {
                 if item.for_session.is_none() {
                     item.handed_for.push(Arc::from(client_id));
                 }
-                self.deliver_to_session(now, Arc::clone(&item.message), false, key);
+                let message = Arc::clone(&item.message);
+                match item.exchange {
+                    Some(exchange) => self.take_exchange_over(now, message, exchange, key),
+                    None => self.deliver_to_session(now, message, false, key),
+                };
             }
             let wanted = match item.for_session.as_deref() {
                 Some(addressed) => deliver_to.is_none() && self.claim_pending_for(addressed),
@@ -409,7 +439,7 @@ impl Broker {
         match owner {
             Some(node) => {
                 for (message, _) in ours {
-                    self.pass_on(node, &message, Arc::clone(&client_id));
+                    self.pass_on(node, &message, Arc::clone(&client_id), None);
                 }
             }
             None => match self.client_ids.get(&*client_id).copied() {
@@ -427,6 +457,7 @@ impl Broker {
                             message,
                             routed_at: epoch,
                             for_session: Some(Arc::clone(&client_id)),
+                            exchange: None,
                             handed_for: Vec::new(),
                         });
                     }
@@ -462,6 +493,46 @@ impl Broker {
             RouteScope::LocalFromPeer { groups: &[] },
             Audience::Session(key),
         )
+    }
+
+    /// Carries on, for the session at `key`, the QoS 2 `exchange` of `message` that the
+    /// session's old owner had open with the client (see `Session::adopt_exchange`). If the
+    /// packet id is taken here, an unreceived message is queued as a new one, and a
+    /// received one needs nothing more.
+    fn take_exchange_over(
+        &mut self,
+        now: Instant,
+        message: Arc<Message>,
+        exchange: OpenExchange,
+        key: SessionKey,
+    ) -> RouteOutcome {
+        let Some(session) = self.sessions.get_mut(&key) else {
+            return RouteOutcome::NoSubscribers;
+        };
+        let subscription_ids = session
+            .subscriptions
+            .iter()
+            .filter(|(filter, _)| {
+                let filter = parse_shared_subscription(filter).map_or(filter.as_str(), |(_, f)| f);
+                matches(filter, &message.topic)
+            })
+            .filter_map(|(_, entry)| entry.identifier)
+            .collect();
+        let delivery = Delivery {
+            seq: 0,
+            message: Arc::clone(&message),
+            qos: QoS::ExactlyOnce,
+            retain: false,
+            subscription_ids,
+        };
+        if session.adopt_exchange(exchange, delivery, now, &mut self.out) {
+            self.update_persistence(key);
+            return RouteOutcome::Delivered;
+        }
+        match exchange {
+            OpenExchange::Unreceived(_) => self.deliver_to_session(now, message, false, key),
+            OpenExchange::Received(_) => RouteOutcome::Delivered,
+        }
     }
 
     /// Whether a claim that resumes a session is pending here. Copies are held while one

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use halyard_codec::{Packet, Will};
 
 use crate::broker::ConnectionId;
-use crate::message::{Message, NodeId, SessionKey};
+use crate::message::{Message, NodeId, OpenExchange, SessionKey};
 use crate::registry::ClaimRequest;
 use crate::router::SubscriptionEntry;
 
@@ -70,6 +70,9 @@ pub enum Output {
         /// For a moved session's message passed on: the client id whose session alone
         /// gets it there.
         for_session: Option<Arc<str>>,
+        /// With `for_session`, the QoS 2 exchange of it that the session's old owner had
+        /// open with the client.
+        exchange: Option<OpenExchange>,
     },
     /// Settle this claim, then call [`Broker::handle_claim`](crate::Broker::handle_claim)
     /// with its outcome: the CONNECT waits for it (see `registry`).

@@ -23,7 +23,7 @@ use std::time::Instant;
 use halyard_codec::QoS;
 
 use crate::broker::Broker;
-use crate::message::{Message, NodeId};
+use crate::message::{Message, NodeId, OpenExchange};
 
 /// A publish another node forwarded here, as it came off the peer link.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +40,8 @@ pub struct PeerForward {
     /// A message a moved session's old owner passes on: for that client id's session
     /// alone, whatever else matches here.
     pub for_session: Option<Arc<str>>,
+    /// With `for_session`, the QoS 2 exchange of it the old owner had open with the client.
+    pub exchange: Option<OpenExchange>,
 }
 
 /// What became of a forward offered with [`Broker::offer_forward`].

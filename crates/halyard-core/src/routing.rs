@@ -48,7 +48,7 @@ impl Broker {
             Audience::RoutedAt(routed_at),
         );
         if outcome != RouteOutcome::QuotaExceeded {
-            self.hold_while_moving(message, routed_at, None);
+            self.hold_while_moving(message, routed_at, None, None);
         }
         outcome
     }
@@ -97,7 +97,13 @@ impl Broker {
         forward.message.publisher = None;
         let message = Arc::new(forward.message);
         let outcome = match forward.for_session.clone() {
-            Some(client_id) => self.route_relayed(now, Arc::clone(&message), client_id, atomic),
+            Some(client_id) => self.route_relayed(
+                now,
+                Arc::clone(&message),
+                client_id,
+                forward.exchange,
+                atomic,
+            ),
             None => self.route_forward(
                 now,
                 Arc::clone(&message),
@@ -267,7 +273,7 @@ impl Broker {
         }
         for (node, groups) in forwards {
             self.out.stats.forwarded += 1;
-            let seq = queued.then(|| self.store_forward(node, &message, &groups, None));
+            let seq = queued.then(|| self.store_forward(node, &message, &groups, None, None));
             self.out.outputs.push_back(Output::Forward {
                 node,
                 message: Arc::clone(&message),
@@ -275,6 +281,7 @@ impl Broker {
                 seq,
                 routed_at: self.route_version,
                 for_session: None,
+                exchange: None,
             });
         }
         let mut too_slow = Vec::new();

@@ -13,7 +13,7 @@ use crate::broker::ConnectionId;
 use crate::footprint::{message_footprint, vec_footprint};
 use crate::lazy::{LazyMap, LazySet};
 use crate::memory_meter::{MemoryMeter, MeteredQueue, Weighed};
-use crate::message::Message;
+use crate::message::{Message, OpenExchange};
 use crate::output::Output;
 use crate::router::SubscriptionEntry;
 use crate::store::{DeliveryState, Store};
@@ -593,6 +593,47 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Takes over a QoS 2 exchange another node had open with the client: an unreceived
+    /// message as [`Session::adopt_unreceived`]; a received one (PUBREC came) gets its
+    /// PUBREL under the same id and waits for PUBCOMP, so the client frees the id. False if
+    /// the id is in use here.
+    pub fn adopt_exchange(
+        &mut self,
+        exchange: OpenExchange,
+        delivery: Delivery,
+        now: Instant,
+        out: &mut Outbox,
+    ) -> bool {
+        let packet_id = match exchange {
+            OpenExchange::Unreceived(packet_id) => {
+                return self.adopt_unreceived(packet_id, delivery, now, out)
+            }
+            OpenExchange::Received(packet_id) => packet_id,
+        };
+        if self
+            .inflight
+            .iter()
+            .any(|entry| entry.packet_id == packet_id)
+        {
+            return false;
+        }
+        if let Some(link) = self.link.as_ref() {
+            out.send(
+                link.conn,
+                Packet::PubRel(PubResponse {
+                    packet_id,
+                    ..Default::default()
+                }),
+            );
+        }
+        self.inflight.push_back(Inflight {
+            packet_id,
+            delivery,
+            state: Awaiting::Completion,
+        });
+        true
     }
 
     /// Takes over a QoS 2 message another node sent under `packet_id` and got no PUBREC

@@ -16,7 +16,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use halyard_codec::{Properties, QoS, Will};
 
-use crate::message::NodeId;
+use crate::message::{NodeId, OpenExchange};
 pub use crate::retained::RetainedPage;
 use crate::router::SubscriptionEntry;
 
@@ -129,6 +129,8 @@ pub struct StoredForward {
     pub routed_at: u64,
     /// The client id whose session alone gets it, for a moved session's message.
     pub for_session: Option<String>,
+    /// With `for_session`, the QoS 2 exchange of it the old owner had open with the client.
+    pub exchange: Option<OpenExchange>,
 }
 
 /// One destination's outbox as found at start-up: its forwards stay on disk and are read

@@ -7,7 +7,7 @@ use halyard_codec::{QoS, Will};
 
 use crate::broker::Broker;
 use crate::close::CloseKind;
-use crate::message::{NodeId, SessionKey};
+use crate::message::{NodeId, OpenExchange, SessionKey};
 use crate::router::{FilterRef, SubscriptionEntry};
 use crate::session::{Awaiting, Inflight, Session};
 use crate::store::{DeliveryState, StoredDelivery};
@@ -198,9 +198,9 @@ impl Broker {
     /// A session handed over only after this node's claim (under `epoch`) stopped waiting for
     /// it, so the client already resumed from what raft holds: the messages it had queued or
     /// in flight on the old owner join the live session's queue, and the move loses nothing.
-    /// A QoS 2 message the client already received (PUBREC sent, awaiting PUBCOMP) is not
-    /// sent again, and one sent without a PUBREC yet is sent again under its packet id
-    /// (see `Session::adopt_unreceived`). A message with no room left is counted in `late_transfer_dropped`.
+    /// A QoS 2 message the client already received (PUBREC sent) is not sent again, but
+    /// gets its PUBREL, so that the client frees the id; one sent without a PUBREC yet is
+    /// sent again under its packet id (see `Session::adopt_exchange`). A message with no room left is counted in `late_transfer_dropped`.
     /// If the session has moved on from here, its messages are passed on after it (see
     /// `move_window`). Nothing happens if this node no longer holds the session it took
     /// under `epoch` otherwise (resumed here since, without a clean start, it still does);
@@ -228,17 +228,21 @@ impl Broker {
         let mut queued = 0;
         let mut unsent = Vec::with_capacity(state.inflight.len() + state.pending.len());
         for (stored, at) in state.inflight {
-            match at {
-                DeliveryState::AwaitingCompletion(_) => {}
+            let exchange = match at {
+                DeliveryState::AwaitingCompletion(packet_id) => OpenExchange::Received(packet_id),
                 DeliveryState::AwaitingReceipt(packet_id) if stored.qos == QoS::ExactlyOnce => {
-                    let delivery = clock.delivery(0, stored.clone());
-                    if session.adopt_unreceived(packet_id, delivery, now, &mut self.out) {
-                        queued += 1;
-                    } else {
-                        unsent.push(stored);
-                    }
+                    OpenExchange::Unreceived(packet_id)
                 }
-                _ => unsent.push(stored),
+                _ => {
+                    unsent.push(stored);
+                    continue;
+                }
+            };
+            let delivery = clock.delivery(0, stored.clone());
+            if session.adopt_exchange(exchange, delivery, now, &mut self.out) {
+                queued += 1;
+            } else if let OpenExchange::Unreceived(_) = exchange {
+                unsent.push(stored);
             }
         }
         unsent.extend(state.pending);

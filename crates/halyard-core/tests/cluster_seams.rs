@@ -13,7 +13,7 @@ use halyard_codec::{
 };
 use halyard_core::{
     Broker, BrokerConfig, BrokerParts, ClaimOutcome, ClaimRequest, ConnectionId, ForwardOffer,
-    Message, Output, PeerForward, SessionState, SubscriptionUpdate, RELAY_WINDOW,
+    Message, OpenExchange, Output, PeerForward, SessionState, SubscriptionUpdate, RELAY_WINDOW,
 };
 use halyard_store::{FsyncPolicy, RedbStore};
 
@@ -21,13 +21,14 @@ const V3: ProtocolVersion = ProtocolVersion::V3_1_1;
 const V5: ProtocolVersion = ProtocolVersion::V5;
 
 /// An `Output::Forward`: (node, message, share groups, outbox sequence number, the client
-/// id it is addressed to).
+/// id it is addressed to, the QoS 2 exchange it carries on).
 type Forwarded = (
     u64,
     Arc<Message>,
     Vec<Arc<str>>,
     Option<u64>,
     Option<Arc<str>>,
+    Option<OpenExchange>,
 );
 
 /// A route version above every epoch these tests use: routed after every claim.
@@ -51,6 +52,7 @@ fn routed(
         groups: groups.to_vec(),
         routed_at,
         for_session: None,
+        exchange: None,
     }
 }
 
@@ -141,10 +143,11 @@ impl Node {
                     groups,
                     seq,
                     for_session,
+                    exchange,
                     ..
                 } => self
                     .forwards
-                    .push((node, message, groups, seq, for_session)),
+                    .push((node, message, groups, seq, for_session, exchange)),
                 Output::Release { client_id, epoch } => self.releases.push((client_id, epoch)),
                 Output::Subscriptions {
                     ticket,
@@ -1255,7 +1258,7 @@ fn a_moving_session_gets_each_message_once_whichever_node_routed_it() {
             "for the session alone"
         );
     }
-    for (node, message, groups, _, for_session) in a.forwards.drain(..) {
+    for (node, message, groups, _, for_session, exchange) in a.forwards.drain(..) {
         assert_eq!(node, 2);
         let forward = PeerForward {
             stored_as: None,
@@ -1263,6 +1266,7 @@ fn a_moving_session_gets_each_message_once_whichever_node_routed_it() {
             groups,
             routed_at: 12,
             for_session,
+            exchange,
         };
         b.broker.handle_forward(b.now, 1, forward);
     }
@@ -1417,7 +1421,7 @@ fn an_overtaken_claim_hands_what_was_routed_for_it_on_once() {
     let passed: Vec<(u64, Bytes, Option<Arc<str>>)> = b
         .forwards
         .drain(..)
-        .map(|(node, message, _, _, for_session)| (node, message.payload.clone(), for_session))
+        .map(|(node, message, _, _, for_session, _)| (node, message.payload.clone(), for_session))
         .collect();
     assert_eq!(
         passed,
@@ -1562,7 +1566,7 @@ fn a_relay_ends_at_the_claim_that_overtook_it_and_passes_each_message_on_once() 
     let passed: Vec<Bytes> = b
         .forwards
         .drain(..)
-        .map(|(_, message, _, _, _)| message.payload.clone())
+        .map(|(_, message, _, _, _, _)| message.payload.clone())
         .collect();
     assert_eq!(passed, vec![Bytes::from_static(b"ours")]);
 
@@ -1586,7 +1590,7 @@ fn a_relay_ends_at_the_claim_that_overtook_it_and_passes_each_message_on_once() 
     let passed: Vec<Bytes> = b
         .forwards
         .drain(..)
-        .map(|(_, message, _, _, _)| message.payload.clone())
+        .map(|(_, message, _, _, _, _)| message.payload.clone())
         .collect();
     assert_eq!(
         passed,
@@ -1595,4 +1599,101 @@ fn a_relay_ends_at_the_claim_that_overtook_it_and_passes_each_message_on_once() 
             Bytes::from_static(b"in-first")
         ]
     );
+}
+
+/// A late hand-over for a session that has moved on since passes its open QoS 2 exchanges
+/// on under their packet ids: the next node sends the unreceived message again under its id
+/// with DUP = 1 and the received one's PUBREL, so the client neither loses nor repeats a
+/// message and frees every id it holds [MQTT-4.3.3-8] (halyard-sim seeds 2, 189, 199, 237,
+/// 294: they were passed on as new messages, under new ids).
+#[test]
+fn a_late_hand_over_passed_on_carries_its_open_qos2_exchanges_under_their_ids() {
+    let (_dir_a, _dir_b, mut a, mut b) =
+        subscriber_and_feeder("exact", false, "q2/#", QoS::ExactlyOnce);
+    a.take(1);
+    a.send(2, publish("q2/a", b"received", QoS::ExactlyOnce, 1));
+    a.send(2, publish("q2/b", b"unreceived", QoS::ExactlyOnce, 2));
+    let sent = publishes(&a.take(1));
+    assert_eq!(sent.len(), 2);
+    let (received_id, unreceived_id) = (
+        sent[0].packet_id.expect("QoS 2"),
+        sent[1].packet_id.expect("QoS 2"),
+    );
+    a.send(
+        1,
+        Packet::PubRec(PubResponse {
+            packet_id: received_id,
+            ..Default::default()
+        }),
+    );
+    let late = a
+        .broker
+        .fence(a.now, SystemTime::now(), "exact", 12, 2)
+        .expect("A held it");
+
+    // B resumed from raft, and the session moved on to node 3 before A's hand-over came.
+    b.resume_from_raft(5, &late, 12);
+    b.take(5);
+    let moved_on = b
+        .broker
+        .fence(b.now, SystemTime::now(), "exact", 14, 3)
+        .expect("B held it");
+    b.forwards.clear();
+    assert_eq!(
+        b.broker
+            .merge_late_session(b.now, SystemTime::now(), 12, *late),
+        2
+    );
+    b.drain();
+    let passed: Vec<(u64, Bytes, Option<OpenExchange>)> = b
+        .forwards
+        .iter()
+        .map(|(node, message, _, _, _, exchange)| (*node, message.payload.clone(), *exchange))
+        .collect();
+    assert_eq!(
+        passed,
+        vec![
+            (
+                3,
+                Bytes::from_static(b"received"),
+                Some(OpenExchange::Received(received_id))
+            ),
+            (
+                3,
+                Bytes::from_static(b"unreceived"),
+                Some(OpenExchange::Unreceived(unreceived_id))
+            ),
+        ]
+    );
+
+    let dir_c = tempfile::tempdir().expect("tempdir");
+    let mut c = Node::open(dir_c.path(), BrokerParts::replicated(), b.now);
+    c.send(9, connect(V5, "exact", false, Some(3600)));
+    c.claims.pop_front().expect("claim");
+    assert!(c.granted_with(9, 14, moved_on).is_empty());
+    for (_, message, groups, seq, for_session, exchange) in b.forwards.drain(..) {
+        let forward = PeerForward {
+            stored_as: seq.map(|seq| (8, seq)),
+            message: (*message).clone(),
+            groups,
+            routed_at: 14,
+            for_session,
+            exchange,
+        };
+        c.broker.handle_forward(c.now, 2, forward);
+    }
+    c.drain();
+    let packets = c.take(9);
+    assert!(
+        packets.iter().any(|packet| matches!(
+            packet,
+            Packet::PubRel(rel) if rel.packet_id == received_id
+        )),
+        "the received one's PUBREL: {packets:?}"
+    );
+    let resent = publishes(&packets);
+    assert_eq!(resent.len(), 1, "only the unreceived one: {resent:?}");
+    assert_eq!(resent[0].packet_id, Some(unreceived_id));
+    assert!(resent[0].dup);
+    assert_eq!(&resent[0].payload[..], b"unreceived");
 }

@@ -125,6 +125,7 @@ fn peer(stored_as: Option<(u64, u64)>, message: Message) -> PeerForward {
         groups: Vec::new(),
         routed_at: ROUTE_VERSION,
         for_session: None,
+        exchange: None,
     }
 }
 

@@ -132,6 +132,7 @@ impl Running {
                         message,
                         routed_at,
                         for_session,
+                        exchange,
                         ..
                     } = &cluster
                     {
@@ -142,6 +143,7 @@ impl Running {
                             message = id.ok(),
                             routed_at,
                             for_session = for_session.as_deref(),
+                            exchange = ?exchange,
                             "forward"
                         );
                     }

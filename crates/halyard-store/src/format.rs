@@ -45,7 +45,7 @@ use halyard_codec::{
 use halyard_core::store::{
     DeliveryState, SessionRecord, StoredDelivery, StoredForward, StoredMessage,
 };
-use halyard_core::SubscriptionEntry;
+use halyard_core::{OpenExchange, SubscriptionEntry};
 
 /// The version of values written before checksums: read, never written.
 const UNCHECKED_VERSION: u8 = 1;
@@ -59,7 +59,7 @@ const SESSION_EPOCH_SINCE: u8 = 3;
 const SUBSCRIPTION_VERSION: u8 = 2;
 const DELIVERY_VERSION: u8 = 2;
 const RETAINED_VERSION: u8 = 2;
-const FORWARD_VERSION: u8 = 3;
+const FORWARD_VERSION: u8 = 4;
 /// Length of the CRC32C that ends a checked value.
 const CHECKSUM_LEN: usize = 4;
 
@@ -590,11 +590,22 @@ pub(crate) fn encode_forward(
     out.extend_from_slice(&forward.routed_at.to_be_bytes());
     match &forward.for_session {
         Some(client_id) => {
-            out.push(1);
+            // 1: addressed; 2 and 3 (version 4): with an open QoS 2 exchange, its packet id
+            // after the client id.
+            out.push(match forward.exchange {
+                None => 1,
+                Some(OpenExchange::Unreceived(_)) => 2,
+                Some(OpenExchange::Received(_)) => 3,
+            });
             // A client id is at most 65,535 bytes (an MQTT UTF-8 string).
             let len = u32::try_from(client_id.len()).unwrap_or(u32::MAX);
             out.extend_from_slice(&len.to_be_bytes());
             out.extend_from_slice(client_id.as_bytes());
+            if let Some(OpenExchange::Unreceived(id) | OpenExchange::Received(id)) =
+                forward.exchange
+            {
+                out.extend_from_slice(&id.to_be_bytes());
+            }
         }
         None => out.push(0),
     }
@@ -619,22 +630,29 @@ pub(crate) fn decode_forward(
         let group = std::str::from_utf8(bytes).map_err(|_| FormatError::Invalid("share group"))?;
         groups.push(group.to_owned());
     }
-    let (routed_at, for_session) = if version >= 3 {
+    let (routed_at, for_session, exchange) = if version >= 3 {
         let routed_at = r.u64()?;
-        let for_session = match r.u8()? {
-            0 => None,
-            1 => {
-                let len = usize::try_from(r.u32()?).map_err(|_| FormatError::Truncated)?;
-                let bytes = r.take(len)?;
-                let client_id =
-                    std::str::from_utf8(bytes).map_err(|_| FormatError::Invalid("client id"))?;
-                Some(client_id.to_owned())
-            }
-            _ => return Err(FormatError::Invalid("for-session flag")),
+        let flag = r.u8()?;
+        if flag > 3 || (flag > 1 && version < 4) {
+            return Err(FormatError::Invalid("for-session flag"));
+        }
+        let for_session = if flag == 0 {
+            None
+        } else {
+            let len = usize::try_from(r.u32()?).map_err(|_| FormatError::Truncated)?;
+            let bytes = r.take(len)?;
+            let client_id =
+                std::str::from_utf8(bytes).map_err(|_| FormatError::Invalid("client id"))?;
+            Some(client_id.to_owned())
         };
-        (routed_at, for_session)
+        let exchange = match flag {
+            2 => Some(OpenExchange::Unreceived(r.u16()?)),
+            3 => Some(OpenExchange::Received(r.u16()?)),
+            _ => None,
+        };
+        (routed_at, for_session, exchange)
     } else {
-        (0, None)
+        (0, None, None)
     };
     let message = take_message(r)?;
     Ok(StoredForward {
@@ -642,6 +660,7 @@ pub(crate) fn decode_forward(
         groups,
         routed_at,
         for_session,
+        exchange,
     })
 }
 
@@ -850,9 +869,18 @@ mod tests {
             groups: vec!["g1".to_owned(), "élan".to_owned()],
             routed_at: 41,
             for_session: Some("mover".to_owned()),
+            exchange: None,
         };
         let value = encode_forward(2, 9, &forward).expect("encodes");
         assert_eq!(decode_forward(2, 9, &value).expect("decodes"), forward);
+        for exchange in [OpenExchange::Unreceived(7), OpenExchange::Received(65_535)] {
+            let open = StoredForward {
+                exchange: Some(exchange),
+                ..forward.clone()
+            };
+            let value_open = encode_forward(2, 9, &open).expect("encodes");
+            assert_eq!(decode_forward(2, 9, &value_open).expect("decodes"), open);
+        }
         let unaddressed = StoredForward {
             for_session: None,
             ..forward.clone()

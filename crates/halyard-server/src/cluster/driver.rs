@@ -234,6 +234,7 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
                         stored_as: Some(forward.seq),
                         routed_at: forward.routed_at,
                         for_session: forward.for_session.as_deref(),
+                        exchange: forward.exchange,
                     };
                     if !self.send_stored(dest, &forward.message, tags) {
                         all_sent = false;
@@ -330,6 +331,7 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
                 seq: Some(stored_seq),
                 routed_at,
                 for_session,
+                exchange,
             } => {
                 let lane = self.lanes.entry(*node).or_default();
                 // Behind, it is read back from the store in its turn; at or below
@@ -340,6 +342,7 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
                         stored_as: Some(*stored_seq),
                         routed_at: *routed_at,
                         for_session: for_session.as_deref(),
+                        exchange: *exchange,
                     };
                     self.send_stored(*node, message, tags);
                 }
@@ -351,12 +354,14 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
                 seq: None,
                 routed_at,
                 for_session,
+                exchange,
             } => {
                 let tags = ForwardTags {
                     groups,
                     stored_as: None,
                     routed_at: *routed_at,
                     for_session: for_session.as_deref(),
+                    exchange: *exchange,
                 };
                 match wire::encode_forward(message, tags, self.clock.clocks()) {
                     Ok(payload) => {
@@ -984,7 +989,7 @@ async fn merge_if_unclaimed<E: From<ClusterEvent>>(
     for state in kept {
         let event = ClusterEvent::LateSession {
             epoch: key.1,
-            state,
+            state: Box::new(state),
         };
         if events.send(E::from(event)).await.is_err() {
             return;
@@ -1146,6 +1151,7 @@ async fn follow_link<E: From<ClusterEvent> + Send + 'static>(
                 stored_as,
                 routed_at,
                 for_session,
+                exchange,
             }) => {
                 let event = ClusterEvent::Forwarded {
                     origin: delivery.origin,
@@ -1156,6 +1162,7 @@ async fn follow_link<E: From<ClusterEvent> + Send + 'static>(
                         groups,
                         routed_at,
                         for_session,
+                        exchange,
                     },
                 };
                 if events.send(E::from(event)).await.is_err() {

@@ -15,7 +15,7 @@ pub(super) struct Transfers {
     /// Sessions that came before their claim waited for them, or after it had its own (more
     /// than one node's claim, each overtaken, may pass a session on under the same claim),
     /// in the order they came.
-    arrived: HashMap<(String, u64), Vec<Box<SessionState>>>,
+    arrived: HashMap<(String, u64), Vec<SessionState>>,
     pub(super) waiting: HashMap<(String, u64), oneshot::Sender<Box<SessionState>>>,
     /// Claims that stopped waiting (the client resumed from raft's state), with when: a
     /// session arriving for one of them is merged into the live session.
@@ -59,7 +59,7 @@ impl Transfers {
         if self.ended.remove(&key).is_some() {
             return Arrival::Ended(state);
         }
-        self.arrived.entry(key).or_default().push(state);
+        self.arrived.entry(key).or_default().push(*state);
         Arrival::Kept
     }
 
@@ -70,11 +70,11 @@ impl Transfers {
         if kept.is_empty() {
             self.arrived.remove(key);
         }
-        Some(first)
+        Some(Box::new(first))
     }
 
     /// Every session still kept for the claim of `key`.
-    pub(super) fn take_all_arrived(&mut self, key: &(String, u64)) -> Vec<Box<SessionState>> {
+    pub(super) fn take_all_arrived(&mut self, key: &(String, u64)) -> Vec<SessionState> {
         self.arrived.remove(key).unwrap_or_default()
     }
 

@@ -14,7 +14,7 @@ use halyard_codec::{
     SubscriptionOptions, Will,
 };
 use halyard_core::store::{DeliveryState, StoredDelivery, StoredMessage};
-use halyard_core::{boxed_properties, Message, SessionState, SubscriptionEntry};
+use halyard_core::{boxed_properties, Message, OpenExchange, SessionState, SubscriptionEntry};
 use serde::{Deserialize, Serialize};
 
 /// A frame from a peer (or a raft value) that does not decode.
@@ -45,6 +45,8 @@ pub(crate) enum PeerMessage {
         /// For a moved session's message passed on: the client id whose session alone
         /// gets it.
         for_session: Option<String>,
+        /// With `for_session`, the QoS 2 exchange of it the old owner had open.
+        exchange: Option<WireExchange>,
     },
     /// A session moved to the receiver, which claimed it under `epoch`.
     Session {
@@ -53,6 +55,31 @@ pub(crate) enum PeerMessage {
         /// The session.
         state: WireSession,
     },
+}
+
+/// [`OpenExchange`] on the peer link.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub(crate) enum WireExchange {
+    Unreceived(u16),
+    Received(u16),
+}
+
+impl From<OpenExchange> for WireExchange {
+    fn from(exchange: OpenExchange) -> Self {
+        match exchange {
+            OpenExchange::Unreceived(id) => WireExchange::Unreceived(id),
+            OpenExchange::Received(id) => WireExchange::Received(id),
+        }
+    }
+}
+
+impl From<WireExchange> for OpenExchange {
+    fn from(exchange: WireExchange) -> Self {
+        match exchange {
+            WireExchange::Unreceived(id) => OpenExchange::Unreceived(id),
+            WireExchange::Received(id) => OpenExchange::Received(id),
+        }
+    }
 }
 
 /// A message: an MQTT 5 PUBLISH (topic, payload, QoS, RETAIN, properties) and its expiry.
@@ -410,6 +437,8 @@ pub(crate) struct ForwardTags<'a> {
     pub routed_at: u64,
     /// The client id whose session alone gets it, for a moved session's message.
     pub for_session: Option<&'a str>,
+    /// With `for_session`, the QoS 2 exchange of it the old owner had open.
+    pub exchange: Option<OpenExchange>,
 }
 
 /// A forwarded publish, ready for the peer link.
@@ -424,6 +453,7 @@ pub(crate) fn encode_forward(
         stored_as: tags.stored_as,
         routed_at: tags.routed_at,
         for_session: tags.for_session.map(str::to_owned),
+        exchange: tags.exchange.map(WireExchange::from),
     };
     Ok(postcard::to_stdvec(&frame)?.into())
 }
@@ -452,6 +482,8 @@ pub(crate) enum Received {
         routed_at: u64,
         /// The client id whose session alone gets it, for a moved session's message.
         for_session: Option<Arc<str>>,
+        /// With `for_session`, the QoS 2 exchange of it the old owner had open.
+        exchange: Option<OpenExchange>,
     },
     /// A session for this node's claim under `epoch`.
     Session {
@@ -471,12 +503,14 @@ pub(crate) fn decode_peer(payload: &[u8], clocks: Clocks) -> Result<Received, Wi
             stored_as,
             routed_at,
             for_session,
+            exchange,
         } => Ok(Received::Forward {
             message: message.to_message(clocks)?,
             groups: groups.into_iter().map(Arc::from).collect(),
             stored_as,
             routed_at,
             for_session: for_session.map(Arc::from),
+            exchange: exchange.map(OpenExchange::from),
         }),
         PeerMessage::Session { epoch, state } => Ok(Received::Session {
             epoch,
@@ -604,6 +638,7 @@ mod tests {
             stored_as: Some(77),
             routed_at: 812,
             for_session: Some("mover"),
+            exchange: Some(OpenExchange::Unreceived(9)),
         };
         let bytes = encode_forward(&message, tags, clocks).expect("encodes");
         match decode_peer(&bytes, clocks).expect("decodes") {
@@ -613,7 +648,9 @@ mod tests {
                 stored_as,
                 routed_at,
                 for_session,
+                exchange,
             } => {
+                assert_eq!(exchange, Some(OpenExchange::Unreceived(9)));
                 assert_eq!(back_groups, groups);
                 assert_eq!(stored_as, Some(77));
                 assert_eq!(routed_at, 812);
@@ -656,6 +693,7 @@ mod tests {
             stored_as: None,
             routed_at: 0,
             for_session: None,
+            exchange: None,
         })
         .expect("encodes");
         assert!(decode_peer(&bad_qos, clocks).is_err());
