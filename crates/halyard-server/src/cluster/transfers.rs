@@ -44,13 +44,19 @@ const LATE_TRANSFER_WINDOW: Duration = Duration::from_secs(60);
 
 impl Transfers {
     /// Gives a session to the claim waiting for it, or says what to do with it. When this
-    /// node's client connected again while its claim waited, the newest claim gets it (the
-    /// older ones are superseded; see `waits_for_handover`).
+    /// node's client connected again while its claim waited, the newest claim gets it; the
+    /// older ones are superseded and stop waiting at once, so that what was routed here for
+    /// them reaches the session now rather than after their timeout (see
+    /// `waits_for_handover`; halyard-sim seed 83 --no-partitions lost such copies in a crash
+    /// while they waited).
     pub(super) fn arrive(&mut self, key: (String, u64), state: Box<SessionState>) -> Arrival {
         let newest = self.newest_waiting(&key.0).filter(|&epoch| epoch >= key.1);
         let waiter = newest.and_then(|epoch| self.waiting.remove(&(key.0.clone(), epoch)));
         if let Some(waiter) = waiter {
             let _ = waiter.send(state);
+            // Dropping their senders ends their waits.
+            self.waiting
+                .retain(|(client_id, epoch), _| *client_id != key.0 || Some(*epoch) > newest);
             return Arrival::Taken;
         }
         if self.gave_up.remove(&key).is_some() {
@@ -162,5 +168,35 @@ mod tests {
             Arrival::Kept
         ));
         assert_eq!(transfers.take_all_arrived(&key).len(), 1);
+    }
+
+    /// The client connected to this node twice while its first claim waited: the newest
+    /// claim gets the session, and the older claim's wait ends then, not at its timeout.
+    #[test]
+    fn the_newest_claim_gets_the_session_and_the_older_stops_waiting() {
+        let mut transfers = Transfers::default();
+        let (older, mut older_waits) = oneshot::channel();
+        let (newer, mut newer_waits) = oneshot::channel();
+        let (other, mut other_waits) = oneshot::channel();
+        transfers.waiting.insert(("sub".to_owned(), 23), older);
+        transfers.waiting.insert(("sub".to_owned(), 24), newer);
+        transfers
+            .waiting
+            .insert(("bystander".to_owned(), 20), other);
+        assert!(matches!(
+            transfers.arrive(("sub".to_owned(), 23), session("sub", 1)),
+            Arrival::Taken
+        ));
+        assert!(newer_waits.try_recv().is_ok(), "the newest has it");
+        assert_eq!(
+            older_waits.try_recv(),
+            Err(oneshot::error::TryRecvError::Closed),
+            "the older waits no more"
+        );
+        assert_eq!(
+            other_waits.try_recv(),
+            Err(oneshot::error::TryRecvError::Empty),
+            "another client's claim still waits"
+        );
     }
 }
