@@ -191,9 +191,24 @@ impl Broker {
             ClaimOutcome::Granted { epoch, .. } => Some(*epoch),
             ClaimOutcome::Refused => None,
         };
+        // A newer claim of the client here settled first (before the driver's raft state
+        // showed it was newer): this grant is refused, and what was routed here under it
+        // joins the session (halyard-sim seed 48 --no-kills).
+        let newer_here = client_id
+            .as_deref()
+            .zip(epoch)
+            .and_then(|(client_id, epoch)| self.newer_session_epoch(client_id, epoch));
         self.settle_claim(now, wall, conn, outcome);
         if let Some(client_id) = client_id {
-            self.release_held(now, &client_id, epoch);
+            if let (Some(epoch), Some(newer)) = (epoch, newer_here) {
+                self.join_overtaken_claim(now, &client_id, epoch, newer);
+                self.release_held(now, &client_id, None);
+            } else {
+                self.release_held(now, &client_id, epoch);
+                if let Some(epoch) = epoch {
+                    self.extend_to_joined_claims(&client_id, epoch);
+                }
+            }
         }
     }
 
@@ -214,7 +229,10 @@ impl Broker {
         let client_id = self.claims.get(&conn).map(|c| c.connect.client_id.clone());
         self.settle_claim(now, wall, conn, ClaimOutcome::Refused);
         if let Some(client_id) = client_id {
-            self.hand_held_on(now, &client_id, epoch, newer, owner);
+            match owner {
+                Some(_) => self.hand_held_on(now, &client_id, epoch, newer, owner),
+                None => self.join_overtaken_claim(now, &client_id, epoch, newer),
+            }
             self.release_held(now, &client_id, None);
         }
     }
@@ -269,10 +287,16 @@ impl Broker {
 
     /// Whether this node holds `client_id`'s session under a claim newer than `epoch`.
     fn holds_newer_session(&self, client_id: &str, epoch: u64) -> bool {
+        self.newer_session_epoch(client_id, epoch).is_some()
+    }
+
+    /// The epoch of `client_id`'s session here if it is newer than `epoch`.
+    fn newer_session_epoch(&self, client_id: &str, epoch: u64) -> Option<u64> {
         self.client_ids
             .get(client_id)
             .and_then(|key| self.sessions.get(key))
-            .is_some_and(|session| session.epoch > epoch)
+            .map(|session| session.epoch)
+            .filter(|&held| held > epoch)
     }
 
     fn refuse_claim(&mut self, conn: ConnectionId, version: ProtocolVersion) {

@@ -63,7 +63,14 @@ pub(crate) struct MoveWindow {
     /// was applied: if that claim is the newer, messages routed from its index on are its
     /// node's.
     overtaken: Vec<(Arc<str>, u64)>,
+    /// (client id, newer, older): a claim here overtaken by a newer claim here before the
+    /// session came; the session the newer claim brings takes what is routed from the
+    /// older on (see `join_overtaken_claim`).
+    joined: Vec<(Arc<str>, u64, u64)>,
 }
+
+/// Most entries of [`MoveWindow::joined`]; the oldest go first.
+const MAX_JOINED: usize = 1_024;
 
 #[derive(Debug)]
 struct Relay {
@@ -463,6 +470,61 @@ impl Broker {
                     }
                 }
             },
+        }
+    }
+
+    /// The claim of `client_id` under `epoch` was overtaken by this node's own claim
+    /// `newer` before its session came: the copies held for it go to the session (see
+    /// `hand_held_on`). With no other node's claim between the two, this node was the owner
+    /// from `epoch` on, so the session also takes, through routing, what reaches it later
+    /// routed from `epoch` on, and a later relay of it starts there (halyard-sim seeds 75,
+    /// 143 --no-kills: such late forwards were dropped).
+    pub(crate) fn join_overtaken_claim(
+        &mut self,
+        now: Instant,
+        client_id: &str,
+        epoch: u64,
+        newer: u64,
+    ) {
+        self.hand_held_on(now, client_id, epoch, newer, None);
+        if self.window_end(client_id, epoch) < newer {
+            return;
+        }
+        let here = self.client_ids.get(client_id).copied();
+        match here.and_then(|key| self.sessions.get_mut(&key)) {
+            Some(session) if session.routes_from <= newer => {
+                session.routes_from = session.routes_from.min(epoch);
+            }
+            Some(_) => {}
+            None => {
+                let joined = &mut self.move_window.joined;
+                if joined.len() >= MAX_JOINED {
+                    joined.remove(0);
+                }
+                joined.push((Arc::from(client_id), newer, epoch));
+            }
+        }
+    }
+
+    /// The claim of `client_id` under `epoch` was settled, after the copies held for it
+    /// went to its session: a session it brought here takes, through routing, what is
+    /// routed from the oldest claim it took over here on (see `join_overtaken_claim`).
+    pub(crate) fn extend_to_joined_claims(&mut self, client_id: &str, epoch: u64) {
+        let mut from = epoch;
+        self.move_window.joined.retain(|(id, newer, older)| {
+            let ours = &**id == client_id && *newer == epoch;
+            if ours {
+                from = from.min(*older);
+            }
+            !ours
+        });
+        let Some(&key) = self.client_ids.get(client_id) else {
+            return;
+        };
+        if let Some(session) = self.sessions.get_mut(&key) {
+            if session.routes_from == epoch {
+                session.routes_from = from;
+            }
         }
     }
 

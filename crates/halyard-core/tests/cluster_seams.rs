@@ -1751,3 +1751,52 @@ fn a_late_hand_over_releases_a_qos2_message_the_client_received() {
     );
     assert!(b.take(5).is_empty(), "complete");
 }
+
+/// A client connects to one node twice while its first claim waits, and the newer claim
+/// gets the session: with no other node's claim between the two, this node was the owner
+/// from the older claim on, so a forward routed in between that reaches it only now still
+/// goes to the session, whichever of the two claims settles first (halyard-sim seeds 48,
+/// 75, 143 --no-kills dropped such forwards).
+#[test]
+fn a_newer_claim_here_takes_what_is_routed_under_the_older_one_later() {
+    for older_settles_first in [false, true] {
+        let (_dir_a, _dir_b, mut b, state) = moved_session("twice", 12);
+        b.send(5, connect(V5, "twice", false, Some(3600)));
+        b.claims.pop_front().expect("older claim");
+        b.send(6, connect(V5, "twice", false, Some(3600)));
+        b.claims.pop_front().expect("newer claim");
+        b.broker.set_route_version(14);
+        if older_settles_first {
+            b.broker
+                .handle_superseded_claim(b.now, SystemTime::now(), 5, 12, 14, None);
+            b.drain();
+            assert!(b.granted_with(6, 14, state).is_empty());
+        } else {
+            assert!(b.granted_with(6, 14, state).is_empty());
+            // The driver's raft state did not show the newer claim yet: a plain grant.
+            b.granted(5, 12);
+            b.take(5);
+        }
+        b.forwarded(
+            "mv/x",
+            &[
+                (b"before-both", 11, 1),
+                (b"under-older", 12, 2),
+                (b"under-newer", 14, 3),
+            ],
+        );
+        let mut payloads: Vec<Bytes> = publishes(&b.take(6))
+            .into_iter()
+            .map(|publish| publish.payload)
+            .collect();
+        payloads.sort();
+        assert_eq!(
+            payloads,
+            vec![
+                Bytes::from_static(b"under-newer"),
+                Bytes::from_static(b"under-older"),
+            ],
+            "older settles first: {older_settles_first}"
+        );
+    }
+}
