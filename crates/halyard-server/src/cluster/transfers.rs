@@ -54,9 +54,18 @@ impl Transfers {
         let waiter = newest.and_then(|epoch| self.waiting.remove(&(key.0.clone(), epoch)));
         if let Some(waiter) = waiter {
             let _ = waiter.send(state);
-            // Dropping their senders ends their waits.
-            self.waiting
-                .retain(|(client_id, epoch), _| *client_id != key.0 || Some(*epoch) > newest);
+            // Dropping their senders ends their waits, oldest first: in the map's order the
+            // simulation's runs would differ.
+            let mut older: Vec<(String, u64)> = self
+                .waiting
+                .keys()
+                .filter(|(client_id, epoch)| *client_id == key.0 && Some(*epoch) < newest)
+                .cloned()
+                .collect();
+            older.sort_unstable();
+            for stale in older {
+                self.waiting.remove(&stale);
+            }
             return Arrival::Taken;
         }
         if self.gave_up.remove(&key).is_some() {
