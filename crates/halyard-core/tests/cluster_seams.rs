@@ -1601,24 +1601,28 @@ fn a_relay_ends_at_the_claim_that_overtook_it_and_passes_each_message_on_once() 
     );
 }
 
-/// A late hand-over for a session that has moved on since passes its open QoS 2 exchanges
-/// on under their packet ids: the next node sends the unreceived message again under its id
-/// with DUP = 1 and the received one's PUBREL, so the client neither loses nor repeats a
-/// message and frees every id it holds [MQTT-4.3.3-8] (halyard-sim seeds 2, 189, 199, 237,
-/// 294: they were passed on as new messages, under new ids).
-#[test]
-fn a_late_hand_over_passed_on_carries_its_open_qos2_exchanges_under_their_ids() {
-    let (_dir_a, _dir_b, mut a, mut b) =
-        subscriber_and_feeder("exact", false, "q2/#", QoS::ExactlyOnce);
+/// A's QoS 2 subscriber `exact` got `received` and sent PUBREC for it and, with
+/// `unreceived`, also got `unreceived` and sent nothing, before claim 12 (B's) fenced it: node
+/// B, the session A hands over, and the two packet ids.
+fn open_qos2_exchanges(
+    unreceived: bool,
+) -> (
+    tempfile::TempDir,
+    tempfile::TempDir,
+    Node,
+    Box<SessionState>,
+    u16,
+    Option<u16>,
+) {
+    let (dir_a, dir_b, mut a, b) = subscriber_and_feeder("exact", false, "q2/#", QoS::ExactlyOnce);
     a.take(1);
     a.send(2, publish("q2/a", b"received", QoS::ExactlyOnce, 1));
-    a.send(2, publish("q2/b", b"unreceived", QoS::ExactlyOnce, 2));
+    if unreceived {
+        a.send(2, publish("q2/b", b"unreceived", QoS::ExactlyOnce, 2));
+    }
     let sent = publishes(&a.take(1));
-    assert_eq!(sent.len(), 2);
-    let (received_id, unreceived_id) = (
-        sent[0].packet_id.expect("QoS 2"),
-        sent[1].packet_id.expect("QoS 2"),
-    );
+    assert_eq!(sent.len(), 1 + usize::from(unreceived));
+    let received_id = sent[0].packet_id.expect("QoS 2");
     a.send(
         1,
         Packet::PubRec(PubResponse {
@@ -1626,10 +1630,23 @@ fn a_late_hand_over_passed_on_carries_its_open_qos2_exchanges_under_their_ids() 
             ..Default::default()
         }),
     );
-    let late = a
+    let state = a
         .broker
         .fence(a.now, SystemTime::now(), "exact", 12, 2)
         .expect("A held it");
+    let unreceived_id = sent.get(1).and_then(|publish| publish.packet_id);
+    (dir_a, dir_b, b, state, received_id, unreceived_id)
+}
+
+/// A late hand-over for a session that has moved on since passes its open QoS 2 exchanges
+/// on under their packet ids: the next node sends the unreceived message again under its id
+/// with DUP = 1 and the received one's PUBREL, so the client neither loses nor repeats a
+/// message and frees every id it holds [MQTT-4.3.3-8] (halyard-sim seeds 2, 189, 199, 237,
+/// 294: they were passed on as new messages, under new ids).
+#[test]
+fn a_late_hand_over_passed_on_carries_its_open_qos2_exchanges_under_their_ids() {
+    let (_dir_a, _dir_b, mut b, late, received_id, unreceived_id) = open_qos2_exchanges(true);
+    let unreceived_id = unreceived_id.expect("sent");
 
     // B resumed from raft, and the session moved on to node 3 before A's hand-over came.
     b.resume_from_raft(5, &late, 12);
@@ -1704,24 +1721,7 @@ fn a_late_hand_over_passed_on_carries_its_open_qos2_exchanges_under_their_ids() 
 /// (halyard-sim seed 18 --no-kills lost one so).
 #[test]
 fn a_late_hand_over_releases_a_qos2_message_the_client_received() {
-    let (_dir_a, _dir_b, mut a, mut b) =
-        subscriber_and_feeder("exact", false, "q2/#", QoS::ExactlyOnce);
-    a.take(1);
-    a.send(2, publish("q2/a", b"received", QoS::ExactlyOnce, 1));
-    let sent = publishes(&a.take(1));
-    let received_id = sent[0].packet_id.expect("QoS 2");
-    a.send(
-        1,
-        Packet::PubRec(PubResponse {
-            packet_id: received_id,
-            ..Default::default()
-        }),
-    );
-    let state = a
-        .broker
-        .fence(a.now, SystemTime::now(), "exact", 12, 2)
-        .expect("A held it");
-
+    let (_dir_a, _dir_b, mut b, state, received_id, _) = open_qos2_exchanges(false);
     b.resume_from_raft(5, &state, 12);
     b.take(5);
     assert_eq!(
