@@ -233,12 +233,33 @@ impl Node {
         );
         let packets = self.take(conn);
         assert_eq!(connack(&packets), (true, ReasonCode::SUCCESS));
-        let mut payloads: Vec<Bytes> = publishes(&packets)
-            .into_iter()
-            .map(|publish| publish.payload)
-            .collect();
-        payloads.sort();
-        payloads
+        sorted_payloads(&packets)
+    }
+
+    /// The client resumes from raft on `conn` under `epoch`, then the old owner's late
+    /// hand-over of `state` comes and queues or passes on `merged` messages.
+    fn resume_then_merge_late(
+        &mut self,
+        conn: ConnectionId,
+        state: Box<SessionState>,
+        epoch: u64,
+        merged: usize,
+    ) {
+        self.resume_from_raft(conn, &state, epoch);
+        self.take(conn);
+        let count = self
+            .broker
+            .merge_late_session(self.now, SystemTime::now(), epoch, *state);
+        assert_eq!(count, merged);
+        self.drain();
+    }
+
+    /// The payloads this node forwarded since the last look, in order.
+    fn passed_on(&mut self) -> Vec<Bytes> {
+        self.forwards
+            .drain(..)
+            .map(|(_, message, _, _, _, _)| message.payload.clone())
+            .collect()
     }
 
     fn granted(&mut self, conn: ConnectionId, epoch: u64) {
@@ -304,6 +325,16 @@ fn message(topic: &str, payload: &'static [u8], qos: QoS) -> Message {
         expires_at: None,
         publisher: None,
     }
+}
+
+/// The payloads of the PUBLISH packets among `packets`, sorted.
+fn sorted_payloads(packets: &[Packet]) -> Vec<Bytes> {
+    let mut payloads: Vec<Bytes> = publishes(packets)
+        .into_iter()
+        .map(|publish| publish.payload)
+        .collect();
+    payloads.sort();
+    payloads
 }
 
 fn connack(packets: &[Packet]) -> (bool, ReasonCode) {
@@ -1013,14 +1044,7 @@ fn a_late_hand_over_resends_an_unreceived_qos2_message_under_its_packet_id() {
         .fence(a.now, SystemTime::now(), "exact", 12, 2)
         .expect("A held it");
 
-    b.resume_from_raft(5, &state, 12);
-    b.take(5);
-    assert_eq!(
-        b.broker
-            .merge_late_session(b.now, SystemTime::now(), 12, *state),
-        1
-    );
-    b.drain();
+    b.resume_then_merge_late(5, state, 12, 1);
     let resent = publishes(&b.take(5));
     assert_eq!(resent.len(), 1, "{resent:?}");
     assert_eq!(
@@ -1281,13 +1305,8 @@ fn a_moving_session_gets_each_message_once_whichever_node_routed_it() {
     );
     let packets = b.take(5);
     assert_eq!(connack(&packets), (true, ReasonCode::SUCCESS));
-    let mut payloads: Vec<Bytes> = publishes(&packets)
-        .into_iter()
-        .map(|publish| publish.payload)
-        .collect();
-    payloads.sort();
     assert_eq!(
-        payloads,
+        sorted_payloads(&packets),
         vec![
             Bytes::from_static(b"at-claim"),
             Bytes::from_static(b"from-b"),
@@ -1563,11 +1582,7 @@ fn a_relay_ends_at_the_claim_that_overtook_it_and_passes_each_message_on_once() 
     b.broker.set_route_version(16);
     b.forwards.clear();
     b.forwarded("mv/x", &[(b"ours", 13, 1), (b"the-overtaker's", 14, 2)]);
-    let passed: Vec<Bytes> = b
-        .forwards
-        .drain(..)
-        .map(|(_, message, _, _, _, _)| message.payload.clone())
-        .collect();
+    let passed = b.passed_on();
     assert_eq!(passed, vec![Bytes::from_static(b"ours")]);
 
     // Two claims of one client resume here one after the other and each moves on: their
@@ -1587,11 +1602,7 @@ fn a_relay_ends_at_the_claim_that_overtook_it_and_passes_each_message_on_once() 
     b.broker.set_route_version(30);
     b.forwards.clear();
     b.forwarded("mv/x", &[(b"in-both", 21, 3), (b"in-first", 19, 4)]);
-    let passed: Vec<Bytes> = b
-        .forwards
-        .drain(..)
-        .map(|(_, message, _, _, _, _)| message.payload.clone())
-        .collect();
+    let passed = b.passed_on();
     assert_eq!(
         passed,
         vec![
@@ -1722,14 +1733,7 @@ fn a_late_hand_over_passed_on_carries_its_open_qos2_exchanges_under_their_ids() 
 #[test]
 fn a_late_hand_over_releases_a_qos2_message_the_client_received() {
     let (_dir_a, _dir_b, mut b, state, received_id, _) = open_qos2_exchanges(false);
-    b.resume_from_raft(5, &state, 12);
-    b.take(5);
-    assert_eq!(
-        b.broker
-            .merge_late_session(b.now, SystemTime::now(), 12, *state),
-        1
-    );
-    b.drain();
+    b.resume_then_merge_late(5, state, 12, 1);
     let packets = b.take(5);
     assert!(
         publishes(&packets).is_empty(),
@@ -1785,13 +1789,8 @@ fn a_newer_claim_here_takes_what_is_routed_under_the_older_one_later() {
                 (b"under-newer", 14, 3),
             ],
         );
-        let mut payloads: Vec<Bytes> = publishes(&b.take(6))
-            .into_iter()
-            .map(|publish| publish.payload)
-            .collect();
-        payloads.sort();
         assert_eq!(
-            payloads,
+            sorted_payloads(&b.take(6)),
             vec![
                 Bytes::from_static(b"under-newer"),
                 Bytes::from_static(b"under-older"),
