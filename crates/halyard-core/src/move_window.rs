@@ -42,6 +42,7 @@ use crate::publish::RouteOutcome;
 use crate::router::RouteScope;
 use crate::routing::Audience;
 use crate::session::Delivery;
+use crate::stats::DropReason;
 use crate::store::DeliveryState;
 use crate::time::ClockAnchor;
 use crate::transfer::SessionState;
@@ -214,7 +215,10 @@ impl Broker {
             })
             .chain(state.pending.into_iter().map(|stored| (stored, None)));
         let Some((node, client_id)) = self.moved_on_to(clock.instant, &state.client_id) else {
-            self.out.stats.late_transfer_dropped += unsent.count() as u64;
+            for _ in unsent {
+                self.out
+                    .count_drop(&state.client_id, DropReason::LateHandOver);
+            }
             return 0;
         };
         let mut passed = 0;
@@ -315,7 +319,7 @@ impl Broker {
             self.hold_while_moving(message, 0, Some(client_id), exchange);
             return RouteOutcome::Delivered;
         }
-        self.out.stats.move_window_dropped += 1;
+        self.out.count_drop(&client_id, DropReason::MoveWindow);
         RouteOutcome::NoSubscribers
     }
 

@@ -55,13 +55,16 @@ impl Outbox {
         self.journal.as_mut().filter(|_| persistent)
     }
 
-    /// Counts a message dropped for `client_id`'s full queue, for metrics and the log.
+    /// Counts a message dropped for `client_id` (its full queue, or a move), for metrics and
+    /// the log.
     pub fn count_drop(&mut self, client_id: &str, reason: DropReason) {
         match reason {
             DropReason::Oldest => self.stats.dropped_oldest += 1,
             DropReason::New => self.stats.dropped_queue_full += 1,
             DropReason::Disconnected => self.stats.dropped_slow_disconnect += 1,
             DropReason::SlowConsumer => self.stats.dropped_slow_consumer += 1,
+            DropReason::MoveWindow => self.stats.move_window_dropped += 1,
+            DropReason::LateHandOver => self.stats.late_transfer_dropped += 1,
         }
         self.drops.note(client_id, reason);
     }

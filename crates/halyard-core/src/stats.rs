@@ -94,6 +94,12 @@ pub enum DropReason {
     /// A QoS 0 message not sent: the connection's writer already holds
     /// `max_outbound_buffer` unwritten (see `Broker::handle_congested`).
     SlowConsumer,
+    /// A moved session's message that found on this node neither the session, a relay to
+    /// follow it, nor a claim waiting for it (see `move_window`).
+    MoveWindow,
+    /// A message of a session handed over late that found no room in the resumed session,
+    /// or no relay to follow it on.
+    LateHandOver,
 }
 
 impl DropReason {
@@ -104,6 +110,8 @@ impl DropReason {
             DropReason::New => "queue_full",
             DropReason::Disconnected => "queue_full_disconnect",
             DropReason::SlowConsumer => "slow_consumer",
+            DropReason::MoveWindow => "move_window",
+            DropReason::LateHandOver => "late_hand_over",
         }
     }
 }

@@ -10,6 +10,7 @@ use crate::close::CloseKind;
 use crate::message::{NodeId, OpenExchange, SessionKey};
 use crate::router::{FilterRef, SubscriptionEntry};
 use crate::session::{Awaiting, Inflight, Session};
+use crate::stats::DropReason;
 use crate::store::{DeliveryState, StoredDelivery};
 use crate::time::ClockAnchor;
 use crate::timers::Timer;
@@ -250,7 +251,8 @@ impl Broker {
             if session.push(clock.delivery(0, stored), now, limits, &mut self.out) {
                 queued += 1;
             } else {
-                self.out.stats.late_transfer_dropped += 1;
+                self.out
+                    .count_drop(&state.client_id, DropReason::LateHandOver);
             }
         }
         self.update_persistence(key);

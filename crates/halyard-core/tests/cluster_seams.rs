@@ -12,8 +12,9 @@ use halyard_codec::{
     Subscription, SubscriptionOptions, Will,
 };
 use halyard_core::{
-    Broker, BrokerConfig, BrokerParts, ClaimOutcome, ClaimRequest, ConnectionId, ForwardOffer,
-    Message, OpenExchange, Output, PeerForward, SessionState, SubscriptionUpdate, RELAY_WINDOW,
+    Broker, BrokerConfig, BrokerParts, ClaimOutcome, ClaimRequest, ConnectionId, DropReason,
+    ForwardOffer, Message, OpenExchange, Output, PeerForward, SessionState, SubscriptionUpdate,
+    RELAY_WINDOW,
 };
 use halyard_store::{FsyncPolicy, RedbStore};
 
@@ -1798,4 +1799,30 @@ fn a_newer_claim_here_takes_what_is_routed_under_the_older_one_later() {
             "older settles first: {older_settles_first}"
         );
     }
+}
+
+/// A moved session's message that reaches a node with neither the session, a relay to
+/// follow it, nor a claim waiting for it is dropped, and the drop is counted and reported
+/// with the client id, like any other (`halyard_messages_dropped_total{reason="move_window"}`).
+#[test]
+fn a_moved_sessions_message_with_nowhere_to_go_is_counted_as_dropped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut node = Node::open(dir.path(), BrokerParts::replicated(), Instant::now());
+    let forward = PeerForward {
+        for_session: Some(Arc::from("gone")),
+        ..routed(
+            Some((9, 1)),
+            message("mv/x", b"orphan", QoS::AtLeastOnce),
+            &[],
+            5,
+        )
+    };
+    node.broker.handle_forward(node.now, 3, forward);
+    node.drain();
+    assert_eq!(node.broker.stats().move_window_dropped, 1);
+    let report = node.broker.take_drop_report();
+    assert_eq!(
+        report.clients,
+        vec![("gone".to_owned(), DropReason::MoveWindow, 1)]
+    );
 }

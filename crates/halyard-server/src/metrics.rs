@@ -357,6 +357,8 @@ impl Metrics {
             "slow_consumer",
             self.dropped_slow_consumer.get() + stats.dropped_slow_consumer,
         );
+        catch_up(&self.dropped, "move_window", stats.move_window_dropped);
+        catch_up(&self.dropped, "late_hand_over", stats.late_transfer_dropped);
         catch_up(&self.refused, "quota_exceeded", stats.refused_quota);
         catch_up(
             &self.refused,
@@ -435,6 +437,8 @@ mod tests {
         let mut snapshot = Snapshot::default();
         snapshot.stats.connected_clients = 3;
         snapshot.stats.refused_quota = 2;
+        snapshot.stats.move_window_dropped = 4;
+        snapshot.stats.late_transfer_dropped = 5;
         metrics.update(&snapshot);
         metrics.update(&snapshot);
         let text = metrics.encode(None).expect("encodes");
@@ -456,5 +460,13 @@ mod tests {
             text.contains("halyard_publish_latency_seconds_count 1"),
             "{text}"
         );
+        for (reason, count) in [("move_window", 4), ("late_hand_over", 5)] {
+            assert!(
+                text.contains(&format!(
+                    "halyard_messages_dropped_total{{reason=\"{reason}\"}} {count}"
+                )),
+                "{text}"
+            );
+        }
     }
 }
