@@ -691,12 +691,37 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
                     ClaimOutcome::Refused
                 }
             };
+            // A session that resumes here: hand-overs for its claim that come after the
+            // one it took join it as late ones, behind its settlement on the channel, and
+            // at once rather than after `merge_if_unclaimed`'s wait (halyard-sim seed 89
+            // --no-kills delivered such a session's messages only 4 s later).
+            let resumed = match &outcome {
+                ClaimOutcome::Granted {
+                    epoch,
+                    session: Some(_),
+                } if !request.clean_start => Some((request.client_id.clone(), *epoch)),
+                _ => None,
+            };
             let event = ClusterEvent::ClaimSettled {
                 conn: request.conn,
                 client_id: request.client_id,
                 outcome,
             };
-            let _ = events.send(E::from(event)).await;
+            if events.send(E::from(event)).await.is_err() {
+                return;
+            }
+            if let Some(key) = resumed {
+                let kept = lock(&transfers).resumed(clock.clocks().now, key.clone());
+                for state in kept {
+                    let event = ClusterEvent::LateSession {
+                        epoch: key.1,
+                        state: Box::new(state),
+                    };
+                    if events.send(E::from(event)).await.is_err() {
+                        return;
+                    }
+                }
+            }
         });
     }
 

@@ -102,6 +102,14 @@ impl Transfers {
             .max()
     }
 
+    /// The claim of `key` resumed the session it took and is settled: hand-overs for it
+    /// from now on are late ones, and those kept meanwhile are returned to be merged.
+    pub(super) fn resumed(&mut self, now: Instant, key: (String, u64)) -> Vec<SessionState> {
+        let kept = self.take_all_arrived(&key);
+        self.give_up(now, key);
+        kept
+    }
+
     /// The claim of `key` stopped waiting for its session.
     pub(super) fn give_up(&mut self, now: Instant, key: (String, u64)) {
         self.gave_up
@@ -177,6 +185,31 @@ mod tests {
             Arrival::Kept
         ));
         assert_eq!(transfers.take_all_arrived(&key).len(), 1);
+    }
+
+    /// Once the claim that took a session is settled, what was kept for it meanwhile is
+    /// merged, and a hand-over for it that comes later is a late one, merged at once.
+    #[test]
+    fn hand_overs_after_a_resumed_claim_are_late_ones() {
+        let mut transfers = Transfers::default();
+        let key = ("sub".to_owned(), 41);
+        let (sender, _receiver) = oneshot::channel();
+        transfers.waiting.insert(key.clone(), sender);
+        assert!(matches!(
+            transfers.arrive(key.clone(), session("sub", 1)),
+            Arrival::Taken
+        ));
+        assert!(matches!(
+            transfers.arrive(key.clone(), session("sub", 2)),
+            Arrival::Kept
+        ));
+        let kept = transfers.resumed(Instant::now(), key.clone());
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].inbound_qos2.len(), 2);
+        assert!(matches!(
+            transfers.arrive(key, session("sub", 3)),
+            Arrival::Late(state) if state.inbound_qos2.len() == 3
+        ));
     }
 
     /// The client connected to this node twice while its first claim waited: the newest
