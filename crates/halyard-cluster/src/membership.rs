@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
 use openraft::ChangeMembers;
 use tokio::time::Instant;
 
@@ -97,6 +98,33 @@ pub(crate) async fn request(
     }
 }
 
+/// How long a membership step waits for the change before it to commit: openraft takes one
+/// change at a time, and the last entry of a `leave` may still be uncommitted when a `join`
+/// follows it at once (`tests/cluster_membership.rs` met it: 409 "already undergoing a
+/// configuration change").
+const IN_PROGRESS_WAIT: Duration = Duration::from_secs(5);
+
+/// Runs one membership step, again while the change before it is still in progress.
+async fn one_at_a_time<T, F, Fut>(mut step: F) -> Result<T, ProposeError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<
+        Output = Result<T, RaftError<NodeId, ClientWriteError<NodeId, NodeInfo>>>,
+    >,
+{
+    let deadline = Instant::now() + IN_PROGRESS_WAIT;
+    loop {
+        match step().await {
+            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                ChangeMembershipError::InProgress(_),
+            ))) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => return other.map_err(propose_error),
+        }
+    }
+}
+
 /// Leader side of a membership change.
 pub(crate) async fn change(raft: &Raft, change: MembershipChange) -> Result<(), ProposeError> {
     let voters: BTreeSet<NodeId> = raft
@@ -125,16 +153,15 @@ pub(crate) async fn change(raft: &Raft, change: MembershipChange) -> Result<(), 
                         addr,
                         incarnation: 0,
                     };
-                    raft.add_learner(node, info, true)
-                        .await
-                        .map_err(propose_error)?;
+                    one_at_a_time(|| raft.add_learner(node, info.clone(), true)).await?;
                     tracing::info!(node, "cluster: node added as a learner");
                 }
             }
             if voter && !voters.contains(&node) {
-                raft.change_membership(ChangeMembers::AddVoterIds([node].into()), true)
-                    .await
-                    .map_err(propose_error)?;
+                one_at_a_time(|| {
+                    raft.change_membership(ChangeMembers::AddVoterIds([node].into()), true)
+                })
+                .await?;
                 tracing::info!(node, "cluster: node promoted to voter");
             }
             Ok(())
@@ -151,14 +178,16 @@ pub(crate) async fn change(raft: &Raft, change: MembershipChange) -> Result<(), 
                         "node {node} is the last voter"
                     )));
                 }
-                raft.change_membership(ChangeMembers::RemoveVoters([node].into()), true)
-                    .await
-                    .map_err(propose_error)?;
+                one_at_a_time(|| {
+                    raft.change_membership(ChangeMembers::RemoveVoters([node].into()), true)
+                })
+                .await?;
                 tracing::info!(node, "cluster: voter demoted to learner");
             }
-            raft.change_membership(ChangeMembers::RemoveNodes([node].into()), true)
-                .await
-                .map_err(propose_error)?;
+            one_at_a_time(|| {
+                raft.change_membership(ChangeMembers::RemoveNodes([node].into()), true)
+            })
+            .await?;
             tracing::info!(node, "cluster: node removed from the membership");
             Ok(())
         }
