@@ -194,7 +194,7 @@ impl Broker {
     /// A session handed over late, after it had moved on from here: its messages not yet
     /// completed follow it to the node it went to, addressed to it, each QoS 2 exchange the
     /// old owner had open under its packet id; how many. With no relay to follow (its window
-    /// is over), they are dropped, counted in `late_transfer_dropped`.
+    /// is over), they are dropped, counted under `late_hand_over`.
     pub(crate) fn pass_late_session_on(
         &mut self,
         clock: ClockAnchor,

@@ -598,10 +598,12 @@ impl Session {
         }
     }
 
-    /// Takes over a QoS 2 exchange another node had open with the client: an unreceived
-    /// message as [`Session::adopt_unreceived`]; a received one (PUBREC came) gets its
-    /// PUBREL under the same id and waits for PUBCOMP, so the client frees the id. False if
-    /// the id is in use here.
+    /// Takes over a QoS 2 exchange another node had open with the client, under its packet
+    /// id [MQTT-4.3.3-8]: the client may hold that id awaiting PUBREL. A message sent with
+    /// no PUBREC back yet is sent again with DUP = 1 (and recognised), not as a new message;
+    /// a received one (PUBREC came) gets its PUBREL and waits for PUBCOMP, so the client
+    /// frees the id. False if the id is in use here: the caller queues an unreceived
+    /// message as a new one.
     pub fn adopt_exchange(
         &mut self,
         exchange: OpenExchange,
@@ -609,11 +611,9 @@ impl Session {
         now: Instant,
         out: &mut Outbox,
     ) -> bool {
-        let packet_id = match exchange {
-            OpenExchange::Unreceived(packet_id) => {
-                return self.adopt_unreceived(packet_id, delivery, now, out)
-            }
-            OpenExchange::Received(packet_id) => packet_id,
+        let (packet_id, state) = match exchange {
+            OpenExchange::Unreceived(packet_id) => (packet_id, Awaiting::Receipt),
+            OpenExchange::Received(packet_id) => (packet_id, Awaiting::Completion),
         };
         if self
             .inflight
@@ -622,48 +622,24 @@ impl Session {
         {
             return false;
         }
-        if let Some(link) = self.link.as_ref() {
-            out.send(
-                link.conn,
-                Packet::PubRel(PubResponse {
-                    packet_id,
-                    ..Default::default()
-                }),
-            );
+        if let Some(conn) = self.link.as_ref().map(|link| link.conn) {
+            match exchange {
+                OpenExchange::Unreceived(_) => {
+                    self.transmit(&delivery, Some(packet_id), true, now, out);
+                }
+                OpenExchange::Received(_) => out.send(
+                    conn,
+                    Packet::PubRel(PubResponse {
+                        packet_id,
+                        ..Default::default()
+                    }),
+                ),
+            }
         }
         self.inflight.push_back(Inflight {
             packet_id,
             delivery,
-            state: Awaiting::Completion,
-        });
-        true
-    }
-
-    /// Takes over a QoS 2 message another node sent under `packet_id` and got no PUBREC
-    /// for: the client may hold that id awaiting PUBREL, so it is sent again under the
-    /// same id with DUP = 1 (and recognised) rather than as a new message [MQTT-4.3.3-8].
-    /// False if the id is in use here: the caller queues the message as a new one.
-    pub fn adopt_unreceived(
-        &mut self,
-        packet_id: u16,
-        delivery: Delivery,
-        now: Instant,
-        out: &mut Outbox,
-    ) -> bool {
-        if self
-            .inflight
-            .iter()
-            .any(|entry| entry.packet_id == packet_id)
-        {
-            return false;
-        }
-        if self.link.is_some() {
-            self.transmit(&delivery, Some(packet_id), true, now, out);
-        }
-        self.inflight.push_back(Inflight {
-            packet_id,
-            delivery,
-            state: Awaiting::Receipt,
+            state,
         });
         true
     }

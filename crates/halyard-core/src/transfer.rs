@@ -201,7 +201,8 @@ impl Broker {
     /// in flight on the old owner join the live session's queue, and the move loses nothing.
     /// A QoS 2 message the client already received (PUBREC sent) is not sent again, but
     /// gets its PUBREL, so that the client frees the id; one sent without a PUBREC yet is
-    /// sent again under its packet id (see `Session::adopt_exchange`). A message with no room left is counted in `late_transfer_dropped`.
+    /// sent again under its packet id (see `Session::adopt_exchange`). A message with no
+    /// room left is dropped, counted under `late_hand_over`.
     /// If the session has moved on from here, its messages are passed on after it (see
     /// `move_window`). Nothing happens if this node no longer holds the session it took
     /// under `epoch` otherwise (resumed here since, without a clean start, it still does);

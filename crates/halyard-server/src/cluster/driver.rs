@@ -712,15 +712,7 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
             }
             if let Some(key) = resumed {
                 let kept = lock(&transfers).resumed(clock.clocks().now, key.clone());
-                for state in kept {
-                    let event = ClusterEvent::LateSession {
-                        epoch: key.1,
-                        state: Box::new(state),
-                    };
-                    if events.send(E::from(event)).await.is_err() {
-                        return;
-                    }
-                }
+                merge_late(&events, key.1, kept).await;
             }
         });
     }
@@ -1011,9 +1003,19 @@ async fn merge_if_unclaimed<E: From<ClusterEvent>>(
 ) {
     tokio::time::sleep(2 * TRANSFER_TIMEOUT).await;
     let kept = lock(&transfers).take_all_arrived(&key);
+    merge_late(&events, key.1, kept).await;
+}
+
+/// Gives the broker sessions kept for this node's claim under `epoch`, to join the session
+/// that claim holds as late hand-overs, in the order they came.
+async fn merge_late<E: From<ClusterEvent>>(
+    events: &mpsc::Sender<E>,
+    epoch: u64,
+    kept: Vec<SessionState>,
+) {
     for state in kept {
         let event = ClusterEvent::LateSession {
-            epoch: key.1,
+            epoch,
             state: Box::new(state),
         };
         if events.send(E::from(event)).await.is_err() {
