@@ -139,14 +139,24 @@ pub enum Response {
     WillSettled(bool),
 }
 
-/// The result of a claim.
+/// The result of a claim. Kept in snapshots (the answers for retries), so variants only
+/// go last, as for [`Command`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ClaimOutcome {
-    /// Granted with a new epoch; `previous` is the owner it replaced (node, epoch).
-    Granted {
+    /// A grant answered before generations existed; only read from older snapshots, and
+    /// answered to a retry as [`ClaimOutcome::Granted`] of generation 0.
+    LegacyGranted {
         epoch: u64,
         previous: Option<(NodeId, u64)>,
     },
     /// CAS failed: the current owner (None when there is none and the expected epoch was not 0).
     Conflict { current: Option<Owner> },
+    /// Granted with a new epoch; `previous` is the owner it replaced (node, epoch).
+    /// `generation` counts the client id's grants since its session last ended (0 for the
+    /// first), so that consecutive owners can tell their packet identifiers apart.
+    Granted {
+        epoch: u64,
+        previous: Option<(NodeId, u64)>,
+        generation: u32,
+    },
 }

@@ -349,7 +349,9 @@ impl Coordinator {
         match commit.value {
             Response::Claim(outcome) => {
                 let counter = match outcome {
-                    ClaimOutcome::Granted { .. } => &self.counters.claims_committed,
+                    ClaimOutcome::Granted { .. } | ClaimOutcome::LegacyGranted { .. } => {
+                        &self.counters.claims_committed
+                    }
                     ClaimOutcome::Conflict { .. } => &self.counters.claims_refused,
                 };
                 bump(counter);

@@ -34,6 +34,10 @@ pub struct ClusterState {
     /// snapshot written before wills existed still reads.
     #[serde(skip)]
     wills: BTreeMap<(ClientId, u64), WillRecord>,
+    /// Per client id with an owner, the generation of its latest grant (see
+    /// [`ClaimOutcome::Granted`]). Appended to snapshots after the wills, like them.
+    #[serde(skip)]
+    generations: BTreeMap<ClientId, u32>,
     /// Byte cap on retained messages; configuration, so every node must use the same value.
     #[serde(skip)]
     retained_cap_bytes: u64,
@@ -55,18 +59,24 @@ impl ClusterState {
         self.retained_cap_bytes = cap;
     }
 
-    /// The snapshot encoding: the derived fields, then the wills.
+    /// The snapshot encoding: the derived fields, then the wills, then the generations.
     pub(crate) fn to_snapshot(&self) -> Result<Vec<u8>, postcard::Error> {
         let mut data = postcard::to_stdvec(self)?;
         data.extend(postcard::to_stdvec(&self.wills)?);
+        data.extend(postcard::to_stdvec(&self.generations)?);
         Ok(data)
     }
 
-    /// Reads [`ClusterState::to_snapshot`]'s encoding, or an older one without wills.
+    /// Reads [`ClusterState::to_snapshot`]'s encoding, or an older one without wills or
+    /// generations.
     pub(crate) fn from_snapshot(data: &[u8]) -> Result<ClusterState, postcard::Error> {
         let (mut state, rest): (ClusterState, _) = postcard::take_from_bytes(data)?;
         if !rest.is_empty() {
-            state.wills = postcard::from_bytes(rest)?;
+            let (wills, rest) = postcard::take_from_bytes(rest)?;
+            state.wills = wills;
+            if !rest.is_empty() {
+                state.generations = postcard::from_bytes(rest)?;
+            }
         }
         Ok(state)
     }
@@ -117,7 +127,14 @@ impl ClusterState {
     ) -> ClaimOutcome {
         let key = (claim.node, claim.request_id);
         if let Some(first) = self.claim_results.get(&key) {
-            return first.clone();
+            return match first {
+                ClaimOutcome::LegacyGranted { epoch, previous } => ClaimOutcome::Granted {
+                    epoch: *epoch,
+                    previous: *previous,
+                    generation: 0,
+                },
+                other => other.clone(),
+            };
         }
         let current = self.owners.get(&claim.client_id);
         let expected_ok = match (claim.expected_epoch, current) {
@@ -161,9 +178,18 @@ impl ClusterState {
                 self.wills
                     .insert((claim.client_id.clone(), index), will.clone());
             }
+            // An owner without a generation was granted by an older build, which numbered
+            // from 1 as generation 0 does.
+            let generation = match (previous, self.generations.get(&claim.client_id)) {
+                (Some(_), Some(last)) => last.wrapping_add(1),
+                (Some(_), None) => 1,
+                (None, _) => 0,
+            };
+            self.generations.insert(claim.client_id.clone(), generation);
             ClaimOutcome::Granted {
                 epoch: index,
                 previous,
+                generation,
             }
         };
         self.remember_claim(key, outcome.clone());
@@ -237,6 +263,7 @@ impl ClusterState {
             return false;
         }
         self.owners.remove(client_id);
+        self.generations.remove(client_id);
         out.push(Change::OwnerChanged {
             client_id: client_id.to_owned(),
             node: None,

@@ -72,7 +72,8 @@ fn claim_epochs_strictly_increase_and_name_the_previous_owner() {
         second,
         Response::Claim(ClaimOutcome::Granted {
             epoch: 9,
-            previous: Some((1, 5))
+            previous: Some((1, 5)),
+            generation: 1,
         })
     );
     assert_eq!(
@@ -317,9 +318,9 @@ fn a_state_survives_a_postcard_round_trip() {
     let mut state = ClusterState::new(100);
     apply(&mut state, 1, claim("a", 1, 1, None));
     apply(&mut state, 2, subscribe("a", 1, &["$share/g/x", "y"]));
-    let bytes = postcard::to_stdvec(&state).expect("encode");
+    let bytes = state.to_snapshot().expect("encode");
     let mut restored = ClusterState::new(100);
-    restored.replace_data(postcard::from_bytes(&bytes).expect("decode"));
+    restored.replace_data(ClusterState::from_snapshot(&bytes).expect("decode"));
     assert_eq!(restored, state);
 }
 
@@ -466,6 +467,94 @@ fn a_retried_claim_does_not_bring_its_will_back() {
     assert!(
         state.wills().is_empty(),
         "the retry returns the first answer only"
+    );
+}
+
+fn granted_generation(response: &Response) -> u32 {
+    match response {
+        Response::Claim(ClaimOutcome::Granted { generation, .. }) => *generation,
+        other => panic!("expected a grant, got {other:?}"),
+    }
+}
+
+#[test]
+fn each_grant_of_a_client_id_counts_one_generation_until_its_session_ends() {
+    let mut state = ClusterState::new(1024);
+    let generations: Vec<u32> = [(1, 1), (2, 2), (3, 1), (4, 3)]
+        .into_iter()
+        .map(|(index, node)| {
+            granted_generation(&apply(&mut state, index, claim("c", node, index, None)).0)
+        })
+        .collect();
+    assert_eq!(generations, [0, 1, 2, 3]);
+    assert_eq!(
+        granted_generation(&apply(&mut state, 5, claim("other", 1, 5, None)).0),
+        0,
+        "counted per client id"
+    );
+    let (released, _) = apply(
+        &mut state,
+        6,
+        Command::Release {
+            client_id: "c".into(),
+            node: 3,
+            epoch: 4,
+        },
+    );
+    assert_eq!(released, Response::Released(true));
+    assert_eq!(
+        granted_generation(&apply(&mut state, 7, claim("c", 2, 7, None)).0),
+        0,
+        "a session that ended starts again at 0"
+    );
+}
+
+#[test]
+fn a_retried_claim_answers_its_first_generation() {
+    let mut state = ClusterState::new(1024);
+    apply(&mut state, 1, claim("c", 1, 1, None));
+    let first = apply(&mut state, 2, claim("c", 2, 7, None)).0;
+    apply(&mut state, 3, claim("c", 1, 8, None));
+    assert_eq!(apply(&mut state, 4, claim("c", 2, 7, None)).0, first);
+    assert_eq!(granted_generation(&first), 1);
+}
+
+#[test]
+fn snapshots_keep_generations_and_a_snapshot_without_them_still_reads() {
+    let mut state = ClusterState::new(1 << 20);
+    apply(&mut state, 1, claim_with_will("c", 1, 1, 5));
+    apply(&mut state, 2, claim("c", 2, 2, None));
+    let mut restored = ClusterState::new(1 << 20);
+    restored.replace_data(ClusterState::from_snapshot(&state.to_snapshot().unwrap()).unwrap());
+    assert_eq!(restored, state);
+    let mut without = postcard::to_stdvec(&state).unwrap();
+    without.extend(postcard::to_stdvec(state.wills()).unwrap());
+    let mut restored = ClusterState::from_snapshot(&without).unwrap();
+    assert_eq!(restored.wills(), state.wills());
+    assert_eq!(
+        granted_generation(&apply(&mut restored, 3, claim("c", 3, 3, None)).0),
+        1,
+        "an owner an older build granted counts as generation 0"
+    );
+}
+
+#[test]
+fn a_grant_an_older_build_answered_is_answered_again_as_generation_0() {
+    let mut state = ClusterState::new(1024);
+    state.claim_results.insert(
+        (1, 9),
+        ClaimOutcome::LegacyGranted {
+            epoch: 4,
+            previous: None,
+        },
+    );
+    assert_eq!(
+        apply(&mut state, 10, claim("c", 1, 9, None)).0,
+        Response::Claim(ClaimOutcome::Granted {
+            epoch: 4,
+            previous: None,
+            generation: 0,
+        })
     );
 }
 

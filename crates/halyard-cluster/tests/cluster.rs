@@ -44,7 +44,8 @@ async fn a_claim_on_one_node_is_seen_on_another_with_a_larger_epoch() {
         second.value,
         ClaimOutcome::Granted {
             epoch: second_epoch,
-            previous: Some((1, first_epoch))
+            previous: Some((1, first_epoch)),
+            generation: 1,
         }
     );
     cluster

@@ -9,6 +9,7 @@ use crate::broker::{Broker, ConnectionId};
 use crate::close::CloseKind;
 use crate::message::NodeId;
 use crate::output::Output;
+use crate::packet_ids::PacketIds;
 use crate::registry::{ClaimOutcome, ClaimPoll, ClaimRequest};
 use crate::session::{Link, Session};
 use crate::timers::Timer;
@@ -163,9 +164,9 @@ impl Broker {
             will: admitted.connect.will.clone().map(Box::new),
         };
         match self.registry.claim(&request) {
-            ClaimPoll::Ready(ClaimOutcome::Granted { epoch, .. }) => {
-                self.finish_connect(now, conn, admitted, epoch)
-            }
+            ClaimPoll::Ready(ClaimOutcome::Granted {
+                epoch, packet_ids, ..
+            }) => self.finish_connect(now, conn, admitted, epoch, packet_ids),
             ClaimPoll::Ready(ClaimOutcome::Refused) => self.refuse_claim(conn, version),
             ClaimPoll::Pending => {
                 self.claims.insert(conn, Box::new(admitted));
@@ -251,7 +252,11 @@ impl Broker {
         let held = std::mem::take(&mut admitted.held);
         let lost = admitted.lost;
         match outcome {
-            ClaimOutcome::Granted { epoch, session } => {
+            ClaimOutcome::Granted {
+                epoch,
+                session,
+                packet_ids,
+            } => {
                 if let Some(state) = session {
                     if self.holds_newer_session(&state.client_id, epoch) {
                         // A later claim here settled first and serves the client: what this
@@ -266,7 +271,7 @@ impl Broker {
                         }
                     }
                 }
-                self.finish_connect(now, conn, admitted, epoch);
+                self.finish_connect(now, conn, admitted, epoch, packet_ids);
                 if lost {
                     // The claim holds although its connection is gone: the session is this
                     // node's now, so it is set up and then closed like any other.
@@ -349,6 +354,7 @@ impl Broker {
         conn: ConnectionId,
         admitted: AdmittedConnect,
         epoch: u64,
+        packet_ids: PacketIds,
     ) {
         let AdmittedConnect {
             connect,
@@ -443,6 +449,7 @@ impl Broker {
             return;
         };
         session.epoch = epoch;
+        session.number_in(packet_ids);
         session.expiry_interval = expiry_interval;
         session.expires_at = None;
         // A new connection before the will delay passed cancels the will [MQTT-3.1.3-9].

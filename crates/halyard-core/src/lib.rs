@@ -25,6 +25,7 @@ mod memory_meter;
 mod message;
 mod move_window;
 mod output;
+mod packet_ids;
 mod peer_flow;
 mod persistence;
 mod publish;
@@ -53,6 +54,7 @@ pub use forward_outbox::PendingForward;
 pub use message::{boxed_properties, Message, NodeId, OpenExchange, SessionKey};
 pub use move_window::{MAX_HELD, RELAY_WINDOW};
 pub use output::{Output, SubscriptionUpdate};
+pub use packet_ids::PacketIds;
 pub use peer_flow::{ForwardOffer, PeerForward};
 pub use pushback::{QueueFullPolicy, PUSHBACK_TIMEOUT};
 pub use registry::{

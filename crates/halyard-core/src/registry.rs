@@ -14,6 +14,7 @@
 use halyard_codec::Will;
 
 use crate::broker::ConnectionId;
+use crate::packet_ids::PacketIds;
 use crate::transfer::SessionState;
 
 /// A CONNECT's request for its client id's session.
@@ -43,6 +44,8 @@ pub enum ClaimOutcome {
         epoch: u64,
         /// The session's state moved from the node that owned it before, if any.
         session: Option<Box<SessionState>>,
+        /// The identifiers the session numbers its QoS 1/2 messages in under this claim.
+        packet_ids: PacketIds,
     },
     /// The claim could not be decided (no quorum, or a newer claim won meanwhile).
     Refused,
@@ -81,6 +84,7 @@ impl SessionRegistry for LocalSessionRegistry {
         ClaimPoll::Ready(ClaimOutcome::Granted {
             epoch: self.last_epoch,
             session: None,
+            packet_ids: PacketIds::ALL,
         })
     }
 

@@ -15,6 +15,7 @@ use crate::lazy::{LazyMap, LazySet};
 use crate::memory_meter::{MemoryMeter, MeteredQueue, Weighed};
 use crate::message::{Message, OpenExchange};
 use crate::output::Output;
+use crate::packet_ids::PacketIds;
 use crate::router::SubscriptionEntry;
 use crate::store::{DeliveryState, Store};
 use crate::time::ClockAnchor;
@@ -226,6 +227,8 @@ pub(crate) struct Session {
     /// Inbound QoS 2 packet ids PUBRECed and awaiting PUBREL: a re-sent PUBLISH with one of
     /// these ids is not delivered again [MQTT-4.3.3-9].
     pub inbound_qos2: LazySet<u16>,
+    /// The identifiers this session's current claim numbers its QoS 1/2 messages in.
+    pub packet_ids: PacketIds,
     pub next_packet_id: u16,
     /// A will waiting out its Will Delay Interval after the connection ended.
     /// Boxed for the same reason as `Link::will`.
@@ -307,6 +310,7 @@ impl Session {
             dropped: 0,
             persistent: false,
             inbound_qos2: LazySet::default(),
+            packet_ids: PacketIds::ALL,
             next_packet_id: 1,
             delayed_will: None,
             expires_at: None,
@@ -561,10 +565,21 @@ impl Session {
         self.inflight.push_back(inflight);
     }
 
+    /// The next free identifier of the session's range (see `packet_ids`); one past a full
+    /// range, of the whole space.
     fn allocate_packet_id(&mut self) -> u16 {
+        let range = if self.inflight.len() >= self.packet_ids.len() {
+            PacketIds::ALL
+        } else {
+            self.packet_ids
+        };
+        let mut candidate = if range.contains(self.next_packet_id) {
+            self.next_packet_id
+        } else {
+            range.first()
+        };
         loop {
-            let candidate = self.next_packet_id;
-            self.next_packet_id = self.next_packet_id.checked_add(1).unwrap_or(1);
+            self.next_packet_id = range.after(candidate);
             if !self
                 .inflight
                 .iter()
@@ -572,6 +587,15 @@ impl Session {
             {
                 return candidate;
             }
+            candidate = self.next_packet_id;
+        }
+    }
+
+    /// A claim numbering in `range` takes the session: identifiers continue in its range.
+    pub(crate) fn number_in(&mut self, range: PacketIds) {
+        if self.packet_ids != range {
+            self.packet_ids = range;
+            self.next_packet_id = range.first();
         }
     }
 

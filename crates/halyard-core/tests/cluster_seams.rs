@@ -13,8 +13,8 @@ use halyard_codec::{
 };
 use halyard_core::{
     Broker, BrokerConfig, BrokerParts, ClaimOutcome, ClaimRequest, ConnectionId, DropReason,
-    ForwardOffer, Message, OpenExchange, Output, PeerForward, SessionState, SubscriptionUpdate,
-    RELAY_WINDOW,
+    ForwardOffer, Message, OpenExchange, Output, PacketIds, PeerForward, SessionState,
+    SubscriptionUpdate, RELAY_WINDOW,
 };
 use halyard_store::{FsyncPolicy, RedbStore};
 
@@ -203,6 +203,7 @@ impl Node {
             ClaimOutcome::Granted {
                 epoch,
                 session: Some(Box::new(from_raft)),
+                packet_ids: PacketIds::ALL,
             },
         );
     }
@@ -230,6 +231,7 @@ impl Node {
             ClaimOutcome::Granted {
                 epoch,
                 session: Some(state),
+                packet_ids: PacketIds::ALL,
             },
         );
         let packets = self.take(conn);
@@ -269,6 +271,7 @@ impl Node {
             ClaimOutcome::Granted {
                 epoch,
                 session: None,
+                packet_ids: PacketIds::ALL,
             },
         );
     }
@@ -724,6 +727,7 @@ fn a_session_moves_between_cores_with_queue_inflight_qos2_ids_and_will() {
         ClaimOutcome::Granted {
             epoch: 12,
             session: Some(state),
+            packet_ids: PacketIds::ALL,
         },
     );
     let packets = b.take(5);
@@ -1090,6 +1094,7 @@ fn a_late_hand_over_joins_the_session_resumed_again_here_but_not_a_clean_start()
         ClaimOutcome::Granted {
             epoch: 13,
             session: None,
+            packet_ids: PacketIds::ALL,
         },
     );
     assert_eq!(connack(&b.take(6)), (true, ReasonCode::SUCCESS));
@@ -1109,6 +1114,7 @@ fn a_late_hand_over_joins_the_session_resumed_again_here_but_not_a_clean_start()
         ClaimOutcome::Granted {
             epoch: 14,
             session: None,
+            packet_ids: PacketIds::ALL,
         },
     );
     assert_eq!(connack(&b.take(7)), (false, ReasonCode::SUCCESS));
@@ -1302,6 +1308,7 @@ fn a_moving_session_gets_each_message_once_whichever_node_routed_it() {
         ClaimOutcome::Granted {
             epoch: 12,
             session: Some(state),
+            packet_ids: PacketIds::ALL,
         },
     );
     let packets = b.take(5);
@@ -1824,5 +1831,75 @@ fn a_moved_sessions_message_with_nowhere_to_go_is_counted_as_dropped() {
     assert_eq!(
         report.clients,
         vec![("gone".to_owned(), DropReason::MoveWindow, 1)]
+    );
+}
+
+/// B's claim of `exact` under epoch 12, granted with `session` and numbering in the slice
+/// of `generation`; then a QoS 2 message published on B: the packets `exact` got.
+fn granted_in_generation_then_published(
+    b: &mut Node,
+    session: SessionState,
+    generation: u32,
+) -> Vec<Packet> {
+    b.send(5, connect(V5, "exact", false, Some(3600)));
+    b.claims.pop_front().expect("claim");
+    b.settle(
+        5,
+        ClaimOutcome::Granted {
+            epoch: 12,
+            session: Some(Box::new(session)),
+            packet_ids: PacketIds::for_generation(generation),
+        },
+    );
+    b.send(6, connect(V5, "feeder", true, None));
+    b.granted(6, 13);
+    b.send(6, publish("q2/c", b"after", QoS::ExactlyOnce, 1));
+    b.take(5)
+}
+
+/// A node that resumes a session from raft (its owner was lost while the client held a QoS 2
+/// exchange open) numbers in its own claim's slice. The client takes a PUBLISH under an
+/// identifier it holds as a resend and does not deliver it [MQTT-4.3.3-9], so reusing the
+/// lost owner's identifiers lost messages (halyard-sim seeds 11, 88, 100, 141, 222 of the
+/// full profile: the new owner numbered from 1 again).
+#[test]
+fn a_session_resumed_from_raft_numbers_apart_from_the_lost_owner() {
+    let (_dir_a, _dir_b, mut b, state, received_id, _) = open_qos2_exchanges(false);
+    let from_raft = SessionState {
+        inflight: Vec::new(),
+        pending: Vec::new(),
+        inbound_qos2: Vec::new(),
+        delayed_will: None,
+        ..*state
+    };
+    let packets = granted_in_generation_then_published(&mut b, from_raft, 1);
+    assert_eq!(connack(&packets), (true, ReasonCode::SUCCESS));
+    let sent = publishes(&packets);
+    assert_eq!(sent.len(), 1, "{packets:?}");
+    let id = sent[0].packet_id.expect("QoS 2");
+    assert_ne!(id, received_id, "the id the client still holds");
+    assert!(PacketIds::for_generation(1).contains(id), "id {id}");
+}
+
+/// A session handed over keeps its open exchanges under their identifiers and numbers what
+/// it sends from then on in the new claim's slice.
+#[test]
+fn a_session_handed_over_keeps_its_ids_and_numbers_new_messages_in_its_claims_slice() {
+    let (_dir_a, _dir_b, mut b, state, received_id, unreceived_id) = open_qos2_exchanges(true);
+    let unreceived_id = unreceived_id.expect("sent");
+    let packets = granted_in_generation_then_published(&mut b, *state, 1);
+    assert!(packets
+        .iter()
+        .any(|packet| matches!(packet, Packet::PubRel(rel) if rel.packet_id == received_id)));
+    let ids: Vec<(u16, bool)> = publishes(&packets)
+        .iter()
+        .map(|publish| (publish.packet_id.expect("QoS 2"), publish.dup))
+        .collect();
+    assert_eq!(
+        ids,
+        vec![
+            (unreceived_id, true),
+            (PacketIds::for_generation(1).first(), false)
+        ]
     );
 }

@@ -12,7 +12,7 @@ use halyard_codec::{
 };
 use halyard_core::{
     Broker, BrokerConfig, BrokerParts, ClaimOutcome, ConnectionId, ForwardOffer, Message, Output,
-    PeerForward, QueueFullPolicy,
+    PacketIds, PeerForward, QueueFullPolicy,
 };
 
 /// A cluster node's core with `pushback`, one in-flight message and a queue of two.
@@ -84,6 +84,7 @@ fn connect(broker: &mut Broker, now: Instant, conn: ConnectionId, id: &str) {
         ClaimOutcome::Granted {
             epoch: conn,
             session: None,
+            packet_ids: PacketIds::ALL,
         },
     );
     drain(broker, now);

@@ -18,8 +18,8 @@ use halyard_cluster::{
 };
 use halyard_codec::{ReasonCode, Will};
 use halyard_core::{
-    Broker, ClaimOutcome, ClaimRequest, Message, NodeId, Output, PeerForward, SessionState,
-    SubscriptionUpdate,
+    Broker, ClaimOutcome, ClaimRequest, Message, NodeId, Output, PacketIds, PeerForward,
+    SessionState, SubscriptionUpdate,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -636,7 +636,11 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
                 .and_then(|will| replicated_will(will, request.expiry_interval));
             let outcome = match coordinator.claim_with_will(raft_request, will).await {
                 Ok(commit) => match commit.value {
-                    RaftClaim::Granted { epoch, previous } => {
+                    RaftClaim::Granted {
+                        epoch,
+                        previous,
+                        generation,
+                    } => {
                         let waits = waits_for_handover(&transfers, &request, node, previous);
                         let moved = match previous {
                             Some((from, previous_epoch)) if waits && !request.clean_start => {
@@ -682,9 +686,14 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
                         ClaimOutcome::Granted {
                             epoch,
                             session: moved,
+                            packet_ids: PacketIds::for_generation(generation),
                         }
                     }
-                    RaftClaim::Conflict { .. } => ClaimOutcome::Refused,
+                    // Never answered by the state machine (it answers such a retry as a
+                    // grant of generation 0); refused rather than guessed at.
+                    RaftClaim::LegacyGranted { .. } | RaftClaim::Conflict { .. } => {
+                        ClaimOutcome::Refused
+                    }
                 },
                 Err(error) => {
                     warn!(client_id = %request.client_id, %error, "claim refused");
@@ -699,6 +708,7 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
                 ClaimOutcome::Granted {
                     epoch,
                     session: Some(_),
+                    ..
                 } if !request.clean_start => Some((request.client_id.clone(), *epoch)),
                 _ => None,
             };
@@ -1261,6 +1271,7 @@ mod tests {
         ClaimOutcome::Granted {
             epoch,
             session: None,
+            packet_ids: PacketIds::ALL,
         }
     }
 
