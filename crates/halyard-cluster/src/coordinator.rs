@@ -93,6 +93,9 @@ pub struct Coordinator {
     lease: Arc<Lease>,
     /// This process's run, random per start (see [`WillRecord::run`]).
     run: u64,
+    /// Whether the data directory was empty at this start (see
+    /// [`Coordinator::incarnation_since_ms`]).
+    started_empty: bool,
     fired_wills: Mutex<Option<mpsc::Receiver<FiredWill>>>,
 }
 
@@ -104,6 +107,7 @@ impl Coordinator {
         let listener = bind(config.listen).await?;
         let db = crate::raft_db::open(&config.data_dir, config.fsync)
             .map_err(|e| ClusterError::Storage(e.to_string()))?;
+        let started_empty = identity::stored(&db)?.is_none();
         let identity = identity::load_or_create(&db, config.node_id, config.entropy)?;
         let local = LocalNode {
             id: identity.node_id,
@@ -280,6 +284,7 @@ impl Coordinator {
             consumption,
             lease,
             run,
+            started_empty,
             fired_wills: Mutex::new(Some(fired_wills)),
         })
     }
@@ -293,6 +298,18 @@ impl Coordinator {
     /// sessions it owns; see the lease module for why that is safe.
     pub fn lease_held(&self) -> bool {
         self.lease.held(tokio::time::Instant::now())
+    }
+
+    /// When this node's incarnation began, on the clock claims are stamped with
+    /// ([`ClaimRequest::now_ms`]): `now_ms` if this start found the data directory empty,
+    /// the time recorded then on later starts, 0 for a directory from before it was
+    /// recorded. A claim of this node stamped earlier belongs to an earlier incarnation,
+    /// whose sessions left no state here.
+    pub fn incarnation_since_ms(&self, now_ms: u64) -> Result<u64, ClusterError> {
+        let Some(db) = self.db.as_deref() else {
+            return Err(ClusterError::Shutdown);
+        };
+        identity::incarnation_since(db, self.started_empty, now_ms)
     }
 
     /// This node's incarnation (kept in the data directory).

@@ -7,7 +7,7 @@ use openraft::ErrorSubject;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ClusterError;
-use crate::raft_db::{read_meta, write_meta, RaftDb, KEY_IDENTITY};
+use crate::raft_db::{read_meta, write_meta, RaftDb, KEY_IDENTITY, KEY_INCARNATION_SINCE};
 use crate::types::NodeId;
 
 /// This node's identity as persisted.
@@ -25,9 +25,7 @@ pub(crate) fn load_or_create(
     node_id: NodeId,
     entropy: Option<u64>,
 ) -> Result<Identity, ClusterError> {
-    let stored: Option<Identity> = read_meta(db, KEY_IDENTITY, ErrorSubject::Store)
-        .map_err(|e| ClusterError::Storage(e.to_string()))?;
-    match stored {
+    match stored(db)? {
         Some(identity) if identity.node_id == node_id => Ok(identity),
         Some(identity) => Err(ClusterError::IdentityMismatch {
             stored: identity.node_id,
@@ -48,6 +46,30 @@ pub(crate) fn load_or_create(
     }
 }
 
+/// The identity stored in `db`, if any (none: the data directory is new or was emptied).
+pub(crate) fn stored(db: &RaftDb) -> Result<Option<Identity>, ClusterError> {
+    read_meta(db, KEY_IDENTITY, ErrorSubject::Store)
+        .map_err(|e| ClusterError::Storage(e.to_string()))
+}
+
+/// When the incarnation began (see `Coordinator::incarnation_since_ms`): recorded at the
+/// first call, as `now_ms` if the data directory was empty at this start, else as 0.
+pub(crate) fn incarnation_since(
+    db: &RaftDb,
+    started_empty: bool,
+    now_ms: u64,
+) -> Result<u64, ClusterError> {
+    let storage = |e: openraft::StorageError<NodeId>| ClusterError::Storage(e.to_string());
+    if let Some(since) =
+        read_meta(db, KEY_INCARNATION_SINCE, ErrorSubject::Store).map_err(storage)?
+    {
+        return Ok(since);
+    }
+    let since = if started_empty { now_ms } else { 0 };
+    write_meta(db, KEY_INCARNATION_SINCE, &since, ErrorSubject::Store).map_err(storage)?;
+    Ok(since)
+}
+
 /// A non-zero random id (0 means "not announced" in the membership).
 fn random_incarnation() -> Result<u64, ClusterError> {
     loop {
@@ -63,6 +85,17 @@ fn random_incarnation() -> Result<u64, ClusterError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_incarnation_start_is_recorded_once_and_is_0_for_an_older_directory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = crate::raft_db::open(dir.path(), false).expect("open");
+        assert_eq!(incarnation_since(&db, true, 500).expect("first"), 500);
+        assert_eq!(incarnation_since(&db, false, 900).expect("later"), 500);
+        let older = tempfile::tempdir().expect("tempdir");
+        let db = crate::raft_db::open(older.path(), false).expect("open");
+        assert_eq!(incarnation_since(&db, false, 900).expect("older"), 0);
+    }
 
     #[test]
     fn identity_survives_a_reopen_and_rejects_another_node_id() {

@@ -24,6 +24,7 @@ pub(crate) const KEY_COMMITTED: &str = "committed";
 pub(crate) const KEY_LAST_PURGED: &str = "last_purged";
 pub(crate) const KEY_SNAPSHOT: &str = "snapshot";
 pub(crate) const KEY_IDENTITY: &str = "identity";
+pub(crate) const KEY_INCARNATION_SINCE: &str = "incarnation_since_ms";
 
 /// The file name inside the data directory.
 pub const RAFT_FILE: &str = "raft.redb";

@@ -160,10 +160,16 @@ impl Broker {
                 self.schedule_will(now, key, will);
             }
         }
+        self.left_offline(now, key);
+    }
+
+    /// The session `key` has no connection from now on: it ends now if its expiry interval
+    /// is 0, or else waits out that interval for a new connection.
+    pub(crate) fn left_offline(&mut self, now: Instant, key: SessionKey) {
         let Some(session) = self.sessions.get_mut(&key) else {
             return;
         };
-        if ends_now {
+        if session.expiry_interval == 0 {
             self.end_session(now, key);
             return;
         }

@@ -260,6 +260,44 @@ impl Broker {
         queued
     }
 
+    /// This node's claim of `state`'s client id under `epoch` committed after the node had
+    /// refused its connection (the claim's answer was lost), so this node is the owner of
+    /// record: the session is held here without a connection, as if its client had just
+    /// disconnected. What other nodes route here for it and what its previous owner hands
+    /// over then find it, and the next claim anywhere moves it on. A session already held
+    /// here under an older claim is the same session and continues under `epoch`; otherwise
+    /// `state` (the subscriptions raft holds) is installed. False, doing nothing, when a
+    /// session under `epoch` or newer is held.
+    pub fn adopt_orphaned_claim(
+        &mut self,
+        now: Instant,
+        wall: SystemTime,
+        epoch: u64,
+        state: SessionState,
+    ) -> bool {
+        if let Some(&key) = self.client_ids.get(&state.client_id) {
+            let Some(session) = self.sessions.get_mut(&key) else {
+                return false;
+            };
+            if session.epoch >= epoch {
+                return false;
+            }
+            session.epoch = epoch;
+            let offline = session.link.is_none();
+            self.registry.restored(epoch);
+            if offline {
+                // Its expiry timer, armed under the older claim, does nothing now.
+                self.left_offline(now, key);
+            } else {
+                self.save_session_record(key);
+            }
+            return true;
+        }
+        let key = self.import_session(now, wall, state, epoch);
+        self.left_offline(now, key);
+        true
+    }
+
     /// The state of a session that another node ended because this node's clean-start claim
     /// took its client id: the old session is over, so the will it held back for its delay is
     /// published now [MQTT-3.1.3-9], as it is when a clean start ends a session held here.

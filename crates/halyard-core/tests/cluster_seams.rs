@@ -1903,3 +1903,52 @@ fn a_session_handed_over_keeps_its_ids_and_numbers_new_messages_in_its_claims_sl
         ]
     );
 }
+
+/// A claim refused here because raft's answer was lost, whose entry committed after all,
+/// leaves this node the owner of record: the session is held here without a connection
+/// (as raft holds it), so what is routed here for it and the old owner's hand-over are kept
+/// and go with it to the next owner (halyard-sim seeds 167, 212, 282 --no-partitions
+/// dropped both).
+#[test]
+fn a_claim_that_committed_after_it_was_refused_holds_its_session_without_a_connection() {
+    let (_dir_a, _dir_b, mut b, state) = moved_session("orphan", 12);
+    b.broker.set_route_version(12);
+    b.send(5, connect(V5, "orphan", false, Some(3600)));
+    b.claims.pop_front().expect("claim");
+    b.settle(5, ClaimOutcome::Refused);
+    assert_eq!(
+        connack(&b.take(5)),
+        (false, ReasonCode::SERVER_UNAVAILABLE)
+    );
+
+    let from_raft = SessionState {
+        inflight: Vec::new(),
+        pending: Vec::new(),
+        ..(*state).clone()
+    };
+    assert!(b
+        .broker
+        .adopt_orphaned_claim(b.now, SystemTime::now(), 12, from_raft.clone()));
+    assert!(
+        !b.broker
+            .adopt_orphaned_claim(b.now, SystemTime::now(), 12, from_raft),
+        "held already"
+    );
+    b.drain();
+    b.forwarded("mv/x", &[(b"routed-here", 12, 1)]);
+    b.broker
+        .merge_late_session(b.now, SystemTime::now(), 12, *state);
+    b.drain();
+
+    let moved = b
+        .broker
+        .fence(b.now, SystemTime::now(), "orphan", 14, 3)
+        .expect("held here");
+    assert_eq!(moved.subscriptions.len(), 1, "raft's subscription");
+    let payloads: Vec<&[u8]> = moved
+        .pending
+        .iter()
+        .map(|delivery| delivery.message.payload.as_ref())
+        .collect();
+    assert_eq!(payloads, vec![&b"routed-here"[..]]);
+}

@@ -18,8 +18,8 @@ use halyard_cluster::{
 };
 use halyard_codec::{ReasonCode, Will};
 use halyard_core::{
-    Broker, ClaimOutcome, ClaimRequest, Message, NodeId, Output, PacketIds, PeerForward,
-    SessionState, SubscriptionUpdate,
+    Broker, ClaimOutcome, ClaimRequest, ConnectionId, Message, NodeId, Output, PacketIds,
+    PeerForward, SessionState, SubscriptionUpdate,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -28,6 +28,7 @@ use tracing::{debug, info, warn};
 use crate::cluster::clock::DriverClock;
 use crate::cluster::event::ClusterEvent;
 use crate::cluster::held_forwards::{HeldForwards, PeerFrame};
+use crate::cluster::own_claims::OwnClaims;
 use crate::cluster::transfers::{lock, Arrival, SharedTransfers};
 use crate::cluster::wire::{self, Clocks, ForwardTags, Received};
 
@@ -104,6 +105,10 @@ pub struct ClusterDriver<E> {
     wake_due: bool,
     /// A [`ClusterEvent::Wake`] is on its way.
     wake_queued: bool,
+    /// This node's claims, to find one that committed after it was refused here.
+    own_claims: OwnClaims,
+    /// When this node's incarnation began (see `Coordinator::incarnation_since_ms`).
+    incarnation_since_ms: u64,
 }
 
 impl<E> std::fmt::Debug for ClusterDriver<E> {
@@ -178,6 +183,13 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
             .duration_since(UNIX_EPOCH)
             .map_or(1, |since| u64::try_from(since.as_micros()).unwrap_or(1));
         broker.set_forward_seq_floor(seq_base);
+        let incarnation_since_ms = coordinator
+            .incarnation_since_ms(wall_ms(clock.clocks().wall))
+            .unwrap_or_else(|error| {
+                // Unknown: no claim of this node found without a session is taken up.
+                warn!(%error, "cannot read when this node's incarnation began");
+                u64::MAX
+            });
         let lanes = broker
             .outbox_backlogs()
             .into_iter()
@@ -205,6 +217,8 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
             told_congested: BTreeSet::new(),
             wake_due: false,
             wake_queued: false,
+            own_claims: OwnClaims::default(),
+            incarnation_since_ms,
         };
         driver.refill(broker);
         driver
@@ -301,7 +315,10 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
     /// Takes one of the core's cluster outputs.
     pub fn handle_output(&mut self, output: &Output) {
         match output {
-            Output::Claim(request) => self.claim(request.clone()),
+            Output::Claim(request) => {
+                self.own_claims.started(&request.client_id);
+                self.claim(request.clone())
+            }
             Output::Release { client_id, epoch } => {
                 let coordinator = Arc::clone(&self.coordinator);
                 let (client_id, epoch) = (client_id.clone(), *epoch);
@@ -386,52 +403,19 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
                 client_id,
                 outcome,
             } => {
-                let owner = self.coordinator.owner(&client_id);
-                let current = owner.as_ref().map(|owner| owner.epoch);
-                let newer_node = owner.as_ref().map(|o| o.node).filter(|&n| n != self.node);
-                let lost = superseded(&outcome, current);
-                let carries_session = matches!(
-                    outcome,
-                    ClaimOutcome::Granted {
-                        session: Some(_),
-                        ..
-                    }
-                );
-                if let Some(owner) =
-                    owner.filter(|o| lost && carries_session && o.node != self.node)
-                {
-                    // A newer claim on another node won while this one waited for the
-                    // session: the session passes through here (so that what was routed
-                    // here for it meanwhile goes with it) on to that node, whose claim
-                    // waits for it from this one.
-                    debug!(%client_id, new_owner = owner.node, "a newer claim elsewhere won; the session goes on");
-                    broker.handle_claim(clocks.now, clocks.wall, conn, outcome);
-                    self.hand_over(broker, clocks, &client_id, owner.epoch, owner.node);
-                    return;
+                let granted = match &outcome {
+                    ClaimOutcome::Granted { epoch, .. } => Some(*epoch),
+                    ClaimOutcome::Refused => None,
+                };
+                let orphaned = self.own_claims.settled(&client_id, granted);
+                self.claim_settled(broker, clocks, conn, client_id.clone(), outcome);
+                if let Some(epoch) = orphaned {
+                    self.adopt_orphaned_claim(broker, clocks, &client_id, epoch);
                 }
-                if let (true, ClaimOutcome::Granted { epoch, .. }) = (lost, &outcome) {
-                    debug!(%client_id, "a newer claim was applied before this grant; refused");
-                    // The connection is refused, so its will (if the claim brought one) must
-                    // never be published.
-                    self.settle_will(client_id.clone(), *epoch, 0, None);
-                    // What was routed here for the session under this claim follows it.
-                    broker.handle_superseded_claim(
-                        clocks.now,
-                        clocks.wall,
-                        conn,
-                        *epoch,
-                        current.unwrap_or(u64::MAX),
-                        newer_node,
-                    );
-                    return;
-                }
-                let granted = matches!(outcome, ClaimOutcome::Granted { .. });
-                broker.handle_claim(clocks.now, clocks.wall, conn, outcome);
-                if granted && !self.coordinator.lease_held() {
-                    // The lease lapsed while the claim was out: the session (and what its
-                    // old owner handed over) is kept here, but no connection is served.
-                    debug!(%client_id, "the lease lapsed before this grant; disconnecting");
-                    broker.disconnect_all(clocks.now, FENCED_REASON, FENCED_WHY);
+            }
+            ClusterEvent::ClaimedHere { client_id, epoch } => {
+                if self.own_claims.applied(&client_id, epoch) {
+                    self.adopt_orphaned_claim(broker, clocks, &client_id, epoch);
                 }
             }
             ClusterEvent::RoutesCommitted { ticket, committed } => {
@@ -518,6 +502,100 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
             ClusterEvent::WillWon { publisher, will } => {
                 broker.publish_settled_will(clocks.now, publisher, *will)
             }
+        }
+    }
+
+    /// A claim task's answer, handed to the core.
+    fn claim_settled(
+        &mut self,
+        broker: &mut Broker,
+        clocks: Clocks,
+        conn: ConnectionId,
+        client_id: String,
+        outcome: ClaimOutcome,
+    ) {
+        let owner = self.coordinator.owner(&client_id);
+        let current = owner.as_ref().map(|owner| owner.epoch);
+        let newer_node = owner.as_ref().map(|o| o.node).filter(|&n| n != self.node);
+        let lost = superseded(&outcome, current);
+        let carries_session = matches!(
+            outcome,
+            ClaimOutcome::Granted {
+                session: Some(_),
+                ..
+            }
+        );
+        if let Some(owner) = owner.filter(|o| lost && carries_session && o.node != self.node) {
+            // A newer claim on another node won while this one waited for the
+            // session: the session passes through here (so that what was routed
+            // here for it meanwhile goes with it) on to that node, whose claim
+            // waits for it from this one.
+            debug!(%client_id, new_owner = owner.node, "a newer claim elsewhere won; the session goes on");
+            broker.handle_claim(clocks.now, clocks.wall, conn, outcome);
+            self.hand_over(broker, clocks, &client_id, owner.epoch, owner.node);
+            return;
+        }
+        if let (true, ClaimOutcome::Granted { epoch, .. }) = (lost, &outcome) {
+            debug!(%client_id, "a newer claim was applied before this grant; refused");
+            // The connection is refused, so its will (if the claim brought one) must
+            // never be published.
+            self.settle_will(client_id.clone(), *epoch, 0, None);
+            // What was routed here for the session under this claim follows it.
+            broker.handle_superseded_claim(
+                clocks.now,
+                clocks.wall,
+                conn,
+                *epoch,
+                current.unwrap_or(u64::MAX),
+                newer_node,
+            );
+            return;
+        }
+        let granted = matches!(outcome, ClaimOutcome::Granted { .. });
+        broker.handle_claim(clocks.now, clocks.wall, conn, outcome);
+        if granted && !self.coordinator.lease_held() {
+            // The lease lapsed while the claim was out: the session (and what its
+            // old owner handed over) is kept here, but no connection is served.
+            debug!(%client_id, "the lease lapsed before this grant; disconnecting");
+            broker.disconnect_all(clocks.now, FENCED_REASON, FENCED_WHY);
+        }
+    }
+
+    /// Holds the session of this node's claim of `client_id` under `epoch`, which committed
+    /// after the node refused its connection (see `own_claims`), if raft still names this
+    /// node its owner under it. The refused connection's will is never published.
+    fn adopt_orphaned_claim(
+        &mut self,
+        broker: &mut Broker,
+        clocks: Clocks,
+        client_id: &str,
+        epoch: u64,
+    ) {
+        // A claim of an earlier incarnation of this node (its data directory was emptied
+        // since) left nothing here, not even what its clients completed: holding its session
+        // again would deliver replayed forwards twice (halyard-sim seed 257 --ci). It waits
+        // for its client's next claim.
+        let Some(owner) = self.coordinator.owner(client_id).filter(|owner| {
+            owner.node == self.node
+                && owner.epoch == epoch
+                && owner.claimed_ms >= self.incarnation_since_ms
+        }) else {
+            return;
+        };
+        let state = raft_session(
+            &self.coordinator,
+            client_id,
+            owner.session_expiry_secs,
+            epoch,
+        );
+        if !broker.adopt_orphaned_claim(clocks.now, clocks.wall, epoch, state) {
+            return;
+        }
+        info!(%client_id, epoch, "a claim refused here committed after all; its session is held here without a connection");
+        self.settle_will(client_id.to_owned(), epoch, 0, None);
+        let kept = lock(&self.transfers).resumed(clocks.now, (client_id.to_owned(), epoch));
+        for state in kept {
+            broker.merge_late_session(clocks.now, clocks.wall, epoch, state);
         }
     }
 
@@ -915,31 +993,44 @@ fn session_from_raft(
     request: &ClaimRequest,
     previous_epoch: u64,
 ) -> Option<Box<SessionState>> {
+    let state = raft_session(
+        coordinator,
+        &request.client_id,
+        request.expiry_interval,
+        previous_epoch,
+    );
+    (!state.subscriptions.is_empty()).then(|| Box::new(state))
+}
+
+/// The session of `client_id` as raft holds it (its subscriptions), held under `epoch`.
+fn raft_session(
+    coordinator: &Coordinator,
+    client_id: &str,
+    expiry_interval: u32,
+    epoch: u64,
+) -> SessionState {
     let mut subscriptions = Vec::new();
-    for (filter, subscription) in coordinator.subscriptions(&request.client_id) {
+    for (filter, subscription) in coordinator.subscriptions(client_id) {
         match wire::decode_entry(&subscription.options) {
             Ok(entry) => subscriptions.push((filter, entry)),
             Err(error) => {
-                warn!(client_id = %request.client_id, %filter, %error, "undecodable subscription in raft; skipped")
+                warn!(%client_id, %filter, %error, "undecodable subscription in raft; skipped")
             }
         }
     }
-    if subscriptions.is_empty() {
-        return None;
-    }
-    Some(Box::new(SessionState {
-        client_id: request.client_id.clone(),
-        epoch: previous_epoch,
-        // The client asked to resume: this continues whatever it had before.
+    SessionState {
+        client_id: client_id.to_owned(),
+        epoch,
+        // Whatever the client had before: it continues.
         since: 0,
-        expiry_interval: request.expiry_interval,
+        expiry_interval,
         subscriptions,
         inflight: Vec::new(),
         pending: Vec::new(),
         inbound_qos2: Vec::new(),
         delayed_will: None,
         username: None,
-    }))
+    }
 }
 
 /// Whether a grant must wait for a hand-over before it serves the client: when the session
@@ -1078,13 +1169,7 @@ async fn follow_changes<E: From<ClusterEvent>>(
             }
         }
         for (client_id, owner) in &mirror.owners {
-            if owner.node != node {
-                changes.push(ClusterEvent::Claimed {
-                    client_id: client_id.clone(),
-                    epoch: owner.epoch,
-                    new_owner: owner.node,
-                });
-            }
+            changes.push(claimed(client_id.clone(), owner.epoch, owner.node, node));
         }
         let resync = ClusterEvent::Applied {
             index: mirror.applied_index,
@@ -1110,6 +1195,19 @@ async fn follow_changes<E: From<ClusterEvent>>(
         // The feed ended (it fell behind, or a snapshot was installed): resync from the
         // mirror. Re-adding a known route is harmless.
         debug!("cluster change feed ended; resyncing");
+    }
+}
+
+/// The event for a claim of `client_id` by `owner` under `epoch`, as `node` sees it.
+fn claimed(client_id: String, epoch: u64, owner: NodeId, node: NodeId) -> ClusterEvent {
+    if owner == node {
+        ClusterEvent::ClaimedHere { client_id, epoch }
+    } else {
+        ClusterEvent::Claimed {
+            client_id,
+            epoch,
+            new_owner: owner,
+        }
     }
 }
 
@@ -1140,11 +1238,7 @@ fn cluster_event(
             node: Some(new_owner),
             epoch,
             ..
-        } if new_owner != node => Some(ClusterEvent::Claimed {
-            client_id,
-            epoch,
-            new_owner,
-        }),
+        } => Some(claimed(client_id, epoch, new_owner, node)),
         Change::RetainedSet { topic } => {
             let stored = coordinator
                 .retained(&topic)

@@ -41,6 +41,13 @@ pub enum ClusterEvent {
         /// The new owner.
         new_owner: NodeId,
     },
+    /// A claim of `client_id` by this node under `epoch` was committed.
+    ClaimedHere {
+        /// The client id.
+        client_id: String,
+        /// The claim's epoch.
+        epoch: u64,
+    },
     /// The raft entry at `index` was applied (or, at start and after a snapshot, every
     /// entry up to it): its route, ownership and retained changes, handed to the core at
     /// once, so that the core's route version (`Broker::set_route_version`) never names a
@@ -49,7 +56,8 @@ pub enum ClusterEvent {
     Applied {
         /// The raft index.
         index: u64,
-        /// The entry's changes, as events ([`ClusterEvent::Route`], `Claimed`, `Retained`).
+        /// The entry's changes, as events ([`ClusterEvent::Route`], `Claimed`, `ClaimedHere`,
+        /// `Retained`).
         changes: Vec<ClusterEvent>,
     },
     /// A peer stored every frame this node sent it up to link sequence number `seq`.

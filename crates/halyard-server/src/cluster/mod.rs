@@ -7,6 +7,7 @@ mod drain;
 mod driver;
 mod event;
 mod held_forwards;
+mod own_claims;
 mod status;
 mod transfers;
 mod wire;
