@@ -194,11 +194,13 @@ impl Broker {
     /// A session handed over late, after it had moved on from here: its messages not yet
     /// completed follow it to the node it went to, addressed to it, each QoS 2 exchange the
     /// old owner had open under its packet id; how many. With no relay to follow (its window
-    /// is over), they are dropped, counted under `late_hand_over`.
+    /// is over), they go to `owner` if there is one, else they are dropped, counted under
+    /// `late_hand_over`.
     pub(crate) fn pass_late_session_on(
         &mut self,
         clock: ClockAnchor,
         state: SessionState,
+        owner: Option<NodeId>,
     ) -> usize {
         let unsent = state
             .inflight
@@ -214,7 +216,10 @@ impl Broker {
                 (stored, exchange)
             })
             .chain(state.pending.into_iter().map(|stored| (stored, None)));
-        let Some((node, client_id)) = self.moved_on_to(clock.instant, &state.client_id) else {
+        let next = self
+            .moved_on_to(clock.instant, &state.client_id)
+            .or_else(|| owner.map(|node| (node, Arc::from(state.client_id.as_str()))));
+        let Some((node, client_id)) = next else {
             for _ in unsent {
                 self.out
                     .count_drop(&state.client_id, DropReason::LateHandOver);

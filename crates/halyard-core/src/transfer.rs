@@ -214,9 +214,25 @@ impl Broker {
         epoch: u64,
         state: SessionState,
     ) -> usize {
+        self.merge_late_session_or_pass_on(now, wall, epoch, state, None)
+    }
+
+    /// [`Broker::merge_late_session`], where a session held nowhere here whose window has
+    /// no relay left has its messages passed on to `owner`, the node raft names its owner
+    /// now, if another: it holds the session or is about to hand it on (halyard-sim seeds
+    /// 99, 119, 152 --no-partitions: a hand-over sent to a node whose claim had been
+    /// overtaken while it was down was dropped there).
+    pub fn merge_late_session_or_pass_on(
+        &mut self,
+        now: Instant,
+        wall: SystemTime,
+        epoch: u64,
+        state: SessionState,
+        owner: Option<NodeId>,
+    ) -> usize {
         let clock = ClockAnchor { instant: now, wall };
         let Some(&key) = self.client_ids.get(&state.client_id) else {
-            return self.pass_late_session_on(clock, state);
+            return self.pass_late_session_on(clock, state, owner);
         };
         let limits = self.limits();
         let Some(session) = self.sessions.get_mut(&key) else {

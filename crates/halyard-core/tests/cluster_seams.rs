@@ -1916,10 +1916,7 @@ fn a_claim_that_committed_after_it_was_refused_holds_its_session_without_a_conne
     b.send(5, connect(V5, "orphan", false, Some(3600)));
     b.claims.pop_front().expect("claim");
     b.settle(5, ClaimOutcome::Refused);
-    assert_eq!(
-        connack(&b.take(5)),
-        (false, ReasonCode::SERVER_UNAVAILABLE)
-    );
+    assert_eq!(connack(&b.take(5)), (false, ReasonCode::SERVER_UNAVAILABLE));
 
     let from_raft = SessionState {
         inflight: Vec::new(),

@@ -491,7 +491,18 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
             ClusterEvent::LateSession { epoch, state } => {
                 let client_id = state.client_id.clone();
                 let carried = state.pending.len() + state.inflight.len();
-                let queued = broker.merge_late_session(clocks.now, clocks.wall, epoch, *state);
+                let owner = self
+                    .coordinator
+                    .owner(&client_id)
+                    .map(|owner| owner.node)
+                    .filter(|&node| node != self.node);
+                let queued = broker.merge_late_session_or_pass_on(
+                    clocks.now,
+                    clocks.wall,
+                    epoch,
+                    *state,
+                    owner,
+                );
                 if queued > 0 {
                     info!(%client_id, queued, "a session handed over late joined the resumed session");
                 } else if carried > 0 {
