@@ -500,9 +500,10 @@ impl Broker {
             return;
         }
         let here = self.client_ids.get(client_id).copied();
-        match here.and_then(|key| self.sessions.get_mut(&key)) {
-            Some(session) if session.routes_from <= newer => {
+        match here.and_then(|key| Some((key, self.sessions.get_mut(&key)?))) {
+            Some((key, session)) if session.routes_from <= newer => {
                 session.routes_from = session.routes_from.min(epoch);
+                self.save_session_record(key);
             }
             Some(_) => {}
             None => {
@@ -533,6 +534,7 @@ impl Broker {
         if let Some(session) = self.sessions.get_mut(&key) {
             if session.routes_from == epoch {
                 session.routes_from = from;
+                self.save_session_record(key);
             }
         }
     }

@@ -67,6 +67,11 @@ impl Broker {
             &self.memory,
         );
         session.persistent = true;
+        // Where its window starts, as when it was stored: a forward routed before the claim
+        // that brought it here, replayed from a peer's outbox after the restart, is not its
+        // own (halyard-sim seed 5: taken, it delivered a completed QoS 2 message again).
+        session.held_since = record.held_since;
+        session.routes_from = record.routes_from;
         session.next_seq = loaded.next_seq;
         session.spilled = loaded.pending_count;
         session.spill_from = loaded.first_pending.unwrap_or(loaded.next_seq);
@@ -152,6 +157,8 @@ impl Broker {
         let record = SessionRecord {
             client_id: session.client_id.clone(),
             epoch: session.epoch,
+            held_since: session.held_since,
+            routes_from: session.routes_from,
             expiry_interval: session.expiry_interval,
             expires_at: session.expires_at.map(|at| journal.clock.to_wall(at)),
             delayed_will: session
@@ -244,6 +251,8 @@ fn record_fingerprint(session: &Session, failed_commits: u64) -> u64 {
     foldhash::quality::FixedState::default()
         .hash_one((
             session.epoch,
+            session.held_since,
+            session.routes_from,
             session.expiry_interval,
             session.expires_at,
             session.delayed_will.as_deref().map(|(due, _)| *due),

@@ -72,6 +72,11 @@ pub struct SessionRecord {
     /// restarted node resumes its sessions under the claims it had, and a claim newer than
     /// it (another node's) fences it.
     pub epoch: u64,
+    /// The session's `held_since` (see `Session`): late hand-overs from that claim on join it.
+    pub held_since: u64,
+    /// The session's `routes_from` (see `Session`): forwards routed before it are not its
+    /// own here, however late they come after a restart.
+    pub routes_from: u64,
     /// Session Expiry Interval in seconds (u32::MAX: never).
     pub expiry_interval: u32,
     /// When the session expires if it is offline.

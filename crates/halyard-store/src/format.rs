@@ -16,7 +16,7 @@
 //!
 //! | value | body after the version byte (then the checksum) |
 //! | --- | --- |
-//! | session | (version 2) fencing epoch u64, expiry interval u32, expires at (time), will flag u8; if 1: will due (time), will delay flag u8 + u32, will as PUBLISH |
+//! | session | expiry interval u32, expires at (time), fencing epoch u64 (v3), held since u64 and routes from u64 (v4), will flag u8; if 1: will due (time), will delay flag u8 + u32, will as PUBLISH |
 //! | subscription | QoS u8, flags u8 (bit 0 no local, bit 1 retain as published), retain handling u8, identifier flag u8 + u32 |
 //! | delivery | state u8 (0 pending, 1 awaiting PUBACK, 2 awaiting PUBREC, 3 awaiting PUBCOMP), packet id u16, delivery QoS u8, delivery RETAIN u8, id count u32 + ids u32 each, message |
 //! | retained | message |
@@ -52,10 +52,13 @@ const UNCHECKED_VERSION: u8 = 1;
 /// The first version whose values end with a checksum; every later one does too.
 const CHECKED_SINCE: u8 = 2;
 /// Current version of each kind of value (see the module documentation to add a field).
-const SESSION_VERSION: u8 = 3;
+const SESSION_VERSION: u8 = 4;
 /// The first session version carrying the fencing epoch (after `expires at`); earlier ones
 /// read with epoch 0.
 const SESSION_EPOCH_SINCE: u8 = 3;
+/// The first session version carrying `held since` and `routes from` (after the epoch);
+/// earlier ones read with the epoch and 0, as sessions were restored before.
+const SESSION_WINDOW_SINCE: u8 = 4;
 const SUBSCRIPTION_VERSION: u8 = 2;
 const DELIVERY_VERSION: u8 = 2;
 const RETAINED_VERSION: u8 = 2;
@@ -315,6 +318,8 @@ pub(crate) fn encode_session(record: &SessionRecord) -> Result<Vec<u8>, EncodeFa
     out.extend_from_slice(&record.expiry_interval.to_be_bytes());
     put_time(&mut out, record.expires_at);
     out.extend_from_slice(&record.epoch.to_be_bytes());
+    out.extend_from_slice(&record.held_since.to_be_bytes());
+    out.extend_from_slice(&record.routes_from.to_be_bytes());
     match &record.delayed_will {
         None => out.push(0),
         Some((due, will)) => {
@@ -356,6 +361,11 @@ pub(crate) fn decode_session(client_id: &str, value: &[u8]) -> Result<SessionRec
     } else {
         0
     };
+    let (held_since, routes_from) = if version >= SESSION_WINDOW_SINCE {
+        (r.u64()?, r.u64()?)
+    } else {
+        (epoch, 0)
+    };
     let delayed_will = if r.flag("will flag")? {
         let due = r.time()?.ok_or(FormatError::Invalid("will due time"))?;
         let has_delay = r.flag("will delay flag")?;
@@ -380,6 +390,8 @@ pub(crate) fn decode_session(client_id: &str, value: &[u8]) -> Result<SessionRec
     Ok(SessionRecord {
         client_id: client_id.to_owned(),
         epoch,
+        held_since,
+        routes_from,
         expiry_interval,
         expires_at,
         delayed_will,
@@ -744,6 +756,8 @@ mod tests {
         SessionRecord {
             client_id: "c1".into(),
             epoch: 41,
+            held_since: 38,
+            routes_from: 39,
             expiry_interval: u32::MAX,
             expires_at: Some(UNIX_EPOCH + Duration::from_nanos(1)),
             delayed_will: Some((
@@ -775,6 +789,19 @@ mod tests {
         };
         let value = encode_session(&plain).expect("encodes");
         assert_eq!(decode_session("c1", &value).expect("decodes"), plain);
+    }
+
+    #[test]
+    fn session_written_before_its_window_reads_as_held_since_its_epoch() {
+        let mut record = session_with_will();
+        let current = encode_session(&record).expect("encodes");
+        let mut body = current[..current.len() - CHECKSUM_LEN].to_vec();
+        body.drain(21..37);
+        body[0] = SESSION_WINDOW_SINCE - 1;
+        let older = seal(RecordKey::Session("c1"), body);
+        record.held_since = record.epoch;
+        record.routes_from = 0;
+        assert_eq!(decode_session("c1", &older).expect("decodes"), record);
     }
 
     #[test]
@@ -811,11 +838,14 @@ mod tests {
 
     #[test]
     fn values_written_before_checksums_still_load() {
-        // Version 1 sessions have no epoch (the 8 bytes after `expires at`): they read as 0.
+        // Version 1 sessions have no epoch (the 8 bytes after `expires at`) and no window
+        // (the 16 after it): they read as 0.
         let mut record = session_with_will();
         let mut old = as_version_1(&encode_session(&record).expect("encodes"));
-        old.drain(13..21);
+        old.drain(13..37);
         record.epoch = 0;
+        record.held_since = 0;
+        record.routes_from = 0;
         assert_eq!(decode_session("c1", &old).expect("decodes"), record);
 
         let old = as_version_1(&encode_subscription("c", "f", &entry()));

@@ -1489,6 +1489,8 @@ mod tests {
         SessionRecord {
             client_id: client_id.to_owned(),
             epoch: 1,
+            held_since: 1,
+            routes_from: 0,
             expiry_interval: 10,
             expires_at: None,
             delayed_will: None,

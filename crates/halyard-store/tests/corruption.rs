@@ -626,8 +626,9 @@ fn values_written_before_checksums_still_load() {
             };
             let mut sessions = txn.open_table(SESSIONS).expect("table");
             let mut value = old(sessions.get("c1").expect("get").expect("stored").value());
-            // Version 1 sessions had no fencing epoch (8 bytes after `expires at`).
-            value.drain(13..21);
+            // Version 1 sessions had no fencing epoch (8 bytes after `expires at`) and no
+            // window (16 bytes after it).
+            value.drain(13..37);
             sessions.insert("c1", value.as_slice()).expect("insert");
             let mut subs = txn.open_table(SUBSCRIPTIONS).expect("table");
             let value = old(subs

@@ -37,6 +37,8 @@ fn loading_a_million_pending_deliveries() {
     store.put_session(&SessionRecord {
         client_id: "offline".into(),
         epoch: 1,
+        held_since: 1,
+        routes_from: 0,
         expiry_interval: u32::MAX,
         expires_at: Some(SystemTime::now()),
         delayed_will: None,

@@ -56,6 +56,8 @@ pub fn session(client_id: &str) -> SessionRecord {
     SessionRecord {
         client_id: client_id.to_owned(),
         epoch: 3,
+        held_since: 3,
+        routes_from: 0,
         expiry_interval: 300,
         expires_at: Some(SystemTime::now() + Duration::from_secs(300)),
         delayed_will: None,
@@ -67,6 +69,8 @@ pub fn session_with_will(client_id: &str) -> SessionRecord {
     SessionRecord {
         client_id: client_id.to_owned(),
         epoch: 4,
+        held_since: 4,
+        routes_from: 0,
         expiry_interval: u32::MAX,
         expires_at: None,
         delayed_will: Some((
