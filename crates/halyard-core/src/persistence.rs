@@ -46,6 +46,7 @@ impl Broker {
         for session in loaded.sessions {
             broker.restore_session(now, session);
         }
+        broker.restore_relays(clock, loaded.relays);
         Ok(broker)
     }
 

@@ -163,6 +163,26 @@ pub struct PeerMark {
     pub seq: u64,
 }
 
+/// A relay `fence` started (see `move_window`): messages routed here at versions
+/// `from..to` that match `filters` were this node's to deliver to `client_id`'s session,
+/// which moved to `node`; until `until` they are passed on to it. Stored so that a node
+/// restarted within the window still passes on what its peers' outboxes replay to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRelay {
+    /// The moved session's client id.
+    pub client_id: String,
+    /// Where it went.
+    pub node: NodeId,
+    /// Its filters (shared ones as their inner filter).
+    pub filters: Vec<String>,
+    /// First route version of the window.
+    pub from: u64,
+    /// The claim that moved it: the window ends before it; with the client id, the key.
+    pub to: u64,
+    /// When the relay ends.
+    pub until: SystemTime,
+}
+
 /// Everything loaded at start-up. Retained messages are not loaded: the broker reads them
 /// in pages with [`Store::read_retained`] as subscribers need them, so millions of them cost
 /// no memory.
@@ -174,6 +194,8 @@ pub struct LoadedState {
     pub outboxes: std::collections::BTreeMap<NodeId, LoadedOutbox>,
     /// Duplicate filters of the nodes that forwarded to this one.
     pub peer_marks: Vec<PeerMark>,
+    /// Relays of sessions that moved on (expired ones too: the broker drops them).
+    pub relays: Vec<StoredRelay>,
 }
 
 /// A storage failure. Either way the server releases no acknowledgement of the failed
@@ -300,6 +322,10 @@ pub trait Store: Send {
     ) -> Result<Vec<(u64, StoredForward)>, StoreError>;
     /// Records the newest forward stored from a node (replacing its previous mark).
     fn put_peer_mark(&mut self, mark: &PeerMark);
+    /// Stores a relay under (client id, `to`), replacing one stored there.
+    fn put_relay(&mut self, relay: &StoredRelay);
+    /// Removes the relay stored under (`client_id`, `to`), if any.
+    fn delete_relay(&mut self, client_id: &str, to: u64);
     /// Makes every write so far durable (per the backend's fsync policy).
     fn commit(&mut self) -> Result<(), StoreError>;
     /// After a [`StoreErrorKind::NoSpace`] failure: tries a small durable write and returns

@@ -1949,3 +1949,39 @@ fn a_claim_that_committed_after_it_was_refused_holds_its_session_without_a_conne
         .collect();
     assert_eq!(payloads, vec![&b"routed-here"[..]]);
 }
+
+/// The relay a hand-over starts is stored in the hand-over's commit: a node restarted within
+/// the relay window still passes on, addressed to the session, what its peers' outboxes
+/// replay to it for the session that moved (halyard-sim seeds 40, 165, 192 --no-partitions
+/// lost such messages with the relay when the node was killed).
+#[test]
+fn a_relay_outlives_a_restart_within_its_window() {
+    let dir_b = tempfile::tempdir().expect("tempdir");
+    let (_dir_a, _unused, mut b, state) = moved_session("roamer", 12);
+    drop(b);
+    b = Node::open(dir_b.path(), BrokerParts::replicated(), Instant::now());
+    b.send(5, connect(V5, "roamer", false, Some(3600)));
+    b.claims.pop_front().expect("claim");
+    b.granted_with(5, 12, state);
+    b.broker
+        .fence(b.now, SystemTime::now(), "roamer", 16, 3)
+        .expect("held here");
+    b.drain();
+    drop(b);
+
+    let mut restarted = Node::open(dir_b.path(), BrokerParts::replicated(), Instant::now());
+    restarted.forwarded("mv/x", &[(b"replayed", 13, 1), (b"not-ours", 16, 2)]);
+    let forwards: Vec<(u64, Bytes, Option<Arc<str>>)> = restarted
+        .forwards
+        .drain(..)
+        .map(|(node, message, _, _, for_session, _)| (node, message.payload.clone(), for_session))
+        .collect();
+    assert_eq!(
+        forwards,
+        vec![(
+            3,
+            Bytes::from_static(b"replayed"),
+            Some(Arc::from("roamer"))
+        )]
+    );
+}

@@ -12,7 +12,7 @@ use std::time::{Instant, SystemTime};
 use halyard_codec::{Connect, Disconnect, Packet, Properties, ProtocolVersion};
 use halyard_core::store::{
     DeliveryState, LoadedState, PeerMark, RetainedPage, SessionRecord, Store, StoreError,
-    StoredDelivery, StoredForward, StoredMessage,
+    StoredDelivery, StoredForward, StoredMessage, StoredRelay,
 };
 use halyard_core::{Broker, BrokerConfig, ConnectionId, NodeId, Output, SubscriptionEntry};
 use halyard_store::MemoryStore;
@@ -103,6 +103,14 @@ impl Store for Counting {
     }
     fn put_peer_mark(&mut self, mark: &PeerMark) {
         self.inner.put_peer_mark(mark);
+    }
+
+    fn put_relay(&mut self, relay: &StoredRelay) {
+        self.inner.put_relay(relay);
+    }
+
+    fn delete_relay(&mut self, client_id: &str, to: u64) {
+        self.inner.delete_relay(client_id, to);
     }
     fn commit(&mut self) -> Result<(), StoreError> {
         if self.fail_next_commit.swap(false, Ordering::Relaxed) {

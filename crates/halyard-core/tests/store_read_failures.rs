@@ -12,7 +12,7 @@ use halyard_codec::{
 };
 use halyard_core::store::{
     DeliveryState, LoadedState, PeerMark, RetainedPage, SessionRecord, Store, StoreError,
-    StoredDelivery, StoredForward, StoredMessage,
+    StoredDelivery, StoredForward, StoredMessage, StoredRelay,
 };
 use halyard_core::{Broker, BrokerConfig, ConnectionId, NodeId, Output, SubscriptionEntry};
 use halyard_store::{FsyncPolicy, MemoryStore, RedbStore};
@@ -114,6 +114,12 @@ impl<S: Store> Store for FailingReads<S> {
     }
     fn put_peer_mark(&mut self, mark: &PeerMark) {
         self.inner.put_peer_mark(mark);
+    }
+    fn put_relay(&mut self, relay: &StoredRelay) {
+        self.inner.put_relay(relay);
+    }
+    fn delete_relay(&mut self, client_id: &str, to: u64) {
+        self.inner.delete_relay(client_id, to);
     }
     fn commit(&mut self) -> Result<(), StoreError> {
         self.inner.commit()

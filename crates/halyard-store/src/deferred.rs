@@ -5,6 +5,7 @@
 
 use halyard_core::store::{
     DeliveryState, PeerMark, SessionRecord, Store, StoredDelivery, StoredForward, StoredMessage,
+    StoredRelay,
 };
 use halyard_core::{NodeId, SubscriptionEntry};
 
@@ -33,6 +34,8 @@ pub(crate) enum DeferredWrite {
     PutForward(NodeId, u64, Box<StoredForward>),
     AckForwards(NodeId, u64),
     PutPeerMark(PeerMark),
+    PutRelay(Box<StoredRelay>),
+    DeleteRelay(String, u64),
 }
 
 impl DeferredWrite {
@@ -75,6 +78,8 @@ impl DeferredWrite {
             }
             DeferredWrite::AckForwards(dest, through) => store.ack_forwards(*dest, *through),
             DeferredWrite::PutPeerMark(mark) => store.put_peer_mark(mark),
+            DeferredWrite::PutRelay(relay) => store.put_relay(relay),
+            DeferredWrite::DeleteRelay(client_id, to) => store.delete_relay(client_id, *to),
         }
     }
 }

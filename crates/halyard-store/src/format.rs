@@ -21,6 +21,7 @@
 //! | delivery | state u8 (0 pending, 1 awaiting PUBACK, 2 awaiting PUBREC, 3 awaiting PUBCOMP), packet id u16, delivery QoS u8, delivery RETAIN u8, id count u32 + ids u32 each, message |
 //! | retained | message |
 //! | forward | group count u32, each group: length u32 + UTF-8, routed at u64 (v3), for session flag u8 + length u32 + UTF-8 (v3), message |
+//! | relay | node u64, from u64, until (time), filter count u32, each filter: length u32 + UTF-8 |
 //! | message | expires at (time), PUBLISH packet (rest of the body) |
 //!
 //! Each kind of value has its own current version (`SESSION_VERSION`, ...). To add a field to
@@ -43,7 +44,7 @@ use halyard_codec::{
     QoS, StandaloneError, SubscriptionOptions, Will,
 };
 use halyard_core::store::{
-    DeliveryState, SessionRecord, StoredDelivery, StoredForward, StoredMessage,
+    DeliveryState, SessionRecord, StoredDelivery, StoredForward, StoredMessage, StoredRelay,
 };
 use halyard_core::{OpenExchange, SubscriptionEntry};
 
@@ -63,6 +64,7 @@ const SUBSCRIPTION_VERSION: u8 = 2;
 const DELIVERY_VERSION: u8 = 2;
 const RETAINED_VERSION: u8 = 2;
 const FORWARD_VERSION: u8 = 4;
+const RELAY_VERSION: u8 = 2;
 /// Length of the CRC32C that ends a checked value.
 const CHECKSUM_LEN: usize = 4;
 
@@ -118,6 +120,8 @@ pub(crate) enum RecordKey<'a> {
     Retained(&'a str),
     /// Destination node and outbox sequence number.
     Forward(u64, u64),
+    /// Client id and the epoch of the claim that moved the session.
+    Relay(&'a str, u64),
 }
 
 impl RecordKey<'_> {
@@ -143,6 +147,9 @@ impl RecordKey<'_> {
                 crc32c::crc32c_append(crc32c::crc32c(b"f"), &dest.to_be_bytes()),
                 &seq.to_be_bytes(),
             ),
+            RecordKey::Relay(client, to) => {
+                crc32c::crc32c_append(part(crc32c::crc32c(b"l"), client), &to.to_be_bytes())
+            }
         }
     }
 }
@@ -395,6 +402,56 @@ pub(crate) fn decode_session(client_id: &str, value: &[u8]) -> Result<SessionRec
         expiry_interval,
         expires_at,
         delayed_will,
+    })
+}
+
+/// Encodes a relay (its client id and `to` are the key).
+pub(crate) fn encode_relay(relay: &StoredRelay) -> Vec<u8> {
+    let mut out = vec![RELAY_VERSION];
+    out.extend_from_slice(&relay.node.to_be_bytes());
+    out.extend_from_slice(&relay.from.to_be_bytes());
+    put_time(&mut out, Some(relay.until));
+    let count = u32::try_from(relay.filters.len()).unwrap_or(u32::MAX);
+    out.extend_from_slice(&count.to_be_bytes());
+    for filter in &relay.filters {
+        // A topic filter is an MQTT UTF-8 string: at most 65,535 bytes.
+        let len = u32::try_from(filter.len()).unwrap_or(u32::MAX);
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(filter.as_bytes());
+    }
+    seal(RecordKey::Relay(&relay.client_id, relay.to), out)
+}
+
+/// Decodes a relay stored under `(client_id, to)`.
+pub(crate) fn decode_relay(
+    client_id: &str,
+    to: u64,
+    value: &[u8],
+) -> Result<StoredRelay, FormatError> {
+    let opened = open(RecordKey::Relay(client_id, to), value, RELAY_VERSION)?;
+    if opened.version < CHECKED_SINCE {
+        return Err(FormatError::UnknownVersion(opened.version));
+    }
+    let mut r = opened.body;
+    let node = r.u64()?;
+    let from = r.u64()?;
+    let until = r.time()?.ok_or(FormatError::Invalid("relay end"))?;
+    let count = r.u32()?;
+    let mut filters = Vec::new();
+    for _ in 0..count {
+        let len = usize::try_from(r.u32()?).map_err(|_| FormatError::Truncated)?;
+        let bytes = r.take(len)?;
+        let filter = std::str::from_utf8(bytes).map_err(|_| FormatError::Invalid("filter"))?;
+        filters.push(filter.to_owned());
+    }
+    r.finish()?;
+    Ok(StoredRelay {
+        client_id: client_id.to_owned(),
+        node,
+        filters,
+        from,
+        to,
+        until,
     })
 }
 
@@ -813,6 +870,22 @@ mod tests {
         value.push(0);
         let record = decode_session("old", &value).expect("decodes");
         assert_eq!((record.epoch, record.expiry_interval), (0, 60));
+    }
+
+    #[test]
+    fn relay_round_trips_and_is_bound_to_its_key() {
+        let relay = StoredRelay {
+            client_id: "moved".into(),
+            node: 3,
+            filters: vec!["a/#".into(), "b/+".into()],
+            from: 7,
+            to: 12,
+            until: UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+        };
+        let value = encode_relay(&relay);
+        assert_eq!(decode_relay("moved", 12, &value).expect("decodes"), relay);
+        assert!(decode_relay("moved", 13, &value).is_err(), "another key");
+        assert!(decode_relay("moved", 12, &value[..value.len() - 1]).is_err());
     }
 
     fn entry() -> SubscriptionEntry {

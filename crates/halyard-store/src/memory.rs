@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use halyard_core::retained::{read_page, retained_key};
 use halyard_core::store::{
     DeliveryState, LoadedOutbox, LoadedSession, LoadedState, PeerMark, RetainedPage, SessionRecord,
-    Store, StoreError, StoredDelivery, StoredForward, StoredMessage,
+    Store, StoreError, StoredDelivery, StoredForward, StoredMessage, StoredRelay,
 };
 use halyard_core::{NodeId, SubscriptionEntry};
 
@@ -29,6 +29,8 @@ pub struct MemoryStore {
     forwards_acked: BTreeMap<NodeId, u64>,
     /// Origin node -> its duplicate filter.
     peer_marks: BTreeMap<NodeId, PeerMark>,
+    /// (client id, claim epoch) -> relay.
+    relays: BTreeMap<(String, u64), StoredRelay>,
 }
 
 impl MemoryStore {
@@ -102,6 +104,7 @@ impl Store for MemoryStore {
             sessions: sessions.into_values().collect(),
             outboxes,
             peer_marks: self.peer_marks.values().copied().collect(),
+            relays: self.relays.values().cloned().collect(),
         })
     }
 
@@ -244,6 +247,15 @@ impl Store for MemoryStore {
 
     fn put_peer_mark(&mut self, mark: &PeerMark) {
         self.peer_marks.insert(mark.origin, *mark);
+    }
+
+    fn put_relay(&mut self, relay: &StoredRelay) {
+        self.relays
+            .insert((relay.client_id.clone(), relay.to), relay.clone());
+    }
+
+    fn delete_relay(&mut self, client_id: &str, to: u64) {
+        self.relays.remove(&(client_id.to_owned(), to));
     }
 
     fn commit(&mut self) -> Result<(), StoreError> {

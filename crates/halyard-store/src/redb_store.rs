@@ -16,6 +16,7 @@ use halyard_core::retained::{retained_key, RetainedScan, ScanStep};
 use halyard_core::store::{
     io_is_no_space, DeliveryState, LoadedOutbox, LoadedSession, LoadedState, PeerMark,
     RetainedPage, SessionRecord, Store, StoreError, StoredDelivery, StoredForward, StoredMessage,
+    StoredRelay,
 };
 use halyard_core::{NodeId, SubscriptionEntry};
 use redb::{
@@ -26,15 +27,15 @@ use tracing::{error, info, warn};
 
 use crate::deferred::{DeferredWrite, DeferredWrites};
 use crate::format::{
-    decode_delivery, decode_forward, decode_retained, decode_session, decode_subscription,
-    delivery_state, encode_delivery, encode_forward, encode_retained, encode_session,
-    encode_subscription, patch_delivery_state, verify_retained,
+    decode_delivery, decode_forward, decode_relay, decode_retained, decode_session,
+    decode_subscription, delivery_state, encode_delivery, encode_forward, encode_relay,
+    encode_retained, encode_session, encode_subscription, patch_delivery_state, verify_retained,
 };
 use crate::redb_errors::{failed, is_corruption, panic_message, RedbResult};
 use crate::salvage::{copy_all, recover_unopenable};
 use crate::tables::{
     CACHE_BYTES, DELIVERIES, FORWARDS, FORWARDS_ACKED, INBOUND_QOS2, LEGACY_RETAINED, PEER_MARKS,
-    RETAINED, SESSIONS, SUBSCRIPTIONS,
+    RELAYS, RETAINED, SESSIONS, SUBSCRIPTIONS,
 };
 
 /// Name of the data file inside the configured directory.
@@ -241,6 +242,7 @@ fn open_database(path: &Path) -> Result<Database, OpenError> {
         txn.open_table(FORWARDS)?;
         txn.open_table(FORWARDS_ACKED)?;
         txn.open_table(PEER_MARKS)?;
+        txn.open_table(RELAYS)?;
         let moved = migrate_retained(&txn)?;
         txn.commit()?;
         Ok(moved)
@@ -305,6 +307,7 @@ enum Doomed {
     InboundQos2(String, u16),
     Delivery(String, u64),
     Retained(String),
+    Relay(String, u64),
 }
 
 /// One session's deliveries, gathered during the ordered scan of [`DELIVERIES`].
@@ -486,6 +489,7 @@ fn remove_doomed(txn: &WriteTransaction, doomed: &[Doomed]) -> Result<(), redb::
     let mut qos2 = txn.open_table(INBOUND_QOS2)?;
     let mut deliveries = txn.open_table(DELIVERIES)?;
     let mut retained = txn.open_table(RETAINED)?;
+    let mut relays = txn.open_table(RELAYS)?;
     for record in doomed {
         match record {
             Doomed::Session(client) => {
@@ -502,6 +506,9 @@ fn remove_doomed(txn: &WriteTransaction, doomed: &[Doomed]) -> Result<(), redb::
             }
             Doomed::Retained(key) => {
                 retained.remove(key.as_str())?;
+            }
+            Doomed::Relay(client, to) => {
+                relays.remove((client.as_str(), *to))?;
             }
         }
     }
@@ -546,6 +553,31 @@ where
         }
     }
     Ok(out)
+}
+
+/// The relays of sessions that moved on, read at start-up; undecodable ones are removed.
+fn scan_relays<T>(
+    table: &T,
+    report: &mut LoadReport,
+    doomed: &mut Vec<Doomed>,
+) -> Result<Vec<StoredRelay>, redb::Error>
+where
+    T: ReadableTable<(&'static str, u64), &'static [u8]>,
+{
+    let mut relays = Vec::new();
+    for entry in table.iter()? {
+        let (key, value) = entry?;
+        let (client, to) = key.value();
+        match decode_relay(client, to, value.value()) {
+            Ok(relay) => relays.push(relay),
+            Err(e) => {
+                error!(%client, to, error = %e, "removing undecodable relay: messages replayed here for the moved session are not passed on");
+                report.corrupt += 1;
+                doomed.push(Doomed::Relay(client.to_owned(), to));
+            }
+        }
+    }
+    Ok(relays)
 }
 
 /// The outboxes and duplicate filters of the cluster's peer link, read at start-up. The
@@ -891,6 +923,7 @@ impl RedbStore {
                 &txn.open_table(FORWARDS_ACKED)?,
                 &txn.open_table(PEER_MARKS)?,
             )?;
+            state.relays = scan_relays(&txn.open_table(RELAYS)?, report, doomed)?;
             Ok(state)
         }));
         match attempt {
@@ -990,6 +1023,7 @@ impl Store for RedbStore {
                         &txn.open_table(FORWARDS_ACKED)?,
                         &txn.open_table(PEER_MARKS)?,
                     )?;
+                    state.relays = scan_relays(&txn.open_table(RELAYS)?, &mut report, &mut doomed)?;
                     Ok(state)
                 };
                 scanned().or_store("loading")?
@@ -1395,6 +1429,28 @@ impl Store for RedbStore {
         self.write("writing a peer mark", |txn| {
             txn.open_table(PEER_MARKS)?
                 .insert(mark.origin, (mark.incarnation, mark.seq))?;
+            Ok(())
+        });
+    }
+
+    fn put_relay(&mut self, relay: &StoredRelay) {
+        if self.out_of_space {
+            return self.defer(DeferredWrite::PutRelay(Box::new(relay.clone())));
+        }
+        let value = encode_relay(relay);
+        self.write("writing a relay", |txn| {
+            txn.open_table(RELAYS)?
+                .insert((relay.client_id.as_str(), relay.to), value.as_slice())?;
+            Ok(())
+        });
+    }
+
+    fn delete_relay(&mut self, client_id: &str, to: u64) {
+        if self.out_of_space {
+            return self.defer(DeferredWrite::DeleteRelay(client_id.to_owned(), to));
+        }
+        self.write("removing a relay", |txn| {
+            txn.open_table(RELAYS)?.remove((client_id, to))?;
             Ok(())
         });
     }

@@ -21,7 +21,7 @@ use tracing::{error, info, warn};
 use crate::readable_copy::readable_copy;
 use crate::redb_errors::{is_corruption, panic_message, RedbResult};
 use crate::tables::{
-    CACHE_BYTES, DELIVERIES, FORWARDS, FORWARDS_ACKED, INBOUND_QOS2, PEER_MARKS, RETAINED,
+    CACHE_BYTES, DELIVERIES, FORWARDS, FORWARDS_ACKED, INBOUND_QOS2, PEER_MARKS, RELAYS, RETAINED,
     SESSIONS, SUBSCRIPTIONS,
 };
 
@@ -404,6 +404,9 @@ pub(crate) fn copy_all(damaged: &Database, to: &Database) -> Result<(), StoreErr
     }
     if has_table(&from, PEER_MARKS) {
         copy_table(&from, &to, PEER_MARKS).or_store("salvaging")?;
+    }
+    if has_table(&from, RELAYS) {
+        copy_table(&from, &to, RELAYS).or_store("salvaging")?;
     }
     to.commit().or_store("salvaging")
 }

@@ -29,6 +29,8 @@ pub(crate) const FORWARDS_ACKED: TableDefinition<u64, u64> = TableDefinition::ne
 /// origin node -> (incarnation, seq) of the newest forward stored from it: the duplicate
 /// filter of the receiving side.
 pub(crate) const PEER_MARKS: TableDefinition<u64, (u64, u64)> = TableDefinition::new("peer_marks");
+/// (client id, claim epoch) -> relay of a session that moved on (see `StoredRelay`).
+pub(crate) const RELAYS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("relays");
 
 /// Page cache of the database.
 pub(crate) const CACHE_BYTES: usize = 16 * 1024 * 1024;

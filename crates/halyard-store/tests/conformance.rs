@@ -3,14 +3,16 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, UNIX_EPOCH};
 
 use common::{
     delivery, message, plain_message, session, session_with_will, subscription, temp_dir,
 };
 use halyard_codec::QoS;
 use halyard_core::retained::RETAINED_SCAN_BUDGET;
-use halyard_core::store::{DeliveryState, LoadedSession, LoadedState, Store, StoredMessage};
+use halyard_core::store::{
+    DeliveryState, LoadedSession, LoadedState, Store, StoredMessage, StoredRelay,
+};
 use halyard_store::{FsyncPolicy, MemoryStore, RedbStore};
 
 /// A backend under test and how to restart it.
@@ -407,6 +409,29 @@ fn empty_store_loads_empty(h: &mut dyn Harness) {
     assert_eq!(h.store().retained_len(), 0);
 }
 
+/// Relays come back after a restart until deleted, one per (client id, claim).
+fn relays_are_kept_until_deleted(h: &mut dyn Harness) {
+    let relay = |client_id: &str, to: u64| StoredRelay {
+        client_id: client_id.into(),
+        node: 3,
+        filters: vec!["a/#".into()],
+        from: 2,
+        to,
+        until: UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+    };
+    h.store().put_relay(&relay("c", 5));
+    h.store().put_relay(&relay("c", 9));
+    h.store().put_relay(&relay("d", 5));
+    h.store().commit().expect("commit");
+    assert_eq!(
+        reload(h).relays,
+        vec![relay("c", 5), relay("c", 9), relay("d", 5)]
+    );
+    h.store().delete_relay("c", 5);
+    h.store().commit().expect("commit");
+    assert_eq!(reload(h).relays, vec![relay("c", 9), relay("d", 5)]);
+}
+
 /// Retained messages page in level-wise topic order with the same results for every page
 /// size and backend; reads see the open batch, and deletions made between pages are not
 /// returned later.
@@ -519,6 +544,10 @@ macro_rules! suite {
             #[test]
             fn records_without_a_session_are_not_loaded() {
                 super::records_without_a_session_are_not_loaded(&mut $make);
+            }
+            #[test]
+            fn relays_are_kept_until_deleted() {
+                super::relays_are_kept_until_deleted(&mut $make);
             }
             #[test]
             fn empty_store_loads_empty() {
