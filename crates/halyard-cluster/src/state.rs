@@ -167,6 +167,8 @@ impl ClusterState {
                 node: Some(claim.node),
                 epoch: index,
                 previous,
+                session_expiry_secs: claim.session_expiry_secs,
+                claimed_ms: claim.now_ms,
             });
             if claim.clean_start {
                 self.drop_subscriptions(&claim.client_id, out);
@@ -255,13 +257,14 @@ impl ClusterState {
         epoch: u64,
         out: &mut Vec<Change>,
     ) -> bool {
-        let matches_owner = self
+        let Some(released) = self
             .owners
             .get(client_id)
-            .is_some_and(|owner| owner.epoch == epoch && owner.node == node);
-        if !matches_owner {
+            .filter(|owner| owner.epoch == epoch && owner.node == node)
+            .cloned()
+        else {
             return false;
-        }
+        };
         self.owners.remove(client_id);
         self.generations.remove(client_id);
         out.push(Change::OwnerChanged {
@@ -269,6 +272,8 @@ impl ClusterState {
             node: None,
             epoch,
             previous: Some((node, epoch)),
+            session_expiry_secs: released.session_expiry_secs,
+            claimed_ms: released.claimed_ms,
         });
         self.drop_subscriptions(client_id, out);
         true

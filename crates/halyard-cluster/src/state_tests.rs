@@ -82,7 +82,9 @@ fn claim_epochs_strictly_increase_and_name_the_previous_owner() {
             client_id: "c".into(),
             node: Some(2),
             epoch: 9,
-            previous: Some((1, 5))
+            previous: Some((1, 5)),
+            session_expiry_secs: 60,
+            claimed_ms: 1_000,
         }]
     );
     assert_eq!(

@@ -77,6 +77,10 @@ pub enum Change {
         node: Option<NodeId>,
         epoch: u64,
         previous: Option<(NodeId, u64)>,
+        /// The claim's (or the released owner's) Session Expiry Interval.
+        session_expiry_secs: u32,
+        /// The claim's (or the released owner's) proposer clock.
+        claimed_ms: u64,
     },
     RouteAdded {
         filter: String,

@@ -27,6 +27,7 @@ use tracing::{debug, info, warn};
 
 use crate::cluster::clock::DriverClock;
 use crate::cluster::event::ClusterEvent;
+use crate::cluster::event::OwnClaim;
 use crate::cluster::held_forwards::{HeldForwards, PeerFrame};
 use crate::cluster::own_claims::OwnClaims;
 use crate::cluster::transfers::{lock, Arrival, SharedTransfers};
@@ -409,13 +410,22 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
                 };
                 let orphaned = self.own_claims.settled(&client_id, granted);
                 self.claim_settled(broker, clocks, conn, client_id.clone(), outcome);
-                if let Some(epoch) = orphaned {
-                    self.adopt_orphaned_claim(broker, clocks, &client_id, epoch);
+                let current = self.coordinator.owner(&client_id);
+                let orphan = orphaned
+                    .and(current)
+                    .filter(|owner| owner.node == self.node && Some(owner.epoch) == orphaned);
+                if let Some(owner) = orphan {
+                    let claim = OwnClaim {
+                        epoch: owner.epoch,
+                        expiry_secs: owner.session_expiry_secs,
+                        claimed_ms: owner.claimed_ms,
+                    };
+                    self.adopt_orphaned_claim(broker, clocks, &client_id, claim);
                 }
             }
-            ClusterEvent::ClaimedHere { client_id, epoch } => {
-                if self.own_claims.applied(&client_id, epoch) {
-                    self.adopt_orphaned_claim(broker, clocks, &client_id, epoch);
+            ClusterEvent::ClaimedHere { client_id, claim } => {
+                if self.own_claims.applied(&client_id, claim.epoch) {
+                    self.adopt_orphaned_claim(broker, clocks, &client_id, claim);
                 }
             }
             ClusterEvent::RoutesCommitted { ticket, committed } => {
@@ -572,33 +582,27 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
         }
     }
 
-    /// Holds the session of this node's claim of `client_id` under `epoch`, which committed
-    /// after the node refused its connection (see `own_claims`), if raft still names this
-    /// node its owner under it. The refused connection's will is never published.
+    /// Holds the session of this node's `claim` of `client_id`, which committed after the
+    /// node refused its connection (see `own_claims`). The refused connection's will is
+    /// never published. A newer claim raft applied since (this node caught up late) then
+    /// moves the session on like any other, with what was handed over or routed here for
+    /// it (halyard-sim seeds 167, 281 --no-kills dropped both).
     fn adopt_orphaned_claim(
         &mut self,
         broker: &mut Broker,
         clocks: Clocks,
         client_id: &str,
-        epoch: u64,
+        claim: OwnClaim,
     ) {
         // A claim of an earlier incarnation of this node (its data directory was emptied
         // since) left nothing here, not even what its clients completed: holding its session
         // again would deliver replayed forwards twice (halyard-sim seed 257 --ci). It waits
         // for its client's next claim.
-        let Some(owner) = self.coordinator.owner(client_id).filter(|owner| {
-            owner.node == self.node
-                && owner.epoch == epoch
-                && owner.claimed_ms >= self.incarnation_since_ms
-        }) else {
+        if claim.claimed_ms < self.incarnation_since_ms {
             return;
-        };
-        let state = raft_session(
-            &self.coordinator,
-            client_id,
-            owner.session_expiry_secs,
-            epoch,
-        );
+        }
+        let epoch = claim.epoch;
+        let state = raft_session(&self.coordinator, client_id, claim.expiry_secs, epoch);
         if !broker.adopt_orphaned_claim(clocks.now, clocks.wall, epoch, state) {
             return;
         }
@@ -1180,7 +1184,12 @@ async fn follow_changes<E: From<ClusterEvent>>(
             }
         }
         for (client_id, owner) in &mirror.owners {
-            changes.push(claimed(client_id.clone(), owner.epoch, owner.node, node));
+            let claim = OwnClaim {
+                epoch: owner.epoch,
+                expiry_secs: owner.session_expiry_secs,
+                claimed_ms: owner.claimed_ms,
+            };
+            changes.push(claimed(client_id.clone(), claim, owner.node, node));
         }
         let resync = ClusterEvent::Applied {
             index: mirror.applied_index,
@@ -1209,14 +1218,14 @@ async fn follow_changes<E: From<ClusterEvent>>(
     }
 }
 
-/// The event for a claim of `client_id` by `owner` under `epoch`, as `node` sees it.
-fn claimed(client_id: String, epoch: u64, owner: NodeId, node: NodeId) -> ClusterEvent {
+/// The event for `claim` of `client_id` by `owner`, as `node` sees it.
+fn claimed(client_id: String, claim: OwnClaim, owner: NodeId, node: NodeId) -> ClusterEvent {
     if owner == node {
-        ClusterEvent::ClaimedHere { client_id, epoch }
+        ClusterEvent::ClaimedHere { client_id, claim }
     } else {
         ClusterEvent::Claimed {
             client_id,
-            epoch,
+            epoch: claim.epoch,
             new_owner: owner,
         }
     }
@@ -1248,8 +1257,17 @@ fn cluster_event(
             client_id,
             node: Some(new_owner),
             epoch,
+            session_expiry_secs,
+            claimed_ms,
             ..
-        } => Some(claimed(client_id, epoch, new_owner, node)),
+        } => {
+            let claim = OwnClaim {
+                epoch,
+                expiry_secs: session_expiry_secs,
+                claimed_ms,
+            };
+            Some(claimed(client_id, claim, new_owner, node))
+        }
         Change::RetainedSet { topic } => {
             let stored = coordinator
                 .retained(&topic)

@@ -4,6 +4,17 @@
 use halyard_codec::Will;
 use halyard_core::{ClaimOutcome, ConnectionId, Message, NodeId, PeerForward, SessionState};
 
+/// A claim of this node as raft applied it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OwnClaim {
+    /// Its epoch.
+    pub epoch: u64,
+    /// Its Session Expiry Interval.
+    pub expiry_secs: u32,
+    /// Its proposer's clock (this node's).
+    pub claimed_ms: u64,
+}
+
 /// What the cluster tells the broker task.
 #[derive(Debug)]
 pub enum ClusterEvent {
@@ -45,8 +56,8 @@ pub enum ClusterEvent {
     ClaimedHere {
         /// The client id.
         client_id: String,
-        /// The claim's epoch.
-        epoch: u64,
+        /// The claim.
+        claim: OwnClaim,
     },
     /// The raft entry at `index` was applied (or, at start and after a snapshot, every
     /// entry up to it): its route, ownership and retained changes, handed to the core at

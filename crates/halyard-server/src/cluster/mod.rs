@@ -16,6 +16,6 @@ pub use clock::{DriverClock, SystemClock};
 pub(crate) use drain::drain;
 pub use drain::DRAIN_TIMEOUT;
 pub use driver::{ClusterDriver, TRANSFER_TIMEOUT};
-pub use event::ClusterEvent;
+pub use event::{ClusterEvent, OwnClaim};
 pub(crate) use status::{fenced, joined, registry, status_json};
 pub use wire::{Clocks, WireError};
