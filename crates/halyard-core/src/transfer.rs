@@ -133,9 +133,19 @@ impl Broker {
         epoch: u64,
     ) -> SessionKey {
         let clock = ClockAnchor { instant: now, wall };
-        if let Some(old) = self.client_ids.get(&state.client_id).copied() {
-            self.forget_session(old);
-        }
+        // A session of the client still held here under an older claim (this node was cut
+        // off when it moved) took what was routed here since: its messages join the one
+        // that arrives, rather than being dropped with it (halyard-sim seed 227 --no-kills).
+        let stale = self
+            .client_ids
+            .get(&state.client_id)
+            .copied()
+            .and_then(|old| {
+                self.close_link(now, old, CloseKind::TakenOver);
+                let stale = self.export(now, wall, old);
+                self.forget_session(old);
+                stale
+            });
         let key = self.next_session_key;
         self.next_session_key += 1;
         let mut session = Session::new(state.client_id, epoch, state.expiry_interval, &self.memory);
@@ -191,6 +201,9 @@ impl Broker {
         self.client_ids.insert(session.client_id.clone(), key);
         self.sessions.insert(key, Box::new(session));
         self.update_persistence(key);
+        if let Some(stale) = stale {
+            self.merge_late_session(now, wall, epoch, stale);
+        }
         key
     }
 }

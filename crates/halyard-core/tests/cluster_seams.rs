@@ -1985,3 +1985,28 @@ fn a_relay_outlives_a_restart_within_its_window() {
         )]
     );
 }
+
+/// A node cut off while its client's session moved on still holds the session under its
+/// old claim and queues what is routed to it there. When a claim here later brings the
+/// session back from the other node, the connection of the old claim is taken over and
+/// its messages join the session that arrives (halyard-sim seed 227 --no-kills dropped
+/// them with the old session).
+#[test]
+fn a_session_arriving_over_an_older_one_held_here_keeps_what_the_older_one_took() {
+    let (_dir_a, _dir_b, mut b, state) = moved_session("stale", 12);
+    b.broker.set_route_version(LATEST);
+    b.send(1, connect(V5, "stale", false, Some(3600)));
+    b.granted(1, 8);
+    b.send(1, subscribe("mv/#", QoS::AtLeastOnce, 1));
+    b.forwarded("mv/x", &[(b"taken-under-8", 9, 1)]);
+    assert_eq!(publishes(&b.take(1)).len(), 1, "sent, not acknowledged");
+
+    b.send(5, connect(V5, "stale", false, Some(3600)));
+    b.claims.pop_front().expect("claim");
+    let delivered = b.granted_with(5, 14, state);
+    assert_eq!(delivered, vec![Bytes::from_static(b"taken-under-8")]);
+    assert!(
+        b.closed.contains(&1),
+        "the old claim's connection is taken over"
+    );
+}
