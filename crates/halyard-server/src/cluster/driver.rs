@@ -410,21 +410,12 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
                 };
                 let orphaned = self.own_claims.settled(&client_id, granted);
                 self.claim_settled(broker, clocks, conn, client_id.clone(), outcome);
-                let current = self.coordinator.owner(&client_id);
-                let orphan = orphaned
-                    .and(current)
-                    .filter(|owner| owner.node == self.node && Some(owner.epoch) == orphaned);
-                if let Some(owner) = orphan {
-                    let claim = OwnClaim {
-                        epoch: owner.epoch,
-                        expiry_secs: owner.session_expiry_secs,
-                        claimed_ms: owner.claimed_ms,
-                    };
+                if let Some(claim) = orphaned {
                     self.adopt_orphaned_claim(broker, clocks, &client_id, claim);
                 }
             }
             ClusterEvent::ClaimedHere { client_id, claim } => {
-                if self.own_claims.applied(&client_id, claim.epoch) {
+                if self.own_claims.applied(&client_id, claim) {
                     self.adopt_orphaned_claim(broker, clocks, &client_id, claim);
                 }
             }
@@ -501,9 +492,23 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
             ClusterEvent::LateSession { epoch, state } => {
                 let client_id = state.client_id.clone();
                 let carried = state.pending.len() + state.inflight.len();
-                let owner = self
-                    .coordinator
-                    .owner(&client_id)
+                let current = self.coordinator.owner(&client_id);
+                if let Some(owner) = current
+                    .as_ref()
+                    .filter(|owner| owner.node == self.node && owner.epoch == epoch)
+                {
+                    // A claim of this node that no session took here (see
+                    // `adopt_orphaned_claim`): its previous owner handed over, so the
+                    // session is held here from now on.
+                    let expiry = owner.session_expiry_secs;
+                    let claimed_ms = owner.claimed_ms;
+                    if claimed_ms >= self.incarnation_since_ms
+                        && !self.own_claims.in_flight(&client_id)
+                    {
+                        self.hold_orphaned_session(broker, clocks, &client_id, epoch, expiry);
+                    }
+                }
+                let owner = current
                     .map(|owner| owner.node)
                     .filter(|&node| node != self.node);
                 let queued = broker.merge_late_session_or_pass_on(
@@ -556,20 +561,18 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
             self.hand_over(broker, clocks, &client_id, owner.epoch, owner.node);
             return;
         }
-        if let (true, ClaimOutcome::Granted { epoch, .. }) = (lost, &outcome) {
+        if let (true, ClaimOutcome::Granted { epoch, session, .. }) = (lost, outcome.clone()) {
             debug!(%client_id, "a newer claim was applied before this grant; refused");
             // The connection is refused, so its will (if the claim brought one) must
             // never be published.
-            self.settle_will(client_id.clone(), *epoch, 0, None);
+            self.settle_will(client_id.clone(), epoch, 0, None);
             // What was routed here for the session under this claim follows it.
-            broker.handle_superseded_claim(
-                clocks.now,
-                clocks.wall,
-                conn,
-                *epoch,
-                current.unwrap_or(u64::MAX),
-                newer_node,
-            );
+            let newer = current.unwrap_or(u64::MAX);
+            broker.handle_superseded_claim(clocks.now, clocks.wall, conn, epoch, newer, newer_node);
+            // The newer claim is this node's: the session this one took goes to it.
+            if let (Some(state), None) = (session, newer_node) {
+                self.hand_to_newer_claim_here(broker, clocks, newer, state);
+            }
             return;
         }
         let granted = matches!(outcome, ClaimOutcome::Granted { .. });
@@ -579,6 +582,33 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
             // old owner handed over) is kept here, but no connection is served.
             debug!(%client_id, "the lease lapsed before this grant; disconnecting");
             broker.disconnect_all(clocks.now, FENCED_REASON, FENCED_WHY);
+        }
+    }
+
+    /// A session a claim of this node took after a newer claim here overtook it goes to the
+    /// newer claim as if handed over to it: taken if it waits, merged if it has its session
+    /// already, kept for it otherwise (halyard-sim seed 280 --no-partitions dropped it).
+    fn hand_to_newer_claim_here(
+        &mut self,
+        broker: &mut Broker,
+        clocks: Clocks,
+        newer: u64,
+        state: Box<SessionState>,
+    ) {
+        let key = (state.client_id.clone(), newer);
+        let arrival = lock(&self.transfers).arrive(key.clone(), state);
+        match arrival {
+            Arrival::Taken => {}
+            Arrival::Late(state) => {
+                broker.merge_late_session(clocks.now, clocks.wall, newer, *state);
+            }
+            Arrival::Ended(state) => {
+                broker.end_moved_session(clocks.now, *state);
+            }
+            Arrival::Kept => spawn_until(
+                &self.stop,
+                merge_if_unclaimed(Arc::clone(&self.transfers), key, self.events.clone()),
+            ),
         }
     }
 
@@ -601,10 +631,29 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
         if claim.claimed_ms < self.incarnation_since_ms {
             return;
         }
-        let epoch = claim.epoch;
-        let state = raft_session(&self.coordinator, client_id, claim.expiry_secs, epoch);
-        if !broker.adopt_orphaned_claim(clocks.now, clocks.wall, epoch, state) {
+        // Another node may still serve the client until it hands the session over (or its
+        // lease lapses): held here now, the session could move on at once to a newer claim
+        // while that node still has the client's connection (halyard-sim seed 296). It is
+        // held when that hand-over comes (see `ClusterEvent::LateSession`).
+        if claim.previous_elsewhere {
             return;
+        }
+        self.hold_orphaned_session(broker, clocks, client_id, claim.epoch, claim.expiry_secs);
+    }
+
+    /// Holds the session of this node's orphaned claim of `client_id` under `epoch` (see
+    /// `adopt_orphaned_claim`), from raft's subscriptions. True if it is held now.
+    fn hold_orphaned_session(
+        &mut self,
+        broker: &mut Broker,
+        clocks: Clocks,
+        client_id: &str,
+        epoch: u64,
+        expiry_secs: u32,
+    ) -> bool {
+        let state = raft_session(&self.coordinator, client_id, expiry_secs, epoch);
+        if !broker.adopt_orphaned_claim(clocks.now, clocks.wall, epoch, state) {
+            return false;
         }
         info!(%client_id, epoch, "a claim refused here committed after all; its session is held here without a connection");
         self.settle_will(client_id.to_owned(), epoch, 0, None);
@@ -612,6 +661,7 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
         for state in kept {
             broker.merge_late_session(clocks.now, clocks.wall, epoch, state);
         }
+        true
     }
 
     /// Another node's claim of `client_id` under `epoch` was committed: a session held here
@@ -1188,6 +1238,8 @@ async fn follow_changes<E: From<ClusterEvent>>(
                 epoch: owner.epoch,
                 expiry_secs: owner.session_expiry_secs,
                 claimed_ms: owner.claimed_ms,
+                // The mirror does not say.
+                previous_elsewhere: true,
             };
             changes.push(claimed(client_id.clone(), claim, owner.node, node));
         }
@@ -1257,14 +1309,15 @@ fn cluster_event(
             client_id,
             node: Some(new_owner),
             epoch,
+            previous,
             session_expiry_secs,
             claimed_ms,
-            ..
         } => {
             let claim = OwnClaim {
                 epoch,
                 expiry_secs: session_expiry_secs,
                 claimed_ms,
+                previous_elsewhere: previous.is_some_and(|(owner, _)| owner != node),
             };
             Some(claimed(client_id, claim, new_owner, node))
         }

@@ -13,6 +13,9 @@ pub struct OwnClaim {
     pub expiry_secs: u32,
     /// Its proposer's clock (this node's).
     pub claimed_ms: u64,
+    /// Whether another node may have served the session before this claim: its previous
+    /// owner was another node, or that is not known.
+    pub previous_elsewhere: bool,
 }
 
 /// What the cluster tells the broker task.

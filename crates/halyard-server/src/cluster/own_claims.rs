@@ -10,6 +10,8 @@
 
 use std::collections::HashMap;
 
+use crate::cluster::event::OwnClaim;
+
 /// Claims of this node in flight and answered, per client id.
 #[derive(Debug, Default)]
 pub(crate) struct OwnClaims {
@@ -19,7 +21,7 @@ pub(crate) struct OwnClaims {
     granted: HashMap<String, u64>,
     /// The newest claim of this node applied while a claim task of the client was still
     /// out: it may be that task's own, or an orphan; its answer tells.
-    undecided: HashMap<String, u64>,
+    undecided: HashMap<String, OwnClaim>,
 }
 
 impl OwnClaims {
@@ -31,7 +33,7 @@ impl OwnClaims {
     /// A claim task for `client_id` answered (`granted`: its epoch, if granted). Returns the
     /// epoch of an orphaned claim it leaves behind: an applied claim of this node that no
     /// task has answered for once none is out any more.
-    pub(crate) fn settled(&mut self, client_id: &str, granted: Option<u64>) -> Option<u64> {
+    pub(crate) fn settled(&mut self, client_id: &str, granted: Option<u64>) -> Option<OwnClaim> {
         if let Some(count) = self.in_flight.get_mut(client_id) {
             *count -= 1;
             if *count == 0 {
@@ -43,7 +45,7 @@ impl OwnClaims {
             *newest = (*newest).max(epoch);
         }
         let undecided = self.undecided.get(client_id).copied()?;
-        if granted.is_some_and(|epoch| epoch >= undecided) {
+        if granted.is_some_and(|epoch| epoch >= undecided.epoch) {
             self.undecided.remove(client_id);
             return None;
         }
@@ -54,9 +56,15 @@ impl OwnClaims {
         Some(undecided)
     }
 
-    /// Raft applied this node's claim of `client_id` under `epoch`. True when it is orphaned
-    /// now: no task of this node answered for it, and none is out that might.
-    pub(crate) fn applied(&mut self, client_id: &str, epoch: u64) -> bool {
+    /// Whether a claim task for `client_id` is out.
+    pub(crate) fn in_flight(&self, client_id: &str) -> bool {
+        self.in_flight.contains_key(client_id)
+    }
+
+    /// Raft applied this node's `claim` of `client_id`. True when it is orphaned now: no
+    /// task of this node answered for it, and none is out that might.
+    pub(crate) fn applied(&mut self, client_id: &str, claim: OwnClaim) -> bool {
+        let epoch = claim.epoch;
         if let Some(&granted) = self.granted.get(client_id) {
             if granted >= epoch {
                 if granted == epoch {
@@ -66,8 +74,10 @@ impl OwnClaims {
             }
         }
         if self.in_flight.contains_key(client_id) {
-            let undecided = self.undecided.entry(client_id.to_owned()).or_default();
-            *undecided = (*undecided).max(epoch);
+            let undecided = self.undecided.entry(client_id.to_owned()).or_insert(claim);
+            if claim.epoch > undecided.epoch {
+                *undecided = claim;
+            }
             return false;
         }
         true
@@ -78,20 +88,32 @@ impl OwnClaims {
 mod tests {
     use super::*;
 
+    fn claim(epoch: u64) -> OwnClaim {
+        OwnClaim {
+            epoch,
+            expiry_secs: 60,
+            claimed_ms: 1,
+            previous_elsewhere: false,
+        }
+    }
+
     #[test]
     fn a_claim_applied_after_its_grant_was_answered_is_not_orphaned() {
         let mut claims = OwnClaims::default();
         claims.started("c");
         assert_eq!(claims.settled("c", Some(7)), None);
-        assert!(!claims.applied("c", 7));
-        assert!(claims.applied("c", 9), "a later one no task answered for");
+        assert!(!claims.applied("c", claim(7)));
+        assert!(
+            claims.applied("c", claim(9)),
+            "a later one no task answered for"
+        );
     }
 
     #[test]
     fn a_claim_applied_before_its_grant_is_answered_is_not_orphaned() {
         let mut claims = OwnClaims::default();
         claims.started("c");
-        assert!(!claims.applied("c", 7));
+        assert!(!claims.applied("c", claim(7)));
         assert_eq!(claims.settled("c", Some(7)), None);
     }
 
@@ -104,7 +126,7 @@ mod tests {
             None,
             "refused: nothing applied yet"
         );
-        assert!(claims.applied("c", 7));
+        assert!(claims.applied("c", claim(7)));
     }
 
     #[test]
@@ -112,9 +134,9 @@ mod tests {
         let mut claims = OwnClaims::default();
         claims.started("c");
         claims.started("c");
-        assert!(!claims.applied("c", 7));
+        assert!(!claims.applied("c", claim(7)));
         assert_eq!(claims.settled("c", None), None, "another task is still out");
-        assert_eq!(claims.settled("c", None), Some(7));
+        assert_eq!(claims.settled("c", None), Some(claim(7)));
         assert_eq!(claims.settled("c", None), None, "told once");
     }
 
@@ -123,7 +145,7 @@ mod tests {
         let mut claims = OwnClaims::default();
         claims.started("c");
         claims.started("c");
-        assert!(!claims.applied("c", 7));
+        assert!(!claims.applied("c", claim(7)));
         assert_eq!(claims.settled("c", Some(9)), None);
         assert_eq!(claims.settled("c", None), None);
     }
