@@ -542,7 +542,6 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
     ) {
         let owner = self.coordinator.owner(&client_id);
         let current = owner.as_ref().map(|owner| owner.epoch);
-        let newer_node = owner.as_ref().map(|o| o.node).filter(|&n| n != self.node);
         let lost = superseded(&outcome, current);
         let carries_session = matches!(
             outcome,
@@ -561,20 +560,12 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
             self.hand_over(broker, clocks, &client_id, owner.epoch, owner.node);
             return;
         }
-        if let (true, ClaimOutcome::Granted { epoch, session, .. }) = (lost, outcome.clone()) {
-            debug!(%client_id, "a newer claim was applied before this grant; refused");
-            // The connection is refused, so its will (if the claim brought one) must
-            // never be published.
-            self.settle_will(client_id.clone(), epoch, 0, None);
-            // What was routed here for the session under this claim follows it.
-            let newer = current.unwrap_or(u64::MAX);
-            broker.handle_superseded_claim(clocks.now, clocks.wall, conn, epoch, newer, newer_node);
-            // The newer claim is this node's: the session this one took goes to it.
-            if let (Some(state), None) = (session, newer_node) {
-                self.hand_to_newer_claim_here(broker, clocks, newer, state);
+        let outcome = match (lost, outcome) {
+            (true, ClaimOutcome::Granted { epoch, session, .. }) => {
+                return self.superseded_here(broker, clocks, conn, &client_id, epoch, session);
             }
-            return;
-        }
+            (_, outcome) => outcome,
+        };
         let granted = matches!(outcome, ClaimOutcome::Granted { .. });
         broker.handle_claim(clocks.now, clocks.wall, conn, outcome);
         if granted && !self.coordinator.lease_held() {
@@ -582,6 +573,33 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
             // old owner handed over) is kept here, but no connection is served.
             debug!(%client_id, "the lease lapsed before this grant; disconnecting");
             broker.disconnect_all(clocks.now, FENCED_REASON, FENCED_WHY);
+        }
+    }
+
+    /// A grant under `epoch` that a newer claim overtook before it was answered: its
+    /// connection is refused, and what it took goes to the newer claim.
+    fn superseded_here(
+        &mut self,
+        broker: &mut Broker,
+        clocks: Clocks,
+        conn: ConnectionId,
+        client_id: &str,
+        epoch: u64,
+        session: Option<Box<SessionState>>,
+    ) {
+        let owner = self.coordinator.owner(client_id);
+        let current = owner.as_ref().map(|owner| owner.epoch);
+        let newer_node = owner.as_ref().map(|o| o.node).filter(|&n| n != self.node);
+        debug!(%client_id, "a newer claim was applied before this grant; refused");
+        // The connection is refused, so its will (if the claim brought one) must never be
+        // published.
+        self.settle_will(client_id.to_owned(), epoch, 0, None);
+        // What was routed here for the session under this claim follows it.
+        let newer = current.unwrap_or(u64::MAX);
+        broker.handle_superseded_claim(clocks.now, clocks.wall, conn, epoch, newer, newer_node);
+        // The newer claim is this node's: the session this one took goes to it.
+        if let (Some(state), None) = (session, newer_node) {
+            self.hand_to_newer_claim_here(broker, clocks, newer, state);
         }
     }
 
