@@ -524,6 +524,18 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
                     warn!(%client_id, epoch, carried, "a session handed over late found no session held under its claim here; its messages are dropped");
                 }
             }
+            ClusterEvent::HandOverKept { client_id, epoch } => {
+                // With no claim of the client out here, none will ask for it: it is merged
+                // now, not after `merge_if_unclaimed`'s wait (halyard-sim seeds 11, 167, 281
+                // --no-kills: an orphaned claim waited 4 s for the hand-over it had).
+                if !self.own_claims.in_flight(&client_id) {
+                    let kept = lock(&self.transfers).take_all_arrived(&(client_id, epoch));
+                    for state in kept {
+                        let state = Box::new(state);
+                        self.handle_event(broker, ClusterEvent::LateSession { epoch, state });
+                    }
+                }
+            }
             ClusterEvent::Fenced => broker.disconnect_all(clocks.now, FENCED_REASON, FENCED_WHY),
             ClusterEvent::WillWon { publisher, will } => {
                 broker.publish_settled_will(clocks.now, publisher, *will)
@@ -1416,9 +1428,12 @@ async fn follow_link<E: From<ClusterEvent> + Send + 'static>(
                     Arrival::Kept => {
                         spawn_until(
                             &stop,
-                            merge_if_unclaimed(Arc::clone(&transfers), key, events.clone()),
+                            merge_if_unclaimed(Arc::clone(&transfers), key.clone(), events.clone()),
                         );
-                        continue;
+                        ClusterEvent::HandOverKept {
+                            client_id: key.0,
+                            epoch,
+                        }
                     }
                     Arrival::Taken => continue,
                 };

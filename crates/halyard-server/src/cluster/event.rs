@@ -101,6 +101,14 @@ pub enum ClusterEvent {
         /// The session.
         state: Box<SessionState>,
     },
+    /// A session handed over for this node's claim of `client_id` under `epoch` was kept:
+    /// no claim waited for it.
+    HandOverKept {
+        /// The client id.
+        client_id: String,
+        /// The claim it was sent for.
+        epoch: u64,
+    },
     /// This node lost its lease: it must stop serving its sessions.
     Fenced,
     /// A frame from a peer other than a forward (a session handed over, an undecodable
