@@ -26,8 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::cluster::clock::DriverClock;
-use crate::cluster::event::ClusterEvent;
-use crate::cluster::event::OwnClaim;
+use crate::cluster::event::{ClusterEvent, OwnClaim};
 use crate::cluster::held_forwards::{HeldForwards, PeerFrame};
 use crate::cluster::own_claims::OwnClaims;
 use crate::cluster::transfers::{lock, Arrival, SharedTransfers};
@@ -496,17 +495,17 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
                 if let Some(owner) = current
                     .as_ref()
                     .filter(|owner| owner.node == self.node && owner.epoch == epoch)
+                    .filter(|_| !self.own_claims.in_flight(&client_id))
                 {
                     // A claim of this node that no session took here (see
-                    // `adopt_orphaned_claim`): its previous owner handed over, so the
-                    // session is held here from now on.
-                    let expiry = owner.session_expiry_secs;
-                    let claimed_ms = owner.claimed_ms;
-                    if claimed_ms >= self.incarnation_since_ms
-                        && !self.own_claims.in_flight(&client_id)
-                    {
-                        self.hold_orphaned_session(broker, clocks, &client_id, epoch, expiry);
-                    }
+                    // `adopt_orphaned_claim`): its previous owner has handed over now.
+                    let claim = OwnClaim {
+                        epoch,
+                        expiry_secs: owner.session_expiry_secs,
+                        claimed_ms: owner.claimed_ms,
+                        previous_elsewhere: false,
+                    };
+                    self.adopt_orphaned_claim(broker, clocks, &client_id, claim);
                 }
                 let owner = current
                     .map(|owner| owner.node)
@@ -668,22 +667,10 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
         if claim.previous_elsewhere {
             return;
         }
-        self.hold_orphaned_session(broker, clocks, client_id, claim.epoch, claim.expiry_secs);
-    }
-
-    /// Holds the session of this node's orphaned claim of `client_id` under `epoch` (see
-    /// `adopt_orphaned_claim`), from raft's subscriptions. True if it is held now.
-    fn hold_orphaned_session(
-        &mut self,
-        broker: &mut Broker,
-        clocks: Clocks,
-        client_id: &str,
-        epoch: u64,
-        expiry_secs: u32,
-    ) -> bool {
-        let state = raft_session(&self.coordinator, client_id, expiry_secs, epoch);
+        let epoch = claim.epoch;
+        let state = raft_session(&self.coordinator, client_id, claim.expiry_secs, epoch);
         if !broker.adopt_orphaned_claim(clocks.now, clocks.wall, epoch, state) {
-            return false;
+            return;
         }
         info!(%client_id, epoch, "a claim refused here committed after all; its session is held here without a connection");
         self.settle_will(client_id.to_owned(), epoch, 0, None);
@@ -691,7 +678,6 @@ impl<E: From<ClusterEvent> + Send + 'static> ClusterDriver<E> {
         for state in kept {
             broker.merge_late_session(clocks.now, clocks.wall, epoch, state);
         }
-        true
     }
 
     /// Another node's claim of `client_id` under `epoch` was committed: a session held here
