@@ -250,6 +250,24 @@ impl<'a> Reader<'a> {
         QoS::from_u8(self.u8()?).ok_or(FormatError::Invalid("QoS"))
     }
 
+    /// A string written by [`put_text`]; `what` names it in the error.
+    fn text(&mut self, what: &'static str) -> Result<String, FormatError> {
+        let len = usize::try_from(self.u32()?).map_err(|_| FormatError::Truncated)?;
+        let bytes = self.take(len)?;
+        let text = std::str::from_utf8(bytes).map_err(|_| FormatError::Invalid(what))?;
+        Ok(text.to_owned())
+    }
+
+    /// A list written by [`put_texts`].
+    fn texts(&mut self, what: &'static str) -> Result<Vec<String>, FormatError> {
+        let count = self.u32()?;
+        let mut texts = Vec::new();
+        for _ in 0..count {
+            texts.push(self.text(what)?);
+        }
+        Ok(texts)
+    }
+
     fn time(&mut self) -> Result<Option<SystemTime>, FormatError> {
         match self.u64()? {
             0 => Ok(None),
@@ -271,6 +289,23 @@ fn time_to_u64(time: SystemTime) -> u64 {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
     nanos.max(1)
+}
+
+/// A length-prefixed UTF-8 string: client ids, filters and share groups, all MQTT strings
+/// (at most 65,535 bytes), far below the u32 length.
+fn put_text(out: &mut Vec<u8>, text: &str) {
+    let len = u32::try_from(text.len()).unwrap_or(u32::MAX);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(text.as_bytes());
+}
+
+/// A count, then each string as [`put_text`] writes it.
+fn put_texts(out: &mut Vec<u8>, texts: &[String]) {
+    let count = u32::try_from(texts.len()).unwrap_or(u32::MAX);
+    out.extend_from_slice(&count.to_be_bytes());
+    for text in texts {
+        put_text(out, text);
+    }
 }
 
 fn put_time(out: &mut Vec<u8>, time: Option<SystemTime>) {
@@ -411,14 +446,7 @@ pub(crate) fn encode_relay(relay: &StoredRelay) -> Vec<u8> {
     out.extend_from_slice(&relay.node.to_be_bytes());
     out.extend_from_slice(&relay.from.to_be_bytes());
     put_time(&mut out, Some(relay.until));
-    let count = u32::try_from(relay.filters.len()).unwrap_or(u32::MAX);
-    out.extend_from_slice(&count.to_be_bytes());
-    for filter in &relay.filters {
-        // A topic filter is an MQTT UTF-8 string: at most 65,535 bytes.
-        let len = u32::try_from(filter.len()).unwrap_or(u32::MAX);
-        out.extend_from_slice(&len.to_be_bytes());
-        out.extend_from_slice(filter.as_bytes());
-    }
+    put_texts(&mut out, &relay.filters);
     seal(RecordKey::Relay(&relay.client_id, relay.to), out)
 }
 
@@ -436,14 +464,7 @@ pub(crate) fn decode_relay(
     let node = r.u64()?;
     let from = r.u64()?;
     let until = r.time()?.ok_or(FormatError::Invalid("relay end"))?;
-    let count = r.u32()?;
-    let mut filters = Vec::new();
-    for _ in 0..count {
-        let len = usize::try_from(r.u32()?).map_err(|_| FormatError::Truncated)?;
-        let bytes = r.take(len)?;
-        let filter = std::str::from_utf8(bytes).map_err(|_| FormatError::Invalid("filter"))?;
-        filters.push(filter.to_owned());
-    }
+    let filters = r.texts("filter")?;
     r.finish()?;
     Ok(StoredRelay {
         client_id: client_id.to_owned(),
@@ -648,14 +669,7 @@ pub(crate) fn encode_forward(
     forward: &StoredForward,
 ) -> Result<Vec<u8>, EncodeFailure> {
     let mut out = vec![FORWARD_VERSION];
-    let count = u32::try_from(forward.groups.len()).unwrap_or(u32::MAX);
-    out.extend_from_slice(&count.to_be_bytes());
-    for group in &forward.groups {
-        // A share group is a topic level of a filter: far below 4 GiB.
-        let len = u32::try_from(group.len()).unwrap_or(u32::MAX);
-        out.extend_from_slice(&len.to_be_bytes());
-        out.extend_from_slice(group.as_bytes());
-    }
+    put_texts(&mut out, &forward.groups);
     out.extend_from_slice(&forward.routed_at.to_be_bytes());
     match &forward.for_session {
         Some(client_id) => {
@@ -666,10 +680,7 @@ pub(crate) fn encode_forward(
                 Some(OpenExchange::Unreceived(_)) => 2,
                 Some(OpenExchange::Received(_)) => 3,
             });
-            // A client id is at most 65,535 bytes (an MQTT UTF-8 string).
-            let len = u32::try_from(client_id.len()).unwrap_or(u32::MAX);
-            out.extend_from_slice(&len.to_be_bytes());
-            out.extend_from_slice(client_id.as_bytes());
+            put_text(&mut out, client_id);
             if let Some(OpenExchange::Unreceived(id) | OpenExchange::Received(id)) =
                 forward.exchange
             {
@@ -691,14 +702,7 @@ pub(crate) fn decode_forward(
     let opened = open(RecordKey::Forward(dest, seq), value, FORWARD_VERSION)?;
     let version = opened.version;
     let mut r = opened.body;
-    let count = r.u32()?;
-    let mut groups = Vec::new();
-    for _ in 0..count {
-        let len = usize::try_from(r.u32()?).map_err(|_| FormatError::Truncated)?;
-        let bytes = r.take(len)?;
-        let group = std::str::from_utf8(bytes).map_err(|_| FormatError::Invalid("share group"))?;
-        groups.push(group.to_owned());
-    }
+    let groups = r.texts("share group")?;
     let (routed_at, for_session, exchange) = if version >= 3 {
         let routed_at = r.u64()?;
         let flag = r.u8()?;
@@ -708,11 +712,7 @@ pub(crate) fn decode_forward(
         let for_session = if flag == 0 {
             None
         } else {
-            let len = usize::try_from(r.u32()?).map_err(|_| FormatError::Truncated)?;
-            let bytes = r.take(len)?;
-            let client_id =
-                std::str::from_utf8(bytes).map_err(|_| FormatError::Invalid("client id"))?;
-            Some(client_id.to_owned())
+            Some(r.text("client id")?)
         };
         let exchange = match flag {
             2 => Some(OpenExchange::Unreceived(r.u16()?)),
